@@ -1,0 +1,61 @@
+/*
+ * kernels_avx2.c - the kernel set for AVX2 + FMA: four float64 lanes.
+ * Compiled with -mavx2 -mfma; only reached through the dispatch table.
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#include "../internal.h"
+
+typedef __m256d VD;
+typedef __m256d VM;
+#define VW 4
+#define VM_ALL _mm256_castsi256_pd(_mm256_set1_epi64x(-1))
+
+static inline VD vd_set1(double a) { return _mm256_set1_pd(a); }
+static inline VD vd_add(VD a, VD b) { return _mm256_add_pd(a, b); }
+static inline VD vd_sub(VD a, VD b) { return _mm256_sub_pd(a, b); }
+static inline VD vd_mul(VD a, VD b) { return _mm256_mul_pd(a, b); }
+static inline VD vd_fma(VD a, VD b, VD c) { return _mm256_fmadd_pd(a, b, c); }
+/* max/min return the second operand when one is NaN: callers put the accumulator second */
+static inline VD vd_max(VD a, VD b) { return _mm256_max_pd(a, b); }
+static inline VD vd_min(VD a, VD b) { return _mm256_min_pd(a, b); }
+static inline VM vd_gt(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
+static inline VM vd_lt(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+static inline VM vd_ge(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_GE_OQ); }
+static inline VM vd_le(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_LE_OQ); }
+static inline VM vd_eq(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
+static inline VM vd_unord(VD a, VD b) { return _mm256_cmp_pd(a, b, _CMP_UNORD_Q); }
+static inline VM vm_and(VM a, VM b) { return _mm256_and_pd(a, b); }
+static inline VM vm_or(VM a, VM b) { return _mm256_or_pd(a, b); }
+static inline unsigned vm_bits(VM a) { return (unsigned)_mm256_movemask_pd(a); }
+static inline VM vm_firstn(int k)
+{
+    return _mm256_castsi256_pd(
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_set_epi64x(3, 2, 1, 0)));
+}
+static inline VD vd_maskz(VM m, VD v) { return _mm256_and_pd(m, v); }
+static inline VD vd_blend(VM m, VD a, VD b) { return _mm256_blendv_pd(b, a, m); }
+static inline void vd_store(double *p, VD v) { _mm256_storeu_pd(p, v); }
+static inline VD vd_pow2i(VD t)
+{
+    const __m256i magic = _mm256_castpd_si256(_mm256_set1_pd(6755399441055744.0));
+    __m256i n = _mm256_sub_epi64(_mm256_castpd_si256(t), magic);
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
+    return _mm256_castsi256_pd(e);
+}
+static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
+
+#define ELT float
+#define FN(name) name##_f32_avx2
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#define ELT double
+#define FN(name) name##_f64_avx2
+#include "kernels.inc"
+#undef ELT
+#undef FN
+
+const tka_kernels tka_kernels_avx2 = TKA_TABLE(avx2, TKA_SIMD_AVX2);

@@ -1,0 +1,56 @@
+/*
+ * kernels_avx512.c - the kernel set for AVX-512F: eight float64 lanes, mask registers.
+ * Compiled with -mavx512f; only reached through the dispatch table.
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#include "../internal.h"
+
+typedef __m512d VD;
+typedef __mmask8 VM;
+#define VW 8
+#define VM_ALL ((__mmask8)0xFF)
+
+static inline VD vd_set1(double a) { return _mm512_set1_pd(a); }
+static inline VD vd_add(VD a, VD b) { return _mm512_add_pd(a, b); }
+static inline VD vd_sub(VD a, VD b) { return _mm512_sub_pd(a, b); }
+static inline VD vd_mul(VD a, VD b) { return _mm512_mul_pd(a, b); }
+static inline VD vd_fma(VD a, VD b, VD c) { return _mm512_fmadd_pd(a, b, c); }
+static inline VD vd_max(VD a, VD b) { return _mm512_max_pd(a, b); }
+static inline VD vd_min(VD a, VD b) { return _mm512_min_pd(a, b); }
+static inline VM vd_gt(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
+static inline VM vd_lt(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+static inline VM vd_ge(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ); }
+static inline VM vd_le(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ); }
+static inline VM vd_eq(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+static inline VM vd_unord(VD a, VD b) { return _mm512_cmp_pd_mask(a, b, _CMP_UNORD_Q); }
+static inline VM vm_and(VM a, VM b) { return (VM)(a & b); }
+static inline VM vm_or(VM a, VM b) { return (VM)(a | b); }
+static inline unsigned vm_bits(VM a) { return (unsigned)a; }
+static inline VM vm_firstn(int k) { return (VM)((1u << k) - 1u); }
+static inline VD vd_maskz(VM m, VD v) { return _mm512_maskz_mov_pd(m, v); }
+static inline VD vd_blend(VM m, VD a, VD b) { return _mm512_mask_blend_pd(m, b, a); }
+static inline void vd_store(double *p, VD v) { _mm512_storeu_pd(p, v); }
+static inline VD vd_pow2i(VD t)
+{
+    const __m512i magic = _mm512_castpd_si512(_mm512_set1_pd(6755399441055744.0));
+    __m512i n = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
+    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(n, _mm512_set1_epi64(1023)), 52);
+    return _mm512_castsi512_pd(e);
+}
+static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
+
+#define ELT float
+#define FN(name) name##_f32_avx512
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#define ELT double
+#define FN(name) name##_f64_avx512
+#include "kernels.inc"
+#undef ELT
+#undef FN
+
+const tka_kernels tka_kernels_avx512 = TKA_TABLE(avx512, TKA_SIMD_AVX512);

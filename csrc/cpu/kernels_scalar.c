@@ -1,0 +1,63 @@
+/*
+ * kernels_scalar.c - the portable kernel set: one lane, plain C, no FMA instruction.
+ * Also the reference the SIMD sets are tested against.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "../internal.h"
+
+typedef double VD;
+typedef unsigned VM;
+#define VW 1
+#define VM_ALL 1u
+
+static inline VD vd_set1(double a) { return a; }
+static inline VD vd_add(VD a, VD b) { return a + b; }
+static inline VD vd_sub(VD a, VD b) { return a - b; }
+static inline VD vd_mul(VD a, VD b) { return a * b; }
+/* No fused multiply-add here: a software fma() would be slow, and the Cody-Waite split
+ * keeps the range reduction exact without it. */
+static inline VD vd_fma(VD a, VD b, VD c) { return a * b + c; }
+static inline VD vd_max(VD a, VD b) { return a > b ? a : b; }
+static inline VD vd_min(VD a, VD b) { return a < b ? a : b; }
+static inline VM vd_gt(VD a, VD b) { return a > b; }
+static inline VM vd_lt(VD a, VD b) { return a < b; }
+static inline VM vd_ge(VD a, VD b) { return a >= b; }
+static inline VM vd_le(VD a, VD b) { return a <= b; }
+static inline VM vd_eq(VD a, VD b) { return a == b; }
+static inline VM vd_unord(VD a, VD b) { return a != a || b != b; }
+static inline VM vm_and(VM a, VM b) { return a & b; }
+static inline VM vm_or(VM a, VM b) { return a | b; }
+static inline unsigned vm_bits(VM a) { return a; }
+static inline VM vm_firstn(int k) { return k > 0; }
+static inline VD vd_maskz(VM m, VD v) { return m ? v : 0.0; }
+static inline VD vd_blend(VM m, VD a, VD b) { return m ? a : b; }
+static inline void vd_store(double *p, VD v) { *p = v; }
+static inline VD vd_pow2i(VD t)
+{
+    uint64_t bits, magic;
+    double m = 6755399441055744.0; /* TKA_MAGIC */
+    memcpy(&bits, &t, 8);
+    memcpy(&magic, &m, 8);
+    uint64_t e = (bits - magic + 1023u) << 52;
+    double r;
+    memcpy(&r, &e, 8);
+    return r;
+}
+
+static inline VD vload_f32_scalar(const float *p) { return (double)*p; }
+static inline VD vload_f64_scalar(const double *p) { return *p; }
+
+#define ELT float
+#define FN(name) name##_f32_scalar
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#define ELT double
+#define FN(name) name##_f64_scalar
+#include "kernels.inc"
+#undef ELT
+#undef FN
+
+const tka_kernels tka_kernels_scalar = TKA_TABLE(scalar, TKA_SIMD_SCALAR);

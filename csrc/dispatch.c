@@ -1,0 +1,124 @@
+/*
+ * dispatch.c - pick the kernel set once at import from CPUID and XGETBV.
+ * Compiled for baseline x86-64: nothing here may use an instruction the CPU lacks.
+ */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "internal.h"
+
+#ifdef TKA_HAVE_X86
+#include <cpuid.h>
+
+static uint64_t xgetbv0(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+typedef struct {
+    int avx2, fma, avx512f;
+    char names[128];
+} cpu_info;
+
+static cpu_info detect(void)
+{
+    cpu_info c;
+    memset(&c, 0, sizeof c);
+    strcpy(c.names, "");
+#ifdef TKA_HAVE_X86
+    unsigned a, b, cx, d;
+    if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
+    int sse2 = (d >> 26) & 1, fma = (cx >> 12) & 1, osxsave = (cx >> 27) & 1, avx = (cx >> 28) & 1;
+    /* The OS must save the wide registers: XCR0 bits 1,2 (SSE, AVX) and 5,6,7 (opmask, ZMM). */
+    uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    int ymm_ok = (xcr0 & 0x6) == 0x6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
+    int avx2 = 0, avx512f = 0;
+    if (__get_cpuid_max(0, 0) >= 7) {
+        __cpuid_count(7, 0, a, b, cx, d);
+        avx2 = (b >> 5) & 1;
+        avx512f = (b >> 16) & 1;
+    }
+    c.fma = fma && avx && ymm_ok;
+    c.avx2 = avx2 && avx && ymm_ok;
+    c.avx512f = avx512f && zmm_ok;
+    if (sse2) strcat(c.names, "sse2,");
+    if (avx && ymm_ok) strcat(c.names, "avx,");
+    if (c.avx2) strcat(c.names, "avx2,");
+    if (c.fma) strcat(c.names, "fma,");
+    if (c.avx512f) strcat(c.names, "avx512f,");
+    size_t len = strlen(c.names);
+    if (len) c.names[len - 1] = '\0';
+#endif
+    return c;
+}
+
+static cpu_info g_cpu;
+static int g_cpu_done;
+static _Atomic(const tka_kernels *) g_active;
+
+static const cpu_info *cpu(void)
+{
+    if (!g_cpu_done) {  /* first call happens at module import, under the GIL */
+        g_cpu = detect();
+        g_cpu_done = 1;
+    }
+    return &g_cpu;
+}
+
+static const tka_kernels *table(tka_simd which)
+{
+    switch (which) {
+    case TKA_SIMD_SCALAR: return &tka_kernels_scalar;
+#ifdef TKA_HAVE_X86
+    case TKA_SIMD_AVX2: return &tka_kernels_avx2;
+    case TKA_SIMD_AVX512: return &tka_kernels_avx512;
+#endif
+    default: return NULL;
+    }
+}
+
+int tka_simd_compiled(tka_simd which) { return table(which) != NULL; }
+
+int tka_simd_supported(tka_simd which)
+{
+    const cpu_info *c = cpu();
+    if (!tka_simd_compiled(which)) return 0;
+    switch (which) {
+    case TKA_SIMD_SCALAR: return 1;
+    case TKA_SIMD_AVX2: return c->avx2 && c->fma;
+    case TKA_SIMD_AVX512: return c->avx512f && c->avx2 && c->fma;
+    default: return 0;
+    }
+}
+
+tka_status tka_simd_select(tka_simd which)
+{
+    if (which < 0 || which >= TKA_SIMD_COUNT || !tka_simd_supported(which)) return TKA_ERR_ARG;
+    atomic_store(&g_active, table(which));
+    return TKA_OK;
+}
+
+const tka_kernels *tka_active_kernels(void)
+{
+    const tka_kernels *k = atomic_load(&g_active);
+    if (!k) {
+        /* AVX-512 is not the default: it is not always faster (clock throttling) and
+         * we have not measured it; select it explicitly to use it. */
+        k = tka_simd_supported(TKA_SIMD_AVX2) ? table(TKA_SIMD_AVX2) : table(TKA_SIMD_SCALAR);
+        atomic_store(&g_active, k);
+    }
+    return k;
+}
+
+tka_simd tka_simd_active(void) { return tka_active_kernels()->id; }
+
+const char *tka_simd_name(tka_simd which)
+{
+    static const char *names[] = {"scalar", "avx2", "avx512"};
+    return (which >= 0 && which < TKA_SIMD_COUNT) ? names[which] : "unknown";
+}
+
+const char *tka_cpu_features(void) { return cpu()->names; }

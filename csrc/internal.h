@@ -1,0 +1,98 @@
+/*
+ * internal.h - what the core's files share and users never see: the per-ISA kernel
+ * table, the thread pool, scratch memory and the selection helpers.
+ */
+#ifndef TOPKATTN_INTERNAL_H
+#define TOPKATTN_INTERNAL_H
+
+#include "topkattn.h"
+
+/* ------------------------------------------------------------------ kernels */
+
+/** Result of one validation/max pass over a row. */
+typedef struct {
+    double max;         /**< largest logit (-inf if all are masked) */
+    int64_t n_masked;   /**< number of -inf logits */
+    int bad;            /**< nonzero if any logit is NaN or +inf */
+} tka_scan_out;
+
+/** Result of one band pass (see tka_kernels.band). */
+typedef struct {
+    int64_t n_above;    /**< x > hi */
+    int64_t n_band;     /**< lo <= x <= hi, counted even past the gather capacity */
+    double mass_above;  /**< sum of e^{x - ref} over x > hi (when masses were asked for) */
+    double mass_below;  /**< sum of e^{x - ref} over x < lo */
+} tka_band_out;
+
+/*
+ * One instruction set's kernels, each for float32 [0] and float64 [1] rows (contiguous).
+ * All arithmetic is float64. exp() of an argument below -708 is flushed to 0, i.e. an
+ * absolute error under 3e-308 per term (callers pick references so that this is far below
+ * the precision of the quantity they compute).
+ */
+typedef struct {
+    tka_simd id;
+    /** max, masked count and NaN/+inf detection. */
+    void (*scan[2])(const void *x, int64_t n, tka_scan_out *out);
+    /** sum over x > t of e^{x - ref_hi} into *hi and over x < t of e^{x - ref_lo} into *lo. */
+    void (*sumexp_split[2])(const void *x, int64_t n, double t, double ref_hi, double ref_lo,
+                            double *hi, double *lo);
+    /** z = sum e^{x - ref}; m1 = sum e^{x - ref} (x - ref) over unmasked x. */
+    void (*sumexp_moment[2])(const void *x, int64_t n, double ref, double *z, double *m1);
+    /**
+     * Band pass: counts x > hi; when with_mass, sums e^{x - ref} above hi and below lo;
+     * gathers x in [lo, hi] (as float64) into vals[] and their positions into idx[]
+     * (if idx != NULL), at most cap of them; out->n_band counts them all.
+     */
+    void (*band[2])(const void *x, int64_t n, double lo, double hi, double ref, int with_mass,
+                    double *vals, int64_t *idx, int64_t cap, tka_band_out *out);
+    /** Largest x with x < t (-inf if none). */
+    double (*max_below[2])(const void *x, int64_t n, double t);
+    /** out[i] = e^{x[i] - ref}. */
+    void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
+} tka_kernels;
+
+extern const tka_kernels tka_kernels_scalar;
+#ifdef TKA_HAVE_X86
+extern const tka_kernels tka_kernels_avx2;
+extern const tka_kernels tka_kernels_avx512;
+#endif
+
+/** The kernel table in use (chosen at import, changeable with tka_simd_select). */
+const tka_kernels *tka_active_kernels(void);
+
+/* ------------------------------------------------------------------ threads */
+
+/**
+ * Run fn(ctx, r0, r1, scratch) over row ranges [r0, r1) of [0, rows), on up to
+ * tka_num_threads() threads. `work` is the total number of elements touched: small jobs
+ * stay on the calling thread. Each thread gets its own scratch arena (see tka_scratch).
+ * fn returns TKA_OK or an error for its lowest failing row, stored in *err_row; the call
+ * returns the error of the lowest failing row overall, independent of the thread count.
+ */
+typedef struct tka_scratch tka_scratch;
+typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_scratch *s,
+                                 int64_t *err_row);
+tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
+                             int64_t *err_row);
+
+/** Per-thread growable buffers; pointers stay valid until the next call with the same slot. */
+void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes);
+enum { TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2, TKA_NSLOTS };
+
+/* ------------------------------------------------------------ rows, selection */
+
+/**
+ * Pointer to row r as a contiguous array of its dtype: the row itself when its elements
+ * are adjacent, else a copy in the TKA_SLOT_ROW scratch buffer (NULL if out of memory).
+ */
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s);
+
+/** Sort a[0..n) in decreasing order (NaN-free input). */
+void tka_sort_desc(double *a, int64_t n);
+/** Sort pairs by decreasing value, ties by increasing index. */
+void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n);
+/** Partially order a[0..n) so that a[k] is the k-th largest (0-based), larger before. */
+void tka_nth_desc(double *a, int64_t n, int64_t k);
+
+#endif /* TOPKATTN_INTERNAL_H */

@@ -1,0 +1,666 @@
+/*
+ * module.c - topkattn._core: the only file that sees Python.h and NumPy.
+ *
+ * Each function validates its arguments (dtype, shape, ranges) with messages that name
+ * the public argument, allocates its outputs, releases the GIL around the C core, and
+ * turns a tka_status into a Python exception. Broadcasting of per-row parameters (k, eps,
+ * thresholds) is done by the Python wrappers; here they arrive as arrays of one value
+ * per row.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define PY_ARRAY_UNIQUE_SYMBOL topkattn_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "topkattn.h"
+
+/* ------------------------------------------------------------------ helpers */
+
+/* A parsed batch of logits: the array (a new reference) and its row view. */
+typedef struct {
+    PyArrayObject *arr;
+    int64_t *offsets;
+    tka_rows rows;
+    int bdim;                 /* batch dimensions = ndim - 1 */
+    npy_intp bshape[NPY_MAXDIMS];
+} logits_t;
+
+static void logits_free(logits_t *L)
+{
+    Py_XDECREF(L->arr);
+    PyMem_Free(L->offsets);
+    L->arr = NULL;
+    L->offsets = NULL;
+}
+
+static int parse_logits(PyObject *obj, const char *name, logits_t *L)
+{
+    memset(L, 0, sizeof *L);
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    int t = PyArray_TYPE(a);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
+        PyObject *d = PyObject_Str((PyObject *)PyArray_DESCR(a));
+        PyErr_Format(PyExc_TypeError, "%s must be float32 or float64, got %s", name,
+                     d ? PyUnicode_AsUTF8(d) : "another dtype");
+        Py_XDECREF(d);
+        return -1;
+    }
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s must be in native byte order", name);
+        return -1;
+    }
+    int nd = PyArray_NDIM(a);
+    if (nd < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must have at least one axis (..., n), got a scalar", name);
+        return -1;
+    }
+    const npy_intp *shape = PyArray_SHAPE(a), *strides = PyArray_STRIDES(a);
+    if (shape[nd - 1] == 0) {
+        PyErr_Format(PyExc_ValueError, "%s has an empty last axis (n = 0): there is no key", name);
+        return -1;
+    }
+    int64_t rows = 1;
+    for (int i = 0; i < nd - 1; i++) {
+        rows *= shape[i];
+        L->bshape[i] = shape[i];
+    }
+    L->bdim = nd - 1;
+    int64_t *off = PyMem_Malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    if (!off) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    /* byte offset of every row: an odometer over the batch axes */
+    npy_intp idx[NPY_MAXDIMS] = {0};
+    int64_t cur = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        off[r] = cur;
+        for (int i = nd - 2; i >= 0; i--) {
+            if (++idx[i] < shape[i]) { cur += strides[i]; break; }
+            cur -= strides[i] * (shape[i] - 1);
+            idx[i] = 0;
+        }
+    }
+    Py_INCREF(a);
+    L->arr = a;
+    L->offsets = off;
+    L->rows.data = PyArray_BYTES(a);
+    L->rows.row_offset = off;
+    L->rows.row_stride = 0;
+    L->rows.elem_stride = strides[nd - 1];
+    L->rows.rows = rows;
+    L->rows.n = shape[nd - 1];
+    L->rows.dtype = t == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+    return 0;
+}
+
+/* "(i, j)" for a flat row index, or "" for a single row. */
+static void row_label(const logits_t *L, int64_t r, char *buf, size_t size)
+{
+    buf[0] = '\0';
+    if (L->bdim == 0 || r < 0) return;
+    npy_intp idx[NPY_MAXDIMS];
+    for (int i = L->bdim - 1; i >= 0; i--) {
+        idx[i] = L->bshape[i] ? r % L->bshape[i] : 0;
+        r = L->bshape[i] ? r / L->bshape[i] : 0;
+    }
+    size_t used = (size_t)snprintf(buf, size, " at batch index (");
+    for (int i = 0; i < L->bdim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)idx[i]);
+    if (L->bdim == 1 && used < size) used += (size_t)snprintf(buf + used, size - used, ",");
+    if (used < size) snprintf(buf + used, size - used, ")");
+}
+
+static PyObject *raise_status(tka_status st, const tka_error *err, const logits_t *L,
+                              const char *name)
+{
+    char where[256];
+    row_label(L, err ? err->row : -1, where, sizeof where);
+    switch (st) {
+    case TKA_ERR_NAN:
+        return PyErr_Format(PyExc_ValueError, "%s contains NaN%s", name, where);
+    case TKA_ERR_POSINF:
+        return PyErr_Format(PyExc_ValueError,
+                            "%s contains +inf%s (use -inf for masked keys)", name, where);
+    case TKA_ERR_ALL_MASKED:
+        return PyErr_Format(PyExc_ValueError,
+                            "%s has a fully masked row%s (every logit is -inf)", name, where);
+    case TKA_ERR_NOMEM:
+        return PyErr_NoMemory();
+    default:
+        return PyErr_Format(PyExc_ValueError, "%s", err && err->what ? err->what : "invalid argument");
+    }
+}
+
+/* A C-contiguous array of `type` holding exactly `rows` values (one per row). */
+static PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
+{
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
+    if (!a) return NULL;
+    if (PyArray_SIZE(a) != rows) {
+        PyErr_Format(PyExc_ValueError, "%s must have one value per row (%lld), got %lld", name,
+                     (long long)rows, (long long)PyArray_SIZE(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static int check_k(PyArrayObject *k, int64_t n, const char *name)
+{
+    const int64_t *kv = PyArray_DATA(k);
+    npy_intp m = PyArray_SIZE(k);
+    for (npy_intp i = 0; i < m; i++) {
+        if (kv[i] < 0 || kv[i] > n) {
+            PyErr_Format(PyExc_ValueError, "%s must be in [0, n] = [0, %lld], got %lld", name,
+                         (long long)n, (long long)kv[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyArrayObject *new_batch(const logits_t *L, int extra, npy_intp extra_len, int type)
+{
+    npy_intp shape[NPY_MAXDIMS + 1];
+    memcpy(shape, L->bshape, sizeof(npy_intp) * (size_t)L->bdim);
+    if (extra) shape[L->bdim] = extra_len;
+    return (PyArrayObject *)PyArray_SimpleNew(L->bdim + extra, shape, type);
+}
+
+/* ------------------------------------------------------------ distribution */
+
+static PyObject *py_tail_mass(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *ko;
+    int want_kl;
+    if (!PyArg_ParseTuple(args, "OOp", &xo, &ko, &want_kl)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyArrayObject *k = NULL, *lt = NULL, *kl = NULL;
+    PyObject *res = NULL;
+    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
+    if (!(lt = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (want_kl && !(kl = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_tail_mass(&L.rows, PyArray_DATA(k), PyArray_DATA(lt), kl ? PyArray_DATA(kl) : NULL, &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    res = kl ? Py_BuildValue("OO", lt, kl) : Py_BuildValue("(O)", lt);
+done:
+    Py_XDECREF(k);
+    Py_XDECREF(lt);
+    Py_XDECREF(kl);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_tv_curve(PyObject *self, PyObject *args)
+{
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyObject *res = NULL;
+    PyArrayObject *out = new_batch(&L, 1, (npy_intp)L.rows.n + 1, NPY_FLOAT64);
+    if (out) {
+        tka_error err;
+        tka_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tka_tv_curve(&L.rows, PyArray_DATA(out), &err);
+        Py_END_ALLOW_THREADS
+        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        else { res = (PyObject *)out; out = NULL; }
+    }
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_k_eps(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *eo;
+    int want_tau;
+    if (!PyArg_ParseTuple(args, "OOp", &xo, &eo, &want_tau)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyArrayObject *eps = NULL, *k = NULL, *tau = NULL;
+    PyObject *res = NULL;
+    if (!(eps = per_row(eo, NPY_FLOAT64, L.rows.rows, "eps"))) goto done;
+    const double *ev = PyArray_DATA(eps);
+    for (npy_intp i = 0; i < PyArray_SIZE(eps); i++) {
+        if (!(ev[i] > 0.0 && ev[i] < 1.0)) {
+            char num[64];
+            snprintf(num, sizeof num, "%.17g", ev[i]);
+            PyErr_Format(PyExc_ValueError, "eps must be in the open interval (0, 1), got %s", num);
+            goto done;
+        }
+    }
+    if (!(k = new_batch(&L, 0, 0, NPY_INT64))) goto done;
+    if (want_tau && !(tau = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_k_eps(&L.rows, ev, PyArray_DATA(k), tau ? PyArray_DATA(tau) : NULL, &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    res = tau ? Py_BuildValue("OO", k, tau) : Py_BuildValue("(O)", k);
+done:
+    Py_XDECREF(eps);
+    Py_XDECREF(k);
+    Py_XDECREF(tau);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_topk(PyObject *self, PyObject *args)
+{
+    PyObject *xo;
+    long long k;
+    if (!PyArg_ParseTuple(args, "OL", &xo, &k)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyObject *res = NULL;
+    if (k < 0 || k > L.rows.n) {
+        PyErr_Format(PyExc_ValueError, "k must be in [0, n] = [0, %lld], got %lld",
+                     (long long)L.rows.n, k);
+        logits_free(&L);
+        return NULL;
+    }
+    PyArrayObject *out = new_batch(&L, 1, (npy_intp)k, NPY_INT64);
+    if (out) {
+        tka_error err;
+        tka_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tka_topk(&L.rows, (int64_t)k, PyArray_DATA(out), &err);
+        Py_END_ALLOW_THREADS
+        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        else { res = (PyObject *)out; out = NULL; }
+    }
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+/* ------------------------------------------------------------------ bounds */
+
+static PyObject *py_gap_bound(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *ko;
+    int form;
+    if (!PyArg_ParseTuple(args, "OOi", &xo, &ko, &form)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyArrayObject *k = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
+    if (!(out = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_gap_bound(&L.rows, PyArray_DATA(k), form, PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(k);
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *ko, *co;
+    long long nseg;
+    int spacing;
+    if (!PyArg_ParseTuple(args, "OOOLi", &xo, &ko, &co, &nseg, &spacing)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyArrayObject *k = NULL, *cuts = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
+    if (co != Py_None) {
+        cuts = (PyArrayObject *)PyArray_FROM_OTF(co, NPY_INT64, NPY_ARRAY_IN_ARRAY);
+        if (!cuts) goto done;
+        if (PyArray_NDIM(cuts) != 1) {
+            PyErr_SetString(PyExc_ValueError, "cuts must be an int or a 1-D array of ranks");
+            goto done;
+        }
+        const int64_t *c = PyArray_DATA(cuts);
+        for (npy_intp i = 0; i < PyArray_SIZE(cuts); i++) {
+            if (c[i] < 1 || c[i] > L.rows.n || (i && c[i] <= c[i - 1])) {
+                PyErr_Format(PyExc_ValueError,
+                             "cuts must be strictly increasing ranks in [1, n] = [1, %lld]",
+                             (long long)L.rows.n);
+                goto done;
+            }
+        }
+    } else if (nseg < 1) {
+        PyErr_Format(PyExc_ValueError, "cuts must be >= 1 segments, got %lld", nseg);
+        goto done;
+    }
+    if (!(out = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_multigap_bound(&L.rows, PyArray_DATA(k), cuts ? PyArray_DATA(cuts) : NULL,
+                            cuts ? PyArray_SIZE(cuts) : 0, (int64_t)nseg, spacing,
+                            PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(k);
+    Py_XDECREF(cuts);
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_block_bound(PyObject *self, PyObject *args)
+{
+    PyObject *uo, *so, *ao, *zo;
+    if (!PyArg_ParseTuple(args, "OOOO", &uo, &so, &ao, &zo)) return NULL;
+    PyArrayObject *u = NULL, *sz = NULL, *la = NULL, *lz = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(u = (PyArrayObject *)PyArray_FROM_OTF(uo, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY))) goto done;
+    if (!(sz = (PyArrayObject *)PyArray_FROM_OTF(so, NPY_INT64, NPY_ARRAY_IN_ARRAY))) goto done;
+    if (PyArray_NDIM(u) != 2) {
+        PyErr_SetString(PyExc_ValueError, "block_upper must be 2-D (rows, blocks) here");
+        goto done;
+    }
+    int64_t rows = PyArray_DIM(u, 0), nb = PyArray_DIM(u, 1);
+    if (!(PyArray_SIZE(sz) == nb || PyArray_SIZE(sz) == rows * nb)) {
+        PyErr_Format(PyExc_ValueError, "block_sizes must have %lld or %lld entries", (long long)nb,
+                     (long long)(rows * nb));
+        goto done;
+    }
+    /* one size per block shared by all rows, or one per (row, block) */
+    int per_row_sizes = PyArray_SIZE(sz) != nb;
+    const int64_t *sv = PyArray_DATA(sz);
+    for (npy_intp i = 0; i < PyArray_SIZE(sz); i++) {
+        if (sv[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "block_sizes must be >= 0");
+            goto done;
+        }
+    }
+    const double *uv = PyArray_DATA(u);
+    for (npy_intp i = 0; i < PyArray_SIZE(u); i++) {
+        if (uv[i] != uv[i] || uv[i] == INFINITY) {
+            PyErr_SetString(PyExc_ValueError, "block_upper must not contain NaN or +inf");
+            goto done;
+        }
+    }
+    if (!(la = per_row(ao, NPY_FLOAT64, rows, "kept_mass"))) goto done;
+    if (!(lz = per_row(zo, NPY_FLOAT64, rows, "scored_mass"))) goto done;
+    npy_intp osh[1] = {rows};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, osh, NPY_FLOAT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_block_bound(uv, sv, per_row_sizes, PyArray_DATA(la), PyArray_DATA(lz), rows, nb,
+                         PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) {
+        PyErr_Format(PyExc_ValueError, "%s (row %lld)", err.what ? err.what : "invalid input",
+                     (long long)err.row);
+        goto done;
+    }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(u);
+    Py_XDECREF(sz);
+    Py_XDECREF(la);
+    Py_XDECREF(lz);
+    Py_XDECREF(out);
+    return res;
+}
+
+/* ------------------------------------------------------------ row statistics */
+
+static PyObject *py_entropy(PyObject *self, PyObject *args)
+{
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyObject *res = NULL;
+    PyArrayObject *out = new_batch(&L, 0, 0, NPY_FLOAT64);
+    if (out) {
+        tka_error err;
+        tka_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tka_entropy(&L.rows, PyArray_DATA(out), &err);
+        Py_END_ALLOW_THREADS
+        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        else { res = (PyObject *)out; out = NULL; }
+    }
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_effective_support(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *to;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &to)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyArrayObject *thr = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(thr = per_row(to, NPY_FLOAT64, L.rows.rows, "threshold"))) goto done;
+    const double *tv = PyArray_DATA(thr);
+    for (npy_intp i = 0; i < PyArray_SIZE(thr); i++) {
+        if (!(tv[i] > 0.0 && tv[i] <= 1.0)) {
+            PyErr_SetString(PyExc_ValueError, "threshold must be in (0, 1]");
+            goto done;
+        }
+    }
+    if (!(out = new_batch(&L, 0, 0, NPY_INT64))) goto done;
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_effective_support(&L.rows, tv, PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(thr);
+    Py_XDECREF(out);
+    logits_free(&L);
+    return res;
+}
+
+static PyObject *py_fit_gaussian(PyObject *self, PyObject *args)
+{
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    logits_t L;
+    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    PyObject *res = NULL;
+    PyArrayObject *mu = new_batch(&L, 0, 0, NPY_FLOAT64), *sg = new_batch(&L, 0, 0, NPY_FLOAT64);
+    if (mu && sg) {
+        tka_error err;
+        tka_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tka_fit_gaussian(&L.rows, PyArray_DATA(mu), PyArray_DATA(sg), &err);
+        Py_END_ALLOW_THREADS
+        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        else res = Py_BuildValue("OO", mu, sg);
+    }
+    Py_XDECREF(mu);
+    Py_XDECREF(sg);
+    logits_free(&L);
+    return res;
+}
+
+/* ------------------------------------------------------------ Gaussian model */
+
+/* Elementwise over same-size float64 arrays (the wrapper broadcasts them). */
+typedef enum { G_CDF, G_SF, G_PPF, G_ISF, G_TAIL, G_KEPS, G_KEPS_FINITE } gauss_op;
+
+static PyObject *py_gauss(PyObject *self, PyObject *args)
+{
+    int op;
+    PyObject *ao, *bo = Py_None, *co = Py_None;
+    if (!PyArg_ParseTuple(args, "iO|OO", &op, &ao, &bo, &co)) return NULL;
+    PyArrayObject *a = NULL, *b = NULL, *c = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(a = (PyArrayObject *)PyArray_FROM_OTF(ao, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY))) goto done;
+    npy_intp m = PyArray_SIZE(a);
+    if (bo != Py_None && !(b = (PyArrayObject *)PyArray_FROM_OTF(bo, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY)))
+        goto done;
+    if (co != Py_None && !(c = (PyArrayObject *)PyArray_FROM_OTF(co, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY)))
+        goto done;
+    int need = op == G_TAIL ? 2 : (op >= G_KEPS ? 3 : 1);
+    if ((need >= 2 && (!b || PyArray_SIZE(b) != m)) || (need >= 3 && (!c || PyArray_SIZE(c) != m))) {
+        PyErr_SetString(PyExc_ValueError, "gauss: arguments must have the same size");
+        goto done;
+    }
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(a), PyArray_SHAPE(a), NPY_FLOAT64)))
+        goto done;
+    {
+        const double *x = PyArray_DATA(a), *y = b ? PyArray_DATA(b) : NULL,
+                     *z = c ? PyArray_DATA(c) : NULL;
+        double *o = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp i = 0; i < m; i++) {
+            switch (op) {
+            case G_CDF: o[i] = tka_norm_cdf(x[i]); break;
+            case G_SF: o[i] = tka_norm_sf(x[i]); break;
+            case G_PPF: o[i] = tka_norm_ppf(x[i]); break;
+            case G_ISF: o[i] = tka_norm_isf(x[i]); break;
+            case G_TAIL: o[i] = tka_gaussian_tail_mass(x[i], y[i]); break;
+            case G_KEPS: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 0); break;
+            default: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 1); break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    Py_XDECREF(out);
+    return res;
+}
+
+/* ------------------------------------------------------------ build and runtime */
+
+static PyObject *py_simd_info(PyObject *self, PyObject *noargs)
+{
+    PyObject *compiled = PyList_New(0), *supported = PyList_New(0);
+    if (!compiled || !supported) goto fail;
+    for (int s = 0; s < TKA_SIMD_COUNT; s++) {
+        PyObject *name = PyUnicode_FromString(tka_simd_name((tka_simd)s));
+        if (!name) goto fail;
+        if ((tka_simd_compiled((tka_simd)s) && PyList_Append(compiled, name) < 0) ||
+            (tka_simd_supported((tka_simd)s) && PyList_Append(supported, name) < 0)) {
+            Py_DECREF(name);
+            goto fail;
+        }
+        Py_DECREF(name);
+    }
+    return Py_BuildValue("{s:N,s:N,s:s,s:s,s:s}", "compiled", compiled, "supported", supported,
+                         "active", tka_simd_name(tka_simd_active()), "cpu_features",
+                         tka_cpu_features(), "compiler",
+#ifdef __VERSION__
+                         "gcc-compatible " __VERSION__
+#else
+                         "unknown"
+#endif
+    );
+fail:
+    Py_XDECREF(compiled);
+    Py_XDECREF(supported);
+    return NULL;
+}
+
+static PyObject *py_set_simd(PyObject *self, PyObject *args)
+{
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    for (int s = 0; s < TKA_SIMD_COUNT; s++) {
+        if (strcmp(name, tka_simd_name((tka_simd)s)) == 0) {
+            if (tka_simd_select((tka_simd)s) != TKA_OK)
+                return PyErr_Format(PyExc_ValueError,
+                                    "SIMD path %s is not available here (%s; CPU features: %s)",
+                                    name, tka_simd_compiled((tka_simd)s) ? "the CPU lacks it" : "not compiled",
+                                    tka_cpu_features());
+            Py_RETURN_NONE;
+        }
+    }
+    return PyErr_Format(PyExc_ValueError, "unknown SIMD path %s: use scalar, avx2 or avx512", name);
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
+{
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    tka_set_num_threads(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs)
+{
+    return PyLong_FromLong(tka_num_threads());
+}
+
+static PyMethodDef methods[] = {
+    {"tail_mass", py_tail_mass, METH_VARARGS, "tail_mass(logits, k, want_kl) -> (log_tau[, kl])"},
+    {"tv_curve", py_tv_curve, METH_VARARGS, "tv_curve(logits) -> tau(k), k = 0..n"},
+    {"k_eps", py_k_eps, METH_VARARGS, "k_eps(logits, eps, want_tau) -> (k[, tau])"},
+    {"topk", py_topk, METH_VARARGS, "topk(logits, k) -> indices"},
+    {"gap_bound", py_gap_bound, METH_VARARGS, "gap_bound(logits, k, form)"},
+    {"multigap_bound", py_multigap_bound, METH_VARARGS,
+     "multigap_bound(logits, k, cuts_or_None, nseg, spacing)"},
+    {"block_bound", py_block_bound, METH_VARARGS,
+     "block_bound(block_upper, block_sizes, log_kept, log_scored)"},
+    {"entropy", py_entropy, METH_VARARGS, "entropy(logits)"},
+    {"effective_support", py_effective_support, METH_VARARGS, "effective_support(logits, thr)"},
+    {"fit_gaussian", py_fit_gaussian, METH_VARARGS, "fit_gaussian(logits) -> (mu, sigma)"},
+    {"gauss", py_gauss, METH_VARARGS, "gauss(op, a[, b[, c]]): elementwise Gaussian functions"},
+    {"simd_info", py_simd_info, METH_NOARGS, "compiled/supported/active SIMD paths"},
+    {"set_simd", py_set_simd, METH_VARARGS, "set_simd(name)"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_core",
+                                       "C core of topkattn (private; use the topkattn package).",
+                                       -1, methods};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    import_array();
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    tka_simd_active(); /* detect the CPU and pick the kernels now, under the GIL */
+    if (PyModule_AddIntConstant(m, "G_CDF", G_CDF) || PyModule_AddIntConstant(m, "G_SF", G_SF) ||
+        PyModule_AddIntConstant(m, "G_PPF", G_PPF) || PyModule_AddIntConstant(m, "G_ISF", G_ISF) ||
+        PyModule_AddIntConstant(m, "G_TAIL", G_TAIL) ||
+        PyModule_AddIntConstant(m, "G_KEPS", G_KEPS) ||
+        PyModule_AddIntConstant(m, "G_KEPS_FINITE", G_KEPS_FINITE)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

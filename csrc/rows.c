@@ -1,0 +1,725 @@
+/*
+ * rows.c - the per-row algorithms of DESIGN §2 and §6 and their batch drivers.
+ *
+ * Selection without sorting. To find the k-th largest logit, or the point where the
+ * discarded mass crosses eps, we draw an evenly spaced sample of the row, read a bracket
+ * [lo, hi] around the answer off the sample, and make one band pass over the row that
+ * counts what lies above hi (and, for k_eps, sums its mass and the mass below lo) and
+ * gathers the few logits inside the bracket. If the counts show the answer inside the
+ * bracket, it is found among the gathered logits; otherwise (rare: adversarial rows,
+ * heavy ties) the row is solved exactly by sorting a copy. Either way the answer is exact;
+ * the sample only decides how much work it takes.
+ *
+ * Masses are always relative to a reference logit (the row maximum, or for the tail the
+ * largest discarded logit), so nothing overflows and tails far below the head keep their
+ * full relative accuracy.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Rows up to this length are solved by the exact (sorting) path directly. */
+#define SMALL_ROW 128
+/* Below this eps, k_eps works in log space (linear masses relative to the maximum could
+ * underflow to the order of eps itself). */
+#define EPS_LINEAR_MIN 1e-280
+/* Relative slack added to certified bounds: covers the rounding of the sums of up to n
+ * positive terms and a few exp/log evaluations, with a factor of 2 to spare. */
+#define BOUND_SLACK(n) ((double)((n) + 64) * 0x1p-50)
+
+typedef struct {
+    const void *p;          /* contiguous row */
+    int64_t n;
+    tka_dtype dt;
+    const tka_kernels *K;
+    double max;             /* largest logit */
+    int64_t n_live;         /* unmasked logits */
+} row_t;
+
+/* log(1 + e^z) without overflow or cancellation */
+static double softplus(double z)
+{
+    return z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));
+}
+
+/* ------------------------------------------------------------------ row access */
+
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s)
+{
+    const int64_t es = x->dtype == TKA_F32 ? 4 : 8;
+    const char *p = x->data + (x->row_offset ? x->row_offset[r] : r * x->row_stride);
+    if (x->elem_stride == es || x->n <= 1) return p;
+    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)(x->n * es));
+    if (!buf) return NULL;
+    if (es == 4) {
+        float *o = (float *)buf;
+        for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 4);
+    } else {
+        double *o = (double *)buf;
+        for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 8);
+    }
+    return buf;
+}
+
+static double elem(const row_t *w, int64_t j)
+{
+    return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
+}
+
+/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
+static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
+                           row_t *w)
+{
+    w->p = tka_row_contig(x, r, s);
+    if (!w->p) return TKA_ERR_NOMEM;
+    w->n = x->n;
+    w->dt = x->dtype;
+    w->K = K;
+    tka_scan_out sc;
+    K->scan[w->dt](w->p, w->n, &sc);
+    if (sc.bad) {
+        for (int64_t j = 0; j < w->n; j++) {
+            double v = elem(w, j);
+            if (v != v) return TKA_ERR_NAN;
+            if (v == INFINITY) return TKA_ERR_POSINF;
+        }
+    }
+    w->max = sc.max;
+    w->n_live = w->n - sc.n_masked;
+    return w->n_live > 0 ? TKA_OK : TKA_ERR_ALL_MASKED;
+}
+
+/* Every logit of the row as float64 in `out` (capacity n). */
+static void row_to_double(const row_t *w, double *out)
+{
+    tka_band_out b;
+    w->K->band[w->dt](w->p, w->n, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
+}
+
+/* ns logits at evenly spaced positions, as float64. */
+static void row_sample(const row_t *w, int64_t ns, double *out)
+{
+    for (int64_t j = 0; j < ns; j++) {
+        int64_t pos = (int64_t)(((double)j + 0.5) * (double)w->n / (double)ns);
+        out[j] = elem(w, pos < w->n ? pos : w->n - 1);
+    }
+}
+
+/* Sample size that balances sampling cost against the size of the gathered band, for a
+ * target about `k` from one end of the row. */
+static int64_t sample_size(int64_t n, int64_t k)
+{
+    int64_t kk = (k < n - k ? k : n - k) + 1;
+    double ns = 2.0 * cbrt((double)kk * (double)n);
+    if (ns < 64) ns = 64;
+    if (ns > 8192) ns = 8192;
+    if (ns > n / 4) ns = (double)(n / 4);
+    return ns < 1 ? 1 : (int64_t)ns;
+}
+
+/* -------------------------------------------------------------- rank selection */
+
+typedef struct {
+    double t;        /* the k-th largest logit */
+    double next;     /* the (k+1)-th largest logit (-inf when k = n) */
+    int64_t n_gt;    /* logits > t */
+    int64_t n_eq;    /* logits == t */
+} rank_info;
+
+/* Finish from a gathered set holding the k-th largest at position j (0-based). */
+static void rank_from_band(const row_t *w, double *vals, int64_t nb, int64_t j, int64_t n_above,
+                           int64_t k, rank_info *ri)
+{
+    tka_nth_desc(vals, nb, j);
+    double t = vals[j], below = -INFINITY;
+    int64_t gt = 0, eq = 0;
+    for (int64_t i = 0; i < nb; i++) {
+        double v = vals[i];
+        gt += v > t;
+        eq += v == t;
+        if (v < t && v > below) below = v;
+    }
+    ri->t = t;
+    ri->n_gt = n_above + gt;
+    ri->n_eq = eq;
+    if (ri->n_gt + ri->n_eq > k) ri->next = t;
+    else if (k >= w->n) ri->next = -INFINITY;
+    else if (below > -INFINITY || n_above + nb == w->n) ri->next = below;
+    else ri->next = w->K->max_below[w->dt](w->p, w->n, t);
+}
+
+/* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor. */
+static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri)
+{
+    const int64_t n = w->n;
+    if (n > SMALL_ROW) {
+        int64_t ns = sample_size(n, k);
+        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        if (!smp) return TKA_ERR_NOMEM;
+        row_sample(w, ns, smp);
+        double r_exp = (double)k * (double)ns / (double)n;
+        double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
+        int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
+        double hi = INFINITY, lo = -INFINITY;
+        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
+        if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+        int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
+        int64_t cap = lo == hi ? 0 : (4 * expect + 256 < n ? 4 * expect + 256 : n);
+        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+        if (!vals) return TKA_ERR_NOMEM;
+        tka_band_out b;
+        w->K->band[w->dt](w->p, n, lo, hi, 0.0, 0, vals, NULL, cap, &b);
+        if (b.n_above < k && k <= b.n_above + b.n_band) {
+            if (lo == hi) {  /* the whole bracket is one value */
+                ri->t = lo;
+                ri->n_gt = b.n_above;
+                ri->n_eq = b.n_band;
+                ri->next = ri->n_gt + ri->n_eq > k ? lo
+                           : (k >= n ? -INFINITY : w->K->max_below[w->dt](w->p, n, lo));
+                return TKA_OK;
+            }
+            if (b.n_band <= cap) {
+                rank_from_band(w, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
+                return TKA_OK;
+            }
+        }
+    }
+    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    if (!vals) return TKA_ERR_NOMEM;
+    row_to_double(w, vals);
+    rank_from_band(w, vals, n, k - 1, 0, k, ri);
+    return TKA_OK;
+}
+
+/* ------------------------------------------------------------------ tail mass */
+
+/*
+ * For the top-k set with 1 <= k < n_live: lr = log(head mass / tail mass), from which
+ * tau = 1 / (1 + e^lr) and 1 - tau = 1 / (1 + e^-lr). The head is summed relative to the
+ * maximum and the tail relative to its own largest logit (DESIGN §2: log space).
+ * Also returns the head mass relative to the maximum, for the bounds.
+ */
+static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
+                                  double *lr, double *head)
+{
+    tka_status st = rank_select(w, k, s, ri);
+    if (st != TKA_OK) return st;
+    double hi, lo;
+    w->K->sumexp_split[w->dt](w->p, w->n, ri->t, w->max, ri->next, &hi, &lo);
+    /* logits equal to t: the first k - n_gt are kept, the rest discarded */
+    if (k > ri->n_gt) hi += (double)(k - ri->n_gt) * exp(ri->t - w->max);
+    if (ri->n_gt + ri->n_eq > k) lo += (double)(ri->n_gt + ri->n_eq - k); /* next == t */
+    *head = hi;
+    *lr = log(hi) - log(lo) + (w->max - ri->next);
+    return TKA_OK;
+}
+
+typedef struct {
+    const int64_t *k;
+    double *log_tau, *kl;
+} tail_ctx;
+
+static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    tail_ctx *cx = c;
+    int64_t k = cx->k[r];
+    double lt, kl;
+    if (k == 0) { lt = 0.0; kl = INFINITY; }
+    else if (k >= w->n_live) { lt = -INFINITY; kl = 0.0; }
+    else {
+        rank_info ri;
+        double lr, head;
+        tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
+        if (st != TKA_OK) return st;
+        lt = -softplus(lr);
+        kl = softplus(-lr);
+    }
+    cx->log_tau[r] = lt;
+    if (cx->kl) cx->kl[r] = kl;
+    return TKA_OK;
+}
+
+/* ---------------------------------------------------------------------- k_eps */
+
+/*
+ * Exact k_eps from the sorted row: walk up from the smallest logit keeping the discarded
+ * mass as S * e^R (R = the current logit), so it never under- or overflows.
+ * log_tail[i] = log of the mass of sorted[i..n).
+ */
+static void keps_exact(const double *sorted, int64_t n, double log_eps, double *log_tail,
+                       int64_t *k_out, double *tau_out)
+{
+    double S = 0.0, R = -INFINITY;
+    log_tail[n] = -INFINITY;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        double v = sorted[i];
+        if (v > -INFINITY) {
+            if (S == 0.0) { S = 1.0; R = v; }
+            else { S = S * exp(R - v) + 1.0; R = v; }
+        }
+        log_tail[i] = S > 0.0 ? log(S) + R : -INFINITY;
+    }
+    double log_z = log_tail[0], bar = log_eps + log_z;
+    int64_t k = 0;
+    while (log_tail[k] > bar) k++;  /* terminates: log_tail[n] = -inf */
+    *k_out = k;
+    if (tau_out) *tau_out = exp(log_tail[k] - log_z);
+}
+
+/* Smallest j in [0, nb] with base + sum(m[j..nb)) <= bar; m sorted by decreasing logit. */
+static int64_t walk_band(const double *m, int64_t nb, double base, double bar, double *tail)
+{
+    double acc = base;
+    int64_t j = nb;
+    while (j > 0 && acc + m[j - 1] <= bar) { acc += m[j - 1]; j--; }
+    *tail = acc;
+    return j;
+}
+
+typedef struct {
+    const double *eps;
+    int64_t *k;
+    double *tau;
+} keps_ctx;
+
+static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    keps_ctx *cx = c;
+    const double eps = cx->eps[r];
+    const int64_t n = w->n;
+    int64_t k;
+    double tau = 0.0;
+
+    if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
+        double z, unused;
+        w->K->sumexp_split[w->dt](w->p, n, -INFINITY, w->max, w->max, &z, &unused);
+        const double bar = eps * z;  /* the discarded mass allowed, relative to e^max */
+
+        int64_t ns = sample_size(n, n / 8);
+        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        double *sm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)ns * sizeof(double));
+        if (!smp || !sm) return TKA_ERR_NOMEM;
+        row_sample(w, ns, smp);
+        tka_sort_desc(smp, ns);
+        /* each sampled logit stands for n / ns logits of the row */
+        w->K->exp_shift[TKA_F64](smp, ns, w->max, sm);
+        const double scale = (double)n / (double)ns;
+        double est = 0.0;
+        int64_t jstar = ns;
+        while (jstar > 0 && est + sm[jstar - 1] * scale <= bar) { est += sm[jstar - 1] * scale; jstar--; }
+        double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
+        int64_t ra = (int64_t)floor((double)jstar - delta) - 1, rb = (int64_t)ceil((double)jstar + delta);
+        double hi = ra >= 0 ? smp[ra] : INFINITY, lo = rb < ns ? smp[rb] : -INFINITY;
+        int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
+        int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
+        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+        if (!vals) return TKA_ERR_NOMEM;
+        tka_band_out b;
+        w->K->band[w->dt](w->p, n, lo, hi, w->max, 1, vals, NULL, lo == hi ? 0 : cap, &b);
+        if (b.mass_below <= bar) {
+            if (lo == hi) {
+                /* one value in the bracket: every member has the same mass */
+                double mv = exp(lo - w->max);
+                int64_t drop = mv > 0 ? (int64_t)floor((bar - b.mass_below) / mv) : b.n_band;
+                if (drop > b.n_band) drop = b.n_band;
+                while (drop > 0 && b.mass_below + (double)drop * mv > bar) drop--;
+                if (drop < b.n_band) {
+                    cx->k[r] = b.n_above + b.n_band - drop;
+                    if (cx->tau) cx->tau[r] = (b.mass_below + (double)drop * mv) / z;
+                    return TKA_OK;
+                }
+            } else if (b.n_band <= cap) {
+                tka_sort_desc(vals, b.n_band);
+                double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(b.n_band + 1) * sizeof(double));
+                if (!m) return TKA_ERR_NOMEM;
+                w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
+                double tail;
+                int64_t j = walk_band(m, b.n_band, b.mass_below, bar, &tail);
+                if (j > 0) {  /* else the crossing lies above hi: solve exactly */
+                    cx->k[r] = b.n_above + j;
+                    if (cx->tau) cx->tau[r] = tail / z;
+                    return TKA_OK;
+                }
+            }
+        }
+    }
+
+    /* exact path: sort a copy */
+    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    if (!vals) return TKA_ERR_NOMEM;
+    row_to_double(w, vals);
+    tka_sort_desc(vals, n);
+    if (eps >= EPS_LINEAR_MIN) {
+        double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+        if (!m) return TKA_ERR_NOMEM;
+        w->K->exp_shift[TKA_F64](vals, n, w->max, m);
+        double z = 0.0;
+        for (int64_t i = n - 1; i >= 0; i--) z += m[i];
+        k = walk_band(m, n, 0.0, eps * z, &tau);
+        tau /= z;
+    } else {
+        double *lt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+        if (!lt) return TKA_ERR_NOMEM;
+        keps_exact(vals, n, log(eps), lt, &k, &tau);
+    }
+    cx->k[r] = k;
+    if (cx->tau) cx->tau[r] = tau;
+    return TKA_OK;
+}
+
+/* ------------------------------------------------------------------------ topk */
+
+typedef struct {
+    int64_t k;
+    int64_t *idx;
+} topk_ctx;
+
+static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    topk_ctx *cx = c;
+    const int64_t n = w->n, k = cx->k;
+    int64_t *out = cx->idx + r * k;
+    if (k == 0) return TKA_OK;
+    double lo = -INFINITY;
+    if (n > SMALL_ROW && k < n) {
+        int64_t ns = sample_size(n, k);
+        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        if (!smp) return TKA_ERR_NOMEM;
+        row_sample(w, ns, smp);
+        double r_exp = (double)k * (double)ns / (double)n;
+        int64_t rb = (int64_t)ceil(r_exp + 3.0 * sqrt(r_exp + 1.0) + 2.0);
+        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
+    }
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int64_t cap = lo == -INFINITY ? n : (4 * k + 1024 < n ? 4 * k + 1024 : n);
+        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
+        int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+        if (!vals || !idx) return TKA_ERR_NOMEM;
+        tka_band_out b;
+        w->K->band[w->dt](w->p, n, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
+        if (b.n_band >= k && b.n_band <= cap) {
+            tka_sort_pairs_desc(vals, idx, b.n_band);
+            memcpy(out, idx, (size_t)k * sizeof(int64_t));
+            return TKA_OK;
+        }
+        lo = -INFINITY;  /* the bracket missed: take every logit */
+    }
+    return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+}
+
+/* -------------------------------------------------------------------- tv_curve */
+
+typedef struct {
+    double *out;
+} curve_ctx;
+
+static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    curve_ctx *cx = c;
+    const int64_t n = w->n;
+    double *out = cx->out + r * (n + 1);
+    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    if (!vals) return TKA_ERR_NOMEM;
+    row_to_double(w, vals);
+    tka_sort_desc(vals, n);
+    w->K->exp_shift[TKA_F64](vals, n, w->max, out);
+    /* suffix sums from the smallest term up: each partial sum is accurate */
+    double acc = 0.0;
+    out[n] = 0.0;
+    for (int64_t i = n - 1; i >= 0; i--) { acc += out[i]; out[i] = acc; }
+    const double z = out[0];
+    for (int64_t i = 0; i <= n; i++) out[i] /= z;
+    out[0] = 1.0;
+    return TKA_OK;
+}
+
+/* ---------------------------------------------------------------------- bounds */
+
+typedef struct {
+    const int64_t *k;
+    int form;
+    double *out;
+} gap_ctx;
+
+/* Round a bound up past every rounding error made on the way (DESIGN §2: certificates). */
+static double certify(double bound, int64_t n)
+{
+    double b = bound * (1.0 + BOUND_SLACK(n));
+    return b > 1.0 ? 1.0 : b;
+}
+
+static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    gap_ctx *cx = c;
+    const int64_t k = cx->k[r], nl = w->n_live;
+    double bound;
+    if (k == 0) bound = 1.0;
+    else if (k >= nl) bound = 0.0;
+    else {
+        rank_info ri;
+        double lr;
+        if (cx->form == 0) {
+            double head;
+            tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
+            if (st != TKA_OK) return st;
+            /* tail <= (n' - k) e^{s_(k+1)}; bound = U / (A + U) */
+            double lu = log((double)(nl - k)) + (ri.next - w->max);
+            bound = exp(-softplus(log(head) - lu));
+        } else {
+            tka_status st = rank_select(w, k, s, &ri);
+            if (st != TKA_OK) return st;
+            double gap = ri.t - ri.next;
+            bound = exp(-softplus(log((double)k) - log((double)(nl - k)) + gap));
+        }
+        bound = certify(bound, w->n);
+    }
+    cx->out[r] = bound;
+    return TKA_OK;
+}
+
+typedef struct {
+    const int64_t *k;
+    const int64_t *cuts;
+    int64_t ncut, nseg;
+    int spacing;
+    double *out;
+} multigap_ctx;
+
+static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    multigap_ctx *cx = c;
+    const int64_t k = cx->k[r], nl = w->n_live, n = w->n;
+    if (k == 0 || k >= nl) {
+        cx->out[r] = k == 0 ? 1.0 : 0.0;
+        return TKA_OK;
+    }
+    double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+    if (!v || !m) return TKA_ERR_NOMEM;
+    row_to_double(w, v);
+    tka_sort_desc(v, n);
+    w->K->exp_shift[TKA_F64](v, n, w->max, m);
+    double head = 0.0;
+    for (int64_t i = k - 1; i >= 0; i--) head += m[i];
+
+    /* U = sum over segments (m_{j-1}, m_j] of their length times e^{s_(m_{j-1}+1)} */
+    double u = 0.0;
+    int64_t prev = k;
+    if (cx->cuts) {
+        for (int64_t j = 0; j < cx->ncut; j++) {
+            int64_t cut = cx->cuts[j];
+            if (cut <= prev || cut >= nl) continue;
+            u += (double)(cut - prev) * m[prev];
+            prev = cut;
+        }
+    } else {
+        const double span = (double)(nl - k);
+        for (int64_t j = 1; j <= cx->nseg && prev < nl; j++) {
+            double off = cx->spacing == 0 ? ceil(pow(span, (double)j / (double)cx->nseg))
+                                          : ceil(span * (double)j / (double)cx->nseg);
+            int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
+            if (cut <= prev) continue;
+            if (cut > nl) cut = nl;
+            u += (double)(cut - prev) * m[prev];
+            prev = cut;
+        }
+    }
+    if (prev < nl) u += (double)(nl - prev) * m[prev];
+    cx->out[r] = certify(u / (head + u), n + cx->ncut + cx->nseg);
+    return TKA_OK;
+}
+
+/* ------------------------------------------------------------- row statistics */
+
+typedef struct {
+    double *out;
+} entropy_ctx;
+
+static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    entropy_ctx *cx = c;
+    double z, m1;
+    w->K->sumexp_moment[w->dt](w->p, w->n, w->max, &z, &m1);
+    /* H = log Z - E[s - max], both terms >= 0 */
+    double h = log(z) - m1 / z;
+    cx->out[r] = h > 0.0 ? h : 0.0;
+    return TKA_OK;
+}
+
+typedef struct {
+    const double *thr;
+    int64_t *out;
+} support_ctx;
+
+static tka_status support_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    support_ctx *cx = c;
+    double z, unused;
+    w->K->sumexp_split[w->dt](w->p, w->n, -INFINITY, w->max, w->max, &z, &unused);
+    /* P_i >= thr  <=>  s_i >= max + log Z + log thr */
+    double cut = w->max + log(z) + log(cx->thr[r]);
+    tka_band_out b;
+    w->K->band[w->dt](w->p, w->n, cut, INFINITY, 0.0, 0, NULL, NULL, 0, &b);
+    cx->out[r] = b.n_band;
+    return TKA_OK;
+}
+
+typedef struct {
+    double *mu, *sigma;
+} fit_ctx;
+
+static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    fit_ctx *cx = c;
+    double sum = 0.0, ss = 0.0;
+    for (int64_t j = 0; j < w->n; j++) {
+        double v = elem(w, j);
+        if (v > -INFINITY) sum += v;
+    }
+    const double mean = sum / (double)w->n_live;
+    for (int64_t j = 0; j < w->n; j++) {
+        double v = elem(w, j);
+        if (v > -INFINITY) ss += (v - mean) * (v - mean);
+    }
+    cx->mu[r] = mean;
+    cx->sigma[r] = w->n_live > 1 ? sqrt(ss / (double)(w->n_live - 1)) : 0.0;
+    return TKA_OK;
+}
+
+/* --------------------------------------------------------------- batch driver */
+
+typedef tka_status (*per_row_fn)(void *ctx, const row_t *w, int64_t r, tka_scratch *s);
+
+typedef struct {
+    const tka_rows *x;
+    const tka_kernels *K;
+    per_row_fn fn;
+    void *ctx;
+} drive_ctx;
+
+static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *bad)
+{
+    drive_ctx *d = c;
+    for (int64_t r = r0; r < r1; r++) {
+        row_t w;
+        tka_status st = row_prep(d->x, d->K, r, s, &w);
+        if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
+        if (st != TKA_OK) {
+            *bad = r;
+            return st;
+        }
+    }
+    return TKA_OK;
+}
+
+/* `cost` is the rough number of passes over each row, for the threading decision. */
+static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
+{
+    drive_ctx d = {x, tka_active_kernels(), fn, ctx};
+    int64_t bad = -1;
+    if (err) { err->row = -1; err->what = NULL; }
+    tka_status st = tka_parallel_rows(x->rows, cost * (double)x->rows * (double)x->n,
+                                      drive_chunk, &d, &bad);
+    if (err) err->row = bad;
+    return st;
+}
+
+tka_status tka_tail_mass(const tka_rows *x, const int64_t *k, double *log_tau, double *kl,
+                         tka_error *err)
+{
+    tail_ctx c = {k, log_tau, kl};
+    return drive(x, tail_row, &c, 3.0, err);
+}
+
+tka_status tka_k_eps(const tka_rows *x, const double *eps, int64_t *k_out, double *tau_out,
+                     tka_error *err)
+{
+    keps_ctx c = {eps, k_out, tau_out};
+    return drive(x, keps_row, &c, 4.0, err);
+}
+
+tka_status tka_topk(const tka_rows *x, int64_t k, int64_t *idx_out, tka_error *err)
+{
+    topk_ctx c = {k, idx_out};
+    return drive(x, topk_row, &c, 3.0, err);
+}
+
+tka_status tka_tv_curve(const tka_rows *x, double *out, tka_error *err)
+{
+    curve_ctx c = {out};
+    return drive(x, curve_row, &c, 20.0, err);
+}
+
+tka_status tka_gap_bound(const tka_rows *x, const int64_t *k, int form, double *out,
+                         tka_error *err)
+{
+    gap_ctx c = {k, form, out};
+    return drive(x, gap_row, &c, 3.0, err);
+}
+
+tka_status tka_multigap_bound(const tka_rows *x, const int64_t *k, const int64_t *cut_ranks,
+                              int64_t ncut, int64_t nseg, int spacing, double *out,
+                              tka_error *err)
+{
+    multigap_ctx c = {k, cut_ranks, cut_ranks ? ncut : 0, cut_ranks ? 0 : nseg, spacing, out};
+    return drive(x, multigap_row, &c, 20.0, err);
+}
+
+tka_status tka_entropy(const tka_rows *x, double *out, tka_error *err)
+{
+    entropy_ctx c = {out};
+    return drive(x, entropy_row, &c, 2.0, err);
+}
+
+tka_status tka_effective_support(const tka_rows *x, const double *threshold, int64_t *out,
+                                 tka_error *err)
+{
+    support_ctx c = {threshold, out};
+    return drive(x, support_row, &c, 3.0, err);
+}
+
+tka_status tka_fit_gaussian(const tka_rows *x, double *mu, double *sigma, tka_error *err)
+{
+    fit_ctx c = {mu, sigma};
+    return drive(x, fit_row, &c, 2.0, err);
+}
+
+/* Blockwise bound (DESIGN §2): rows are short (one entry per block), so no threads. */
+tka_status tka_block_bound(const double *u, const int64_t *sizes, int sizes_per_row,
+                           const double *log_a, const double *log_zs, int64_t rows, int64_t nb,
+                           double *out, tka_error *err)
+{
+    if (err) { err->row = -1; err->what = NULL; }
+    for (int64_t r = 0; r < rows; r++) {
+        const double *ur = u + r * nb;
+        const int64_t *sr = sizes + (sizes_per_row ? r * nb : 0);
+        double mx = -INFINITY;
+        for (int64_t b = 0; b < nb; b++)
+            if (sr[b] > 0 && ur[b] > mx) mx = ur[b];
+        double su = 0.0;
+        if (mx > -INFINITY)
+            for (int64_t b = 0; b < nb; b++)
+                if (sr[b] > 0) su += (double)sr[b] * exp(ur[b] - mx);
+        double log_u = su > 0.0 ? mx + log(su) : -INFINITY;
+        double lzs = log_zs[r], la = log_a[r];
+        double lz = log_u > lzs ? log_u + log1p(exp(lzs - log_u))
+                                : (lzs > -INFINITY ? lzs + log1p(exp(log_u - lzs)) : -INFINITY);
+        if (lz == -INFINITY) {
+            if (err) { err->row = r; err->what = "scored_mass and the unscored blocks are all zero"; }
+            return TKA_ERR_ARG;
+        }
+        if (la == -INFINITY) { out[r] = 1.0; continue; }
+        /* d = log((Z_s + U) / A) >= 0, pushed up by its absolute rounding error, which
+         * grows with the magnitude of the logs involved */
+        double d = lz - la;
+        if (d < 0.0) d = 0.0;
+        double mag = fabs(lz) + fabs(la) + fabs(mx == -INFINITY ? 0.0 : mx) + (double)nb + 16.0;
+        d += mag * 0x1p-50;
+        double bound = -expm1(-d) * (1.0 + 0x1p-50);
+        out[r] = bound > 1.0 ? 1.0 : bound;
+    }
+    return TKA_OK;
+}

@@ -56,6 +56,7 @@ sources = [
     "csrc/dispatch.c",
     "csrc/parallel.c",
     "csrc/rows.c",
+    "csrc/chunks.c",
     "csrc/select.c",
     "csrc/gauss.c",
     "csrc/cpu/kernels_scalar.c",

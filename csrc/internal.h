@@ -76,11 +76,43 @@ typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_scratch 
 tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
                              int64_t *err_row);
 
+/** Run fn over all rows on the calling thread (kernels inside may still use threads). */
+tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
+
 /** Per-thread growable buffers; pointers stay valid until the next call with the same slot. */
 void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes);
-enum { TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2, TKA_NSLOTS };
+enum {
+    TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2,
+    TKA_SLOT_CHUNK, TKA_SLOT_CHUNK_V, TKA_SLOT_CHUNK_I, TKA_NSLOTS
+};
+
+/** Whether the calling thread is a worker of tka_parallel_rows (no nested threads). */
+int tka_in_parallel(void);
 
 /* ------------------------------------------------------------ rows, selection */
+
+/** One prepared row: contiguous, validated, with its maximum (see rows.c). */
+typedef struct {
+    const void *p;          /**< contiguous row */
+    int64_t n;
+    tka_dtype dt;
+    const tka_kernels *K;
+    double max;             /**< largest logit */
+    int64_t n_live;         /**< unmasked logits */
+} row_t;
+
+/* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
+ * combined in chunk order so results never depend on the thread count (chunks.c). */
+#define TKA_CHUNK 65536
+tka_status tka_row_scan(row_t *w, tka_scratch *s, tka_scan_out *out);
+tka_status tka_row_sumexp_split(const row_t *w, tka_scratch *s, double t, double ref_hi,
+                                double ref_lo, double *hi, double *lo);
+tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *z,
+                                 double *m1);
+tka_status tka_row_max_below(const row_t *w, tka_scratch *s, double t, double *out);
+tka_status tka_row_band(const row_t *w, tka_scratch *s, double lo, double hi, double ref,
+                        int with_mass, double *vals, int64_t *idx, int64_t cap,
+                        tka_band_out *out);
 
 /**
  * Pointer to row r as a contiguous array of its dtype: the row itself when its elements
@@ -94,5 +126,14 @@ void tka_sort_desc(double *a, int64_t n);
 void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n);
 /** Partially order a[0..n) so that a[k] is the k-th largest (0-based), larger before. */
 void tka_nth_desc(double *a, int64_t n, int64_t k);
+
+/**
+ * Weighted selection from the bottom: v[0..c) values with masses w[0..c) (permuted in
+ * place). Drops the smallest values one by one, in increasing order, while the dropped
+ * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
+ */
+int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+/** LSD radix sort, decreasing; tmp holds 2n uint64. Returns -1 if out of memory. */
+int tka_radix_sort_desc(double *a, int64_t n, uint64_t *tmp);
 
 #endif /* TOPKATTN_INTERNAL_H */

@@ -39,6 +39,9 @@ static void scratch_free(tka_scratch *s)
 }
 
 static atomic_int g_threads;
+static _Thread_local int t_in_parallel;
+
+int tka_in_parallel(void) { return t_in_parallel; }
 
 static int default_threads(void)
 {
@@ -68,6 +71,8 @@ static void run_chunks(job *j)
 {
     tka_scratch s;
     memset(&s, 0, sizeof s);
+    int was = t_in_parallel;
+    t_in_parallel = 1;
     for (;;) {
         int64_t r0 = atomic_fetch_add(&j->next, j->chunk);
         /* Rows are claimed in increasing order: once an error is known at row e, every
@@ -86,6 +91,7 @@ static void run_chunks(job *j)
             pthread_mutex_unlock(&j->lock);
         }
     }
+    t_in_parallel = was;
     scratch_free(&s);
 }
 
@@ -134,5 +140,15 @@ tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx
 
     tka_status st = (tka_status)atomic_load(&j.err_code);
     if (st != TKA_OK) *err_row = atomic_load(&j.err_row);
+    return st;
+}
+
+tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row)
+{
+    tka_scratch s;
+    memset(&s, 0, sizeof s);
+    *err_row = -1;
+    tka_status st = rows > 0 ? fn(ctx, 0, rows, &s, err_row) : TKA_OK;
+    scratch_free(&s);
     return st;
 }

@@ -30,15 +30,6 @@
  * positive terms and a few exp/log evaluations, with a factor of 2 to spare. */
 #define BOUND_SLACK(n) ((double)((n) + 64) * 0x1p-50)
 
-typedef struct {
-    const void *p;          /* contiguous row */
-    int64_t n;
-    tka_dtype dt;
-    const tka_kernels *K;
-    double max;             /* largest logit */
-    int64_t n_live;         /* unmasked logits */
-} row_t;
-
 /* log(1 + e^z) without overflow or cancellation */
 static double softplus(double z)
 {
@@ -79,7 +70,8 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
     w->dt = x->dtype;
     w->K = K;
     tka_scan_out sc;
-    K->scan[w->dt](w->p, w->n, &sc);
+    tka_status st = tka_row_scan(w, s, &sc);
+    if (st != TKA_OK) return st;
     if (sc.bad) {
         for (int64_t j = 0; j < w->n; j++) {
             double v = elem(w, j);
@@ -93,10 +85,18 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
-static void row_to_double(const row_t *w, double *out)
+static tka_status row_to_double(const row_t *w, tka_scratch *s, double *out)
 {
     tka_band_out b;
-    w->K->band[w->dt](w->p, w->n, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
+    return tka_row_band(w, s, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
+}
+
+/* Sort float64 values in decreasing order (radix sort; scratch from TKA_SLOT_IDX). */
+static tka_status sort_desc(double *v, int64_t n, tka_scratch *s)
+{
+    uint64_t *tmp = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)(2 * n) * sizeof(uint64_t));
+    if (!tmp || tka_radix_sort_desc(v, n, tmp) != 0) return TKA_ERR_NOMEM;
+    return TKA_OK;
 }
 
 /* ns logits at evenly spaced positions, as float64. */
@@ -130,8 +130,8 @@ typedef struct {
 } rank_info;
 
 /* Finish from a gathered set holding the k-th largest at position j (0-based). */
-static void rank_from_band(const row_t *w, double *vals, int64_t nb, int64_t j, int64_t n_above,
-                           int64_t k, rank_info *ri)
+static tka_status rank_from_band(const row_t *w, tka_scratch *s, double *vals, int64_t nb,
+                                 int64_t j, int64_t n_above, int64_t k, rank_info *ri)
 {
     tka_nth_desc(vals, nb, j);
     double t = vals[j], below = -INFINITY;
@@ -148,7 +148,8 @@ static void rank_from_band(const row_t *w, double *vals, int64_t nb, int64_t j, 
     if (ri->n_gt + ri->n_eq > k) ri->next = t;
     else if (k >= w->n) ri->next = -INFINITY;
     else if (below > -INFINITY || n_above + nb == w->n) ri->next = below;
-    else ri->next = w->K->max_below[w->dt](w->p, w->n, t);
+    else return tka_row_max_below(w, s, t, &ri->next);
+    return TKA_OK;
 }
 
 /* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor. */
@@ -171,27 +172,27 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
         double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
         if (!vals) return TKA_ERR_NOMEM;
         tka_band_out b;
-        w->K->band[w->dt](w->p, n, lo, hi, 0.0, 0, vals, NULL, cap, &b);
+        tka_status st = tka_row_band(w, s, lo, hi, 0.0, 0, vals, NULL, cap, &b);
+        if (st != TKA_OK) return st;
         if (b.n_above < k && k <= b.n_above + b.n_band) {
             if (lo == hi) {  /* the whole bracket is one value */
                 ri->t = lo;
                 ri->n_gt = b.n_above;
                 ri->n_eq = b.n_band;
-                ri->next = ri->n_gt + ri->n_eq > k ? lo
-                           : (k >= n ? -INFINITY : w->K->max_below[w->dt](w->p, n, lo));
+                if (ri->n_gt + ri->n_eq > k) ri->next = lo;
+                else if (k >= n) ri->next = -INFINITY;
+                else return tka_row_max_below(w, s, lo, &ri->next);
                 return TKA_OK;
             }
-            if (b.n_band <= cap) {
-                rank_from_band(w, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
-                return TKA_OK;
-            }
+            if (b.n_band <= cap)
+                return rank_from_band(w, s, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
         }
     }
     double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     if (!vals) return TKA_ERR_NOMEM;
-    row_to_double(w, vals);
-    rank_from_band(w, vals, n, k - 1, 0, k, ri);
-    return TKA_OK;
+    tka_status st = row_to_double(w, s, vals);
+    if (st != TKA_OK) return st;
+    return rank_from_band(w, s, vals, n, k - 1, 0, k, ri);
 }
 
 /* ------------------------------------------------------------------ tail mass */
@@ -208,7 +209,8 @@ static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, ran
     tka_status st = rank_select(w, k, s, ri);
     if (st != TKA_OK) return st;
     double hi, lo;
-    w->K->sumexp_split[w->dt](w->p, w->n, ri->t, w->max, ri->next, &hi, &lo);
+    st = tka_row_sumexp_split(w, s, ri->t, w->max, ri->next, &hi, &lo);
+    if (st != TKA_OK) return st;
     /* logits equal to t: the first k - n_gt are kept, the rest discarded */
     if (k > ri->n_gt) hi += (double)(k - ri->n_gt) * exp(ri->t - w->max);
     if (ri->n_gt + ri->n_eq > k) lo += (double)(ri->n_gt + ri->n_eq - k); /* next == t */
@@ -269,16 +271,6 @@ static void keps_exact(const double *sorted, int64_t n, double log_eps, double *
     if (tau_out) *tau_out = exp(log_tail[k] - log_z);
 }
 
-/* Smallest j in [0, nb] with base + sum(m[j..nb)) <= bar; m sorted by decreasing logit. */
-static int64_t walk_band(const double *m, int64_t nb, double base, double bar, double *tail)
-{
-    double acc = base;
-    int64_t j = nb;
-    while (j > 0 && acc + m[j - 1] <= bar) { acc += m[j - 1]; j--; }
-    *tail = acc;
-    return j;
-}
-
 typedef struct {
     const double *eps;
     int64_t *k;
@@ -295,7 +287,8 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 
     if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
         double z, unused;
-        w->K->sumexp_split[w->dt](w->p, n, -INFINITY, w->max, w->max, &z, &unused);
+        tka_status st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+        if (st != TKA_OK) return st;
         const double bar = eps * z;  /* the discarded mass allowed, relative to e^max */
 
         int64_t ns = sample_size(n, n / 8);
@@ -303,23 +296,39 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         double *sm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)ns * sizeof(double));
         if (!smp || !sm) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
-        tka_sort_desc(smp, ns);
         /* each sampled logit stands for n / ns logits of the row */
         w->K->exp_shift[TKA_F64](smp, ns, w->max, sm);
         const double scale = (double)n / (double)ns;
-        double est = 0.0;
-        int64_t jstar = ns;
-        while (jstar > 0 && est + sm[jstar - 1] * scale <= bar) { est += sm[jstar - 1] * scale; jstar--; }
-        double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
-        int64_t ra = (int64_t)floor((double)jstar - delta) - 1, rb = (int64_t)ceil((double)jstar + delta);
-        double hi = ra >= 0 ? smp[ra] : INFINITY, lo = rb < ns ? smp[rb] : -INFINITY;
-        int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
-        int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
-        if (!vals) return TKA_ERR_NOMEM;
-        tka_band_out b;
-        w->K->band[w->dt](w->p, n, lo, hi, w->max, 1, vals, NULL, lo == hi ? 0 : cap, &b);
-        if (b.mass_below <= bar) {
+        double est, ss = 0.0;
+        int64_t jstar = ns - tka_drop_bottom(smp, sm, ns, bar / scale, &est);
+        /* the dropped samples come first: their spread gives the standard error of the
+         * estimated tail mass, which sets a tight bracket; the wide one (binomial rank
+         * error) is the retry */
+        for (int64_t i = 0; i < ns - jstar; i++) ss += sm[i] * sm[i];
+        const double se = 3.0 * sqrt(ss), b_scaled = bar / scale;
+        double unused2;
+        int64_t j_hi = ns - tka_drop_bottom(smp, sm, ns, b_scaled + se, &unused2);
+        int64_t j_lo = ns - tka_drop_bottom(smp, sm, ns, b_scaled > se ? b_scaled - se : 0.0, &unused2);
+        const double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
+        const int64_t wide_a = (int64_t)floor((double)jstar - delta) - 1;
+        const int64_t wide_b = (int64_t)ceil((double)jstar + delta);
+        for (int attempt = 0; attempt < 2; attempt++) {
+            int64_t ra = wide_a, rb = wide_b;
+            if (attempt == 0) {
+                if (j_hi - 2 > ra) ra = j_hi - 2;
+                if (j_lo + 1 < rb) rb = j_lo + 1;
+            }
+            double hi = INFINITY, lo = -INFINITY;
+            if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
+            if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+            int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
+            int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
+            double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+            if (!vals) return TKA_ERR_NOMEM;
+            tka_band_out b;
+            st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, lo == hi ? 0 : cap, &b);
+            if (st != TKA_OK) return st;
+            if (b.mass_below > bar) continue;  /* the crossing lies below lo */
             if (lo == hi) {
                 /* one value in the bracket: every member has the same mass */
                 double mv = exp(lo - w->max);
@@ -332,38 +341,36 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
                     return TKA_OK;
                 }
             } else if (b.n_band <= cap) {
-                tka_sort_desc(vals, b.n_band);
                 double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(b.n_band + 1) * sizeof(double));
                 if (!m) return TKA_ERR_NOMEM;
                 w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
-                double tail;
-                int64_t j = walk_band(m, b.n_band, b.mass_below, bar, &tail);
-                if (j > 0) {  /* else the crossing lies above hi: solve exactly */
-                    cx->k[r] = b.n_above + j;
-                    if (cx->tau) cx->tau[r] = tail / z;
+                double dm;
+                int64_t drop = tka_drop_bottom(vals, m, b.n_band, bar - b.mass_below, &dm);
+                if (drop < b.n_band) {  /* else the crossing lies above hi */
+                    cx->k[r] = b.n_above + b.n_band - drop;
+                    if (cx->tau) cx->tau[r] = (b.mass_below + dm) / z;
                     return TKA_OK;
                 }
             }
         }
     }
 
-    /* exact path: sort a copy */
+    /* exact path over the whole row */
     double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    if (!vals) return TKA_ERR_NOMEM;
-    row_to_double(w, vals);
-    tka_sort_desc(vals, n);
+    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+    if (!vals || !m) return TKA_ERR_NOMEM;
+    tka_status st = row_to_double(w, s, vals);
+    if (st != TKA_OK) return st;
     if (eps >= EPS_LINEAR_MIN) {
-        double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
-        if (!m) return TKA_ERR_NOMEM;
         w->K->exp_shift[TKA_F64](vals, n, w->max, m);
         double z = 0.0;
-        for (int64_t i = n - 1; i >= 0; i--) z += m[i];
-        k = walk_band(m, n, 0.0, eps * z, &tau);
+        for (int64_t i = 0; i < n; i++) z += m[i];
+        k = n - tka_drop_bottom(vals, m, n, eps * z, &tau);
         tau /= z;
     } else {
-        double *lt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
-        if (!lt) return TKA_ERR_NOMEM;
-        keps_exact(vals, n, log(eps), lt, &k, &tau);
+        st = sort_desc(vals, n, s);
+        if (st != TKA_OK) return st;
+        keps_exact(vals, n, log(eps), m, &k, &tau);
     }
     cx->k[r] = k;
     if (cx->tau) cx->tau[r] = tau;
@@ -399,7 +406,8 @@ static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
         if (!vals || !idx) return TKA_ERR_NOMEM;
         tka_band_out b;
-        w->K->band[w->dt](w->p, n, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
+        tka_status st = tka_row_band(w, s, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
+        if (st != TKA_OK) return st;
         if (b.n_band >= k && b.n_band <= cap) {
             tka_sort_pairs_desc(vals, idx, b.n_band);
             memcpy(out, idx, (size_t)k * sizeof(int64_t));
@@ -423,8 +431,9 @@ static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
     double *out = cx->out + r * (n + 1);
     double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     if (!vals) return TKA_ERR_NOMEM;
-    row_to_double(w, vals);
-    tka_sort_desc(vals, n);
+    tka_status st = row_to_double(w, s, vals);
+    if (st == TKA_OK) st = sort_desc(vals, n, s);
+    if (st != TKA_OK) return st;
     w->K->exp_shift[TKA_F64](vals, n, w->max, out);
     /* suffix sums from the smallest term up: each partial sum is accurate */
     double acc = 0.0;
@@ -499,8 +508,9 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
     double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
     if (!v || !m) return TKA_ERR_NOMEM;
-    row_to_double(w, v);
-    tka_sort_desc(v, n);
+    tka_status st = row_to_double(w, s, v);
+    if (st == TKA_OK) st = sort_desc(v, n, s);
+    if (st != TKA_OK) return st;
     w->K->exp_shift[TKA_F64](v, n, w->max, m);
     double head = 0.0;
     for (int64_t i = k - 1; i >= 0; i--) head += m[i];
@@ -542,7 +552,8 @@ static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_scratch *s
 {
     entropy_ctx *cx = c;
     double z, m1;
-    w->K->sumexp_moment[w->dt](w->p, w->n, w->max, &z, &m1);
+    tka_status st = tka_row_sumexp_moment(w, s, w->max, &z, &m1);
+    if (st != TKA_OK) return st;
     /* H = log Z - E[s - max], both terms >= 0 */
     double h = log(z) - m1 / z;
     cx->out[r] = h > 0.0 ? h : 0.0;
@@ -558,11 +569,13 @@ static tka_status support_row(void *c, const row_t *w, int64_t r, tka_scratch *s
 {
     support_ctx *cx = c;
     double z, unused;
-    w->K->sumexp_split[w->dt](w->p, w->n, -INFINITY, w->max, w->max, &z, &unused);
+    tka_status st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+    if (st != TKA_OK) return st;
     /* P_i >= thr  <=>  s_i >= max + log Z + log thr */
     double cut = w->max + log(z) + log(cx->thr[r]);
     tka_band_out b;
-    w->K->band[w->dt](w->p, w->n, cut, INFINITY, 0.0, 0, NULL, NULL, 0, &b);
+    st = tka_row_band(w, s, cut, INFINITY, 0.0, 0, NULL, NULL, 0, &b);
+    if (st != TKA_OK) return st;
     cx->out[r] = b.n_band;
     return TKA_OK;
 }
@@ -621,8 +634,12 @@ static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost
     drive_ctx d = {x, tka_active_kernels(), fn, ctx};
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
-    tka_status st = tka_parallel_rows(x->rows, cost * (double)x->rows * (double)x->n,
-                                      drive_chunk, &d, &bad);
+    tka_status st;
+    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_in_parallel())
+        st = tka_serial_rows(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
+    else
+        st = tka_parallel_rows(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
+                               &bad);
     if (err) err->row = bad;
     return st;
 }

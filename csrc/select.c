@@ -3,6 +3,9 @@
  * Introsort-style: median-of-three quicksort, insertion sort below 24 elements, heapsort
  * when recursion gets deep, so the worst case stays O(n log n).
  */
+#include <stdlib.h>
+#include <string.h>
+
 #include "internal.h"
 
 #define SMALL 24
@@ -174,4 +177,115 @@ static void introsort_pairs(double *v, int64_t *x, int64_t n, int depth)
 void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n)
 {
     if (n > 1) introsort_pairs(v, idx, n, 2 * log2_floor(n) + 4);
+}
+
+/* ---- weighted selection from the bottom */
+
+int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+{
+    /* Invariant: everything left of [lo, hi) is dropped (mass acc), everything right of it
+     * is kept; the answer's boundary lies inside [lo, hi). */
+    int64_t lo = 0, hi = c, ndrop = 0;
+    double acc = 0.0;
+    while (hi - lo > SMALL) {
+        double p = median3(v[lo], v[lo + (hi - lo) / 2], v[hi - 1]);
+        /* three-way partition of [lo, hi): < p | == p | > p */
+        int64_t lt = lo, i = lo, gt = hi;
+        double s_lt = 0.0, s_eq = 0.0;
+        while (i < gt) {
+            if (v[i] < p) {
+                double tv = v[lt], tw = w[lt];
+                v[lt] = v[i]; w[lt] = w[i]; v[i] = tv; w[i] = tw;
+                s_lt += w[lt];
+                lt++; i++;
+            } else if (v[i] > p) {
+                gt--;
+                double tv = v[gt], tw = w[gt];
+                v[gt] = v[i]; w[gt] = w[i]; v[i] = tv; w[i] = tw;
+            } else {
+                s_eq += w[i];
+                i++;
+            }
+        }
+        if (acc + s_lt > budget) { hi = lt; continue; }
+        acc += s_lt;
+        ndrop += lt - lo;
+        if (acc + s_eq > budget) {
+            /* equal logits have equal masses: drop as many of them as fit */
+            double wp = w[lt];
+            while (lt < gt && acc + wp <= budget) { acc += wp; ndrop++; lt++; }
+            *dropped_mass = acc;
+            return ndrop;
+        }
+        acc += s_eq;
+        ndrop += gt - lt;
+        lo = gt;
+    }
+    /* small remainder: sort ascending by value (insertion) and walk up */
+    for (int64_t a = lo + 1; a < hi; a++) {
+        double tv = v[a], tw = w[a];
+        int64_t b = a;
+        while (b > lo && v[b - 1] > tv) { v[b] = v[b - 1]; w[b] = w[b - 1]; b--; }
+        v[b] = tv;
+        w[b] = tw;
+    }
+    for (int64_t a = lo; a < hi && acc + w[a] <= budget; a++) { acc += w[a]; ndrop++; }
+    *dropped_mass = acc;
+    return ndrop;
+}
+
+/* ---- LSD radix sort of float64 values, decreasing */
+
+static inline uint64_t desc_key(double x)
+{
+    uint64_t b;
+    memcpy(&b, &x, 8);
+    /* order-preserving map to unsigned, then inverted so ascending keys = decreasing x */
+    b = (b >> 63) ? ~b : (b | 0x8000000000000000ull);
+    return ~b;
+}
+
+static inline double from_desc_key(uint64_t k)
+{
+    k = ~k;
+    k = (k >> 63) ? (k & 0x7fffffffffffffffull) : ~k;
+    double x;
+    memcpy(&x, &k, 8);
+    return x;
+}
+
+#define RADIX_BITS 11
+#define RADIX_SIZE (1 << RADIX_BITS)
+#define RADIX_PASSES 6 /* 6 * 11 >= 64 */
+
+int tka_radix_sort_desc(double *a, int64_t n, uint64_t *tmp)
+{
+    if (n < 512) {
+        tka_sort_desc(a, n);
+        return 0;
+    }
+    uint64_t *src = tmp, *dst = tmp + n;
+    int64_t (*hist)[RADIX_SIZE] = calloc(RADIX_PASSES, sizeof *hist);
+    if (!hist) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t k = desc_key(a[i]);
+        src[i] = k;
+        for (int p = 0; p < RADIX_PASSES; p++) hist[p][(k >> (p * RADIX_BITS)) & (RADIX_SIZE - 1)]++;
+    }
+    for (int p = 0; p < RADIX_PASSES; p++) {
+        int64_t *h = hist[p];
+        int shift = p * RADIX_BITS;
+        /* a digit shared by every key does not reorder anything */
+        if (h[(src[0] >> shift) & (RADIX_SIZE - 1)] == n) continue;
+        int64_t sum = 0;
+        for (int d = 0; d < RADIX_SIZE; d++) { int64_t c = h[d]; h[d] = sum; sum += c; }
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t k = src[i];
+            dst[h[(k >> shift) & (RADIX_SIZE - 1)]++] = k;
+        }
+        uint64_t *t = src; src = dst; dst = t;
+    }
+    free(hist);
+    for (int64_t i = 0; i < n; i++) a[i] = from_desc_key(src[i]);
+    return 0;
 }

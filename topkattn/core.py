@@ -438,10 +438,14 @@ def gaussian_k_eps(n, sigma, eps, finite_n=False):
     r"""Predicted k_eps for n i.i.d. Gaussian scores of standard deviation sigma (DESIGN §5).
 
     The paper's asymptotic rule is ``k_eps / n ~ Phi_c(sigma + Phi^{-1}(eps))``. It drifts
-    at finite n when sigma is large, because the softmax head then lives in the top few
-    order statistics; ``finite_n=True`` applies a finite-n correction (see the method
-    notes in ``csrc/gauss.c`` and ``benchmarks/bench_gaussian.py`` for how it tracks
-    simulations).
+    at finite n when sigma is large: the rule integrates the softmax weight over the whole
+    Gaussian, but a real row stops near its maximum (about ``sqrt(2 ln n)``), so a few top
+    scores carry mass the rule spreads beyond them. ``finite_n=True`` evaluates tau(k)
+    exactly on a *typical row* -- the scores placed at the quantile positions
+    ``Phi_c^{-1}((i - 0.44) / (n + 0.12))`` (Gringorten) -- and returns the smallest whole k
+    with tau(k) <= eps, in O(log n) per call. Over sigma in [0.5, 5], n from 1e3 to 1e6 and
+    eps in {1e-1, 1e-2, 1e-3} it tracks the simulated median k_eps with a mean relative
+    error of 0.8% against the rule's 18% (``benchmarks/bench_gaussian.py``).
 
     Parameters
     ----------
@@ -452,7 +456,10 @@ def gaussian_k_eps(n, sigma, eps, finite_n=False):
 
     Returns
     -------
-    k : float64, real-valued prediction in [0, n] (take ``ceil`` for a budget).
+    k : float64
+        ``finite_n=False``: the real-valued prediction ``n * Phi_c(sigma + Phi^{-1}(eps))``
+        (take ``ceil`` for a budget; sigma = 0 gives ``n (1 - eps)``).
+        ``finite_n=True``: a whole number in [1, n] (non-integer n is truncated first).
 
     Examples
     --------

@@ -23,7 +23,7 @@ typedef struct {
     double a, b, c;
     int64_t ccap;          /* gather capacity per chunk */
     tka_scan_out *scan;    /* per chunk outputs */
-    double *s1, *s2;
+    double *s1, *s2, *s3;
     tka_band_out *band;
     double *cvals;
     int64_t *cidx;
@@ -38,7 +38,7 @@ static tka_status chunk_fn(void *ctx, int64_t c0, int64_t c1, tka_scratch *s, in
         switch (j->op) {
         case OP_SCAN: j->K->scan[j->dt](p, len, &j->scan[c]); break;
         case OP_SPLIT: j->K->sumexp_split[j->dt](p, len, j->a, j->b, j->c, &j->s1[c], &j->s2[c]); break;
-        case OP_MOMENT: j->K->sumexp_moment[j->dt](p, len, j->a, &j->s1[c], &j->s2[c]); break;
+        case OP_MOMENT: j->K->sumexp_moment[j->dt](p, len, j->a, &j->s1[c], &j->s2[c], &j->s3[c]); break;
         case OP_MAXBELOW: j->s1[c] = j->K->max_below[j->dt](p, len, j->a); break;
         default:
             j->K->band[j->dt](p, len, j->a, j->b, j->c, j->with_mass,
@@ -58,13 +58,14 @@ static tka_status run(cjob *j, const row_t *w, tka_scratch *s)
     j->n = w->n;
     j->es = w->dt == TKA_F32 ? 4 : 8;
     j->nch = (w->n + TKA_CHUNK - 1) / TKA_CHUNK;
-    size_t per = sizeof(tka_scan_out) + 2 * sizeof(double) + sizeof(tka_band_out);
+    size_t per = sizeof(tka_scan_out) + 3 * sizeof(double) + sizeof(tka_band_out);
     char *mem = tka_scratch_get(s, TKA_SLOT_CHUNK, (size_t)j->nch * per);
     if (!mem) return TKA_ERR_NOMEM;
     j->scan = (tka_scan_out *)mem;
     j->band = (tka_band_out *)(mem + (size_t)j->nch * sizeof(tka_scan_out));
     j->s1 = (double *)(mem + (size_t)j->nch * (sizeof(tka_scan_out) + sizeof(tka_band_out)));
     j->s2 = j->s1 + j->nch;
+    j->s3 = j->s2 + j->nch;
     int64_t bad;
     if (tka_in_parallel()) return chunk_fn(j, 0, j->nch, s, &bad);
     return tka_parallel_rows(j->nch, (double)w->n, chunk_fn, j, &bad);
@@ -105,19 +106,21 @@ tka_status tka_row_sumexp_split(const row_t *w, tka_scratch *s, double t, double
     return TKA_OK;
 }
 
-tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *z, double *m1)
+tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *zb,
+                                 double *m1, double *cnt)
 {
     if (w->n <= TKA_CHUNK) {
-        w->K->sumexp_moment[w->dt](w->p, w->n, ref, z, m1);
+        w->K->sumexp_moment[w->dt](w->p, w->n, ref, zb, m1, cnt);
         return TKA_OK;
     }
     cjob j = {.op = OP_MOMENT, .a = ref};
     tka_status st = run(&j, w, s);
     if (st != TKA_OK) return st;
-    double a = 0.0, b = 0.0;
-    for (int64_t c = 0; c < j.nch; c++) { a += j.s1[c]; b += j.s2[c]; }
-    *z = a;
+    double a = 0.0, b = 0.0, c = 0.0;
+    for (int64_t i = 0; i < j.nch; i++) { a += j.s1[i]; b += j.s2[i]; c += j.s3[i]; }
+    *zb = a;
     *m1 = b;
+    *cnt = c;
     return TKA_OK;
 }
 

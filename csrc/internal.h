@@ -37,8 +37,10 @@ typedef struct {
     /** sum over x > t of e^{x - ref_hi} into *hi and over x < t of e^{x - ref_lo} into *lo. */
     void (*sumexp_split[2])(const void *x, int64_t n, double t, double ref_hi, double ref_lo,
                             double *hi, double *lo);
-    /** z = sum e^{x - ref}; m1 = sum e^{x - ref} (x - ref) over unmasked x. */
-    void (*sumexp_moment[2])(const void *x, int64_t n, double ref, double *z, double *m1);
+    /** zb = sum of e^{x - ref} over x < ref; m1 = sum of e^{x - ref} (x - ref) over
+     *  unmasked x; c = number of x equal to ref. */
+    void (*sumexp_moment[2])(const void *x, int64_t n, double ref, double *zb, double *m1,
+                             double *c);
     /**
      * Band pass: counts x > hi; when with_mass, sums e^{x - ref} above hi and below lo;
      * gathers x in [lo, hi] (as float64) into vals[] and their positions into idx[]
@@ -107,8 +109,8 @@ typedef struct {
 tka_status tka_row_scan(row_t *w, tka_scratch *s, tka_scan_out *out);
 tka_status tka_row_sumexp_split(const row_t *w, tka_scratch *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo);
-tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *z,
-                                 double *m1);
+tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *zb,
+                                 double *m1, double *c);
 tka_status tka_row_max_below(const row_t *w, tka_scratch *s, double t, double *out);
 tka_status tka_row_band(const row_t *w, tka_scratch *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap,

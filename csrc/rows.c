@@ -26,9 +26,6 @@
 /* Below this eps, k_eps works in log space (linear masses relative to the maximum could
  * underflow to the order of eps itself). */
 #define EPS_LINEAR_MIN 1e-280
-/* Relative slack added to certified bounds: covers the rounding of the sums of up to n
- * positive terms and a few exp/log evaluations, with a factor of 2 to spare. */
-#define BOUND_SLACK(n) ((double)((n) + 64) * 0x1p-50)
 
 /* log(1 + e^z) without overflow or cancellation */
 static double softplus(double z)
@@ -337,7 +334,7 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
                 while (drop > 0 && b.mass_below + (double)drop * mv > bar) drop--;
                 if (drop < b.n_band) {
                     cx->k[r] = b.n_above + b.n_band - drop;
-                    if (cx->tau) cx->tau[r] = (b.mass_below + (double)drop * mv) / z;
+                    if (cx->tau) cx->tau[r] = fmin((b.mass_below + (double)drop * mv) / z, eps);
                     return TKA_OK;
                 }
             } else if (b.n_band <= cap) {
@@ -348,7 +345,7 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
                 int64_t drop = tka_drop_bottom(vals, m, b.n_band, bar - b.mass_below, &dm);
                 if (drop < b.n_band) {  /* else the crossing lies above hi */
                     cx->k[r] = b.n_above + b.n_band - drop;
-                    if (cx->tau) cx->tau[r] = (b.mass_below + dm) / z;
+                    if (cx->tau) cx->tau[r] = fmin((b.mass_below + dm) / z, eps);
                     return TKA_OK;
                 }
             }
@@ -366,7 +363,7 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         double z = 0.0;
         for (int64_t i = 0; i < n; i++) z += m[i];
         k = n - tka_drop_bottom(vals, m, n, eps * z, &tau);
-        tau /= z;
+        tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
     } else {
         st = sort_desc(vals, n, s);
         if (st != TKA_OK) return st;
@@ -453,11 +450,28 @@ typedef struct {
     double *out;
 } gap_ctx;
 
-/* Round a bound up past every rounding error made on the way (DESIGN §2: certificates). */
-static double certify(double bound, int64_t n)
+/*
+ * Round a bound up past every rounding error made on the way (DESIGN §2: certificates).
+ * Bounds are computed as exp(-softplus(arg)): sums of up to n positive terms and a few
+ * exp/log calls cost a relative error of at most (n + c) u, and the rounding of the terms
+ * that make up arg (each off by at most u times its magnitude) shifts the result by a
+ * relative mag * u, where the caller passes mag = the sum of those magnitudes (3 |arg| for
+ * softplus and exp included). Both are covered with a factor of 8 to spare (2^-50 = 8u),
+ * and the result is moved one ulp up so that a subnormal or underflowed value still
+ * bounds the exact tau: a bound on a non-empty tail is never 0.
+ */
+static double certify(double bound, int64_t n, double mag)
 {
-    double b = bound * (1.0 + BOUND_SLACK(n));
+    double b = bound * (1.0 + ((double)n + 64.0 + mag) * 0x1p-50);
+    b = nextafter(b, INFINITY);
     return b > 1.0 ? 1.0 : b;
+}
+
+/* e^x rounded so that it never falls below the exact value by underflow: arguments below
+ * -700 give e^-700, an upper bound that is negligible next to any term of order 1. */
+static double exp_up(double x)
+{
+    return x < -700.0 ? 9.8596765437597708e-305 : exp(x);
 }
 
 static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
@@ -475,15 +489,16 @@ static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
             tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
             if (st != TKA_OK) return st;
             /* tail <= (n' - k) e^{s_(k+1)}; bound = U / (A + U) */
-            double lu = log((double)(nl - k)) + (ri.next - w->max);
-            bound = exp(-softplus(log(head) - lu));
+            double lu = log((double)(nl - k)) + (ri.next - w->max), arg = log(head) - lu;
+            bound = certify(exp(-softplus(arg)), w->n,
+                            fabs(log(head)) + fabs(lu) + fabs(ri.next - w->max) + 3.0 * fabs(arg));
         } else {
             tka_status st = rank_select(w, k, s, &ri);
             if (st != TKA_OK) return st;
-            double gap = ri.t - ri.next;
-            bound = exp(-softplus(log((double)k) - log((double)(nl - k)) + gap));
+            double arg = log((double)k) - log((double)(nl - k)) + (ri.t - ri.next);
+            bound = certify(exp(-softplus(arg)), w->n,
+                            (ri.t - ri.next) + 2.0 * log((double)w->n + 1.0) + 3.0 * fabs(arg));
         }
-        bound = certify(bound, w->n);
     }
     cx->out[r] = bound;
     return TKA_OK;
@@ -506,14 +521,17 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         return TKA_OK;
     }
     double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k + 1) * sizeof(double));
     if (!v || !m) return TKA_ERR_NOMEM;
     tka_status st = row_to_double(w, s, v);
     if (st == TKA_OK) st = sort_desc(v, n, s);
     if (st != TKA_OK) return st;
-    w->K->exp_shift[TKA_F64](v, n, w->max, m);
+    /* head relative to the maximum (an underflowed term only loosens the bound); tail
+     * segments relative to s_(k+1), each exp rounded up past underflow */
+    w->K->exp_shift[TKA_F64](v, k, w->max, m);
     double head = 0.0;
     for (int64_t i = k - 1; i >= 0; i--) head += m[i];
+    const double ref = v[k];
 
     /* U = sum over segments (m_{j-1}, m_j] of their length times e^{s_(m_{j-1}+1)} */
     double u = 0.0;
@@ -522,7 +540,7 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         for (int64_t j = 0; j < cx->ncut; j++) {
             int64_t cut = cx->cuts[j];
             if (cut <= prev || cut >= nl) continue;
-            u += (double)(cut - prev) * m[prev];
+            u += (double)(cut - prev) * exp_up(v[prev] - ref);
             prev = cut;
         }
     } else {
@@ -533,12 +551,15 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
             int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
             if (cut <= prev) continue;
             if (cut > nl) cut = nl;
-            u += (double)(cut - prev) * m[prev];
+            u += (double)(cut - prev) * exp_up(v[prev] - ref);
             prev = cut;
         }
     }
-    if (prev < nl) u += (double)(nl - prev) * m[prev];
-    cx->out[r] = certify(u / (head + u), n + cx->ncut + cx->nseg);
+    if (prev < nl) u += (double)(nl - prev) * exp_up(v[prev] - ref);
+    /* bound = U e^ref / (A e^max + U e^ref) = 1 / (1 + e^lr) */
+    const double lr = log(head) - log(u) + (w->max - ref);
+    cx->out[r] = certify(exp(-softplus(lr)), n + cx->ncut + cx->nseg,
+                         fabs(log(head)) + fabs(log(u)) + fabs(w->max - ref) + 3.0 * fabs(lr));
     return TKA_OK;
 }
 
@@ -551,11 +572,13 @@ typedef struct {
 static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 {
     entropy_ctx *cx = c;
-    double z, m1;
-    tka_status st = tka_row_sumexp_moment(w, s, w->max, &z, &m1);
+    double zb, m1, cmax;
+    tka_status st = tka_row_sumexp_moment(w, s, w->max, &zb, &m1, &cmax);
     if (st != TKA_OK) return st;
-    /* H = log Z - E[s - max], both terms >= 0 */
-    double h = log(z) - m1 / z;
+    /* Z = c + zb (c logits at the maximum); H = log Z - E[s - max], both terms >= 0, and
+     * log Z = log c + log1p(zb / c) keeps H's relative accuracy when one key dominates */
+    const double z = cmax + zb;
+    double h = log(cmax) + log1p(zb / cmax) - m1 / z;
     cx->out[r] = h > 0.0 ? h : 0.0;
     return TKA_OK;
 }

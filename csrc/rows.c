@@ -274,6 +274,113 @@ typedef struct {
     double *tau;
 } keps_ctx;
 
+/* Index of the first sampled logit (sorted decreasing) whose suffix mass, scaled to the
+ * row, is <= bar: the sample's estimate of how many logits k_eps keeps. */
+static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double bar)
+{
+    int64_t lo = 0, hi = ns;  /* suffix[ns] = 0 <= bar always */
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (suffix[mid] * scale <= bar) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+/*
+ * k_eps by one band pass: the sample gives the row's mass curve (sorted once, with
+ * cumulative masses and squared masses from the bottom for the standard error), hence a
+ * bracket [lo, hi] around the crossing; the band pass then sums the exact mass above hi
+ * and below lo and gathers the logits between, so Z itself comes out of the same pass.
+ * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
+ * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
+ */
+static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
+                            double *tau_out, int *done)
+{
+    const int64_t n = w->n;
+    int64_t ns = (int64_t)(4.0 * sqrt((double)n));
+    if (ns > 4096) ns = 4096;
+    if (ns > n / 4) ns = n / 4;
+    if (ns < 16) ns = 16;
+    double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)(3 * ns + 2) * sizeof(double));
+    if (!smp) return TKA_ERR_NOMEM;
+    double *suf = smp + ns, *suf2 = suf + ns + 1;
+    row_sample(w, ns, smp);
+    tka_sort_desc(smp, ns);
+    w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
+    suf[ns] = suf2[ns] = 0.0;
+    for (int64_t j = ns - 1; j >= 0; j--) {
+        double m = suf[j];
+        suf[j] = suf[j + 1] + m;
+        suf2[j] = suf2[j + 1] + m * m;
+    }
+    const double scale = (double)n / (double)ns;
+    /* the maximum has mass 1 and is rarely sampled: count it on top of the estimate */
+    double z = 1.0 + scale * suf[0];
+
+    for (int attempt = 0; attempt < 2; attempt++) {
+        const double bar = eps * z;
+        int64_t jstar = sample_cut(suf, ns, scale, bar);
+        double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
+        int64_t ra = (int64_t)floor((double)jstar - delta) - 1, rb = (int64_t)ceil((double)jstar + delta);
+        if (attempt == 0) {
+            /* tight bracket: three standard errors of the estimated tail mass */
+            double se = 3.0 * scale * sqrt(suf2[jstar < ns ? jstar : ns]);
+            int64_t a = sample_cut(suf, ns, scale, bar + se) - 2;
+            int64_t b = bar > se ? sample_cut(suf, ns, scale, bar - se) + 1 : rb;
+            if (a > ra) ra = a;
+            if (b < rb) rb = b;
+        }
+        double hi = ra >= 0 ? smp[ra] : INFINITY, lo = rb < ns ? smp[rb] : -INFINITY;
+        int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
+        int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
+        if (lo == hi) cap = 0;
+        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+        double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(cap + 1) * sizeof(double));
+        if (!vals || !m) return TKA_ERR_NOMEM;
+        tka_band_out b;
+        tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &b);
+        if (st != TKA_OK) return st;
+        if (b.n_band > cap && lo != hi) {
+            /* too many to gather: take the exact Z from a plain sum and retry */
+            double unused;
+            st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+            if (st != TKA_OK) return st;
+            continue;
+        }
+        double band_mass, mv = 0.0;
+        if (lo == hi) {  /* one value in the bracket: every member has the same mass */
+            mv = exp(lo - w->max);
+            band_mass = (double)b.n_band * mv;
+        } else {
+            w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
+            band_mass = 0.0;
+            for (int64_t i = 0; i < b.n_band; i++) band_mass += m[i];
+        }
+        z = b.mass_above + b.mass_below + band_mass;  /* exact from here on */
+        const double bar_exact = eps * z;
+        if (b.mass_below > bar_exact || b.mass_below + band_mass <= bar_exact) continue;
+        int64_t drop;
+        double dm;
+        if (lo == hi) {
+            drop = (int64_t)floor((bar_exact - b.mass_below) / mv);
+            if (drop > b.n_band) drop = b.n_band;
+            while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
+            dm = (double)drop * mv;
+        } else {
+            drop = tka_drop_bottom(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+        }
+        if (drop >= b.n_band) continue;
+        *k_out = b.n_above + b.n_band - drop;
+        /* the decision was tail <= eps z; its quotient may round up past eps */
+        *tau_out = fmin((b.mass_below + dm) / z, eps);
+        *done = 1;
+        return TKA_OK;
+    }
+    return TKA_OK;
+}
+
 static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 {
     keps_ctx *cx = c;
@@ -283,72 +390,13 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
     double tau = 0.0;
 
     if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
-        double z, unused;
-        tka_status st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+        int done = 0;
+        tka_status st = keps_band(w, eps, s, &k, &tau, &done);
         if (st != TKA_OK) return st;
-        const double bar = eps * z;  /* the discarded mass allowed, relative to e^max */
-
-        int64_t ns = sample_size(n, n / 8);
-        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
-        double *sm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)ns * sizeof(double));
-        if (!smp || !sm) return TKA_ERR_NOMEM;
-        row_sample(w, ns, smp);
-        /* each sampled logit stands for n / ns logits of the row */
-        w->K->exp_shift[TKA_F64](smp, ns, w->max, sm);
-        const double scale = (double)n / (double)ns;
-        double est, ss = 0.0;
-        int64_t jstar = ns - tka_drop_bottom(smp, sm, ns, bar / scale, &est);
-        /* the dropped samples come first: their spread gives the standard error of the
-         * estimated tail mass, which sets a tight bracket; the wide one (binomial rank
-         * error) is the retry */
-        for (int64_t i = 0; i < ns - jstar; i++) ss += sm[i] * sm[i];
-        const double se = 3.0 * sqrt(ss), b_scaled = bar / scale;
-        double unused2;
-        int64_t j_hi = ns - tka_drop_bottom(smp, sm, ns, b_scaled + se, &unused2);
-        int64_t j_lo = ns - tka_drop_bottom(smp, sm, ns, b_scaled > se ? b_scaled - se : 0.0, &unused2);
-        const double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
-        const int64_t wide_a = (int64_t)floor((double)jstar - delta) - 1;
-        const int64_t wide_b = (int64_t)ceil((double)jstar + delta);
-        for (int attempt = 0; attempt < 2; attempt++) {
-            int64_t ra = wide_a, rb = wide_b;
-            if (attempt == 0) {
-                if (j_hi - 2 > ra) ra = j_hi - 2;
-                if (j_lo + 1 < rb) rb = j_lo + 1;
-            }
-            double hi = INFINITY, lo = -INFINITY;
-            if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
-            if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
-            int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
-            int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
-            double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
-            if (!vals) return TKA_ERR_NOMEM;
-            tka_band_out b;
-            st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, lo == hi ? 0 : cap, &b);
-            if (st != TKA_OK) return st;
-            if (b.mass_below > bar) continue;  /* the crossing lies below lo */
-            if (lo == hi) {
-                /* one value in the bracket: every member has the same mass */
-                double mv = exp(lo - w->max);
-                int64_t drop = mv > 0 ? (int64_t)floor((bar - b.mass_below) / mv) : b.n_band;
-                if (drop > b.n_band) drop = b.n_band;
-                while (drop > 0 && b.mass_below + (double)drop * mv > bar) drop--;
-                if (drop < b.n_band) {
-                    cx->k[r] = b.n_above + b.n_band - drop;
-                    if (cx->tau) cx->tau[r] = fmin((b.mass_below + (double)drop * mv) / z, eps);
-                    return TKA_OK;
-                }
-            } else if (b.n_band <= cap) {
-                double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(b.n_band + 1) * sizeof(double));
-                if (!m) return TKA_ERR_NOMEM;
-                w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
-                double dm;
-                int64_t drop = tka_drop_bottom(vals, m, b.n_band, bar - b.mass_below, &dm);
-                if (drop < b.n_band) {  /* else the crossing lies above hi */
-                    cx->k[r] = b.n_above + b.n_band - drop;
-                    if (cx->tau) cx->tau[r] = fmin((b.mass_below + dm) / z, eps);
-                    return TKA_OK;
-                }
-            }
+        if (done) {
+            cx->k[r] = k;
+            if (cx->tau) cx->tau[r] = tau;
+            return TKA_OK;
         }
     }
 

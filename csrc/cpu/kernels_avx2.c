@@ -44,6 +44,31 @@ static inline VD vd_pow2i(VD t)
     __m256i e = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
     return _mm256_castsi256_pd(e);
 }
+/* Lane permutations that move the selected doubles (pairs of 32-bit words) to the front:
+ * row m lists the words of the lanes set in the 4-bit mask m, in order. */
+static const int32_t compress_lut[16][8] = {
+    {0, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 0, 0, 0, 0, 0, 0}, {2, 3, 0, 0, 0, 0, 0, 0},
+    {0, 1, 2, 3, 0, 0, 0, 0}, {4, 5, 0, 0, 0, 0, 0, 0}, {0, 1, 4, 5, 0, 0, 0, 0},
+    {2, 3, 4, 5, 0, 0, 0, 0}, {0, 1, 2, 3, 4, 5, 0, 0}, {6, 7, 0, 0, 0, 0, 0, 0},
+    {0, 1, 6, 7, 0, 0, 0, 0}, {2, 3, 6, 7, 0, 0, 0, 0}, {0, 1, 2, 3, 6, 7, 0, 0},
+    {4, 5, 6, 7, 0, 0, 0, 0}, {0, 1, 4, 5, 6, 7, 0, 0}, {2, 3, 4, 5, 6, 7, 0, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7},
+};
+
+/* Store the lanes of v selected by m contiguously at dst (writing VW slots), and their
+ * positions base + lane at idst if given; returns how many were selected. */
+static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
+{
+    unsigned bits = vm_bits(m);
+    __m256i perm = _mm256_loadu_si256((const __m256i *)compress_lut[bits]);
+    _mm256_storeu_pd(dst, _mm256_castsi256_pd(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(v), perm)));
+    if (idst) {
+        __m256i pos = _mm256_add_epi64(_mm256_set1_epi64x(base), _mm256_set_epi64x(3, 2, 1, 0));
+        _mm256_storeu_si256((__m256i *)idst, _mm256_permutevar8x32_epi32(pos, perm));
+    }
+    return __builtin_popcount(bits);
+}
+
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 

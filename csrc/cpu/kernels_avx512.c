@@ -39,6 +39,16 @@ static inline VD vd_pow2i(VD t)
     __m512i e = _mm512_slli_epi64(_mm512_add_epi64(n, _mm512_set1_epi64(1023)), 52);
     return _mm512_castsi512_pd(e);
 }
+static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
+{
+    _mm512_mask_compressstoreu_pd(dst, m, v);
+    if (idst) {
+        __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(base), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+        _mm512_mask_compressstoreu_epi64(idst, m, pos);
+    }
+    return __builtin_popcount((unsigned)m);
+}
+
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 

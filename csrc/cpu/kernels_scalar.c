@@ -46,6 +46,15 @@ static inline VD vd_pow2i(VD t)
     return r;
 }
 
+static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
+{
+    if (m) {
+        *dst = v;
+        if (idst) *idst = base;
+    }
+    return (int)m;
+}
+
 static inline VD vload_f32_scalar(const float *p) { return (double)*p; }
 static inline VD vload_f64_scalar(const double *p) { return *p; }
 

@@ -1,0 +1,34 @@
+# Developer targets. Override the interpreter with `make test PYTHON=/path/to/python`.
+PYTHON ?= python3
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: help build test bench sanitize clean
+
+help:
+	@echo "make build      build the C extension in place"
+	@echo "make test       build, then run the test suite (PYTEST_ARGS=...)"
+	@echo "make bench      build, then run every benchmarks/*.py (BENCH_ARGS=...)"
+	@echo "make sanitize   run the tests against an ASan+UBSan build in a temporary copy"
+	@echo "make clean      remove the in-place build"
+
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
+
+test: build
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	@set -e; found=0; \
+	for f in benchmarks/*.py; do \
+		[ -e "$$f" ] || continue; found=1; \
+		echo "== $$f"; \
+		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) "$$f" $(BENCH_ARGS); \
+	done; \
+	[ $$found = 1 ] || echo "no benchmarks in benchmarks/"
+
+sanitize:
+	PYTHON="$(PYTHON)" scripts/sanitize.sh $(PYTEST_ARGS)
+
+clean:
+	rm -rf build topkattn/_core*.so topkattn/_cuda*.so

@@ -1,0 +1,7 @@
+"""``python -m topkattn``: the command line interface (see :mod:`topkattn.cli`)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -135,7 +135,15 @@ void tka_nth_desc(double *a, int64_t n, int64_t k);
  * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
  */
 int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
-/** LSD radix sort, decreasing; tmp holds 2n uint64. Returns -1 if out of memory. */
-int tka_radix_sort_desc(double *a, int64_t n, uint64_t *tmp);
+/** tka_drop_bottom with a bucketing pass in front, for large sets (same result). */
+int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+/**
+ * A contiguous row (float32 if is_f32, else float64) sorted in decreasing order into
+ * out[0..n) as float64: LSD radix sort on 32- or 64-bit keys from TKA_RADIX_MIN elements
+ * on, introsort below. scratch holds tka_sort_scratch_bytes(n) bytes.
+ */
+#define TKA_RADIX_MIN 4096
+size_t tka_sort_scratch_bytes(int64_t n);
+void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
 
 #endif /* TOPKATTN_INTERNAL_H */

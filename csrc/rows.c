@@ -23,6 +23,9 @@
 
 /* Rows up to this length are solved by the exact (sorting) path directly. */
 #define SMALL_ROW 128
+#define NS_FACTOR 2.0
+
+
 /* Below this eps, k_eps works in log space (linear masses relative to the maximum could
  * underflow to the order of eps itself). */
 #define EPS_LINEAR_MIN 1e-280
@@ -88,11 +91,12 @@ static tka_status row_to_double(const row_t *w, tka_scratch *s, double *out)
     return tka_row_band(w, s, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
 }
 
-/* Sort float64 values in decreasing order (radix sort; scratch from TKA_SLOT_IDX). */
-static tka_status sort_desc(double *v, int64_t n, tka_scratch *s)
+/* The row sorted in decreasing order, as float64, into out (capacity n). */
+static tka_status row_sorted(const row_t *w, tka_scratch *s, double *out)
 {
-    uint64_t *tmp = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)(2 * n) * sizeof(uint64_t));
-    if (!tmp || tka_radix_sort_desc(v, n, tmp) != 0) return TKA_ERR_NOMEM;
+    void *tmp = tka_scratch_get(s, TKA_SLOT_IDX, tka_sort_scratch_bytes(w->n));
+    if (!tmp) return TKA_ERR_NOMEM;
+    tka_sort_row_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
     return TKA_OK;
 }
 
@@ -299,7 +303,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
                             double *tau_out, int *done)
 {
     const int64_t n = w->n;
-    int64_t ns = (int64_t)(4.0 * sqrt((double)n));
+    int64_t ns = (int64_t)(NS_FACTOR * sqrt((double)n));
     if (ns > 4096) ns = 4096;
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
@@ -319,16 +323,21 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     /* the maximum has mass 1 and is rarely sampled: count it on top of the estimate */
     double z = 1.0 + scale * suf[0];
 
-    for (int attempt = 0; attempt < 2; attempt++) {
+    /* standard error of the estimate of Z (the head is what the sample may miss) */
+    double se_z = 3.0 * scale * sqrt(suf2[0]);
+    for (int attempt = 0; attempt < 3; attempt++) {
         const double bar = eps * z;
         int64_t jstar = sample_cut(suf, ns, scale, bar);
         double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
         int64_t ra = (int64_t)floor((double)jstar - delta) - 1, rb = (int64_t)ceil((double)jstar + delta);
-        if (attempt == 0) {
-            /* tight bracket: three standard errors of the estimated tail mass */
+        if (attempt < 2) {
+            /* tight bracket: three standard errors of the estimated tail mass, and on the
+             * first attempt of the estimated Z; the last attempt is the wide bracket */
             double se = 3.0 * scale * sqrt(suf2[jstar < ns ? jstar : ns]);
-            int64_t a = sample_cut(suf, ns, scale, bar + se) - 2;
-            int64_t b = bar > se ? sample_cut(suf, ns, scale, bar - se) + 1 : rb;
+            double up = bar + se + (attempt == 0 ? eps * se_z : 0.0);
+            double down = bar - se - (attempt == 0 ? eps * se_z : 0.0);
+            int64_t a = sample_cut(suf, ns, scale, up) - 2;
+            int64_t b = down > 0.0 ? sample_cut(suf, ns, scale, down) + 1 : rb;
             if (a > ra) ra = a;
             if (b < rb) rb = b;
         }
@@ -369,7 +378,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
             while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
             dm = (double)drop * mv;
         } else {
-            drop = tka_drop_bottom(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+            drop = tka_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
@@ -404,16 +413,17 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
     double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
     if (!vals || !m) return TKA_ERR_NOMEM;
-    tka_status st = row_to_double(w, s, vals);
-    if (st != TKA_OK) return st;
+    tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
+        st = row_to_double(w, s, vals);
+        if (st != TKA_OK) return st;
         w->K->exp_shift[TKA_F64](vals, n, w->max, m);
         double z = 0.0;
         for (int64_t i = 0; i < n; i++) z += m[i];
-        k = n - tka_drop_bottom(vals, m, n, eps * z, &tau);
+        k = n - tka_drop_bottom_fast(vals, m, n, eps * z, &tau);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
     } else {
-        st = sort_desc(vals, n, s);
+        st = row_sorted(w, s, vals);
         if (st != TKA_OK) return st;
         keps_exact(vals, n, log(eps), m, &k, &tau);
     }
@@ -476,16 +486,15 @@ static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
     double *out = cx->out + r * (n + 1);
     double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     if (!vals) return TKA_ERR_NOMEM;
-    tka_status st = row_to_double(w, s, vals);
-    if (st == TKA_OK) st = sort_desc(vals, n, s);
+    tka_status st = row_sorted(w, s, vals);
     if (st != TKA_OK) return st;
     w->K->exp_shift[TKA_F64](vals, n, w->max, out);
     /* suffix sums from the smallest term up: each partial sum is accurate */
     double acc = 0.0;
     out[n] = 0.0;
     for (int64_t i = n - 1; i >= 0; i--) { acc += out[i]; out[i] = acc; }
-    const double z = out[0];
-    for (int64_t i = 0; i <= n; i++) out[i] /= z;
+    const double inv_z = 1.0 / out[0];
+    for (int64_t i = 1; i < n; i++) out[i] *= inv_z;
     out[0] = 1.0;
     return TKA_OK;
 }
@@ -571,8 +580,7 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
     double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
     double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k + 1) * sizeof(double));
     if (!v || !m) return TKA_ERR_NOMEM;
-    tka_status st = row_to_double(w, s, v);
-    if (st == TKA_OK) st = sort_desc(v, n, s);
+    tka_status st = row_sorted(w, s, v);
     if (st != TKA_OK) return st;
     /* head relative to the maximum (an underflowed term only loosens the bound); tail
      * segments relative to s_(k+1), each exp rounded up past underflow */

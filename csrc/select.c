@@ -3,6 +3,7 @@
  * Introsort-style: median-of-three quicksort, insertion sort below 24 elements, heapsort
  * when recursion gets deep, so the worst case stays O(n log n).
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -234,18 +235,66 @@ int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *
     return ndrop;
 }
 
-/* ---- LSD radix sort of float64 values, decreasing */
+/*
+ * The same selection for large sets: one pass buckets the values (equal width between
+ * their min and max) with the mass of each bucket; buckets are dropped whole from the
+ * bottom while they fit, and only the bucket where the budget runs out goes through
+ * tka_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
+ */
+#define DROP_BUCKETS 256
 
-static inline uint64_t desc_key(double x)
+int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+{
+    if (c <= 64) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    const int nbk = c / 4 < DROP_BUCKETS ? (int)(c / 4) : DROP_BUCKETS;  /* ~4 per bucket or more */
+    double lo = v[0], hi = v[0];
+    for (int64_t i = 1; i < c; i++) {
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    const double scale = (double)nbk / (hi - lo);
+    int64_t cnt[DROP_BUCKETS] = {0};
+    double mass[DROP_BUCKETS] = {0};
+    for (int64_t i = 0; i < c; i++) {
+        int b = (int)((v[i] - lo) * scale);
+        b = b < nbk ? b : nbk - 1;
+        cnt[b]++;
+        mass[b] += w[i];
+    }
+    double acc = 0.0;
+    int64_t ndrop = 0;
+    int bc = 0;
+    while (bc < nbk && acc + mass[bc] <= budget) { acc += mass[bc]; ndrop += cnt[bc]; bc++; }
+    if (bc == nbk) { *dropped_mass = acc; return ndrop; }
+    if (cnt[bc] > c / 2) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    /* compact the crossing bucket to the front (in place: the write index never passes the
+     * read index) and finish there */
+    int64_t j = 0;
+    for (int64_t i = 0; i < c; i++) {
+        int b = (int)((v[i] - lo) * scale);
+        b = b < nbk ? b : nbk - 1;
+        if (b == bc) { v[j] = v[i]; w[j] = w[i]; j++; }
+    }
+    double dm;
+    ndrop += tka_drop_bottom(v, w, j, budget - acc, &dm);
+    *dropped_mass = acc + dm;
+    return ndrop;
+}
+
+/* ---- LSD radix sorts, decreasing */
+
+/* Order-preserving maps to unsigned keys, inverted so that ascending keys are decreasing
+ * values. */
+static inline uint64_t key64(double x)
 {
     uint64_t b;
     memcpy(&b, &x, 8);
-    /* order-preserving map to unsigned, then inverted so ascending keys = decreasing x */
     b = (b >> 63) ? ~b : (b | 0x8000000000000000ull);
     return ~b;
 }
 
-static inline double from_desc_key(uint64_t k)
+static inline double unkey64(uint64_t k)
 {
     k = ~k;
     k = (k >> 63) ? (k & 0x7fffffffffffffffull) : ~k;
@@ -254,38 +303,83 @@ static inline double from_desc_key(uint64_t k)
     return x;
 }
 
+static inline uint32_t key32(float x)
+{
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    b = (b >> 31) ? ~b : (b | 0x80000000u);
+    return ~b;
+}
+
+static inline float unkey32(uint32_t k)
+{
+    k = ~k;
+    k = (k >> 31) ? (k & 0x7fffffffu) : ~k;
+    float x;
+    memcpy(&x, &k, 4);
+    return x;
+}
+
 #define RADIX_BITS 11
 #define RADIX_SIZE (1 << RADIX_BITS)
-#define RADIX_PASSES 6 /* 6 * 11 >= 64 */
+#define RADIX_MASK (RADIX_SIZE - 1)
 
-int tka_radix_sort_desc(double *a, int64_t n, uint64_t *tmp)
+/*
+ * Sort n keys (from src, by `passes` digits of 11 bits) into ascending order; ping-pongs
+ * between src and dst and returns the buffer holding the result. A digit shared by every
+ * key is skipped: it would not reorder anything (the low mantissa digits of values that
+ * came from float32, the high exponent digits of logits of similar size).
+ */
+#define DEFINE_RADIX(NAME, KT)                                                              \
+    static KT *NAME(KT *src, KT *dst, int64_t n, int passes, int64_t *hist)                \
+    {                                                                                      \
+        memset(hist, 0, sizeof(int64_t) * RADIX_SIZE * (size_t)passes);                    \
+        for (int64_t i = 0; i < n; i++)                                                    \
+            for (int p = 0; p < passes; p++)                                               \
+                hist[p * RADIX_SIZE + ((src[i] >> (p * RADIX_BITS)) & RADIX_MASK)]++;      \
+        for (int p = 0; p < passes; p++) {                                                 \
+            int64_t *h = hist + p * RADIX_SIZE;                                            \
+            int shift = p * RADIX_BITS;                                                    \
+            if (h[(src[0] >> shift) & RADIX_MASK] == n) continue;                          \
+            int64_t sum = 0;                                                               \
+            for (int d = 0; d < RADIX_SIZE; d++) { int64_t c = h[d]; h[d] = sum; sum += c; } \
+            for (int64_t i = 0; i < n; i++) {                                              \
+                KT k = src[i];                                                             \
+                dst[h[(k >> shift) & RADIX_MASK]++] = k;                                   \
+            }                                                                              \
+            KT *t = src; src = dst; dst = t;                                               \
+        }                                                                                  \
+        return src;                                                                        \
+    }
+
+DEFINE_RADIX(radix_u64, uint64_t)
+DEFINE_RADIX(radix_u32, uint32_t)
+
+size_t tka_sort_scratch_bytes(int64_t n)
 {
-    if (n < 512) {
-        tka_sort_desc(a, n);
-        return 0;
+    return (size_t)(2 * n) * sizeof(uint64_t) + sizeof(int64_t) * RADIX_SIZE * 6;
+}
+
+void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch)
+{
+    if (n < TKA_RADIX_MIN) {
+        if (is_f32) for (int64_t i = 0; i < n; i++) out[i] = (double)((const float *)x)[i];
+        else memcpy(out, x, (size_t)n * sizeof(double));
+        tka_sort_desc(out, n);
+        return;
     }
-    uint64_t *src = tmp, *dst = tmp + n;
-    int64_t (*hist)[RADIX_SIZE] = calloc(RADIX_PASSES, sizeof *hist);
-    if (!hist) return -1;
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t k = desc_key(a[i]);
-        src[i] = k;
-        for (int p = 0; p < RADIX_PASSES; p++) hist[p][(k >> (p * RADIX_BITS)) & (RADIX_SIZE - 1)]++;
+    int64_t *hist = (int64_t *)scratch;
+    if (is_f32) {
+        const float *xf = x;
+        uint32_t *a = (uint32_t *)(hist + RADIX_SIZE * 6), *b = a + n;
+        for (int64_t i = 0; i < n; i++) a[i] = key32(xf[i]);
+        uint32_t *r = radix_u32(a, b, n, 3, hist);
+        for (int64_t i = 0; i < n; i++) out[i] = (double)unkey32(r[i]);
+    } else {
+        const double *xd = x;
+        uint64_t *a = (uint64_t *)(hist + RADIX_SIZE * 6), *b = a + n;
+        for (int64_t i = 0; i < n; i++) a[i] = key64(xd[i]);
+        uint64_t *r = radix_u64(a, b, n, 6, hist);
+        for (int64_t i = 0; i < n; i++) out[i] = unkey64(r[i]);
     }
-    for (int p = 0; p < RADIX_PASSES; p++) {
-        int64_t *h = hist[p];
-        int shift = p * RADIX_BITS;
-        /* a digit shared by every key does not reorder anything */
-        if (h[(src[0] >> shift) & (RADIX_SIZE - 1)] == n) continue;
-        int64_t sum = 0;
-        for (int d = 0; d < RADIX_SIZE; d++) { int64_t c = h[d]; h[d] = sum; sum += c; }
-        for (int64_t i = 0; i < n; i++) {
-            uint64_t k = src[i];
-            dst[h[(k >> shift) & (RADIX_SIZE - 1)]++] = k;
-        }
-        uint64_t *t = src; src = dst; dst = t;
-    }
-    free(hist);
-    for (int64_t i = 0; i < n; i++) a[i] = from_desc_key(src[i]);
-    return 0;
 }

@@ -156,6 +156,12 @@ def _write_plots(df, outdir):
             ax.set_visible(False)
         return fig, axes
 
+    def style(ax, n):
+        ax.set_yscale("log")
+        ax.set_title(f"n = {n}")
+        ax.set_xlabel("sigma")
+        ax.grid(True, which="both", alpha=0.3)
+
     def positive(a):
         a = np.asarray(a, dtype=np.float64)
         return np.where(np.isfinite(a) & (a > 0), a, np.nan)
@@ -174,10 +180,7 @@ def _write_plots(df, outdir):
             ax.plot(s, positive(d["rho_rule"]), "--", color=c, label=f"eps={eps:g} rule")
             ax.plot(s, positive(d["rho_finite"]), ":", color=c, lw=2,
                     label=f"eps={eps:g} finite-n")
-        ax.set_yscale("log")
-        ax.set_title(f"n = {n}")
-        ax.set_xlabel("sigma")
-        ax.grid(True, which="both", alpha=0.3)
+        style(ax, n)
     axes[0].set_ylabel("k_eps / n  (median, IQR band)")
     axes[0].legend(fontsize="x-small")
     fig.suptitle("k_eps/n: empirical (solid, IQR band) vs rule (dashed) vs finite-n (dotted)")
@@ -196,10 +199,7 @@ def _write_plots(df, outdir):
             ax.plot(s, gap, "o-", color=c, ms=3, label=f"eps={eps:g} gap")
             ax.plot(s, mg, "s--", color=c, ms=3, label=f"eps={eps:g} multigap")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_title(f"n = {n}")
-        ax.set_xlabel("sigma")
-        ax.grid(True, which="both", alpha=0.3)
+        style(ax, n)
     axes[0].set_ylabel("bound / tau at k_eps  (medians)")
     axes[0].legend(fontsize="x-small")
     fig.suptitle("Bound tightness at k_eps: single-gap (solid) and multi-gap (dashed); "

@@ -190,29 +190,28 @@ def _bound_from_log_ratio(log_head_over_u):
     return math.exp(-_softplus(log_head_over_u))
 
 
-def gap_bound(logits, k, form="mass"):
-    """Single-gap bound per row (DESIGN §2), n' = number of unmasked keys."""
+def _bound_rows(logits, k, inner):
+    """Per-row bound: 1 for k = 0, 0 once every unmasked key is kept, else
+    ``inner(v, k, n')`` on the row sorted in decreasing order."""
     x, batch = _rows(logits)
     kk = _per_row(k, batch, np.int64)
     out = np.empty(x.shape[0])
     for i, (r, k) in enumerate(zip(x, kk)):
-        k = int(k)
-        nl = _n_live(r)
-        if k == 0:
-            out[i] = 1.0
-            continue
-        if k >= nl:
-            out[i] = 0.0
-            continue
-        v = _sorted_desc(r)
+        k, nl = int(k), _n_live(r)
+        out[i] = 1.0 if k == 0 else 0.0 if k >= nl else inner(_sorted_desc(r), k, nl)
+    return out.reshape(batch)
+
+
+def gap_bound(logits, k, form="mass"):
+    """Single-gap bound per row (DESIGN §2), n' = number of unmasked keys."""
+    def inner(v, k, nl):
         if form == "mass":
             # log A - log U with A = sum_{j<=k} e^{s_(j)}, U = (n'-k) e^{s_(k+1)}
             mh, lsh = _lse_parts(v[:k])
-            out[i] = _bound_from_log_ratio((mh - v[k]) + lsh - math.log(nl - k))
-        else:
-            gap = v[k - 1] - v[k]
-            out[i] = math.exp(-_softplus(math.log(k) - math.log(nl - k) + gap))
-    return out.reshape(batch)
+            return _bound_from_log_ratio((mh - v[k]) + lsh - math.log(nl - k))
+        # A >= k e^{s_(k)}: log(A / U) >= log k - log(n'-k) + (s_(k) - s_(k+1))
+        return _bound_from_log_ratio(math.log(k) - math.log(nl - k) + (v[k - 1] - v[k]))
+    return _bound_rows(logits, k, inner)
 
 
 def multigap_cuts(k, n_live, cuts=8, spacing="geometric"):
@@ -252,27 +251,15 @@ def multigap_cuts(k, n_live, cuts=8, spacing="geometric"):
 
 def multigap_bound(logits, k, cuts=8, spacing="geometric"):
     """Multi-gap bound per row (DESIGN §2), cut ranks from :func:`multigap_cuts`."""
-    x, batch = _rows(logits)
-    kk = _per_row(k, batch, np.int64)
-    out = np.empty(x.shape[0])
-    for i, (r, k) in enumerate(zip(x, kk)):
-        k = int(k)
-        nl = _n_live(r)
-        if k == 0:
-            out[i] = 1.0
-            continue
-        if k >= nl:
-            out[i] = 0.0
-            continue
-        v = _sorted_desc(r)
+    def inner(v, k, nl):
         prev, terms = k, []
         for end in multigap_cuts(k, nl, cuts, spacing):
             # every logit of (prev, end] is <= s_(prev+1); terms relative to s_(k+1)
             terms.append(math.log(end - prev) + (v[prev] - v[k]))
             prev = end
         mh, lsh = _lse_parts(v[:k])
-        out[i] = _bound_from_log_ratio((mh - v[k]) + lsh - _lse(np.array(terms)))
-    return out.reshape(batch)
+        return _bound_from_log_ratio((mh - v[k]) + lsh - _lse(np.array(terms)))
+    return _bound_rows(logits, k, inner)
 
 
 def block_bound(block_upper, block_sizes, kept_mass, scored_mass, log_space=False):

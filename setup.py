@@ -7,6 +7,7 @@ that importing the package never executes an instruction the CPU lacks.
 Environment:
     TOPKATTN_SANITIZE=1   build with AddressSanitizer + UBSan (see scripts/sanitize.sh)
 """
+import glob
 import os
 import platform
 import sys
@@ -51,16 +52,8 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-sources = [
-    "csrc/module.c",
-    "csrc/dispatch.c",
-    "csrc/parallel.c",
-    "csrc/rows.c",
-    "csrc/chunks.c",
-    "csrc/select.c",
-    "csrc/gauss.c",
-    "csrc/cpu/kernels_scalar.c",
-]
+# Every C file of csrc/ (the CPython wrappers, the core) and one kernel file per ISA.
+sources = sorted(glob.glob("csrc/*.c")) + ["csrc/cpu/kernels_scalar.c"]
 if X86:
     sources += ["csrc/cpu/kernels_avx2.c", "csrc/cpu/kernels_avx512.c"]
 

@@ -1,5 +1,7 @@
 /*
- * module.c - topkattn._core: the only file that sees Python.h and NumPy.
+ * module.c - topkattn._core: the module, and the wrappers of the distribution-level
+ * functions. The wrapper files (module.c, py_*.c, pyutil.c) are the only ones that see
+ * Python.h and NumPy; the core (topkattn.h) knows nothing of Python.
  *
  * Each function validates its arguments (dtype, shape, ranges) with messages that name
  * the public argument, allocates its outputs, releases the GIL around the C core, and
@@ -7,174 +9,11 @@
  * thresholds) is done by the Python wrappers; here they arrive as arrays of one value
  * per row.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define PY_ARRAY_UNIQUE_SYMBOL topkattn_ARRAY_API
-#include <numpy/arrayobject.h>
+#define TKA_IMPORT_ARRAY
+#include "pyutil.h"
 
 #include <math.h>
 #include <string.h>
-
-#include "topkattn.h"
-
-/* ------------------------------------------------------------------ helpers */
-
-/* A parsed batch of logits: the array (a new reference) and its row view. */
-typedef struct {
-    PyArrayObject *arr;
-    int64_t *offsets;
-    tka_rows rows;
-    int bdim;                 /* batch dimensions = ndim - 1 */
-    npy_intp bshape[NPY_MAXDIMS];
-} logits_t;
-
-static void logits_free(logits_t *L)
-{
-    Py_XDECREF(L->arr);
-    PyMem_Free(L->offsets);
-    L->arr = NULL;
-    L->offsets = NULL;
-}
-
-static int parse_logits(PyObject *obj, const char *name, logits_t *L)
-{
-    memset(L, 0, sizeof *L);
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a NumPy array, got %s", name,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    int t = PyArray_TYPE(a);
-    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
-        PyObject *d = PyObject_Str((PyObject *)PyArray_DESCR(a));
-        PyErr_Format(PyExc_TypeError, "%s must be float32 or float64, got %s", name,
-                     d ? PyUnicode_AsUTF8(d) : "another dtype");
-        Py_XDECREF(d);
-        return -1;
-    }
-    if (!PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_TypeError, "%s must be in native byte order", name);
-        return -1;
-    }
-    int nd = PyArray_NDIM(a);
-    if (nd < 1) {
-        PyErr_Format(PyExc_ValueError, "%s must have at least one axis (..., n), got a scalar", name);
-        return -1;
-    }
-    const npy_intp *shape = PyArray_SHAPE(a), *strides = PyArray_STRIDES(a);
-    if (shape[nd - 1] == 0) {
-        PyErr_Format(PyExc_ValueError, "%s has an empty last axis (n = 0): there is no key", name);
-        return -1;
-    }
-    int64_t rows = 1;
-    for (int i = 0; i < nd - 1; i++) {
-        rows *= shape[i];
-        L->bshape[i] = shape[i];
-    }
-    L->bdim = nd - 1;
-    int64_t *off = PyMem_Malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
-    if (!off) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    /* byte offset of every row: an odometer over the batch axes */
-    npy_intp idx[NPY_MAXDIMS] = {0};
-    int64_t cur = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        off[r] = cur;
-        for (int i = nd - 2; i >= 0; i--) {
-            if (++idx[i] < shape[i]) { cur += strides[i]; break; }
-            cur -= strides[i] * (shape[i] - 1);
-            idx[i] = 0;
-        }
-    }
-    Py_INCREF(a);
-    L->arr = a;
-    L->offsets = off;
-    L->rows.data = PyArray_BYTES(a);
-    L->rows.row_offset = off;
-    L->rows.row_stride = 0;
-    L->rows.elem_stride = strides[nd - 1];
-    L->rows.rows = rows;
-    L->rows.n = shape[nd - 1];
-    L->rows.dtype = t == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
-    return 0;
-}
-
-/* "(i, j)" for a flat row index, or "" for a single row. */
-static void row_label(const logits_t *L, int64_t r, char *buf, size_t size)
-{
-    buf[0] = '\0';
-    if (L->bdim == 0 || r < 0) return;
-    npy_intp idx[NPY_MAXDIMS];
-    for (int i = L->bdim - 1; i >= 0; i--) {
-        idx[i] = L->bshape[i] ? r % L->bshape[i] : 0;
-        r = L->bshape[i] ? r / L->bshape[i] : 0;
-    }
-    size_t used = (size_t)snprintf(buf, size, " at batch index (");
-    for (int i = 0; i < L->bdim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)idx[i]);
-    if (L->bdim == 1 && used < size) used += (size_t)snprintf(buf + used, size - used, ",");
-    if (used < size) snprintf(buf + used, size - used, ")");
-}
-
-static PyObject *raise_status(tka_status st, const tka_error *err, const logits_t *L,
-                              const char *name)
-{
-    char where[256];
-    row_label(L, err ? err->row : -1, where, sizeof where);
-    switch (st) {
-    case TKA_ERR_NAN:
-        return PyErr_Format(PyExc_ValueError, "%s contains NaN%s", name, where);
-    case TKA_ERR_POSINF:
-        return PyErr_Format(PyExc_ValueError,
-                            "%s contains +inf%s (use -inf for masked keys)", name, where);
-    case TKA_ERR_ALL_MASKED:
-        return PyErr_Format(PyExc_ValueError,
-                            "%s has a fully masked row%s (every logit is -inf)", name, where);
-    case TKA_ERR_NOMEM:
-        return PyErr_NoMemory();
-    default:
-        return PyErr_Format(PyExc_ValueError, "%s", err && err->what ? err->what : "invalid argument");
-    }
-}
-
-/* A C-contiguous array of `type` holding exactly `rows` values (one per row). */
-static PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
-{
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
-    if (!a) return NULL;
-    if (PyArray_SIZE(a) != rows) {
-        PyErr_Format(PyExc_ValueError, "%s must have one value per row (%lld), got %lld", name,
-                     (long long)rows, (long long)PyArray_SIZE(a));
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
-}
-
-static int check_k(PyArrayObject *k, int64_t n, const char *name)
-{
-    const int64_t *kv = PyArray_DATA(k);
-    npy_intp m = PyArray_SIZE(k);
-    for (npy_intp i = 0; i < m; i++) {
-        if (kv[i] < 0 || kv[i] > n) {
-            PyErr_Format(PyExc_ValueError, "%s must be in [0, n] = [0, %lld], got %lld", name,
-                         (long long)n, (long long)kv[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static PyArrayObject *new_batch(const logits_t *L, int extra, npy_intp extra_len, int type)
-{
-    npy_intp shape[NPY_MAXDIMS + 1];
-    memcpy(shape, L->bshape, sizeof(npy_intp) * (size_t)L->bdim);
-    if (extra) shape[L->bdim] = extra_len;
-    return (PyArrayObject *)PyArray_SimpleNew(L->bdim + extra, shape, type);
-}
 
 /* ------------------------------------------------------------ distribution */
 
@@ -653,6 +492,11 @@ PyMODINIT_FUNC PyInit__core(void)
     import_array();
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
+    if (PyModule_AddFunctions(m, tka_attention_methods) < 0 ||
+        PyModule_AddFunctions(m, tka_search_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     tka_simd_active(); /* detect the CPU and pick the kernels now, under the GIL */
     if (PyModule_AddIntConstant(m, "G_CDF", G_CDF) || PyModule_AddIntConstant(m, "G_SF", G_SF) ||
         PyModule_AddIntConstant(m, "G_PPF", G_PPF) || PyModule_AddIntConstant(m, "G_ISF", G_ISF) ||

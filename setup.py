@@ -52,10 +52,12 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-# Every C file of csrc/ (the CPython wrappers, the core) and one kernel file per ISA.
-sources = sorted(glob.glob("csrc/*.c")) + ["csrc/cpu/kernels_scalar.c"]
-if X86:
-    sources += ["csrc/cpu/kernels_avx2.c", "csrc/cpu/kernels_avx512.c"]
+# Every C file of csrc/ (the CPython wrappers, the core) and, from csrc/cpu/, the portable
+# files plus, on x86, the per-ISA ones (*_avx2.c, *_avx512.c: compiled with their flags).
+sources = sorted(glob.glob("csrc/*.c"))
+for path in sorted(glob.glob("csrc/cpu/*.c")):
+    if X86 or not path.endswith(tuple(ISA_FLAGS)):
+        sources.append(path)
 
 cflags = ["-std=c11", "-O2", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers"]

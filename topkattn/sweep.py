@@ -97,7 +97,7 @@ SYNTHETIC_DEFAULTS = {"n": (1024, 4096, 16384, 65536), "sigma": (0.5, 1.0, 2.0, 
                       "rows": 64}
 
 #: Number of built-in corpus texts the "bert" source uses when no texts are given.
-BERT_DEFAULT_TEXTS = 48
+BERT_DEFAULT_TEXTS = 32
 
 # Logit values generated at once (float64 draws, then a float32 copy): bounds memory at
 # about 48 MiB whatever n and rows are.

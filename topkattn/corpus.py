@@ -12,6 +12,7 @@ import importlib
 import inspect
 import numbers
 import re
+import warnings
 
 __all__ = ["MODULES", "paragraphs", "texts"]
 
@@ -81,11 +82,16 @@ def _docstrings(module):
 def _all_paragraphs():
     seen, out = set(), []
     for modname in MODULES:
-        try:
-            module = importlib.import_module(modname)
-        except ImportError:  # e.g. ssl or sqlite3 missing from a minimal build
-            continue
-        for doc in _docstrings(module):
+        with warnings.catch_warnings():
+            # reading some attributes warns (e.g. typing.io is deprecated); the text is
+            # wanted, not the warning
+            warnings.simplefilter("ignore")
+            try:
+                module = importlib.import_module(modname)
+            except ImportError:  # e.g. ssl or sqlite3 missing from a minimal build
+                continue
+            docs = list(_docstrings(module))
+        for doc in docs:
             for par in re.split(r"\n\s*\n", doc):
                 text = _prose(par)
                 if text is not None and text not in seen:

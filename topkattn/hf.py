@@ -415,14 +415,13 @@ def _uses_interface(model, mods):
 
 # ----------------------------------------------------------------- wrapped-forward path
 
-_FORWARD_ARGS = ("hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
-                 "encoder_attention_mask", "past_key_value", "output_attentions")
-
-
 def _wrapped_forward(module, original):
     """A forward for an old-style BertSelfAttention that hands the scores to the hook."""
     torch = _torch()
     sig = inspect.signature(original)
+    # 4.x modules take output_attentions and return (context,) without it; newer ones
+    # always return (context, weights)
+    old_style = "output_attentions" in sig.parameters
 
     def forward(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
@@ -466,7 +465,9 @@ def _wrapped_forward(module, original):
         if result is not None:
             return result
         ctx = out.reshape(B, L, H * out.shape[-1])
-        return (ctx, None) if a.get("output_attentions") else (ctx,)
+        if old_style and not a.get("output_attentions"):
+            return (ctx,)
+        return ctx, None  # attention weights are not formed
 
     return forward
 

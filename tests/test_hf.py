@@ -273,8 +273,9 @@ def test_fully_padded_sequence_behaves_as_stock(minilm):
     ref = _stock(model, e)
     with hf.use_topk_attention(model, eps=0.05, record=True) as rec:
         out = _stock(model, e)
+    # computed by the model's own attention (on a sub-batch: rounding may differ slightly)
     torch.testing.assert_close(out.last_hidden_state[1], ref.last_hidden_state[1],
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     assert (rec.n[0][0][1] == 0).all() and np.isnan(rec.tau[0][0][1]).all()
     assert (rec.tau[0][0][0] <= 0.05).all()
     summary = rec.summary()

@@ -453,13 +453,13 @@ def _wrapped_forward(module, original):
         else:
             result = None
 
-            def stock(idx):  # the eager formula, as the stock model applies it
-                qi, ki, vi = (q, k, v) if idx is None else (q[idx], k[idx], v[idx])
-                s = torch.matmul(qi, ki.transpose(-1, -2)) * scaling
-                if mask is not None:
-                    s = s + (mask if idx is None or mask.shape[0] == 1 else mask[idx])
-                p = torch.softmax(s, dim=-1)
-                return torch.matmul(p, vi).transpose(1, 2)
+            def stock(idx):  # the module's own forward on the batch entries idx
+                sub = dict(bound.arguments)
+                sub["hidden_states"] = hs[idx]
+                if mask is not None and mask.shape[0] > 1:
+                    sub["attention_mask"] = mask[idx]
+                kw = sub.pop("kwargs", {}) or {}
+                return original(**sub, **kw)[0].view(len(idx), L, H, -1)
 
         out = _run_hooked(state, module, q, k, v, mask, scaling, stock)
         if result is not None:

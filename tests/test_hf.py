@@ -365,3 +365,9 @@ def test_evaluate_sentence_model(minilm):
     assert 0.9 < row.cosine_mean <= 1 + 1e-6 and row.kept_fraction < 1
     n_real = int(tok(TEXTS, padding=True, return_tensors="pt")["attention_mask"].sum())
     assert (per_layer["rows"] == 12 * n_real).all()
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"needs transformers.*pip install 'topkattn\[hf\]'"):
+        hf.load_model()

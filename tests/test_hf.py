@@ -121,8 +121,9 @@ def test_builtin_has_no_mlm_head():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)),
-     "unsupported model type 'gpt2'; topkattn.hf supports bert"),
+    (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+        n_layers=1, dim=32, n_heads=2, hidden_dim=64)),
+     "unsupported model type 'distilbert'; topkattn.hf supports bert .* and gpt2, llama"),
     (lambda: _small_bert(layers=1, is_decoder=True),
      "causal or cross attention"),
 ])
@@ -306,8 +307,12 @@ def test_wrapped_forward_fallback_matches_interface(minilm, enc, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(), ValueError, "exactly one of eps, k or ratio, got none"),
-    (dict(eps=0.1, k=3), ValueError, "exactly one of eps, k or ratio, got eps, k"),
+    (dict(), ValueError, "exactly one of eps, k, ratio or alpha/C, got none"),
+    (dict(eps=0.1, k=3), ValueError, "exactly one of eps, k, ratio or alpha/C, got eps, k"),
+    (dict(alpha=2.0), TypeError, "C must be a number"),
+    (dict(alpha=2.0, C=1.5), ValueError, r"alpha > 0 and C in \[0, 1\]"),
+    (dict(eps=0.1, prefill="sparse"), ValueError, "prefill must be 'topk' or 'dense'"),
+    (dict(eps=0.1, sink=-1), ValueError, "sink must be >= 0"),
     (dict(eps=0.0), ValueError, r"eps must be a number in the open interval \(0, 1\)"),
     (dict(eps=1.0), ValueError, "eps"),
     (dict(k=0), ValueError, "k must be >= 1"),

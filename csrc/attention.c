@@ -110,20 +110,19 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
-    tka_status st;
     if (c->k) {
         k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
-        double lt;
-        st = tka_row_log_tau(w, k, s, &lt, NULL);
-        *tau = exp(lt);
     } else {
-        st = tka_row_keps(w, c->eps[r], s, &k, tau);
+        tka_status st = tka_row_keps(w, c->eps[r], s, &k, tau);
+        if (st != TKA_OK) return st;
     }
-    if (st != TKA_OK) return st;
     *keep = tka_scratch_get(s, TKA_SLOT_KEEP, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
-    return tka_row_topk(w, k, s, *keep);
+    double lt;
+    tka_status st = tka_row_topk_set(w, k, s, *keep, c->k ? &lt : NULL);
+    if (st == TKA_OK && c->k) *tau = exp(lt);
+    return st;
 }
 
 static tka_status topk_row(const attn_ctx *c, int64_t r, tka_scratch *s)
@@ -148,10 +147,18 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, tka_scratch *s)
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
-    if (c->idx_out) {
+    if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        if (!idx) return TKA_ERR_NOMEM;
-        memcpy(idx, keep, (size_t)k * sizeof(int64_t));
+        double *v = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        if (!idx || !v) {
+            free(idx);
+            return TKA_ERR_NOMEM;
+        }
+        for (int64_t i = 0; i < k; i++) {
+            idx[i] = keep[i];
+            v[i] = sc[keep[i]];
+        }
+        tka_sort_pairs_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
     return TKA_OK;

@@ -120,6 +120,10 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k, 
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower
  *  position, into out[0..k) (not a scratch buffer of slots ROW..CHUNK_I). */
 tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out);
+/** The same set as tka_row_topk, in increasing position order (no sort: one rank
+ *  selection and one gathering pass); with log_tau, also what tka_row_log_tau gives. */
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+                            double *log_tau);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). */

@@ -209,13 +209,11 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
  * maximum and the tail relative to its own largest logit (DESIGN §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
-static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
-                                  double *lr, double *head)
+static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
+                                  const rank_info *ri, double *lr, double *head)
 {
-    tka_status st = rank_select(w, k, s, ri);
-    if (st != TKA_OK) return st;
     double hi, lo;
-    st = tka_row_sumexp_split(w, s, ri->t, w->max, ri->next, &hi, &lo);
+    tka_status st = tka_row_sumexp_split(w, s, ri->t, w->max, ri->next, &hi, &lo);
     if (st != TKA_OK) return st;
     /* logits equal to t: the first k - n_gt are kept, the rest discarded */
     if (k > ri->n_gt) hi += (double)(k - ri->n_gt) * exp(ri->t - w->max);
@@ -223,6 +221,13 @@ static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, ran
     *head = hi;
     *lr = log(hi) - log(lo) + (w->max - ri->next);
     return TKA_OK;
+}
+
+static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
+                                  double *lr, double *head)
+{
+    tka_status st = rank_select(w, k, s, ri);
+    return st != TKA_OK ? st : ratio_from_rank(w, k, s, ri, lr, head);
 }
 
 typedef struct {
@@ -487,6 +492,40 @@ tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
         lo = -INFINITY;  /* the bracket missed: take every logit */
     }
     return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+}
+
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+                            double *log_tau)
+{
+    if (k <= 0 || k >= w->n_live) {
+        if (log_tau) *log_tau = k <= 0 ? 0.0 : -INFINITY;
+        if (k >= w->n) {
+            for (int64_t i = 0; i < w->n; i++) out[i] = i;
+            return TKA_OK;
+        }
+        if (k <= 0) return TKA_OK;
+        log_tau = NULL;
+    }
+    rank_info ri;
+    tka_status st = rank_select(w, k, s, &ri);
+    if (st != TKA_OK) return st;
+    if (log_tau) {
+        double lr, head;
+        if ((st = ratio_from_rank(w, k, s, &ri, &lr, &head)) != TKA_OK) return st;
+        *log_tau = -softplus(lr);
+    }
+    const int64_t cap = ri.n_gt + ri.n_eq;
+    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+    if (!vals || !idx) return TKA_ERR_NOMEM;
+    tka_band_out b;
+    st = tka_row_band(w, s, ri.t, INFINITY, 0.0, 0, vals, idx, cap, &b);
+    if (st != TKA_OK) return st;
+    /* everything above the k-th largest, and of the values equal to it the lowest positions */
+    int64_t ties = k - ri.n_gt, m = 0;
+    for (int64_t i = 0; i < b.n_band && m < k; i++)
+        if (vals[i] > ri.t || (ties > 0 && ties--)) out[m++] = idx[i];
+    return TKA_OK;
 }
 
 static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)

@@ -324,7 +324,9 @@ class AttentionError:
     Attributes
     ----------
     error : ndarray, shape (...)
-        ``||Attn - Attn_k||_2``, from the dense and the kept-set outputs in float64.
+        ``||Attn - Attn_k||_2`` in float64, evaluated as ``||sum_{i in T} P_i (v_i - mu_H)||``
+        (the same vector as the difference of the dense and Top-k outputs, without their
+        cancellation); exactly 0 when nothing is discarded.
     tau : ndarray, shape (...)
         Discarded mass ``P(T)``.
     mu_head : ndarray, shape (..., d_v)
@@ -432,7 +434,6 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     PS = np.where(kept, P, 0.0)
     PT = np.where(kept, 0.0, P)
     sparse = np.einsum("...ln,...nv->...lv", PS, V64) / PS.sum(axis=-1, keepdims=True)
-    error = np.linalg.norm(dense - sparse, axis=-1)
     mass_t = PT.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         mu_tail = np.einsum("...ln,...nv->...lv", PT, V64) / mass_t
@@ -442,9 +443,14 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     flatP = P.reshape(-1, p.n)
     flatK = kept.reshape(-1, p.n)
     flatD = dense.reshape(-1, p.dv)
-    Vb = np.broadcast_to(V64[..., None, :, :], p.bshape + (p.L, p.n, p.dv))
+    error = np.zeros(rshape)
+    flatT = PT.reshape(-1, p.n)
+    flatS = sparse.reshape(-1, p.dv)
     for r, pos in enumerate(np.ndindex(*rshape)):
-        Vr = Vb[pos]
+        Vr = V64[pos[:-1]]
+        # Attn - Attn_k = sum_{i in T} P_i (v_i - mu_H): the difference of the two outputs
+        # without the cancellation of subtracting two nearly equal vectors
+        error.flat[r] = np.linalg.norm(flatT[r] @ (Vr - flatS[r]))
         var.flat[r] = flatP[r] @ ((Vr - flatD[r]) ** 2).sum(axis=1)
         head = flatK[r] & (flatP[r] > 0)
         tail = ~flatK[r] & (flatP[r] > 0)

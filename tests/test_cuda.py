@@ -421,3 +421,151 @@ def test_build_info_sees_the_device():
     info = _gpu.info()
     assert info["built"] and info["devices"] >= 1
     assert torch.cuda.get_device_name(0) in info["device"]
+
+
+# ----------------------------------------------------------------- CPU-only: the kernels' logic
+#
+# csrc/cuda/emu runs the row kernels (tail mass, k_eps, Top-k, the attention row kernel) on
+# the host, one emulated block of 64 threads per row (fibers, barriers, warp shuffles through
+# a buffer). This checks their selection logic, index arithmetic and synchronisation points
+# against the CPU core where no GPU exists; it says nothing about the GPU itself.
+
+EMU_NT = 64
+NO_STATUS = np.uint64(2**64 - 1)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    import ctypes
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not available for the host emulation of the kernels")
+    out = str(tmp_path_factory.mktemp("emu") / "emu.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-DTKC_NT={EMU_NT}",
+           "-I", os.path.join(ROOT, "csrc", "cuda"),
+           os.path.join(ROOT, "csrc", "cuda", "emu", "emu.cpp"), "-o", out]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0 and "c++20" in res.stderr.lower():
+        pytest.skip("the host emulation needs a C++20 compiler")
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(out)
+    assert lib.emu_threads() == EMU_NT
+    return lib
+
+
+def _emu_call(lib, fn, x, *rest):
+    import ctypes
+    x2 = x.reshape(-1, x.shape[-1])
+    status = np.full(1, NO_STATUS, dtype=np.uint64)
+    getattr(lib, fn)(ctypes.c_int(0 if x2.dtype == np.float32 else 1), _ptr(x2),
+                     ctypes.c_int64(x2.shape[0]), ctypes.c_int64(x2.shape[1]),
+                     ctypes.c_int64(x2.strides[0]), ctypes.c_int64(x2.strides[1]),
+                     *rest, _ptr(status))
+    return int(status[0])
+
+
+def _ptr(a):
+    import ctypes
+    return ctypes.c_void_p(a.ctypes.data) if a is not None else None
+
+
+def _emu_rows(rng, dtype):
+    keep = ("normal-1", "normal-2", "normal-33", "normal-129", "ties-130", "masked-130",
+            "ties-masked-130", "sorted-130", "tiny-spread-130", "big-spread-130",
+            "all-equal-130", "one-live-300", "ties-2000")
+    return [(name, row) for name, row in zoo(rng, dtype) if name in keep]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_k_eps_matches_cpu(emu, dtype, rng):
+    for name, row in _emu_rows(rng, dtype):
+        for eps in (0.3, 1e-3) + ((1e-300,) if dtype == np.float64 else ()):
+            e, k, tau = np.array([eps]), np.zeros(1, np.int64), np.zeros(1)
+            assert _emu_call(emu, "emu_keps", row, _ptr(e), _ptr(k), _ptr(tau)) == NO_STATUS
+            k_cpu, tau_cpu = topkattn.k_eps(row, eps, return_tail=True)
+            if k[0] != k_cpu:
+                check_keps_minimal(exact_curve(row), eps, int(k[0]), what=f"{name} eps={eps}")
+            else:
+                assert_rel(tau[0], tau_cpu, rtol=1e-9, atol=1e-300, what=f"{name} eps={eps}")
+            assert tau[0] <= eps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_tail_mass_matches_cpu(emu, dtype, rng):
+    for name, row in _emu_rows(rng, dtype):
+        n = row.shape[0]
+        ks = np.array(sorted({0, 1, n // 3, n - 1, n} & set(range(n + 1))), dtype=np.int64)
+        x = np.ascontiguousarray(np.broadcast_to(row, (len(ks), n)))
+        lt, kl = np.zeros(len(ks)), np.zeros(len(ks))
+        assert _emu_call(emu, "emu_tail", x, _ptr(ks), _ptr(lt), _ptr(kl)) == NO_STATUS
+        assert_rel(lt, topkattn.log_tail_mass(x, ks), rtol=1e-9, atol=1e-12, what=name)
+        assert_rel(kl, topkattn.kl_truncated(x, ks), rtol=1e-9, atol=1e-12, what=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_topk_matches_cpu(emu, dtype, rng):
+    import ctypes
+    for name, row in _emu_rows(rng, dtype):
+        n = row.shape[0]
+        for k in sorted({1, n // 2, n}):
+            idx = np.full(k, -7, dtype=np.int64)
+            assert _emu_call(emu, "emu_topk", row, ctypes.c_int64(k), _ptr(idx)) == NO_STATUS
+            assert np.array_equal(idx, topkattn.topk(row, k)), f"{name} k={k}"
+
+
+def test_emulated_strided_rows_and_bad_rows(emu, rng):
+    import ctypes
+    base = rng.standard_normal((200, 3))
+    x = base.T  # rows 8 bytes * 3 apart
+    k = np.zeros(3, np.int64)
+    e = np.full(3, 0.01)
+    assert _emu_call(emu, "emu_keps", x, _ptr(e), _ptr(k), None) == NO_STATUS
+    assert np.array_equal(k, topkattn.k_eps(x, 0.01))
+    bad = np.zeros((4, 50))
+    bad[3, 7] = np.nan
+    bad[2, 9] = np.inf
+    bad[2, 3] = np.nan  # the first bad element of the row decides its code
+    bad[1, :] = -np.inf
+    e4, k4, idx = np.full(4, 0.01), np.zeros(4, np.int64), np.zeros(6, np.int64)
+    status = _emu_call(emu, "emu_keps", bad, _ptr(e4), _ptr(k4), None)
+    assert status == (1 << 4) | 3  # the lowest bad row: row 1, fully masked
+    status = _emu_call(emu, "emu_topk", bad[2:], ctypes.c_int64(3), _ptr(idx))
+    assert status == (0 << 4) | 1  # row 2 (0 here): NaN comes before +inf
+
+
+@pytest.mark.parametrize("sel", ["k", "eps"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_attention_rows_match_cpu(emu, sel, dtype, rng):
+    """The attention row kernel on exact (grid) scores: kept sets, k, tau and outputs."""
+    import ctypes
+    batch, L, n, d, dv = 2, 3, 150, 8, 70  # dv spans two 64-wide output tiles
+    Q, K, V = _grid(rng, (batch, L, d)), _grid(rng, (batch, n, d)), _grid(rng, (batch, n, dv))
+    mask = np.where(rng.random((L, n)) < 0.3, -np.inf, 0.0)
+    scores = (np.einsum("bld,bnd->bln", Q.astype(np.float64), K.astype(np.float64)) * 0.5
+              + mask).astype(dtype)
+    rows = batch * L
+    kreq = np.array([1, 5, 40, 150, 2, 77], dtype=np.int64) if sel == "k" else None
+    eps = np.array([0.5, 1e-2, 1e-4, 0.2, 1e-6, 3e-2]) if sel == "eps" else None
+    W = n if sel == "eps" else int(kreq.max())
+    idx = np.zeros((rows, W), dtype=np.int64)
+    out = np.zeros((rows, dv), dtype=dtype)
+    k_out, tau = np.zeros(rows, np.int64), np.zeros(rows)
+    Vd = V.astype(dtype)
+    v_off = np.arange(batch, dtype=np.int64) * n * dv
+    status = np.full(1, NO_STATUS, dtype=np.uint64)
+    emu.emu_attn_rows(ctypes.c_int(0 if dtype == np.float32 else 1), _ptr(scores),
+                      ctypes.c_int64(batch), ctypes.c_int64(L), ctypes.c_int64(n), _ptr(Vd),
+                      _ptr(v_off), ctypes.c_int64(dv), _ptr(kreq), _ptr(eps), _ptr(idx),
+                      ctypes.c_int64(W), _ptr(out), _ptr(k_out), _ptr(tau), _ptr(status))
+    assert int(status[0]) == NO_STATUS
+    kw = {"k": kreq.reshape(batch, L)} if sel == "k" else {"eps": eps.reshape(batch, L)}
+    ref, info = topkattn.topk_attention(Q.astype(np.float64), K.astype(np.float64),
+                                        V.astype(np.float64), scale=0.5, mask=mask,
+                                        return_info=True, **kw)
+    assert np.array_equal(k_out, info.k.reshape(-1))
+    kmax = info.indices.shape[-1]
+    assert np.array_equal(idx[:, :kmax], info.indices.reshape(rows, kmax))
+    assert (idx[:, kmax:] == -1).all() if kmax < W else True
+    assert_rel(tau, info.tau.reshape(-1), rtol=1e-5, atol=1e-12)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_rel(out, ref.reshape(rows, dv), rtol=tol, atol=tol)

@@ -11,15 +11,19 @@
 #ifndef TKA_CUDA_COMMON_CUH
 #define TKA_CUDA_COMMON_CUH
 
+#ifndef TKC_HOST_EMULATION  /* emu/emu.h supplies the CUDA vocabulary on the host */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 
 #include "tka_cuda.h"
 
+#ifndef TKC_NT
 #define TKC_NT 512
+#endif
 #define TKC_NW (TKC_NT / 32)
 #define TKC_FULL 0xffffffffu
 
@@ -92,6 +96,11 @@ __device__ __forceinline__ double softplus(double z)
 {
     return z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));
 }
+
+/* Below this eps the masses are taken relative to max + log(eps)/2 instead of the maximum,
+ * so that a tail of order eps * Z stays far above the float64 underflow (as the CPU core
+ * switches to log space there). */
+#define EPS_LINEAR_MIN 1e-280
 
 /* ------------------------------------------------------------ block reductions, scan */
 

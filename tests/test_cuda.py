@@ -430,7 +430,8 @@ def test_build_info_sees_the_device():
 # a buffer). This checks their selection logic, index arithmetic and synchronisation points
 # against the CPU core where no GPU exists; it says nothing about the GPU itself.
 
-EMU_NT = 64
+# 64 threads keep the suite fast; TOPKATTN_EMU_NT=512 runs the block size the GPU uses
+EMU_NT = int(os.environ.get("TOPKATTN_EMU_NT", "64"))
 NO_STATUS = np.uint64(2**64 - 1)
 
 

@@ -1,0 +1,55 @@
+/*
+ * search_scalar.c - dot-product kernels of the certified search for any CPU.
+ * Four partial sums per dot product; the error bounds in search.c hold for any order.
+ */
+#include "../search.h"
+
+static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t j = 0;
+        for (; j + 4 <= d; j += 4) {
+            a0 += q[j] * (double)k[j];
+            a1 += q[j + 1] * (double)k[j + 1];
+            a2 += q[j + 2] * (double)k[j + 2];
+            a3 += q[j + 3] * (double)k[j + 3];
+        }
+        for (; j < d; j++) a0 += q[j] * (double)k[j];
+        out[i] = (a0 + a1) + (a2 + a3);
+    }
+}
+
+static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t j = 0;
+        for (; j + 4 <= d; j += 4) {
+            a0 += q[j] * k[j];
+            a1 += q[j + 1] * k[j + 1];
+            a2 += q[j + 2] * k[j + 2];
+            a3 += q[j + 3] * k[j + 3];
+        }
+        for (; j < d; j++) a0 += q[j] * k[j];
+        out[i] = (a0 + a1) + (a2 + a3);
+    }
+}
+
+static void dot_i8(const float *qf, const int8_t *z, int64_t d, int64_t m, float *out)
+{
+    for (int64_t i = 0; i < m; i++, z += d) {
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int64_t j = 0;
+        for (; j + 4 <= d; j += 4) {
+            a0 += qf[j] * (float)z[j];
+            a1 += qf[j + 1] * (float)z[j + 1];
+            a2 += qf[j + 2] * (float)z[j + 2];
+            a3 += qf[j + 3] * (float)z[j + 3];
+        }
+        for (; j < d; j++) a0 += qf[j] * (float)z[j];
+        out[i] = (a0 + a1) + (a2 + a3);
+    }
+}
+
+const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_i8};

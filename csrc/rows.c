@@ -60,15 +60,8 @@ static double elem(const row_t *w, int64_t j)
     return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
 }
 
-/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
-static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
-                           row_t *w)
+tka_status tka_row_check(row_t *w, tka_scratch *s)
 {
-    w->p = tka_row_contig(x, r, s);
-    if (!w->p) return TKA_ERR_NOMEM;
-    w->n = x->n;
-    w->dt = x->dtype;
-    w->K = K;
     tka_scan_out sc;
     tka_status st = tka_row_scan(w, s, &sc);
     if (st != TKA_OK) return st;
@@ -82,6 +75,18 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
     w->max = sc.max;
     w->n_live = w->n - sc.n_masked;
     return w->n_live > 0 ? TKA_OK : TKA_ERR_ALL_MASKED;
+}
+
+/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
+static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
+                           row_t *w)
+{
+    w->p = tka_row_contig(x, r, s);
+    if (!w->p) return TKA_ERR_NOMEM;
+    w->n = x->n;
+    w->dt = x->dtype;
+    w->K = K;
+    return tka_row_check(w, s);
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
@@ -225,24 +230,29 @@ typedef struct {
     double *log_tau, *kl;
 } tail_ctx;
 
-static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+                           double *kl)
 {
-    tail_ctx *cx = c;
-    int64_t k = cx->k[r];
-    double lt, kl;
-    if (k == 0) { lt = 0.0; kl = INFINITY; }
-    else if (k >= w->n_live) { lt = -INFINITY; kl = 0.0; }
+    double lt, kk;
+    if (k == 0) { lt = 0.0; kk = INFINITY; }
+    else if (k >= w->n_live) { lt = -INFINITY; kk = 0.0; }
     else {
         rank_info ri;
         double lr, head;
         tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
         if (st != TKA_OK) return st;
         lt = -softplus(lr);
-        kl = softplus(-lr);
+        kk = softplus(-lr);
     }
-    cx->log_tau[r] = lt;
-    if (cx->kl) cx->kl[r] = kl;
+    *log_tau = lt;
+    if (kl) *kl = kk;
     return TKA_OK;
+}
+
+static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    tail_ctx *cx = c;
+    return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
 }
 
 /* ---------------------------------------------------------------------- k_eps */
@@ -390,10 +400,9 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     return TKA_OK;
 }
 
-static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
+                        double *tau_out)
 {
-    keps_ctx *cx = c;
-    const double eps = cx->eps[r];
     const int64_t n = w->n;
     int64_t k;
     double tau = 0.0;
@@ -403,8 +412,8 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         tka_status st = keps_band(w, eps, s, &k, &tau, &done);
         if (st != TKA_OK) return st;
         if (done) {
-            cx->k[r] = k;
-            if (cx->tau) cx->tau[r] = tau;
+            *k_out = k;
+            *tau_out = tau;
             return TKA_OK;
         }
     }
@@ -427,9 +436,18 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         if (st != TKA_OK) return st;
         keps_exact(vals, n, log(eps), m, &k, &tau);
     }
-    cx->k[r] = k;
-    if (cx->tau) cx->tau[r] = tau;
+    *k_out = k;
+    *tau_out = tau;
     return TKA_OK;
+}
+
+static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    keps_ctx *cx = c;
+    double tau;
+    tka_status st = tka_row_keps(w, cx->eps[r], s, cx->k + r, &tau);
+    if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
+    return st;
 }
 
 /* ------------------------------------------------------------------------ topk */
@@ -439,11 +457,9 @@ typedef struct {
     int64_t *idx;
 } topk_ctx;
 
-static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
 {
-    topk_ctx *cx = c;
-    const int64_t n = w->n, k = cx->k;
-    int64_t *out = cx->idx + r * k;
+    const int64_t n = w->n;
     if (k == 0) return TKA_OK;
     double lo = -INFINITY;
     if (n > SMALL_ROW && k < n) {
@@ -471,6 +487,12 @@ static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         lo = -INFINITY;  /* the bracket missed: take every logit */
     }
     return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+}
+
+static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    topk_ctx *cx = c;
+    return tka_row_topk(w, cx->k, s, cx->idx + r * cx->k);
 }
 
 /* -------------------------------------------------------------------- tv_curve */

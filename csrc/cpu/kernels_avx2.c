@@ -72,6 +72,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 
+#define vload_f64_isa vload_f64_avx2
 #define ELT float
 #define FN(name) name##_f32_avx2
 #include "kernels.inc"

@@ -52,6 +52,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 
+#define vload_f64_isa vload_f64_avx512
 #define ELT float
 #define FN(name) name##_f32_avx512
 #include "kernels.inc"

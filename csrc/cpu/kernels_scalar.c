@@ -58,6 +58,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_scalar(const float *p) { return (double)*p; }
 static inline VD vload_f64_scalar(const double *p) { return *p; }
 
+#define vload_f64_isa vload_f64_scalar
 #define ELT float
 #define FN(name) name##_f32_scalar
 #include "kernels.inc"

@@ -257,47 +257,24 @@ static inline uint64_t splitmix(uint64_t *x)
 static inline double uniform01(uint64_t *x) { return (double)(splitmix(x) >> 11) * 0x1p-53; }
 
 typedef struct {
-    double p;   /* upper bound on the logit */
-    int64_t i;  /* stored position */
-} pitem;
-
-static inline int pitem_before(pitem a, pitem b) { return a.p > b.p || (a.p == b.p && a.i < b.i); }
-
-static void heap_push(pitem *h, int64_t *n, pitem x)
-{
-    int64_t c = (*n)++;
-    while (c > 0) {
-        int64_t p = (c - 1) / 2;
-        if (!pitem_before(x, h[p])) break;
-        h[c] = h[p];
-        c = p;
-    }
-    h[c] = x;
-}
-
-static pitem heap_pop(pitem *h, int64_t *n)
-{
-    pitem top = h[0], x = h[--(*n)];
-    int64_t c = 0;
-    for (;;) {
-        int64_t l = 2 * c + 1;
-        if (l >= *n) break;
-        if (l + 1 < *n && pitem_before(h[l + 1], h[l])) l++;
-        if (!pitem_before(h[l], x)) break;
-        h[c] = h[l];
-        c = l;
-    }
-    if (*n > 0) h[c] = x;
-    return top;
-}
-
-typedef struct {
     const tka_key_index *ix;
     const tka_search_args *a;
     const tka_search_kernels *kern;
     tka_search_row *rows;
     double *out_v;
+    const double *lw;      /* lw[b] >= e^{-b LEVEL_W}: mass bound of a key on level b */
 } search_ctx;
+
+/*
+ * Proxy levels: unscored keys of expanded blocks are kept in lists by level
+ * b = floor((ref - p) / LEVEL_W) of their proxy bound p (clamped to the last level), so
+ * that a key on level b has mass <= e^{ref - b LEVEL_W}. Levels are scored exactly one
+ * after the other: no per-key priority queue and no exp() per proxy.
+ */
+#define LEVEL_W 0.125
+#define NLEVELS 1024
+/* keys ahead whose rows are prefetched while scoring a level */
+#define PREFETCH 6
 
 /* Per-row working state. */
 typedef struct {
@@ -310,21 +287,20 @@ typedef struct {
     /* blocks by decreasing bound */
     double *ub;
     int64_t *bord;
-    double *bsuf;          /* bsuf[j] = sum_{t >= j} |B_t| e^{ub_t - ref} */
+    double *bsuf;          /* bsuf[j] >= sum_{t >= j} |B_t| e^{ub_t - ref} */
     int64_t j;             /* next unexpanded block */
-    /* proxy pool (max-heap) of unscored keys of expanded blocks */
-    pitem *heap;
-    int64_t nheap;
-    double pool;           /* running sum of e^{p - ref} over the heap */
-    double pool_max;       /* largest value the running sum has taken */
-    int64_t pool_ops;
+    /* proxy levels: entry e (in insertion order) is key ekey[e]; lists through lnext[e] */
+    int64_t *lhead, *lnext, *lcnt, *ekey;
+    int64_t lmax;
     /* scored keys */
     double *sv;
     int64_t *si, ns;
     double m, zs;          /* largest scored logit, sum e^{s - m} */
+    double fm;             /* e^{ref - m}, rounded up (+inf past e^700) */
     uint8_t *mark;         /* MC: keys whose logit was computed */
     int64_t distinct;
-    int64_t unscored;      /* keys neither scored (deterministically) nor in the sample */
+    int64_t unscored;      /* keys not scored by the deterministic search */
+    int64_t npool;         /* keys on proxy levels (for the rounding pads) */
     double bytes;
     int64_t proxies, blocks;
 } srow;
@@ -336,6 +312,7 @@ static inline void add_scored(srow *w, double s, int64_t i)
     if (s > w->m) {
         w->zs = w->zs * exp(w->m - s) + 1.0;
         w->m = s;
+        w->fm = w->ref - s > 700.0 ? INFINITY : exp(w->ref - s) * (1.0 + 0x1p-48);
     } else {
         w->zs += exp(s - w->m);
     }
@@ -363,70 +340,210 @@ static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, d
     w->bytes += (double)m * (double)w->d * (double)w->es;
 }
 
-/* Mass of everything unscored in units of e^{ref}, rounded up (0 when nothing is left). */
-static double unscored_mass(const srow *w, int exact_pool)
+/* Bound on the mass of everything unscored, units e^{ref}, rounded up: unexpanded blocks
+ * plus `pool` (the level masses, already rounded up by the caller). */
+static inline double unscored_mass(const srow *w, double pool)
 {
     if (w->unscored == 0) return 0.0;
-    double u = w->bsuf[w->j] * (1.0 + (double)(w->nb + 4) * 0x1p-52);
-    if (exact_pool) {
-        double p = 0.0;
-        for (int64_t t = 0; t < w->nheap; t++) p += exp_up(w->heap[t].p - w->ref);
-        u += p * (1.0 + (double)(w->nheap + 4) * 0x1p-52);
-    } else {
-        /* the running sum drifts by at most one rounding per update */
-        u += w->pool + (double)(w->pool_ops + 4) * 0x1p-52 * w->pool_max;
-    }
-    return u;
+    return w->bsuf[w->j] * (1.0 + (double)(w->nb + 4) * 0x1p-52) + pool;
+}
+
+/* sum over levels b > t of lcnt[b] lw[b], rounded up */
+static double levels_above(const search_ctx *cx, const srow *w, int64_t t)
+{
+    double p = 0.0;
+    for (int64_t b = t + 1; b <= w->lmax; b++) p += (double)w->lcnt[b] * cx->lw[b];
+    return p * (1.0 + (double)(w->lmax + 4) * 0x1p-52);
 }
 
 /* u (in units of e^{ref}) in units of e^{m}, rounded up; +inf when too large. */
 static inline double to_m_units(const srow *w, double u)
 {
     if (u <= 0.0) return 0.0;
-    double l = log(u) + (w->ref - w->m);
-    return l > 700.0 ? INFINITY : exp(l) * (1.0 + 0x1p-48);
+    double v = u * w->fm;
+    return v * (1.0 + 0x1p-50);
+}
+
+static inline int pair_before(double va, int64_t ia, double vb, int64_t ib)
+{
+    return va > vb || (va == vb && ia < ib);
+}
+static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
+{
+    double tv = v[i]; v[i] = v[j]; v[j] = tv;
+    int64_t tx = x[i]; x[i] = x[j]; x[j] = tx;
+    double tw = w[i]; w[i] = w[j]; w[j] = tw;
 }
 
 /*
- * Try to certify with unscored mass bound u_ref (units e^{ref}): sort the scored keys, find
- * the smallest top set whose certificate is <= eps. Returns 1 and fills the row on success.
+ * Smallest k such that the k first keys in the order (larger value, then lower index)
+ * have mass sum >= target; those k keys are moved to [0, k) (in no particular order).
+ * Quickselect on (value, position, mass) triples, expected O(n). Returns n if the total
+ * mass falls short.
+ */
+static int64_t weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+{
+    int64_t lo = 0, hi = n;
+    double acc = 0.0;
+    while (hi - lo > 16) {
+        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
+        if (pair_before(v[a], x[a], v[b], x[b]))
+            mi = pair_before(v[b], x[b], v[c], x[c]) ? b : (pair_before(v[a], x[a], v[c], x[c]) ? c : a);
+        else
+            mi = pair_before(v[a], x[a], v[c], x[c]) ? a : (pair_before(v[b], x[b], v[c], x[c]) ? c : b);
+        swap3(v, x, w, mi, hi - 1);
+        const double pv = v[hi - 1];
+        const int64_t px = x[hi - 1];
+        int64_t st = lo;
+        double ml = 0.0;
+        for (int64_t i = lo; i < hi - 1; i++) {
+            if (pair_before(v[i], x[i], pv, px)) {
+                ml += w[i];
+                swap3(v, x, w, i, st);
+                st++;
+            }
+        }
+        swap3(v, x, w, st, hi - 1);
+        if (acc + ml >= target) {
+            hi = st;
+        } else {
+            acc += ml + w[st];
+            if (acc >= target) return st + 1;
+            lo = st + 1;
+        }
+    }
+    /* insertion sort of the remainder, then walk */
+    for (int64_t i = lo + 1; i < hi; i++) {
+        double tv = v[i], tw = w[i];
+        int64_t tx = x[i], j = i;
+        while (j > lo && pair_before(tv, tx, v[j - 1], x[j - 1])) {
+            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
+            j--;
+        }
+        v[j] = tv; x[j] = tx; w[j] = tw;
+    }
+    int64_t k = lo;
+    while (k < hi && acc < target) acc += w[k++];
+    return k;
+}
+
+/*
+ * Sort (value, position) pairs by decreasing value, ties by increasing position: LSD radix
+ * sort on 11-bit digits of the order-preserving bit pattern of the doubles (digits that
+ * are equal for every pair are skipped), then an insertion pass over runs of equal values.
+ * Small inputs go to introsort. tv, tx: scratch of n each.
+ */
+static void sort_pairs_desc(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
+{
+    if (n < 2048 || !tv || !tx) {
+        tka_sort_pairs_desc(v, x, n);
+        return;
+    }
+    uint64_t *key = (uint64_t *)tv; /* reuse: keys first, then values rebuilt */
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u;
+        memcpy(&u, &v[i], 8);
+        u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+        key[i] = ~u; /* descending */
+    }
+    uint64_t *ka = key, *kb = (uint64_t *)v;
+    int64_t *xa = x, *xb = tx;
+    for (int shift = 0; shift < 64; shift += 11) {
+        int64_t cnt[2048];
+        memset(cnt, 0, sizeof cnt);
+        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & 2047]++;
+        if (cnt[(ka[0] >> shift) & 2047] == n) continue;
+        int64_t sum = 0;
+        for (int b = 0; b < 2048; b++) {
+            int64_t c = cnt[b];
+            cnt[b] = sum;
+            sum += c;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t dst = cnt[(ka[i] >> shift) & 2047]++;
+            kb[dst] = ka[i];
+            xb[dst] = xa[i];
+        }
+        uint64_t *tk = ka; ka = kb; kb = tk;
+        int64_t *tt = xa; xa = xb; xb = tt;
+    }
+    /* back to values, in v and x */
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u = ~ka[i];
+        u = (u >> 63) ? (u & 0x7FFFFFFFFFFFFFFFull) : ~u;
+        double d;
+        memcpy(&d, &u, 8);
+        tv[i] = d;
+        tx[i] = xa[i];
+    }
+    memcpy(v, tv, (size_t)n * sizeof(double));
+    memcpy(x, tx, (size_t)n * sizeof(int64_t));
+    /* equal values: increasing position */
+    for (int64_t i = 1; i < n; i++) {
+        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
+        int64_t t = x[i], j = i;
+        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
+        x[j] = t;
+    }
+}
+
+/*
+ * Try to certify with unscored mass bound u_ref (units e^{ref}): find the smallest top set
+ * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
+ * (or on an allocation failure, with *st set); 0 if no top set meets eps.
  */
 static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
                     tka_scratch *s, tka_status *st)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
-    tka_sort_pairs_desc(w->sv, w->si, w->ns);
-    const double m = w->sv[0];
-    w->m = m;
-    double *suf = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(w->ns + 1) * sizeof(double));
-    if (!suf) {
+    const int64_t ns = w->ns;
+    const double m = w->m; /* the largest scored logit */
+    double *wm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(ns + 1) * sizeof(double));
+    if (!wm) {
         *st = TKA_ERR_NOMEM;
         return 1;
     }
-    /* D_k: mass of scored keys ranked below k, rounded up */
-    suf[w->ns] = 0.0;
-    for (int64_t t = w->ns - 1; t >= 0; t--) suf[t] = suf[t + 1] + exp_up(w->sv[t] - m);
+    double z = 0.0;
+    for (int64_t t = 0; t < ns; t++) {
+        wm[t] = exp(w->sv[t] - m);
+        z += wm[t];
+    }
     const double u = to_m_units(w, u_ref);
-    const double rel = 1.0 + (double)(w->ns + w->nb + w->nheap + 64) * 0x1p-50;
+    const double rel = 1.0 + (double)(ns + w->nb + w->npool + 64) * 0x1p-50;
     const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
-    double head = 0.0, bound = 1.0;
-    int64_t k = 0;
-    while (k < w->ns) {
-        head += exp(w->sv[k] - m);
-        k++;
-        double tail = suf[k] * rel + u;
+    /* kept mass needed: A >= (1 - eps') (Z + U), eps' a little inside eps */
+    const double target = (1.0 - eps * (1.0 - 1e-7) / grow) * (z * rel + u) * rel;
+    int64_t k = weighted_top(w->sv, w->si, wm, ns, target);
+    if (k < 1) k = 1;
+    double bound = 1.0;
+    for (;;) {
+        /* bound = tail / (head + tail): head rounded down, tail rounded up (an underflowed
+         * term counts as e^-700 > 1e-304) */
+        double head = 0.0, tail = 0.0;
+        for (int64_t t = 0; t < k; t++) head += wm[t];
+        for (int64_t t = k; t < ns; t++) tail += wm[t] + 1e-304;
+        tail = tail * rel + u;
         if (tail == 0.0) {
             bound = 0.0;
-            break;
+        } else {
+            bound = tail / (head / rel + tail);
+            bound = nextafter(bound * rel * grow, INFINITY);
         }
-        /* bound = tail / (head + tail), head rounded down, tail up */
-        double hd = head / rel;
-        bound = tail / (hd + tail);
-        bound = nextafter(bound * rel * grow, INFINITY);
-        if (bound <= eps) break;
+        if (bound <= eps || k >= ns) break;
+        /* rounding corner: add the best remaining key */
+        int64_t best = k;
+        for (int64_t t = k + 1; t < ns; t++)
+            if (pair_before(w->sv[t], w->si[t], w->sv[best], w->si[best])) best = t;
+        swap3(w->sv, w->si, wm, k, best);
+        k++;
     }
     if (!(bound <= eps)) return 0;
+    {
+        double *tv = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)k * sizeof(double));
+        int64_t *tx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)k * sizeof(int64_t));
+        sort_pairs_desc(w->sv, w->si, k, tv, tx);
+    }
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!out->idx) {
@@ -497,7 +614,7 @@ static void block_bounds(const search_ctx *cx, srow *w, int64_t h, double qn1, d
     }
 }
 
-/* Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1), pushed. */
+/* Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1), put on levels. */
 static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, int64_t i1,
                            double ubb, const float *qf, double qscale_inv, double slack_code,
                            double qn2, float *tmp)
@@ -511,29 +628,36 @@ static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0,
         double p = base + sc * slack_code * qscale_inv + qn2 * (double)ix->perr[ko + (size_t)i];
         p += 0x1p-50 * fabs(p) + 0x1p-1060 + w->eta;
         if (!(p < ubb)) p = ubb;
-        heap_push(w->heap, &w->nheap, (pitem){p, i});
-        w->pool += exp_up(p - w->ref);
-        w->pool_ops++;
-        if (w->pool > w->pool_max) w->pool_max = w->pool;
+        /* level b with b LEVEL_W <= ref - p, kept on the safe side of rounding */
+        double gap = (w->ref - p) - 1e-9 * (1.0 + fabs(w->ref) + fabs(p));
+        int64_t b = 0;
+        if (gap > 0.0) b = gap / LEVEL_W >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)(gap / LEVEL_W);
+        const int64_t e = w->npool + (i - i0);
+        w->ekey[e] = i;
+        w->lnext[e] = w->lhead[b];
+        w->lhead[b] = e;
+        w->lcnt[b]++;
+        if (b > w->lmax) w->lmax = b;
     }
+    w->npool += i1 - i0;
     w->proxies += i1 - i0;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
 }
 
 /*
  * One MC check (DESIGN §4): sample mc keys from the unscored population with probability
- * proportional to their caps e^{bound}, bound the population mass with the empirical
- * Bernstein inequality (Maurer & Pontil 2009, Thm 4) at confidence 1 - dlt. Returns the
- * upper bound in units of e^{ref}, or -1 when it cannot be formed.
+ * proportional to their caps (block keys: e^{ub}; keys on level b: lw[b] e^{ref}), bound
+ * the population mass with the empirical Bernstein inequality (Maurer & Pontil 2009,
+ * Thm 4) at confidence 1 - dlt. Pool keys are the `np` keys pk[] with levels pb[].
+ * Returns the upper bound in units of e^{ref}, or -1 when out of memory.
  */
-static double mc_bound(const search_ctx *cx, srow *w, int64_t h, double dlt, uint64_t *rng,
-                       tka_scratch *s)
+static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                       int64_t np, double dlt, uint64_t *rng, tka_scratch *s)
 {
-    const int64_t nblk = w->nb - w->j, nit = nblk + w->nheap, mc = cx->a->mc_samples;
+    const int64_t nblk = w->nb - w->j, nit = nblk + np, mc = cx->a->mc_samples;
     double *cum = tka_scratch_get(s, TKA_SLOT_CHUNK_V, (size_t)(nit + 1) * sizeof(double));
     double *val = tka_scratch_get(s, TKA_SLOT_CHUNK, (size_t)(mc + 1) * sizeof(double));
     if (!cum || !val) return -1.0;
-    /* caps in units of e^{ref}: blocks first (sizes times e^{ub - ref}), then pool keys */
     double c = 0.0;
     for (int64_t t = 0; t < nit; t++) {
         double cap;
@@ -542,7 +666,7 @@ static double mc_bound(const search_ctx *cx, srow *w, int64_t h, double dlt, uin
             int64_t sz = (i0 + w->bs < w->n ? w->bs : w->n - i0);
             cap = (double)sz * exp_up(w->ub[w->j + t] - w->ref);
         } else {
-            cap = exp_up(w->heap[t - nblk].p - w->ref);
+            cap = cx->lw[pb[t - nblk]];
         }
         cum[t] = c;
         c += cap;
@@ -567,8 +691,8 @@ static double mc_bound(const search_ctx *cx, srow *w, int64_t h, double dlt, uin
             key = i0 + (off < sz ? off : sz - 1);
             lcap = w->ub[w->j + lo];
         } else {
-            key = w->heap[lo - nblk].i;
-            lcap = w->heap[lo - nblk].p;
+            key = pk[lo - nblk];
+            lcap = w->ref - (double)pb[lo - nblk] * LEVEL_W;
         }
         double sv;
         score(cx, w, key, 1, &sv);
@@ -589,6 +713,63 @@ static double mc_bound(const search_ctx *cx, srow *w, int64_t h, double dlt, uin
     return total * up;
 }
 
+/* State shared by the certificate checks of one row. */
+typedef struct {
+    double eps, eps_in;
+    int64_t next_cp, checks;
+    uint64_t rng;
+    int64_t *pk, *pb;      /* MC pool gathering buffers (proxy mode) */
+} chk_t;
+
+/*
+ * Certificate checks before the next unit of work. pool: level mass (units e^{ref},
+ * rounded up); cur[0..ncur): the unscored remainder of the level cur_level being
+ * scored, for MC gathering. Returns 1 when the row is finished (or failed: *st).
+ */
+static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, double pool,
+                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_scratch *s,
+                       tka_status *st)
+{
+    if (w->unscored == 0) {
+        if (finalize(cx, w, r, 0.0, c->eps, s, st)) return 1;
+        *st = TKA_ERR_ARG; /* unreachable: with every key kept the bound is 0 */
+        return 1;
+    }
+    if (w->ns == 0) return 0;
+    const double u = unscored_mass(w, pool);
+    /* deterministic certificate: eps Z_s >= (1 - eps) U */
+    if (c->eps_in * w->zs >= (1.0 - c->eps_in) * to_m_units(w, u)) {
+        if (finalize(cx, w, r, u, c->eps, s, st)) return 1;
+        c->eps_in *= 0.5; /* rounding corner: ask for more margin */
+        return 0;
+    }
+    /* MC certificate at checkpoints (doubling scored counts), delta / 2^t each */
+    if (cx->a->method == TKA_SEARCH_MC && w->distinct >= c->next_cp
+        && w->unscored >= 4 * cx->a->mc_samples) {
+        c->checks++;
+        c->next_cp = 2 * w->distinct;
+        int64_t np = 0;
+        if (w->lhead) {
+            for (int64_t t = 0; t < ncur; t++) { c->pk[np] = cur[t]; c->pb[np++] = cur_level; }
+            for (int64_t b = cur_level + 1; b <= w->lmax; b++)
+                for (int64_t e = w->lhead[b]; e >= 0; e = w->lnext[e]) { c->pk[np] = w->ekey[e]; c->pb[np++] = b; }
+        }
+        double dlt = ldexp(cx->a->delta, (int)(c->checks < 1000 ? -c->checks : -1000));
+        double ub = mc_bound(cx, w, c->pk, c->pb, np, dlt, &c->rng, s);
+        if (ub < 0.0) {
+            *st = TKA_ERR_NOMEM;
+            return 1;
+        }
+        if (c->eps_in * w->zs >= (1.0 - c->eps_in) * to_m_units(w, ub)) {
+            if (finalize(cx, w, r, ub, c->eps, s, st)) {
+                cx->rows[r].certified_mc = 1;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *err_row)
 {
     search_ctx *cx = c;
@@ -598,33 +779,40 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
     const int proxy = a->use_proxy && ix->pz != NULL;
     const int mc = a->method == TKA_SEARCH_MC;
 
-    /* scratch: one buffer carved into the per-row arrays */
-    size_t bytes = (size_t)d * 2 * sizeof(double) + (size_t)d * sizeof(float)
-                 + (size_t)nb * (2 * sizeof(double) + sizeof(int64_t)) + sizeof(double)
-                 + (size_t)n * (sizeof(double) + sizeof(int64_t))
-                 + (proxy ? (size_t)n * sizeof(pitem) : 0) + (size_t)bs * (sizeof(float) + sizeof(double))
-                 + (mc ? (size_t)n : 0) + 64;
+    /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
+    size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
+              + (proxy ? 3 * (size_t)n + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
+    size_t bytes = n8 * 8 + (size_t)(d + bs) * sizeof(float) + (mc ? (size_t)n : 0) + 64;
     char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
     if (!buf) return TKA_ERR_NOMEM;
 
     for (int64_t r = r0; r < r1; r++) {
         const int64_t h = r / a->L;
-        char *p = buf;
         srow w;
         memset(&w, 0, sizeof w);
-        double *qs = (double *)p; p += (size_t)d * sizeof(double);
-        w.ub = (double *)p; p += (size_t)nb * sizeof(double);
-        w.bsuf = (double *)p; p += (size_t)(nb + 1) * sizeof(double);
-        w.sv = (double *)p; p += (size_t)n * sizeof(double);
-        w.bord = (int64_t *)p; p += (size_t)nb * sizeof(int64_t);
-        w.si = (int64_t *)p; p += (size_t)n * sizeof(int64_t);
-        if (proxy) { w.heap = (pitem *)p; p += (size_t)n * sizeof(pitem); }
-        float *qf = (float *)p; p += (size_t)d * sizeof(float);
-        float *tmp = (float *)p; p += (size_t)bs * sizeof(float);
-        double *tmpd = (double *)((((uintptr_t)p) + 7) & ~(uintptr_t)7);
-        p = (char *)(tmpd + bs);
-        (void)tmpd;
-        if (mc) { w.mark = (uint8_t *)p; memset(w.mark, 0, (size_t)n); }
+        chk_t ck;
+        memset(&ck, 0, sizeof ck);
+        double *p8 = (double *)buf;
+        double *qs = p8; p8 += d;
+        w.ub = p8; p8 += nb;
+        w.bsuf = p8; p8 += nb + 1;
+        w.sv = p8; p8 += n;
+        double *tmpd = p8; p8 += bs;
+        int64_t *q8 = (int64_t *)p8, *lv = NULL;
+        w.bord = q8; q8 += nb;
+        w.si = q8; q8 += n;
+        if (proxy) {
+            w.lnext = q8; q8 += n;
+            w.ekey = q8; q8 += n;
+            w.lhead = q8; q8 += NLEVELS;
+            w.lcnt = q8; q8 += NLEVELS;
+            for (int64_t b = 0; b < NLEVELS; b++) { w.lhead[b] = -1; w.lcnt[b] = 0; }
+            lv = q8; q8 += n;
+            if (mc) { ck.pk = q8; q8 += n; ck.pb = q8; q8 += n; }
+        }
+        float *qf = (float *)q8;
+        float *tmp = qf + d;
+        if (mc) { w.mark = (uint8_t *)(tmp + bs); memset(w.mark, 0, (size_t)n); }
 
         w.n = n; w.d = d; w.bs = bs; w.nb = nb;
         w.es = esize(ix->dtype);
@@ -641,8 +829,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         const double qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
         qn1 *= 1.0 + (double)(d + 4) * 0x1p-52;
         w.eta = (double)(d + 8) * 0x1p-52 * qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
-        const double eps = a->eps[r];
-        double eps_in = eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
+        ck.eps = a->eps[r];
+        ck.eps_in = ck.eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
 
         /* proxy query: q' scaled by a power of two so that its largest entry is in [1, 2) */
         int qe = 0;
@@ -671,69 +859,65 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         }
         w.m = -INFINITY;
         w.unscored = n;
-
-        uint64_t rng = a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
-        splitmix(&rng);
-        int64_t next_cp = 2 * a->mc_samples, checks = 0;
+        ck.rng = a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
+        splitmix(&ck.rng);
+        ck.next_cp = 2 * a->mc_samples;
         tka_status st = TKA_OK;
-        int done = 0;
 
-        while (!done) {
-            /* deterministic certificate: eps Z_s >= (1 - eps) U */
-            if (w.unscored == 0) {
-                if (finalize(cx, &w, r, 0.0, eps, s, &st)) break;
-                st = TKA_ERR_ARG; /* unreachable: with every key kept the bound is 0 */
-                break;
-            }
-            if (w.ns > 0) {
-                double u = to_m_units(&w, unscored_mass(&w, 0));
-                if (eps_in * w.zs >= (1.0 - eps_in) * u) {
-                    double ue = unscored_mass(&w, 1);
-                    if (finalize(cx, &w, r, ue, eps, s, &st)) break;
-                    eps_in *= 0.5; /* rounding corner: ask for more margin */
-                    continue;
-                }
-            }
-            /* MC certificate at checkpoints (doubling scored counts), delta / 2^t each */
-            if (mc && w.ns > 0 && w.distinct >= next_cp && w.unscored >= 4 * a->mc_samples) {
-                checks++;
-                double dlt = ldexp(a->delta, (int)(checks < 1000 ? -checks : -1000));
-                double ub = mc_bound(cx, &w, h, dlt, &rng, s);
-                if (ub < 0.0) { st = TKA_ERR_NOMEM; break; }
-                if (eps_in * w.zs >= (1.0 - eps_in) * to_m_units(&w, ub)) {
-                    if (finalize(cx, &w, r, ub, eps, s, &st)) {
-                        cx->rows[r].certified_mc = 1;
-                        break;
-                    }
-                }
-                next_cp = 2 * w.distinct;
-            }
-            /* next action: expand the best block, or score the best pool key */
-            if (w.j < nb && (!proxy || w.nheap == 0 || w.ub[w.j] >= w.heap[0].p)) {
+        if (!proxy) {
+            /* blocks by decreasing bound, each scored exactly */
+            while (!try_certify(cx, &w, r, &ck, 0.0, NULL, 0, 0, s, &st)) {
                 const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                if (proxy) {
-                    expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], qf, qscale_inv, slack_code,
-                                   qn2, tmp);
-                } else {
-                    score(cx, &w, i0, i1 - i0, tmpd);
-                    for (int64_t i = i0; i < i1; i++) {
-                        add_scored(&w, tmpd[i - i0], i);
-                        note_computed(&w, i);
-                    }
-                    w.unscored -= i1 - i0;
+                score(cx, &w, i0, i1 - i0, tmpd);
+                for (int64_t i = i0; i < i1; i++) {
+                    add_scored(&w, tmpd[i - i0], i);
+                    note_computed(&w, i);
                 }
+                w.unscored -= i1 - i0;
                 w.blocks++;
                 w.j++;
-            } else {
-                pitem it = heap_pop(w.heap, &w.nheap);
-                w.pool -= exp_up(it.p - w.ref);
-                w.pool_ops++;
-                if (w.nheap == 0) { w.pool = 0.0; w.pool_ops = 0; w.pool_max = 0.0; }
-                double sv;
-                score(cx, &w, it.i, 1, &sv);
-                add_scored(&w, sv, it.i);
-                note_computed(&w, it.i);
-                w.unscored--;
+            }
+        } else {
+            /* level by level: expand the blocks whose bound reaches the level, then score
+             * the level's keys exactly, checking the certificate before each key */
+            int done = 0;
+            for (int64_t t = 0; t < NLEVELS && !done; t++) {
+                const double theta = w.ref - (double)(t + 1) * LEVEL_W;
+                int64_t expanded = 0;
+                while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
+                    const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+                    expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], qf, qscale_inv, slack_code,
+                                   qn2, tmp);
+                    w.blocks++;
+                    w.j++;
+                    expanded++;
+                }
+                if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
+                const double above = levels_above(cx, &w, t);
+                /* the level's keys in an array, scored in that order with prefetching (they
+                 * are scattered over many blocks) */
+                int64_t nl = 0;
+                for (int64_t e = w.lhead[t]; e >= 0; e = w.lnext[e]) lv[nl++] = w.ekey[e];
+                w.lhead[t] = -1;
+                for (int64_t u = 0;; u++) {
+                    double pool = above + (double)(nl - u) * cx->lw[t] * (1.0 + 0x1p-50);
+                    if (try_certify(cx, &w, r, &ck, pool, lv + u, nl - u, t, s, &st)) {
+                        done = 1;
+                        break;
+                    }
+                    if (u >= nl) break;
+                    if (u + PREFETCH < nl) {
+                        const char *pk = w.keys + (size_t)(lv[u + PREFETCH] * d) * w.es;
+                        for (size_t off = 0; off < (size_t)d * w.es; off += 64)
+                            __builtin_prefetch(pk + off);
+                    }
+                    double sv;
+                    score(cx, &w, lv[u], 1, &sv);
+                    add_scored(&w, sv, lv[u]);
+                    note_computed(&w, lv[u]);
+                    w.unscored--;
+                }
+                w.lcnt[t] = 0;
             }
         }
         if (st != TKA_OK) {
@@ -754,7 +938,15 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
 {
     err->row = -1;
     err->what = NULL;
-    search_ctx cx = {ix, args, search_kernels(), out_rows, out_v};
+    static double lw[NLEVELS];
+    static int lw_ready;
+    if (!__atomic_load_n(&lw_ready, __ATOMIC_ACQUIRE)) {
+        double tmp[NLEVELS];
+        for (int b = 0; b < NLEVELS; b++) tmp[b] = exp_up(-(double)b * LEVEL_W);
+        memcpy(lw, tmp, sizeof tmp); /* same values whichever thread writes first */
+        __atomic_store_n(&lw_ready, 1, __ATOMIC_RELEASE);
+    }
+    search_ctx cx = {ix, args, search_kernels(), out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;

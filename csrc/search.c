@@ -292,6 +292,7 @@ typedef struct {
     /* proxy levels: entry e (in insertion order) is key ekey[e]; lists through lnext[e] */
     int64_t *lhead, *lnext, *lcnt, *ekey;
     int64_t lmax;
+    int64_t lmin_new;      /* lowest level a key went to since it was last reset */
     /* scored keys */
     double *sv;
     int64_t *si, ns;
@@ -638,6 +639,7 @@ static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0,
         w->lhead[b] = e;
         w->lcnt[b]++;
         if (b > w->lmax) w->lmax = b;
+        if (b < w->lmin_new) w->lmin_new = b;
     }
     w->npool += i1 - i0;
     w->proxies += i1 - i0;
@@ -884,6 +886,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
             for (int64_t t = 0; t < NLEVELS && !done; t++) {
                 const double theta = w.ref - (double)(t + 1) * LEVEL_W;
                 int64_t expanded = 0;
+                w.lmin_new = NLEVELS;
                 while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
                     const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
                     expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], qf, qscale_inv, slack_code,
@@ -892,6 +895,9 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
                     w.j++;
                     expanded++;
                 }
+                /* a block's keys may land one level above the block's own (rounding
+                 * margin): go back to the lowest level that got keys */
+                if (w.lmin_new < t) t = w.lmin_new;
                 if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
                 const double above = levels_above(cx, &w, t);
                 /* the level's keys in an array, scored in that order with prefetching (they
@@ -919,6 +925,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
                 }
                 w.lcnt[t] = 0;
             }
+            if (!done && st == TKA_OK) st = TKA_ERR_ARG; /* unreachable: the last level takes every key */
         }
         if (st != TKA_OK) {
             *err_row = r;

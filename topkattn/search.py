@@ -305,8 +305,10 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
-    qn1 = scale * np.abs(Q).sum(axis=-1).max()
-    if not qn1 * float(index._maxabs.max()) * (index.d + 8) < 1e300:
+    with np.errstate(over="ignore", invalid="ignore"):
+        qn1 = scale * np.abs(Q).sum(axis=-1).max()
+        big = qn1 * float(index._maxabs.max()) * (index.d + 8)
+    if not big < 1e300:
         raise ValueError("logits would overflow float64: scale * |q|_1 * max|k| too large")
     Vc = None
     if V is not None:

@@ -35,34 +35,54 @@ void tka_free(void *p) { free(p); }
 
 static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
 
-/* Score query row r against its keys into a scratch buffer and check it like logits. */
-static tka_status score_row(const attn_ctx *c, int64_t r, tka_scratch *s, row_t *w,
-                            double **acc_out)
+/* Query rows are processed in groups of up to four of the same problem (fixed by the
+ * row numbering, never by the thread split), scored together with the dot4 kernel. */
+#define GROUP 4
+
+/* Score rows r0 .. r0+m-1 (one problem) into m scratch buffers and check each like a row
+ * of logits; stops at the first bad row (*bad = its offset in the group). */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch *s, row_t *w,
+                              double **acc_out, int *bad)
 {
     const tka_attn *a = c->a;
-    const int64_t b = r / a->L, l = r % a->L, n = a->n, d = a->d;
+    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
     const int64_t dpad = (d + 7) / 8 * 8;
-    double *q = tka_scratch_get(s, TKA_SLOT_ACC, (size_t)(dpad + a->dv) * sizeof(double));
-    double *sc = tka_scratch_get(s, TKA_SLOT_SCORES, (size_t)n * sizeof(double));
+    double *q = tka_scratch_get(s, TKA_SLOT_ACC, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
+    double *sc = tka_scratch_get(s, TKA_SLOT_SCORES, (size_t)(m * n) * sizeof(double));
     if (!q || !sc) return TKA_ERR_NOMEM;
-    const char *qp = a->q + a->q_off[b] + l * a->q_ld;
-    if (a->dtype == TKA_F32)
-        for (int64_t j = 0; j < d; j++) q[j] = ((const float *)qp)[j];
-    else
-        memcpy(q, qp, (size_t)d * sizeof(double));
-    for (int64_t j = d; j < dpad; j++) q[j] = 0.0;
-    c->K->dot[a->dtype](a->k + a->k_off[b], n, a->k_ld / elem_size(a->dtype), q, d, a->scale,
-                        sc);
-    if (a->mask) {
-        const char *mp = a->mask + a->m_off[b] + l * a->m_sl;
-        for (int64_t j = 0; j < n; j++) sc[j] += *(const double *)(mp + j * a->m_sn);
+    for (int i = 0; i < m; i++) {
+        const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+        double *qi = q + i * dpad;
+        if (a->dtype == TKA_F32)
+            for (int64_t j = 0; j < d; j++) qi[j] = ((const float *)qp)[j];
+        else
+            memcpy(qi, qp, (size_t)d * sizeof(double));
+        for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
     }
-    w->p = sc;
-    w->n = n;
-    w->dt = TKA_F64;
-    w->K = c->K;
-    *acc_out = q + dpad;
-    return tka_row_check(w, s);
+    const char *kb = a->k + a->k_off[b];
+    const int64_t ld = a->k_ld / elem_size(a->dtype);
+    if (m == GROUP)
+        c->K->dot4[a->dtype](kb, n, ld, q, dpad, d, a->scale, sc, n);
+    else
+        for (int i = 0; i < m; i++) c->K->dot[a->dtype](kb, n, ld, q + i * dpad, d, a->scale, sc + i * n);
+    for (int i = 0; i < m; i++) {
+        double *si = sc + i * n;
+        if (a->mask) {
+            const char *mp = a->mask + a->m_off[b] + (l0 + i) * a->m_sl;
+            for (int64_t j = 0; j < n; j++) si[j] += *(const double *)(mp + j * a->m_sn);
+        }
+        w[i].p = si;
+        w[i].n = n;
+        w[i].dt = TKA_F64;
+        w[i].K = c->K;
+        tka_status st = tka_row_check(&w[i], s);
+        if (st != TKA_OK) {
+            *bad = i;
+            return st;
+        }
+    }
+    *acc_out = q + GROUP * dpad;
+    return TKA_OK;
 }
 
 /* out row r = acc / z, in the problem's dtype. */
@@ -83,13 +103,11 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-static tka_status dense_row(const attn_ctx *c, int64_t r, tka_scratch *s)
+static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                            tka_scratch *s)
 {
     const tka_attn *a = c->a;
-    row_t w;
-    double *acc;
-    tka_status st = score_row(c, r, s, &w, &acc);
-    if (st != TKA_OK) return st;
+    const row_t w = *wp;
     double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)a->n * sizeof(double));
     if (!wt) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
@@ -110,29 +128,28 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
+    double t = 0.0, lt;
     tka_status st;
     if (c->k) {
         k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
-        double lt;
-        st = tka_row_log_tau(w, k, s, &lt, NULL);
-        *tau = exp(lt);
-    } else {
-        st = tka_row_keps(w, c->eps[r], s, &k, tau);
+    } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
+        return st;
     }
-    if (st != TKA_OK) return st;
     *keep = tka_scratch_get(s, TKA_SLOT_KEEP, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
-    return tka_row_topk(w, k, s, *keep);
+    if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
+    st = tka_row_topk_set(w, k, s, *keep, &lt);
+    *tau = exp(lt);
+    return st;
 }
 
-static tka_status topk_row(const attn_ctx *c, int64_t r, tka_scratch *s)
+static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                           tka_scratch *s)
 {
     const tka_attn *a = c->a;
-    row_t w;
-    double *acc;
-    tka_status st = score_row(c, r, s, &w, &acc);
-    if (st != TKA_OK) return st;
+    const row_t w = *wp;
+    tka_status st;
     int64_t k, *keep;
     double tau;
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
@@ -148,23 +165,31 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, tka_scratch *s)
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
-    if (c->idx_out) {
+    if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        if (!idx) return TKA_ERR_NOMEM;
-        memcpy(idx, keep, (size_t)k * sizeof(int64_t));
+        double *v = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        if (!idx || !v) {
+            free(idx);
+            return TKA_ERR_NOMEM;
+        }
+        for (int64_t i = 0; i < k; i++) {
+            idx[i] = keep[i];
+            v[i] = sc[keep[i]];
+        }
+        tka_sort_pairs_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
     return TKA_OK;
 }
 
-static tka_status row_error(const attn_ctx *c, int64_t r, tka_scratch *s)
+static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                            tka_scratch *s)
 {
     const tka_attn *a = c->a;
     const int64_t n = a->n;
-    row_t w;
-    double *acc;
-    tka_status st = score_row(c, r, s, &w, &acc);
-    if (st != TKA_OK) return st;
+    const row_t w = *wp;
+    tka_status st;
+    (void)acc;
     int64_t k, *keep;
     double tau;
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
@@ -187,15 +212,25 @@ static tka_status row_error(const attn_ctx *c, int64_t r, tka_scratch *s)
     return TKA_OK;
 }
 
-static tka_status attn_rows(void *ctx, int64_t r0, int64_t r1, tka_scratch *s, int64_t *bad)
+static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_scratch *s, int64_t *bad)
 {
     const attn_ctx *c = ctx;
-    for (int64_t r = r0; r < r1; r++) {
-        tka_status st = c->mode == MODE_DENSE  ? dense_row(c, r, s)
-                        : c->mode == MODE_TOPK ? topk_row(c, r, s)
-                                               : row_error(c, r, s);
+    const int64_t L = c->a->L, per = (L + GROUP - 1) / GROUP;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t r0 = (g / per) * L + (g % per) * GROUP;
+        const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
+        row_t w[GROUP];
+        double *acc;
+        int off = 0;
+        tka_status st = score_group(c, r0, m, s, w, &acc, &off);
+        for (int i = 0; st == TKA_OK && i < m; i++) {
+            off = i;
+            st = c->mode == MODE_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
+                 : c->mode == MODE_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+                                        : row_error(c, r0 + i, &w[i], acc, s);
+        }
         if (st != TKA_OK) {
-            *bad = r;
+            *bad = r0 + off;
             return st;
         }
     }
@@ -212,9 +247,9 @@ static tka_status run(attn_ctx *c, tka_error *err)
         return TKA_ERR_ARG;
     }
     c->K = tka_active_kernels();
-    const int64_t rows = a->batch * a->L;
-    const double work = (double)rows * (double)a->n * (double)(a->d + 8);
-    tka_status st = tka_parallel_rows(rows, work, attn_rows, c, &bad);
+    const int64_t groups = a->batch * ((a->L + GROUP - 1) / GROUP);
+    const double work = (double)a->batch * (double)a->L * (double)a->n * (double)(a->d + 8);
+    tka_status st = tka_parallel_rows(groups, work, attn_groups, c, &bad);
     if (err) err->row = bad;
     return st;
 }

@@ -302,6 +302,9 @@ typedef struct {
     int64_t distinct;
     int64_t unscored;      /* keys not scored by the deterministic search */
     int64_t npool;         /* keys on proxy levels (for the rounding pads) */
+    double pool;           /* running sum of lw[level] over unscored keys on levels */
+    double pool_max;       /* largest value the running sum has taken */
+    int64_t pool_ops;      /* updates of the running sum */
     double bytes;
     int64_t proxies, blocks;
 } srow;
@@ -436,7 +439,7 @@ static int64_t weighted_top(double *v, int64_t *x, double *w, int64_t n, double 
  */
 static void sort_pairs_desc(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
 {
-    if (n < 2048 || !tv || !tx) {
+    if (n < 512 || !tv || !tx) {
         tka_sort_pairs_desc(v, x, n);
         return;
     }
@@ -505,11 +508,10 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         *st = TKA_ERR_NOMEM;
         return 1;
     }
+    const tka_kernels *K = tka_active_kernels();
+    K->exp_shift[TKA_F64](w->sv, ns, m, wm);
     double z = 0.0;
-    for (int64_t t = 0; t < ns; t++) {
-        wm[t] = exp(w->sv[t] - m);
-        z += wm[t];
-    }
+    for (int64_t t = 0; t < ns; t++) z += wm[t];
     const double u = to_m_units(w, u_ref);
     const double rel = 1.0 + (double)(ns + w->nb + w->npool + 64) * 0x1p-50;
     const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
@@ -564,14 +566,16 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         for (int64_t t = 0; t < k; t++) {
             double p = exp(w->sv[t] - m);
             z += p;
-            const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
-            if (a->vdtype == TKA_F32) {
-                const float *v = (const float *)a->v + row;
-                for (int64_t j = 0; j < dv; j++) o[j] += p * (double)v[j];
-            } else {
-                const double *v = (const double *)a->v + row;
-                for (int64_t j = 0; j < dv; j++) o[j] += p * v[j];
+            if (t + PREFETCH < k) { /* kept keys are scattered over V */
+                const int64_t rp = h * a->v_head_stride + out->idx[t + PREFETCH] * a->v_row_stride;
+                const char *pv = (const char *)a->v + (size_t)rp * (a->vdtype == TKA_F32 ? 4 : 8);
+                for (int64_t off = 0; off < dv * (a->vdtype == TKA_F32 ? 4 : 8); off += 64)
+                    __builtin_prefetch(pv + off);
             }
+            const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
+            const void *v = a->vdtype == TKA_F32 ? (const void *)((const float *)a->v + row)
+                                                 : (const void *)((const double *)a->v + row);
+            K->axpy[a->vdtype](v, dv, p, o);
         }
         for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
@@ -638,10 +642,13 @@ static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0,
         w->lnext[e] = w->lhead[b];
         w->lhead[b] = e;
         w->lcnt[b]++;
+        w->pool += cx->lw[b];
         if (b > w->lmax) w->lmax = b;
         if (b < w->lmin_new) w->lmin_new = b;
     }
     w->npool += i1 - i0;
+    w->pool_ops += i1 - i0;
+    if (w->pool > w->pool_max) w->pool_max = w->pool;
     w->proxies += i1 - i0;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
 }
@@ -741,7 +748,11 @@ static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, doubl
     const double u = unscored_mass(w, pool);
     /* deterministic certificate: eps Z_s >= (1 - eps) U */
     if (c->eps_in * w->zs >= (1.0 - c->eps_in) * to_m_units(w, u)) {
-        if (finalize(cx, w, r, u, c->eps, s, st)) return 1;
+        double ue = u;
+        if (w->lhead) /* the level masses summed afresh, without the running sum's drift */
+            ue = unscored_mass(w, levels_above(cx, w, cur_level)
+                                      + (double)ncur * cx->lw[cur_level] * (1.0 + 0x1p-50));
+        if (finalize(cx, w, r, ue, c->eps, s, st)) return 1;
         c->eps_in *= 0.5; /* rounding corner: ask for more margin */
         return 0;
     }
@@ -899,14 +910,14 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
                  * margin): go back to the lowest level that got keys */
                 if (w.lmin_new < t) t = w.lmin_new;
                 if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
-                const double above = levels_above(cx, &w, t);
                 /* the level's keys in an array, scored in that order with prefetching (they
                  * are scattered over many blocks) */
                 int64_t nl = 0;
                 for (int64_t e = w.lhead[t]; e >= 0; e = w.lnext[e]) lv[nl++] = w.ekey[e];
                 w.lhead[t] = -1;
                 for (int64_t u = 0;; u++) {
-                    double pool = above + (double)(nl - u) * cx->lw[t] * (1.0 + 0x1p-50);
+                    /* the running sum drifts by at most one rounding of pool_max per update */
+                    double pool = w.pool + (double)(w.pool_ops + 4) * 0x1p-52 * w.pool_max;
                     if (try_certify(cx, &w, r, &ck, pool, lv + u, nl - u, t, s, &st)) {
                         done = 1;
                         break;
@@ -922,6 +933,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
                     add_scored(&w, sv, lv[u]);
                     note_computed(&w, lv[u]);
                     w.unscored--;
+                    w.pool -= cx->lw[t];
+                    w.pool_ops++;
                 }
                 w.lcnt[t] = 0;
             }

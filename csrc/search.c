@@ -103,7 +103,7 @@ tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
         int64_t b = stack[--top], a = stack[--top], m = b - a;
         if (m <= bs) continue;
         /* mean and leading direction from an evenly spaced sample of the node */
-        int64_t ns = m < 512 ? m : 512;
+        int64_t ns = m < 256 ? m : 256;
         memset(mu, 0, (size_t)d * sizeof(double));
         for (int64_t s = 0; s < ns; s++) {
             int64_t i = perm[a + s * m / ns];
@@ -111,7 +111,7 @@ tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
         }
         for (int64_t j = 0; j < d; j++) mu[j] /= (double)ns;
         for (int64_t j = 0; j < d; j++) v[j] = 1.0 / sqrt((double)d) * (j % 2 ? -1.0 : 1.0) + 0.01 * j;
-        for (int it = 0; it < 4; it++) {
+        for (int it = 0; it < 3; it++) {
             memset(w, 0, (size_t)d * sizeof(double));
             for (int64_t s = 0; s < ns; s++) {
                 int64_t i = perm[a + s * m / ns];
@@ -621,16 +621,18 @@ static void block_bounds(const search_ctx *cx, srow *w, int64_t h, double qn1, d
 
 /* Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1), put on levels. */
 static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, int64_t i1,
-                           double ubb, const float *qf, double qscale_inv, double slack_code,
-                           double qn2, float *tmp)
+                           double ubb, const int16_t *yq, double bq, double slack_code,
+                           double qn2, int32_t *tmp)
 {
     const tka_key_index *ix = cx->ix;
     const size_t ko = (size_t)(h * ix->cap);
-    cx->kern->dot_i8(qf, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0, tmp);
+    cx->kern->dot_i8(yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0, tmp);
+    double acc0 = 0.0, acc1 = 0.0;
     for (int64_t i = i0; i < i1; i++) {
         const double sc = (double)ix->pscale[ko + (size_t)i];
-        const double base = sc * (double)tmp[i - i0] * qscale_inv;
-        double p = base + sc * slack_code * qscale_inv + qn2 * (double)ix->perr[ko + (size_t)i];
+        /* q'.k = sc (b y.z + r.z) + q'.e with |r.z| <= slack_code, |q'.e| <= qn2 perr */
+        const double base = sc * (bq * (double)tmp[i - i0]);
+        double p = base + sc * slack_code + qn2 * (double)ix->perr[ko + (size_t)i];
         p += 0x1p-50 * fabs(p) + 0x1p-1060 + w->eta;
         if (!(p < ubb)) p = ubb;
         /* level b with b LEVEL_W <= ref - p, kept on the safe side of rounding */
@@ -642,10 +644,12 @@ static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0,
         w->lnext[e] = w->lhead[b];
         w->lhead[b] = e;
         w->lcnt[b]++;
-        w->pool += cx->lw[b];
+        if ((i - i0) & 1) acc1 += cx->lw[b];
+        else acc0 += cx->lw[b];
         if (b > w->lmax) w->lmax = b;
         if (b < w->lmin_new) w->lmin_new = b;
     }
+    w->pool += acc0 + acc1;
     w->npool += i1 - i0;
     w->pool_ops += i1 - i0;
     if (w->pool > w->pool_max) w->pool_max = w->pool;
@@ -795,7 +799,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
     /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
     size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
               + (proxy ? 3 * (size_t)n + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
-    size_t bytes = n8 * 8 + (size_t)(d + bs) * sizeof(float) + (mc ? (size_t)n : 0) + 64;
+    size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
+                 + (mc ? (size_t)n : 0) + 64;
     char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
     if (!buf) return TKA_ERR_NOMEM;
 
@@ -823,9 +828,9 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
             lv = q8; q8 += n;
             if (mc) { ck.pk = q8; q8 += n; ck.pb = q8; q8 += n; }
         }
-        float *qf = (float *)q8;
-        float *tmp = qf + d;
-        if (mc) { w.mark = (uint8_t *)(tmp + bs); memset(w.mark, 0, (size_t)n); }
+        int32_t *tmp = (int32_t *)q8;
+        int16_t *yq = (int16_t *)(tmp + bs);
+        if (mc) { w.mark = (uint8_t *)(yq + d); memset(w.mark, 0, (size_t)n); }
 
         w.n = n; w.d = d; w.bs = bs; w.nb = nb;
         w.es = esize(ix->dtype);
@@ -845,17 +850,29 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         ck.eps = a->eps[r];
         ck.eps_in = ck.eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
 
-        /* proxy query: q' scaled by a power of two so that its largest entry is in [1, 2) */
-        int qe = 0;
-        if (proxy && qmax > 0.0) frexp(qmax, &qe);
-        const double qscale = ldexp(1.0, 1 - qe), qscale_inv = ldexp(1.0, qe - 1);
-        double qf1 = 0.0;
-        for (int64_t j = 0; j < d; j++) {
-            qf[j] = (float)(qs[j] * qscale);
-            qf1 += fabs(qs[j] * qscale);
+        /* proxy query: int16 codes y = round(q' / b), b a power of two with max|q'| / b <= ymax
+         * (so that d ymax 127 < 2^31: the int32 dot products are exact). r = q' - b y is
+         * exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's codes. */
+        double bq = 1.0, rr = 0.0;
+        if (proxy) {
+            double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
+            if (ymax > 32767.0) ymax = 32767.0;
+            if (qmax > 0.0) {
+                int e2;
+                frexp(qmax / ymax, &e2);
+                bq = ldexp(1.0, e2);
+            }
+            for (int64_t j = 0; j < d; j++) {
+                double t = nearbyint(qs[j] / bq);
+                if (t > ymax) t = ymax;
+                if (t < -ymax) t = -ymax;
+                yq[j] = (int16_t)t;
+                double rj = qs[j] - bq * t;
+                rr += rj * rj;
+            }
         }
-        const double slack_code = (double)(d + 4) * 0x1p-24 * 127.0 * qf1 * 1.0001
-                                + (double)d * 127.0 * 0x1p-148;
+        const double slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
+                                * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
 
         block_bounds(cx, &w, h, qn1, qn2);
         w.bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
@@ -900,8 +917,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
                 w.lmin_new = NLEVELS;
                 while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
                     const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                    expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], qf, qscale_inv, slack_code,
-                                   qn2, tmp);
+                    expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp);
                     w.blocks++;
                     w.j++;
                     expanded++;

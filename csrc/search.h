@@ -48,7 +48,7 @@ typedef struct {
 /**
  * Order of the keys of one head that makes blocks tight: recursive bisection at the
  * median of the projection on each node's leading principal direction (estimated by
- * power iteration on at most 512 keys of the node), down to nodes of block_size keys.
+ * power iteration on at most 256 keys of the node), down to nodes of block_size keys.
  * keys: n x d contiguous; perm_out: n positions (a permutation of 0..n-1). Deterministic.
  */
 tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
@@ -108,8 +108,9 @@ typedef struct {
     /** sum_j q[j] * k[j] in float64 over d float32 keys (rows of stride d), for m keys. */
     void (*dot_f32)(const double *q, const float *k, int64_t d, int64_t m, double *out);
     void (*dot_f64)(const double *q, const double *k, int64_t d, int64_t m, double *out);
-    /** sum_j qf[j] * z[j] in float32 over int8 codes, for m keys (rows of stride d). */
-    void (*dot_i8)(const float *qf, const int8_t *z, int64_t d, int64_t m, float *out);
+    /** sum_j y[j] * z[j] exactly in int32 (int16 query codes, int8 key codes; the caller
+     *  keeps d * max|y| * 127 below 2^31), for m keys (rows of stride d). */
+    void (*dot_i8)(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out);
 } tka_search_kernels;
 
 extern const tka_search_kernels tka_search_kernels_scalar;

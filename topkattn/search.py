@@ -54,7 +54,7 @@ class KeyIndex:
       bound is the largest outstanding one.
     * **Order**: with ``reorder=True`` the keys given at construction are reordered so
       that blocks are tight: recursive bisection at the median of the projection on each
-      node's leading principal direction (power iteration on up to 512 keys of the node),
+      node's leading principal direction (power iteration on up to 256 keys of the node),
       down to one block. Keys added by :meth:`append` form new blocks in arrival order.
       Indices reported by the search are always the original key positions.
 

@@ -14,14 +14,6 @@ static inline double hsum_pd(__m256d v)
     return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
 }
 
-static inline float hsum_ps(__m256 v)
-{
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1)));
-}
-
 static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)
 {
     for (int64_t i = 0; i < m; i++, k += d) {
@@ -55,21 +47,46 @@ static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, doub
     }
 }
 
-static void dot_i8(const float *qf, const int8_t *z, int64_t d, int64_t m, float *out)
+static inline int32_t hsum_epi32(__m256i v)
 {
-    for (int64_t i = 0; i < m; i++, z += d) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xB1));
+    return _mm_cvtsi128_si32(a);
+}
+
+static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out)
+{
+    int64_t i = 0;
+    /* two keys at a time: independent accumulators */
+    for (; i + 2 <= m; i += 2, z += 2 * d) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         int64_t j = 0;
         for (; j + 16 <= d; j += 16) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(z + j));
-            __m256 z0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-            __m256 z1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j), z0, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j + 8), z1, a1);
+            __m256i yv = _mm256_loadu_si256((const __m256i *)(y + j));
+            __m256i z0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + j)));
+            __m256i z1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + d + j)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(yv, z0));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(yv, z1));
         }
-        float s = hsum_ps(_mm256_add_ps(a0, a1));
-        for (; j < d; j++) s += qf[j] * (float)z[j];
-        out[i] = s;
+        int32_t s0 = hsum_epi32(a0), s1 = hsum_epi32(a1);
+        for (; j < d; j++) {
+            s0 += (int32_t)y[j] * (int32_t)z[j];
+            s1 += (int32_t)y[j] * (int32_t)z[d + j];
+        }
+        out[i] = s0;
+        out[i + 1] = s1;
+    }
+    for (; i < m; i++, z += d) {
+        __m256i a0 = _mm256_setzero_si256();
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16)
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+                _mm256_loadu_si256((const __m256i *)(y + j)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + j)))));
+        int32_t s0 = hsum_epi32(a0);
+        for (; j < d; j++) s0 += (int32_t)y[j] * (int32_t)z[j];
+        out[i] = s0;
     }
 }
 

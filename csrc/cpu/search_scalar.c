@@ -36,19 +36,12 @@ static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, doub
     }
 }
 
-static void dot_i8(const float *qf, const int8_t *z, int64_t d, int64_t m, float *out)
+static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out)
 {
     for (int64_t i = 0; i < m; i++, z += d) {
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        int64_t j = 0;
-        for (; j + 4 <= d; j += 4) {
-            a0 += qf[j] * (float)z[j];
-            a1 += qf[j + 1] * (float)z[j + 1];
-            a2 += qf[j + 2] * (float)z[j + 2];
-            a3 += qf[j + 3] * (float)z[j + 3];
-        }
-        for (; j < d; j++) a0 += qf[j] * (float)z[j];
-        out[i] = (a0 + a1) + (a2 + a3);
+        int32_t a = 0;
+        for (int64_t j = 0; j < d; j++) a += (int32_t)y[j] * (int32_t)z[j];
+        out[i] = a;
     }
 }
 

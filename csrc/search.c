@@ -275,6 +275,8 @@ typedef struct {
 #define NLEVELS 1024
 /* keys ahead whose rows are prefetched while scoring a level */
 #define PREFETCH 6
+/* levels linked ahead of the level being scored; keys further down are only counted */
+#define LINK_W 128
 
 /* Per-row working state. */
 typedef struct {
@@ -302,6 +304,7 @@ typedef struct {
     int64_t distinct;
     int64_t unscored;      /* keys not scored by the deterministic search */
     int64_t npool;         /* keys on proxy levels (for the rounding pads) */
+    int64_t nent;          /* entries linked into the level lists */
     double pool;           /* running sum of lw[level] over unscored keys on levels */
     double pool_max;       /* largest value the running sum has taken */
     int64_t pool_ops;      /* updates of the running sum */
@@ -619,15 +622,22 @@ static void block_bounds(const search_ctx *cx, srow *w, int64_t h, double qn1, d
     }
 }
 
-/* Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1), put on levels. */
-static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, int64_t i1,
-                           double ubb, const int16_t *yq, double bq, double slack_code,
-                           double qn2, int32_t *tmp)
+/*
+ * Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1). When `first`,
+ * every key is counted on its level (count and mass). Keys on levels in (lo, hi] are
+ * linked into the level lists; returns 1 when some key lies above hi (the block is then
+ * deferred: its far keys are linked only if the search ever gets to their levels).
+ */
+static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, int64_t i1,
+                          double ubb, const int16_t *yq, double bq, double slack_code,
+                          double qn2, int32_t *tmp, int first, int64_t lo, int64_t *hi)
 {
     const tka_key_index *ix = cx->ix;
     const size_t ko = (size_t)(h * ix->cap);
     cx->kern->dot_i8(yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0, tmp);
     double acc0 = 0.0, acc1 = 0.0;
+    const double margin = 1e-9 * (1.0 + fabs(w->ref));
+    int32_t bmin = NLEVELS;
     for (int64_t i = i0; i < i1; i++) {
         const double sc = (double)ix->pscale[ko + (size_t)i];
         /* q'.k = sc (b y.z + r.z) + q'.e with |r.z| <= slack_code, |q'.e| <= qn2 perr */
@@ -636,25 +646,42 @@ static void expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0,
         p += 0x1p-50 * fabs(p) + 0x1p-1060 + w->eta;
         if (!(p < ubb)) p = ubb;
         /* level b with b LEVEL_W <= ref - p, kept on the safe side of rounding */
-        double gap = (w->ref - p) - 1e-9 * (1.0 + fabs(w->ref) + fabs(p));
-        int64_t b = 0;
-        if (gap > 0.0) b = gap / LEVEL_W >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)(gap / LEVEL_W);
-        const int64_t e = w->npool + (i - i0);
-        w->ekey[e] = i;
-        w->lnext[e] = w->lhead[b];
-        w->lhead[b] = e;
-        w->lcnt[b]++;
-        if ((i - i0) & 1) acc1 += cx->lw[b];
-        else acc0 += cx->lw[b];
-        if (b > w->lmax) w->lmax = b;
-        if (b < w->lmin_new) w->lmin_new = b;
+        double gap = ((w->ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
+        int32_t b = 0;
+        if (gap > 0.0) b = gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int32_t)gap;
+        tmp[i - i0] = b;
+        if (b < bmin) bmin = b;
+        if (first) {
+            w->lcnt[b]++;
+            if ((i - i0) & 1) acc1 += cx->lw[b];
+            else acc0 += cx->lw[b];
+        }
     }
-    w->pool += acc0 + acc1;
-    w->npool += i1 - i0;
-    w->pool_ops += i1 - i0;
-    if (w->pool > w->pool_max) w->pool_max = w->pool;
+    /* the first window of linked levels starts at the first key's level */
+    if (*hi < 0) *hi = bmin + LINK_W < NLEVELS - 1 ? bmin + LINK_W : NLEVELS - 1;
+    int deferred = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t b = tmp[i - i0];
+        if (first && b > w->lmax) w->lmax = b;
+        if (b > lo && b <= *hi) {
+            const int64_t e = w->nent++;
+            w->ekey[e] = i;
+            w->lnext[e] = w->lhead[b];
+            w->lhead[b] = e;
+            if (b < w->lmin_new) w->lmin_new = b;
+        } else if (b > *hi) {
+            deferred = 1;
+        }
+    }
+    if (first) {
+        w->pool += acc0 + acc1;
+        w->npool += i1 - i0;
+        w->pool_ops += i1 - i0;
+        if (w->pool > w->pool_max) w->pool_max = w->pool;
+    }
     w->proxies += i1 - i0;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+    return deferred;
 }
 
 /*
@@ -798,7 +825,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
 
     /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
     size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
-              + (proxy ? 3 * (size_t)n + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
+              + (proxy ? 3 * (size_t)n + (size_t)nb + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
     size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
                  + (mc ? (size_t)n : 0) + 64;
     char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
@@ -816,12 +843,13 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         w.bsuf = p8; p8 += nb + 1;
         w.sv = p8; p8 += n;
         double *tmpd = p8; p8 += bs;
-        int64_t *q8 = (int64_t *)p8, *lv = NULL;
+        int64_t *q8 = (int64_t *)p8, *lv = NULL, *defer = NULL;
         w.bord = q8; q8 += nb;
         w.si = q8; q8 += n;
         if (proxy) {
             w.lnext = q8; q8 += n;
             w.ekey = q8; q8 += n;
+            defer = q8; q8 += nb;
             w.lhead = q8; q8 += NLEVELS;
             w.lcnt = q8; q8 += NLEVELS;
             for (int64_t b = 0; b < NLEVELS; b++) { w.lhead[b] = -1; w.lcnt[b] = 0; }
@@ -911,13 +939,31 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
             /* level by level: expand the blocks whose bound reaches the level, then score
              * the level's keys exactly, checking the certificate before each key */
             int done = 0;
+            int64_t horizon = mc ? NLEVELS - 1 : -1, ndefer = 0;
             for (int64_t t = 0; t < NLEVELS && !done; t++) {
                 const double theta = w.ref - (double)(t + 1) * LEVEL_W;
                 int64_t expanded = 0;
                 w.lmin_new = NLEVELS;
+                if (horizon >= 0 && t > horizon) {
+                    /* link the deferred keys of the next window of levels */
+                    const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
+                    int64_t keep = 0;
+                    for (int64_t u = 0; u < ndefer; u++) {
+                        const int64_t jv = defer[u], b = w.bord[jv], i0 = b * bs;
+                        const int64_t i1 = i0 + bs < n ? i0 + bs : n;
+                        int64_t hh = nh;
+                        if (expand_proxies(cx, &w, h, i0, i1, w.ub[jv], yq, bq, slack_code, qn2,
+                                           tmp, 0, horizon, &hh))
+                            defer[keep++] = jv;
+                    }
+                    ndefer = keep;
+                    horizon = nh;
+                }
                 while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
                     const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                    expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp);
+                    if (expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp,
+                                       1, -1, &horizon))
+                        defer[ndefer++] = w.j;
                     w.blocks++;
                     w.j++;
                     expanded++;
@@ -974,14 +1020,8 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
 {
     err->row = -1;
     err->what = NULL;
-    static double lw[NLEVELS];
-    static int lw_ready;
-    if (!__atomic_load_n(&lw_ready, __ATOMIC_ACQUIRE)) {
-        double tmp[NLEVELS];
-        for (int b = 0; b < NLEVELS; b++) tmp[b] = exp_up(-(double)b * LEVEL_W);
-        memcpy(lw, tmp, sizeof tmp); /* same values whichever thread writes first */
-        __atomic_store_n(&lw_ready, 1, __ATOMIC_RELEASE);
-    }
+    double lw[NLEVELS];
+    for (int b = 0; b < NLEVELS; b++) lw[b] = exp_up(-(double)b * LEVEL_W);
     search_ctx cx = {ix, args, search_kernels(), out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);

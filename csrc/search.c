@@ -271,8 +271,8 @@ typedef struct {
  * that a key on level b has mass <= e^{ref - b LEVEL_W}. Levels are scored exactly one
  * after the other: no per-key priority queue and no exp() per proxy.
  */
-#define LEVEL_W 0.125
-#define NLEVELS 1024
+#define LEVEL_W TKA_LEVEL_W
+#define NLEVELS TKA_NLEVELS
 /* keys ahead whose rows are prefetched while scoring a level */
 #define PREFETCH 6
 /* levels linked ahead of the level being scored; keys further down are only counted */
@@ -635,25 +635,18 @@ static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, 
     const tka_key_index *ix = cx->ix;
     const size_t ko = (size_t)(h * ix->cap);
     cx->kern->dot_i8(yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0, tmp);
+    const tka_proxy_consts pc = {bq, slack_code, qn2, w->eta, ubb, w->ref,
+                                 1e-9 * (1.0 + fabs(w->ref))};
+    cx->kern->proxy_levels(tmp, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
+                           i1 - i0, &pc);
     double acc0 = 0.0, acc1 = 0.0;
-    const double margin = 1e-9 * (1.0 + fabs(w->ref));
     int32_t bmin = NLEVELS;
-    for (int64_t i = i0; i < i1; i++) {
-        const double sc = (double)ix->pscale[ko + (size_t)i];
-        /* q'.k = sc (b y.z + r.z) + q'.e with |r.z| <= slack_code, |q'.e| <= qn2 perr */
-        const double base = sc * (bq * (double)tmp[i - i0]);
-        double p = base + sc * slack_code + qn2 * (double)ix->perr[ko + (size_t)i];
-        p += 0x1p-50 * fabs(p) + 0x1p-1060 + w->eta;
-        if (!(p < ubb)) p = ubb;
-        /* level b with b LEVEL_W <= ref - p, kept on the safe side of rounding */
-        double gap = ((w->ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
-        int32_t b = 0;
-        if (gap > 0.0) b = gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int32_t)gap;
-        tmp[i - i0] = b;
+    for (int64_t i = 0; i < i1 - i0; i++) {
+        const int32_t b = tmp[i];
         if (b < bmin) bmin = b;
         if (first) {
             w->lcnt[b]++;
-            if ((i - i0) & 1) acc1 += cx->lw[b];
+            if (i & 1) acc1 += cx->lw[b];
             else acc0 += cx->lw[b];
         }
     }

@@ -103,6 +103,21 @@ typedef struct {
 tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
                       tka_search_row *out_rows, double *out_v, tka_error *err);
 
+/** Per-query constants of the proxy bound (see csrc/search.c, expand_proxies). */
+typedef struct {
+    double bq;          /**< query code scale (a power of two) */
+    double slack_code;  /**< bound on |r.z| for any key's codes */
+    double qn2;         /**< bound on |q'| */
+    double eta;         /**< rounding allowance of a logit */
+    double ubb;         /**< the block's bound (caps every key's) */
+    double ref;         /**< unit of the level masses */
+    double margin;      /**< rounding margin of the level computation */
+} tka_proxy_consts;
+
+/** Number of proxy levels and their width in logits. */
+#define TKA_NLEVELS 1024
+#define TKA_LEVEL_W 0.125
+
 /* Dot-product kernels of one instruction set (csrc/cpu/search_*.c). */
 typedef struct {
     /** sum_j q[j] * k[j] in float64 over d float32 keys (rows of stride d), for m keys. */
@@ -111,6 +126,13 @@ typedef struct {
     /** sum_j y[j] * z[j] exactly in int32 (int16 query codes, int8 key codes; the caller
      *  keeps d * max|y| * 127 below 2^31), for m keys (rows of stride d). */
     void (*dot_i8)(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out);
+    /**
+     * Levels of m keys from their code dot products (in place in dl): bound
+     * p = sc (bq dot + slack_code) + qn2 perr, padded (2^-50 |p| + eta), capped by ubb;
+     * level floor(((ref - p) - margin - 1e-9 |p|) / TKA_LEVEL_W) in [0, TKA_NLEVELS - 1].
+     */
+    void (*proxy_levels)(int32_t *dl, const float *sc, const float *perr, int64_t m,
+                         const tka_proxy_consts *c);
 } tka_search_kernels;
 
 extern const tka_search_kernels tka_search_kernels_scalar;

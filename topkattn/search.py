@@ -316,7 +316,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
         want = index.batch_shape + (index.n,)
         if V.ndim != len(want) + 1 or V.shape[:-1] != want:
             raise ValueError(f"V must have shape {want + ('d_v',)}, got {V.shape}")
-        _check_finite(V, "V")
+        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output
         Vc = np.ascontiguousarray(V.reshape(index._heads, index.n, V.shape[-1]))
     eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
     idx, k, tv, ks, bsc, pr, by, mcf, out = _core.search(
@@ -362,7 +362,8 @@ def certified_search(q, index, eps, V=None, method="delta", delta=None, seed=Non
     eps : float or array broadcastable to the query batch shape
         Target TV, in (0, 1).
     V : array_like, shape (..., n, d_v), optional
-        Values in original key order; the result then has ``output``.
+        Values in original key order; the result then has ``output`` (NaN or inf in V
+        propagate to it).
     method : {"delta", "mc"}
     delta : float, required for "mc"
         Failure probability of the MC certificate, in (0, 1).

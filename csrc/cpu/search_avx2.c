@@ -90,4 +90,34 @@ static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int3
     }
 }
 
-const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_i8};
+static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_t m,
+                         const tka_proxy_consts *c)
+{
+    const __m256d bq = _mm256_set1_pd(c->bq), sl = _mm256_set1_pd(c->slack_code),
+                  qn2 = _mm256_set1_pd(c->qn2), ubb = _mm256_set1_pd(c->ubb),
+                  ref = _mm256_set1_pd(c->ref), pad = _mm256_set1_pd(0x1p-1060 + c->eta),
+                  rel = _mm256_set1_pd(0x1p-50), mg = _mm256_set1_pd(c->margin),
+                  r9 = _mm256_set1_pd(1e-9), inv = _mm256_set1_pd(1.0 / TKA_LEVEL_W),
+                  zero = _mm256_setzero_pd(), top = _mm256_set1_pd((double)(TKA_NLEVELS - 1)),
+                  absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        __m256d s = _mm256_cvtps_pd(_mm_loadu_ps(sc + i));
+        __m256d dt = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(dl + i)));
+        __m256d e = _mm256_cvtps_pd(_mm_loadu_ps(perr + i));
+        __m256d p = _mm256_mul_pd(s, _mm256_mul_pd(bq, dt));
+        p = _mm256_add_pd(p, _mm256_mul_pd(s, sl));
+        p = _mm256_add_pd(p, _mm256_mul_pd(qn2, e));
+        __m256d ap = _mm256_and_pd(p, absm);
+        p = _mm256_add_pd(p, _mm256_add_pd(_mm256_mul_pd(rel, ap), pad));
+        p = _mm256_min_pd(p, ubb); /* NaN -> ubb */
+        ap = _mm256_and_pd(p, absm);
+        __m256d gap = _mm256_sub_pd(_mm256_sub_pd(ref, p), mg);
+        gap = _mm256_mul_pd(_mm256_sub_pd(gap, _mm256_mul_pd(r9, ap)), inv);
+        gap = _mm256_min_pd(_mm256_max_pd(gap, zero), top);
+        _mm_storeu_si128((__m128i *)(dl + i), _mm256_cvttpd_epi32(gap));
+    }
+    if (i < m) tka_search_kernels_scalar.proxy_levels(dl + i, sc + i, perr + i, m - i, c);
+}
+
+const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_i8, proxy_levels};

@@ -2,6 +2,8 @@
  * search_scalar.c - dot-product kernels of the certified search for any CPU.
  * Four partial sums per dot product; the error bounds in search.c hold for any order.
  */
+#include <math.h>
+
 #include "../search.h"
 
 static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)
@@ -45,4 +47,19 @@ static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int3
     }
 }
 
-const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_i8};
+static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_t m,
+                         const tka_proxy_consts *c)
+{
+    for (int64_t i = 0; i < m; i++) {
+        const double s = (double)sc[i];
+        double p = s * (c->bq * (double)dl[i]) + s * c->slack_code + c->qn2 * (double)perr[i];
+        p += 0x1p-50 * fabs(p) + 0x1p-1060 + c->eta;
+        if (!(p < c->ubb)) p = c->ubb;
+        double gap = ((c->ref - p) - c->margin - 1e-9 * fabs(p)) * (1.0 / TKA_LEVEL_W);
+        int32_t b = 0;
+        if (gap > 0.0) b = gap >= (double)(TKA_NLEVELS - 1) ? TKA_NLEVELS - 1 : (int32_t)gap;
+        dl[i] = b;
+    }
+}
+
+const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_i8, proxy_levels};

@@ -1,8 +1,317 @@
 /*
  * py_search.c - CPython wrappers of the certified search (search.c).
+ *
+ * The key index's arrays belong to the Python KeyIndex object (topkattn/search.py),
+ * which passes them here as one tuple; they are checked (dtype, C order, shapes) before
+ * the core sees them, so a corrupted object raises instead of crashing.
  */
 #include "pyutil.h"
+#include "search.h"
+
+#include <string.h>
+
+/* The array `o` as type/ndim with the given leading shape (-1: any), C-contiguous. */
+static int get_arr(PyObject *o, const char *name, int type, int ndim, const npy_intp *shape,
+                   int writable, PyArrayObject **out)
+{
+    *out = NULL;
+    if (o == Py_None) return 0;
+    if (!PyArray_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "index array %s must be a NumPy array", name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_TYPE(a) != type || PyArray_NDIM(a) != ndim || !PyArray_IS_C_CONTIGUOUS(a)
+        || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a) || (writable && !PyArray_ISWRITEABLE(a))) {
+        PyErr_Format(PyExc_ValueError, "index array %s has the wrong dtype, rank or layout", name);
+        return -1;
+    }
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
+            PyErr_Format(PyExc_ValueError, "index array %s has the wrong shape", name);
+            return -1;
+        }
+    }
+    *out = a;
+    return 0;
+}
+
+/* Fill a tka_key_index from the tuple (keys, perm, n, block_size, summary, lo, hi, ctr,
+ * rad, pz, pscale, perr, maxabs). Borrowed references only. */
+static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int writable)
+{
+    PyObject *keys, *perm, *lo, *hi, *ctr, *rad, *pz, *pscale, *perr, *maxabs;
+    long long n, bs;
+    int summary;
+    memset(ix, 0, sizeof *ix);
+    memset(o, 0, sizeof *o);
+    if (!PyArg_ParseTuple(t, "OOLLiOOOOOOOO", &keys, &perm, &n, &bs, &summary, &lo, &hi, &ctr,
+                          &rad, &pz, &pscale, &perr, &maxabs))
+        return -1;
+    if (!PyArray_Check(keys) || PyArray_NDIM((PyArrayObject *)keys) != 3) {
+        PyErr_SetString(PyExc_ValueError, "index keys must be a (heads, cap, d) array");
+        return -1;
+    }
+    PyArrayObject *k = (PyArrayObject *)keys, *a;
+    int kt = PyArray_TYPE(k);
+    if (kt != NPY_FLOAT32 && kt != NPY_FLOAT64) {
+        PyErr_SetString(PyExc_TypeError, "index keys must be float32 or float64");
+        return -1;
+    }
+    const npy_intp H = PyArray_DIM(k, 0), cap = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
+    if (bs < 1 || n < 1 || n > cap || d < 1 || (summary & ~3) || !summary) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent key index (n, block_size or summary)");
+        return -1;
+    }
+    const npy_intp cb = (cap + bs - 1) / bs;
+    npy_intp s_keys[3] = {H, cap, d}, s_hc[2] = {H, cap}, s_blk[3] = {H, -1, d}, s_hb[2] = {H, -1},
+             s_h[1] = {H};
+    if (get_arr(keys, "keys", kt, 3, s_keys, 0, &a) < 0) return -1;
+    ix->keys = PyArray_DATA(a);
+    if (get_arr(perm, "perm", NPY_INT64, 2, s_hc, 0, &a) < 0) return -1;
+    if (!a) { PyErr_SetString(PyExc_ValueError, "index perm missing"); return -1; }
+    ix->perm = PyArray_DATA(a);
+    if (get_arr(maxabs, "maxabs", NPY_FLOAT64, 1, s_h, writable, &a) < 0) return -1;
+    if (!a) { PyErr_SetString(PyExc_ValueError, "index maxabs missing"); return -1; }
+    ix->maxabs = o->maxabs = PyArray_DATA(a);
+    npy_intp cap_blocks = -1;
+    if (summary & TKA_SUM_MINMAX) {
+        PyArrayObject *b;
+        if (get_arr(lo, "lo", NPY_FLOAT32, 3, s_blk, writable, &a) < 0 ||
+            get_arr(hi, "hi", NPY_FLOAT32, 3, s_blk, writable, &b) < 0) return -1;
+        if (!a || !b || PyArray_DIM(a, 1) != PyArray_DIM(b, 1)) {
+            PyErr_SetString(PyExc_ValueError, "index lo/hi missing or inconsistent");
+            return -1;
+        }
+        cap_blocks = PyArray_DIM(a, 1);
+        ix->lo = o->lo = PyArray_DATA(a);
+        ix->hi = o->hi = PyArray_DATA(b);
+    }
+    if (summary & TKA_SUM_BALL) {
+        PyArrayObject *b;
+        if (get_arr(ctr, "ctr", NPY_FLOAT32, 3, s_blk, writable, &a) < 0 ||
+            get_arr(rad, "rad", NPY_FLOAT64, 2, s_hb, writable, &b) < 0) return -1;
+        if (!a || !b || PyArray_DIM(a, 1) != PyArray_DIM(b, 1) ||
+            (cap_blocks >= 0 && PyArray_DIM(a, 1) != cap_blocks)) {
+            PyErr_SetString(PyExc_ValueError, "index ctr/rad missing or inconsistent");
+            return -1;
+        }
+        cap_blocks = PyArray_DIM(a, 1);
+        ix->ctr = o->ctr = PyArray_DATA(a);
+        ix->rad = o->rad = PyArray_DATA(b);
+    }
+    if (cap_blocks < cb) {
+        PyErr_SetString(PyExc_ValueError, "index block arrays are too short");
+        return -1;
+    }
+    if (pz != Py_None) {
+        PyArrayObject *b, *c;
+        if (get_arr(pz, "pz", NPY_INT8, 3, s_keys, writable, &a) < 0 ||
+            get_arr(pscale, "pscale", NPY_FLOAT32, 2, s_hc, writable, &b) < 0 ||
+            get_arr(perr, "perr", NPY_FLOAT32, 2, s_hc, writable, &c) < 0) return -1;
+        if (!a || !b || !c) {
+            PyErr_SetString(PyExc_ValueError, "index proxies incomplete");
+            return -1;
+        }
+        ix->pz = o->pz = PyArray_DATA(a);
+        ix->pscale = o->pscale = PyArray_DATA(b);
+        ix->perr = o->perr = PyArray_DATA(c);
+    }
+    ix->heads = H;
+    ix->n = n;
+    ix->cap = cap;
+    ix->d = d;
+    ix->block_size = bs;
+    ix->cap_blocks = cap_blocks;
+    ix->dtype = kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+    ix->summary = summary;
+    return 0;
+}
+
+/* index_order(keys (H, n, d), block_size) -> perm (H, n) int64 */
+static PyObject *py_index_order(PyObject *self, PyObject *args)
+{
+    PyObject *ko;
+    long long bs;
+    if (!PyArg_ParseTuple(args, "OL", &ko, &bs)) return NULL;
+    PyArrayObject *k;
+    npy_intp any3[3] = {-1, -1, -1};
+    if (!PyArray_Check(ko)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be a NumPy array");
+        return NULL;
+    }
+    int kt = PyArray_TYPE((PyArrayObject *)ko);
+    if ((kt != NPY_FLOAT32 && kt != NPY_FLOAT64) || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
+        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "keys must be float32 or float64");
+    if (bs < 1) return PyErr_Format(PyExc_ValueError, "block_size must be >= 1");
+    npy_intp H = PyArray_DIM(k, 0), n = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
+    npy_intp shp[2] = {H, n};
+    PyArrayObject *perm = (PyArrayObject *)PyArray_SimpleNew(2, shp, NPY_INT64);
+    if (!perm) return NULL;
+    tka_status st = TKA_OK;
+    const char *base = PyArray_BYTES(k);
+    int64_t *pp = PyArray_DATA(perm);
+    const size_t es = kt == NPY_FLOAT32 ? 4 : 8;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp h = 0; h < H && st == TKA_OK; h++)
+        st = tka_index_order(base + (size_t)(h * n * d) * es, kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64,
+                             n, d, bs, pp + h * n);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) {
+        Py_DECREF(perm);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)perm;
+}
+
+/* index_fill(ix_tuple, k0): summaries and proxies of keys [k0, n). */
+static PyObject *py_index_fill(PyObject *self, PyObject *args)
+{
+    PyObject *t;
+    long long k0;
+    if (!PyArg_ParseTuple(args, "O!L", &PyTuple_Type, &t, &k0)) return NULL;
+    tka_key_index ix;
+    tka_key_index_out o;
+    if (parse_index(t, &ix, &o, 1) < 0) return NULL;
+    if (k0 < 0 || k0 > ix.n) return PyErr_Format(PyExc_ValueError, "k0 out of range");
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_index_fill(&ix, &o, k0, &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/*
+ * search(ix_tuple, Q (H, L, d) float64, scale, eps (H*L,), method, delta, seed,
+ *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None)
+ * -> (indices (H*L, kmax) padded with -1, k, tv_bound, keys_scored, blocks_scored,
+ *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None)
+ */
+static PyObject *py_search(PyObject *self, PyObject *args)
+{
+    PyObject *t, *qo, *eo, *vo;
+    double scale, delta;
+    int method, use_proxy;
+    unsigned long long seed;
+    long long mc_samples;
+    if (!PyArg_ParseTuple(args, "O!OdOidKLpO", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
+                          &delta, &seed, &mc_samples, &use_proxy, &vo))
+        return NULL;
+    tka_key_index ix;
+    tka_key_index_out o;
+    if (parse_index(t, &ix, &o, 0) < 0) return NULL;
+    PyArrayObject *q, *e, *v = NULL;
+    npy_intp sq[3] = {ix.heads, -1, ix.d};
+    if (get_arr(qo, "Q", NPY_FLOAT64, 3, sq, 0, &q) < 0) return NULL;
+    if (!q) return PyErr_Format(PyExc_ValueError, "Q missing");
+    const npy_intp L = PyArray_DIM(q, 1), rows = ix.heads * L;
+    npy_intp se[1] = {rows};
+    if (get_arr(eo, "eps", NPY_FLOAT64, 1, se, 0, &e) < 0) return NULL;
+    if (!e) return PyErr_Format(PyExc_ValueError, "eps missing");
+    if (vo != Py_None) {
+        if (!PyArray_Check(vo)) return PyErr_Format(PyExc_TypeError, "V must be a NumPy array");
+        int vt = PyArray_TYPE((PyArrayObject *)vo);
+        npy_intp sv[3] = {ix.heads, ix.n, -1};
+        if ((vt != NPY_FLOAT32 && vt != NPY_FLOAT64) || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
+            return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "V must be float32 or float64");
+    }
+    if (method != TKA_SEARCH_DELTA && method != TKA_SEARCH_MC)
+        return PyErr_Format(PyExc_ValueError, "unknown method");
+    if (method == TKA_SEARCH_MC && (!(delta > 0.0 && delta < 1.0) || mc_samples < 2))
+        return PyErr_Format(PyExc_ValueError, "MC needs delta in (0, 1) and mc_samples >= 2");
+
+    tka_search_args sa;
+    memset(&sa, 0, sizeof sa);
+    sa.q = PyArray_DATA(q);
+    sa.L = L;
+    sa.scale = scale;
+    sa.eps = PyArray_DATA(e);
+    sa.method = method;
+    sa.delta = delta;
+    sa.seed = seed;
+    sa.mc_samples = mc_samples;
+    sa.use_proxy = use_proxy;
+    npy_intp dv = 0;
+    if (v) {
+        sa.v = PyArray_DATA(v);
+        sa.vdtype = PyArray_TYPE(v) == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+        dv = PyArray_DIM(v, 2);
+        sa.dv = dv;
+        sa.v_head_stride = ix.n * dv;
+        sa.v_row_stride = dv;
+    }
+    PyObject *res = NULL;
+    tka_search_row *out = PyMem_Calloc((size_t)(rows > 0 ? rows : 1), sizeof(tka_search_row));
+    PyArrayObject *ov = NULL, *idx = NULL, *kk = NULL, *tv = NULL, *ks = NULL, *bsc = NULL,
+                  *pr = NULL, *by = NULL, *mcf = NULL;
+    if (!out) return PyErr_NoMemory();
+    if (v) {
+        npy_intp so[2] = {rows, dv};
+        if (!(ov = (PyArrayObject *)PyArray_SimpleNew(2, so, NPY_FLOAT64))) goto done;
+    }
+    tka_error err;
+    tka_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tka_search(&ix, &sa, out, ov ? PyArray_DATA(ov) : NULL, &err);
+    Py_END_ALLOW_THREADS
+    if (st != TKA_OK) {
+        if (st == TKA_ERR_NOMEM) PyErr_NoMemory();
+        else PyErr_Format(PyExc_RuntimeError, "certified search failed (status %d)", (int)st);
+        goto done;
+    }
+    {
+        npy_intp kmax = 0;
+        for (npy_intp r = 0; r < rows; r++) if (out[r].k > kmax) kmax = out[r].k;
+        npy_intp s2[2] = {rows, kmax}, s1[1] = {rows};
+        if (!(idx = (PyArrayObject *)PyArray_SimpleNew(2, s2, NPY_INT64)) ||
+            !(kk = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
+            !(tv = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_FLOAT64)) ||
+            !(ks = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
+            !(bsc = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
+            !(pr = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
+            !(by = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_FLOAT64)) ||
+            !(mcf = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)))
+            goto done;
+        int64_t *ip = PyArray_DATA(idx);
+        for (npy_intp r = 0; r < rows; r++) {
+            const tka_search_row *w = &out[r];
+            memcpy(ip + r * kmax, w->idx, (size_t)w->k * sizeof(int64_t));
+            for (npy_intp j = w->k; j < kmax; j++) ip[r * kmax + j] = -1;
+            ((int64_t *)PyArray_DATA(kk))[r] = w->k;
+            ((double *)PyArray_DATA(tv))[r] = w->tv_bound;
+            ((int64_t *)PyArray_DATA(ks))[r] = w->keys_scored;
+            ((int64_t *)PyArray_DATA(bsc))[r] = w->blocks_scored;
+            ((int64_t *)PyArray_DATA(pr))[r] = w->proxies_read;
+            ((double *)PyArray_DATA(by))[r] = w->bytes_read;
+            ((npy_bool *)PyArray_DATA(mcf))[r] = (npy_bool)(w->certified_mc != 0);
+        }
+        res = Py_BuildValue("OOOOOOOOO", idx, kk, tv, ks, bsc, pr, by, mcf,
+                            ov ? (PyObject *)ov : Py_None);
+    }
+done:
+    for (npy_intp r = 0; r < rows; r++) free(out[r].idx);
+    PyMem_Free(out);
+    Py_XDECREF(ov);
+    Py_XDECREF(idx);
+    Py_XDECREF(kk);
+    Py_XDECREF(tv);
+    Py_XDECREF(ks);
+    Py_XDECREF(bsc);
+    Py_XDECREF(pr);
+    Py_XDECREF(by);
+    Py_XDECREF(mcf);
+    return res;
+}
 
 PyMethodDef tka_search_methods[] = {
+    {"index_order", py_index_order, METH_VARARGS,
+     "index_order(keys, block_size) -> perm: block-tightening order of each head's keys."},
+    {"index_fill", py_index_fill, METH_VARARGS,
+     "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
+    {"search", py_search, METH_VARARGS,
+     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V): "
+     "certified search rows."},
     {NULL, NULL, 0, NULL},
 };

@@ -46,6 +46,7 @@ from .core import (
     topk,
     tv_curve,
 )
+from .search import KeyIndex, certified_attention, certified_search  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,144 @@
+/*
+ * search_avx2.c - dot-product kernels of the certified search for AVX2 + FMA.
+ * Compiled with -mavx2 -mfma; reached only through tka_search_kernels_avx2 after the
+ * dispatcher has seen AVX2 and FMA.
+ */
+#include <immintrin.h>
+
+#include "../search.h"
+
+static inline double hsum_pd(__m256d v)
+{
+    __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
+    lo = _mm_add_pd(lo, hi);
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+}
+
+static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            __m256 kv = _mm256_loadu_ps(k + j);
+            a0 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j),
+                                 _mm256_cvtps_pd(_mm256_castps256_ps128(kv)), a0);
+            a1 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j + 4),
+                                 _mm256_cvtps_pd(_mm256_extractf128_ps(kv, 1)), a1);
+        }
+        double s = hsum_pd(_mm256_add_pd(a0, a1));
+        for (; j < d; j++) s += q[j] * (double)k[j];
+        out[i] = s;
+    }
+}
+
+static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            a0 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j), _mm256_loadu_pd(k + j), a0);
+            a1 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j + 4), _mm256_loadu_pd(k + j + 4), a1);
+        }
+        double s = hsum_pd(_mm256_add_pd(a0, a1));
+        for (; j < d; j++) s += q[j] * k[j];
+        out[i] = s;
+    }
+}
+
+static inline int32_t hsum_epi32(__m256i v)
+{
+    __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xB1));
+    return _mm_cvtsi128_si32(a);
+}
+
+static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out)
+{
+    int64_t i = 0;
+    /* four keys at a time, reduced together (three horizontal adds for four sums) */
+    if ((d & 15) == 0) {
+        for (; i + 4 <= m; i += 4, z += 4 * d) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+            __m256i a2 = _mm256_setzero_si256(), a3 = _mm256_setzero_si256();
+            for (int64_t j = 0; j < d; j += 16) {
+                __m256i yv = _mm256_loadu_si256((const __m256i *)(y + j));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(yv, _mm256_cvtepi8_epi16(
+                         _mm_loadu_si128((const __m128i *)(z + j)))));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(yv, _mm256_cvtepi8_epi16(
+                         _mm_loadu_si128((const __m128i *)(z + d + j)))));
+                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(yv, _mm256_cvtepi8_epi16(
+                         _mm_loadu_si128((const __m128i *)(z + 2 * d + j)))));
+                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(yv, _mm256_cvtepi8_epi16(
+                         _mm_loadu_si128((const __m128i *)(z + 3 * d + j)))));
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            _mm_storeu_si128((__m128i *)(out + i), t);
+        }
+    }
+    /* two keys at a time: independent accumulators */
+    for (; i + 2 <= m; i += 2, z += 2 * d) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16) {
+            __m256i yv = _mm256_loadu_si256((const __m256i *)(y + j));
+            __m256i z0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + j)));
+            __m256i z1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + d + j)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(yv, z0));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(yv, z1));
+        }
+        int32_t s0 = hsum_epi32(a0), s1 = hsum_epi32(a1);
+        for (; j < d; j++) {
+            s0 += (int32_t)y[j] * (int32_t)z[j];
+            s1 += (int32_t)y[j] * (int32_t)z[d + j];
+        }
+        out[i] = s0;
+        out[i + 1] = s1;
+    }
+    for (; i < m; i++, z += d) {
+        __m256i a0 = _mm256_setzero_si256();
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16)
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+                _mm256_loadu_si256((const __m256i *)(y + j)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(z + j)))));
+        int32_t s0 = hsum_epi32(a0);
+        for (; j < d; j++) s0 += (int32_t)y[j] * (int32_t)z[j];
+        out[i] = s0;
+    }
+}
+
+static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_t m,
+                         const tka_proxy_consts *c)
+{
+    const __m256d bq = _mm256_set1_pd(c->bq), sl = _mm256_set1_pd(c->slack_code),
+                  qn2 = _mm256_set1_pd(c->qn2), ubb = _mm256_set1_pd(c->ubb),
+                  ref = _mm256_set1_pd(c->ref), pad = _mm256_set1_pd(0x1p-1060 + c->eta),
+                  rel = _mm256_set1_pd(0x1p-50), mg = _mm256_set1_pd(c->margin),
+                  r9 = _mm256_set1_pd(1e-9), inv = _mm256_set1_pd(1.0 / TKA_LEVEL_W),
+                  zero = _mm256_setzero_pd(), top = _mm256_set1_pd((double)(TKA_NLEVELS - 1)),
+                  absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        __m256d s = _mm256_cvtps_pd(_mm_loadu_ps(sc + i));
+        __m256d dt = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(dl + i)));
+        __m256d e = _mm256_cvtps_pd(_mm_loadu_ps(perr + i));
+        __m256d p = _mm256_mul_pd(s, _mm256_mul_pd(bq, dt));
+        p = _mm256_add_pd(p, _mm256_mul_pd(s, sl));
+        p = _mm256_add_pd(p, _mm256_mul_pd(qn2, e));
+        __m256d ap = _mm256_and_pd(p, absm);
+        p = _mm256_add_pd(p, _mm256_add_pd(_mm256_mul_pd(rel, ap), pad));
+        p = _mm256_min_pd(p, ubb); /* NaN -> ubb */
+        ap = _mm256_and_pd(p, absm);
+        __m256d gap = _mm256_sub_pd(_mm256_sub_pd(ref, p), mg);
+        gap = _mm256_mul_pd(_mm256_sub_pd(gap, _mm256_mul_pd(r9, ap)), inv);
+        gap = _mm256_min_pd(_mm256_max_pd(gap, zero), top);
+        _mm_storeu_si128((__m128i *)(dl + i), _mm256_cvttpd_epi32(gap));
+    }
+    if (i < m) tka_search_kernels_scalar.proxy_levels(dl + i, sc + i, perr + i, m - i, c);
+}
+
+const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_i8, proxy_levels};

@@ -1,0 +1,1030 @@
+/*
+ * search.c - certified search (DESIGN.md §4): building the key index, and Δk-Search /
+ * MC-Search over it.
+ *
+ * Rounding. "The logit" of key i is the real number scale * (q . k_i) for the stored
+ * float values. The search computes it as fl(sum_j q'_j k_ij) with q' = fl(scale * q);
+ * both that value and the one any other float64 evaluation gives lie within
+ * eta = (d + 8) 2^-52 |q'|_1 max|k| of the real logit (Higham's gamma_d bound, plus the
+ * rounding of q'). Every upper bound (block summaries, proxies) is an upper bound on the
+ * real q' . k padded by its own rounding, plus eta, so it is never below a computed logit.
+ * The certificate is finally multiplied by e^{4 eta} and padded relatively, so it also
+ * bounds the TV computed from any float64 evaluation of the logits.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "search.h"
+
+static const tka_search_kernels *search_kernels(void)
+{
+#ifdef TKA_HAVE_X86
+    if (tka_simd_active() != TKA_SIMD_SCALAR) return &tka_search_kernels_avx2;
+#endif
+    return &tka_search_kernels_scalar;
+}
+
+static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
+
+static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
+{
+    return dt == TKA_F32 ? (double)((const float *)keys)[i] : ((const double *)keys)[i];
+}
+
+/* e^x rounded up past underflow: below -700 the result is e^-700 (an upper bound). */
+static inline double exp_up(double x)
+{
+    return x < -700.0 ? 9.8596765437597708e-305 : exp(x) * (1.0 + 0x1p-50);
+}
+
+/* a float32 not below x / not above x */
+static inline float f32_up(double x)
+{
+    float f = (float)x;
+    if ((double)f < x) f = nextafterf(f, INFINITY);
+    return f;
+}
+static inline float f32_down(double x)
+{
+    float f = (float)x;
+    if ((double)f > x) f = nextafterf(f, -INFINITY);
+    return f;
+}
+
+/* ================================================================== ordering */
+
+/* quickselect on (value, position) pairs: afterwards v[k] is the k-th largest (ties by
+ * position), larger ones before it */
+static void pairs_select(double *v, int64_t *p, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        int64_t mid = lo + (hi - lo) / 2;
+        double pv = v[mid];
+        int64_t pp = p[mid];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pv || (v[i] == pv && p[i] < pp)) i++;
+            while (v[j] < pv || (v[j] == pv && p[j] > pp)) j--;
+            if (i <= j) {
+                double tv = v[i]; v[i] = v[j]; v[j] = tv;
+                int64_t tp = p[i]; p[i] = p[j]; p[j] = tp;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return;
+    }
+}
+
+tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
+                           int64_t bs, int64_t *perm)
+{
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    if (n <= bs) return TKA_OK;
+    double *proj = malloc((size_t)n * sizeof(double));
+    double *mu = malloc((size_t)d * sizeof(double));
+    double *v = malloc((size_t)d * sizeof(double));
+    double *w = malloc((size_t)d * sizeof(double));
+    /* explicit stack of ranges: at most log2(n / bs) + 1 deep per pending side */
+    int64_t *stack = malloc(sizeof(int64_t) * 2 * 128);
+    if (!proj || !mu || !v || !w || !stack) {
+        free(proj); free(mu); free(v); free(w); free(stack);
+        return TKA_ERR_NOMEM;
+    }
+    int64_t top = 0;
+    stack[top++] = 0;
+    stack[top++] = n;
+    while (top > 0) {
+        int64_t b = stack[--top], a = stack[--top], m = b - a;
+        if (m <= bs) continue;
+        /* mean and leading direction from an evenly spaced sample of the node */
+        int64_t ns = m < 256 ? m : 256;
+        memset(mu, 0, (size_t)d * sizeof(double));
+        for (int64_t s = 0; s < ns; s++) {
+            int64_t i = perm[a + s * m / ns];
+            for (int64_t j = 0; j < d; j++) mu[j] += key_at(keys, dt, i * d + j);
+        }
+        for (int64_t j = 0; j < d; j++) mu[j] /= (double)ns;
+        for (int64_t j = 0; j < d; j++) v[j] = 1.0 / sqrt((double)d) * (j % 2 ? -1.0 : 1.0) + 0.01 * j;
+        for (int it = 0; it < 3; it++) {
+            memset(w, 0, (size_t)d * sizeof(double));
+            for (int64_t s = 0; s < ns; s++) {
+                int64_t i = perm[a + s * m / ns];
+                double t = 0.0;
+                for (int64_t j = 0; j < d; j++) t += (key_at(keys, dt, i * d + j) - mu[j]) * v[j];
+                for (int64_t j = 0; j < d; j++) w[j] += t * (key_at(keys, dt, i * d + j) - mu[j]);
+            }
+            double nn = 0.0;
+            for (int64_t j = 0; j < d; j++) nn += w[j] * w[j];
+            if (!(nn > 0.0) || !isfinite(nn)) break;
+            nn = 1.0 / sqrt(nn);
+            for (int64_t j = 0; j < d; j++) v[j] = w[j] * nn;
+        }
+        for (int64_t s = 0; s < m; s++) {
+            int64_t i = perm[a + s];
+            double t = 0.0;
+            for (int64_t j = 0; j < d; j++) t += (key_at(keys, dt, i * d + j) - mu[j]) * v[j];
+            proj[a + s] = isfinite(t) ? t : 0.0;
+        }
+        /* split at a block boundary near the middle */
+        int64_t nblk = (m + bs - 1) / bs, left = (nblk / 2) * bs;
+        pairs_select(proj + a, perm + a, m, left);
+        if (top + 4 > 2 * 128) continue; /* cannot happen for n < 2^63 */
+        stack[top++] = a;
+        stack[top++] = a + left;
+        stack[top++] = a + left;
+        stack[top++] = b;
+    }
+    free(proj); free(mu); free(v); free(w); free(stack);
+    return TKA_OK;
+}
+
+/* ================================================================== filling */
+
+typedef struct {
+    const tka_key_index *ix;
+    const tka_key_index_out *o;
+    int64_t k0;
+} fill_ctx;
+
+static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_scratch *s, int64_t *err_row)
+{
+    fill_ctx *cx = c;
+    const tka_key_index *ix = cx->ix;
+    const tka_key_index_out *o = cx->o;
+    const int64_t d = ix->d, bs = ix->block_size, n = ix->n;
+    double *acc = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)d * sizeof(double));
+    if (!acc) return TKA_ERR_NOMEM;
+    const double pad = 1.0 + (double)(d + 8) * 0x1p-52;
+    for (int64_t h = h0; h < h1; h++) {
+        const char *kb = (const char *)ix->keys + (size_t)(h * ix->cap * d) * esize(ix->dtype);
+        double mx = cx->k0 > 0 ? o->maxabs[h] : 0.0;
+        for (int64_t i = cx->k0 * d; i < n * d; i++) {
+            double a = fabs(key_at(kb, ix->dtype, i));
+            if (a > mx) mx = a;
+        }
+        o->maxabs[h] = mx;
+        for (int64_t b = cx->k0 / bs; b * bs < n; b++) {
+            const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+            const size_t bo = (size_t)(h * ix->cap_blocks + b) * (size_t)d;
+            if (ix->summary & TKA_SUM_MINMAX) {
+                float *lo = o->lo + bo, *hi = o->hi + bo;
+                for (int64_t j = 0; j < d; j++) {
+                    double l = INFINITY, u = -INFINITY;
+                    for (int64_t i = i0; i < i1; i++) {
+                        double x = key_at(kb, ix->dtype, i * d + j);
+                        if (x < l) l = x;
+                        if (x > u) u = x;
+                    }
+                    lo[j] = f32_down(l);
+                    hi[j] = f32_up(u);
+                }
+            }
+            if (ix->summary & TKA_SUM_BALL) {
+                float *ctr = o->ctr + bo;
+                memset(acc, 0, (size_t)d * sizeof(double));
+                for (int64_t i = i0; i < i1; i++)
+                    for (int64_t j = 0; j < d; j++) acc[j] += key_at(kb, ix->dtype, i * d + j);
+                for (int64_t j = 0; j < d; j++) ctr[j] = (float)(acc[j] / (double)(i1 - i0));
+                double r = 0.0;
+                for (int64_t i = i0; i < i1; i++) {
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < d; j++) {
+                        double e = key_at(kb, ix->dtype, i * d + j) - (double)ctr[j];
+                        ss += e * e;
+                    }
+                    if (ss > r) r = ss;
+                }
+                /* radius of the stored (rounded) centroid, rounded up */
+                o->rad[h * ix->cap_blocks + b] = nextafter(sqrt(r) * pad, INFINITY);
+            }
+        }
+        if (o->pz) {
+            for (int64_t i = cx->k0; i < n; i++) {
+                const size_t ko = (size_t)(h * ix->cap + i);
+                int8_t *z = o->pz + ko * (size_t)d;
+                double m = 0.0;
+                for (int64_t j = 0; j < d; j++) {
+                    double a = fabs(key_at(kb, ix->dtype, i * d + j));
+                    if (a > m) m = a;
+                }
+                /* the scale must be a normal float32 with k / scale within [-127, 127] */
+                float sc = f32_up(m / 127.0);
+                if (!(m > 1e-30 && m < 1e37)) sc = 0.0f;
+                double ss = 0.0;
+                for (int64_t j = 0; j < d; j++) {
+                    double x = key_at(kb, ix->dtype, i * d + j);
+                    double t = sc > 0.0f ? nearbyint(x / (double)sc) : 0.0;
+                    if (t > 127.0) t = 127.0;
+                    if (t < -127.0) t = -127.0;
+                    z[j] = (int8_t)t;
+                    double e = x - (double)sc * t; /* sc * t is exact in float64 */
+                    ss += e * e;
+                }
+                o->pscale[ko] = sc;
+                o->perr[ko] = f32_up(nextafter(sqrt(ss) * pad, INFINITY));
+            }
+        }
+    }
+    return TKA_OK;
+}
+
+tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out, int64_t k0,
+                          tka_error *err)
+{
+    fill_ctx cx = {ix, out, k0};
+    err->row = -1;
+    err->what = NULL;
+    double work = (double)ix->heads * (double)(ix->n - k0) * (double)ix->d * 4.0;
+    return tka_parallel_rows(ix->heads, work, fill_head, &cx, &err->row);
+}
+
+/* ================================================================== search */
+
+/* Random stream: splitmix64 over (seed, row). */
+static inline uint64_t splitmix(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static inline double uniform01(uint64_t *x) { return (double)(splitmix(x) >> 11) * 0x1p-53; }
+
+typedef struct {
+    const tka_key_index *ix;
+    const tka_search_args *a;
+    const tka_search_kernels *kern;
+    tka_search_row *rows;
+    double *out_v;
+    const double *lw;      /* lw[b] >= e^{-b LEVEL_W}: mass bound of a key on level b */
+} search_ctx;
+
+/*
+ * Proxy levels: unscored keys of expanded blocks are kept in lists by level
+ * b = floor((ref - p) / LEVEL_W) of their proxy bound p (clamped to the last level), so
+ * that a key on level b has mass <= e^{ref - b LEVEL_W}. Levels are scored exactly one
+ * after the other: no per-key priority queue and no exp() per proxy.
+ */
+#define LEVEL_W TKA_LEVEL_W
+#define NLEVELS TKA_NLEVELS
+/* keys ahead whose rows are prefetched while scoring a level */
+#define PREFETCH 6
+/* levels linked ahead of the level being scored; keys further down are only counted */
+#define LINK_W 128
+
+/* Per-row working state. */
+typedef struct {
+    int64_t n, d, bs, nb;
+    const char *keys;
+    size_t es;
+    const double *qs;      /* scaled query */
+    double eta;            /* rounding allowance on every logit */
+    double ref;            /* largest block bound: unit of the bound masses */
+    /* blocks by decreasing bound */
+    double *ub;
+    int64_t *bord;
+    double *bsuf;          /* bsuf[j] >= sum_{t >= j} |B_t| e^{ub_t - ref} */
+    int64_t j;             /* next unexpanded block */
+    /* proxy levels: entry e (in insertion order) is key ekey[e]; lists through lnext[e] */
+    int64_t *lhead, *lnext, *lcnt, *ekey;
+    int64_t lmax;
+    int64_t lmin_new;      /* lowest level a key went to since it was last reset */
+    /* scored keys */
+    double *sv;
+    int64_t *si, ns;
+    double m, zs;          /* largest scored logit, sum e^{s - m} */
+    double fm;             /* e^{ref - m}, rounded up (+inf past e^700) */
+    uint8_t *mark;         /* MC: keys whose logit was computed */
+    int64_t distinct;
+    int64_t unscored;      /* keys not scored by the deterministic search */
+    int64_t npool;         /* keys on proxy levels (for the rounding pads) */
+    int64_t nent;          /* entries linked into the level lists */
+    double pool;           /* running sum of lw[level] over unscored keys on levels */
+    double pool_max;       /* largest value the running sum has taken */
+    int64_t pool_ops;      /* updates of the running sum */
+    double bytes;
+    int64_t proxies, blocks;
+} srow;
+
+static inline void add_scored(srow *w, double s, int64_t i)
+{
+    w->sv[w->ns] = s;
+    w->si[w->ns++] = i;
+    if (s > w->m) {
+        w->zs = w->zs * exp(w->m - s) + 1.0;
+        w->m = s;
+        w->fm = w->ref - s > 700.0 ? INFINITY : exp(w->ref - s) * (1.0 + 0x1p-48);
+    } else {
+        w->zs += exp(s - w->m);
+    }
+}
+
+static inline void note_computed(srow *w, int64_t i)
+{
+    if (w->mark) {
+        if (!w->mark[i]) {
+            w->mark[i] = 1;
+            w->distinct++;
+        }
+    } else {
+        w->distinct++;
+    }
+}
+
+/* exact logits of keys [i0, i0 + m) (stored positions) into out */
+static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, double *out)
+{
+    if (cx->ix->dtype == TKA_F32)
+        cx->kern->dot_f32(w->qs, (const float *)w->keys + i0 * w->d, w->d, m, out);
+    else
+        cx->kern->dot_f64(w->qs, (const double *)w->keys + i0 * w->d, w->d, m, out);
+    w->bytes += (double)m * (double)w->d * (double)w->es;
+}
+
+/* Bound on the mass of everything unscored, units e^{ref}, rounded up: unexpanded blocks
+ * plus `pool` (the level masses, already rounded up by the caller). */
+static inline double unscored_mass(const srow *w, double pool)
+{
+    if (w->unscored == 0) return 0.0;
+    return w->bsuf[w->j] * (1.0 + (double)(w->nb + 4) * 0x1p-52) + pool;
+}
+
+/* sum over levels b > t of lcnt[b] lw[b], rounded up */
+static double levels_above(const search_ctx *cx, const srow *w, int64_t t)
+{
+    double p = 0.0;
+    for (int64_t b = t + 1; b <= w->lmax; b++) p += (double)w->lcnt[b] * cx->lw[b];
+    return p * (1.0 + (double)(w->lmax + 4) * 0x1p-52);
+}
+
+/* u (in units of e^{ref}) in units of e^{m}, rounded up; +inf when too large. */
+static inline double to_m_units(const srow *w, double u)
+{
+    if (u <= 0.0) return 0.0;
+    double v = u * w->fm;
+    return v * (1.0 + 0x1p-50);
+}
+
+static inline int pair_before(double va, int64_t ia, double vb, int64_t ib)
+{
+    return va > vb || (va == vb && ia < ib);
+}
+static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
+{
+    double tv = v[i]; v[i] = v[j]; v[j] = tv;
+    int64_t tx = x[i]; x[i] = x[j]; x[j] = tx;
+    double tw = w[i]; w[i] = w[j]; w[j] = tw;
+}
+
+/*
+ * Smallest k such that the k first keys in the order (larger value, then lower index)
+ * have mass sum >= target; those k keys are moved to [0, k) (in no particular order).
+ * Quickselect on (value, position, mass) triples, expected O(n). Returns n if the total
+ * mass falls short.
+ */
+static int64_t weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+{
+    int64_t lo = 0, hi = n;
+    double acc = 0.0;
+    while (hi - lo > 16) {
+        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
+        if (pair_before(v[a], x[a], v[b], x[b]))
+            mi = pair_before(v[b], x[b], v[c], x[c]) ? b : (pair_before(v[a], x[a], v[c], x[c]) ? c : a);
+        else
+            mi = pair_before(v[a], x[a], v[c], x[c]) ? a : (pair_before(v[b], x[b], v[c], x[c]) ? c : b);
+        swap3(v, x, w, mi, hi - 1);
+        const double pv = v[hi - 1];
+        const int64_t px = x[hi - 1];
+        int64_t st = lo;
+        double ml = 0.0;
+        for (int64_t i = lo; i < hi - 1; i++) {
+            if (pair_before(v[i], x[i], pv, px)) {
+                ml += w[i];
+                swap3(v, x, w, i, st);
+                st++;
+            }
+        }
+        swap3(v, x, w, st, hi - 1);
+        if (acc + ml >= target) {
+            hi = st;
+        } else {
+            acc += ml + w[st];
+            if (acc >= target) return st + 1;
+            lo = st + 1;
+        }
+    }
+    /* insertion sort of the remainder, then walk */
+    for (int64_t i = lo + 1; i < hi; i++) {
+        double tv = v[i], tw = w[i];
+        int64_t tx = x[i], j = i;
+        while (j > lo && pair_before(tv, tx, v[j - 1], x[j - 1])) {
+            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
+            j--;
+        }
+        v[j] = tv; x[j] = tx; w[j] = tw;
+    }
+    int64_t k = lo;
+    while (k < hi && acc < target) acc += w[k++];
+    return k;
+}
+
+/*
+ * Sort (value, position) pairs by decreasing value, ties by increasing position: LSD radix
+ * sort on 11-bit digits of the order-preserving bit pattern of the doubles (digits that
+ * are equal for every pair are skipped), then an insertion pass over runs of equal values.
+ * Small inputs go to introsort. tv, tx: scratch of n each.
+ */
+static void sort_pairs_desc(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
+{
+    if (n < 512 || !tv || !tx) {
+        tka_sort_pairs_desc(v, x, n);
+        return;
+    }
+    uint64_t *key = (uint64_t *)tv; /* reuse: keys first, then values rebuilt */
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u;
+        memcpy(&u, &v[i], 8);
+        u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+        key[i] = ~u; /* descending */
+    }
+    uint64_t *ka = key, *kb = (uint64_t *)v;
+    int64_t *xa = x, *xb = tx;
+    for (int shift = 0; shift < 64; shift += 11) {
+        int64_t cnt[2048];
+        memset(cnt, 0, sizeof cnt);
+        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & 2047]++;
+        if (cnt[(ka[0] >> shift) & 2047] == n) continue;
+        int64_t sum = 0;
+        for (int b = 0; b < 2048; b++) {
+            int64_t c = cnt[b];
+            cnt[b] = sum;
+            sum += c;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t dst = cnt[(ka[i] >> shift) & 2047]++;
+            kb[dst] = ka[i];
+            xb[dst] = xa[i];
+        }
+        uint64_t *tk = ka; ka = kb; kb = tk;
+        int64_t *tt = xa; xa = xb; xb = tt;
+    }
+    /* back to values, in v and x */
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u = ~ka[i];
+        u = (u >> 63) ? (u & 0x7FFFFFFFFFFFFFFFull) : ~u;
+        double d;
+        memcpy(&d, &u, 8);
+        tv[i] = d;
+        tx[i] = xa[i];
+    }
+    memcpy(v, tv, (size_t)n * sizeof(double));
+    memcpy(x, tx, (size_t)n * sizeof(int64_t));
+    /* equal values: increasing position */
+    for (int64_t i = 1; i < n; i++) {
+        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
+        int64_t t = x[i], j = i;
+        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
+        x[j] = t;
+    }
+}
+
+/*
+ * Try to certify with unscored mass bound u_ref (units e^{ref}): find the smallest top set
+ * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
+ * (or on an allocation failure, with *st set); 0 if no top set meets eps.
+ */
+static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
+                    tka_scratch *s, tka_status *st)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t ns = w->ns;
+    const double m = w->m; /* the largest scored logit */
+    double *wm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(ns + 1) * sizeof(double));
+    if (!wm) {
+        *st = TKA_ERR_NOMEM;
+        return 1;
+    }
+    const tka_kernels *K = tka_active_kernels();
+    K->exp_shift[TKA_F64](w->sv, ns, m, wm);
+    double z = 0.0;
+    for (int64_t t = 0; t < ns; t++) z += wm[t];
+    const double u = to_m_units(w, u_ref);
+    const double rel = 1.0 + (double)(ns + w->nb + w->npool + 64) * 0x1p-50;
+    const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
+    /* kept mass needed: A >= (1 - eps') (Z + U), eps' a little inside eps */
+    const double target = (1.0 - eps * (1.0 - 1e-7) / grow) * (z * rel + u) * rel;
+    int64_t k = weighted_top(w->sv, w->si, wm, ns, target);
+    if (k < 1) k = 1;
+    double bound = 1.0;
+    for (;;) {
+        /* bound = tail / (head + tail): head rounded down, tail rounded up (an underflowed
+         * term counts as e^-700 > 1e-304) */
+        double head = 0.0, tail = 0.0;
+        for (int64_t t = 0; t < k; t++) head += wm[t];
+        for (int64_t t = k; t < ns; t++) tail += wm[t] + 1e-304;
+        tail = tail * rel + u;
+        if (tail == 0.0) {
+            bound = 0.0;
+        } else {
+            bound = tail / (head / rel + tail);
+            bound = nextafter(bound * rel * grow, INFINITY);
+        }
+        if (bound <= eps || k >= ns) break;
+        /* rounding corner: add the best remaining key */
+        int64_t best = k;
+        for (int64_t t = k + 1; t < ns; t++)
+            if (pair_before(w->sv[t], w->si[t], w->sv[best], w->si[best])) best = t;
+        swap3(w->sv, w->si, wm, k, best);
+        k++;
+    }
+    if (!(bound <= eps)) return 0;
+    {
+        double *tv = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)k * sizeof(double));
+        int64_t *tx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)k * sizeof(int64_t));
+        sort_pairs_desc(w->sv, w->si, k, tv, tx);
+    }
+    tka_search_row *out = &cx->rows[r];
+    out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!out->idx) {
+        *st = TKA_ERR_NOMEM;
+        return 1;
+    }
+    const int64_t *perm = ix->perm + (size_t)((r / a->L) * ix->cap);
+    for (int64_t t = 0; t < k; t++) out->idx[t] = perm[w->si[t]];
+    out->k = k;
+    out->tv_bound = bound > 1.0 ? 1.0 : bound;
+    w->bytes += 8.0 * (double)k;
+    if (cx->out_v) {
+        const int64_t h = r / a->L, dv = a->dv;
+        double *o = cx->out_v + (size_t)(r * dv);
+        memset(o, 0, (size_t)dv * sizeof(double));
+        double z = 0.0;
+        for (int64_t t = 0; t < k; t++) {
+            double p = exp(w->sv[t] - m);
+            z += p;
+            if (t + PREFETCH < k) { /* kept keys are scattered over V */
+                const int64_t rp = h * a->v_head_stride + out->idx[t + PREFETCH] * a->v_row_stride;
+                const char *pv = (const char *)a->v + (size_t)rp * (a->vdtype == TKA_F32 ? 4 : 8);
+                for (int64_t off = 0; off < dv * (a->vdtype == TKA_F32 ? 4 : 8); off += 64)
+                    __builtin_prefetch(pv + off);
+            }
+            const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
+            const void *v = a->vdtype == TKA_F32 ? (const void *)((const float *)a->v + row)
+                                                 : (const void *)((const double *)a->v + row);
+            K->axpy[a->vdtype](v, dv, p, o);
+        }
+        for (int64_t j = 0; j < dv; j++) o[j] /= z;
+    }
+    return 1;
+}
+
+/* Bounds of every block (with eta) into w->ub, in block order. */
+static void block_bounds(const search_ctx *cx, srow *w, int64_t h, double qn1, double qn2)
+{
+    const tka_key_index *ix = cx->ix;
+    const int64_t d = w->d;
+    const double g = (double)(d + 4) * 0x1p-52;
+    for (int64_t b = 0; b < w->nb; b++) {
+        const size_t bo = (size_t)(h * ix->cap_blocks + b) * (size_t)d;
+        double best = INFINITY;
+        if (ix->summary & TKA_SUM_MINMAX) {
+            const float *lo = ix->lo + bo, *hi = ix->hi + bo;
+            double u = 0.0, ua = 0.0;
+            for (int64_t j = 0; j < d; j++) {
+                double x = w->qs[j], t = x >= 0.0 ? x * (double)hi[j] : x * (double)lo[j];
+                u += t;
+                ua += fabs(t);
+            }
+            u += g * ua + 0x1p-1060 * (double)d;
+            if (u < best) best = u;
+        }
+        if (ix->summary & TKA_SUM_BALL) {
+            const float *c = ix->ctr + bo;
+            double u = 0.0, ua = 0.0;
+            for (int64_t j = 0; j < d; j++) {
+                double t = w->qs[j] * (double)c[j];
+                u += t;
+                ua += fabs(t);
+            }
+            double rr = qn2 * ix->rad[h * ix->cap_blocks + b];
+            u += rr + g * (ua + rr) + 0x1p-1060 * (double)d;
+            if (u < best) best = u;
+        }
+        (void)qn1;
+        w->ub[b] = best + w->eta;
+    }
+}
+
+/*
+ * Proxy bounds (with eta, capped by the block bound ubb) of keys [i0, i1). When `first`,
+ * every key is counted on its level (count and mass). Keys on levels in (lo, hi] are
+ * linked into the level lists; returns 1 when some key lies above hi (the block is then
+ * deferred: its far keys are linked only if the search ever gets to their levels).
+ */
+static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, int64_t i1,
+                          double ubb, const int16_t *yq, double bq, double slack_code,
+                          double qn2, int32_t *tmp, int first, int64_t lo, int64_t *hi)
+{
+    const tka_key_index *ix = cx->ix;
+    const size_t ko = (size_t)(h * ix->cap);
+    cx->kern->dot_i8(yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0, tmp);
+    const tka_proxy_consts pc = {bq, slack_code, qn2, w->eta, ubb, w->ref,
+                                 1e-9 * (1.0 + fabs(w->ref))};
+    cx->kern->proxy_levels(tmp, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
+                           i1 - i0, &pc);
+    double acc0 = 0.0, acc1 = 0.0;
+    int32_t bmin = NLEVELS;
+    for (int64_t i = 0; i < i1 - i0; i++) {
+        const int32_t b = tmp[i];
+        if (b < bmin) bmin = b;
+        if (first) {
+            w->lcnt[b]++;
+            if (i & 1) acc1 += cx->lw[b];
+            else acc0 += cx->lw[b];
+        }
+    }
+    /* the first window of linked levels starts at the first key's level */
+    if (*hi < 0) *hi = bmin + LINK_W < NLEVELS - 1 ? bmin + LINK_W : NLEVELS - 1;
+    int deferred = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t b = tmp[i - i0];
+        if (first && b > w->lmax) w->lmax = b;
+        if (b > lo && b <= *hi) {
+            const int64_t e = w->nent++;
+            w->ekey[e] = i;
+            w->lnext[e] = w->lhead[b];
+            w->lhead[b] = e;
+            if (b < w->lmin_new) w->lmin_new = b;
+        } else if (b > *hi) {
+            deferred = 1;
+        }
+    }
+    if (first) {
+        w->pool += acc0 + acc1;
+        w->npool += i1 - i0;
+        w->pool_ops += i1 - i0;
+        if (w->pool > w->pool_max) w->pool_max = w->pool;
+    }
+    w->proxies += i1 - i0;
+    w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+    return deferred;
+}
+
+/*
+ * One MC check (DESIGN §4): sample mc keys from the unscored population with probability
+ * proportional to their caps (block keys: e^{ub}; keys on level b: lw[b] e^{ref}), bound
+ * the population mass with the empirical Bernstein inequality (Maurer & Pontil 2009,
+ * Thm 4) at confidence 1 - dlt. Pool keys are the `np` keys pk[] with levels pb[].
+ * Returns the upper bound in units of e^{ref}, or -1 when out of memory.
+ */
+static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                       int64_t np, double dlt, uint64_t *rng, tka_scratch *s)
+{
+    const int64_t nblk = w->nb - w->j, nit = nblk + np, mc = cx->a->mc_samples;
+    double *cum = tka_scratch_get(s, TKA_SLOT_CHUNK_V, (size_t)(nit + 1) * sizeof(double));
+    double *val = tka_scratch_get(s, TKA_SLOT_CHUNK, (size_t)(mc + 1) * sizeof(double));
+    if (!cum || !val) return -1.0;
+    double c = 0.0;
+    for (int64_t t = 0; t < nit; t++) {
+        double cap;
+        if (t < nblk) {
+            int64_t b = w->bord[w->j + t], i0 = b * w->bs;
+            int64_t sz = (i0 + w->bs < w->n ? w->bs : w->n - i0);
+            cap = (double)sz * exp_up(w->ub[w->j + t] - w->ref);
+        } else {
+            cap = cx->lw[pb[t - nblk]];
+        }
+        cum[t] = c;
+        c += cap;
+    }
+    cum[nit] = c;
+    const double total = c * (1.0 + (double)(nit + 4) * 0x1p-52);
+    double sum = 0.0;
+    for (int64_t t = 0; t < mc; t++) {
+        double x = uniform01(rng) * c;
+        int64_t lo = 0, hi = nit - 1; /* last item with cum <= x */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (cum[mid] <= x) lo = mid;
+            else hi = mid - 1;
+        }
+        int64_t key;
+        double lcap;
+        if (lo < nblk) {
+            int64_t b = w->bord[w->j + lo], i0 = b * w->bs;
+            int64_t sz = (i0 + w->bs < w->n ? w->bs : w->n - i0);
+            int64_t off = (int64_t)(uniform01(rng) * (double)sz);
+            key = i0 + (off < sz ? off : sz - 1);
+            lcap = w->ub[w->j + lo];
+        } else {
+            key = pk[lo - nblk];
+            lcap = w->ref - (double)pb[lo - nblk] * LEVEL_W;
+        }
+        double sv;
+        score(cx, w, key, 1, &sv);
+        note_computed(w, key);
+        /* Z = e^{s - cap} in [0, 1] (s <= cap by construction; clamp anyway) */
+        double zz = exp(sv - lcap);
+        val[t] = zz > 1.0 ? 1.0 : zz;
+        sum += val[t];
+    }
+    const double mean = sum / (double)mc;
+    double var = 0.0;
+    for (int64_t t = 0; t < mc; t++) var += (val[t] - mean) * (val[t] - mean);
+    var /= (double)(mc - 1);
+    const double lg = log(2.0 / dlt);
+    double up = mean + sqrt(2.0 * var * lg / (double)mc) + 7.0 * lg / (3.0 * (double)(mc - 1));
+    up = up * (1.0 + 0x1p-40) + 0x1p-60;
+    if (up > 1.0) up = 1.0;
+    return total * up;
+}
+
+/* State shared by the certificate checks of one row. */
+typedef struct {
+    double eps, eps_in;
+    int64_t next_cp, checks;
+    uint64_t rng;
+    int64_t *pk, *pb;      /* MC pool gathering buffers (proxy mode) */
+} chk_t;
+
+/*
+ * Certificate checks before the next unit of work. pool: level mass (units e^{ref},
+ * rounded up); cur[0..ncur): the unscored remainder of the level cur_level being
+ * scored, for MC gathering. Returns 1 when the row is finished (or failed: *st).
+ */
+static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, double pool,
+                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_scratch *s,
+                       tka_status *st)
+{
+    if (w->unscored == 0) {
+        if (finalize(cx, w, r, 0.0, c->eps, s, st)) return 1;
+        *st = TKA_ERR_ARG; /* unreachable: with every key kept the bound is 0 */
+        return 1;
+    }
+    if (w->ns == 0) return 0;
+    const double u = unscored_mass(w, pool);
+    /* deterministic certificate: eps Z_s >= (1 - eps) U */
+    if (c->eps_in * w->zs >= (1.0 - c->eps_in) * to_m_units(w, u)) {
+        double ue = u;
+        if (w->lhead) /* the level masses summed afresh, without the running sum's drift */
+            ue = unscored_mass(w, levels_above(cx, w, cur_level)
+                                      + (double)ncur * cx->lw[cur_level] * (1.0 + 0x1p-50));
+        if (finalize(cx, w, r, ue, c->eps, s, st)) return 1;
+        c->eps_in *= 0.5; /* rounding corner: ask for more margin */
+        return 0;
+    }
+    /* MC certificate at checkpoints (doubling scored counts), delta / 2^t each */
+    if (cx->a->method == TKA_SEARCH_MC && w->distinct >= c->next_cp
+        && w->unscored >= 4 * cx->a->mc_samples) {
+        c->checks++;
+        c->next_cp = 2 * w->distinct;
+        int64_t np = 0;
+        if (w->lhead) {
+            for (int64_t t = 0; t < ncur; t++) { c->pk[np] = cur[t]; c->pb[np++] = cur_level; }
+            for (int64_t b = cur_level + 1; b <= w->lmax; b++)
+                for (int64_t e = w->lhead[b]; e >= 0; e = w->lnext[e]) { c->pk[np] = w->ekey[e]; c->pb[np++] = b; }
+        }
+        double dlt = ldexp(cx->a->delta, (int)(c->checks < 1000 ? -c->checks : -1000));
+        double ub = mc_bound(cx, w, c->pk, c->pb, np, dlt, &c->rng, s);
+        if (ub < 0.0) {
+            *st = TKA_ERR_NOMEM;
+            return 1;
+        }
+        if (c->eps_in * w->zs >= (1.0 - c->eps_in) * to_m_units(w, ub)) {
+            if (finalize(cx, w, r, ub, c->eps, s, st)) {
+                cx->rows[r].certified_mc = 1;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *err_row)
+{
+    search_ctx *cx = c;
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t n = ix->n, d = ix->d, bs = ix->block_size, nb = (n + bs - 1) / bs;
+    const int proxy = a->use_proxy && ix->pz != NULL;
+    const int mc = a->method == TKA_SEARCH_MC;
+
+    /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
+    size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
+              + (proxy ? 3 * (size_t)n + (size_t)nb + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
+    size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
+                 + (mc ? (size_t)n : 0) + 64;
+    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
+    if (!buf) return TKA_ERR_NOMEM;
+
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t h = r / a->L;
+        srow w;
+        memset(&w, 0, sizeof w);
+        chk_t ck;
+        memset(&ck, 0, sizeof ck);
+        double *p8 = (double *)buf;
+        double *qs = p8; p8 += d;
+        w.ub = p8; p8 += nb;
+        w.bsuf = p8; p8 += nb + 1;
+        w.sv = p8; p8 += n;
+        double *tmpd = p8; p8 += bs;
+        int64_t *q8 = (int64_t *)p8, *lv = NULL, *defer = NULL;
+        w.bord = q8; q8 += nb;
+        w.si = q8; q8 += n;
+        if (proxy) {
+            w.lnext = q8; q8 += n;
+            w.ekey = q8; q8 += n;
+            defer = q8; q8 += nb;
+            w.lhead = q8; q8 += NLEVELS;
+            w.lcnt = q8; q8 += NLEVELS;
+            for (int64_t b = 0; b < NLEVELS; b++) { w.lhead[b] = -1; w.lcnt[b] = 0; }
+            lv = q8; q8 += n;
+            if (mc) { ck.pk = q8; q8 += n; ck.pb = q8; q8 += n; }
+        }
+        int32_t *tmp = (int32_t *)q8;
+        int16_t *yq = (int16_t *)(tmp + bs);
+        if (mc) { w.mark = (uint8_t *)(yq + d); memset(w.mark, 0, (size_t)n); }
+
+        w.n = n; w.d = d; w.bs = bs; w.nb = nb;
+        w.es = esize(ix->dtype);
+        w.keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w.es;
+        w.qs = qs;
+        const double *q = a->q + (size_t)(r * d);
+        double qn1 = 0.0, qq = 0.0, qmax = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            qs[j] = a->scale * q[j];
+            qn1 += fabs(qs[j]);
+            qq += qs[j] * qs[j];
+            if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
+        }
+        const double qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
+        qn1 *= 1.0 + (double)(d + 4) * 0x1p-52;
+        w.eta = (double)(d + 8) * 0x1p-52 * qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
+        ck.eps = a->eps[r];
+        ck.eps_in = ck.eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
+
+        /* proxy query: int16 codes y = round(q' / b), b a power of two with max|q'| / b <= ymax
+         * (so that d ymax 127 < 2^31: the int32 dot products are exact). r = q' - b y is
+         * exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's codes. */
+        double bq = 1.0, rr = 0.0;
+        if (proxy) {
+            double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
+            if (ymax > 32767.0) ymax = 32767.0;
+            if (qmax > 0.0) {
+                int e2;
+                frexp(qmax / ymax, &e2);
+                bq = ldexp(1.0, e2);
+            }
+            for (int64_t j = 0; j < d; j++) {
+                double t = nearbyint(qs[j] / bq);
+                if (t > ymax) t = ymax;
+                if (t < -ymax) t = -ymax;
+                yq[j] = (int16_t)t;
+                double rj = qs[j] - bq * t;
+                rr += rj * rj;
+            }
+        }
+        const double slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
+                                * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
+
+        block_bounds(cx, &w, h, qn1, qn2);
+        w.bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
+                                         + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
+        for (int64_t b = 0; b < nb; b++) w.bord[b] = b;
+        memcpy(w.bsuf, w.ub, (size_t)nb * sizeof(double));
+        tka_sort_pairs_desc(w.bsuf, w.bord, nb);
+        memcpy(w.ub, w.bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
+        w.ref = w.ub[0];
+        w.bsuf[nb] = 0.0;
+        for (int64_t t = nb - 1; t >= 0; t--) {
+            int64_t i0 = w.bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
+            w.bsuf[t] = w.bsuf[t + 1] + (double)sz * exp_up(w.ub[t] - w.ref);
+        }
+        w.m = -INFINITY;
+        w.unscored = n;
+        ck.rng = a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
+        splitmix(&ck.rng);
+        ck.next_cp = 2 * a->mc_samples;
+        tka_status st = TKA_OK;
+
+        if (!proxy) {
+            /* blocks by decreasing bound, each scored exactly */
+            while (!try_certify(cx, &w, r, &ck, 0.0, NULL, 0, 0, s, &st)) {
+                const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+                score(cx, &w, i0, i1 - i0, tmpd);
+                for (int64_t i = i0; i < i1; i++) {
+                    add_scored(&w, tmpd[i - i0], i);
+                    note_computed(&w, i);
+                }
+                w.unscored -= i1 - i0;
+                w.blocks++;
+                w.j++;
+            }
+        } else {
+            /* level by level: expand the blocks whose bound reaches the level, then score
+             * the level's keys exactly, checking the certificate before each key */
+            int done = 0;
+            int64_t horizon = mc ? NLEVELS - 1 : -1, ndefer = 0;
+            for (int64_t t = 0; t < NLEVELS && !done; t++) {
+                const double theta = w.ref - (double)(t + 1) * LEVEL_W;
+                int64_t expanded = 0;
+                w.lmin_new = NLEVELS;
+                if (horizon >= 0 && t > horizon) {
+                    /* link the deferred keys of the next window of levels */
+                    const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
+                    int64_t keep = 0;
+                    for (int64_t u = 0; u < ndefer; u++) {
+                        const int64_t jv = defer[u], b = w.bord[jv], i0 = b * bs;
+                        const int64_t i1 = i0 + bs < n ? i0 + bs : n;
+                        int64_t hh = nh;
+                        if (expand_proxies(cx, &w, h, i0, i1, w.ub[jv], yq, bq, slack_code, qn2,
+                                           tmp, 0, horizon, &hh))
+                            defer[keep++] = jv;
+                    }
+                    ndefer = keep;
+                    horizon = nh;
+                }
+                while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
+                    const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+                    if (expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp,
+                                       1, -1, &horizon))
+                        defer[ndefer++] = w.j;
+                    w.blocks++;
+                    w.j++;
+                    expanded++;
+                }
+                /* a block's keys may land one level above the block's own (rounding
+                 * margin): go back to the lowest level that got keys */
+                if (w.lmin_new < t) t = w.lmin_new;
+                if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
+                /* the level's keys in an array, scored in that order with prefetching (they
+                 * are scattered over many blocks) */
+                int64_t nl = 0;
+                for (int64_t e = w.lhead[t]; e >= 0; e = w.lnext[e]) lv[nl++] = w.ekey[e];
+                w.lhead[t] = -1;
+                for (int64_t u = 0;; u++) {
+                    /* the running sum drifts by at most one rounding of pool_max per update */
+                    double pool = w.pool + (double)(w.pool_ops + 4) * 0x1p-52 * w.pool_max;
+                    if (try_certify(cx, &w, r, &ck, pool, lv + u, nl - u, t, s, &st)) {
+                        done = 1;
+                        break;
+                    }
+                    if (u >= nl) break;
+                    if (u + PREFETCH < nl) {
+                        const char *pk = w.keys + (size_t)(lv[u + PREFETCH] * d) * w.es;
+                        for (size_t off = 0; off < (size_t)d * w.es; off += 64)
+                            __builtin_prefetch(pk + off);
+                    }
+                    double sv;
+                    score(cx, &w, lv[u], 1, &sv);
+                    add_scored(&w, sv, lv[u]);
+                    note_computed(&w, lv[u]);
+                    w.unscored--;
+                    w.pool -= cx->lw[t];
+                    w.pool_ops++;
+                }
+                w.lcnt[t] = 0;
+            }
+            if (!done && st == TKA_OK) st = TKA_ERR_ARG; /* unreachable: the last level takes every key */
+        }
+        if (st != TKA_OK) {
+            *err_row = r;
+            return st;
+        }
+        tka_search_row *o = &cx->rows[r];
+        o->keys_scored = w.distinct > n ? n : w.distinct;
+        o->blocks_scored = w.blocks;
+        o->proxies_read = w.proxies;
+        o->bytes_read = w.bytes;
+    }
+    return TKA_OK;
+}
+
+tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
+                      tka_search_row *out_rows, double *out_v, tka_error *err)
+{
+    err->row = -1;
+    err->what = NULL;
+    double lw[NLEVELS];
+    for (int b = 0; b < NLEVELS; b++) lw[b] = exp_up(-(double)b * LEVEL_W);
+    search_ctx cx = {ix, args, search_kernels(), out_rows, out_v, lw};
+    const int64_t rows = ix->heads * args->L;
+    for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
+    double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
+    tka_status st = tka_parallel_rows(rows, work, search_rows, &cx, &err->row);
+    if (st != TKA_OK) {
+        for (int64_t r = 0; r < rows; r++) {
+            free(out_rows[r].idx);
+            out_rows[r].idx = NULL;
+        }
+    }
+    return st;
+}

@@ -1,0 +1,415 @@
+"""Certified search (KeyIndex, certified_search, certified_attention) against float64 NumPy
+references: every certificate bounds the true TV, for adversarial keys too."""
+import doctest
+import math
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import topkattn
+from topkattn import search as tks
+from topkattn.search import KeyIndex, certified_attention, certified_search
+
+SUMMARIES = ("minmax", "ball", "auto")
+
+
+# ------------------------------------------------------------------ references
+
+def ref_logits(q, K, scale):
+    """scale * K q in float64, shape (n,)."""
+    return scale * (np.asarray(K, np.float64) @ np.asarray(q, np.float64))
+
+
+def true_tv(s, kept):
+    """TV(P, P_hat) = P(T) from float64 logits, sums correctly rounded (math.fsum)."""
+    keep = np.zeros(s.shape[0], bool)
+    keep[kept] = True
+    m = s.max()
+    e = np.exp(s - m)
+    return math.fsum(e[~keep]) / math.fsum(e)
+
+
+def mp_tv(s, kept):
+    """The same with mpmath (no underflow), for extreme logits."""
+    keep = set(int(i) for i in kept)
+    e = [mpmath.e ** mpmath.mpf(float(x)) for x in s]
+    tail = mpmath.fsum(e[i] for i in range(len(s)) if i not in keep)
+    return tail / mpmath.fsum(e)
+
+
+def check_row(res_idx, k, tv_bound, keys_scored, q, K, scale, eps, exact_mp=False):
+    """All properties of one row's result against the float64 reference."""
+    n = K.shape[0]
+    idx = np.asarray(res_idx)[:k]
+    assert 1 <= k <= n and k <= keys_scored <= n
+    assert np.all(np.asarray(res_idx)[k:] == -1)
+    assert len(set(idx.tolist())) == k and idx.min() >= 0 and idx.max() < n
+    assert 0.0 <= tv_bound <= eps
+    s = ref_logits(q, K, scale)
+    # by decreasing logit (both sides round the logits; allow a few ulps of the spread)
+    tol = 1e-12 * (np.abs(s).max() + 1.0)
+    assert np.all(np.diff(s[idx]) <= tol)
+    tv = float(mp_tv(s, idx)) if exact_mp else true_tv(s, idx)
+    assert tv <= tv_bound, f"true TV {tv!r} above the certificate {tv_bound!r}"
+    return s, idx
+
+
+def clustered(rng, n, d, clusters=8, noise=0.3):
+    cent = rng.standard_normal((clusters, d)) * 2.0
+    return cent[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d))
+
+
+# ------------------------------------------------------------------ soundness
+
+@settings(max_examples=150)
+@given(n=st.integers(1, 300), d=st.integers(1, 17), bs=st.integers(1, 70),
+       summary=st.sampled_from(SUMMARIES), proxy=st.sampled_from(["int8", None]),
+       dtype=st.sampled_from([np.float32, np.float64]), spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
+       eps=st.sampled_from([0.5, 1e-1, 1e-2, 1e-4, 1e-9]), kind=st.sampled_from(["gauss", "clustered"]),
+       reorder=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_certificate_bounds_true_tv(n, d, bs, summary, proxy, dtype, spread, eps, kind, reorder, seed):
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((n, d)) if kind == "gauss" else clustered(rng, n, d)).astype(dtype)
+    q = (spread * rng.standard_normal(d)).astype(dtype)
+    index = KeyIndex(K, block_size=bs, summary=summary, proxy=proxy, reorder=reorder)
+    res = certified_search(q, index, eps)
+    check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+              1 / np.sqrt(d), eps)
+    assert res.confidence == 1.0 and not res.certified_mc
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_all_keys_equal(summary, proxy):
+    K = np.tile(np.linspace(-1, 1, 8), (200, 1))
+    q = np.arange(8.0)
+    for eps in (0.5, 0.1, 1e-3):
+        res = certified_search(q, KeyIndex(K, block_size=16, summary=summary, proxy=proxy), eps)
+        # every key has probability 1/200: the certified set has >= (1 - eps) 200 keys
+        assert res.k >= math.ceil((1 - eps) * 200 - 1e-9)
+        check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                  1 / np.sqrt(8), eps)
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_hidden_outlier(summary, proxy):
+    """One key aligned with q and huge, in a block of otherwise tiny keys that point away:
+    it holds almost all the mass and must be found and kept."""
+    rng = np.random.default_rng(3)
+    n, d = 2048, 16
+    K = 0.01 * rng.standard_normal((n, d))
+    q = rng.standard_normal(d)
+    K[1000:1064] = -0.01 * q  # a block pointing away from q
+    K[1037] = 5.0 * q / np.linalg.norm(q)
+    for eps in (1e-1, 1e-6):
+        index = KeyIndex(K, block_size=64, summary=summary, proxy=proxy, reorder=False)
+        res = certified_search(q, index, eps)
+        assert res.indices[0] == 1037
+        check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                  1 / np.sqrt(d), eps)
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("key_scale,q_scale", [(1e-150, 1e150), (1e-20, 1.0), (1e20, 1e-20),
+                                               (1e120, 1e-120), (1.0, 1e-30)])
+def test_tiny_and_huge_norms(key_scale, q_scale, proxy):
+    rng = np.random.default_rng(5)
+    K = clustered(rng, 500, 12) * key_scale
+    q = 3.0 * rng.standard_normal(12) * q_scale
+    for eps in (1e-1, 1e-3):
+        res = certified_search(q, KeyIndex(K, block_size=32, proxy=proxy), eps)
+        check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                  1 / np.sqrt(12), eps)
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+def test_extreme_logits_against_mpmath(proxy):
+    """Logits spread over thousands: tails far below float64's range, checked with mpmath."""
+    rng = np.random.default_rng(7)
+    K = clustered(rng, 120, 6, noise=1.0)
+    q = 400.0 * rng.standard_normal(6)
+    for eps in (1e-2, 1e-200, 1e-300):
+        res = certified_search(q, KeyIndex(K, block_size=8, proxy=proxy), eps)
+        check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                  1 / np.sqrt(6), eps, exact_mp=True)
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+def test_eps_to_zero_scores_everything(proxy):
+    rng = np.random.default_rng(11)
+    K = rng.standard_normal((700, 10))
+    res = certified_search(rng.standard_normal(10), KeyIndex(K, block_size=50, proxy=proxy), 1e-300)
+    assert res.k == 700 and res.keys_scored == 700 and res.tv_bound == 0.0
+    assert sorted(res.indices.tolist()) == list(range(700))
+
+
+def test_keys_scored_never_exceeds_n_and_kept_within_scored():
+    rng = np.random.default_rng(12)
+    K = rng.standard_normal((3, 257, 9))
+    Q = 5 * rng.standard_normal((3, 20, 9))
+    for proxy in ("int8", None):
+        for method, delta in (("delta", None), ("mc", 0.1)):
+            res = certified_search(Q, KeyIndex(K, block_size=16, proxy=proxy), 1e-2,
+                                   method=method, delta=delta, mc_samples=8)
+            assert np.all(res.keys_scored <= 257) and np.all(res.k <= res.keys_scored)
+            assert np.all(res.tv_bound <= 1e-2)
+
+
+def test_structure_pays_on_clustered_keys():
+    """With clustered keys and peaked queries both index kinds score fewer than n keys, the
+    proxies far fewer than the block summaries alone."""
+    rng = np.random.default_rng(13)
+    n, d = 8192, 16
+    K = clustered(rng, n, d, clusters=32, noise=0.2)
+    q = 4.0 * K[123]
+    blocks = certified_search(q, KeyIndex(K, proxy=None), 1e-2)
+    proxies = certified_search(q, KeyIndex(K), 1e-2)
+    s = ref_logits(q, K, 0.25)
+    k_eps = int(topkattn.k_eps(s, 1e-2))
+    assert k_eps <= proxies.keys_scored < blocks.keys_scored < n
+    assert proxies.keys_scored <= 2 * k_eps + 64
+
+
+# ------------------------------------------------------------------ batches, output
+
+def test_batched_rows_match_single_rows():
+    rng = np.random.default_rng(17)
+    K = clustered(rng, 2 * 3 * 300, 8).reshape(2, 3, 300, 8)
+    Q = 3 * rng.standard_normal((2, 3, 5, 8))
+    eps = np.array([1e-1, 1e-2, 1e-3, 0.3, 1e-6])
+    index = KeyIndex(K, block_size=32)
+    res = certified_search(Q, index, eps)
+    assert res.indices.shape[:-1] == (2, 3, 5) and res.k.shape == (2, 3, 5)
+    for a in range(2):
+        for b in range(3):
+            single = KeyIndex(K[a, b], block_size=32)
+            for l in range(5):
+                one = certified_search(Q[a, b, l], single, eps[l])
+                k = int(one.k)
+                assert res.k[a, b, l] == k
+                np.testing.assert_array_equal(res.indices[a, b, l, :k], one.indices)
+                assert res.tv_bound[a, b, l] == one.tv_bound
+                check_row(res.indices[a, b, l], k, float(res.tv_bound[a, b, l]),
+                          int(res.keys_scored[a, b, l]), Q[a, b, l], K[a, b], 1 / np.sqrt(8),
+                          eps[l])
+
+
+@pytest.mark.parametrize("vdtype", [np.float32, np.float64])
+def test_attention_output_of_the_kept_set(vdtype):
+    rng = np.random.default_rng(19)
+    K = clustered(rng, 2 * 400, 8).reshape(2, 400, 8)
+    V = rng.standard_normal((2, 400, 5)).astype(vdtype)
+    Q = 2 * rng.standard_normal((2, 7, 8))
+    eps = 1e-2
+    out, info = certified_attention(Q, KeyIndex(K, block_size=16), V, eps, return_info=True)
+    assert out.shape == (2, 7, 5) and out.dtype == np.float64
+    for h in range(2):
+        for l in range(7):
+            k = int(info.k[h, l])
+            idx = info.indices[h, l, :k]
+            s = ref_logits(Q[h, l], K[h], 1 / np.sqrt(8))
+            p = np.exp(s[idx] - s[idx].max())
+            want = (p / p.sum()) @ V[h][idx].astype(np.float64)
+            np.testing.assert_allclose(out[h, l], want, rtol=1e-10, atol=1e-12)
+            # output-level certificate (DESIGN §3): |Attn - Attn_S| <= tau diam(V)
+            pf = np.exp(s - s.max())
+            full = (pf / pf.sum()) @ V[h].astype(np.float64)
+            vv = V[h].astype(np.float64)
+            diam = np.sqrt(((vv[:, None, :] - vv[None, :, :]) ** 2).sum(-1)).max()
+            assert np.linalg.norm(full - out[h, l]) <= info.tv_bound[h, l] * diam + 1e-12
+    np.testing.assert_array_equal(certified_search(Q, KeyIndex(K, block_size=16), eps, V=V).output,
+                                  out)
+
+
+def test_float32_attention_output_dtype():
+    rng = np.random.default_rng(20)
+    K = rng.standard_normal((100, 4)).astype(np.float32)
+    V = rng.standard_normal((100, 3)).astype(np.float32)
+    out = certified_attention(rng.standard_normal((2, 4)).astype(np.float32), KeyIndex(K), V, 0.1)
+    assert out.shape == (2, 3) and out.dtype == np.float32
+
+
+# ------------------------------------------------------------------ MC-Search
+
+def test_mc_failure_rate_within_delta():
+    """Clustered keys, block summaries only (loose bounds, so that the MC estimate is what
+    certifies most rows): over many seeds the certificate fails on at most a delta fraction
+    of the rows, and MC scores fewer keys than the deterministic search."""
+    rng = np.random.default_rng(23)
+    n, d = 4096, 16
+    K = clustered(rng, n, d, clusters=16, noise=0.5)
+    index = KeyIndex(K, block_size=64, proxy=None)
+    Q = 0.5 * K[rng.integers(0, n, 8)]
+    S = [ref_logits(q, K, 1 / np.sqrt(d)) for q in Q]
+    delta, eps = 0.2, 0.1
+    rows = fails = mc_rows = 0
+    for seed in range(30):
+        res = certified_search(Q, index, eps, method="mc", delta=delta, seed=seed, mc_samples=64)
+        assert res.confidence == pytest.approx(1 - delta) and res.delta == delta
+        for i in range(len(Q)):
+            k = int(res.k[i])
+            rows += 1
+            mc_rows += bool(res.certified_mc[i])
+            fails += true_tv(S[i], res.indices[i, :k]) > res.tv_bound[i]
+            assert res.tv_bound[i] <= eps and res.keys_scored[i] <= n
+    assert mc_rows >= rows // 4, "the MC estimate certified too few rows to test it"
+    # binomial(rows, delta): mean + 3 sd
+    assert fails <= delta * rows + 3 * math.sqrt(rows * delta * (1 - delta))
+    det = certified_search(Q, index, eps)
+    mc = certified_search(Q, index, eps, method="mc", delta=delta, mc_samples=64)
+    assert mc.keys_scored.sum() < det.keys_scored.sum()
+
+
+def test_mc_deterministic_given_seed():
+    rng = np.random.default_rng(29)
+    K = rng.standard_normal((2048, 8))
+    index = KeyIndex(K, proxy=None)
+    Q = rng.standard_normal((6, 8))
+    a = certified_search(Q, index, 0.05, method="mc", delta=0.1, seed=5, mc_samples=32)
+    b = certified_search(Q, index, 0.05, method="mc", delta=0.1, seed=5, mc_samples=32)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.tv_bound, b.tv_bound)
+    np.testing.assert_array_equal(a.keys_scored, b.keys_scored)
+
+
+# ------------------------------------------------------------------ threads, SIMD, append
+
+def _fields(res):
+    return (res.indices, res.k, res.tv_bound, res.keys_scored, res.blocks_scored,
+            res.proxies_read, res.bytes_read, res.certified_mc, res.output)
+
+
+@pytest.mark.parametrize("method", ["delta", "mc"])
+def test_same_results_for_any_thread_count(method):
+    rng = np.random.default_rng(31)
+    K = clustered(rng, 4 * 1024, 16).reshape(4, 1024, 16)
+    V = rng.standard_normal((4, 1024, 4))
+    Q = 3 * rng.standard_normal((4, 16, 16))
+    index = KeyIndex(K, block_size=32)
+    kw = dict(method=method, delta=0.1 if method == "mc" else None, seed=3, mc_samples=16)
+    topkattn.set_num_threads(1)
+    one = certified_search(Q, index, 1e-2, V=V, **kw)
+    topkattn.set_num_threads(3)
+    many = certified_search(Q, index, 1e-2, V=V, **kw)
+    for x, y in zip(_fields(one), _fields(many)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_every_simd_path_is_sound_and_agrees(simd_path):
+    rng = np.random.default_rng(37)
+    K = clustered(rng, 3000, 24).astype(np.float32)
+    Q = 3 * rng.standard_normal((6, 24)).astype(np.float32)
+    index = KeyIndex(K)
+    res = certified_search(Q, index, 1e-2)
+    topkattn.set_simd("scalar")
+    base = certified_search(Q, index, 1e-2)
+    for i in range(6):
+        check_row(res.indices[i], int(res.k[i]), float(res.tv_bound[i]),
+                  int(res.keys_scored[i]), Q[i], K, 1 / np.sqrt(24), 1e-2)
+        assert abs(int(res.k[i]) - int(base.k[i])) <= 1
+        assert abs(int(res.keys_scored[i]) - int(base.keys_scored[i])) <= 8
+
+
+@pytest.mark.parametrize("summary", SUMMARIES)
+@pytest.mark.parametrize("n0", [64, 100, 1])
+def test_append_equals_building_at_once(summary, n0):
+    rng = np.random.default_rng(41)
+    K = clustered(rng, 2 * 700, 8).reshape(2, 700, 8).astype(np.float32)
+    grown = KeyIndex(K[:, :n0], block_size=32, summary=summary, reorder=False)
+    for a, b in ((n0, 300), (300, 301), (301, 700)):
+        if b > a:
+            grown.append(K[:, a:b])
+    whole = KeyIndex(K, block_size=32, summary=summary, reorder=False)
+    assert grown.n == whole.n == 700 and grown.nbytes == whole.nbytes
+    Q = 2 * rng.standard_normal((2, 4, 8))
+    for x, y in zip(_fields(certified_search(Q, grown, 1e-3)),
+                    _fields(certified_search(Q, whole, 1e-3))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_append_after_reordering_is_sound():
+    rng = np.random.default_rng(43)
+    K = clustered(rng, 1500, 8)
+    index = KeyIndex(K[:1000], block_size=32)
+    nb0 = index.nbytes
+    index.append(K[1000:])
+    assert index.n == 1500 and index.nbytes > nb0
+    q = 3 * K[1200]
+    res = certified_search(q, index, 1e-3)
+    s, idx = check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                       1 / np.sqrt(8), 1e-3)
+    assert 1200 in idx
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(47)
+    K = rng.standard_normal((300, 6))
+    V = rng.standard_normal((300, 2))
+    Q = rng.standard_normal((3, 6))
+    copies = [a.copy() for a in (K, V, Q)]
+    index = KeyIndex(K)
+    certified_attention(Q, index, V, 1e-2)
+    index.append(K[:10])
+    for a, b in zip((K, V, Q), copies):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(53)
+    K = rng.standard_normal((400, 12))[::-1, ::2]
+    Q = rng.standard_normal((8, 12))[::2, ::2]
+    V = rng.standard_normal((400, 6))[:, ::2]
+    out, info = certified_attention(Q, KeyIndex(K), V, 1e-2, return_info=True)
+    out2 = certified_attention(np.ascontiguousarray(Q), KeyIndex(np.ascontiguousarray(K)),
+                               np.ascontiguousarray(V), 1e-2)
+    np.testing.assert_array_equal(out, out2)
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_input_messages():
+    K = np.ones((10, 4))
+    index = KeyIndex(K)
+    q = np.ones(4)
+    cases = [
+        (lambda: KeyIndex(np.ones(4)), ValueError, "K must have shape"),
+        (lambda: KeyIndex(np.ones((0, 4))), ValueError, "n >= 1"),
+        (lambda: KeyIndex(np.ones((3, 4), np.int8)), TypeError, "K must be float32"),
+        (lambda: KeyIndex([[1, 2], [3, 4]]), None, None),
+        (lambda: KeyIndex(np.ones((3, 4), np.complex64)), TypeError, "K must be float32"),
+        (lambda: KeyIndex(K, block_size=0), ValueError, "block_size"),
+        (lambda: KeyIndex(K, summary="box"), ValueError, "summary"),
+        (lambda: KeyIndex(K, proxy="pq"), ValueError, "proxy"),
+        (lambda: KeyIndex(np.array([[np.nan, 1.0]])), ValueError, "K contains NaN"),
+        (lambda: certified_search(q, index, 0.0), ValueError, "eps must be in"),
+        (lambda: certified_search(q, index, 1.0), ValueError, "eps must be in"),
+        (lambda: certified_search(np.ones(5), index, 0.1), ValueError, "q must have shape"),
+        (lambda: certified_search(q, K, 0.1), TypeError, "index must be a KeyIndex"),
+        (lambda: certified_search(q, index, 0.1, method="mc"), ValueError, "needs delta"),
+        (lambda: certified_search(q, index, 0.1, method="mc", delta=1.5), ValueError, "delta"),
+        (lambda: certified_search(q, index, 0.1, delta=0.1), ValueError, "only used"),
+        (lambda: certified_search(q, index, 0.1, method="beam"), ValueError, "method"),
+        (lambda: certified_search(q, index, 0.1, seed=-1), ValueError, "seed"),
+        (lambda: certified_search(q, index, 0.1, scale=-1.0), ValueError, "scale"),
+        (lambda: certified_search(q * np.inf, index, 0.1), ValueError, "q contains NaN or inf"),
+        (lambda: certified_search(q * 1e300, index, 0.1, scale=1e10), ValueError, "overflow"),
+        (lambda: certified_search(q, index, 0.1, V=np.ones((9, 2))), ValueError, "V must have"),
+        (lambda: certified_attention(q, index, None, 0.1), ValueError, "V is required"),
+        (lambda: index.append(np.ones((2, 5))), ValueError, "new_keys must have shape"),
+        (lambda: certified_search(q, index, [0.1, 0.2]), ValueError, "broadcast"),
+    ]
+    for fn, exc, msg in cases:
+        if exc is None:
+            fn()  # lists of integers are accepted (converted to float64)
+            continue
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_docstring_examples():
+    result = doctest.testmod(tks, verbose=False, report=True)
+    assert result.attempted > 0 and result.failed == 0

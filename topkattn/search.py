@@ -1,0 +1,433 @@
+"""Certified search: certify TV(P, P_hat) <= eps after scoring only part of the keys
+(DESIGN §2 blockwise bound, §4).
+
+A :class:`KeyIndex` holds, per key set, blocks of keys with summaries that bound ``q.k``
+over a block for any query, and per-key int8 proxies that bound ``q.k`` key by key.
+:func:`certified_search` visits blocks and keys by decreasing upper bound, scores the
+promising keys exactly (float64) and stops as soon as the kept set is certified;
+:func:`certified_attention` returns the attention output of the certified set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"]
+
+_SUMMARIES = {"minmax": 1, "ball": 2, "auto": 3}
+_METHODS = {"delta": 0, "mc": 1}
+
+
+def _float_array(x, name):
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            x = x.astype(np.float64)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _check_finite(x, name):
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+class KeyIndex:
+    """Block summaries and per-key proxies of a key set, for certified search.
+
+    Built once per key set; :meth:`append` grows it as a KV cache grows.
+
+    * **Blocks** of ``block_size`` keys carry a summary giving an upper bound on ``q.k``
+      over the block for any ``q`` (DESIGN §4): ``"minmax"`` (per-dimension min and max,
+      bound ``sum_d max(q_d lo_d, q_d hi_d)``), ``"ball"`` (centroid ``c`` and radius ``r``,
+      bound ``q.c + |q| r``) or ``"auto"`` (both stored; the smaller bound is used per block
+      and query).
+    * **Proxies** (``proxy="int8"``): each key is stored as ``a_i z_i`` with int8 codes
+      ``z_i`` and a float32 scale ``a_i``, plus ``e_i >= |k_i - a_i z_i|``, so that
+      ``q.k_i <= a_i q.z_i + |q| e_i`` (d + 8 bytes per key instead of 4d). The search
+      expands a block by reading its proxies and scores exactly only the keys whose proxy
+      bound is the largest outstanding one.
+    * **Order**: with ``reorder=True`` the keys given at construction are reordered so
+      that blocks are tight: recursive bisection at the median of the projection on each
+      node's leading principal direction (power iteration on up to 256 keys of the node),
+      down to one block. Keys added by :meth:`append` form new blocks in arrival order.
+      Indices reported by the search are always the original key positions.
+
+    Every bound is padded for the rounding of the arithmetic that computes it, so it is
+    never below the float64 logit (see ``csrc/search.c``).
+
+    Parameters
+    ----------
+    K : array_like, shape (..., n, d)
+        Keys, float32 or float64, finite. Leading axes are independent key sets (heads);
+        the index keeps its own copy in its dtype.
+    block_size : int
+        Keys per block (>= 1).
+    summary : {"auto", "minmax", "ball"}
+        Block summary kind.
+    proxy : {"int8", None}
+        Per-key proxies, or none (block summaries only, as in the original method).
+    reorder : bool
+        Cluster the initial keys into tight blocks.
+
+    Attributes
+    ----------
+    n, d, block_size, batch_shape, dtype, summary, proxy, nbytes
+
+    Examples
+    --------
+    >>> import numpy as np, topkattn
+    >>> rng = np.random.default_rng(0)
+    >>> index = topkattn.KeyIndex(rng.standard_normal((1000, 16)), block_size=32)
+    >>> index.n, index.d, index.block_size
+    (1000, 16, 32)
+    """
+
+    def __init__(self, K, block_size=64, summary="auto", proxy="int8", reorder=True):
+        K = _float_array(K, "K")
+        if K.ndim < 2:
+            raise ValueError(f"K must have shape (..., n, d), got shape {K.shape}")
+        if K.shape[-2] == 0 or K.shape[-1] == 0:
+            raise ValueError(f"K must have n >= 1 keys of d >= 1 dimensions, got shape {K.shape}")
+        if (not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
+                or block_size < 1):
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if summary not in _SUMMARIES:
+            raise ValueError(f"summary must be one of {sorted(_SUMMARIES)}, got {summary!r}")
+        if proxy not in ("int8", None):
+            raise ValueError(f"proxy must be 'int8' or None, got {proxy!r}")
+        _check_finite(K, "K")
+        self.batch_shape = K.shape[:-2]
+        self.d = int(K.shape[-1])
+        self.block_size = int(block_size)
+        self.summary = summary
+        self.proxy = proxy
+        self.dtype = K.dtype
+        self._heads = int(np.prod(self.batch_shape, dtype=np.int64))
+        n = int(K.shape[-2])
+        keys = np.ascontiguousarray(K.reshape(self._heads, n, self.d))
+        if reorder and n > self.block_size:
+            perm = _core.index_order(keys, self.block_size)
+            keys = np.take_along_axis(keys, perm[:, :, None], axis=1)
+        else:
+            perm = np.broadcast_to(np.arange(n, dtype=np.int64), (self._heads, n))
+        self.n = 0
+        self._alloc(n)
+        self._keys[:, :n] = keys
+        self._perm[:, :n] = perm
+        self.n = n
+        _core.index_fill(self._tuple(), 0)
+
+    # ------------------------------------------------------------ storage
+
+    def _alloc(self, cap):
+        """(Re)allocate every array for ``cap`` keys, keeping the first n."""
+        H, d, bs = self._heads, self.d, self.block_size
+        cb = -(-cap // bs)
+        old = getattr(self, "_keys", None)
+
+        def grow(name, shape, dtype):
+            new = np.zeros(shape, dtype=dtype)
+            prev = getattr(self, name, None)
+            if prev is not None:
+                sl = tuple(slice(0, s) for s in prev.shape)
+                new[sl] = prev
+            setattr(self, name, new)
+
+        grow("_keys", (H, cap, d), self.dtype)
+        grow("_perm", (H, cap), np.int64)
+        if old is None:
+            self._maxabs = np.zeros(H, dtype=np.float64)
+        kinds = _SUMMARIES[self.summary]
+        if kinds & 1:
+            grow("_lo", (H, cb, d), np.float32)
+            grow("_hi", (H, cb, d), np.float32)
+        if kinds & 2:
+            grow("_ctr", (H, cb, d), np.float32)
+            grow("_rad", (H, cb), np.float64)
+        if self.proxy:
+            grow("_pz", (H, cap, d), np.int8)
+            grow("_pscale", (H, cap), np.float32)
+            grow("_perr", (H, cap), np.float32)
+        self._cap = cap
+
+    def _tuple(self):
+        g = lambda name: getattr(self, name, None)  # noqa: E731
+        return (self._keys, self._perm, self.n, self.block_size, _SUMMARIES[self.summary],
+                g("_lo"), g("_hi"), g("_ctr"), g("_rad"), g("_pz"), g("_pscale"), g("_perr"),
+                self._maxabs)
+
+    @property
+    def nbytes(self):
+        """Bytes the index holds for its n keys: key copy, positions, summaries, proxies."""
+        H, n, d = self._heads, self.n, self.d
+        nb = -(-n // self.block_size)
+        kinds = _SUMMARIES[self.summary]
+        total = H * n * (d * self.dtype.itemsize + 8) + H * 8
+        total += H * nb * ((8 * d if kinds & 1 else 0) + (4 * d + 8 if kinds & 2 else 0))
+        if self.proxy:
+            total += H * n * (d + 8)
+        return int(total)
+
+    def append(self, new_keys):
+        """Add keys at positions n, n+1, ... (amortised O(new keys): capacity doubles).
+
+        Parameters
+        ----------
+        new_keys : array_like, shape (..., m, d)
+            Same batch shape and d as the index; converted to the index dtype.
+        """
+        x = _float_array(new_keys, "new_keys")
+        if x.ndim != len(self.batch_shape) + 2 or x.shape[:-2] != self.batch_shape \
+                or x.shape[-1] != self.d:
+            raise ValueError(f"new_keys must have shape {self.batch_shape + ('m', self.d)}, "
+                             f"got {x.shape}")
+        _check_finite(x, "new_keys")
+        m = int(x.shape[-2])
+        if m == 0:
+            return self
+        n0 = self.n
+        if n0 + m > self._cap:
+            self._alloc(max(n0 + m, 2 * self._cap))
+        self._keys[:, n0:n0 + m] = x.reshape(self._heads, m, self.d)
+        self._perm[:, n0:n0 + m] = np.arange(n0, n0 + m, dtype=np.int64)
+        self.n = n0 + m
+        _core.index_fill(self._tuple(), n0)
+        return self
+
+    def __repr__(self):
+        return (f"KeyIndex(batch_shape={self.batch_shape}, n={self.n}, d={self.d}, "
+                f"block_size={self.block_size}, summary={self.summary!r}, "
+                f"proxy={self.proxy!r}, dtype={self.dtype})")
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What :func:`certified_search` returns; arrays have the query batch shape ``(...)``.
+
+    Attributes
+    ----------
+    indices : int64 array, shape (..., kmax)
+        Kept keys (original positions) by decreasing logit; rows with fewer than kmax kept
+        keys are padded with -1. For a single query, exactly the k kept keys.
+    k : int64 array (...)
+        Number of kept keys.
+    tv_bound : float64 array (...)
+        Certified upper bound on TV(P, P_hat) of the kept set (<= eps). For
+        ``method="mc"`` it holds with probability >= ``confidence`` on every row where
+        ``certified_mc`` is true, and always elsewhere.
+    keys_scored : int64 array (...)
+        Distinct keys whose exact logit was computed (<= n).
+    blocks_scored : int64 array (...)
+        Blocks whose keys (proxies, or exact keys without proxies) were read.
+    proxies_read : int64 array (...)
+        Per-key proxies evaluated.
+    bytes_read : float64 array (...)
+        Bytes of the key side read: summaries of every block, proxies read, exact keys
+        scored and the positions of kept keys (values V not included).
+    certified_mc : bool array (...)
+        Rows whose certificate rests on the Monte-Carlo estimate.
+    output : array (..., d_v) or None
+        Attention output of the kept set (softmax over it, weights times V rows).
+    method, eps, delta, confidence
+        What was certified: ``TV <= eps`` with probability >= confidence (1 for "delta").
+    """
+
+    indices: np.ndarray
+    k: np.ndarray
+    tv_bound: np.ndarray
+    keys_scored: np.ndarray
+    blocks_scored: np.ndarray
+    proxies_read: np.ndarray
+    bytes_read: np.ndarray
+    certified_mc: np.ndarray
+    output: np.ndarray | None
+    method: str
+    eps: np.ndarray
+    delta: float | None
+    confidence: float
+
+
+def _prepare_queries(q, index, name):
+    q = _float_array(q, name)
+    bd = len(index.batch_shape)
+    if q.ndim not in (bd + 1, bd + 2) or q.shape[:bd] != index.batch_shape \
+            or q.shape[-1] != index.d:
+        raise ValueError(f"{name} must have shape {index.batch_shape + (index.d,)} or "
+                         f"{index.batch_shape + ('L', index.d)} to match the index, got {q.shape}")
+    _check_finite(q, name)
+    single = q.ndim == bd + 1
+    L = 1 if single else int(q.shape[-2])
+    qshape = q.shape[:-1]
+    Q = np.ascontiguousarray(q.reshape(index._heads, L, index.d), dtype=np.float64)
+    return Q, qshape, single, L
+
+
+def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, name):
+    if not isinstance(index, KeyIndex):
+        raise TypeError(f"index must be a KeyIndex, got {type(index).__name__}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be 'delta' or 'mc', got {method!r}")
+    Q, qshape, single, L = _prepare_queries(q, index, name)
+    if L == 0 or index._heads == 0:
+        raise ValueError(f"{name} has no query (an empty axis)")
+    e = np.asarray(eps, dtype=np.float64) if not isinstance(eps, np.ndarray) else eps
+    if e.dtype.kind not in "fiu":
+        raise TypeError(f"eps must be a float or float array, got {e.dtype}")
+    try:
+        e = np.broadcast_to(e.astype(np.float64), qshape)
+    except ValueError:
+        raise ValueError(f"eps with shape {e.shape} does not broadcast against the query "
+                         f"batch shape {qshape}") from None
+    if not np.all((e > 0) & (e < 1)):
+        raise ValueError("eps must be in (0, 1)")
+    if method == "mc":
+        if delta is None:
+            raise ValueError("method='mc' needs delta (the failure probability), in (0, 1)")
+        delta = float(delta)
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+    elif delta is not None:
+        raise ValueError("delta is only used with method='mc'")
+    if seed is None:
+        seed = 0
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if (not isinstance(mc_samples, numbers.Integral) or isinstance(mc_samples, bool)
+            or mc_samples < 2):
+        raise ValueError(f"mc_samples must be an integer >= 2, got {mc_samples!r}")
+    scale = 1.0 / np.sqrt(index.d) if scale is None else float(scale)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
+    with np.errstate(over="ignore", invalid="ignore"):
+        qn1 = scale * np.abs(Q).sum(axis=-1).max()
+        big = qn1 * float(index._maxabs.max()) * (index.d + 8)
+    if not big < 1e300:
+        raise ValueError("logits would overflow float64: scale * |q|_1 * max|k| too large")
+    Vc = None
+    if V is not None:
+        V = _float_array(V, "V")
+        want = index.batch_shape + (index.n,)
+        if V.ndim != len(want) + 1 or V.shape[:-1] != want:
+            raise ValueError(f"V must have shape {want + ('d_v',)}, got {V.shape}")
+        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output
+        Vc = np.ascontiguousarray(V.reshape(index._heads, index.n, V.shape[-1]))
+    eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
+    idx, k, tv, ks, bsc, pr, by, mcf, out = _core.search(
+        index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),
+        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc)
+    kmax = idx.shape[-1]
+    shp = lambda a: a.reshape(qshape)  # noqa: E731
+    if out is not None:
+        dt = np.result_type(V.dtype, q.dtype if isinstance(q, np.ndarray) else np.float64)
+        out = out.reshape(qshape + (out.shape[-1],)).astype(dt, copy=False)
+    return SearchResult(
+        indices=idx.reshape(qshape + (kmax,)), k=shp(k), tv_bound=shp(tv), keys_scored=shp(ks),
+        blocks_scored=shp(bsc), proxies_read=shp(pr), bytes_read=shp(by),
+        certified_mc=shp(mcf), output=out, method=method, eps=np.array(e),
+        delta=delta if method == "mc" else None,
+        confidence=1.0 - delta if method == "mc" else 1.0)
+
+
+def certified_search(q, index, eps, V=None, method="delta", delta=None, seed=None, scale=None,
+                     mc_samples=256, use_proxy=True):
+    r"""Smallest certified kept set after scoring only part of the keys (DESIGN §4).
+
+    Blocks and keys are visited by decreasing upper bound on their logit; visited keys are
+    scored exactly in float64. With scored mass ``Z_s``, kept mass ``A`` and the bound
+    ``U`` on the mass of everything unscored, ``TV(P, P_hat) <= 1 - A / (Z_s + U)``
+    (§2); the search stops as soon as some top set of the scored keys meets ``eps`` and
+    returns the smallest one.
+
+    * ``method="delta"`` (Δk-Search): ``U`` sums the upper bounds (block summaries, or
+      the proxies of expanded blocks). The certificate always holds.
+    * ``method="mc"`` (MC-Search): additionally, at checkpoints (each time the number of
+      scored keys doubles) ``mc_samples`` unscored keys are drawn with probability
+      proportional to their cap ``e^{bound}`` and the unscored mass is bounded by the
+      empirical Bernstein inequality (Maurer & Pontil 2009) at confidence
+      ``1 - delta / 2^t`` for the t-th checkpoint, so that all checkpoints together fail
+      with probability <= ``delta``. Sampled keys count as scored.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., d) or (..., L, d)
+        Queries; ``...`` is the index's batch shape.
+    index : KeyIndex
+    eps : float or array broadcastable to the query batch shape
+        Target TV, in (0, 1).
+    V : array_like, shape (..., n, d_v), optional
+        Values in original key order; the result then has ``output`` (NaN or inf in V
+        propagate to it).
+    method : {"delta", "mc"}
+    delta : float, required for "mc"
+        Failure probability of the MC certificate, in (0, 1).
+    seed : int, optional
+        Seed of the MC sampling (default 0); results are deterministic given it and do
+        not depend on the thread count.
+    scale : float, optional
+        Logits are ``scale * q.k`` (default ``1/sqrt(d)``).
+    mc_samples : int
+        Keys sampled per MC checkpoint.
+    use_proxy : bool
+        Use the index's per-key proxies (if it has them).
+
+    Returns
+    -------
+    SearchResult
+
+    Examples
+    --------
+    >>> import numpy as np, topkattn
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((4096, 32))
+    >>> index = topkattn.KeyIndex(K)
+    >>> res = topkattn.certified_search(3 * K[7], index, eps=1e-2)
+    >>> bool(res.tv_bound <= 1e-2), int(res.indices[0])
+    (True, 7)
+    """
+    return _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "q")
+
+
+def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None, scale=None,
+                        mc_samples=256, use_proxy=True, return_info=False):
+    """Attention output of the certified kept set: ``sum_{i in S} P_hat_i v_i``.
+
+    The set S comes from :func:`certified_search` (same arguments), so
+    ``TV(P, P_hat) <= eps`` is certified for every row, and the output error is at most
+    ``eps * diam(V)`` (DESIGN §3).
+
+    Parameters
+    ----------
+    Q : array_like, shape (..., L, d) or (..., d)
+    index : KeyIndex
+    V : array_like, shape (..., n, d_v)
+    eps, method, delta, seed, scale, mc_samples, use_proxy
+        As in :func:`certified_search`.
+    return_info : bool
+        Also return the :class:`SearchResult`.
+
+    Returns
+    -------
+    out : array, shape (..., L, d_v) (or (..., d_v))
+    info : SearchResult, only with ``return_info``
+
+    Examples
+    --------
+    >>> import numpy as np, topkattn
+    >>> rng = np.random.default_rng(1)
+    >>> K, V = rng.standard_normal((2, 512, 16)), rng.standard_normal((2, 512, 8))
+    >>> out = topkattn.certified_attention(rng.standard_normal((2, 3, 16)),
+    ...                                    topkattn.KeyIndex(K), V, eps=1e-3)
+    >>> out.shape
+    (2, 3, 8)
+    """
+    if V is None:
+        raise ValueError("V is required for certified_attention")
+    res = _run(Q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "Q")
+    return (res.output, res) if return_info else res.output

@@ -77,8 +77,11 @@ BUDGETS = [dict(k=1), dict(k=3), dict(k=6), dict(ratio=0.3), dict(ratio=0.75), d
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_forward_matches_numpy_reference(budget, causal):
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_numpy_reference(budget, causal, tied):
     q, k, v = qkv(1, L=9, n=11)
+    if tied:  # integer queries and keys on a few levels: many exactly equal scores
+        q, k = q.round().clamp(-1, 1), k.round().clamp(-1, 1)
     got = tkt.topk_attention(q, k, v, is_causal=causal, **budget)
     want = ref_topk_attention(q.numpy(), k.numpy(), v.numpy(), causal=causal, **budget)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-13)
@@ -122,7 +125,9 @@ def test_selection_matches_c_core(dtype):
     s[:, ::7] = s[:, 1::7][:, : s[:, ::7].shape[1]]  # exact ties
     s = s.to(dtype)
     s[3, 10:] = -math.inf  # a row with 10 live keys
-    for k in (1, 5, 64, 300):
+    s[20:] = torch.randint(0, 4, (20, 300), generator=g).to(dtype)  # four levels: many ties
+    s[25, ::2] = -math.inf
+    for k in (1, 5, 64, 299, 300):
         keep = tkt.topk_select(s, k)
         idx = topkattn.topk(s.numpy(), k)
         for r in range(s.shape[0]):
@@ -251,8 +256,8 @@ def test_simulated_selector_extremes():
     g = torch.Generator().manual_seed(20)
     s = torch.randn(50, 40, generator=g, dtype=torch.float64)
     exact = tkt.topk_select(s, 8)
-    assert torch.equal(tkt.simulated_selector(s, 8, 1.0, g), exact)
-    sel0 = tkt.simulated_selector(s, 8, 0.0, g)
+    assert torch.equal(tkt.simulated_selector(s, 1.0, 8, generator=g), exact)
+    sel0 = tkt.simulated_selector(s, 0.0, 8, generator=g)
     assert torch.all(sel0.sum(-1) == 8) and not (sel0 & exact).any()
 
 
@@ -262,7 +267,7 @@ def test_simulated_selector_precision_and_size():
     s[:5, 10:] = -math.inf  # rows with 10 live keys: k = 10 keeps all of them
     exact = tkt.topk_select(s, 12)
     for p in (0.25, 0.6, 0.9):
-        sel = tkt.simulated_selector(s, 12, p, g)
+        sel = tkt.simulated_selector(s, p, 12, generator=g)
         assert torch.equal(sel.sum(-1), exact.sum(-1))
         assert not (sel & torch.isinf(s)).any()
         prec = tkt.retrieval_precision(sel, exact)
@@ -273,20 +278,32 @@ def test_simulated_selector_precision_and_size():
 
 def test_simulated_selector_reproducible_and_short_outside():
     s = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
-    a = tkt.simulated_selector(s, 4, 0.5, torch.Generator().manual_seed(9))
-    b = tkt.simulated_selector(s, 4, 0.5, torch.Generator().manual_seed(9))
+    a = tkt.simulated_selector(s, 0.5, 4, generator=torch.Generator().manual_seed(9))
+    b = tkt.simulated_selector(s, 0.5, 4, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
     # k = 8 of 10 with precision 0: only 2 keys outside, so at least 6 come from inside
-    sel = tkt.simulated_selector(s, 8, 0.0, torch.Generator().manual_seed(1))
+    sel = tkt.simulated_selector(s, 0.0, 8, generator=torch.Generator().manual_seed(1))
     exact = tkt.topk_select(s, 8)
     assert torch.all(sel.sum(-1) == 8) and torch.all((sel & exact).sum(-1) == 6)
+
+
+def test_simulated_selector_ratio_on_causal_rows():
+    # causal rows see 1..200 keys: each keeps as many as its exact ratio set
+    q, k, _ = qkv(23, B=4, H=2, L=200, d=8)
+    s = tkt.attention_scores(q, k, is_causal=True)
+    exact = tkt.topk_select(s, ratio=0.1)
+    sel = tkt.simulated_selector(s, 0.7, ratio=0.1, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(sel.sum(-1), exact.sum(-1)) and not (sel & torch.isinf(s)).any()
+    hits = float((sel & exact).sum()) / float(exact.sum())
+    assert abs(hits - 0.7) < 0.03, hits
 
 
 def test_kept_set_attention_with_simulated_selector():
     q, k, v = qkv(22, L=10, grad=True)
     gen = torch.Generator().manual_seed(4)
-    out = tkt.kept_set_attention(q, k, v, lambda s: tkt.simulated_selector(s, 3, 0.5, gen),
-                                 is_causal=True)
+    out = tkt.kept_set_attention(
+        q, k, v, lambda s: tkt.simulated_selector(s, 0.5, ratio=0.3, generator=gen),
+        is_causal=True)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
 
@@ -331,7 +348,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="NaN"):
         tkt.topk_attention(bad, k, v, 2)
     with pytest.raises(ValueError, match="precision"):
-        tkt.simulated_selector(torch.zeros(3, 4), 2, 1.5)
+        tkt.simulated_selector(torch.zeros(3, 4), 1.5, 2)
     with pytest.raises(ValueError, match="selector must return a bool"):
         tkt.kept_set_attention(q, k, v, lambda s: s)
 

@@ -207,7 +207,6 @@ def topk_select(scores, k=None, *, ratio=None, eps=None):
     """
     _one_budget(k, ratio, eps)
     live = _check_scores(scores)
-    ranks = _ranks(scores)
     if k is not None:
         kk = live.clamp(max=k)
     elif ratio is not None:
@@ -221,26 +220,47 @@ def topk_select(scores, k=None, *, ratio=None, eps=None):
         tail = torch.flip(torch.cumsum(torch.flip(ps, (-1,)), -1), (-1,))
         kk = (tail > eps).sum(dim=-1).clamp(1)
         kk = torch.minimum(kk, live)
-    return ranks < kk.unsqueeze(-1)
+    return _keep_top(scores, kk)
+
+
+def _keep_top(scores, kk):
+    """The kk (per row) largest scores, ties at the threshold to the lower index.
+
+    The kk-th largest value is the threshold whatever the order of ties, so an unstable
+    partial sort finds it; keys strictly above it are kept, and of the keys equal to it
+    the first ``kk - #above`` by index.
+    """
+    kmax = int(kk.max())
+    vals = torch.topk(scores, kmax, dim=-1, sorted=True).values
+    thr = vals.gather(-1, (kk - 1).unsqueeze(-1))
+    above = scores > thr
+    tied = scores == thr
+    room = (kk - above.sum(dim=-1)).unsqueeze(-1)
+    return above | (tied & (torch.cumsum(tied, dim=-1) <= room))
 
 
 @torch.no_grad()
-def simulated_selector(scores, k, precision, generator=None):
+def simulated_selector(scores, precision, k=None, *, ratio=None, eps=None, generator=None):
     r"""An approximate Top-k retriever of a given precision (DESIGN §6), as a mask.
 
-    Every row keeps ``k_row = min(k, n_live)`` keys: ``m`` drawn uniformly from the exact
-    Top-``k_row`` set and ``k_row - m`` drawn uniformly from the other unmasked keys, with
-    ``m = floor(precision * k_row + u)``, ``u ~ U[0, 1)`` (randomised rounding, so the
-    expected precision is ``precision`` even for small k). A row with too few keys outside
-    its Top-k set takes the shortfall from inside it. Measure the precision obtained with
+    Each row keeps as many keys as its exact Top-k set ``S`` (:func:`topk_select` with the
+    same ``k``, ``ratio`` or ``eps``), ``|S|`` say: ``m`` drawn uniformly from ``S`` and
+    ``|S| - m`` drawn uniformly from the other unmasked keys, with
+    ``m = floor(precision * |S| + u)``, ``u ~ U[0, 1)`` (randomised rounding, so the
+    expected precision is ``precision`` even for small sets). A row with too few keys
+    outside ``S`` takes the shortfall from inside it. Measure the precision obtained with
     :func:`retrieval_precision`.
 
     Parameters
     ----------
     scores : Tensor, shape (..., n)
         ``-inf`` marks masked keys (never selected).
-    k : int >= 1
     precision : float in [0, 1]
+    k : int >= 1, optional
+    ratio : float in (0, 1], optional
+    eps : float in (0, 1), optional
+        Exactly one of ``k``, ``ratio``, ``eps``: the exact set's size, as in
+        :func:`topk_select`.
     generator : torch.Generator, optional
         Source of randomness (on the device of ``scores``), for reproducible runs.
 
@@ -252,18 +272,19 @@ def simulated_selector(scores, k, precision, generator=None):
     --------
     >>> import torch
     >>> from topkattn.torch import simulated_selector, topk_select, retrieval_precision
-    >>> s = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
-    >>> sel = simulated_selector(s, 10, 1.0)
-    >>> bool((sel == topk_select(s, 10)).all())
+    >>> g = torch.Generator().manual_seed(0)
+    >>> s = torch.randn(4, 100, generator=g)
+    >>> bool((simulated_selector(s, 1.0, 10) == topk_select(s, 10)).all())
     True
+    >>> sel = simulated_selector(s, 0.5, 10, generator=g)
+    >>> retrieval_precision(sel, topk_select(s, 10)).tolist()
+    [0.5, 0.5, 0.5, 0.5]
     """
-    _one_budget(k, None, None)
     if isinstance(precision, bool) or not isinstance(precision, numbers.Real) \
             or not 0.0 <= precision <= 1.0:
         raise ValueError(f"precision must be a real number in [0, 1], got {precision!r}")
-    live = _check_scores(scores)
-    exact = topk_select(scores, k)
-    kk = live.clamp(max=k)
+    exact = topk_select(scores, k, ratio=ratio, eps=eps)
+    kk = exact.sum(dim=-1)
     u = torch.rand(kk.shape, generator=generator, device=scores.device, dtype=torch.float64)
     m = torch.floor(precision * kk.to(torch.float64) + u).to(kk.dtype).clamp(max=kk)
     outside = (scores > -math.inf) & ~exact

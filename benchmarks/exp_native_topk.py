@@ -1,0 +1,291 @@
+"""Native Top-k training (seed 003): dense vs Top-k training, evaluated under Top-k decoding.
+
+The same small causal transformer (same initial weights, same batches) is trained twice on
+multi-query associative recall: a sequence of ``pairs`` key-value token pairs followed by
+``queries`` keys taken from them; at every query the model must output that key's value.
+Once with dense softmax attention, once with exact Top-k attention
+(:func:`topkattn.torch.topk_attention`, ratio ``--train-ratio`` of the keys each causal row
+can see, backward through the kept set).
+
+Both models are then evaluated on the same held-out sequences
+
+* with dense attention and with Top-k attention in every layer at several ratios rho
+  (Top-k decoding: each query row keeps ``ceil(rho * keys it sees)`` keys);
+* with a simulated approximate retriever of precision p (:func:`simulated_selector`:
+  a fraction p of the exact Top-k set, the rest drawn from outside it) at ``--sim-ratio``,
+  reporting the precision actually measured;
+
+and the mean entropy of each model's (dense) attention rows is measured, over all rows and
+at the query rows of the last layer (the retrieval step). Accuracy is over query positions.
+
+Claims tested (seed 003): training with Top-k (train/inference consistency) gives better
+accuracy under Top-k decoding than dense training, and Top-k training lowers the attention
+entropy. Runs on CPU: about 5 minutes by default, about 1 minute with ``--quick``.
+
+    python benchmarks/exp_native_topk.py [--quick] [--seed 0] [--steps N] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError:
+    sys.exit("this experiment needs PyTorch: pip install torch")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, machine_line  # noqa: E402
+
+import topkattn.torch as tkt  # noqa: E402
+
+
+# ----------------------------------------------------------------- task
+
+def recall_batch(batch, pairs, queries, n_keys, n_values, gen):
+    """Multi-query associative recall.
+
+    Tokens ``0..n_keys-1`` are keys, ``n_keys..n_keys+n_values-1`` values. A sequence is
+    ``k_1 v_1 ... k_P v_P q_1 ... q_Q``: P distinct keys with random values, then Q of those
+    keys again (distinct, random order). Target at the position of ``q_j`` is its value;
+    every other position is ignored (-100).
+    """
+    keys = torch.argsort(torch.rand(batch, n_keys, generator=gen), dim=1)[:, :pairs]
+    vals = torch.randint(n_values, (batch, pairs), generator=gen) + n_keys
+    which = torch.argsort(torch.rand(batch, pairs, generator=gen), dim=1)[:, :queries]
+    q = torch.gather(keys, 1, which)
+    ctx = torch.stack([keys, vals], dim=2).reshape(batch, 2 * pairs)
+    x = torch.cat([ctx, q], dim=1)
+    y = torch.full_like(x, -100)
+    y[:, 2 * pairs:] = torch.gather(vals, 1, which)
+    return x, y
+
+
+# ----------------------------------------------------------------- model
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention whose softmax is chosen by the model's ``mode``."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, mode):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        kind = mode["kind"]
+        if kind == "dense":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif kind == "topk":
+            out = tkt.topk_attention(q, k, v, ratio=mode["ratio"], is_causal=True)
+        elif kind == "sim":
+            out = tkt.kept_set_attention(q, k, v, lambda s: _sim_select(s, mode), is_causal=True)
+        else:
+            raise ValueError(f"unknown attention mode {kind!r}")
+        if mode.get("record") is not None:
+            with torch.no_grad():
+                mode["record"].append(tkt.attention_scores(q, k, is_causal=True))
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+def _sim_select(scores, mode):
+    """Simulated retriever of precision p at ratio rho; counts the hits for the report."""
+    keep = tkt.simulated_selector(scores, mode["p"], ratio=mode["ratio"], generator=mode["gen"])
+    exact = tkt.topk_select(scores, ratio=mode["ratio"])
+    mode["hits"] += int((keep & exact).sum())
+    mode["kept"] += int(exact.sum())
+    return keep
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mode):
+        x = x + self.attn(self.ln1(x), mode)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab, length, d=64, heads=4, layers=2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(length, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, x, mode):
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        for b in self.blocks:
+            h = b(h, mode)
+        return self.head(self.ln(h))
+
+
+# ----------------------------------------------------------------- training and evaluation
+
+def train(model, mode, args, log_every):
+    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warm)
+        * 0.5 * (1 + math.cos(math.pi * min(1.0, t / args.steps))))
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        x, y = recall_batch(args.batch, args.pairs, args.queries, args.n_keys, args.n_values, gen)
+        loss = F.cross_entropy(model(x, mode).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == args.steps:
+            print(f"  step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f} s",
+                  flush=True)
+    model.eval()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def accuracy(model, data, mode):
+    hit = tot = 0
+    for x, y in data:
+        pred = model(x, mode).argmax(-1)
+        sel = y >= 0
+        hit += int((pred[sel] == y[sel]).sum())
+        tot += int(sel.sum())
+    return hit / tot
+
+
+@torch.no_grad()
+def entropies(model, data, query_from):
+    """Mean dense-attention entropy (nats) over all rows of all layers and heads, and over
+    the query rows of the last layer."""
+    import topkattn
+    all_h, last_q = [], []
+    for x, _ in data:
+        record = []
+        model(x, {"kind": "dense", "record": record})
+        for i, s in enumerate(record):
+            h = topkattn.entropy(s.numpy())  # (B, H, L), C core, float64
+            all_h.append(h[..., 1:].ravel())  # row 0 sees one key: H = 0 by construction
+            if i == len(record) - 1:
+                last_q.append(h[..., query_from:].ravel())
+    return float(np.mean(np.concatenate(all_h))), float(np.mean(np.concatenate(last_q)))
+
+
+def evaluate(model, data, args):
+    res = {"dense": accuracy(model, data, {"kind": "dense"})}
+    for rho in args.rhos:
+        res[f"topk {rho:g}"] = accuracy(model, data, {"kind": "topk", "ratio": rho})
+    for p in args.precisions:
+        mode = {"kind": "sim", "ratio": args.sim_ratio, "p": p,
+                "gen": torch.Generator().manual_seed(args.seed + 3), "hits": 0, "kept": 0}
+        res[f"sim p={p:g}"] = accuracy(model, data, mode)
+        res[f"measured p={p:g}"] = mode["hits"] / mode["kept"]
+    res["entropy all rows"], res["entropy query rows"] = entropies(model, data, 2 * args.pairs)
+    return res
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter run (about 1 minute)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="training steps per model")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pairs", type=int, help="key-value pairs per sequence")
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--n-keys", type=int, default=64)
+    ap.add_argument("--n-values", type=int, default=64)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--train-ratio", type=float, default=0.1,
+                    help="Top-k ratio used while training the Top-k model")
+    ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05, 0.02])
+    ap.add_argument("--sim-ratio", type=float, default=0.1,
+                    help="ratio at which the simulated retriever is evaluated")
+    ap.add_argument("--precisions", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
+    ap.add_argument("--eval-seqs", type=int, default=512)
+    ap.add_argument("--out", help="write results.json here")
+    args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 400 if args.quick else 1500
+    if args.pairs is None:
+        args.pairs = 24 if args.quick else 48
+    if args.quick:
+        args.eval_seqs = min(args.eval_seqs, 256)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    L = 2 * args.pairs + args.queries
+    vocab = args.n_keys + args.n_values
+    base = Transformer(vocab, L, args.d_model, args.heads, args.layers)
+    init = {k: v.clone() for k, v in base.state_dict().items()}
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    data = [recall_batch(64, args.pairs, args.queries, args.n_keys, args.n_values, gen)
+            for _ in range(max(1, args.eval_seqs // 64))]
+    print(f"machine: {machine_line()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"task: {args.pairs} pairs + {args.queries} queries (L = {L}), {args.n_keys} keys, "
+          f"{args.n_values} values (chance {1 / args.n_values:.3f}); model: {args.layers} "
+          f"layers, d = {args.d_model}, {args.heads} heads; {args.steps} steps of "
+          f"{args.batch}, seed {args.seed}")
+    results, times = {}, {}
+    for name, mode in (("dense-trained", {"kind": "dense"}),
+                       (f"topk-trained (rho={args.train_ratio:g})",
+                        {"kind": "topk", "ratio": args.train_ratio})):
+        print(f"training {name}")
+        model = Transformer(vocab, L, args.d_model, args.heads, args.layers)
+        model.load_state_dict(init)
+        times[name] = train(model, mode, args, log_every=max(1, args.steps // 5))
+        results[name] = evaluate(model, data, args)
+
+    names = list(results)
+    acc_rows = [k for k in results[names[0]] if not k.startswith(("measured", "entropy"))]
+    print(f"\naccuracy on {len(data) * 64} held-out sequences ({len(data) * 64 * args.queries} "
+          f"queries); topk rho = Top-k decoding in every layer, keeping ceil(rho * keys seen); "
+          f"sim = simulated retriever at rho = {args.sim_ratio:g}")
+    rows = []
+    for k in acc_rows:
+        meas = ""
+        if k.startswith("sim"):
+            p = k.split("=")[1]
+            meas = " / ".join(f"{results[n][f'measured p={p}']:.3f}" for n in names)
+        rows.append([k] + [f"{results[n][k]:.3f}" for n in names] + [meas])
+    print(format_table(["attention at inference"] + names + ["measured p"], rows))
+    print()
+    print(format_table(["mean attention entropy (nats)"] + names,
+                       [[k] + [f"{results[n][k]:.3f}" for n in names]
+                        for k in ("entropy all rows", "entropy query rows")]))
+    print("\ntraining time: " + ", ".join(f"{n} {t:.0f} s" for n, t in times.items()))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "native_topk.json"), "w") as f:
+            json.dump({"args": vars(args), "results": results, "train_seconds": times}, f,
+                      indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,15 @@ typedef struct {
     double (*max_below[2])(const void *x, int64_t n, double t);
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
+    /** out[i] = scale * q . x_i for n rows x_i = x + i*ld elements (d used); q is float64,
+     *  zero-padded to a multiple of 8 values; accumulated in float64. */
+    void (*dot[2])(const void *x, int64_t n, int64_t ld, const double *q, int64_t d,
+                   double scale, double *out);
+    /** dot for four queries q + m*qs at once, into out + m*os (m < 4). */
+    void (*dot4[2])(const void *x, int64_t n, int64_t ld, const double *q, int64_t qs,
+                    int64_t d, double scale, double *out, int64_t os);
+    /** acc[j] += w * v[j], j < d, in float64. */
+    void (*axpy[2])(const void *v, int64_t d, double w, double *acc);
 } tka_kernels;
 
 extern const tka_kernels tka_kernels_scalar;
@@ -85,7 +94,8 @@ tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_
 void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes);
 enum {
     TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2,
-    TKA_SLOT_CHUNK, TKA_SLOT_CHUNK_V, TKA_SLOT_CHUNK_I, TKA_NSLOTS
+    TKA_SLOT_CHUNK, TKA_SLOT_CHUNK_V, TKA_SLOT_CHUNK_I,
+    TKA_SLOT_SCORES, TKA_SLOT_KEEP, TKA_SLOT_ACC, TKA_SLOT_COPY, TKA_NSLOTS
 };
 
 /** Whether the calling thread is a worker of tka_parallel_rows (no nested threads). */
@@ -102,6 +112,25 @@ typedef struct {
     double max;             /**< largest logit */
     int64_t n_live;         /**< unmasked logits */
 } row_t;
+
+/** Scan a row set up in w (p, n, dt, K): NaN/+inf/all-masked check, max and n_live. */
+tka_status tka_row_check(row_t *w, tka_scratch *s);
+/** log tau (and KL if kl) of the top-k set of a checked row, 0 <= k <= n. */
+tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+                           double *kl);
+/** k_eps of a checked row and the discarded mass tau <= eps of its top set; with t, also
+ *  the k-th largest logit (the threshold of the kept set). */
+tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k, double *tau,
+                        double *t);
+/** Positions of the k largest logits of a checked row, by decreasing value, ties by lower
+ *  position, into out[0..k) (not a scratch buffer of slots ROW..CHUNK_I). */
+tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out);
+/** The same set as tka_row_topk, in increasing position order (no sort: one rank
+ *  selection and one gathering pass); with log_tau, also what tka_row_log_tau gives. */
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+                            double *log_tau);
+/** tka_row_topk_set when the k-th largest logit t is known (one gathering pass). */
+tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). */

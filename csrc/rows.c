@@ -60,15 +60,8 @@ static double elem(const row_t *w, int64_t j)
     return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
 }
 
-/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
-static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
-                           row_t *w)
+tka_status tka_row_check(row_t *w, tka_scratch *s)
 {
-    w->p = tka_row_contig(x, r, s);
-    if (!w->p) return TKA_ERR_NOMEM;
-    w->n = x->n;
-    w->dt = x->dtype;
-    w->K = K;
     tka_scan_out sc;
     tka_status st = tka_row_scan(w, s, &sc);
     if (st != TKA_OK) return st;
@@ -82,6 +75,18 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
     w->max = sc.max;
     w->n_live = w->n - sc.n_masked;
     return w->n_live > 0 ? TKA_OK : TKA_ERR_ALL_MASKED;
+}
+
+/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
+static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
+                           row_t *w)
+{
+    w->p = tka_row_contig(x, r, s);
+    if (!w->p) return TKA_ERR_NOMEM;
+    w->n = x->n;
+    w->dt = x->dtype;
+    w->K = K;
+    return tka_row_check(w, s);
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
@@ -204,13 +209,11 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
  * maximum and the tail relative to its own largest logit (DESIGN §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
-static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
-                                  double *lr, double *head)
+static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
+                                  const rank_info *ri, double *lr, double *head)
 {
-    tka_status st = rank_select(w, k, s, ri);
-    if (st != TKA_OK) return st;
     double hi, lo;
-    st = tka_row_sumexp_split(w, s, ri->t, w->max, ri->next, &hi, &lo);
+    tka_status st = tka_row_sumexp_split(w, s, ri->t, w->max, ri->next, &hi, &lo);
     if (st != TKA_OK) return st;
     /* logits equal to t: the first k - n_gt are kept, the rest discarded */
     if (k > ri->n_gt) hi += (double)(k - ri->n_gt) * exp(ri->t - w->max);
@@ -220,29 +223,41 @@ static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, ran
     return TKA_OK;
 }
 
+static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
+                                  double *lr, double *head)
+{
+    tka_status st = rank_select(w, k, s, ri);
+    return st != TKA_OK ? st : ratio_from_rank(w, k, s, ri, lr, head);
+}
+
 typedef struct {
     const int64_t *k;
     double *log_tau, *kl;
 } tail_ctx;
 
-static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+                           double *kl)
 {
-    tail_ctx *cx = c;
-    int64_t k = cx->k[r];
-    double lt, kl;
-    if (k == 0) { lt = 0.0; kl = INFINITY; }
-    else if (k >= w->n_live) { lt = -INFINITY; kl = 0.0; }
+    double lt, kk;
+    if (k == 0) { lt = 0.0; kk = INFINITY; }
+    else if (k >= w->n_live) { lt = -INFINITY; kk = 0.0; }
     else {
         rank_info ri;
         double lr, head;
         tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
         if (st != TKA_OK) return st;
         lt = -softplus(lr);
-        kl = softplus(-lr);
+        kk = softplus(-lr);
     }
-    cx->log_tau[r] = lt;
-    if (cx->kl) cx->kl[r] = kl;
+    *log_tau = lt;
+    if (kl) *kl = kk;
     return TKA_OK;
+}
+
+static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    tail_ctx *cx = c;
+    return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
 }
 
 /* ---------------------------------------------------------------------- k_eps */
@@ -300,7 +315,7 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
 static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
-                            double *tau_out, int *done)
+                            double *tau_out, double *t_out, int *done)
 {
     const int64_t n = w->n;
     int64_t ns = (int64_t)(NS_FACTOR * sqrt((double)n));
@@ -371,17 +386,29 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
         const double bar_exact = eps * z;
         if (b.mass_below > bar_exact || b.mass_below + band_mass <= bar_exact) continue;
         int64_t drop;
-        double dm;
+        double dm, *copy = NULL;
         if (lo == hi) {
             drop = (int64_t)floor((bar_exact - b.mass_below) / mv);
             if (drop > b.n_band) drop = b.n_band;
             while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
             dm = (double)drop * mv;
         } else {
+            if (t_out) {  /* the selection below reorders and overwrites the band */
+                copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)b.n_band * sizeof(double));
+                if (!copy) return TKA_ERR_NOMEM;
+                memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
+            }
             drop = tka_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
+        if (t_out) {  /* the k-th largest: the smallest kept value of the band */
+            if (lo == hi) *t_out = lo;
+            else {
+                tka_nth_desc(copy, b.n_band, b.n_band - drop - 1);
+                *t_out = copy[b.n_band - drop - 1];
+            }
+        }
         /* the decision was tail <= eps z; its quotient may round up past eps */
         *tau_out = fmin((b.mass_below + dm) / z, eps);
         *done = 1;
@@ -390,21 +417,20 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     return TKA_OK;
 }
 
-static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
+                        double *tau_out, double *t_out)
 {
-    keps_ctx *cx = c;
-    const double eps = cx->eps[r];
     const int64_t n = w->n;
     int64_t k;
     double tau = 0.0;
 
     if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
         int done = 0;
-        tka_status st = keps_band(w, eps, s, &k, &tau, &done);
+        tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;
         if (done) {
-            cx->k[r] = k;
-            if (cx->tau) cx->tau[r] = tau;
+            *k_out = k;
+            *tau_out = tau;
             return TKA_OK;
         }
     }
@@ -418,18 +444,37 @@ static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         st = row_to_double(w, s, vals);
         if (st != TKA_OK) return st;
         w->K->exp_shift[TKA_F64](vals, n, w->max, m);
-        double z = 0.0;
+        double z = 0.0, *copy = NULL;
         for (int64_t i = 0; i < n; i++) z += m[i];
+        if (t_out) {  /* the selection below reorders and overwrites vals */
+            if (!(copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)n * sizeof(double))))
+                return TKA_ERR_NOMEM;
+            memcpy(copy, vals, (size_t)n * sizeof(double));
+        }
         k = n - tka_drop_bottom_fast(vals, m, n, eps * z, &tau);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
+        if (t_out) {
+            tka_nth_desc(copy, n, k - 1);
+            *t_out = copy[k - 1];
+        }
     } else {
         st = row_sorted(w, s, vals);
         if (st != TKA_OK) return st;
         keps_exact(vals, n, log(eps), m, &k, &tau);
+        if (t_out) *t_out = vals[k - 1];
     }
-    cx->k[r] = k;
-    if (cx->tau) cx->tau[r] = tau;
+    *k_out = k;
+    *tau_out = tau;
     return TKA_OK;
+}
+
+static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    keps_ctx *cx = c;
+    double tau;
+    tka_status st = tka_row_keps(w, cx->eps[r], s, cx->k + r, &tau, NULL);
+    if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
+    return st;
 }
 
 /* ------------------------------------------------------------------------ topk */
@@ -439,11 +484,9 @@ typedef struct {
     int64_t *idx;
 } topk_ctx;
 
-static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
 {
-    topk_ctx *cx = c;
-    const int64_t n = w->n, k = cx->k;
-    int64_t *out = cx->idx + r * k;
+    const int64_t n = w->n;
     if (k == 0) return TKA_OK;
     double lo = -INFINITY;
     if (n > SMALL_ROW && k < n) {
@@ -471,6 +514,61 @@ static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
         lo = -INFINITY;  /* the bracket missed: take every logit */
     }
     return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+}
+
+/* Gather x >= t (t = the k-th largest) and keep all above t and the lowest positions of
+ * those equal to it. */
+static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_scratch *s,
+                             int64_t *out)
+{
+    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+    if (!vals || !idx) return TKA_ERR_NOMEM;
+    tka_band_out b;
+    tka_status st = tka_row_band(w, s, t, INFINITY, 0.0, 0, vals, idx, cap, &b);
+    if (st != TKA_OK) return st;
+    int64_t ties = k;
+    for (int64_t i = 0; i < b.n_band; i++) ties -= vals[i] > t;
+    int64_t m = 0;
+    for (int64_t i = 0; i < b.n_band && m < k; i++)
+        if (vals[i] > t || (ties > 0 && ties--)) out[m++] = idx[i];
+    return m == k ? TKA_OK : TKA_ERR_ARG;  /* t was not the k-th largest */
+}
+
+tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out)
+{
+    if (k <= 0) return TKA_OK;
+    tka_status st = gather_top(w, k, t, w->n, s, out);
+    return st == TKA_ERR_ARG ? tka_row_topk_set(w, k, s, out, NULL) : st;
+}
+
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+                            double *log_tau)
+{
+    if (k <= 0 || k >= w->n_live) {
+        if (log_tau) *log_tau = k <= 0 ? 0.0 : -INFINITY;
+        if (k >= w->n) {
+            for (int64_t i = 0; i < w->n; i++) out[i] = i;
+            return TKA_OK;
+        }
+        if (k <= 0) return TKA_OK;
+        log_tau = NULL;
+    }
+    rank_info ri;
+    tka_status st = rank_select(w, k, s, &ri);
+    if (st != TKA_OK) return st;
+    if (log_tau) {
+        double lr, head;
+        if ((st = ratio_from_rank(w, k, s, &ri, &lr, &head)) != TKA_OK) return st;
+        *log_tau = -softplus(lr);
+    }
+    return gather_top(w, k, ri.t, ri.n_gt + ri.n_eq, s, out);
+}
+
+static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+{
+    topk_ctx *cx = c;
+    return tka_row_topk(w, cx->k, s, cx->idx + r * cx->k);
 }
 
 /* -------------------------------------------------------------------- tv_curve */

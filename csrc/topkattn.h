@@ -1,6 +1,7 @@
 /*
  * topkattn.h - the C core of topkattn: exact tail masses, k_eps, Top-k selection,
- * certified bounds and the Gaussian score model (DESIGN.md sections 2, 5, 6).
+ * certified bounds, the Gaussian score model, and dense and Top-k attention (DESIGN.md
+ * sections 2, 3, 5, 6).
  *
  * Plain C11. No Python here: every function takes pointers, byte strides and int64_t
  * sizes, and returns a tka_status. Batches are described by a tka_rows view: `rows`
@@ -165,6 +166,56 @@ double tka_gaussian_tail_mass(double rho, double sigma);
  * finite_n = 1: the finite-n correction (see csrc/gauss.c for the method).
  */
 double tka_gaussian_k_eps(double n, double sigma, double eps, int finite_n);
+
+
+/* ------------------------------------------------------------------- attention */
+
+/**
+ * A batch of attention problems (DESIGN §1, §3): `batch` independent (Q, K, V) triples,
+ * Q (L, d), K (n, d), V (n, dv), all of one dtype. Row l of problem b's Q starts at byte
+ * `q + q_off[b] + l * q_ld` and its d elements are adjacent (likewise K with k_off/k_ld,
+ * V with v_off/v_ld), so broadcast operands simply repeat offsets. Scores are
+ * s_j = scale * q.k_j (+ mask), accumulated in float64; mask is NULL or float64 with
+ * element (l, j) of problem b at byte `mask + m_off[b] + l * m_sl + j * m_sn`
+ * (-inf = masked key). Query rows are numbered r = b * L + l.
+ */
+typedef struct {
+    tka_dtype dtype;
+    int64_t batch, L, n, d, dv;
+    const char *q, *k, *v;
+    const int64_t *q_off, *k_off, *v_off;
+    int64_t q_ld, k_ld, v_ld;
+    const char *mask;
+    const int64_t *m_off;
+    int64_t m_sl, m_sn;
+    double scale;
+} tka_attn;
+
+/** Dense softmax attention: out (batch*L, dv) contiguous, of the problem's dtype. */
+tka_status tka_attention(const tka_attn *a, void *out, tka_error *err);
+
+/**
+ * Top-k attention: per query row the kept set is the top k[r] keys (k != NULL; clipped to
+ * the unmasked keys) or the smallest top set with discarded mass <= eps[r] (k == NULL).
+ * Writes out (batch*L, dv), and if not NULL: k_out[r], tau_out[r] (discarded mass), and
+ * idx_out[r] = a malloc'd array of the k_out[r] kept positions by decreasing score, ties
+ * by lower position (release with tka_free; on error every idx_out[r] is NULL).
+ */
+tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double *eps, void *out,
+                              int64_t *k_out, double *tau_out, int64_t **idx_out,
+                              tka_error *err);
+
+/**
+ * Per query row, the squared l2 norm of the difference between the top-k[r] row of the
+ * attention matrix renormalised over the kept set and the dense row (DESIGN §6):
+ * (tau/(1-tau))^2 * sum_S P_i^2 + sum_T P_i^2, into err_sq[r]; tau into tau_out[r] if not
+ * NULL. V and dv are not used.
+ */
+tka_status tka_attention_row_error(const tka_attn *a, const int64_t *k, double *err_sq,
+                                   double *tau_out, tka_error *err);
+
+/** free() for arrays the core allocated for the caller. */
+void tka_free(void *p);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,8 @@
 """topkattn: certified Top-k sparse attention.
 
-Exact tail masses (the TV identity), k_eps, Top-k selection, certified bounds and the
-Gaussian score model, computed by a C core with run-time SIMD dispatch.
+Exact tail masses (the TV identity), k_eps, Top-k selection, certified bounds, the
+Gaussian score model, and dense and Top-k attention with their output-level error,
+computed by a C core with run-time SIMD dispatch.
 
 Environment variables read at import:
 
@@ -13,6 +14,15 @@ Environment variables read at import:
 import os as _os
 
 from . import _core
+from .attention import (
+    AttentionError,
+    TopkInfo,
+    attention,
+    attention_error,
+    attention_matrix_error,
+    dynamic_k,
+    topk_attention,
+)
 from .core import (
     block_bound,
     effective_support,

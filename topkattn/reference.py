@@ -11,6 +11,10 @@ The ``mp_*`` functions compute the same quantities with mpmath at 50 significant
 for extreme rows (tails of e^-5000, spreads of 1e4) where float64 itself is in doubt.
 They are slow: use them on short rows.
 
+The attention twins (``scores``, ``attention``, ``topk_attention``,
+``attention_matrix_error``) form the full ``(..., L, n)`` score matrix in float64 and apply
+the definitions of DESIGN §3 and §6 directly.
+
 Nothing here validates arguments beyond what the computation needs; the tests feed it
 valid input only.
 """
@@ -29,6 +33,7 @@ __all__ = [
     "mp_gaussian_tail_mass", "mp_gaussian_k_eps",
     "mp_log_tail_mass", "mp_tail_mass", "mp_kl_truncated", "mp_tv_curve", "mp_k_eps",
     "MP_DPS",
+    "scores", "attention", "topk_attention", "attention_matrix_error",
 ]
 
 MP_DPS = 50
@@ -471,3 +476,65 @@ def mp_k_eps(row, eps):
         if t <= e:
             return k, t
     raise AssertionError("unreachable: tau(n) = 0")
+
+
+# ---------------------------------------------------------------------- attention
+
+def scores(Q, K, scale=None, mask=None):
+    """float64 scores ``scale * Q K^T (+ mask)``, shape (..., L, n)."""
+    Q = np.asarray(Q, dtype=np.float64)
+    K = np.asarray(K, dtype=np.float64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(Q.shape[-1])
+    s = scale * np.matmul(Q, np.swapaxes(K, -1, -2))
+    if mask is not None:
+        s = s + np.asarray(mask, dtype=np.float64)
+    return s
+
+
+def _softmax(s):
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def attention(Q, K, V, scale=None, mask=None):
+    """Dense softmax attention in float64."""
+    return np.matmul(_softmax(scores(Q, K, scale, mask)), np.asarray(V, dtype=np.float64))
+
+
+def _keep_mask(s, k):
+    """Boolean (..., L, n): the top k[...] of every row (stable: ties to the lower index),
+    never a masked key."""
+    order = np.argsort(-s, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(s.shape[-1]), axis=-1)
+    return (rank < np.asarray(k)[..., None]) & (s > -np.inf)
+
+
+def topk_attention(Q, K, V, k=None, eps=None, scale=None, mask=None):
+    """Top-k attention in float64; returns (out, k per row, tau per row)."""
+    s = scores(Q, K, scale, mask)
+    rows = s.shape[:-1]
+    if k is None:
+        k = k_eps(s, np.broadcast_to(eps, rows))
+    k = np.minimum(np.broadcast_to(k, rows), (s > -np.inf).sum(axis=-1))
+    keep = _keep_mask(s, k)
+    P = _softmax(s)
+    PS = np.where(keep, P, 0.0)
+    out = np.matmul(PS / PS.sum(axis=-1, keepdims=True), np.asarray(V, dtype=np.float64))
+    return out, k, tail_mass(s, k)
+
+
+def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
+    """(1/L) ||D_spar^-1 A_spar - D^-1 A|| from the full matrices (DESIGN §6)."""
+    s = scores(Q, K, scale, mask)
+    k = np.minimum(np.broadcast_to(k, s.shape[:-1]), (s > -np.inf).sum(axis=-1))
+    P = _softmax(s)
+    PS = np.where(_keep_mask(s, k), P, 0.0)
+    E = PS / PS.sum(axis=-1, keepdims=True) - P
+    L = s.shape[-2]
+    if norm == "rows":
+        return np.sqrt((E * E).sum(axis=-1))
+    if norm == "l1":
+        return np.abs(E).sum(axis=(-1, -2)) / L
+    return np.sqrt((E * E).sum(axis=(-1, -2))) / L

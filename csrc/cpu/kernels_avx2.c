@@ -37,6 +37,13 @@ static inline VM vm_firstn(int k)
 static inline VD vd_maskz(VM m, VD v) { return _mm256_and_pd(m, v); }
 static inline VD vd_blend(VM m, VD a, VD b) { return _mm256_blendv_pd(b, a, m); }
 static inline void vd_store(double *p, VD v) { _mm256_storeu_pd(p, v); }
+/* out[i] = scale * (sum of the lanes of a_i), i < 4 */
+static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *out)
+{
+    VD s01 = _mm256_hadd_pd(a0, a1), s23 = _mm256_hadd_pd(a2, a3);
+    VD lo = _mm256_permute2f128_pd(s01, s23, 0x20), hi = _mm256_permute2f128_pd(s01, s23, 0x31);
+    _mm256_storeu_pd(out, _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale)));
+}
 static inline VD vd_pow2i(VD t)
 {
     const __m256i magic = _mm256_castpd_si256(_mm256_set1_pd(6755399441055744.0));
@@ -72,6 +79,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 
+#define vload_f64_isa vload_f64_avx2
 #define ELT float
 #define FN(name) name##_f32_avx2
 #include "kernels.inc"

@@ -32,6 +32,14 @@ static inline VM vm_firstn(int k) { return (VM)((1u << k) - 1u); }
 static inline VD vd_maskz(VM m, VD v) { return _mm512_maskz_mov_pd(m, v); }
 static inline VD vd_blend(VM m, VD a, VD b) { return _mm512_mask_blend_pd(m, b, a); }
 static inline void vd_store(double *p, VD v) { _mm512_storeu_pd(p, v); }
+/* out[i] = scale * (sum of the lanes of a_i), i < 4 */
+static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *out)
+{
+    out[0] = scale * _mm512_reduce_add_pd(a0);
+    out[1] = scale * _mm512_reduce_add_pd(a1);
+    out[2] = scale * _mm512_reduce_add_pd(a2);
+    out[3] = scale * _mm512_reduce_add_pd(a3);
+}
 static inline VD vd_pow2i(VD t)
 {
     const __m512i magic = _mm512_castpd_si512(_mm512_set1_pd(6755399441055744.0));
@@ -52,6 +60,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 
+#define vload_f64_isa vload_f64_avx512
 #define ELT float
 #define FN(name) name##_f32_avx512
 #include "kernels.inc"

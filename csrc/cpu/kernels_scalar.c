@@ -34,6 +34,13 @@ static inline VM vm_firstn(int k) { return k > 0; }
 static inline VD vd_maskz(VM m, VD v) { return m ? v : 0.0; }
 static inline VD vd_blend(VM m, VD a, VD b) { return m ? a : b; }
 static inline void vd_store(double *p, VD v) { *p = v; }
+static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *out)
+{
+    out[0] = scale * a0;
+    out[1] = scale * a1;
+    out[2] = scale * a2;
+    out[3] = scale * a3;
+}
 static inline VD vd_pow2i(VD t)
 {
     uint64_t bits, magic;
@@ -58,6 +65,7 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_scalar(const float *p) { return (double)*p; }
 static inline VD vload_f64_scalar(const double *p) { return *p; }
 
+#define vload_f64_isa vload_f64_scalar
 #define ELT float
 #define FN(name) name##_f32_scalar
 #include "kernels.inc"

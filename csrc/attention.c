@@ -1,0 +1,286 @@
+/*
+ * attention.c - dense and Top-k attention, fused per query row (DESIGN §3).
+ *
+ * A query row is scored against its keys into one float64 buffer of n scores (the only
+ * per-row buffer; no (L, n) matrix ever exists), validated and reduced to its maximum
+ * like a row of logits, then:
+ *   dense:  weights e^{s - max} over all keys, output = sum w v / sum w;
+ *   Top-k:  the kept set (fixed k, or k_eps from the same selection machinery as
+ *           tka_k_eps), weights over the kept keys only, so only k rows of V are read.
+ * Rows are spread over threads; each row is computed by one thread with the same code,
+ * so results do not depend on the thread count.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum { MODE_DENSE, MODE_TOPK, MODE_ROW_ERROR };
+
+typedef struct {
+    const tka_attn *a;
+    const tka_kernels *K;
+    int mode;
+    const int64_t *k;     /* per row, or NULL for eps */
+    const double *eps;
+    void *out;
+    int64_t *k_out;
+    double *tau_out;
+    int64_t **idx_out;
+    double *err_sq;
+} attn_ctx;
+
+void tka_free(void *p) { free(p); }
+
+static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
+
+/* Query rows are processed in groups of up to four of the same problem (fixed by the
+ * row numbering, never by the thread split), scored together with the dot4 kernel. */
+#define GROUP 4
+
+/* Score rows r0 .. r0+m-1 (one problem) into m scratch buffers and check each like a row
+ * of logits; stops at the first bad row (*bad = its offset in the group). */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch *s, row_t *w,
+                              double **acc_out, int *bad)
+{
+    const tka_attn *a = c->a;
+    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
+    const int64_t dpad = (d + 7) / 8 * 8;
+    double *q = tka_scratch_get(s, TKA_SLOT_ACC, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
+    double *sc = tka_scratch_get(s, TKA_SLOT_SCORES, (size_t)(m * n) * sizeof(double));
+    if (!q || !sc) return TKA_ERR_NOMEM;
+    for (int i = 0; i < m; i++) {
+        const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+        double *qi = q + i * dpad;
+        if (a->dtype == TKA_F32)
+            for (int64_t j = 0; j < d; j++) qi[j] = ((const float *)qp)[j];
+        else
+            memcpy(qi, qp, (size_t)d * sizeof(double));
+        for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
+    }
+    const char *kb = a->k + a->k_off[b];
+    const int64_t ld = a->k_ld / elem_size(a->dtype);
+    if (m == GROUP)
+        c->K->dot4[a->dtype](kb, n, ld, q, dpad, d, a->scale, sc, n);
+    else
+        for (int i = 0; i < m; i++) c->K->dot[a->dtype](kb, n, ld, q + i * dpad, d, a->scale, sc + i * n);
+    for (int i = 0; i < m; i++) {
+        double *si = sc + i * n;
+        if (a->mask) {
+            const char *mp = a->mask + a->m_off[b] + (l0 + i) * a->m_sl;
+            for (int64_t j = 0; j < n; j++) si[j] += *(const double *)(mp + j * a->m_sn);
+        }
+        w[i].p = si;
+        w[i].n = n;
+        w[i].dt = TKA_F64;
+        w[i].K = c->K;
+        tka_status st = tka_row_check(&w[i], s);
+        if (st != TKA_OK) {
+            *bad = i;
+            return st;
+        }
+    }
+    *acc_out = q + GROUP * dpad;
+    return TKA_OK;
+}
+
+/* out row r = acc / z, in the problem's dtype. */
+static void store_out(const attn_ctx *c, int64_t r, const double *acc, double z)
+{
+    const int64_t dv = c->a->dv;
+    if (c->a->dtype == TKA_F32) {
+        float *o = (float *)c->out + r * dv;
+        for (int64_t j = 0; j < dv; j++) o[j] = (float)(acc[j] / z);
+    } else {
+        double *o = (double *)c->out + r * dv;
+        for (int64_t j = 0; j < dv; j++) o[j] = acc[j] / z;
+    }
+}
+
+static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
+{
+    return a->v + a->v_off[b] + i * a->v_ld;
+}
+
+static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                            tka_scratch *s)
+{
+    const tka_attn *a = c->a;
+    const row_t w = *wp;
+    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)a->n * sizeof(double));
+    if (!wt) return TKA_ERR_NOMEM;
+    c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
+    const int64_t b = r / a->L;
+    double z = 0.0;
+    memset(acc, 0, (size_t)a->dv * sizeof(double));
+    for (int64_t i = 0; i < a->n; i++) {
+        if (wt[i] == 0.0) continue;  /* masked (or below e^-708 of the maximum) */
+        z += wt[i];
+        c->K->axpy[a->dtype](v_row(a, b, i), a->dv, wt[i], acc);
+    }
+    store_out(c, r, acc, z);
+    return TKA_OK;
+}
+
+/* The kept set of a scored row: its size, discarded mass and positions (scratch). */
+static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scratch *s,
+                           int64_t *k_out, double *tau, int64_t **keep)
+{
+    int64_t k;
+    double t = 0.0, lt;
+    tka_status st;
+    if (c->k) {
+        k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
+    } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
+        return st;
+    }
+    *keep = tka_scratch_get(s, TKA_SLOT_KEEP, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!*keep) return TKA_ERR_NOMEM;
+    *k_out = k;
+    if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
+    st = tka_row_topk_set(w, k, s, *keep, &lt);
+    *tau = exp(lt);
+    return st;
+}
+
+static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                           tka_scratch *s)
+{
+    const tka_attn *a = c->a;
+    const row_t w = *wp;
+    tka_status st;
+    int64_t k, *keep;
+    double tau;
+    if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
+    const double *sc = w.p;
+    const int64_t b = r / a->L;
+    double z = 0.0;
+    memset(acc, 0, (size_t)a->dv * sizeof(double));
+    for (int64_t i = 0; i < k; i++) {
+        double wi = exp(sc[keep[i]] - w.max);
+        z += wi;
+        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wi, acc);
+    }
+    store_out(c, r, acc, z);
+    if (c->k_out) c->k_out[r] = k;
+    if (c->tau_out) c->tau_out[r] = tau;
+    if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
+        int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+        double *v = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        if (!idx || !v) {
+            free(idx);
+            return TKA_ERR_NOMEM;
+        }
+        for (int64_t i = 0; i < k; i++) {
+            idx[i] = keep[i];
+            v[i] = sc[keep[i]];
+        }
+        tka_sort_pairs_desc(v, idx, k);
+        c->idx_out[r] = idx;
+    }
+    return TKA_OK;
+}
+
+static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                            tka_scratch *s)
+{
+    const tka_attn *a = c->a;
+    const int64_t n = a->n;
+    const row_t w = *wp;
+    tka_status st;
+    (void)acc;
+    int64_t k, *keep;
+    double tau;
+    if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
+    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)n * sizeof(double));
+    unsigned char *kept = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)n);
+    if (!wt || !kept) return TKA_ERR_NOMEM;
+    c->K->exp_shift[TKA_F64](w.p, n, w.max, wt);
+    memset(kept, 0, (size_t)n);
+    for (int64_t i = 0; i < k; i++) kept[keep[i]] = 1;
+    double z = 0.0, sq_head = 0.0, sq_tail = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        z += wt[i];
+        if (kept[i]) sq_head += wt[i] * wt[i];
+        else sq_tail += wt[i] * wt[i];
+    }
+    /* head rows grow by the factor 1/(1-tau), tail rows drop to 0 (DESIGN §6) */
+    const double g = tau / (1.0 - tau);
+    c->err_sq[r] = (g * g * sq_head + sq_tail) / (z * z);
+    if (c->tau_out) c->tau_out[r] = tau;
+    return TKA_OK;
+}
+
+static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_scratch *s, int64_t *bad)
+{
+    const attn_ctx *c = ctx;
+    const int64_t L = c->a->L, per = (L + GROUP - 1) / GROUP;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t r0 = (g / per) * L + (g % per) * GROUP;
+        const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
+        row_t w[GROUP];
+        double *acc;
+        int off = 0;
+        tka_status st = score_group(c, r0, m, s, w, &acc, &off);
+        for (int i = 0; st == TKA_OK && i < m; i++) {
+            off = i;
+            st = c->mode == MODE_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
+                 : c->mode == MODE_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+                                        : row_error(c, r0 + i, &w[i], acc, s);
+        }
+        if (st != TKA_OK) {
+            *bad = r0 + off;
+            return st;
+        }
+    }
+    return TKA_OK;
+}
+
+static tka_status run(attn_ctx *c, tka_error *err)
+{
+    const tka_attn *a = c->a;
+    int64_t bad = -1;
+    if (err) { err->row = -1; err->what = NULL; }
+    if (a->L <= 0 || a->n <= 0 || a->d <= 0 || a->batch < 0 || a->dv < 0) {
+        if (err) err->what = "attention: empty L, n or d";
+        return TKA_ERR_ARG;
+    }
+    c->K = tka_active_kernels();
+    const int64_t groups = a->batch * ((a->L + GROUP - 1) / GROUP);
+    const double work = (double)a->batch * (double)a->L * (double)a->n * (double)(a->d + 8);
+    tka_status st = tka_parallel_rows(groups, work, attn_groups, c, &bad);
+    if (err) err->row = bad;
+    return st;
+}
+
+tka_status tka_attention(const tka_attn *a, void *out, tka_error *err)
+{
+    attn_ctx c = {.a = a, .mode = MODE_DENSE, .out = out};
+    return run(&c, err);
+}
+
+tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double *eps, void *out,
+                              int64_t *k_out, double *tau_out, int64_t **idx_out,
+                              tka_error *err)
+{
+    const int64_t rows = a->batch * a->L;
+    if (idx_out) memset(idx_out, 0, (size_t)rows * sizeof(int64_t *));
+    attn_ctx c = {.a = a, .mode = MODE_TOPK, .k = k, .eps = eps, .out = out, .k_out = k_out,
+                  .tau_out = tau_out, .idx_out = idx_out};
+    tka_status st = run(&c, err);
+    if (st != TKA_OK && idx_out) {
+        for (int64_t r = 0; r < rows; r++) {
+            free(idx_out[r]);
+            idx_out[r] = NULL;
+        }
+    }
+    return st;
+}
+
+tka_status tka_attention_row_error(const tka_attn *a, const int64_t *k, double *err_sq,
+                                   double *tau_out, tka_error *err)
+{
+    attn_ctx c = {.a = a, .mode = MODE_ROW_ERROR, .k = k, .err_sq = err_sq, .tau_out = tau_out};
+    return run(&c, err);
+}

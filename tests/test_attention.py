@@ -1,0 +1,340 @@
+"""Dense and Top-k attention, the output-level error and the n^C helpers (DESIGN §3, §6),
+against the float64 NumPy twins in topkattn.reference."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import topkattn
+from topkattn import reference as ref
+
+from _util import assert_rel
+
+# (batch of Q, L, batch of K/V, n, d, d_v): L != n, d = 1, d_v != d, n not a multiple of
+# any vector width, K/V shared by every head's queries
+SHAPES = [
+    ((), 1, (), 1, 1, 1),
+    ((), 5, (), 37, 1, 3),
+    ((3,), 7, (3,), 129, 16, 5),
+    ((2, 4), 3, (2, 1), 250, 9, 17),
+    ((4,), 2, (), 1000, 64, 64),
+    ((2,), 33, (2,), 33, 7, 2),
+]
+
+
+def _qkv(rng, qb, L, kb, n, d, dv, spread=2.0, dtype=np.float64):
+    Q = rng.standard_normal(qb + (L, d)) * spread
+    K = rng.standard_normal(kb + (n, d))
+    V = rng.standard_normal(kb + (n, dv))
+    return Q.astype(dtype), K.astype(dtype), V.astype(dtype)
+
+
+def _tol(out, expected):
+    return 1e-12 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_matches_reference(shape, simd_path, rng):
+    Q, K, V = _qkv(rng, *shape)
+    out = topkattn.attention(Q, K, V)
+    expected = ref.attention(Q, K, V)
+    assert out.shape == expected.shape and out.dtype == np.float64
+    np.testing.assert_allclose(out, expected, rtol=0, atol=_tol(out, expected))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_k_equals_n_is_dense(shape, simd_path, rng):
+    Q, K, V = _qkv(rng, *shape)
+    n = K.shape[-2]
+    dense = topkattn.attention(Q, K, V)
+    out, info = topkattn.topk_attention(Q, K, V, k=n, return_info=True)
+    np.testing.assert_allclose(out, dense, rtol=0, atol=_tol(out, dense))
+    assert (info.k == n).all() and (info.tau == 0).all()
+    assert (np.sort(info.indices, axis=-1) == np.arange(n)).all()
+    # an eps below every discarded mass also keeps every key
+    out_e, info_e = topkattn.topk_attention(Q, K, V, eps=1e-300, return_info=True)
+    assert (info_e.k == n).all()
+    np.testing.assert_allclose(out_e, dense, rtol=0, atol=_tol(out, dense))
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("eps", [0.3, 1e-2, 1e-6])
+def test_topk_eps_certified_and_identity(shape, eps, simd_path, rng):
+    Q, K, V = _qkv(rng, *shape, spread=3.0)
+    out, info = topkattn.topk_attention(Q, K, V, eps=eps, return_info=True)
+    exp_out, exp_k, exp_tau = ref.topk_attention(Q, K, V, eps=eps)
+    assert (info.tau <= eps).all()
+    np.testing.assert_array_equal(info.k, exp_k)
+    assert_rel(info.tau, exp_tau, rtol=1e-9, atol=1e-300, what="tau")
+    np.testing.assert_allclose(out, exp_out, rtol=0, atol=_tol(out, exp_out) * 10)
+    # the error against dense attention is the head-tail identity tau * ||mu_T - mu_H||
+    dense = ref.attention(Q, K, V)
+    P = np.exp(ref.scores(Q, K) - ref.scores(Q, K).max(axis=-1, keepdims=True))
+    P /= P.sum(axis=-1, keepdims=True)
+    tail = np.ones(P.shape[:-1] + (P.shape[-1] + 1,), bool)  # last column: the -1 padding
+    np.put_along_axis(tail, info.indices % (P.shape[-1] + 1), False, axis=-1)
+    tail = tail[..., :-1]
+    Vb = np.broadcast_to(V, P.shape[:-2] + V.shape[-2:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu_t = np.matmul(np.where(tail, P, 0.0), Vb) / info.tau[..., None]
+    identity = info.tau * np.linalg.norm(np.nan_to_num(mu_t) - out, axis=-1)
+    err = np.linalg.norm(dense - out, axis=-1)
+    np.testing.assert_allclose(err, identity, rtol=1e-6, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_topk_fixed_k_and_ratio(shape, simd_path, rng):
+    Q, K, V = _qkv(rng, *shape)
+    n = K.shape[-2]
+    for k in sorted({1, 2, max(1, n // 3), n - 1 or 1}):
+        out, info = topkattn.topk_attention(Q, K, V, k=k, return_info=True)
+        exp_out, _, exp_tau = ref.topk_attention(Q, K, V, k=k)
+        np.testing.assert_allclose(out, exp_out, rtol=0, atol=_tol(out, exp_out))
+        assert_rel(info.tau, exp_tau, rtol=1e-9, atol=1e-300, what=f"tau k={k}")
+        assert (info.k == k).all()
+        # the kept set is a top set of the float64 scores, ordered by decreasing score
+        s = ref.scores(Q, K)
+        s = np.broadcast_to(s, info.indices.shape[:-1] + (n,))
+        kept = np.take_along_axis(s, info.indices, axis=-1)
+        assert (np.diff(kept, axis=-1) <= 1e-12).all()
+        rest = s.copy()
+        np.put_along_axis(rest, info.indices, -np.inf, axis=-1)
+        assert (kept[..., -1] >= rest.max(axis=-1) - 1e-12 * np.abs(s).max()).all()
+    ratio = 0.25
+    k = math.ceil(ratio * n)
+    np.testing.assert_array_equal(topkattn.topk_attention(Q, K, V, ratio=ratio),
+                                  topkattn.topk_attention(Q, K, V, k=k))
+
+
+def test_ties_keep_lower_positions(simd_path):
+    # every score equal: the kept set is the first k positions, in order
+    Q = np.ones((1, 4))
+    K = np.ones((300, 4))
+    V = np.arange(300.0)[:, None]
+    out, info = topkattn.topk_attention(Q, K, V, k=7, return_info=True)
+    np.testing.assert_array_equal(info.indices[0], np.arange(7))
+    assert out[0, 0] == pytest.approx(3.0)
+    assert info.tau[0] == pytest.approx(1 - 7 / 300, rel=1e-12)
+    _, info = topkattn.topk_attention(Q, K, V, eps=0.5, return_info=True)
+    assert info.k[0] == 150 and (info.indices[0] == np.arange(150)).all()
+
+
+def test_masked_keys(simd_path, rng):
+    Q, K, V = _qkv(rng, (2,), 6, (2,), 200, 8, 3)
+    mask = np.zeros((2, 6, 200))
+    mask[:, :, ::3] = -np.inf
+    mask[1, 2, :199] = -np.inf  # one row with a single live key
+    mask[0, 0, 50:] = -5.0      # finite offsets are added to the scores
+    out = topkattn.attention(Q, K, V, mask=mask)
+    np.testing.assert_allclose(out, ref.attention(Q, K, V, mask=mask), rtol=0, atol=1e-12)
+    out_k, info = topkattn.topk_attention(Q, K, V, k=200, mask=mask, return_info=True)
+    np.testing.assert_allclose(out_k, out, rtol=0, atol=1e-12)
+    live = (mask > -np.inf).sum(axis=-1)
+    np.testing.assert_array_equal(info.k, live)  # masked keys are never kept
+    assert ((info.indices == -1) == (np.arange(info.indices.shape[-1]) >= live[..., None])).all()
+    assert not np.isin(info.indices[0, 1], np.arange(0, 200, 3)).any()
+    assert info.k[1, 2] == 1 and info.indices[1, 2, 0] == 199
+    out_e, info_e = topkattn.topk_attention(Q, K, V, eps=1e-3, mask=mask, return_info=True)
+    exp_out, exp_k, _ = ref.topk_attention(Q, K, V, eps=1e-3, mask=mask)
+    np.testing.assert_array_equal(info_e.k, exp_k)
+    np.testing.assert_allclose(out_e, exp_out, rtol=0, atol=1e-12)
+
+
+def test_mask_broadcasts_as_key_padding(rng):
+    # a (B, 1, 1, n) padding mask against (B, H, L, d) queries, like a transformer
+    Q, K, V = _qkv(rng, (2, 3), 5, (2, 3), 11, 4, 4)
+    mask = np.zeros((2, 1, 1, 11))
+    mask[1, ..., 7:] = -np.inf
+    np.testing.assert_allclose(topkattn.attention(Q, K, V, mask=mask),
+                               ref.attention(Q, K, V, mask=mask), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_accuracy_beats_plain_float32(dtype, simd_path, rng):
+    Q, K, V = _qkv(rng, (4,), 16, (4,), 3000, 64, 32, spread=4.0, dtype=np.float32)
+    expected = ref.attention(Q, K, V)
+    s32 = (Q @ np.swapaxes(K, -1, -2)) * np.float32(1 / 8)
+    p32 = np.exp(s32 - s32.max(axis=-1, keepdims=True))
+    plain = (p32 / p32.sum(axis=-1, keepdims=True)) @ V
+    plain_err = np.abs(plain - expected).max()
+    out = topkattn.attention(Q, K, V)
+    assert out.dtype == np.float32
+    assert np.abs(out - expected).max() <= max(plain_err, 2 * np.finfo(np.float32).eps)
+    # mixed dtypes compute in float64
+    mixed = topkattn.attention(Q.astype(dtype), K, V.astype(np.float64))
+    assert mixed.dtype == np.float64
+
+
+def test_simd_paths_agree(rng):
+    Q, K, V = _qkv(rng, (3,), 9, (3,), 777, 19, 5)
+    results = {}
+    for path in topkattn.build_info()["simd_supported"]:
+        topkattn.set_simd(path)
+        results[path] = (topkattn.attention(Q, K, V),
+                         topkattn.topk_attention(Q, K, V, eps=1e-2, return_info=True))
+    base = results["scalar"]
+    for path, (dense, (out, info)) in results.items():
+        np.testing.assert_allclose(dense, base[0], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(out, base[1][0], rtol=0, atol=1e-13)
+        np.testing.assert_array_equal(info.k, base[1][1].k)
+
+
+def test_thread_count_does_not_change_results(rng):
+    Q, K, V = _qkv(rng, (8,), 16, (8,), 5000, 32, 16, dtype=np.float32)
+    runs = []
+    for threads in (1, 2, 5):
+        topkattn.set_num_threads(threads)
+        out, info = topkattn.topk_attention(Q, K, V, eps=1e-3, return_info=True)
+        runs.append((topkattn.attention(Q, K, V), out, info.indices, info.tau))
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_long_rows_match_reference(rng):
+    # rows longer than the core's chunk size (65536) take the chunked selection paths
+    Q, K, V = _qkv(rng, (2,), 1, (2,), 70000, 8, 4, spread=3.0, dtype=np.float32)
+    out, info = topkattn.topk_attention(Q, K, V, eps=1e-2, return_info=True)
+    exp_out, exp_k, _ = ref.topk_attention(Q, K, V, eps=1e-2)
+    np.testing.assert_array_equal(info.k, exp_k)
+    np.testing.assert_allclose(out, exp_out, rtol=0, atol=1e-6)
+    out_k = topkattn.topk_attention(Q, K, V, k=700)
+    np.testing.assert_allclose(out_k, ref.topk_attention(Q, K, V, k=700)[0], rtol=0, atol=1e-6)
+
+
+def test_strided_views_and_inputs_unchanged(rng):
+    Q, K, V = _qkv(rng, (3,), 8, (3,), 100, 12, 6)
+    Qv, Kv, Vv = Q[:, ::-2, :], np.asfortranarray(K)[:, ::2], V[:, ::2, ::-1]
+    copies = [a.copy() for a in (Qv, Kv, Vv)]
+    out = topkattn.topk_attention(Qv, Kv, Vv, k=10)
+    np.testing.assert_allclose(out, ref.topk_attention(Qv, Kv, Vv, k=10)[0], rtol=0, atol=1e-12)
+    for a, c in zip((Qv, Kv, Vv), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+@given(n=st.integers(1, 300), d=st.integers(1, 20), L=st.integers(1, 5),
+       spread=st.sampled_from([0.01, 1.0, 10.0, 100.0]), seed=st.integers(0, 2**32 - 1),
+       eps=st.sampled_from([0.5, 0.1, 1e-3, 1e-9]))
+def test_property_eps_row_is_minimal_and_certified(n, d, L, spread, seed, eps):
+    rng = np.random.default_rng(seed)
+    Q, K, V = _qkv(rng, (), L, (), n, d, 3, spread=spread)
+    out, info = topkattn.topk_attention(Q, K, V, eps=eps, return_info=True)
+    s = ref.scores(Q, K)
+    curve = ref.tv_curve(s)
+    for r in range(L):
+        k = info.k[r]
+        assert curve[r, k] <= eps * (1 + 1e-12)
+        assert k == 1 or curve[r, k - 1] > eps * (1 - 1e-12)
+    assert (info.tau <= eps).all()
+    assert np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ attention_error
+
+@pytest.mark.parametrize("shape", SHAPES[1:5])
+@pytest.mark.parametrize("sel", [{"eps": 0.05}, {"eps": 1e-4}, {"k": 2}])
+def test_attention_error_identity_and_bounds(shape, sel, rng):
+    Q, K, V = _qkv(rng, *shape, spread=3.0)
+    r = topkattn.attention_error(Q, K, V, **sel)
+    dense = ref.attention(Q, K, V)
+    sparse, k, tau = ref.topk_attention(Q, K, V, **sel)
+    np.testing.assert_allclose(r.error, np.linalg.norm(dense - sparse, axis=-1), rtol=1e-9,
+                               atol=1e-15)
+    np.testing.assert_array_equal(r.k, k)
+    has_tail = r.tau > 1e-6   # the direct difference is accurate to ~1e-16 absolute
+    identity = r.tau * np.linalg.norm(np.nan_to_num(r.mu_tail) - r.mu_head, axis=-1)
+    np.testing.assert_allclose(r.error[has_tail], identity[has_tail], rtol=1e-10)
+    assert (r.error <= r.diam_bound).all() and (r.error <= r.var_bound).all()
+    np.testing.assert_allclose(r.mu_head, sparse, rtol=0, atol=1e-12)
+
+
+def test_attention_error_single_row_and_no_tail(rng):
+    K = rng.standard_normal((50, 4))
+    V = rng.standard_normal((50, 3))
+    q = rng.standard_normal(4)
+    r = topkattn.attention_error(q, K, V, k=50)
+    assert r.error.shape == () and r.mu_head.shape == (3,)
+    assert r.tau == 0 and r.error == 0 and r.diam_bound == 0 and r.var_bound == 0
+    assert np.isnan(r.mu_tail).all()
+    r = topkattn.attention_error(q, K, V, k=5)
+    assert r.tau > 0 and r.error <= r.diam_bound
+
+
+# ------------------------------------------------------------- dynamic_k, matrix error
+
+def test_dynamic_k():
+    assert topkattn.dynamic_k(4, 1.0, 0.5) == 2
+    assert topkattn.dynamic_k(65536, 2.0, 0.5) == 512
+    assert topkattn.dynamic_k(10, 100.0, 0.5) == 10
+    assert topkattn.dynamic_k(1000, 1e-6, 0.5) == 1
+    n = np.array([2**8, 2**12, 2**16])
+    np.testing.assert_array_equal(topkattn.dynamic_k(n, 1.5, 0.25),
+                                  np.ceil(1.5 * n ** 0.25).astype(int))
+    for bad, match in [((0, 1.0, 0.5), "n must be"), ((10, -1.0, 0.5), "alpha"),
+                       ((10, 1.0, 1.5), "C must"), ((1.5, 1.0, 0.5), "integer")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            topkattn.dynamic_k(*bad)
+
+
+@pytest.mark.parametrize("norm", ["fro", "l1", "rows"])
+def test_attention_matrix_error(norm, simd_path, rng):
+    X = rng.standard_normal((2, 300, 16)) * 1.5
+    for k in (1, 6, topkattn.dynamic_k(300, 1.0, 0.5), 300):
+        got = topkattn.attention_matrix_error(X, X, k, norm=norm)
+        expected = ref.attention_matrix_error(X, X, k, norm=norm)
+        assert_rel(got, expected, rtol=1e-9, atol=1e-15, what=f"k={k}")
+    assert (topkattn.attention_matrix_error(X, X, 300, norm=norm) == 0).all()
+
+
+# ----------------------------------------------------------------------- bad input
+
+BAD = [
+    (dict(Q=np.zeros((3, 4), np.int8).astype(np.complex64)), TypeError, "Q must be float32"),
+    (dict(Q=np.zeros(4)), ValueError, r"Q must have shape \(\.\.\., L, d\)"),
+    (dict(K=np.zeros((10, 5))), ValueError, "same last axis d"),
+    (dict(V=np.zeros((9, 2))), ValueError, "same number of keys"),
+    (dict(K=np.zeros((0, 4)), V=np.zeros((0, 2))), ValueError, "no keys"),
+    (dict(Q=np.zeros((2, 3, 4)), K=np.zeros((5, 10, 4)), V=np.zeros((5, 10, 2))), ValueError,
+     "do not broadcast"),
+    (dict(mask=np.zeros((3, 9))), ValueError, "does not broadcast"),
+    (dict(mask=np.full((3, 10), np.nan)), ValueError, "NaN or \\+inf"),
+    (dict(mask=np.ones((3, 10), bool)), TypeError, "not boolean"),
+    (dict(mask=np.full((3, 10), -np.inf)), ValueError, "masks every key"),
+    (dict(Q=np.full((3, 4), np.nan)), ValueError, r"contain NaN.*index \(0,\)"),
+    (dict(scale=float("inf")), ValueError, "scale must be"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", BAD)
+def test_bad_input(kwargs, exc, match):
+    args = dict(Q=np.zeros((3, 4)), K=np.zeros((10, 4)), V=np.zeros((10, 2)))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        topkattn.attention(**args)
+    with pytest.raises(exc, match=match):
+        topkattn.topk_attention(**args, k=1)
+
+
+@pytest.mark.parametrize("sel, match", [
+    ({}, "exactly one of k, eps or ratio, got none"),
+    ({"k": 2, "eps": 0.1}, "exactly one of k, eps or ratio, got k, eps"),
+    ({"k": 0}, r"k must be in \[1, n\]"),
+    ({"k": 11}, r"k must be in \[1, n\]"),
+    ({"k": 1.5}, "k must be an integer"),
+    ({"eps": 1.0}, r"eps must be in the open interval \(0, 1\)"),
+    ({"eps": np.zeros((2,)) + 0.1}, "does not broadcast"),
+    ({"ratio": 0.0}, r"ratio must be in \(0, 1\]"),
+])
+def test_bad_selection(sel, match):
+    Q, K, V = np.zeros((3, 4)), np.zeros((10, 4)), np.zeros((10, 2))
+    with pytest.raises((ValueError, TypeError), match=match):
+        topkattn.topk_attention(Q, K, V, **sel)
+
+
+def test_empty_batch_and_no_queries():
+    K, V = np.zeros((10, 4)), np.zeros((10, 2))
+    assert topkattn.attention(np.zeros((0, 3, 4)), K, V).shape == (0, 3, 2)
+    out, info = topkattn.topk_attention(np.zeros((5, 0, 4)), K, V, k=3, return_info=True)
+    assert out.shape == (5, 0, 2) and info.indices.shape == (5, 0, 0)

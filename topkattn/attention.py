@@ -1,0 +1,567 @@
+"""Dense and Top-k attention and their output-level error (DESIGN §3, §6).
+
+Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: ``Q (..., L, d)``,
+``K (..., n, d)``, ``V (..., n, d_v)``; the batch axes ``...`` broadcast, so one K/V can
+serve many heads' queries. Scores are ``scale * q . k`` (default ``scale = 1/sqrt(d)``)
+plus an optional additive ``mask`` broadcastable to ``(..., L, n)``, where ``-inf`` masks a
+key. The C core scores one query row at a time into a buffer of n float64 scores (no
+``(L, n)`` matrix is formed), selects the kept set, and sums only the kept rows of V; rows
+are spread over threads with the GIL released, and results do not depend on the thread
+count. Outputs are float32 when Q, K and V are all float32, else float64; scores and sums
+are accumulated in float64 either way.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from .core import _per_row, k_eps as _k_eps, tail_mass as _tail_mass
+
+__all__ = [
+    "attention", "topk_attention", "TopkInfo", "attention_error", "AttentionError",
+    "dynamic_k", "attention_matrix_error",
+]
+
+_DENSE, _TOPK, _ROW_ERROR = 0, 1, 2
+
+
+# ----------------------------------------------------------------- argument handling
+
+def _float_operand(x, name, min_ndim=2):
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            x = x.astype(np.float64)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.ndim < min_ndim:
+        shape = "(..., L, d)" if name == "Q" else "(..., n, d)" if name == "K" else "(..., n, d_v)"
+        raise ValueError(f"{name} must have shape {shape}, got a {x.ndim}-d array")
+    return x
+
+
+def _aligned(a, dtype):
+    """``a`` as ``dtype`` with adjacent, aligned last-axis elements (copied only if needed)."""
+    a = a.astype(dtype, copy=False)
+    if (a.shape[-1] > 1 and a.strides[-1] != a.itemsize) or not a.flags.aligned or \
+            a.strides[-2] % a.itemsize:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _offsets(a, bshape, nd):
+    """Byte offset of every batch element of ``a`` (last ``nd`` axes are the matrix)."""
+    view = np.broadcast_to(a, tuple(bshape) + a.shape[a.ndim - nd:])
+    off = np.zeros(bshape, dtype=np.int64)
+    for axis, stride in enumerate(view.strides[:len(bshape)]):
+        if stride and bshape[axis] > 1:
+            shape = [1] * len(bshape)
+            shape[axis] = bshape[axis]
+            off = off + (np.arange(bshape[axis], dtype=np.int64) * stride).reshape(shape)
+    return np.ascontiguousarray(np.broadcast_to(off, bshape).ravel())
+
+
+@dataclass
+class _Problem:
+    """Validated operands, ready for ``_core.attention``."""
+    q: tuple
+    k: tuple
+    v: tuple
+    mask: tuple | None
+    bshape: tuple
+    L: int
+    n: int
+    d: int
+    dv: int
+    scale: float
+    dtype: type
+
+    @property
+    def rows(self):
+        return int(np.prod(self.bshape, dtype=np.int64)) * self.L
+
+    def call(self, mode, k=None, eps=None, want_info=False):
+        res = _core.attention(mode, self.q, self.k, self.v, self.mask,
+                              int(np.prod(self.bshape, dtype=np.int64)), self.L, self.n, self.d,
+                              self.dv, self.scale, k, eps, want_info)
+        if isinstance(res, tuple) and len(res) == 3 and isinstance(res[0], str):
+            self._raise(res[1], res[2])
+        return res
+
+    def _raise(self, code, row):
+        where = ""
+        if row >= 0:
+            idx = np.unravel_index(row, tuple(self.bshape) + (self.L,))
+            where = f" (query row at index {tuple(int(i) for i in idx)} of (..., L))"
+        if code == 1:
+            raise ValueError(f"the scores q.k contain NaN{where}: Q or K has NaN or inf values")
+        if code == 2:
+            raise ValueError(f"the scores q.k are +inf{where}: Q or K has inf values")
+        raise ValueError(f"mask masks every key of a query row{where}; a softmax over no key "
+                         "is undefined")
+
+
+def _problem(Q, K, V, scale, mask, need_v=True):
+    Q = _float_operand(Q, "Q")
+    K = _float_operand(K, "K")
+    V = _float_operand(V, "V") if need_v else K
+    L, d = Q.shape[-2:]
+    n = K.shape[-2]
+    if K.shape[-1] != d:
+        raise ValueError(f"Q and K must have the same last axis d: Q has shape {Q.shape}, "
+                         f"K has shape {K.shape}")
+    if V.shape[-2] != n:
+        raise ValueError(f"K and V must have the same number of keys n (axis -2): K has shape "
+                         f"{K.shape}, V has shape {V.shape}")
+    if n == 0:
+        raise ValueError(f"K has no keys (n = 0, shape {K.shape})")
+    if d == 0:
+        raise ValueError(f"Q and K have d = 0 features (shapes {Q.shape}, {K.shape})")
+    shapes = [Q.shape[:-2], K.shape[:-2], V.shape[:-2]]
+    m = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype.kind not in "fiub":
+            raise TypeError(f"mask must be a real (additive) array, got {m.dtype}")
+        if m.dtype == np.bool_:
+            raise TypeError("mask must be additive (0 to keep, -inf to mask a key), not boolean; "
+                            "use np.where(keep, 0.0, -np.inf)")
+        m = m.astype(np.float64, copy=False)
+        if m.ndim < 2:
+            m = m.reshape((1,) * (2 - m.ndim) + m.shape)
+        if np.isnan(m).any() or np.isposinf(m).any():
+            raise ValueError("mask must not contain NaN or +inf (use -inf to mask a key)")
+        shapes.append(m.shape[:-2])
+        try:
+            np.broadcast_shapes(m.shape[-2:], (L, n))
+        except ValueError:
+            raise ValueError(f"mask with shape {m.shape} does not broadcast to (..., L, n) = "
+                             f"(..., {L}, {n})") from None
+    try:
+        bshape = np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError("the batch axes of " + ", ".join(
+            f"{nm} {s.shape}" for nm, s in zip(("Q", "K", "V", "mask"), (Q, K, V, m))
+            if s is not None) + " do not broadcast") from None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    dtype = np.float32 if all(a.dtype == np.float32 for a in (Q, K, V)) else np.float64
+    ops = []
+    for a in (Q, K, V):
+        a = _aligned(a, dtype)
+        ld = a.strides[-2] if a.shape[-2] > 1 else 0
+        ops.append((a, _offsets(a, bshape, 2), int(ld)))
+    mtuple = None
+    if m is not None:
+        mb = np.broadcast_to(m, m.shape[:-2] + (L, n))
+        sl = mb.strides[-2] if L > 1 else 0
+        sn = mb.strides[-1] if n > 1 else 0
+        mtuple = (mb, _offsets(mb, bshape, 2), int(sl), int(sn))
+    return _Problem(ops[0], ops[1], ops[2], mtuple, tuple(bshape), int(L), int(n), int(d),
+                    int(V.shape[-1]), float(scale), dtype)
+
+
+def _empty(p, shape):
+    return np.zeros(shape, dtype=p.dtype)
+
+
+# ----------------------------------------------------------------- dense and Top-k
+
+def attention(Q, K, V, scale=None, mask=None):
+    r"""Dense softmax attention, the reference every sparse result is compared with.
+
+    ``out[..., l, :] = sum_j softmax(scale * Q[..., l, :] . K[..., j, :] + mask[..., l, j]) V[..., j, :]``
+
+    Parameters
+    ----------
+    Q : array_like, shape (..., L, d)
+    K : array_like, shape (..., n, d)
+    V : array_like, shape (..., n, d_v)
+        float32 or float64 (integers are converted to float64). The batch axes ``...`` of
+        Q, K, V and mask broadcast against each other.
+    scale : float, optional
+        Score scale; default ``1/sqrt(d)``.
+    mask : array_like, optional
+        Additive mask broadcastable to ``(..., L, n)``: 0 keeps a key, ``-inf`` masks it.
+        A query row with every key masked is an error.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, d_v)
+        float32 if Q, K and V are float32, else float64.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> Q, K, V = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 16, 8)), rng.standard_normal((2, 16, 3))
+    >>> attention(Q, K, V).shape
+    (2, 4, 3)
+    """
+    p = _problem(Q, K, V, scale, mask)
+    shape = p.bshape + (p.L, p.dv)
+    if p.rows == 0:
+        return _empty(p, shape)
+    return p.call(_DENSE).reshape(shape)
+
+
+@dataclass(frozen=True)
+class TopkInfo:
+    """What :func:`topk_attention` kept, per query row.
+
+    Attributes
+    ----------
+    indices : ndarray of int64, shape (..., L, k_max)
+        Kept key positions by decreasing score (ties: lower position first), padded with
+        -1 where a row keeps fewer than ``k_max = k.max()``.
+    k : ndarray of int64, shape (..., L)
+        Keys kept per row (masked keys are never kept).
+    tau : ndarray of float64, shape (..., L)
+        Discarded softmax mass, which equals TV(P, P_k) (DESIGN §2).
+    """
+    indices: np.ndarray
+    k: np.ndarray
+    tau: np.ndarray
+
+
+def _selection(p, k, eps, ratio):
+    given = [name for name, v in (("k", k), ("eps", eps), ("ratio", ratio)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of k, eps or ratio, got "
+                         + (", ".join(given) if given else "none"))
+    rshape = p.bshape + (p.L,)
+    if ratio is not None:
+        r = np.asarray(ratio, dtype=np.float64)
+        if not np.all((r > 0) & (r <= 1)):
+            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        k = np.ceil(r * p.n - 1e-9 * r * p.n).astype(np.int64)
+    if k is not None:
+        kk = _per_row(k, rshape, "k", np.int64)
+        if kk.size and (kk.min() < 1 or kk.max() > p.n):
+            bad = kk.min() if kk.min() < 1 else kk.max()
+            raise ValueError(f"k must be in [1, n] = [1, {p.n}], got {int(bad)}")
+        return kk, None
+    ee = _per_row(eps, rshape, "eps", np.float64)
+    if ee.size and not np.all((ee > 0) & (ee < 1)):
+        raise ValueError(f"eps must be in the open interval (0, 1), got {eps!r}")
+    return None, ee
+
+
+def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
+                   return_info=False):
+    r"""Top-k attention: softmax over the kept keys only, fused per query row.
+
+    Exactly one of ``k``, ``eps`` or ``ratio`` chooses the kept set of each query row:
+
+    * ``k``: the k highest-scoring keys;
+    * ``ratio``: ``k = ceil(ratio * n)``;
+    * ``eps``: the smallest top set whose discarded mass is ``tau <= eps`` (``k_eps``,
+      DESIGN §2), i.e. the output is certified to come from a distribution within total
+      variation ``eps`` of the dense softmax; its error is ``tau * ||mu_T - mu_H||`` (§3).
+
+    Ties at the threshold keep the lower key position. Masked keys are never kept (k is
+    clipped to the number of unmasked keys). Only the kept rows of V are read.
+
+    Parameters
+    ----------
+    Q, K, V, scale, mask
+        As in :func:`attention`.
+    k : int or int array broadcastable to (..., L), optional
+        Keys kept per query row, in [1, n].
+    eps : float or array broadcastable to (..., L), optional
+        TV budget per query row, in (0, 1).
+    ratio : float or array broadcastable to (..., L), optional
+        Fraction of keys kept, in (0, 1].
+    return_info : bool
+        Also return a :class:`TopkInfo` (indices, k, tau per row).
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, d_v)
+        float32 if Q, K and V are float32, else float64.
+    info : TopkInfo
+        Only with ``return_info=True``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> Q, K, V = rng.standard_normal((4, 16)), 3 * rng.standard_normal((1000, 16)), rng.standard_normal((1000, 8))
+    >>> out, info = topk_attention(Q, K, V, eps=1e-2, return_info=True)
+    >>> bool((info.tau <= 1e-2).all()), out.shape
+    (True, (4, 8))
+    """
+    p = _problem(Q, K, V, scale, mask)
+    kk, ee = _selection(p, k, eps, ratio)
+    shape = p.bshape + (p.L, p.dv)
+    rshape = p.bshape + (p.L,)
+    if p.rows == 0:
+        out = _empty(p, shape)
+        info = TopkInfo(np.zeros(rshape + (0,), np.int64), np.zeros(rshape, np.int64),
+                        np.zeros(rshape, np.float64))
+        return (out, info) if return_info else out
+    out, k_rows, tau, idx = p.call(_TOPK, kk, ee, return_info)
+    out = out.reshape(shape)
+    if not return_info:
+        return out
+    info = TopkInfo(idx.reshape(rshape + (idx.shape[-1],)), k_rows.reshape(rshape),
+                    tau.reshape(rshape))
+    return out, info
+
+
+# ----------------------------------------------------------------- output-level error
+
+@dataclass(frozen=True)
+class AttentionError:
+    r"""Output-level error of Top-k attention per query row (DESIGN §3).
+
+    With P the dense softmax, S the kept set, T the rest and ``tau = P(T)``:
+
+    Attributes
+    ----------
+    error : ndarray, shape (...)
+        ``||Attn - Attn_k||_2`` in float64, evaluated as ``||sum_{i in T} P_i (v_i - mu_H)||``
+        (the same vector as the difference of the dense and Top-k outputs, without their
+        cancellation); exactly 0 when nothing is discarded.
+    tau : ndarray, shape (...)
+        Discarded mass ``P(T)``.
+    mu_head : ndarray, shape (..., d_v)
+        ``sum_{i in S} P_i v_i / (1 - tau)`` (equals ``Attn_k``).
+    mu_tail : ndarray, shape (..., d_v)
+        ``sum_{i in T} P_i v_i / tau``; NaN where the tail has no mass (tau = 0).
+    diam_bound : ndarray, shape (...)
+        ``tau * max_{i in S, j in T} ||v_i - v_j||_2`` over keys of nonzero probability.
+    var_bound : ndarray, shape (...)
+        ``sqrt(tau / (1 - tau) * Var_P(V))``, ``Var_P(V) = sum_i P_i ||v_i - Attn||^2``.
+    k : ndarray of int64, shape (...)
+        Size of the kept set.
+
+    The identity ``error = tau * ||mu_tail - mu_head||`` holds to rounding, and both
+    bounds are >= error (they are rounded up by a relative 1e-12 so that rounding never
+    puts them below it).
+    """
+    error: np.ndarray
+    tau: np.ndarray
+    mu_head: np.ndarray
+    mu_tail: np.ndarray
+    diam_bound: np.ndarray
+    var_bound: np.ndarray
+    k: np.ndarray
+
+
+_BOUND_PAD = 1.0 + 1e-12
+
+
+def _diameter(vs, vt):
+    """max ||a - b|| over rows a of vs and b of vt, in blocks (float64)."""
+    best = 0.0
+    ns = (vs * vs).sum(axis=1)
+    step = max(1, 4_000_000 // max(1, vt.shape[0] * max(1, vs.shape[1])))
+    nt = (vt * vt).sum(axis=1)
+    for i in range(0, vs.shape[0], step):
+        a = vs[i:i + step]
+        d2 = ns[i:i + step, None] + nt[None, :] - 2.0 * (a @ vt.T)
+        j = np.unravel_index(np.argmax(d2), d2.shape)
+        # recompute the winner directly: the expansion above can cancel
+        best = max(best, float(np.linalg.norm(a[j[0]] - vt[j[1]])), math.sqrt(max(d2.max(), 0.0)))
+    return best
+
+
+def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
+    r"""Exact output error of Top-k attention and its two bounds, per query row (DESIGN §3).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., L, d) or (d,)
+        Query rows (a 1-d ``q`` is one row and drops the L axis from the results).
+    K : array_like, shape (..., n, d)
+    V : array_like, shape (..., n, d_v)
+    k : int or int array broadcastable to (..., L), optional
+        Keep the top-k keys. Exactly one of ``k`` and ``eps``.
+    eps : float or array broadcastable to (..., L), optional
+        Keep the ``k_eps`` top set (tau <= eps).
+    scale, mask
+        As in :func:`attention`.
+
+    Returns
+    -------
+    AttentionError
+        Fields of shape (..., L) (and (..., L, d_v) for ``mu_head``, ``mu_tail``).
+
+    Notes
+    -----
+    Computed in float64 with NumPy from the scores (``O(L n d)`` memory per batch
+    element); the kept set and tau come from the C core, exactly as in
+    :func:`topk_attention`. The diameter costs ``O(k (n - k) d_v)`` per row.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> K, V = 2 * rng.standard_normal((500, 16)), rng.standard_normal((500, 4))
+    >>> r = attention_error(rng.standard_normal(16), K, V, eps=1e-2)
+    >>> bool(r.error <= r.var_bound <= 1), bool(r.error <= r.diam_bound)
+    (True, True)
+    """
+    single = np.ndim(q) == 1
+    if single:
+        q = np.asarray(q)[None, :]
+    p = _problem(q, K, V, scale, mask)
+    kk, ee = _selection(p, k, eps, None)
+    Q64 = np.broadcast_to(p.q[0].astype(np.float64), p.bshape + (p.L, p.d))
+    K64 = np.broadcast_to(p.k[0].astype(np.float64), p.bshape + (p.n, p.d))
+    V64 = np.broadcast_to(p.v[0].astype(np.float64), p.bshape + (p.n, p.dv))
+    s = p.scale * np.einsum("...ld,...nd->...ln", Q64, K64)
+    if p.mask is not None:
+        s = s + p.mask[0]
+    rshape = p.bshape + (p.L,)
+    if ee is not None:
+        kk = _k_eps(s, ee.reshape(rshape))
+    kk = np.asarray(kk, dtype=np.int64).reshape(rshape)
+    live = (s > -np.inf).sum(axis=-1)
+    kk = np.minimum(kk, live)
+    tau = np.asarray(_tail_mass(s, kk), dtype=np.float64).reshape(rshape)
+    order = np.argsort(-s, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(p.n), axis=-1)
+    kept = rank < kk[..., None]
+    P = np.exp(s - s.max(axis=-1, keepdims=True))
+    P /= P.sum(axis=-1, keepdims=True)
+    dense = np.einsum("...ln,...nv->...lv", P, V64)
+    PS = np.where(kept, P, 0.0)
+    PT = np.where(kept, 0.0, P)
+    sparse = np.einsum("...ln,...nv->...lv", PS, V64) / PS.sum(axis=-1, keepdims=True)
+    mass_t = PT.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu_tail = np.einsum("...ln,...nv->...lv", PT, V64) / mass_t
+    mu_tail = np.where(mass_t > 0, mu_tail, np.nan)
+    diam = np.zeros(rshape)
+    var = np.zeros(rshape)
+    flatP = P.reshape(-1, p.n)
+    flatK = kept.reshape(-1, p.n)
+    flatD = dense.reshape(-1, p.dv)
+    error = np.zeros(rshape)
+    flatT = PT.reshape(-1, p.n)
+    flatS = sparse.reshape(-1, p.dv)
+    for r, pos in enumerate(np.ndindex(*rshape)):
+        Vr = V64[pos[:-1]]
+        # Attn - Attn_k = sum_{i in T} P_i (v_i - mu_H): the difference of the two outputs
+        # without the cancellation of subtracting two nearly equal vectors
+        error.flat[r] = np.linalg.norm(flatT[r] @ (Vr - flatS[r]))
+        var.flat[r] = flatP[r] @ ((Vr - flatD[r]) ** 2).sum(axis=1)
+        head = flatK[r] & (flatP[r] > 0)
+        tail = ~flatK[r] & (flatP[r] > 0)
+        if head.any() and tail.any():
+            diam.flat[r] = _diameter(Vr[head], Vr[tail])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var_bound = np.sqrt(np.where(tau > 0, tau / (1.0 - tau) * var, 0.0)) * _BOUND_PAD
+    diam_bound = tau * diam * _BOUND_PAD
+    res = AttentionError(error=error, tau=tau, mu_head=sparse, mu_tail=mu_tail,
+                         diam_bound=diam_bound, var_bound=var_bound, k=kk)
+    if single:
+        res = AttentionError(*(np.asarray(getattr(res, f))[..., 0] if getattr(res, f).ndim == len(rshape)
+                               else np.asarray(getattr(res, f))[..., 0, :]
+                               for f in ("error", "tau", "mu_head", "mu_tail", "diam_bound",
+                                         "var_bound", "k")))
+    return res
+
+
+# ----------------------------------------------------------------- n^C sparsity (§6)
+
+def dynamic_k(n, alpha, C):
+    r"""The dynamic window ``k = ceil(alpha * n**C)`` clipped to [1, n] (DESIGN §6).
+
+    Parameters
+    ----------
+    n : int or int array
+        Number of keys (>= 1).
+    alpha : float
+        Positive multiplier.
+    C : float
+        Exponent in [0, 1].
+
+    Returns
+    -------
+    int or ndarray of int64
+        Usable as the ``k`` argument of :func:`topk_attention`. ``alpha * n**C`` within a
+        relative 1e-12 of an integer counts as that integer (so ``dynamic_k(4, 1, 0.5) == 2``
+        despite rounding in the power).
+
+    Examples
+    --------
+    >>> dynamic_k(65536, 2.0, 0.5), dynamic_k(10, 100.0, 0.5)
+    (512, 10)
+    """
+    arr = np.asarray(n)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"n must be an integer or an integer array, got {arr.dtype}")
+    if np.any(arr < 1):
+        raise ValueError(f"n must be >= 1, got {n!r}")
+    if not isinstance(alpha, numbers.Real) or not (alpha > 0) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    if not isinstance(C, numbers.Real) or not (0 <= C <= 1):
+        raise ValueError(f"C must be in [0, 1], got {C!r}")
+    x = float(alpha) * arr.astype(np.float64) ** float(C)
+    k = np.ceil(x * (1.0 - 1e-12)).astype(np.int64)
+    k = np.clip(k, 1, arr.astype(np.int64))
+    return int(k) if k.ndim == 0 else k
+
+
+def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
+    r"""Whole-matrix error of Top-k attention, ``(1/L) * ||D_spar^-1 A_spar - D^-1 A||``.
+
+    ``D^-1 A`` is the (L, n) attention matrix (rows = softmax of the scores) and
+    ``D_spar^-1 A_spar`` the same with each row restricted to its top-k keys and
+    renormalised (DESIGN §6; for self-attention L = n). Row i of the difference is
+    ``tau_i/(1-tau_i) P_j`` on kept keys and ``-P_j`` on discarded ones. The matrix is never
+    formed: each row is scored, selected and reduced in the C core.
+
+    Parameters
+    ----------
+    Q : array_like, shape (..., L, d)
+    K : array_like, shape (..., n, d)
+    k : int or int array broadcastable to (..., L)
+        Keys kept per row, in [1, n] (e.g. from :func:`dynamic_k`).
+    scale, mask
+        As in :func:`attention`.
+    norm : {"fro", "l1", "rows"}
+        ``"fro"`` (default): the entrywise l2 (Frobenius) norm, ``(1/L) sqrt(sum_ij E_ij^2)``;
+        ``"l1"``: the entrywise l1 norm ``(1/L) sum_ij |E_ij| = mean_i 2 tau_i``;
+        ``"rows"``: no reduction, the l2 norm of every row, shape (..., L).
+
+    Returns
+    -------
+    ndarray of float64, shape (...) (or (..., L) for ``norm="rows"``)
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((256, 16))
+    >>> float(attention_matrix_error(X, X, k=256))
+    0.0
+    """
+    if norm not in ("fro", "l1", "rows"):
+        raise ValueError(f"norm must be 'fro', 'l1' or 'rows', got {norm!r}")
+    p = _problem(Q, K, None, scale, mask, need_v=False)
+    kk, _ = _selection(p, k, None, None)
+    rshape = p.bshape + (p.L,)
+    if p.rows == 0:
+        sq = tau = np.zeros(rshape)
+    else:
+        sq, tau = p.call(_ROW_ERROR, kk)
+        sq, tau = sq.reshape(rshape), tau.reshape(rshape)
+    if norm == "rows":
+        return np.sqrt(sq)
+    if norm == "l1":
+        return _scalar(2.0 * tau.sum(axis=-1) / p.L)
+    return _scalar(np.sqrt(sq.sum(axis=-1)) / p.L)
+
+
+def _scalar(a):
+    return a[()] if a.ndim == 0 else a

@@ -106,6 +106,19 @@ def test_forward_with_masks_and_scale():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("budget,causal", [(dict(k=1), True), (dict(k=5), True),
+                                          (dict(eps=0.1), True), (dict(ratio=0.2), False)],
+                         ids=str)
+def test_forward_matches_c_core_topk_attention(budget, causal):
+    # the C core's topkattn.topk_attention (float64, per-row fused) on the same problem;
+    # its ratio counts all n keys, so ratio is compared without a mask
+    q, k, v = qkv(4, L=33, n=40, d=8, dv=5)
+    got = tkt.topk_attention(q, k, v, is_causal=causal, **budget)
+    mask = ref_bias(33, 40, causal, None)
+    want = topkattn.topk_attention(q.numpy(), k.numpy(), v.numpy(), mask=mask, **budget)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
 def test_ties_keep_lower_index():
     # keys 0..5 all equal: every query scores them alike, so top-2 must be keys 0 and 1
     n, d = 6, 3

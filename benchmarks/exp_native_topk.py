@@ -51,22 +51,23 @@ import topkattn.torch as tkt  # noqa: E402
 # ----------------------------------------------------------------- task
 
 def recall_batch(batch, pairs, queries, n_keys, n_values, gen):
-    """Multi-query associative recall.
+    """Multi-query associative recall, one key-value pair per position.
 
-    Tokens ``0..n_keys-1`` are keys, ``n_keys..n_keys+n_values-1`` values. A sequence is
-    ``k_1 v_1 ... k_P v_P q_1 ... q_Q``: P distinct keys with random values, then Q of those
-    keys again (distinct, random order). Target at the position of ``q_j`` is its value;
-    every other position is ignored (-100).
+    Position ``i < pairs`` holds the pair ``(k_i, v_i)`` (P distinct keys out of
+    ``n_keys``, random values out of ``n_values``); the last ``queries`` positions hold a key
+    taken from the pairs (distinct, random order) and the blank value ``n_values``. The
+    target at a query position is that key's value; every other position is ignored (-100).
+
+    Returns ``keys``, ``values`` (both ``(batch, pairs + queries)`` int64) and ``target``.
     """
     keys = torch.argsort(torch.rand(batch, n_keys, generator=gen), dim=1)[:, :pairs]
-    vals = torch.randint(n_values, (batch, pairs), generator=gen) + n_keys
+    vals = torch.randint(n_values, (batch, pairs), generator=gen)
     which = torch.argsort(torch.rand(batch, pairs, generator=gen), dim=1)[:, :queries]
-    q = torch.gather(keys, 1, which)
-    ctx = torch.stack([keys, vals], dim=2).reshape(batch, 2 * pairs)
-    x = torch.cat([ctx, q], dim=1)
-    y = torch.full_like(x, -100)
-    y[:, 2 * pairs:] = torch.gather(vals, 1, which)
-    return x, y
+    x_keys = torch.cat([keys, torch.gather(keys, 1, which)], dim=1)
+    x_vals = torch.cat([vals, torch.full((batch, queries), n_values)], dim=1)
+    y = torch.full_like(x_keys, -100)
+    y[:, pairs:] = torch.gather(vals, 1, which)
+    return x_keys, x_vals, y
 
 
 # ----------------------------------------------------------------- model
@@ -120,16 +121,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, vocab, length, d=64, heads=4, layers=2):
+    def __init__(self, n_keys, n_values, length, d=64, heads=4, layers=2):
         super().__init__()
-        self.tok = nn.Embedding(vocab, d)
+        self.key_emb = nn.Embedding(n_keys, d)
+        self.value_emb = nn.Embedding(n_values + 1, d)  # + the blank of query positions
         self.pos = nn.Embedding(length, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
+        self.head = nn.Linear(d, n_values, bias=False)
 
-    def forward(self, x, mode):
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+    def forward(self, keys, values, mode):
+        h = self.key_emb(keys) + self.value_emb(values) + self.pos(torch.arange(keys.shape[1]))
         for b in self.blocks:
             h = b(h, mode)
         return self.head(self.ln(h))
@@ -147,8 +149,9 @@ def train(model, mode, args, log_every):
     model.train()
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, y = recall_batch(args.batch, args.pairs, args.queries, args.n_keys, args.n_values, gen)
-        loss = F.cross_entropy(model(x, mode).flatten(0, 1), y.flatten())
+        xk, xv, y = recall_batch(args.batch, args.pairs, args.queries, args.n_keys,
+                                 args.n_values, gen)
+        loss = F.cross_entropy(model(xk, xv, mode).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,8 +167,8 @@ def train(model, mode, args, log_every):
 @torch.no_grad()
 def accuracy(model, data, mode):
     hit = tot = 0
-    for x, y in data:
-        pred = model(x, mode).argmax(-1)
+    for xk, xv, y in data:
+        pred = model(xk, xv, mode).argmax(-1)
         sel = y >= 0
         hit += int((pred[sel] == y[sel]).sum())
         tot += int(sel.sum())
@@ -178,9 +181,9 @@ def entropies(model, data, query_from):
     the query rows of the last layer."""
     import topkattn
     all_h, last_q = [], []
-    for x, _ in data:
+    for xk, xv, _ in data:
         record = []
-        model(x, {"kind": "dense", "record": record})
+        model(xk, xv, {"kind": "dense", "record": record})
         for i, s in enumerate(record):
             h = topkattn.entropy(s.numpy())  # (B, H, L), C core, float64
             all_h.append(h[..., 1:].ravel())  # row 0 sees one key: H = 0 by construction
@@ -198,7 +201,7 @@ def evaluate(model, data, args):
                 "gen": torch.Generator().manual_seed(args.seed + 3), "hits": 0, "kept": 0}
         res[f"sim p={p:g}"] = accuracy(model, data, mode)
         res[f"measured p={p:g}"] = mode["hits"] / mode["kept"]
-    res["entropy all rows"], res["entropy query rows"] = entropies(model, data, 2 * args.pairs)
+    res["entropy all rows"], res["entropy query rows"] = entropies(model, data, args.pairs)
     return res
 
 
@@ -211,8 +214,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pairs", type=int, help="key-value pairs per sequence")
     ap.add_argument("--queries", type=int, default=16)
-    ap.add_argument("--n-keys", type=int, default=64)
-    ap.add_argument("--n-values", type=int, default=64)
+    ap.add_argument("--n-keys", type=int, help="key vocabulary (default 2 * pairs)")
+    ap.add_argument("--n-values", type=int, default=32)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--layers", type=int, default=2)
@@ -227,9 +230,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="write results.json here")
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 400 if args.quick else 1500
+        args.steps = 400 if args.quick else 800
     if args.pairs is None:
-        args.pairs = 24 if args.quick else 48
+        args.pairs = 64 if args.quick else 128
+    if args.n_keys is None:
+        args.n_keys = 2 * args.pairs
+    if args.n_keys < args.pairs:
+        ap.error("--n-keys must be at least --pairs (the keys of a sequence are distinct)")
     if args.quick:
         args.eval_seqs = min(args.eval_seqs, 256)
     return args
@@ -238,9 +245,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    L = 2 * args.pairs + args.queries
-    vocab = args.n_keys + args.n_values
-    base = Transformer(vocab, L, args.d_model, args.heads, args.layers)
+    L = args.pairs + args.queries
+    base = Transformer(args.n_keys, args.n_values, L, args.d_model, args.heads, args.layers)
     init = {k: v.clone() for k, v in base.state_dict().items()}
     gen = torch.Generator().manual_seed(args.seed + 2)
     data = [recall_batch(64, args.pairs, args.queries, args.n_keys, args.n_values, gen)
@@ -256,7 +262,8 @@ def main(argv=None):
                        (f"topk-trained (rho={args.train_ratio:g})",
                         {"kind": "topk", "ratio": args.train_ratio})):
         print(f"training {name}")
-        model = Transformer(vocab, L, args.d_model, args.heads, args.layers)
+        model = Transformer(args.n_keys, args.n_values, L, args.d_model, args.heads,
+                            args.layers)
         model.load_state_dict(init)
         times[name] = train(model, mode, args, log_every=max(1, args.steps // 5))
         results[name] = evaluate(model, data, args)

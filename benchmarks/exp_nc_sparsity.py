@@ -4,6 +4,8 @@ One self-attention layer on Gaussian inputs: ``X`` (n x d) with i.i.d. N(0, 1) e
 ``Q = X W_Q``, ``K = X W_K`` with i.i.d. N(0, 1/d) weight entries, scores
 ``sigma / sqrt(d) * q . k``, so every logit is close to N(0, sigma^2) and sigma (the logit
 spread, the role of the seed's scale parameter R = B^2 ||W||_F) does not change with n.
+The weights are drawn once and kept for every n (one layer, more and more tokens); the
+measured logit standard deviation is printed next to |S_eps|.
 
 For n = 2^8 .. 2^16 and each sigma it measures, with the C core:
 
@@ -42,10 +44,16 @@ import topkattn  # noqa: E402
 from topkattn import reference as ref  # noqa: E402
 
 
-def layer(n, d, sigma, rows, rng):
+def weights(d, rng):
+    """W_Q, W_K with i.i.d. N(0, 1/d) entries: drawn once, used for every n."""
+    return rng.standard_normal((2, d, d)) / math.sqrt(d)
+
+
+def layer(n, W, sigma, rows, rng):
     """Q (rows, d) for a subsample of the n queries, K (n, d), and the score scale."""
+    d = W.shape[-1]
     X = rng.standard_normal((n, d))
-    Wq, Wk = rng.standard_normal((2, d, d)) / math.sqrt(d)
+    Wq, Wk = W
     pick = np.sort(rng.choice(n, size=rows, replace=False)) if rows < n else np.arange(n)
     return X[pick] @ Wq, X @ Wk, sigma / math.sqrt(d)
 
@@ -59,21 +67,23 @@ def windows(n, alpha, Cs):
 
 
 def support_stats(Q, K, scale, eps_list, chunk=128):
-    """Mean |S_eps| per eps and mean k_0.1 over the query rows (scores in chunks)."""
+    """Mean |S_eps| per eps, mean k_0.1 and the mean logit standard deviation over the
+    query rows (scores in chunks)."""
     sup = {e: [] for e in eps_list}
-    k01 = []
+    k01, sd = [], []
     for i in range(0, Q.shape[0], chunk):
         s = scale * (Q[i:i + chunk] @ K.T)
         for e in eps_list:
             sup[e].append(topkattn.effective_support(s, e))
         k01.append(topkattn.k_eps(s, 0.1))
+        sd.append(topkattn.fit_gaussian(s)[1])
     return ({e: float(np.mean(np.concatenate(v))) for e, v in sup.items()},
-            float(np.mean(np.concatenate(k01))))
+            float(np.mean(np.concatenate(k01))), float(np.mean(np.concatenate(sd))))
 
 
 def check_against_reference(rng, d):
     """The C core's matrix error against the float64 NumPy twin on one small layer."""
-    Q, K, c = layer(300, d, 3.0, 300, rng)
+    Q, K, c = layer(300, weights(d, rng), 3.0, 300, rng)
     for k in (1, 7, 64):
         for norm in ("fro", "l1"):
             got = topkattn.attention_matrix_error(Q, K, k, scale=c, norm=norm)
@@ -85,13 +95,14 @@ def check_against_reference(rng, d):
 def run(args):
     rng = np.random.default_rng(args.seed)
     check_against_reference(rng, args.d)
+    W = weights(args.d, rng)
     records = []
     t0 = time.perf_counter()
     for sigma in args.sigma:
         for e in range(args.min_log2n, args.max_log2n + 1):
             n = 2 ** e
             rows = min(n, args.rows)
-            Q, K, c = layer(n, args.d, sigma, rows, rng)
+            Q, K, c = layer(n, W, sigma, rows, rng)
             rec = {"sigma": sigma, "n": n, "rows": rows}
             for name, k in windows(n, args.alpha, args.C).items():
                 row_err = topkattn.attention_matrix_error(Q, K, k, scale=c, norm="rows")
@@ -100,7 +111,8 @@ def run(args):
                     "fro": float(np.sqrt(np.mean(row_err ** 2)) / math.sqrt(n)),
                     "l1": float(topkattn.attention_matrix_error(Q, K, k, scale=c, norm="l1")),
                 }
-            rec["support"], rec["k_0.1"] = support_stats(Q, K, c, args.support_eps)
+            rec["support"], rec["k_0.1"], rec["logit_sd"] = support_stats(Q, K, c,
+                                                                          args.support_eps)
             records.append(rec)
             print(f"  sigma {sigma:g}  n 2^{e}  ({rows} rows)  "
                   f"{time.perf_counter() - t0:6.1f} s", flush=True)
@@ -134,6 +146,7 @@ def report(records, args):
         body = [[f"|S_{e:g}|"] + [f"{r['support'][e]:.3g}" for r in rs] for e in args.support_eps]
         body.append(["k_0.1"] + [f"{r['k_0.1']:.4g}" for r in rs])
         body.append(["k_0.1 / n"] + [f"{r['k_0.1'] / r['n']:.3g}" for r in rs])
+        body.append(["logit sd"] + [f"{r['logit_sd']:.3g}" for r in rs])
         print(format_table(head, body))
 
 
@@ -162,8 +175,9 @@ def plot(records, args):
             ax.set_xlabel("n")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel(label)
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=7)
+        fig.tight_layout(rect=(0, 0, 0.86, 1))
         p = os.path.join(args.out, f"nc_error_{metric}.png")
         fig.savefig(p, dpi=120)
         plt.close(fig)

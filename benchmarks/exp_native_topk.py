@@ -222,7 +222,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train-ratio", type=float, default=0.1,
                     help="Top-k ratio used while training the Top-k model")
-    ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05, 0.02])
+    ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05, 0.02, 0.01])
     ap.add_argument("--sim-ratio", type=float, default=0.1,
                     help="ratio at which the simulated retriever is evaluated")
     ap.add_argument("--precisions", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
@@ -230,11 +230,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="write results.json here")
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 400 if args.quick else 800
+        args.steps = 300 if args.quick else 600
     if args.pairs is None:
-        args.pairs = 64 if args.quick else 128
+        args.pairs = 32 if args.quick else 64
     if args.n_keys is None:
         args.n_keys = 2 * args.pairs
+    if not 1 <= args.queries <= args.pairs:
+        ap.error("--queries must be in [1, --pairs] (each query is a distinct stored key)")
     if args.n_keys < args.pairs:
         ap.error("--n-keys must be at least --pairs (the keys of a sequence are distinct)")
     if args.quick:

@@ -176,20 +176,25 @@ def accuracy(model, data, mode):
 
 
 @torch.no_grad()
-def entropies(model, data, query_from):
-    """Mean dense-attention entropy (nats) over all rows of all layers and heads, and over
-    the query rows of the last layer."""
+def entropies(model, data, query_from, ratio):
+    """Mean attention entropy (nats) of the model's dense forward pass: of the dense softmax
+    rows and of the same scores restricted to their Top-k set at ``ratio`` (the distribution
+    a Top-k layer would use), over all rows of all layers and heads and over the query rows
+    of the last layer. Row 0 sees one key (entropy 0) and is left out."""
     import topkattn
-    all_h, last_q = [], []
+    acc = {k: [] for k in ("dense all rows", "dense query rows", "topk all rows",
+                           "topk query rows")}
     for xk, xv, _ in data:
         record = []
         model(xk, xv, {"kind": "dense", "record": record})
         for i, s in enumerate(record):
-            h = topkattn.entropy(s.numpy())  # (B, H, L), C core, float64
-            all_h.append(h[..., 1:].ravel())  # row 0 sees one key: H = 0 by construction
-            if i == len(record) - 1:
-                last_q.append(h[..., query_from:].ravel())
-    return float(np.mean(np.concatenate(all_h))), float(np.mean(np.concatenate(last_q)))
+            kept = s.masked_fill(~tkt.topk_select(s, ratio=ratio), -math.inf)
+            for kind, logits in (("dense", s), ("topk", kept)):
+                h = topkattn.entropy(logits.numpy())  # (B, H, L), C core, float64
+                acc[f"{kind} all rows"].append(h[..., 1:].ravel())
+                if i == len(record) - 1:
+                    acc[f"{kind} query rows"].append(h[..., query_from:].ravel())
+    return {f"entropy {k}": float(np.mean(np.concatenate(v))) for k, v in acc.items()}
 
 
 def evaluate(model, data, args):
@@ -201,7 +206,7 @@ def evaluate(model, data, args):
                 "gen": torch.Generator().manual_seed(args.seed + 3), "hits": 0, "kept": 0}
         res[f"sim p={p:g}"] = accuracy(model, data, mode)
         res[f"measured p={p:g}"] = mode["hits"] / mode["kept"]
-    res["entropy all rows"], res["entropy query rows"] = entropies(model, data, args.pairs)
+    res.update(entropies(model, data, args.pairs, args.train_ratio))
     return res
 
 
@@ -284,9 +289,11 @@ def main(argv=None):
         rows.append([k] + [f"{results[n][k]:.3f}" for n in names] + [meas])
     print(format_table(["attention at inference"] + names + ["measured p"], rows))
     print()
-    print(format_table(["mean attention entropy (nats)"] + names,
-                       [[k] + [f"{results[n][k]:.3f}" for n in names]
-                        for k in ("entropy all rows", "entropy query rows")]))
+    print(f"mean attention entropy (nats) of the dense forward pass: dense softmax rows, and "
+          f"the same rows restricted to their Top-k set at rho = {args.train_ratio:g}")
+    print(format_table(["entropy"] + names,
+                       [[k[8:]] + [f"{results[n][k]:.3f}" for n in names]
+                        for k in results[names[0]] if k.startswith("entropy")]))
     print("\ntraining time: " + ", ".join(f"{n} {t:.0f} s" for n, t in times.items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -20,9 +20,10 @@ at the query rows of the last layer (the retrieval step). Accuracy is over query
 
 Claims tested (seed 003): training with Top-k (train/inference consistency) gives better
 accuracy under Top-k decoding than dense training, and Top-k training lowers the attention
-entropy. Runs on CPU: about 5 minutes by default, about 1 minute with ``--quick``.
+entropy. Every number is the mean over ``--seeds`` runs, with the range across them. Runs on
+CPU (one torch thread): about 6 minutes by default, under 1 minute with ``--quick``.
 
-    python benchmarks/exp_native_topk.py [--quick] [--seed 0] [--steps N] [--out DIR]
+    python benchmarks/exp_native_topk.py [--quick] [--seeds 0 1 2] [--steps N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------- training and evaluation
 
-def train(model, mode, args, log_every):
-    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every model
+def train(model, mode, args, seed, log_every):
+    gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -197,13 +198,13 @@ def entropies(model, data, query_from, ratio):
     return {f"entropy {k}": float(np.mean(np.concatenate(v))) for k, v in acc.items()}
 
 
-def evaluate(model, data, args):
+def evaluate(model, data, args, seed):
     res = {"dense": accuracy(model, data, {"kind": "dense"})}
     for rho in args.rhos:
         res[f"topk {rho:g}"] = accuracy(model, data, {"kind": "topk", "ratio": rho})
     for p in args.precisions:
         mode = {"kind": "sim", "ratio": args.sim_ratio, "p": p,
-                "gen": torch.Generator().manual_seed(args.seed + 3), "hits": 0, "kept": 0}
+                "gen": torch.Generator().manual_seed(seed + 3), "hits": 0, "kept": 0}
         res[f"sim p={p:g}"] = accuracy(model, data, mode)
         res[f"measured p={p:g}"] = mode["hits"] / mode["kept"]
     res.update(entropies(model, data, args.pairs, args.train_ratio))
@@ -214,7 +215,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter run (about 1 minute)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="one run (initialisation, batches, evaluation set) per seed "
+                         "(default 0 1 2; 0 with --quick)")
     ap.add_argument("--steps", type=int, help="training steps per model")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pairs", type=int, help="key-value pairs per sequence")
@@ -232,8 +235,13 @@ def parse_args(argv=None):
                     help="ratio at which the simulated retriever is evaluated")
     ap.add_argument("--precisions", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
     ap.add_argument("--eval-seqs", type=int, default=512)
-    ap.add_argument("--out", help="write results.json here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 by default: these small matrices run slower on "
+                         "several threads of a busy machine)")
+    ap.add_argument("--out", help="write native_topk.json here")
     args = ap.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     if args.steps is None:
         args.steps = 300 if args.quick else 600
     if args.pairs is None:
@@ -249,58 +257,80 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
+def run_seed(args, seed):
+    """Train both models from one initialisation and evaluate them; {model: metrics}."""
+    torch.manual_seed(seed)
     L = args.pairs + args.queries
     base = Transformer(args.n_keys, args.n_values, L, args.d_model, args.heads, args.layers)
     init = {k: v.clone() for k, v in base.state_dict().items()}
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    gen = torch.Generator().manual_seed(seed + 2)
     data = [recall_batch(64, args.pairs, args.queries, args.n_keys, args.n_values, gen)
             for _ in range(max(1, args.eval_seqs // 64))]
+    results, times = {}, {}
+    for name, mode in (("dense-trained", {"kind": "dense"}),
+                       (f"topk-trained (rho={args.train_ratio:g})",
+                        {"kind": "topk", "ratio": args.train_ratio})):
+        print(f"seed {seed}: training {name}")
+        model = Transformer(args.n_keys, args.n_values, L, args.d_model, args.heads,
+                            args.layers)
+        model.load_state_dict(init)
+        times[name] = train(model, mode, args, seed, log_every=max(1, args.steps // 3))
+        results[name] = evaluate(model, data, args, seed)
+    return results, times, len(data) * 64
+
+
+def _cell(vals):
+    """Mean over seeds, with the range when there are several."""
+    m = float(np.mean(vals))
+    return f"{m:.3f}" if len(vals) == 1 else f"{m:.3f} [{min(vals):.3f}, {max(vals):.3f}]"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    L = args.pairs + args.queries
     print(f"machine: {machine_line()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"task: {args.pairs} pairs + {args.queries} queries (L = {L}), {args.n_keys} keys, "
           f"{args.n_values} values (chance {1 / args.n_values:.3f}); model: {args.layers} "
           f"layers, d = {args.d_model}, {args.heads} heads; {args.steps} steps of "
-          f"{args.batch}, seed {args.seed}")
-    results, times = {}, {}
-    for name, mode in (("dense-trained", {"kind": "dense"}),
-                       (f"topk-trained (rho={args.train_ratio:g})",
-                        {"kind": "topk", "ratio": args.train_ratio})):
-        print(f"training {name}")
-        model = Transformer(args.n_keys, args.n_values, L, args.d_model, args.heads,
-                            args.layers)
-        model.load_state_dict(init)
-        times[name] = train(model, mode, args, log_every=max(1, args.steps // 5))
-        results[name] = evaluate(model, data, args)
+          f"{args.batch}; seeds {args.seeds}")
+    per_seed, times = [], {}
+    for seed in args.seeds:
+        res, t, n_eval = run_seed(args, seed)
+        per_seed.append(res)
+        for n, v in t.items():
+            times[n] = times.get(n, 0.0) + v
+    names = list(per_seed[0])
+    keys = list(per_seed[0][names[0]])
+    results = {n: {k: [r[n][k] for r in per_seed] for k in keys} for n in names}
 
-    names = list(results)
-    acc_rows = [k for k in results[names[0]] if not k.startswith(("measured", "entropy"))]
-    print(f"\naccuracy on {len(data) * 64} held-out sequences ({len(data) * 64 * args.queries} "
-          f"queries); topk rho = Top-k decoding in every layer, keeping ceil(rho * keys seen); "
-          f"sim = simulated retriever at rho = {args.sim_ratio:g}")
+    acc_rows = [k for k in keys if not k.startswith(("measured", "entropy"))]
+    print(f"\naccuracy on {n_eval} held-out sequences per seed ({n_eval * args.queries} "
+          f"queries); mean over seeds [min, max]; topk rho = Top-k decoding in every layer, "
+          f"keeping ceil(rho * keys seen); sim = simulated retriever at rho = "
+          f"{args.sim_ratio:g}")
     rows = []
     for k in acc_rows:
         meas = ""
         if k.startswith("sim"):
             p = k.split("=")[1]
-            meas = " / ".join(f"{results[n][f'measured p={p}']:.3f}" for n in names)
-        rows.append([k] + [f"{results[n][k]:.3f}" for n in names] + [meas])
+            meas = " / ".join(f"{np.mean(results[n][f'measured p={p}']):.3f}" for n in names)
+        rows.append([k] + [_cell(results[n][k]) for n in names] + [meas])
     print(format_table(["attention at inference"] + names + ["measured p"], rows))
     print()
     print(f"mean attention entropy (nats) of the dense forward pass: dense softmax rows, and "
           f"the same rows restricted to their Top-k set at rho = {args.train_ratio:g}")
     print(format_table(["entropy"] + names,
-                       [[k[8:]] + [f"{results[n][k]:.3f}" for n in names]
-                        for k in results[names[0]] if k.startswith("entropy")]))
-    print("\ntraining time: " + ", ".join(f"{n} {t:.0f} s" for n, t in times.items()))
+                       [[k[8:]] + [_cell(results[n][k]) for n in names]
+                        for k in keys if k.startswith("entropy")]))
+    print("\ntraining time (all seeds): " + ", ".join(f"{n} {t:.0f} s" for n, t in times.items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "native_topk.json"), "w") as f:
             json.dump({"args": vars(args), "results": results, "train_seconds": times}, f,
                       indent=2)
-    return results
+    return {n: {k: float(np.mean(v)) for k, v in results[n].items()} for n in names}
 
 
 if __name__ == "__main__":

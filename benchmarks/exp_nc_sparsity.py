@@ -214,7 +214,7 @@ def parse_args(argv=None):
     ap.add_argument("--C", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--support-eps", type=float, nargs="+", default=[0.01, 0.1])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="nc-sparsity", help="directory for plots and JSON")
+    ap.add_argument("--out", default="topkattn-nc-sparsity", help="directory for plots and JSON")
     args = ap.parse_args(argv)
     if args.max_log2n is None:
         args.max_log2n = 12 if args.quick else 16

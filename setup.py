@@ -4,13 +4,25 @@ Each instruction-set file in ``csrc/cpu`` is compiled with its own flags; everyt
 else (dispatcher, algorithms, the CPython module) is compiled for baseline x86-64 so
 that importing the package never executes an instruction the CPU lacks.
 
+The optional CUDA core (``csrc/cuda``) is a separate extension, ``topkattn._cuda``: its
+``.cu`` files are compiled by nvcc for an explicit list of GPU targets (CUDA_GENCODE) and
+linked with the static CUDA runtime. The CPU extension never links the CUDA runtime.
+
 Environment:
     TOPKATTN_SANITIZE=1   build with AddressSanitizer + UBSan (see scripts/sanitize.sh)
+    TOPKATTN_CUDA=auto    (default) build topkattn._cuda when nvcc is found, else warn and
+                          build the CPU package alone
+    TOPKATTN_CUDA=1       build topkattn._cuda; fail if nvcc is missing
+    TOPKATTN_CUDA=0       never build topkattn._cuda
+    CUDA_HOME             where to look for bin/nvcc first (else PATH, then /usr/local/cuda)
 """
 import glob
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
 from setuptools import Extension, setup
@@ -36,7 +48,107 @@ def _check_global_flags():
                          "own flags).")
 
 
+# ----------------------------------------------------------------- optional CUDA core
+
+# SASS for Ampere (sm_80) and Hopper (sm_90), plus compute_90 PTX that newer GPUs JIT-compile.
+CUDA_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def cuda_mode(env=None):
+    """'auto', '0' or '1' from TOPKATTN_CUDA (anything else is an error)."""
+    env = os.environ if env is None else env
+    mode = env.get("TOPKATTN_CUDA", "auto").strip().lower() or "auto"
+    aliases = {"auto": "auto", "0": "0", "off": "0", "no": "0", "false": "0",
+               "1": "1", "on": "1", "yes": "1", "true": "1"}
+    if mode not in aliases:
+        raise ValueError(f"TOPKATTN_CUDA must be auto, 0 or 1, got {mode!r}")
+    return aliases[mode]
+
+
+def find_nvcc(env=None):
+    """Path of nvcc: $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin; None if absent."""
+    env = os.environ if env is None else env
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    on_path = shutil.which("nvcc", path=env.get("PATH", os.defpath))
+    candidates += [on_path] if on_path else []
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def cuda_root(nvcc):
+    """The toolkit directory of an nvcc (resolving wrappers such as /usr/local/bin/nvcc)."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
+    real = os.path.realpath(nvcc)
+    for root in (os.path.dirname(os.path.dirname(real)), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    raise RuntimeError(f"topkattn: found {nvcc} ({out.stdout.strip().splitlines()[-1:]}) but not "
+                       "the CUDA headers next to it; set CUDA_HOME to the toolkit directory")
+
+
+def want_cuda(env=None, nvcc_finder=find_nvcc):
+    """(build?, nvcc path or None, warning or None) for the TOPKATTN_CUDA setting."""
+    mode = cuda_mode(env)
+    if mode == "0":
+        return False, None, None
+    nvcc = nvcc_finder(env)
+    if nvcc:
+        return True, nvcc, None
+    if mode == "1":
+        raise RuntimeError("topkattn: TOPKATTN_CUDA=1 but nvcc was not found (set CUDA_HOME or "
+                           "put nvcc on PATH, or use TOPKATTN_CUDA=0 for the CPU package)")
+    return False, None, ("topkattn: nvcc not found; building the CPU package without the "
+                         "optional CUDA core (set TOPKATTN_CUDA=0 to silence this warning)")
+
+
 class BuildExt(build_ext):
+    def build_extension(self, ext):
+        if getattr(ext, "cu_sources", None):
+            self._compile_cuda(ext)
+        super().build_extension(ext)
+
+    def _compile_cuda(self, ext):
+        """nvcc-compile ext.cu_sources (in parallel) into objects handed to the linker."""
+        objs, jobs = [], []
+        t0 = time.time()
+        for src in ext.cu_sources:
+            obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
+            headers = glob.glob(os.path.join(os.path.dirname(src), "*.h*"))
+            newest = max(os.path.getmtime(p) for p in [src] + headers)
+            if self.force or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
+                cmd = [ext.nvcc, "-c", src, "-o", obj, "-I", "csrc/cuda"] + NVCC_FLAGS + CUDA_GENCODE
+                print(" ".join(cmd), flush=True)
+                jobs.append((src, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True)))
+            objs.append(obj)
+        failed = []
+        for src, proc in jobs:
+            out, _ = proc.communicate()
+            if out.strip():
+                sys.stderr.write(out)
+            if proc.returncode != 0:
+                failed.append(f"{src} (exit {proc.returncode})")
+        if failed:
+            raise RuntimeError("topkattn: nvcc failed to compile " + ", ".join(failed)
+                               + " (output above). Set TOPKATTN_CUDA=0 to build the CPU package "
+                               "without the optional CUDA core.")
+        if jobs:
+            targets = ", ".join(g.rsplit("code=", 1)[1] for g in CUDA_GENCODE)
+            print(f"topkattn: CUDA core compiled in {time.time() - t0:.1f} s for {targets}",
+                  flush=True)
+        ext.extra_objects = list(ext.extra_objects or []) + [o for o in objs
+                                                              if o not in (ext.extra_objects or [])]
+
     def build_extensions(self):
         _check_global_flags()
         compile_one = self.compiler._compile
@@ -77,4 +189,36 @@ core = Extension(
     extra_link_args=ldflags,
 )
 
-setup(ext_modules=[core], cmdclass={"build_ext": BuildExt})
+
+
+def cuda_extension(nvcc):
+    """topkattn._cuda: csrc/cuda/*.cu through nvcc, csrc/cuda/module.c through the C compiler,
+    linked with the static CUDA runtime (no libcudart.so needed at run time)."""
+    root = cuda_root(nvcc)
+    libdirs = [d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"),
+                           os.path.join(root, "targets", "x86_64-linux", "lib"))
+               if os.path.isdir(d)]
+    ext = Extension(
+        "topkattn._cuda",
+        sources=["csrc/cuda/module.c"],
+        include_dirs=["csrc/cuda"],
+        library_dirs=libdirs,
+        libraries=["cudart_static", "stdc++", "dl", "rt"],
+        extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        extra_link_args=["-pthread"],
+        depends=sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.h")
+                       + glob.glob("csrc/cuda/*.cuh")),
+    )
+    ext.cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    ext.nvcc = nvcc
+    return ext
+
+
+if __name__ == "__main__":
+    ext_modules = [core]
+    build_cuda, nvcc, warning = want_cuda()
+    if warning:
+        print("WARNING: " + warning, file=sys.stderr)
+    if build_cuda:
+        ext_modules.append(cuda_extension(nvcc))
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

@@ -13,9 +13,10 @@ from topkattn import cli, sweep
 
 pd = pytest.importorskip("pandas")
 
-TINY = ["--n", "64", "200", "--sigma", "0.5", "2", "--eps", "0.1", "0.01", "--rows", "3",
+TINY = ["--source", "synthetic", "--n", "64", "200", "--sigma", "0.5", "2", "--eps", "0.1", "0.01", "--rows", "3",
         "--seed", "5"]
-TINY_KW = dict(n=[64, 200], sigma=[0.5, 2.0], eps=[0.1, 0.01], rows=3, seed=5)
+TINY_KW = dict(source="synthetic", n=[64, 200], sigma=[0.5, 2.0], eps=[0.1, 0.01], rows=3,
+               seed=5)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("rho_vs_sigma.png", "bound_tightness.png")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(topkattn.__file__)))
@@ -98,21 +99,38 @@ def test_quiet_prints_nothing(tmp_path, capsys):
 
 
 def test_no_arguments_runs_sweep_with_library_defaults(monkeypatch, tmp_path, capsys):
+    """The bare command: the "bert" source with the library's defaults (model and texts
+    left to the library), here on two short texts to keep the test fast."""
+    pytest.importorskip("transformers")
     seen = {}
     real = sweep.run
 
     def spy(**kwargs):
         seen.update(kwargs)
-        return real(**{**kwargs, **TINY_KW})  # keep the test fast
+        return real(**{**kwargs, "texts": ["A short text.", "Another short text here."]})
 
     monkeypatch.setattr(sweep, "run", spy)
     monkeypatch.chdir(tmp_path)
     assert cli.main([]) == 0
     defaults = {k: v.default for k, v in inspect.signature(real).parameters.items()}
-    for key in ("source", "n", "sigma", "eps", "rows", "seed"):
-        assert np.array_equal(np.asarray(seen[key]), np.asarray(defaults[key])), key
-    assert seen["progress"] is True
-    assert (tmp_path / "topkattn-sweep" / "sweep.csv").exists()
+    for key in ("source", "eps", "texts", "layers", "max_length"):
+        assert np.array_equal(np.asarray(seen[key], dtype=object),
+                              np.asarray(defaults[key], dtype=object)), key
+    assert seen["source"] == "bert" and seen["progress"] is True
+    model, tok = seen["model"]
+    assert model.config.num_hidden_layers == 6          # the built-in all-MiniLM-L6-v2
+    out = tmp_path / "topkattn-sweep"
+    df = pd.read_csv(out / "sweep.csv")
+    assert list(df.columns) == list(sweep.BERT_COLUMNS)
+    doc = _strict_json(out / "sweep.json")
+    assert doc["metadata"]["arguments"]["source"] == "bert"
+    assert len(doc["records"]) == 6 * 3                  # layers x eps
+    for p in ("rho_by_layer.png", "rho_distribution.png", "bound_tightness.png"):
+        with open(out / p, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    stdout = capsys.readouterr().out
+    for header in ("layer", "rho_median", "rho_rule", "gap/tau", "multigap/tau"):
+        assert header in stdout
 
 
 def test_leading_options_go_to_sweep(tmp_path, capsys):
@@ -129,7 +147,12 @@ def test_help(capsys):
     assert cli.main(["sweep", "--help"]) == 0
     out = capsys.readouterr().out
     for opt in ("--source", "--n", "--sigma", "--eps", "--rows", "--seed", "--out",
-                "--no-plots", "--quiet"):
+                "--no-plots", "--quiet", "--model", "--texts", "--text-file", "--layers",
+                "--max-length"):
+        assert opt in out
+    assert cli.main(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--eps", "--model", "--masked-lm", "--texts", "--layers", "--out"):
         assert opt in out
 
 
@@ -142,13 +165,17 @@ def test_help(capsys):
     (["sweep", "--sigma", "nan"], "argument --sigma"),
     (["sweep", "--rows", "0"], "argument --rows: must be >= 1"),
     (["sweep", "--seed", "-3"], "argument --seed"),
-    (["sweep", "--source", "bert"], "argument --source: invalid choice: 'bert'"),
+    (["sweep", "--source", "gpt"], "argument --source: invalid choice: 'gpt'"),
+    (["sweep", "--n", "64"], "--n apply to --source synthetic only"),
+    (["sweep", "--source", "synthetic", "--texts", "3"], "--texts apply to --source bert only"),
+    (["evaluate", "--eps", "0"], "argument --eps: must be in the open interval (0, 1), got 0"),
     (["sweep", "--n"], "argument --n: expected at least one argument"),
     (["sweep", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_arguments(args, message, capsys, tmp_path):
-    assert cli.main([*args, "--out", str(tmp_path / "x")] if args[0] == "sweep" else args) == 2
+    assert cli.main([*args, "--out", str(tmp_path / "x")]
+                    if args[0] in ("sweep", "evaluate") else args) == 2
     out, err = capsys.readouterr()
     assert message in err
     assert "usage:" in err

@@ -10,8 +10,8 @@ from topkattn import sweep
 
 pd = pytest.importorskip("pandas")
 
-SMALL = dict(n=(64, 301), sigma=(0.0, 0.5, 3.0), eps=(0.1, 0.01), rows=5, seed=3,
-             progress=False)
+SMALL = dict(source="synthetic", n=(64, 301), sigma=(0.0, 0.5, 3.0), eps=(0.1, 0.01), rows=5,
+             seed=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,33 +117,48 @@ def test_cell_does_not_depend_on_rest_of_grid(small):
 
 
 def test_chunked_generation_is_identical(monkeypatch):
-    args = dict(n=[200], sigma=[1.0, 2.0], eps=[0.05], rows=7, seed=11, progress=False)
+    args = dict(source="synthetic", n=[200], sigma=[1.0, 2.0], eps=[0.05], rows=7, seed=11,
+                progress=False)
     whole = sweep.run(**args)
     monkeypatch.setattr(sweep, "_CHUNK_VALUES", 450)  # 2 rows of 200 per chunk
     pd.testing.assert_frame_equal(sweep.run(**args), whole)
 
 
 def test_scalars_and_repeated_values():
-    a = sweep.run(n=128, sigma=1.0, eps=0.1, rows=3, progress=False)
-    b = sweep.run(n=[128, 128], sigma=[1.0, 1.0], eps=[0.1, 0.1], rows=3, progress=False)
+    a = sweep.run("synthetic", n=128, sigma=1.0, eps=0.1, rows=3, progress=False)
+    b = sweep.run("synthetic", n=[128, 128], sigma=[1.0, 1.0], eps=[0.1, 0.1], rows=3,
+                  progress=False)
     assert len(a) == 1
     pd.testing.assert_frame_equal(a, b)
-    c = sweep.run(n=[np.int64(128)], sigma=[np.float32(1.0)], eps=[0.1], rows=np.int32(3),
-                  progress=False)
+    c = sweep.run("synthetic", n=[np.int64(128)], sigma=[np.float32(1.0)], eps=[0.1],
+                  rows=np.int32(3), progress=False)
     pd.testing.assert_frame_equal(a, c)
 
 
 def test_defaults_are_the_documented_grid():
     d = {k: v.default for k, v in inspect.signature(sweep.run).parameters.items()}
-    assert d["source"] == "synthetic"
+    assert d["source"] == "bert"
     assert tuple(d["eps"]) == (1e-1, 1e-2, 1e-3)
-    assert tuple(d["n"]) == (1024, 4096, 16384, 65536)
-    assert tuple(d["sigma"]) == (0.5, 1.0, 2.0, 3.0, 4.0)
-    assert (d["rows"], d["seed"], d["progress"]) == (64, 0, True)
+    assert (d["n"], d["sigma"], d["rows"], d["model"], d["texts"]) == (None,) * 5
+    assert tuple(sweep.SYNTHETIC_DEFAULTS["n"]) == (1024, 4096, 16384, 65536)
+    assert tuple(sweep.SYNTHETIC_DEFAULTS["sigma"]) == (0.5, 1.0, 2.0, 3.0, 4.0)
+    assert sweep.SYNTHETIC_DEFAULTS["rows"] == 64
+    assert (d["seed"], d["progress"]) == (0, True)
+
+
+def test_synthetic_defaults_fill_in(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sweep, "_run_synthetic", lambda *a: seen.update(args=a))
+    sweep.run("synthetic", progress=False)
+    eps, n, sigma, rows, seed, _ = seen["args"]
+    assert (n, sigma, rows, seed) == (list(sweep.SYNTHETIC_DEFAULTS["n"]),
+                                      list(sweep.SYNTHETIC_DEFAULTS["sigma"]), 64, 0)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(source="bert"), ValueError, "available sources: synthetic"),
+    (dict(source="gpt"), ValueError, "available sources: bert, synthetic"),
+    (dict(source="synthetic", model="x"), ValueError, "model apply to source='bert' only"),
+    (dict(source="bert"), ValueError, "n, sigma, rows apply to source='synthetic' only"),
     (dict(source=None), ValueError, "unknown source"),
     (dict(eps=[0.0]), ValueError, r"eps must contain values in the open interval \(0, 1\)"),
     (dict(eps=[1.0]), ValueError, "eps"),
@@ -162,7 +177,7 @@ def test_defaults_are_the_documented_grid():
     (dict(seed=-1), ValueError, "seed must be >= 0"),
 ])
 def test_bad_arguments(kwargs, exc, match):
-    args = dict(n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=False)
+    args = dict(source="synthetic", n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=False)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         sweep.run(**args)
@@ -170,17 +185,17 @@ def test_bad_arguments(kwargs, exc, match):
 
 def test_progress_bar_on_stderr(capsys):
     pytest.importorskip("tqdm")
-    sweep.run(n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=True)
+    sweep.run("synthetic", n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=True)
     out, err = capsys.readouterr()
     assert out == ""
     assert "topkattn sweep" in err
-    sweep.run(n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=False)
+    sweep.run("synthetic", n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=False)
     assert capsys.readouterr() == ("", "")
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "tqdm" or m.startswith("tqdm.")] + ["tqdm"]:
         monkeypatch.setitem(sys.modules, name, None)  # makes `import tqdm...` fail
-    df = sweep.run(n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=True)
+    df = sweep.run("synthetic", n=[64], sigma=[1.0], eps=[0.1], rows=2, progress=True)
     assert len(df) == 1
     assert capsys.readouterr() == ("", "")

@@ -10,6 +10,9 @@ Environment variables read at import:
     ``scalar``, ``avx2`` or ``avx512``: force a kernel set (error if unavailable).
 ``TOPKATTN_NUM_THREADS``
     Worker threads for batched calls (default: online CPUs).
+``TOPKATTN_CUDA_UNVERIFIED``
+    ``1``: accept GPU arrays (torch, CuPy) on the optional CUDA core, which is built but not
+    yet verified on a GPU; otherwise they raise TypeError (read at each call).
 """
 import os as _os
 
@@ -82,8 +85,9 @@ def build_info():
     dict
         ``simd_active`` (kernel set in use), ``simd_compiled``, ``simd_supported`` (by this
         CPU), ``cpu_features`` (from CPUID/XGETBV), ``compiler``, ``threads`` (POSIX
-        threads, and how many are used), ``cuda`` (whether the CUDA extension was built)
-        and ``version``.
+        threads, and how many are used), ``cuda`` (whether the CUDA extension was built),
+        ``cuda_info`` (``built``, ``enabled``, ``verified``, ``runtime``, ``devices``,
+        ``device``, ``error``; see ``topkattn._gpu.info``) and ``version``.
 
     Examples
     --------
@@ -92,11 +96,8 @@ def build_info():
     True
     """
     info = _core.simd_info()
-    try:
-        from . import _cuda  # noqa: F401  (optional extension, built only with nvcc)
-        cuda = True
-    except ImportError:
-        cuda = False
+    from . import _gpu
+    cuda = _gpu.info()
     return {
         "version": __version__,
         "simd_active": info["active"],
@@ -105,7 +106,8 @@ def build_info():
         "cpu_features": info["cpu_features"].split(",") if info["cpu_features"] else [],
         "compiler": info["compiler"],
         "threads": {"backend": "pthreads", "num_threads": get_num_threads()},
-        "cuda": cuda,
+        "cuda": cuda["built"],
+        "cuda_info": cuda,
     }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from . import _core, _gpu
 from .core import _per_row, k_eps as _k_eps, tail_mass as _tail_mass
 
 __all__ = [
@@ -295,6 +295,8 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     >>> bool((info.tau <= 1e-2).all()), out.shape
     (True, (4, 8))
     """
+    if _gpu.any_gpu(Q, K, V):
+        return _gpu.topk_attention(Q, K, V, k, eps, ratio, scale, mask, return_info)
     p = _problem(Q, K, V, scale, mask)
     kk, ee = _selection(p, k, eps, ratio)
     shape = p.bshape + (p.L, p.dv)

@@ -1,9 +1,16 @@
 """Command line interface: ``topkattn`` / ``python -m topkattn``.
 
-``topkattn sweep`` runs :func:`topkattn.sweep.run` over a grid of (n, sigma, eps), writes
-``sweep.csv``, ``sweep.json`` (records and a metadata block) and, when matplotlib is
-installed, two PNG plots, and prints a summary table. With no arguments the command
-runs ``sweep`` with its defaults.
+``topkattn sweep`` runs :func:`topkattn.sweep.run`: by default on the attention logits of
+the built-in BERT model (all-MiniLM-L6-v2) over the built-in corpus, offline; with
+``--source synthetic`` over a grid of (n, sigma, eps). It writes ``sweep.csv``,
+``sweep.json`` (metadata and records, or per-layer summaries for "bert") and, when
+matplotlib is installed, PNG plots, and prints a summary table.
+
+``topkattn evaluate --eps ...`` runs the model with certified Top-k attention and reports
+keys kept, hidden-state drift, sentence-embedding cosine similarity and (masked-language
+models) top-1 agreement against full attention (:func:`topkattn.hf.evaluate`).
+
+With no arguments the command runs ``sweep`` with its defaults.
 """
 from __future__ import annotations
 
@@ -23,11 +30,12 @@ from . import sweep as _sweep
 
 __all__ = ["main"]
 
-_SUBCOMMANDS = ("sweep",)
-_DEFAULTS = {"n": [1024, 4096, 16384, 65536], "sigma": [0.5, 1.0, 2.0, 3.0, 4.0],
-             "eps": [1e-1, 1e-2, 1e-3], "rows": 64, "seed": 0}
+_SUBCOMMANDS = ("sweep", "evaluate")
+_DEFAULTS = {"source": "bert", "eps": [1e-1, 1e-2, 1e-3], "seed": 0}
 _CSV, _JSON = "sweep.csv", "sweep.json"
 _PLOT_RHO, _PLOT_BOUNDS = "rho_vs_sigma.png", "bound_tightness.png"
+_PLOT_LAYER, _PLOT_DIST = "rho_by_layer.png", "rho_distribution.png"
+_EVAL_CSV, _EVAL_JSON = "evaluate.csv", "evaluate.json"
 
 
 # ----------------------------------------------------------------- argument types
@@ -73,21 +81,26 @@ def _build_parser():
                     "rule (evaluated at the fitted sigma). Writes sweep.csv, sweep.json and "
                     "PNG plots (if matplotlib is installed) to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sp.add_argument("--source", choices=sorted(_sweep.SOURCES), default="synthetic",
-                    help="where the logits come from")
-    sp.add_argument("--n", nargs="+", type=_int_at_least(2), default=_DEFAULTS["n"],
-                    metavar="N", help="row lengths")
-    sp.add_argument("--sigma", nargs="+", default=_DEFAULTS["sigma"], metavar="SIGMA",
-                    type=_float_where(lambda v: math.isfinite(v) and v >= 0,
-                                      "finite and >= 0"),
-                    help="standard deviations of the logits")
+    syn = _sweep.SYNTHETIC_DEFAULTS
+    sp.add_argument("--source", choices=sorted(_sweep.SOURCES), default=_DEFAULTS["source"],
+                    help="where the logits come from: 'bert' = attention logits of a "
+                         "pretrained BERT model on real text (offline), 'synthetic' = "
+                         "i.i.d. Gaussian rows")
     sp.add_argument("--eps", nargs="+", default=_DEFAULTS["eps"], metavar="EPS",
                     type=_float_where(lambda v: 0 < v < 1, "in the open interval (0, 1)"),
                     help="tail-mass budgets")
-    sp.add_argument("--rows", type=_int_at_least(1), default=_DEFAULTS["rows"],
-                    help="rows per (n, sigma)")
+    _model_options(sp, "bert source: ")
+    sp.add_argument("--n", nargs="+", type=_int_at_least(2), default=None, metavar="N",
+                    help=f"synthetic source: row lengths (default: {_fmt(syn['n'])})")
+    sp.add_argument("--sigma", nargs="+", default=None, metavar="SIGMA",
+                    type=_float_where(lambda v: math.isfinite(v) and v >= 0,
+                                      "finite and >= 0"),
+                    help="synthetic source: standard deviations of the logits "
+                         f"(default: {_fmt(syn['sigma'])})")
+    sp.add_argument("--rows", type=_int_at_least(1), default=None,
+                    help=f"synthetic source: rows per (n, sigma) (default: {syn['rows']})")
     sp.add_argument("--seed", type=_int_at_least(0), default=_DEFAULTS["seed"],
-                    help="random seed")
+                    help="synthetic source: random seed")
     sp.add_argument("--out", default="topkattn-sweep", metavar="DIR",
                     help="output directory (created if needed)")
     sp.add_argument("--no-plots", dest="plots", action="store_false",
@@ -95,7 +108,50 @@ def _build_parser():
     sp.add_argument("--quiet", action="store_true",
                     help="no progress bar, no summary table")
     sp.set_defaults(func=_cmd_sweep)
+
+    ep = sub.add_parser(
+        "evaluate", help="what certified Top-k attention does to a BERT model",
+        description="Run the model with certified Top-k attention (every query row keeps "
+                    "the smallest top set whose discarded softmax mass is <= eps) and "
+                    "compare with full attention: keys kept per layer, relative drift of "
+                    "hidden states per layer, cosine similarity of sentence embeddings, "
+                    "and top-1 agreement for masked-language models. Writes evaluate.csv "
+                    "and evaluate.json to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ep.add_argument("--eps", nargs="+", default=_DEFAULTS["eps"], metavar="EPS",
+                    type=_float_where(lambda v: 0 < v < 1, "in the open interval (0, 1)"),
+                    help="tail-mass budgets")
+    _model_options(ep, "")
+    ep.add_argument("--out", default="topkattn-evaluate", metavar="DIR",
+                    help="output directory (created if needed)")
+    ep.add_argument("--quiet", action="store_true", help="no tables on stdout")
+    ep.set_defaults(func=_cmd_evaluate)
     return parser
+
+
+def _fmt(values):
+    return " ".join(f"{v:g}" for v in values)
+
+
+def _model_options(p, prefix):
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help=prefix + "BERT model: a name in the local HuggingFace cache (e.g. "
+                        "bert-base-uncased) or a checkpoint directory; default: the built-in "
+                        "all-MiniLM-L6-v2 (nothing is downloaded)")
+    p.add_argument("--masked-lm", action="store_true",
+                   help=prefix + "load the model with its masked-language-model head")
+    p.add_argument("--texts", type=_int_at_least(1), default=None, metavar="COUNT",
+                   help=prefix + "number of built-in corpus texts "
+                        f"(default: {_sweep.BERT_DEFAULT_TEXTS})")
+    p.add_argument("--text-file", default=None, metavar="PATH",
+                   help=prefix + "your own texts, one per line (instead of the corpus)")
+    p.add_argument("--layers", nargs="+", type=int, default=None, metavar="LAYER",
+                   help=prefix + "layers (default: all)")
+    p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="TOKENS",
+                   help=prefix + "truncate texts to this many tokens (default: the "
+                        "model's maximum)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8,
+                   help=prefix + "texts per forward pass")
 
 
 # ----------------------------------------------------------------- sweep command
@@ -209,10 +265,64 @@ def _write_plots(df, outdir):
     return paths
 
 
+def _texts_arg(args):
+    """The texts for the bert source / evaluate: a file's lines, a corpus count, or None."""
+    if args.text_file is not None:
+        with open(args.text_file, encoding="utf-8") as f:
+            texts = [ln.strip() for ln in f if ln.strip()]
+        if not texts:
+            raise OSError(f"{args.text_file}: no non-empty lines")
+        return texts
+    return args.texts
+
+
+def _model_arg(args):
+    from . import hf
+    return hf.load_model(args.model, masked_lm=args.masked_lm)
+
+
+def _write_json(path, meta, records):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_jsonable({"metadata": meta, "records": records}), f, indent=1,
+                  allow_nan=False)
+        f.write("\n")
+
+
+def _meta(elapsed, arguments, columns):
+    return {
+        "version": __version__,
+        "build_info": build_info(),
+        "arguments": arguments,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 3),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "columns": columns,
+    }
+
+
+def _library_versions():
+    out = {}
+    for name in ("torch", "transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", None)
+    return out
+
+
 def _cmd_sweep(args):
     t0 = time.perf_counter()
-    df = _sweep.run(source=args.source, eps=args.eps, n=args.n, sigma=args.sigma,
-                    rows=args.rows, seed=args.seed, progress=not args.quiet)
+    if args.source == "bert":
+        texts = _texts_arg(args)
+        model = _model_arg(args)
+        df = _sweep.run(source="bert", eps=args.eps, model=model, texts=texts,
+                        layers=args.layers, max_length=args.max_length,
+                        batch_size=args.batch_size, progress=not args.quiet)
+        summary = _sweep.summarize(df)
+    else:
+        df = _sweep.run(source="synthetic", eps=args.eps, n=args.n, sigma=args.sigma,
+                        rows=args.rows, seed=args.seed, progress=not args.quiet)
+        summary = None
     elapsed = time.perf_counter() - t0
 
     outdir = os.path.abspath(args.out)
@@ -222,38 +332,177 @@ def _cmd_sweep(args):
     df.to_csv(csv_path, index=False)
     written.append(csv_path)
 
-    meta = {
-        "version": __version__,
-        "build_info": build_info(),
-        "arguments": {"source": args.source, "n": args.n, "sigma": args.sigma,
-                      "eps": args.eps, "rows": args.rows, "seed": args.seed,
-                      "multigap_cuts": _sweep.MULTIGAP_CUTS, "plots": args.plots},
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(elapsed, 3),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "columns": _sweep.COLUMNS,
-    }
     json_path = os.path.join(outdir, _JSON)
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable({"metadata": meta, "records": df.to_dict(orient="records")}),
-                  f, indent=1, allow_nan=False)
-        f.write("\n")
+    if summary is None:
+        syn = _sweep.SYNTHETIC_DEFAULTS
+        arguments = {"source": args.source,
+                     "n": list(syn["n"]) if args.n is None else args.n,
+                     "sigma": list(syn["sigma"]) if args.sigma is None else args.sigma,
+                     "eps": args.eps, "rows": syn["rows"] if args.rows is None else args.rows,
+                     "seed": args.seed, "multigap_cuts": _sweep.MULTIGAP_CUTS,
+                     "plots": args.plots}
+        _write_json(json_path, _meta(elapsed, arguments, _sweep.COLUMNS),
+                    df.to_dict(orient="records"))
+    else:
+        arguments = {"source": "bert", "model": args.model or "all-MiniLM-L6-v2",
+                     "masked_lm": args.masked_lm, "eps": args.eps,
+                     "texts": args.text_file or (args.texts or _sweep.BERT_DEFAULT_TEXTS),
+                     "layers": args.layers, "max_length": args.max_length,
+                     "rows_in_csv": len(df), "multigap_cuts": _sweep.MULTIGAP_CUTS,
+                     "plots": args.plots}
+        meta = _meta(elapsed, arguments, _sweep.SUMMARY_COLUMNS)
+        meta["libraries"] = _library_versions()
+        meta["csv_columns"] = _sweep.BERT_COLUMNS
+        _write_json(json_path, meta, summary.to_dict(orient="records"))
     written.append(json_path)
 
     if args.plots:
-        plots = _write_plots(df, outdir)
+        plots = (_write_plots(df, outdir) if summary is None
+                 else _write_bert_plots(df, summary, outdir))
         if plots is None:
             print("topkattn: plots skipped: matplotlib is not installed "
                   "(pip install 'topkattn[plot]')", file=sys.stderr)
         else:
             written.extend(plots)
     if not args.quiet:
-        print(_summary_table(df))
+        print(_summary_table(df) if summary is None else _bert_table(summary))
         print()
         print(f"{len(df)} rows in {elapsed:.1f} s; wrote:")
         for p in written:
             print(f"  {p}")
+    return 0
+
+
+def _bert_table(summary):
+    t = summary[["layer", "eps", "rows", "n_mean", "rho_median", "rho_rule_median",
+                 "rho_finite_median", "sigma_fit_median", "gap_ratio_median",
+                 "multigap_ratio_median"]].copy()
+    t.columns = ["layer", "eps", "rows", "n_mean", "rho_median", "rho_rule", "rho_finite",
+                 "sigma_fit", "gap/tau", "multigap/tau"]
+    fmt = {"eps": "{:g}".format, "n_mean": "{:.1f}".format, "rho_median": "{:.4f}".format,
+           "rho_rule": "{:.4f}".format, "rho_finite": "{:.4f}".format,
+           "sigma_fit": "{:.3f}".format, "gap/tau": "{:.3f}".format,
+           "multigap/tau": "{:.3f}".format}
+    body = t.to_string(index=False, formatters=fmt)
+    note = ("rho = k_eps/n per query row (n = the text's tokens); medians over texts, heads "
+            "and rows. rho_rule = Phi_c(sigma_fit + Phi^-1(eps)), rho_finite the finite-n "
+            "predictor, both at each row's fitted sigma; gap/tau and multigap/tau = certified "
+            "bound over exact tail mass at k_eps (1 = exact).")
+    return body + "\n" + note
+
+
+def _write_bert_plots(df, summary, outdir):
+    """Three PNGs for a "bert" sweep; returns their paths, or None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    epss = sorted(set(summary["eps"].tolist()), reverse=True)
+    layers = sorted(set(summary["layer"].tolist()))
+    colors = {e: f"C{i % 10}" for i, e in enumerate(epss)}
+    paths = []
+
+    def figure(width=7.0, height=4.2):
+        fig = Figure(figsize=(width, height))
+        FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.6 / height,
+                            top=1 - 0.55 / height)
+        return fig, fig.add_subplot(1, 1, 1)
+
+    # 1. empirical k_eps/n (median, IQR) vs the Gaussian rule, per layer
+    fig, ax = figure()
+    for e in epss:
+        d = summary[summary["eps"] == e].sort_values("layer")
+        x = d["layer"].to_numpy()
+        ax.fill_between(x, d["rho_q25"], d["rho_q75"], color=colors[e], alpha=0.2, lw=0)
+        ax.plot(x, d["rho_median"], "o-", color=colors[e], ms=4, label=f"eps={e:g} empirical")
+        ax.plot(x, d["rho_rule_median"], "s--", color=colors[e], ms=3,
+                label=f"eps={e:g} Gaussian rule")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("k_eps / n  (median, IQR band)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.suptitle("k_eps/n per layer: empirical vs Gaussian rule at the fitted sigma")
+    paths.append(os.path.join(outdir, _PLOT_LAYER))
+    fig.savefig(paths[-1], dpi=110)
+
+    # 2. distribution of k_eps/n per eps
+    fig, ax = figure()
+    bins = np.linspace(0.0, 1.0, 41)
+    for e in epss:
+        rho = df.loc[df["eps"] == e, "rho"].to_numpy()
+        ax.hist(rho, bins=bins, histtype="step", density=True, color=colors[e], lw=1.5,
+                label=f"eps={e:g} (median {np.median(rho):.3f})")
+    ax.set_xlabel("k_eps / n")
+    ax.set_ylabel("density over rows")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle("Distribution of k_eps/n over all layers, heads and rows")
+    paths.append(os.path.join(outdir, _PLOT_DIST))
+    fig.savefig(paths[-1], dpi=110)
+
+    # 3. bound tightness per layer
+    fig, ax = figure()
+    for e in epss:
+        d = summary[summary["eps"] == e].sort_values("layer")
+        x = d["layer"].to_numpy()
+        ax.plot(x, d["gap_ratio_median"], "o-", color=colors[e], ms=4, label=f"eps={e:g} gap")
+        ax.plot(x, d["multigap_ratio_median"], "s--", color=colors[e], ms=3,
+                label=f"eps={e:g} multigap")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bound / tau at k_eps  (median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.suptitle("Bound tightness at k_eps: single-gap (solid), multi-gap (dashed); 1 = exact")
+    paths.append(os.path.join(outdir, _PLOT_BOUNDS))
+    fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def _cmd_evaluate(args):
+    from . import corpus, hf
+    t0 = time.perf_counter()
+    texts = _texts_arg(args)
+    if texts is None or isinstance(texts, int):
+        texts = corpus.texts(texts or _sweep.BERT_DEFAULT_TEXTS)
+    model, tok = _model_arg(args)
+    per_layer, per_model = hf.evaluate(model, tok, texts, eps=args.eps, layers=args.layers,
+                                       max_length=args.max_length,
+                                       batch_size=args.batch_size)
+    elapsed = time.perf_counter() - t0
+    outdir = os.path.abspath(args.out)
+    os.makedirs(outdir, exist_ok=True)
+    csv_path = os.path.join(outdir, _EVAL_CSV)
+    per_layer.to_csv(csv_path, index=False)
+    json_path = os.path.join(outdir, _EVAL_JSON)
+    arguments = {"model": args.model or "all-MiniLM-L6-v2", "masked_lm": args.masked_lm,
+                 "eps": args.eps, "texts": args.text_file or len(texts),
+                 "layers": args.layers, "max_length": args.max_length}
+    meta = _meta(elapsed, arguments, {**hf.EVALUATE_LAYER_COLUMNS,
+                                      **hf.EVALUATE_MODEL_COLUMNS})
+    meta["libraries"] = _library_versions()
+    meta["model_records"] = per_model.to_dict(orient="records")
+    _write_json(json_path, meta, per_layer.to_dict(orient="records"))
+    if not args.quiet:
+        fmt = {"eps": "{:g}".format, "n_mean": "{:.1f}".format, "k_mean": "{:.1f}".format,
+               "kept_fraction": "{:.4f}".format, "tau_max": "{:.3g}".format,
+               "hidden_drift": "{:.3e}".format, "hidden_drift_last": "{:.3e}".format,
+               "cosine_mean": "{:.6f}".format, "cosine_min": "{:.6f}".format,
+               "mlm_top1_agreement": "{:.4f}".format}
+        print(per_layer.to_string(index=False, formatters=fmt))
+        print()
+        print(per_model.to_string(index=False, formatters=fmt))
+        print()
+        print("kept_fraction = keys kept / keys over real query rows; hidden_drift = "
+              "||h_topk - h|| / ||h||; cosine_* = sentence embeddings (mean pooling) vs "
+              "full attention; mlm_top1_agreement only for masked-language models.")
+        print(f"{len(texts)} texts in {elapsed:.1f} s; wrote:\n  {csv_path}\n  {json_path}")
     return 0
 
 
@@ -295,9 +544,25 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "sweep":
+        bert_only = [o for o, v in (("--model", args.model), ("--masked-lm", args.masked_lm),
+                                    ("--texts", args.texts), ("--text-file", args.text_file),
+                                    ("--layers", args.layers),
+                                    ("--max-length", args.max_length)) if v]
+        synthetic_only = [o for o, v in (("--n", args.n), ("--sigma", args.sigma),
+                                         ("--rows", args.rows)) if v is not None]
+        bad = bert_only if args.source == "synthetic" else synthetic_only
+        if bad:
+            other = "bert" if args.source == "synthetic" else "synthetic"
+            sub = parser._subparsers._group_actions[0].choices["sweep"]
+            try:
+                sub.error(f"{', '.join(bad)} apply to --source {other} only")
+            except SystemExit as e:
+                return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except (OSError, ImportError) as e:  # unwritable --out, pandas missing
+    except (OSError, ImportError, ValueError, TypeError) as e:
+        # unwritable --out, a missing extra or model, an unsupported model or layer
         print(f"topkattn {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from . import _core
+from . import _core, _gpu
 
 __all__ = [
     "tail_mass", "log_tail_mass", "kl_truncated", "tv_curve", "k_eps", "topk",
@@ -87,6 +87,8 @@ def log_tail_mass(logits, k):
     >>> float(topkattn.log_tail_mass(np.array([0.0, -800.0]), 1))
     -800.0
     """
+    if _gpu.is_gpu_array(logits):
+        return _gpu.log_tail_mass(logits, k)
     x = _logits(logits)
     kk = _per_row(k, x.shape[:-1], "k", np.int64)
     (lt,) = _core.tail_mass(x, kk, False)
@@ -120,6 +122,8 @@ def tail_mass(logits, k):
     >>> round(float(topkattn.tail_mass(x, 1)), 12)
     0.5
     """
+    if _gpu.is_gpu_array(logits):
+        return _gpu.tail_mass(logits, k)
     return np.exp(log_tail_mass(logits, k))
 
 
@@ -200,6 +204,8 @@ def k_eps(logits, eps, return_tail=False):
     >>> int(topkattn.k_eps(x, 0.15))
     2
     """
+    if _gpu.is_gpu_array(logits):
+        return _gpu.k_eps(logits, eps, return_tail)
     x = _logits(logits)
     e = _per_row(eps, x.shape[:-1], "eps", np.float64)
     res = _core.k_eps(x, e, bool(return_tail))
@@ -226,6 +232,8 @@ def topk(logits, k):
     >>> topkattn.topk(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist()
     [1, 2, 3]
     """
+    if _gpu.is_gpu_array(logits):
+        return _gpu.topk(logits, k)
     x = _logits(logits)
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")

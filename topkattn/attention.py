@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core, _gpu
-from .core import _per_row, k_eps as _k_eps, tail_mass as _tail_mass
+from .core import _float_array, _per_row, k_eps as _k_eps, tail_mass as _tail_mass
 
 __all__ = [
     "attention", "topk_attention", "TopkInfo", "attention_error", "AttentionError",
@@ -32,12 +32,7 @@ _DENSE, _TOPK, _ROW_ERROR = 0, 1, 2
 # ----------------------------------------------------------------- argument handling
 
 def _float_operand(x, name, min_ndim=2):
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    x = _float_array(x, name)
     if x.ndim < min_ndim:
         shape = "(..., L, d)" if name == "Q" else "(..., n, d)" if name == "K" else "(..., n, d_v)"
         raise ValueError(f"{name} must have shape {shape}, got a {x.ndim}-d array")

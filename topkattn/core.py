@@ -24,14 +24,21 @@ __all__ = [
 
 # ----------------------------------------------------------------- argument handling
 
-def _logits(x, name="logits"):
-    """float32/float64 ndarray view of ``x``; lists are converted, other dtypes refused."""
+def _float_array(x, name):
+    """float32/float64 ndarray view of ``x``; lists and integers become float64, other
+    dtypes are refused with a TypeError naming ``name``."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float64)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _logits(x, name="logits"):
+    """:func:`_float_array` with at least one axis."""
+    x = _float_array(x, name)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (..., n), got a scalar")
     return x

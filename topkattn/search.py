@@ -15,21 +15,12 @@ import numbers
 import numpy as np
 
 from . import _core
+from .core import _float_array
 
 __all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"]
 
 _SUMMARIES = {"minmax": 1, "ball": 2, "auto": 3}
 _METHODS = {"delta": 0, "mc": 1}
-
-
-def _float_array(x, name):
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    return x
 
 
 def _check_finite(x, name):

@@ -273,3 +273,80 @@ def test_load_model_refuses_decoders(tmp_path):
     _gpt2().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="loads BERT-architecture encoders.*'gpt2' decoder"):
         hf.load_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------- approximate selectors
+
+def _decode_record(model, ids, steps=4, **kwargs):
+    with hf.use_topk_attention(model, prefill="dense", record=True, **kwargs) as rec:
+        gen = _generate(model, ids, steps=steps)
+    return gen, rec
+
+
+@pytest.mark.parametrize("approx", [dict(selector="simulated", precision=1.0),
+                                    dict(selector="blocks", block_size=1)])
+def test_perfect_approximate_selectors_are_exact(model, approx):
+    # precision 1, or blocks of one key (whose bound is the key's own score), retrieve the
+    # exact top set: same tokens, same k and tau, measured precision 1
+    ids = _prompt(seed=5, length=24)
+    gen, rec = _decode_record(model, ids, ratio=0.25)
+    gen_a, rec_a = _decode_record(model, ids, ratio=0.25, **approx)
+    assert torch.equal(gen, gen_a)
+    for layer in rec.layers:
+        for a, b, p in zip(rec.k[layer], rec_a.k[layer], rec_a.precision[layer]):
+            np.testing.assert_array_equal(a, b)
+            assert (p == 1.0).all()
+        for a, b in zip(rec.tau[layer], rec_a.tau[layer]):
+            # the exact path scores in the C core (float64 sums of float32 products), the
+            # selectors from torch's float32 scores: tau agrees to float32 rounding
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9)
+    assert (rec_a.summary().mean_precision == 1.0).all()
+
+
+def test_simulated_selector_precision_and_budget(model):
+    # only the first decode step of layer 0 sees the same inputs in both runs (the prefill is
+    # dense); later steps and layers follow what the selector changed
+    ids = _prompt(seed=6, length=40, batch=2)
+    _, rec = _decode_record(model, ids, ratio=0.25)
+    _, rec_p = _decode_record(model, ids, ratio=0.25, selector="simulated", precision=0.5,
+                              seed=3)
+    prec = np.concatenate([p.ravel() for layer in rec_p.layers for p in rec_p.precision[layer]])
+    assert 0.4 < prec.mean() < 0.6 and (prec <= 1).all() and (prec >= 0).all()
+    for layer in rec.layers:   # the budget is the exact set's size at every step
+        for k, n in zip(rec_p.k[layer], rec_p.n[layer]):
+            np.testing.assert_array_equal(k, np.ceil(0.25 * n))
+    # the exact set discards the least mass of any set of its size
+    assert (rec_p.tau[0][0] >= rec.tau[0][0] * (1 - 1e-5) - 1e-9).all()
+    # deterministic given the seed
+    _, again = _decode_record(model, ids, ratio=0.25, selector="simulated", precision=0.5,
+                              seed=3)
+    for layer in rec_p.layers:
+        for a, b in zip(rec_p.precision[layer], again.precision[layer]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_block_selector_reports_precision(model):
+    ids = _prompt(seed=7, length=40)
+    _, rec = _decode_record(model, ids, ratio=0.25)
+    _, rec_b = _decode_record(model, ids, ratio=0.25, selector="blocks", block_size=8)
+    for layer in rec_b.layers:
+        for k, n, p in zip(rec_b.k[layer], rec_b.n[layer], rec_b.precision[layer]):
+            np.testing.assert_array_equal(k, np.ceil(0.25 * n))
+            assert ((p >= 0) & (p <= 1)).all()
+    assert (rec_b.tau[0][0] >= rec.tau[0][0] * (1 - 1e-5) - 1e-9).all()
+    assert rec.summary().mean_precision.isna().all()
+    assert rec_b.summary().mean_precision.between(0, 1).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(selector="nearest"), "selector must be"),
+    (dict(selector="simulated"), "needs precision"),
+    (dict(selector="simulated", precision=1.5), "needs precision"),
+    (dict(precision=0.5), "only used with selector='simulated'"),
+    (dict(selector="blocks", block_size=0), "block_size must be"),
+    (dict(selector="blocks", sink=2), "sink/recent keys are only supported"),
+])
+def test_bad_selector_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        with hf.use_topk_attention(model, ratio=0.5, **kwargs):
+            pass

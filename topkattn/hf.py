@@ -295,6 +295,10 @@ class _State:
     prefill: str = "topk"            # decoders: "topk" or "dense" for calls with L > 1
     sink_keys: int = 0               # always keep the first sink_keys visible keys
     recent_keys: int = 0             # and the last recent_keys visible keys
+    selector: str = "exact"          # or an approximate selector: "simulated", "blocks"
+    precision: float = 1.0           # "simulated": fraction of the exact set retrieved
+    block_size: int = 64             # "blocks": keys per block summary
+    rng: object = None               # "simulated": numpy Generator
 
 
 def _logsumexp(x):
@@ -333,6 +337,62 @@ def _forced_selection(s, add5, state, k_rows):
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(s.shape[-1])[(None,) * (s.ndim - 1)], axis=-1)
     return forced | ((ranks < j[..., None]) & np.isfinite(rest))
+
+
+def _rank(keys):
+    """Rank of every entry along the last axis (0 = smallest; ties: lower position)."""
+    order = np.argsort(keys, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(keys.shape[-1])[(None,) * (keys.ndim - 1)],
+                      axis=-1)
+    return ranks
+
+
+def _simulated_selection(exact, visible, precision, rng):
+    """An approximate selector of retrieval precision p (DESIGN §6): of each row's exact set
+    (size k) keep floor(p k + u) members at random (u uniform, so p k on average) and fill
+    the rest of the budget k uniformly from the visible keys outside it."""
+    k = exact.sum(-1)
+    m = np.minimum(np.floor(precision * k + rng.random(k.shape)).astype(np.int64), k)
+    r = rng.random(exact.shape)
+    keep_in = exact & (_rank(np.where(exact, r, np.inf)) < m[..., None])
+    outside = visible & ~exact
+    keep_out = outside & (_rank(np.where(outside, r, np.inf)) < (k - m)[..., None])
+    return keep_in | keep_out
+
+
+def _block_selection(q5, k5, s64, add5, exact, scaling, block_size):
+    """The block-bound selector at a fixed budget: per query row, visit blocks of
+    ``block_size`` consecutive keys by decreasing upper bound on their scores (per-dimension
+    min/max summaries, DESIGN §4: scale * sum_d max(q_d lo_d, q_d hi_d), plus the block's
+    largest mask value) until they hold k = |exact set| visible keys; keep the k best
+    scored of those."""
+    K = k5[:, :, 0]                                       # (B, Hkv, n, d)
+    n = K.shape[-2]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    Kp = np.concatenate([K, np.repeat(K[..., -1:, :], pad, axis=-2)], axis=-2) if pad else K
+    Kp = Kp.reshape(K.shape[:2] + (nb, block_size, K.shape[-1]))
+    lo, hi = Kp.min(axis=3), Kp.max(axis=3)               # (B, Hkv, nb, d)
+    q = q5.astype(np.float64)[..., None, :]               # (B, Hkv, g, L, 1, d)
+    ub = scaling * np.maximum(q * lo[:, :, None, None], q * hi[:, :, None, None]).sum(-1)
+    visible = np.isfinite(s64)
+    if add5 is not None:
+        m = np.broadcast_to(_as_numpy(add5).astype(np.float64), s64.shape)
+        mp = np.concatenate([m, np.full(m.shape[:-1] + (pad,), -np.inf)], axis=-1) if pad else m
+        ub = ub + mp.reshape(m.shape[:-1] + (nb, block_size)).max(-1)
+    k = exact.sum(-1)
+    vis_p = np.concatenate([visible, np.zeros(visible.shape[:-1] + (pad,), bool)], axis=-1) \
+        if pad else visible
+    counts = vis_p.reshape(visible.shape[:-1] + (nb, block_size)).sum(-1)
+    order = np.argsort(-ub, axis=-1, kind="stable")
+    got = np.cumsum(np.take_along_axis(counts, order, axis=-1), axis=-1)
+    # blocks visited: every block before the one where the count reaches k, and that one
+    visit_sorted = (got - np.take_along_axis(counts, order, axis=-1)) < k[..., None]
+    visit = np.zeros_like(visit_sorted)
+    np.put_along_axis(visit, order, visit_sorted, axis=-1)
+    cand = np.repeat(visit, block_size, axis=-1)[..., :n] & visible
+    return cand & (_rank(np.where(cand, -s64, np.inf)) < k[..., None])
 
 
 def _run_hooked(state, module, q, k, v, mask, scaling, stock):
@@ -400,11 +460,20 @@ def _run_hooked(state, module, q, k, v, mask, scaling, stock):
     want = state.sink is not None
     qn, kn, vn = _as_numpy(q5), _as_numpy(k5), _as_numpy(v5)
     s64 = None
-    if state.sink_keys or state.recent_keys:
+    prec = None
+    if state.sink_keys or state.recent_keys or state.selector != "exact":
         s64 = _as_numpy(logits()).astype(np.float64)
         if dead is not None:
             s64 = np.where(np.isneginf(s64).all(-1, keepdims=True), 0.0, s64)
         keep = _forced_selection(s64, add5, state, k_rows)
+        if state.selector != "exact":
+            exact = keep
+            if state.selector == "simulated":
+                keep = _simulated_selection(exact, np.isfinite(s64), state.precision, state.rng)
+            else:
+                keep = _block_selection(qn, kn, s64, add5, exact, float(scaling),
+                                        state.block_size)
+            prec = (keep & exact).sum(-1) / np.maximum(exact.sum(-1), 1)
         base = np.zeros_like(s64) if m_np is None else np.broadcast_to(m_np, s64.shape)
         out_np = attention(qn, kn, vn, scale=float(scaling),
                            mask=np.where(keep, base, -np.inf))
@@ -445,7 +514,12 @@ def _run_hooked(state, module, q, k, v, mask, scaling, stock):
             tau = np.where(dmask, np.nan, tau)
             ent = np.where(dmask, np.nan, ent)
             n_out = np.where(dmask, 0, n_out)
-        state.sink._store(state.layer, kk, tau, n_out, ent, "prefill" if L > 1 else "decode")
+        if prec is not None:
+            prec = np.asarray(prec, dtype=np.float64).reshape(B, Hq, L)
+            if dead is not None:
+                prec = np.where(dmask, np.nan, prec)
+        state.sink._store(state.layer, kk, tau, n_out, ent, "prefill" if L > 1 else "decode",
+                          prec)
     return out
 
 
@@ -737,6 +811,8 @@ class TopkRecord:
     attention distribution of each query row -- and ``phase[layer][i]``, ``"prefill"``
     (L > 1) or ``"decode"`` (L = 1). Rows whose keys are all masked (padding) have
     ``n = 0``, ``k = 0`` and ``tau = entropy = NaN``. A dense prefill is not recorded.
+    With an approximate selector, ``precision[layer][i]`` holds the measured retrieval
+    precision ``|S_approx ∩ S_exact| / |S_exact|`` of each row (else None).
     """
 
     def __init__(self, layers):
@@ -746,19 +822,22 @@ class TopkRecord:
         self.n = {i: [] for i in self.layers}
         self.entropy = {i: [] for i in self.layers}
         self.phase = {i: [] for i in self.layers}
+        self.precision = {i: [] for i in self.layers}
 
-    def _store(self, layer, k, tau, n, entropy=None, phase=None):
+    def _store(self, layer, k, tau, n, entropy=None, phase=None, precision=None):
         self.k[layer].append(k)
         self.tau[layer].append(tau)
         self.n[layer].append(n)
         self.entropy[layer].append(entropy)
         self.phase[layer].append(phase)
+        self.precision[layer].append(precision)
 
     def summary(self):
         """A pandas DataFrame, one row per (layer, head) over every recorded query row.
 
         Columns: ``layer, head, rows, mean_n, mean_k, kept_fraction`` (sum k / sum n),
-        ``mean_tau, max_tau, mean_entropy``. Rows with every key masked are left out.
+        ``mean_tau, max_tau, mean_entropy, mean_precision`` (NaN without an approximate
+        selector). Rows with every key masked are left out.
         """
         import pandas as pd
         recs = []
@@ -773,6 +852,9 @@ class TopkRecord:
                                 for a in self.n[layer]], axis=1)
             ent = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1)
                                   for a in self.entropy[layer]], axis=1)
+            pr = np.concatenate([(a if a is not None else np.full(e.shape, np.nan))
+                                 .transpose(1, 0, 2).reshape(e.shape[1], -1)
+                                 for a, e in zip(self.precision[layer], self.k[layer])], axis=1)
             for h in range(k.shape[0]):
                 ok = n[h] > 0
                 recs.append({"layer": layer, "head": h, "rows": int(ok.sum()),
@@ -781,10 +863,13 @@ class TopkRecord:
                              "kept_fraction": float(k[h][ok].sum() / max(n[h][ok].sum(), 1)),
                              "mean_tau": float(t[h][ok].mean()) if ok.any() else np.nan,
                              "max_tau": float(t[h][ok].max()) if ok.any() else np.nan,
-                             "mean_entropy": float(ent[h][ok].mean()) if ok.any() else np.nan})
+                             "mean_entropy": float(ent[h][ok].mean()) if ok.any() else np.nan,
+                             "mean_precision": (float(np.nanmean(pr[h][ok]))
+                                                if ok.any() and np.isfinite(pr[h][ok]).any()
+                                                else np.nan)})
         return pd.DataFrame.from_records(
             recs, columns=["layer", "head", "rows", "mean_n", "mean_k", "kept_fraction",
-                           "mean_tau", "max_tau", "mean_entropy"])
+                           "mean_tau", "max_tau", "mean_entropy", "mean_precision"])
 
 
 def _selection(eps, k, ratio, alpha=None, C=None):
@@ -820,7 +905,8 @@ def _selection(eps, k, ratio, alpha=None, C=None):
 
 @contextlib.contextmanager
 def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=False, *,
-                       alpha=None, C=None, prefill="topk", sink=0, recent=0):
+                       alpha=None, C=None, prefill="topk", sink=0, recent=0,
+                       selector="exact", precision=None, block_size=64, seed=None):
     """Run ``model``'s self-attention as certified Top-k attention inside the block.
 
     Each query row of each hooked layer keeps the keys chosen by exactly one of:
@@ -860,6 +946,23 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
         is cut so that the total tail outside the kept set is still <= eps; with
         k / ratio / alpha, C the forced keys count towards k.
 
+    selector : {"exact", "simulated", "blocks"}
+        ``"exact"`` (default) keeps the exact top set. The approximate selectors keep a set
+        of the same size k as the exact one (DESIGN §6), to study how retrieval precision
+        relates to quality: ``"simulated"`` keeps a fraction ``precision`` of the exact set
+        (at random, ``seed``) and fills the rest uniformly from the other visible keys;
+        ``"blocks"`` visits blocks of ``block_size`` consecutive keys by decreasing
+        min/max-summary bound (the certified-search block bound, DESIGN §4) until they hold
+        k keys and keeps the k best scored of them. With ``record=True`` the measured
+        precision ``|S_approx ∩ S_exact| / k`` of every row is recorded; tau is then the
+        mass the approximate set discards (not bounded by eps).
+    precision : float in [0, 1]
+        For ``selector="simulated"``.
+    block_size : int
+        For ``selector="blocks"`` (default 64).
+    seed : int, optional
+        Seed of the simulated selector's random choices.
+
     Yields
     ------
     TopkRecord or None
@@ -881,11 +984,27 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
             raise TypeError(f"{name} must be an integer, got {v!r}")
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
+    if selector not in ("exact", "simulated", "blocks"):
+        raise ValueError(f"selector must be 'exact', 'simulated' or 'blocks', got {selector!r}")
+    if selector != "exact" and (sink or recent):
+        raise ValueError("sink/recent keys are only supported with selector='exact'")
+    if selector == "simulated":
+        if precision is None or not (0.0 <= float(precision) <= 1.0):
+            raise ValueError("selector='simulated' needs precision in [0, 1], got "
+                             f"{precision!r}")
+    elif precision is not None:
+        raise ValueError("precision is only used with selector='simulated'")
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) \
+            or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     mods = attention_layers(model)
     sel = _layer_list(layers, len(mods))
     rec = TopkRecord(sel) if record else None
+    rng = np.random.default_rng(seed)
     states = {mods[i]: _State("topk", i, rec, select=select, prefill=prefill,
-                              sink_keys=int(sink), recent_keys=int(recent)) for i in sel}
+                              sink_keys=int(sink), recent_keys=int(recent), selector=selector,
+                              precision=float(precision) if precision is not None else 1.0,
+                              block_size=int(block_size), rng=rng) for i in sel}
     with _hooked(model, states):
         yield rec
 

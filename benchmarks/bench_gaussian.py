@@ -1,4 +1,4 @@
-"""Gaussian score model (DESIGN §5): predicted k_eps against simulated rows.
+"""Gaussian score model (docs/design.md §5): predicted k_eps against simulated rows.
 
 For n i.i.d. N(0, sigma^2) logits, the empirical k_eps of a row is the smallest k whose
 top-k set leaves softmax mass <= eps outside it. This script draws many rows, takes the

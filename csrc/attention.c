@@ -1,5 +1,5 @@
 /*
- * attention.c - dense and Top-k attention, fused per query row (DESIGN §3).
+ * attention.c - dense and Top-k attention, fused per query row (docs/design.md §3).
  *
  * A query row is scored against its keys into one float64 buffer of n scores (the only
  * per-row buffer; no (L, n) matrix ever exists), validated and reduced to its maximum
@@ -234,7 +234,7 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, doubl
         if (kept[i]) sq_head += wt[i] * wt[i];
         else sq_tail += wt[i] * wt[i];
     }
-    /* head rows grow by the factor 1/(1-tau), tail rows drop to 0 (DESIGN §6) */
+    /* head rows grow by the factor 1/(1-tau), tail rows drop to 0 (docs/design.md §6) */
     const double g = tau / (1.0 - tau);
     c->err_sq[r] = (g * g * sq_head + sq_tail) / (z * z);
     if (c->tau_out) c->tau_out[r] = tau;

@@ -1,5 +1,5 @@
 /*
- * gauss.c - Gaussian score model (DESIGN §5).
+ * gauss.c - Gaussian score model (docs/design.md §5).
  *
  * Scores i.i.d. N(mu, sigma^2); top fraction rho has threshold z = Phi_c^{-1}(rho) and
  * discarded softmax mass tau(rho) = Phi(Phi_c^{-1}(rho) - sigma), because tilting the

@@ -1,5 +1,5 @@
 /*
- * rows.c - the per-row algorithms of DESIGN §2 and §6 and their batch drivers.
+ * rows.c - the per-row algorithms of docs/design.md §2 and §6 and their batch drivers.
  *
  * Selection without sorting. To find the k-th largest logit, or the point where the
  * discarded mass crosses eps, we draw an evenly spaced sample of the row, read a bracket
@@ -206,7 +206,7 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
 /*
  * For the top-k set with 1 <= k < n_live: lr = log(head mass / tail mass), from which
  * tau = 1 / (1 + e^lr) and 1 - tau = 1 / (1 + e^-lr). The head is summed relative to the
- * maximum and the tail relative to its own largest logit (DESIGN §2: log space).
+ * maximum and the tail relative to its own largest logit (docs/design.md §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
 static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
@@ -606,7 +606,7 @@ typedef struct {
 } gap_ctx;
 
 /*
- * Round a bound up past every rounding error made on the way (DESIGN §2: certificates).
+ * Round a bound up past every rounding error made on the way (docs/design.md §2: certificates).
  * Bounds are computed as exp(-softplus(arg)): sums of up to n positive terms and a few
  * exp/log calls cost a relative error of at most (n + c) u, and the rounding of the terms
  * that make up arg (each off by at most u times its magnitude) shifts the result by a
@@ -881,7 +881,7 @@ tka_status tka_fit_gaussian(const tka_rows *x, double *mu, double *sigma, tka_er
     return drive(x, fit_row, &c, 2.0, err);
 }
 
-/* Blockwise bound (DESIGN §2): rows are short (one entry per block), so no threads. */
+/* Blockwise bound (docs/design.md §2): rows are short (one entry per block), so no threads. */
 tka_status tka_block_bound(const double *u, const int64_t *sizes, int sizes_per_row,
                            const double *log_a, const double *log_zs, int64_t rows, int64_t nb,
                            double *out, tka_error *err)

@@ -1,5 +1,5 @@
 /*
- * search.c - certified search (DESIGN.md §4): building the key index, and Δk-Search /
+ * search.c - certified search (docs/design.md §4): building the key index, and Δk-Search /
  * MC-Search over it.
  *
  * Rounding. "The logit" of key i is the real number scale * (q . k_i) for the stored
@@ -678,7 +678,7 @@ static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, 
 }
 
 /*
- * One MC check (DESIGN §4): sample mc keys from the unscored population with probability
+ * One MC check (docs/design.md §4): sample mc keys from the unscored population with probability
  * proportional to their caps (block keys: e^{ub}; keys on level b: lw[b] e^{ref}), bound
  * the population mass with the empirical Bernstein inequality (Maurer & Pontil 2009,
  * Thm 4) at confidence 1 - dlt. Pool keys are the `np` keys pk[] with levels pb[].

@@ -1,5 +1,5 @@
 /*
- * search.h - certified search (DESIGN.md §4): a key index with per-block summaries and
+ * search.h - certified search (docs/design.md §4): a key index with per-block summaries and
  * per-key int8 proxies, and the Δk-Search / MC-Search algorithms that certify
  * TV(P, P_hat) <= eps after scoring only part of the keys.
  *

@@ -1,6 +1,6 @@
 /*
  * topkattn.h - the C core of topkattn: exact tail masses, k_eps, Top-k selection,
- * certified bounds, the Gaussian score model, and dense and Top-k attention (DESIGN.md
+ * certified bounds, the Gaussian score model, and dense and Top-k attention (docs/design.md
  * sections 2, 3, 5, 6).
  *
  * Plain C11. No Python here: every function takes pointers, byte strides and int64_t
@@ -78,7 +78,7 @@ const char *tka_cpu_features(void);
 /* ------------------------------------------------------- distribution level (§2) */
 
 /**
- * Tail mass of the top-k set, per row: tau = P(T) = TV(P, P_hat_k) (DESIGN §2).
+ * Tail mass of the top-k set, per row: tau = P(T) = TV(P, P_hat_k) (docs/design.md §2).
  * k:        rows values in [0, n] (ties at the threshold: lower index kept).
  * log_tau:  rows outputs, log(tau) (-inf when tau = 0); accurate for any tau > 0.
  * kl:       rows outputs or NULL, KL(P_hat_k || P) = -log(1 - tau) (+inf when k = 0).
@@ -93,7 +93,7 @@ tka_status tka_tail_mass(const tka_rows *x, const int64_t *k, double *log_tau, d
 tka_status tka_tv_curve(const tka_rows *x, double *out, tka_error *err);
 
 /**
- * k_eps per row: the smallest k with tau(k) <= eps[r] (DESIGN §2), eps in (0, 1).
+ * k_eps per row: the smallest k with tau(k) <= eps[r] (docs/design.md §2), eps in (0, 1).
  * k_out: rows outputs. tau_out: rows outputs or NULL (tau at k_eps).
  * Expected O(n) per row.
  */
@@ -125,7 +125,7 @@ tka_status tka_multigap_bound(const tka_rows *x, const int64_t *k, const int64_t
                               tka_error *err);
 
 /**
- * Blockwise bound (DESIGN §2): tau <= 1 - A / (Z_s + sum_b size_b e^{u_b}).
+ * Blockwise bound (docs/design.md §2): tau <= 1 - A / (Z_s + sum_b size_b e^{u_b}).
  * u: rows x nb upper bounds (float64, contiguous); sizes: nb or rows x nb block sizes
  * (sizes_per_row selects); log_a, log_zs: per row, log of the kept and scored masses
  * in the same units as e^{u}.
@@ -171,7 +171,7 @@ double tka_gaussian_k_eps(double n, double sigma, double eps, int finite_n);
 /* ------------------------------------------------------------------- attention */
 
 /**
- * A batch of attention problems (DESIGN §1, §3): `batch` independent (Q, K, V) triples,
+ * A batch of attention problems (docs/design.md §1, §3): `batch` independent (Q, K, V) triples,
  * Q (L, d), K (n, d), V (n, dv), all of one dtype. Row l of problem b's Q starts at byte
  * `q + q_off[b] + l * q_ld` and its d elements are adjacent (likewise K with k_off/k_ld,
  * V with v_off/v_ld), so broadcast operands simply repeat offsets. Scores are
@@ -207,7 +207,7 @@ tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double 
 
 /**
  * Per query row, the squared l2 norm of the difference between the top-k[r] row of the
- * attention matrix renormalised over the kept set and the dense row (DESIGN §6):
+ * attention matrix renormalised over the kept set and the dense row (docs/design.md §6):
  * (tau/(1-tau))^2 * sum_S P_i^2 + sum_T P_i^2, into err_sq[r]; tau into tau_out[r] if not
  * NULL. V and dv are not used.
  */

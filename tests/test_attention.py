@@ -1,4 +1,4 @@
-"""Dense and Top-k attention, the output-level error and the n^C helpers (DESIGN §3, §6),
+"""Dense and Top-k attention, the output-level error and the n^C helpers (docs/design.md §3, §6),
 against the float64 NumPy twins in topkattn.reference."""
 import math
 

@@ -1,4 +1,4 @@
-"""Certified bounds (DESIGN §2): single-gap (both forms), multi-gap and blockwise.
+"""Certified bounds (docs/design.md §2): single-gap (both forms), multi-gap and blockwise.
 
 A bound is a certificate: it must never be below the exact tau (computed here with
 mpmath from the exact input values). Beyond that, each bound is compared with its float64

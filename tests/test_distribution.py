@@ -1,4 +1,4 @@
-"""Tail mass, log tail mass, KL, tv_curve, k_eps and topk (DESIGN §2) against the float64
+"""Tail mass, log tail mass, KL, tv_curve, k_eps and topk (docs/design.md §2) against the float64
 reference and, on extreme rows, against mpmath at 50 digits."""
 import math
 

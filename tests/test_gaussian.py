@@ -1,4 +1,4 @@
-"""The Gaussian score model (DESIGN §5): Phi, Phi_c and their inverses deep in the tails,
+"""The Gaussian score model (docs/design.md §5): Phi, Phi_c and their inverses deep in the tails,
 the model tail mass and the k_eps rule, against mpmath at 50 digits."""
 import mpmath
 import numpy as np

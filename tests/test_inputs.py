@@ -1,4 +1,4 @@
-"""The calling contract (DESIGN §7): batch shapes and broadcasting, empty batches, any
+"""The calling contract (docs/design.md §7): batch shapes and broadcasting, empty batches, any
 strides, inputs never modified, clear errors naming the argument, docstring examples."""
 import doctest
 

@@ -215,7 +215,7 @@ def test_attention_output_of_the_kept_set(vdtype):
             p = np.exp(s[idx] - s[idx].max())
             want = (p / p.sum()) @ V[h][idx].astype(np.float64)
             np.testing.assert_allclose(out[h, l], want, rtol=1e-10, atol=1e-12)
-            # output-level certificate (DESIGN §3): |Attn - Attn_S| <= tau diam(V)
+            # output-level certificate (docs/design.md §3): |Attn - Attn_S| <= tau diam(V)
             pf = np.exp(s - s.max())
             full = (pf / pf.sum()) @ V[h].astype(np.float64)
             vv = V[h].astype(np.float64)

@@ -1,4 +1,4 @@
-"""Run-time dispatch and threads (DESIGN §7): every SIMD path this CPU runs agrees with the
+"""Run-time dispatch and threads (docs/design.md §7): every SIMD path this CPU runs agrees with the
 scalar one, the TOPKATTN_SIMD override works, and results do not depend on the thread
 count."""
 import os

@@ -1,4 +1,4 @@
-"""Row statistics (DESIGN §5, §6): entropy, effective support and the Gaussian fit."""
+"""Row statistics (docs/design.md §5, §6): entropy, effective support and the Gaussian fit."""
 import math
 
 import mpmath

@@ -1,4 +1,4 @@
-"""Dense and Top-k attention and their output-level error (DESIGN §3, §6).
+"""Dense and Top-k attention and their output-level error (docs/design.md §3, §6).
 
 Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: ``Q (..., L, d)``,
 ``K (..., n, d)``, ``V (..., n, d_v)``; the batch axes ``...`` broadcast, so one K/V can
@@ -217,7 +217,7 @@ class TopkInfo:
     k : ndarray of int64, shape (..., L)
         Keys kept per row (masked keys are never kept).
     tau : ndarray of float64, shape (..., L)
-        Discarded softmax mass, which equals TV(P, P_k) (DESIGN §2).
+        Discarded softmax mass, which equals TV(P, P_k) (docs/design.md §2).
     """
     indices: np.ndarray
     k: np.ndarray
@@ -256,7 +256,7 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     * ``k``: the k highest-scoring keys;
     * ``ratio``: ``k = ceil(ratio * n)``;
     * ``eps``: the smallest top set whose discarded mass is ``tau <= eps`` (``k_eps``,
-      DESIGN §2), i.e. the output is certified to come from a distribution within total
+      docs/design.md §2), i.e. the output is certified to come from a distribution within total
       variation ``eps`` of the dense softmax; its error is ``tau * ||mu_T - mu_H||`` (§3).
 
     Ties at the threshold keep the lower key position. Masked keys are never kept (k is
@@ -314,7 +314,7 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
 
 @dataclass(frozen=True)
 class AttentionError:
-    r"""Output-level error of Top-k attention per query row (DESIGN §3).
+    r"""Output-level error of Top-k attention per query row (docs/design.md §3).
 
     With P the dense softmax, S the kept set, T the rest and ``tau = P(T)``:
 
@@ -369,7 +369,7 @@ def _diameter(vs, vt):
 
 
 def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
-    r"""Exact output error of Top-k attention and its two bounds, per query row (DESIGN §3).
+    r"""Exact output error of Top-k attention and its two bounds, per query row (docs/design.md §3).
 
     Parameters
     ----------
@@ -469,7 +469,7 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
 # ----------------------------------------------------------------- n^C sparsity (§6)
 
 def dynamic_k(n, alpha, C):
-    r"""The dynamic window ``k = ceil(alpha * n**C)`` clipped to [1, n] (DESIGN §6).
+    r"""The dynamic window ``k = ceil(alpha * n**C)`` clipped to [1, n] (docs/design.md §6).
 
     Parameters
     ----------
@@ -515,7 +515,7 @@ def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
 
     ``D^-1 A`` is the (L, n) attention matrix (rows = softmax of the scores) and
     ``D_spar^-1 A_spar`` the same with each row restricted to its top-k keys and
-    renormalised (DESIGN §6; for self-attention L = n). Row i of the difference is
+    renormalised (docs/design.md §6; for self-attention L = n). Row i of the difference is
     ``tau_i/(1-tau_i) P_j`` on kept keys and ``-P_j`` on discarded ones. The matrix is never
     formed: each row is scored, selected and reduced in the C core.
 

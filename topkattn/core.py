@@ -1,4 +1,4 @@
-"""Distribution-level quantities of Top-k attention (DESIGN §2, §5, §6).
+"""Distribution-level quantities of Top-k attention (docs/design.md §2, §5, §6).
 
 Every function takes logits of shape ``(..., n)`` (float32 or float64, any strides) and
 reduces over the last axis, returning one float64 (or int64) value per row. A logit of
@@ -72,7 +72,7 @@ def log_tail_mass(logits, k):
     r"""Log of the softmax mass discarded by keeping the top-k keys.
 
     ``log tau`` with ``tau = TV(P, P_k) = sum over keys outside the top-k of P_i``
-    (DESIGN §2), computed in log space: exact to rounding even when tau is 1e-300 or
+    (docs/design.md §2), computed in log space: exact to rounding even when tau is 1e-300 or
     smaller.
 
     Parameters
@@ -105,7 +105,7 @@ def log_tail_mass(logits, k):
 def tail_mass(logits, k):
     r"""Discarded softmax mass tau = TV(P, P_k) of the top-k set, per row.
 
-    By the TV identity (DESIGN §2) this is also the total-variation distance between the
+    By the TV identity (docs/design.md §2) this is also the total-variation distance between the
     attention distribution and its renormalised Top-k truncation, and
     ``tau = 1 - exp(-KL(P_k || P))``.
 
@@ -188,7 +188,7 @@ def tv_curve(logits):
 def k_eps(logits, eps, return_tail=False):
     r"""Smallest k whose top-k set discards at most eps of the softmax mass, per row.
 
-    ``k_eps = min{k : tau(k) <= eps}`` (DESIGN §2), the same set as nucleus (top-p)
+    ``k_eps = min{k : tau(k) <= eps}`` (docs/design.md §2), the same set as nucleus (top-p)
     selection with ``p = 1 - eps``. Expected O(n) per row: a sampled bracket and one band
     pass, not a sort.
 
@@ -250,7 +250,7 @@ def topk(logits, k):
 # ----------------------------------------------------------------- certified bounds
 
 def gap_bound(logits, k, form="mass"):
-    r"""Single-gap certified upper bound on tau for the top-k set (DESIGN §2).
+    r"""Single-gap certified upper bound on tau for the top-k set (docs/design.md §2).
 
     With ``n'`` unmasked keys, head mass ``A`` and the (k+1)-th largest logit:
 
@@ -286,7 +286,7 @@ def gap_bound(logits, k, form="mass"):
 
 
 def multigap_bound(logits, k, cuts=8, spacing="geometric"):
-    r"""Multi-gap certified upper bound on tau (DESIGN §2).
+    r"""Multi-gap certified upper bound on tau (docs/design.md §2).
 
     The tail ranks ``k = m_0 < m_1 < ... < m_J = n'`` are cut into segments; every logit
     of segment j is at most its first one, so
@@ -332,7 +332,7 @@ def multigap_bound(logits, k, cuts=8, spacing="geometric"):
 
 
 def block_bound(block_upper, block_sizes, kept_mass, scored_mass, log_space=False):
-    r"""Blockwise certified bound on tau when some keys were never scored (DESIGN §2).
+    r"""Blockwise certified bound on tau when some keys were never scored (docs/design.md §2).
 
     Unscored keys sit in blocks ``b`` of ``block_sizes[b]`` keys whose logits are at most
     ``block_upper[b]``; the unscored mass is at most ``U = sum_b |B_b| e^{u_b}``. With the
@@ -422,7 +422,7 @@ def norm_isf(p):
 
 
 def gaussian_tail_mass(rho, sigma):
-    r"""Gaussian-model tail mass of the top fraction rho (DESIGN §5).
+    r"""Gaussian-model tail mass of the top fraction rho (docs/design.md §5).
 
     For i.i.d. scores ``N(mu, sigma^2)`` and n -> infinity, keeping the top ``rho = k/n``
     discards ``tau(rho) = Phi(Phi_c^{-1}(rho) - sigma)`` of the softmax mass.
@@ -452,7 +452,7 @@ def gaussian_tail_mass(rho, sigma):
 
 
 def gaussian_k_eps(n, sigma, eps, finite_n=False):
-    r"""Predicted k_eps for n i.i.d. Gaussian scores of standard deviation sigma (DESIGN §5).
+    r"""Predicted k_eps for n i.i.d. Gaussian scores of standard deviation sigma (docs/design.md §5).
 
     The paper's asymptotic rule is ``k_eps / n ~ Phi_c(sigma + Phi^{-1}(eps))``. It drifts
     at finite n when sigma is large: the rule integrates the softmax weight over the whole
@@ -500,7 +500,7 @@ def gaussian_k_eps(n, sigma, eps, finite_n=False):
 def fit_gaussian(logits):
     r"""Mean and sample standard deviation (ddof=1) of the unmasked logits, per row.
 
-    The sigma to feed :func:`gaussian_k_eps` (DESIGN §5). A row with one unmasked key
+    The sigma to feed :func:`gaussian_k_eps` (docs/design.md §5). A row with one unmasked key
     has sigma 0.
 
     Parameters
@@ -537,7 +537,7 @@ def entropy(logits):
 
 
 def effective_support(logits, threshold):
-    r"""Effective support ``|S_eps| = #{i : P_i >= threshold}`` per row (DESIGN §6).
+    r"""Effective support ``|S_eps| = #{i : P_i >= threshold}`` per row (docs/design.md §6).
 
     Parameters
     ----------

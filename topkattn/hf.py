@@ -310,7 +310,7 @@ def _logsumexp(x):
 
 
 def _forced_selection(s, add5, state, k_rows):
-    """Kept-key mask for rows that always keep sink/recent keys (DESIGN §2 in log space).
+    """Kept-key mask for rows that always keep sink/recent keys (docs/design.md §2 in log space).
 
     s: float64 logits (..., n) with -inf on masked keys. Returns the kept mask (..., n).
     With eps, the rest of the keys (outside the forced set F) is cut at the smallest top
@@ -349,7 +349,7 @@ def _rank(keys):
 
 
 def _simulated_selection(exact, visible, precision, rng):
-    """An approximate selector of retrieval precision p (DESIGN §6): of each row's exact set
+    """An approximate selector of retrieval precision p (docs/design.md §6): of each row's exact set
     (size k) keep floor(p k + u) members at random (u uniform, so p k on average) and fill
     the rest of the budget k uniformly from the visible keys outside it."""
     k = exact.sum(-1)
@@ -364,7 +364,7 @@ def _simulated_selection(exact, visible, precision, rng):
 def _block_selection(q5, k5, s64, add5, exact, scaling, block_size):
     """The block-bound selector at a fixed budget: per query row, visit blocks of
     ``block_size`` consecutive keys by decreasing upper bound on their scores (per-dimension
-    min/max summaries, DESIGN §4: scale * sum_d max(q_d lo_d, q_d hi_d), plus the block's
+    min/max summaries, docs/design.md §4: scale * sum_d max(q_d lo_d, q_d hi_d), plus the block's
     largest mask value) until they hold k = |exact set| visible keys; keep the k best
     scored of those."""
     K = k5[:, :, 0]                                       # (B, Hkv, n, d)
@@ -807,7 +807,7 @@ class TopkRecord:
     For each hooked layer, one entry per forward call (for a decoder: the prefill, then
     one per decode step): ``k[layer][i]``, ``tau[layer][i]``, ``n[layer][i]`` and
     ``entropy[layer][i]`` of shape ``(B, H, L)`` -- keys kept, discarded softmax mass
-    (= TV distance, DESIGN §2), visible (unmasked) keys and the entropy in nats of the full
+    (= TV distance, docs/design.md §2), visible (unmasked) keys and the entropy in nats of the full
     attention distribution of each query row -- and ``phase[layer][i]``, ``"prefill"``
     (L > 1) or ``"decode"`` (L = 1). Rows whose keys are all masked (padding) have
     ``n = 0``, ``k = 0`` and ``tau = entropy = NaN``. A dense prefill is not recorded.
@@ -916,7 +916,7 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     * ``k``: the k highest-scoring keys (clipped to the row's visible keys);
     * ``ratio``: ``ceil(ratio * n)`` keys, n = the row's visible (unmasked) keys;
     * ``alpha`` and ``C``: the dynamic window ``k = ceil(alpha * n**C)``
-      (:func:`topkattn.dynamic_k`, DESIGN §6).
+      (:func:`topkattn.dynamic_k`, docs/design.md §6).
 
     The attention is computed by the C core (:func:`topkattn.topk_attention`, or
     :func:`topkattn.attention` over the kept set when sink/recent keys are forced in). The
@@ -948,11 +948,11 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
 
     selector : {"exact", "simulated", "blocks"}
         ``"exact"`` (default) keeps the exact top set. The approximate selectors keep a set
-        of the same size k as the exact one (DESIGN §6), to study how retrieval precision
+        of the same size k as the exact one (docs/design.md §6), to study how retrieval precision
         relates to quality: ``"simulated"`` keeps a fraction ``precision`` of the exact set
         (at random, ``seed``) and fills the rest uniformly from the other visible keys;
         ``"blocks"`` visits blocks of ``block_size`` consecutive keys by decreasing
-        min/max-summary bound (the certified-search block bound, DESIGN §4) until they hold
+        min/max-summary bound (the certified-search block bound, docs/design.md §4) until they hold
         k keys and keeps the k best scored of them. With ``record=True`` the measured
         precision ``|S_approx ∩ S_exact| / k`` of every row is recorded; tau is then the
         mass the approximate set discards (not bounded by eps).

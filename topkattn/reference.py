@@ -3,7 +3,7 @@
 Every function here mirrors one function of :mod:`topkattn.core` with the same arguments
 and the same output shapes, but is written for clarity, not speed: each row is sorted
 (stable, by decreasing logit, ties to the lower index, ``-inf`` last) and the quantities of
-DESIGN.md §2, §5 and §6 are computed from the sorted row in float64, in log space where a
+docs/design.md §2, §5 and §6 are computed from the sorted row in float64, in log space where a
 mass could underflow. Inputs are upcast to float64 first, so a float32 row is treated as
 the exact float32 values it holds (the C core does the same).
 
@@ -13,7 +13,7 @@ They are slow: use them on short rows.
 
 The attention twins (``scores``, ``attention``, ``topk_attention``,
 ``attention_matrix_error``) form the full ``(..., L, n)`` score matrix in float64 and apply
-the definitions of DESIGN §3 and §6 directly.
+the definitions of docs/design.md §3 and §6 directly.
 
 Nothing here validates arguments beyond what the computation needs; the tests feed it
 valid input only.
@@ -123,7 +123,7 @@ def _kl_row(row, k):
 
 
 def log_tail_mass(logits, k):
-    """log tau of the top-k set per row (DESIGN §2): LSE(tail) - LSE(all)."""
+    """log tau of the top-k set per row (docs/design.md §2): LSE(tail) - LSE(all)."""
     x, batch = _rows(logits)
     kk = _per_row(k, batch, np.int64)
     out = np.array([_log_tau_row(r, int(kr)) for r, kr in zip(x, kk)], dtype=np.float64)
@@ -131,12 +131,12 @@ def log_tail_mass(logits, k):
 
 
 def tail_mass(logits, k):
-    """tau = TV(P, P_k) of the top-k set per row (DESIGN §2)."""
+    """tau = TV(P, P_k) of the top-k set per row (docs/design.md §2)."""
     return np.exp(log_tail_mass(logits, k))
 
 
 def kl_truncated(logits, k):
-    """KL(P_k || P) = -log(1 - tau) per row (DESIGN §2)."""
+    """KL(P_k || P) = -log(1 - tau) per row (docs/design.md §2)."""
     x, batch = _rows(logits)
     kk = _per_row(k, batch, np.int64)
     out = np.array([_kl_row(r, int(kr)) for r, kr in zip(x, kk)], dtype=np.float64)
@@ -166,7 +166,7 @@ def _log_suffix(row):
 
 
 def k_eps(logits, eps, return_tail=False):
-    """Smallest k with tau(k) <= eps per row (DESIGN §2), by scanning every k."""
+    """Smallest k with tau(k) <= eps per row (docs/design.md §2), by scanning every k."""
     x, batch = _rows(logits)
     ee = _per_row(eps, batch, np.float64)
     ks = np.empty(x.shape[0], dtype=np.int64)
@@ -208,7 +208,7 @@ def _bound_rows(logits, k, inner):
 
 
 def gap_bound(logits, k, form="mass"):
-    """Single-gap bound per row (DESIGN §2), n' = number of unmasked keys."""
+    """Single-gap bound per row (docs/design.md §2), n' = number of unmasked keys."""
     def inner(v, k, nl):
         if form == "mass":
             # log A - log U with A = sum_{j<=k} e^{s_(j)}, U = (n'-k) e^{s_(k+1)}
@@ -255,7 +255,7 @@ def multigap_cuts(k, n_live, cuts=8, spacing="geometric"):
 
 
 def multigap_bound(logits, k, cuts=8, spacing="geometric"):
-    """Multi-gap bound per row (DESIGN §2), cut ranks from :func:`multigap_cuts`."""
+    """Multi-gap bound per row (docs/design.md §2), cut ranks from :func:`multigap_cuts`."""
     def inner(v, k, nl):
         prev, terms = k, []
         for end in multigap_cuts(k, nl, cuts, spacing):
@@ -268,7 +268,7 @@ def multigap_bound(logits, k, cuts=8, spacing="geometric"):
 
 
 def block_bound(block_upper, block_sizes, kept_mass, scored_mass, log_space=False):
-    """Blockwise bound 1 - A / (Z_s + sum_b |B_b| e^{u_b}) per row (DESIGN §2)."""
+    """Blockwise bound 1 - A / (Z_s + sum_b |B_b| e^{u_b}) per row (docs/design.md §2)."""
     u = np.asarray(block_upper, dtype=np.float64)
     batch = u.shape[:-1]
     sizes = np.broadcast_to(np.asarray(block_sizes), u.shape).reshape(-1, u.shape[-1])
@@ -352,12 +352,12 @@ def norm_isf(p):
 
 
 def gaussian_tail_mass(rho, sigma):
-    """tau(rho) = Phi(Phi_c^{-1}(rho) - sigma) (DESIGN §5)."""
+    """tau(rho) = Phi(Phi_c^{-1}(rho) - sigma) (docs/design.md §5)."""
     return norm_cdf(norm_isf(rho) - np.asarray(sigma, dtype=np.float64))
 
 
 def gaussian_k_eps(n, sigma, eps):
-    """The asymptotic rule n * Phi_c(sigma + Phi^{-1}(eps)) (DESIGN §5)."""
+    """The asymptotic rule n * Phi_c(sigma + Phi^{-1}(eps)) (docs/design.md §5)."""
     return np.asarray(n, dtype=np.float64) * norm_sf(np.asarray(sigma, dtype=np.float64)
                                                       + norm_ppf(eps))
 
@@ -526,7 +526,7 @@ def topk_attention(Q, K, V, k=None, eps=None, scale=None, mask=None):
 
 
 def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
-    """(1/L) ||D_spar^-1 A_spar - D^-1 A|| from the full matrices (DESIGN §6)."""
+    """(1/L) ||D_spar^-1 A_spar - D^-1 A|| from the full matrices (docs/design.md §6)."""
     s = scores(Q, K, scale, mask)
     k = np.minimum(np.broadcast_to(k, s.shape[:-1]), (s > -np.inf).sum(axis=-1))
     P = _softmax(s)

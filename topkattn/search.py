@@ -1,5 +1,5 @@
 """Certified search: certify TV(P, P_hat) <= eps after scoring only part of the keys
-(DESIGN §2 blockwise bound, §4).
+(docs/design.md §2 blockwise bound, §4).
 
 A :class:`KeyIndex` holds, per key set, blocks of keys with summaries that bound ``q.k``
 over a block for any query, and per-key int8 proxies that bound ``q.k`` key by key.
@@ -34,7 +34,7 @@ class KeyIndex:
     Built once per key set; :meth:`append` grows it as a KV cache grows.
 
     * **Blocks** of ``block_size`` keys carry a summary giving an upper bound on ``q.k``
-      over the block for any ``q`` (DESIGN §4): ``"minmax"`` (per-dimension min and max,
+      over the block for any ``q`` (docs/design.md §4): ``"minmax"`` (per-dimension min and max,
       bound ``sum_d max(q_d lo_d, q_d hi_d)``), ``"ball"`` (centroid ``c`` and radius ``r``,
       bound ``q.c + |q| r``) or ``"auto"`` (both stored; the smaller bound is used per block
       and query).
@@ -328,7 +328,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
 
 def certified_search(q, index, eps, V=None, method="delta", delta=None, seed=None, scale=None,
                      mc_samples=256, use_proxy=True):
-    r"""Smallest certified kept set after scoring only part of the keys (DESIGN §4).
+    r"""Smallest certified kept set after scoring only part of the keys (docs/design.md §4).
 
     Blocks and keys are visited by decreasing upper bound on their logit; visited keys are
     scored exactly in float64. With scored mass ``Z_s``, kept mass ``A`` and the bound
@@ -391,7 +391,7 @@ def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None,
 
     The set S comes from :func:`certified_search` (same arguments), so
     ``TV(P, P_hat) <= eps`` is certified for every row, and the output error is at most
-    ``eps * diam(V)`` (DESIGN §3).
+    ``eps * diam(V)`` (docs/design.md §3).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Parameter sweep: empirical k_eps against the Gaussian design rule (DESIGN §2, §5).
+"""Parameter sweep: empirical k_eps against the Gaussian design rule (docs/design.md §2, §5).
 
 Two sources. ``"bert"`` (the default) captures the attention logits of every layer and head
 of a pretrained BERT model (the built-in all-MiniLM-L6-v2 unless another is given, see
@@ -210,9 +210,9 @@ def run(source="bert", eps=(1e-1, 1e-2, 1e-3), n=None, sigma=None, rows=None, se
     r"""Measure k_eps, the tail mass and the certified bounds on real or synthetic logits.
 
     For each row of logits and each eps the sweep computes the oracle ``k_eps`` (smallest
-    k with tail mass ``tau(k) <= eps``, DESIGN §2), ``tau`` at that k, and the single-gap
+    k with tail mass ``tau(k) <= eps``, docs/design.md §2), ``tau`` at that k, and the single-gap
     and multi-gap certified bounds at that k; it fits sigma per row (sample standard
-    deviation). The Gaussian predictions (DESIGN §5) are evaluated at the *fitted* sigma,
+    deviation). The Gaussian predictions (docs/design.md §5) are evaluated at the *fitted* sigma,
     as the design rule prescribes for rows whose sigma is unknown:
     ``rho_rule = gaussian_k_eps(n, sigma_fit, eps) / n = Phi_c(sigma_fit + Phi^{-1}(eps))``
     and ``rho_finite`` the same with ``finite_n=True``.

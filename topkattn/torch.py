@@ -2,9 +2,9 @@
 
 :func:`topk_attention` is a drop-in for ``torch.nn.functional.scaled_dot_product_attention``
 (same tensor layout ``(..., L, d)``) that keeps, for every query row, only the keys of an
-exact Top-k set and renormalises the softmax over them (DESIGN §1, ``P̂``). The set is given
+exact Top-k set and renormalises the softmax over them (docs/design.md §1, ``P̂``). The set is given
 by a fixed ``k``, a ratio ``rho = k / n`` or a tail budget ``eps`` (the smallest set with
-discarded mass ``tau <= eps``, i.e. ``k_eps``, DESIGN §2). Ties at the threshold keep the
+discarded mass ``tau <= eps``, i.e. ``k_eps``, docs/design.md §2). Ties at the threshold keep the
 lower key index, as everywhere in :mod:`topkattn`.
 
 Training through it: the selection is piecewise constant in the scores, so its derivative
@@ -14,7 +14,7 @@ and checked with :func:`torch.autograd.gradcheck`.
 
 :func:`kept_set_attention` takes any selector (a function of the scores that returns a
 boolean mask), e.g. :func:`simulated_selector`, which imitates an approximate Top-k
-retriever of a given precision ``p = |S_approx ∩ S_exact| / k`` (DESIGN §6).
+retriever of a given precision ``p = |S_approx ∩ S_exact| / k`` (docs/design.md §6).
 
 Memory: the scores of every row are materialised, ``(..., L, n)``, and the kept-set
 probabilities of the same shape are saved for the backward pass. That is meant for the
@@ -181,7 +181,7 @@ def topk_select(scores, k=None, *, ratio=None, eps=None):
     * ``ratio``: ``ceil(ratio * n_live)`` keys (at least 1), so a causal row keeps the
       same fraction of the keys it can see;
     * ``eps``: the smallest top set whose discarded softmax mass is ``tau <= eps``
-      (``k_eps``, DESIGN §2), computed in the dtype of ``scores``.
+      (``k_eps``, docs/design.md §2), computed in the dtype of ``scores``.
 
     Ties keep the lower index; masked keys (``-inf``) are never kept.
 
@@ -241,7 +241,7 @@ def _keep_top(scores, kk):
 
 @torch.no_grad()
 def simulated_selector(scores, precision, k=None, *, ratio=None, eps=None, generator=None):
-    r"""An approximate Top-k retriever of a given precision (DESIGN §6), as a mask.
+    r"""An approximate Top-k retriever of a given precision (docs/design.md §6), as a mask.
 
     Each row keeps as many keys as its exact Top-k set ``S`` (:func:`topk_select` with the
     same ``k``, ``ratio`` or ``eps``), ``|S|`` say: ``m`` drawn uniformly from ``S`` and

@@ -1,5 +1,5 @@
 /*
- * attention.cu - Top-k attention on the GPU (DESIGN §3), decode (L = 1) and prefill alike.
+ * attention.cu - Top-k attention on the GPU (docs/design.md §3), decode (L = 1) and prefill alike.
  *
  * Per chunk of query rows:
  *   1. scores_kernel: s_j = scale * q . k_j (+ mask), one warp per key, the lanes splitting

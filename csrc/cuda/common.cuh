@@ -261,7 +261,7 @@ template <class R> __device__ Rank<typename key_of<typename R::V>::type> rank_se
 /*
  * For the top-k set with 1 <= k < n_live and the k-th largest value given by rk:
  * lr = log(head mass / tail mass), the head summed relative to the maximum and the tail
- * relative to its largest value `next` (DESIGN §2: log space), as in the CPU core. Values
+ * relative to its largest value `next` (docs/design.md §2: log space), as in the CPU core. Values
  * equal to the threshold: the first k - n_gt are kept, the rest discarded.
  */
 template <class R>

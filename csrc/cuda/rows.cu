@@ -1,5 +1,5 @@
 /*
- * rows.cu - batched tail mass, k_eps and Top-k on the GPU (DESIGN §2), one block per row.
+ * rows.cu - batched tail mass, k_eps and Top-k on the GPU (docs/design.md §2), one block per row.
  *
  * tail mass: scan (max, validity) -> radix selection of the k-th largest -> one pass for
  *            the largest discarded value (only when no tie spills over) -> one pass for the

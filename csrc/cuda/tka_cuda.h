@@ -1,6 +1,6 @@
 /*
  * tka_cuda.h - the optional CUDA core of topkattn: batched tail mass, k_eps, Top-k and
- * Top-k attention on device arrays (DESIGN.md §2, §3).
+ * Top-k attention on device arrays (docs/design.md §2, §3).
  *
  * Plain C, no CUDA types: every pointer is a device pointer owned by the caller (except the
  * structs themselves and tkc_error, which live on the host), strides are in bytes (rows) or

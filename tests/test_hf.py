@@ -3,6 +3,7 @@
 References are independent: logits and Top-k attention recomputed in NumPy float64 from
 the model's own hidden states and projection weights.
 """
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
@@ -14,6 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from topkattn import corpus, hf  # noqa: E402
+
+from _util import assert_as_close_as_stock  # noqa: E402
 
 TEXTS = ["Return the number of items in a container.",
          "A short one.",
@@ -34,6 +37,16 @@ def enc(minilm):
 def _stock(model, enc):
     with torch.no_grad():
         return model(**enc, output_hidden_states=True)
+
+
+def _float64_copy(model):
+    """The stock model in float64: the reference for "equal up to float32 rounding"."""
+    return copy.deepcopy(model).double()
+
+
+def _hidden64(model, enc):
+    with torch.no_grad():
+        return model(**enc, output_hidden_states=True).hidden_states
 
 
 def _small_bert(masked_lm=False, layers=2, **kw):
@@ -192,10 +205,11 @@ def test_capture_selected_layers_without_qkv(minilm, enc):
 def test_all_keys_kept_equals_stock_model(minilm, enc, select):
     model, _ = minilm
     ref = _stock(model, enc)
+    exact = _hidden64(_float64_copy(model), enc)
     with hf.use_topk_attention(model, record=True, **select) as rec:
         out = _stock(model, enc)
-    for a, b in zip(out.hidden_states, ref.hidden_states):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    for i, (a, b, e) in enumerate(zip(out.hidden_states, ref.hidden_states, exact)):
+        assert_as_close_as_stock(a, b, e, what=f"hidden state {i}")
     for layer in range(6):
         k, n = rec.k[layer][0], rec.n[layer][0]
         np.testing.assert_array_equal(k, n)
@@ -210,9 +224,10 @@ def test_all_keys_kept_random_bert_base():
     mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        exact = _float64_copy(model)(input_ids=ids, attention_mask=mask).last_hidden_state
         with hf.use_topk_attention(model, ratio=1.0):
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    assert_as_close_as_stock(out, ref, exact)
 
 
 def test_eps_layer_output_matches_float64_reference(minilm, enc):
@@ -272,11 +287,11 @@ def test_fully_padded_sequence_behaves_as_stock(minilm):
     e = tok(TEXTS[:2], padding=True, return_tensors="pt")
     e["attention_mask"][1] = 0          # every key of sequence 1 is masked
     ref = _stock(model, e)
+    exact = _hidden64(_float64_copy(model), e)[-1]
     with hf.use_topk_attention(model, eps=0.05, record=True) as rec:
         out = _stock(model, e)
     # computed by the model's own attention (on a sub-batch: rounding may differ slightly)
-    torch.testing.assert_close(out.last_hidden_state[1], ref.last_hidden_state[1],
-                               rtol=1e-5, atol=1e-5)
+    assert_as_close_as_stock(out.last_hidden_state[1], ref.last_hidden_state[1], exact[1])
     assert (rec.n[0][0][1] == 0).all() and np.isnan(rec.tau[0][0][1]).all()
     assert (rec.tau[0][0][0] <= 0.05).all()
     summary = rec.summary()
@@ -299,7 +314,8 @@ def test_wrapped_forward_fallback_matches_interface(minilm, enc, monkeypatch):
     torch.testing.assert_close(via_wrapper, via_interface, rtol=1e-5, atol=1e-5)
     with hf.use_topk_attention(model, ratio=1.0):
         dense = _stock(model, enc).last_hidden_state
-    torch.testing.assert_close(dense, ref.last_hidden_state, rtol=1e-5, atol=2e-5)
+    exact = _hidden64(_float64_copy(model), enc)[-1]
+    assert_as_close_as_stock(dense, ref.last_hidden_state, exact)
     cap = hf.capture(model, enc, layers=[0])
     torch.testing.assert_close(cap.output.last_hidden_state, ref.last_hidden_state,
                                rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """topkattn.hf on tiny randomly initialised decoder-only models (GPT-2, Llama with
 grouped-query attention, Qwen2): Top-k at every decode step against float64 references."""
 import copy
+import inspect
 import math
 import os
 
@@ -13,6 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from topkattn import hf  # noqa: E402
+
+from _util import assert_as_close_as_stock  # noqa: E402
 
 if not hasattr(transformers, "AttentionInterface"):
     pytest.skip("decoder hooks need transformers with AttentionInterface",
@@ -88,11 +91,12 @@ def test_every_key_kept_equals_stock(model, select):
     generate = "eps" in select          # greedy generation once; forward passes for all
     with torch.no_grad():
         ref = model(input_ids=ids).logits
+        exact = copy.deepcopy(model).double()(input_ids=ids).logits
     with hf.use_topk_attention(model, record=True, **select) as rec:
         with torch.no_grad():
             out = model(input_ids=ids).logits
         gen = _generate(model, ids) if generate else None
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_as_close_as_stock(out, ref, exact)
     for layer in rec.layers:
         for k, n in zip(rec.k[layer], rec.n[layer]):
             np.testing.assert_array_equal(k, n)
@@ -113,11 +117,12 @@ def test_left_padding_rows_behave_as_stock(model):
     ids[1, :4] = 0
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
+        exact = copy.deepcopy(model).double()(input_ids=ids, attention_mask=mask).logits
     with hf.use_topk_attention(model, eps=1e-300, record=True) as rec:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask).logits
         gen = _generate(model, ids, mask)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_as_close_as_stock(out, ref, exact)
     assert torch.equal(gen, _generate(model, ids, mask))
     n0 = rec.n[0][0]
     assert (n0[1, :, :4] == 0).all() and np.isnan(rec.tau[0][0][1, :, :4]).all()
@@ -139,11 +144,22 @@ def test_dense_prefill_is_the_stock_prefill(model):
 
 # ----------------------------------------------------------------- one decode step vs float64
 
+def _cache_name(model):
+    """The keyword (and output field) this transformers version uses for the KV cache.
+
+    Newer releases call it ``cache`` and deprecate ``past_key_values``; older ones know only
+    ``past_key_values``. Decided from the forward's signature, not from a version string.
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decode_inputs(model, ids):
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return {"input_ids": nxt, "past_key_values": out.past_key_values}
+    name = _cache_name(model)
+    return {"input_ids": nxt, name: out[name]}
 
 
 def _attn_output(model, inputs, layer, **hook_kwargs):

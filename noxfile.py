@@ -22,7 +22,7 @@ TRANSFORMERS = {
     "newest": "transformers",
 }
 HF_TESTS = ["tests/test_hf.py", "tests/test_hf_decoder.py", "tests/test_hf_sweep.py",
-            "tests/test_warnings.py"]
+            "tests/test_cli.py", "tests/test_warnings.py"]
 # the CPU build on this platform; a plain `torch` requirement would pull a CUDA build
 TORCH = "torch==2.13.0"
 

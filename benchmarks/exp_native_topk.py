@@ -1,4 +1,4 @@
-"""Native Top-k training (seed 003): dense vs Top-k training, evaluated under Top-k decoding.
+"""Native Top-k training (arXiv 2512.03494): dense vs Top-k training, evaluated under Top-k decoding.
 
 The same small causal transformer (same initial weights, same batches) is trained twice on
 multi-query associative recall: a sequence of ``pairs`` key-value token pairs followed by
@@ -18,7 +18,7 @@ Both models are then evaluated on the same held-out sequences
 and the mean entropy of each model's (dense) attention rows is measured, over all rows and
 at the query rows of the last layer (the retrieval step). Accuracy is over query positions.
 
-Claims tested (seed 003): training with Top-k (train/inference consistency) gives better
+Claims tested (arXiv 2512.03494): training with Top-k (train/inference consistency) gives better
 accuracy under Top-k decoding than dense training, and Top-k training lowers the attention
 entropy. Every number is the mean over ``--seeds`` runs, with the range across them. Runs on
 CPU (one torch thread): about 6 minutes by default, under 1 minute with ``--quick``.

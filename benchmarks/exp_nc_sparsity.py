@@ -1,4 +1,4 @@
-"""n^C sparsity (seed 002): fixed vs dynamic Top-k windows on Gaussian attention, and collapse.
+"""n^C sparsity (arXiv 2404.02690): fixed vs dynamic Top-k windows on Gaussian attention, and collapse.
 
 One self-attention layer on Gaussian inputs: ``X`` (n x d) with i.i.d. N(0, 1) entries,
 ``Q = X W_Q``, ``K = X W_K`` with i.i.d. N(0, 1/d) weight entries, scores

@@ -105,9 +105,13 @@ def _public_names(app):
     """(qualified name, module) pairs that the API reference must describe."""
     from sphinx.ext.autodoc.mock import mock
 
+    import __future__
+
     import topkattn
     expected = [f"topkattn.{name}" for name in dir(topkattn)
-                if not name.startswith("_") and not inspect.ismodule(getattr(topkattn, name))]
+                if not name.startswith("_")
+                and not inspect.ismodule(getattr(topkattn, name))
+                and not isinstance(getattr(topkattn, name), __future__._Feature)]
     with mock(app.config.autodoc_mock_imports):
         for modname in PUBLIC_MODULES:
             mod = importlib.import_module(modname)

@@ -3,14 +3,15 @@ PYTHON ?= python3
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help build test bench sanitize clean
+.PHONY: help build test bench sanitize docs clean
 
 help:
 	@echo "make build      build the C extension in place"
 	@echo "make test       build, then run the test suite (PYTEST_ARGS=...)"
 	@echo "make bench      build, then run every benchmarks/*.py (BENCH_ARGS=...)"
 	@echo "make sanitize   run the tests against an ASan+UBSan build in a temporary copy"
-	@echo "make clean      remove the in-place build"
+	@echo "make docs       build the HTML documentation into docs/_build/html (warnings are errors)"
+	@echo "make clean      remove the in-place build and the built documentation"
 
 build:
 	$(PYTHON) setup.py -q build_ext --inplace
@@ -30,5 +31,8 @@ bench: build
 sanitize:
 	PYTHON="$(PYTHON)" scripts/sanitize.sh $(PYTEST_ARGS)
 
+docs: build
+	$(PYTHON) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf build topkattn/_core*.so topkattn/_cuda*.so
+	rm -rf build topkattn/_core*.so topkattn/_cuda*.so docs/_build docs/api/generated docs/notebooks

@@ -153,7 +153,10 @@ def report(records, args):
 def plot(records, args):
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if "matplotlib.pyplot" not in sys.modules:
+            # a script: no display needed; a caller that already uses pyplot (a notebook
+            # with its inline backend) keeps its own backend
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plots (pip install matplotlib)")

@@ -1,8 +1,11 @@
-"""Every notebook under notebooks/ executes cleanly and is stored without outputs.
+"""Every notebook under notebooks/ executes cleanly, and is stored executed.
 
-The notebooks run in a fresh kernel started with *this* interpreter (``sys.executable``,
-through a kernelspec written to a temporary directory), with the repository on
-``PYTHONPATH``, ``TOPKATTN_NB_SMALL=1`` (reduced sizes) and ``MPLBACKEND=Agg``.
+The notebooks are stored with their outputs (``python scripts/execute_notebooks.py``
+regenerates them), so that readers and the documentation see results and figures. Here they
+are executed again, whatever their stored outputs, in a fresh kernel started with *this*
+interpreter (``sys.executable``, through a kernelspec written to a temporary directory),
+with the repository on ``PYTHONPATH``, ``TOPKATTN_NB_SMALL=1`` (reduced sizes) and
+``MPLBACKEND=Agg``.
 """
 import glob
 import json
@@ -17,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(topkattn.__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 CELL_TIMEOUT_S = 120
 KERNEL_NAME = "topkattn-test-python"
+MAX_STORED_BYTES = 1_000_000  # outputs included (figures are stored at a modest resolution)
 MISSING = ("executing the notebooks needs nbclient, nbformat and ipykernel; install the "
            "test extra (pip install -e '.[test]') or: pip install nbclient nbformat ipykernel")
 
@@ -30,14 +34,24 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_stored_without_outputs(path):
-    """Stored notebooks carry no outputs or execution counts, so diffs stay readable."""
+def test_notebook_stored_executed(path):
+    """Stored notebooks carry the outputs of one run from top to bottom without errors
+    (execution counts 1, 2, 3, ...), and stay small."""
+    rel = os.path.relpath(path, REPO)
+    redo = "; re-execute it with: python scripts/execute_notebooks.py " + rel
+    assert os.path.getsize(path) < MAX_STORED_BYTES, (
+        f"{rel} is {os.path.getsize(path)} bytes, over {MAX_STORED_BYTES}: make its figures "
+        "smaller or fewer")
     with open(path, encoding="utf-8") as f:
         nb = json.load(f)
-    dirty = [i for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "code"
-             and (cell.get("outputs") or cell.get("execution_count") is not None)]
-    assert not dirty, (f"{os.path.relpath(path, REPO)}: code cells {dirty} have outputs or "
-                       "execution counts; clear all outputs before saving")
+    code = [(i, cell) for i, cell in enumerate(nb["cells"])
+            if cell["cell_type"] == "code" and "".join(cell["source"]).strip()]
+    counts = [cell.get("execution_count") for _, cell in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{rel}: execution counts {counts} are not 1..{len(code)}" + redo)
+    errors = [i for i, cell in code if any(o.get("output_type") == "error"
+                                           for o in cell.get("outputs", []))]
+    assert not errors, f"{rel}: code cells {errors} stored with an error output" + redo
 
 
 def _kernel_env(monkeypatch):

@@ -268,7 +268,7 @@ def multigap_bound(logits, k, cuts=8, spacing="geometric"):
 
 
 def block_bound(block_upper, block_sizes, kept_mass, scored_mass, log_space=False):
-    """Blockwise bound 1 - A / (Z_s + sum_b |B_b| e^{u_b}) per row (docs/design.md §2)."""
+    """Blockwise bound ``1 - A / (Z_s + sum_b |B_b| e^{u_b})`` per row (docs/design.md §2)."""
     u = np.asarray(block_upper, dtype=np.float64)
     batch = u.shape[:-1]
     sizes = np.broadcast_to(np.asarray(block_sizes), u.shape).reshape(-1, u.shape[-1])

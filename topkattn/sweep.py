@@ -128,6 +128,7 @@ def _synthetic_batches(n_values, sigma_values, rows, seed):
             done += m
 
 
+#: Registered sources of logits: name -> (batches, total_rows, description).
 SOURCES = {
     "bert": _Source(
         batches=None, total_rows=None,

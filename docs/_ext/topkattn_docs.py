@@ -9,9 +9,6 @@
   :data:`PUBLIC_MODULES`. A missing one is a warning (an error under ``-W``).
 * Module-level data without a doc comment (``#:``) would otherwise show the docstring of
   its type (``dict() -> new empty dictionary ...``); that text is dropped.
-* :data:`DOCSTRING_FIXES`: the few docstring lines that are not valid reStructuredText,
-  rendered as meant until the docstring itself is fixed (each entry is a no-op once the
-  text no longer occurs).
 """
 from __future__ import annotations
 
@@ -56,22 +53,12 @@ class TopkattnHelp(SphinxDirective):
 
 #: object name -> (text as written, text as reStructuredText). Plain-text formulas whose
 #: ``|...|`` docutils reads as a substitution reference.
-DOCSTRING_FIXES = {
-    "topkattn.reference.block_bound": (
-        "Blockwise bound 1 - A / (Z_s + sum_b |B_b| e^{u_b}) per row",
-        "Blockwise bound ``1 - A / (Z_s + sum_b |B_b| e^{u_b})`` per row"),
-}
-
-
 def process_docstring(app, what, name, obj, options, lines):
     if what in ("data", "attribute") and lines and not inspect.isroutine(obj) \
             and not inspect.isclass(obj) and not inspect.ismodule(obj):
         type_doc = inspect.getdoc(type(obj)) or ""
         if type_doc and "\n".join(lines).strip() == type_doc.strip():
             lines[:] = []
-    fix = DOCSTRING_FIXES.get(name)
-    if fix:
-        lines[:] = [line.replace(*fix) for line in lines]
 
 
 class TopkattnColumns(SphinxDirective):

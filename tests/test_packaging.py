@@ -1,4 +1,4 @@
-"""The source distribution carries every file the build needs.
+"""The source distribution carries every file the build needs, and the metadata agrees.
 
 The sdist's file list is MANIFEST.in applied by setuptools' own FileList (the machinery
 ``python -m build --sdist`` uses), so no build or network is needed here. What the build
@@ -21,8 +21,9 @@ CSRC = ROOT / "csrc"
 INCLUDE_DIRS = [CSRC, CSRC / "cuda"]
 SOURCE_SUFFIXES = (".c", ".cu", ".cpp")
 INCLUDE_RE = re.compile(r'^\s*#\s*include\s*([<"])([^">]+)[">]', re.M)
-# what the build reads besides csrc/
-BUILD_FILES = ["setup.py", "pyproject.toml", "README.md", "LICENSE"]
+# what the build reads besides csrc/, and the smoke test cibuildwheel runs from the sdist
+BUILD_FILES = ["setup.py", "pyproject.toml", "README.md", "LICENSE",
+               "scripts/smoke_test.py"]
 
 
 def _file_list():
@@ -117,3 +118,33 @@ def test_sdist_ships_no_build_products():
                   if p.endswith((".pyc", ".pyo", ".so", ".o")) or "__pycache__" in p)
     assert not junk, junk
 
+
+def test_metadata_is_consistent():
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = cfg["project"]
+
+    init = (ROOT / "topkattn" / "__init__.py").read_text()
+    literal = re.search(r'^__version__ = "([^"]+)"', init, re.M)
+    if literal:                             # a version written twice must agree
+        assert project["version"] == literal.group(1)
+
+    # SPDX license + license-files (PEP 639) need setuptools >= 77, and no license classifier
+    assert project["license"] == "MIT"
+    for f in project["license-files"]:
+        assert (ROOT / f).is_file(), f
+    assert not any(c.startswith("License ::") for c in project["classifiers"])
+    req = next(r for r in cfg["build-system"]["requires"] if r.startswith("setuptools"))
+    assert int(re.search(r">=\s*(\d+)", req).group(1)) >= 77, req
+
+    # the CPython versions: requires-python, the classifiers and the wheels built agree
+    low = int(re.fullmatch(r">=\s*3\.(\d+)", project["requires-python"]).group(1))
+    classified = sorted(int(m) for c in project["classifiers"]
+                        for m in re.findall(r"^Programming Language :: Python :: 3\.(\d+)$", c))
+    cibw = cfg["tool"]["cibuildwheel"]
+    built = sorted(int(m) for m in re.findall(r"\bcp3(\d+)-", " ".join(cibw["build"])))
+    assert classified == built and built[0] == low, (project["requires-python"], classified, built)
+    assert classified == list(range(low, classified[-1] + 1))
+    # distributed wheels are CPU-only (the CUDA extension is optional) and smoke-tested
+    assert cibw["environment"]["TOPKATTN_CUDA"] == "0"
+    assert "scripts/smoke_test.py" in cibw["test-command"]

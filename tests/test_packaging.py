@@ -4,7 +4,8 @@ The sdist's file list is MANIFEST.in applied by setuptools' own FileList (the ma
 ``python -m build --sdist`` uses), so no build or network is needed here. What the build
 needs is every C/CUDA/C++ source under csrc/ plus every project file they ``#include``,
 transitively; a new header that MANIFEST.in does not match fails
-``test_sdist_ships_every_build_input``.
+``test_sdist_ships_every_build_input``. .ci/run builds the real sdist, a wheel from it and
+installs that in a fresh virtual environment.
 """
 import contextlib
 import os

@@ -36,6 +36,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "numpydoc",                # NumPy-style docstrings
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax shipped with the pages: math renders offline too
     "sphinx.ext.viewcode",
     "topkattn_docs",           # docs/_ext: CLI help, API completeness check
 ]

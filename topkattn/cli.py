@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import __version__, build_info
+from . import __version__, build_info, corpus, hf
 from . import sweep as _sweep
 
 __all__ = ["main"]
@@ -277,7 +277,6 @@ def _texts_arg(args):
 
 
 def _model_arg(args):
-    from . import hf
     return hf.load_model(args.model, masked_lm=args.masked_lm)
 
 
@@ -466,7 +465,6 @@ def _write_bert_plots(df, summary, outdir):
 
 
 def _cmd_evaluate(args):
-    from . import corpus, hf
     t0 = time.perf_counter()
     texts = _texts_arg(args)
     if texts is None or isinstance(texts, int):

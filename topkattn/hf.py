@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .attention import attention, dynamic_k, topk_attention
+from .core import entropy, k_eps as _k_eps
+
 __all__ = [
     "IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "DECODER_MODEL_TYPES", "BUILTIN_MODEL", "load_model",
     "builtin_model_path", "capture", "Capture", "use_topk_attention", "TopkRecord",
@@ -316,7 +319,6 @@ def _forced_selection(s, add5, state, k_rows):
     With eps, the rest of the keys (outside the forced set F) is cut at the smallest top
     set with tau <= eps: tau = P(rest) * tau_rest, so tau_rest <= eps / P(rest).
     """
-    from .core import k_eps as _k_eps
     unmasked = np.isfinite(s)
     c = np.cumsum(unmasked, axis=-1)
     tot = c[..., -1:]
@@ -431,8 +433,6 @@ def _run_hooked(state, module, q, k, v, mask, scaling, stock):
                           *((_as_numpy(q), _as_numpy(k), _as_numpy(v)) if state.qkv else ()))
         return out
 
-    from .attention import attention, dynamic_k, topk_attention
-    from .core import entropy
     rshape = (B, Hkv, g, L)
     m_np = None
     dead = None                                        # (B, L) rows with every key masked

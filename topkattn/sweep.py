@@ -25,6 +25,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from . import corpus, hf
 from .core import fit_gaussian, gap_bound, gaussian_k_eps, k_eps, multigap_bound
 
 __all__ = ["run", "summarize", "SOURCES", "COLUMNS", "BERT_COLUMNS", "SUMMARY_COLUMNS",
@@ -381,7 +382,6 @@ _BERT_BATCH_CELLS = 1 << 19
 
 
 def _bert_inputs(model, texts, max_length, batch_size):
-    from . import corpus, hf
     if model is None or isinstance(model, (str, os.PathLike)):
         mdl, tok = hf.load_model(model)
     elif isinstance(model, tuple) and len(model) == 2:
@@ -411,7 +411,6 @@ def _bert_inputs(model, texts, max_length, batch_size):
 
 
 def _run_bert(eps_v, model, texts, layers, max_length, batch_size, progress):
-    from . import hf
     pd = _pandas()
     mdl, tok, texts, max_length, batch_size = _bert_inputs(model, texts, max_length,
                                                            batch_size)

@@ -414,7 +414,7 @@ def _run_bert(eps_v, model, texts, layers, max_length, batch_size, progress):
     pd = _pandas()
     mdl, tok, texts, max_length, batch_size = _bert_inputs(model, texts, max_length,
                                                            batch_size)
-    sel = hf._layer_list(layers, len(hf.attention_layers(mdl)))
+    sel = hf.layer_indices(layers, len(hf.attention_layers(mdl)))
     lengths = [len(ids) for ids in
                tok(texts, truncation=True, max_length=max_length)["input_ids"]]
     heads = int(mdl.config.num_attention_heads)

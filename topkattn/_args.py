@@ -83,6 +83,21 @@ def per_row(value, batch_shape, name, dtype):
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def check_k(k, lo, n):
+    """Every k (an int or int array) in [lo, n]."""
+    k = np.asarray(k)
+    if k.size and (k.min() < lo or k.max() > n):
+        bad = k.min() if k.min() < lo else k.max()
+        raise ValueError(f"k must be in [{lo}, n] = [{lo}, {n}], got {int(bad)}")
+
+
+def check_eps(eps):
+    """Every eps (a float64 array) in the open interval (0, 1)."""
+    bad = eps[~((eps > 0) & (eps < 1))]
+    if bad.size:
+        raise ValueError(f"eps must be in the open interval (0, 1), got {float(bad[0])!r}")
+
+
 def integer(value, name):
     """``value`` as a Python int; bools and non-integers are a TypeError."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -115,13 +130,10 @@ def selection(rshape, n, k, eps, ratio):
         k = np.ceil(r * n - 1e-9 * r * n).astype(np.int64)
     if k is not None:
         kk = per_row(k, rshape, "k", np.int64)
-        if kk.size and (kk.min() < 1 or kk.max() > n):
-            bad = kk.min() if kk.min() < 1 else kk.max()
-            raise ValueError(f"k must be in [1, n] = [1, {n}], got {int(bad)}")
+        check_k(kk, 1, n)
         return kk, None
     ee = per_row(eps, rshape, "eps", np.float64)
-    if ee.size and not np.all((ee > 0) & (ee < 1)):
-        raise ValueError(f"eps must be in the open interval (0, 1), got {eps!r}")
+    check_eps(ee)
     return None, ee
 
 

@@ -251,9 +251,7 @@ def log_tail_mass(logits, k):
     lib = _lib_of(logits)
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
     kk = _args.per_row(_host(lib, k), batch, "k", np.int64)
-    if kk.size and (kk.min() < 0 or kk.max() > n):
-        bad = kk.min() if kk.min() < 0 else kk.max()
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {int(bad)}")
+    _args.check_k(kk, 0, n)
     dev = lib.device(x)
     out = lib.empty(batch, "float64", dev)
     if rows:
@@ -274,9 +272,7 @@ def k_eps(logits, eps, return_tail=False):
     lib = _lib_of(logits)
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
     ee = _args.per_row(_host(lib, eps), batch, "eps", np.float64)
-    bad = ee[~((ee > 0) & (ee < 1))]
-    if bad.size:
-        raise ValueError(f"eps must be in the open interval (0, 1), got {float(bad[0]):.17g}")
+    _args.check_eps(ee)
     dev = lib.device(x)
     k_out = lib.empty(batch, "int64", dev)
     tau = lib.empty(batch, "float64", dev) if return_tail else None
@@ -293,8 +289,7 @@ def topk(logits, k):
     lib = _lib_of(logits)
     k = _args.integer(k, "k")
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
-    if k < 0 or k > n:
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {k}")
+    _args.check_k(k, 0, n)
     dev = lib.device(x)
     out = lib.empty(batch + (k,), "int64", dev)
     if rows and k:

@@ -5,14 +5,14 @@ from collections.abc import Mapping
 
 from .hooked import State
 from .install import hooked
-from .models import _torch, selected_layers
+from .models import require_torch, selected_layers
 from .records import Capture
 
 __all__ = ["capture"]
 
 
 def _run_model(model, inputs):
-    torch = _torch()
+    torch = require_torch()
     with torch.no_grad():
         if isinstance(inputs, Mapping):
             return model(**inputs)

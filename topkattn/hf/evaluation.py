@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from .models import _torch, selected_layers
+from .models import require_torch, selected_layers
 from .topk import selection, use_topk_attention
 
 __all__ = ["evaluate", "EVALUATE_LAYER_COLUMNS", "EVALUATE_MODEL_COLUMNS", "MLM_STRIDE"]
@@ -84,7 +84,7 @@ def evaluate(model, tokenizer, texts, eps=(1e-1, 1e-2, 1e-3), layers=None, max_l
     per_model : pandas.DataFrame
         One row per eps, columns :data:`EVALUATE_MODEL_COLUMNS`.
     """
-    torch = _torch()
+    torch = require_torch()
     import pandas as pd
     eps_list = [eps] if isinstance(eps, numbers.Real) else list(eps)
     if not eps_list:
@@ -170,7 +170,7 @@ def evaluate(model, tokenizer, texts, eps=(1e-1, 1e-2, 1e-3), layers=None, max_l
 
 def _drift_last(full, batches, model, e, sel):
     """Relative drift of the last hidden state when the last layer itself is not hooked."""
-    torch = _torch()
+    torch = require_torch()
     num = den = 0.0
     with use_topk_attention(model, eps=e, layers=sel):
         for (enc, _), (h_full, _) in zip(batches, full):

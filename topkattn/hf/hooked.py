@@ -18,7 +18,7 @@ import numpy as np
 
 from ..attention import attention, dynamic_k, topk_attention
 from ..core import entropy
-from .models import _torch
+from .models import require_torch
 from .selectors import block_selection, forced_selection, logsumexp, simulated_selection
 
 __all__ = ["STATE_ATTR", "State", "run_hooked", "as_numpy"]
@@ -46,7 +46,7 @@ class State:
 
 def as_numpy(t):
     """NumPy view of a CPU tensor (no copy); float16/bfloat16 are widened to float32."""
-    torch = _torch()
+    torch = require_torch()
     t = t.detach()
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
@@ -86,7 +86,7 @@ class _Call:
         return tuple(self.q5.shape[:4])
 
     def logits(self):
-        torch = _torch()
+        torch = require_torch()
         with torch.no_grad():
             x = torch.matmul(self.q5, self.k5.transpose(-1, -2)) * self.scaling
             return x if self.add5 is None else x + self.add5
@@ -97,7 +97,7 @@ class _Call:
 
 
 def _grouped(q, k, v, mask, scaling):
-    torch = _torch()
+    torch = require_torch()
     B, Hq, L, d = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv:
@@ -206,7 +206,7 @@ def _kept_set(state, call, rows, s64, k_rows, want):
 
 def _output(call, out_np, dtype, rows, stock):
     """(B, L, Hq, d_v) tensor; rows without a visible key get the stock output."""
-    torch = _torch()
+    torch = require_torch()
     out = torch.from_numpy(np.ascontiguousarray(
         call.per_head(out_np).transpose(0, 2, 1, 3))).to(dtype)
     if rows.dead is not None:

@@ -14,7 +14,7 @@ import inspect
 import sys
 
 from .hooked import STATE_ATTR, run_hooked
-from .models import _transformers
+from .models import require_transformers
 
 __all__ = ["IMPLEMENTATION", "register", "uses_interface"]
 
@@ -78,7 +78,7 @@ def mask_function(*args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def register():
     """Register the attention (and mask) function once; False if transformers lacks it."""
-    tr = _transformers()
+    tr = require_transformers()
     iface = getattr(tr, "AttentionInterface", None)
     if iface is None:
         return False

@@ -32,7 +32,8 @@ _EXTRA = "pip install 'topkattn[hf]'"
 
 # ----------------------------------------------------------------- optional dependencies
 
-def _torch():
+def require_torch():
+    """The torch module, or an ImportError that says which extra to install."""
     try:
         import torch
     except ImportError:
@@ -41,8 +42,9 @@ def _torch():
     return torch
 
 
-def _transformers():
-    _torch()
+def require_transformers():
+    """The transformers module (torch first), or an ImportError naming the extra."""
+    require_torch()
     try:
         import transformers
     except ImportError:
@@ -114,7 +116,7 @@ def load_model(name=None, masked_lm=False):
     >>> model.config.num_hidden_layers  # doctest: +SKIP
     6
     """
-    tr = _transformers()
+    tr = require_transformers()
     builtin = name is None or name == BUILTIN_MODEL
     path = builtin_model_path() if builtin else os.fspath(name)
     label = BUILTIN_MODEL if builtin else repr(path)
@@ -171,7 +173,7 @@ def attention_layers(model):
 
     Raises ``ValueError`` for an unsupported model type, attention variant or head layout.
     """
-    torch = _torch()
+    torch = require_torch()
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
     if model_kind(model.config) == "decoder":

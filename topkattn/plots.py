@@ -8,11 +8,14 @@ per eps, the largest eps first. :func:`sweep_figures` lays the panels out as the
 
 Examples
 --------
->>> import matplotlib.pyplot as plt  # doctest: +SKIP
+>>> from matplotlib.figure import Figure
 >>> from topkattn import plots, sweep
->>> df = sweep.run(source="bert", texts=4)  # doctest: +SKIP
->>> fig, ax = plt.subplots(1, 2)  # doctest: +SKIP
->>> plots.rho_by_layer(ax[0], sweep.summarize(df)); plots.rho_distribution(ax[1], df)  # doctest: +SKIP
+>>> df = sweep.run(source="synthetic", n=[256], sigma=[1.0, 2.0], eps=[0.01], rows=4,
+...                progress=False)
+>>> ax = Figure().subplots()
+>>> plots.rho_vs_sigma(ax, df, 256)
+>>> ax.get_title()
+'n = 256'
 """
 from __future__ import annotations
 

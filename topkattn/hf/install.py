@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 
-from . import interface as _interface
+from . import interface, wrapped
 from .hooked import STATE_ATTR
-from .interface import IMPLEMENTATION
 from .models import attention_layers, model_kind
-from .wrapped import wrapped_forward
 
 __all__ = ["hooked"]
 
@@ -26,8 +24,8 @@ def hooked(model, states):
         raise RuntimeError("this model is already hooked by topkattn; hooks do not nest")
     config = model.config
     decoder = model_kind(config) == "decoder"
-    interface = _interface.uses_interface(model, attention_layers(model))
-    if decoder and not interface:
+    through_interface = interface.uses_interface(model, attention_layers(model))
+    if decoder and not through_interface:
         raise ValueError(f"hooking the decoder-only {config.model_type!r} needs a transformers "
                          "version whose model dispatches attention through AttentionInterface "
                          "(tried: 4.57 and 5.23); this one does not")
@@ -36,31 +34,15 @@ def hooked(model, states):
     try:
         for m, s in states.items():
             setattr(m, STATE_ATTR, s)
-        if interface:
-            base = original_impl if original_impl in ("eager", "sdpa") else "eager"
-            config._topkattn_base = base
-            # the stock mask format, so rows that are all padding get the stock treatment
-            config._topkattn_mask_base = base
-            config._topkattn_causal = decoder
-            model.set_attn_implementation(IMPLEMENTATION)
-            if config._attn_implementation != IMPLEMENTATION:
-                raise RuntimeError(f"{type(model).__name__} did not accept "
-                                   f"set_attn_implementation({IMPLEMENTATION!r})")
+        if through_interface:
+            interface.install(model, decoder)
         else:
-            for m in mods:
-                original = m.forward
-                m.forward = wrapped_forward(m, original)
-                patched.append(m)
+            wrapped.install(mods, patched)
         yield
     finally:
-        for m in patched:
-            del m.forward  # the instance attribute; the class method shows again
+        wrapped.remove(patched)
         for m in mods:
             if hasattr(m, STATE_ATTR):
                 delattr(m, STATE_ATTR)
-        if interface:
-            if config._attn_implementation != original_impl and original_impl is not None:
-                model.set_attn_implementation(original_impl)
-            for attr in ("_topkattn_base", "_topkattn_mask_base", "_topkattn_causal"):
-                if attr in vars(config):
-                    delattr(config, attr)
+        if through_interface:
+            interface.remove(model, original_impl)

@@ -16,7 +16,7 @@ import sys
 from .hooked import STATE_ATTR, run_hooked
 from .models import require_transformers
 
-__all__ = ["IMPLEMENTATION", "register", "uses_interface"]
+__all__ = ["IMPLEMENTATION", "register", "uses_interface", "install", "remove"]
 
 #: Name under which the topkattn attention is registered with transformers.
 IMPLEMENTATION = "topkattn"
@@ -102,3 +102,33 @@ def uses_interface(model, mods):
     except (OSError, TypeError):
         return False
     return src_mod is not None and "ALL_ATTENTION_FUNCTIONS" in src
+
+
+# Set on the model's config while the hook is installed: the implementation whose attention
+# and mask functions the hook delegates to, and whether the model is a decoder.
+_CONFIG_ATTRS = ("_topkattn_base", "_topkattn_mask_base", "_topkattn_causal")
+
+
+def install(model, decoder):
+    """Select :data:`IMPLEMENTATION` on ``model`` (after :func:`register`)."""
+    config = model.config
+    original = getattr(config, "_attn_implementation", None)
+    base = original if original in ("eager", "sdpa") else "eager"
+    config._topkattn_base = base
+    # the stock mask format, so rows that are all padding get the stock treatment
+    config._topkattn_mask_base = base
+    config._topkattn_causal = decoder
+    model.set_attn_implementation(IMPLEMENTATION)
+    if config._attn_implementation != IMPLEMENTATION:
+        raise RuntimeError(f"{type(model).__name__} did not accept "
+                           f"set_attn_implementation({IMPLEMENTATION!r})")
+
+
+def remove(model, original):
+    """Select the ``original`` implementation again and clear the config."""
+    config = model.config
+    if config._attn_implementation != original and original is not None:
+        model.set_attn_implementation(original)
+    for attr in _CONFIG_ATTRS:
+        if attr in vars(config):
+            delattr(config, attr)

@@ -11,7 +11,7 @@ import math
 
 from .hooked import STATE_ATTR, run_hooked
 
-__all__ = ["wrapped_forward"]
+__all__ = ["wrapped_forward", "install", "remove"]
 
 
 def wrapped_forward(module, original):
@@ -68,3 +68,16 @@ def wrapped_forward(module, original):
         return ctx, None  # attention weights are not formed
 
     return forward
+
+
+def install(modules, patched):
+    """Wrap the forward of each module, appending it to ``patched`` once done."""
+    for m in modules:
+        m.forward = wrapped_forward(m, m.forward)
+        patched.append(m)
+
+
+def remove(patched):
+    """Undo :func:`install` on the ``patched`` modules."""
+    for m in patched:
+        del m.forward  # the instance attribute; the class method shows again

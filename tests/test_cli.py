@@ -203,3 +203,34 @@ def test_python_dash_m(tmp_path):
     assert "argument --eps: must be in the open interval (0, 1), got 1.5" in r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["sweep", "evaluate"])
+def test_help_states_each_default_once(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())       # undo the line wrapping
+    assert "(default: None)" not in out and "(default: True)" not in out
+    assert "(default: False)" not in out
+    options = out.split(" --")[1:]
+    for opt in options:
+        assert opt.count("(default:") <= 1, opt
+    assert "tail-mass budgets (default: 0.1 0.01 0.001)" in out
+    assert "(default: 32)" in out and "(default: all)" in out
+    if command == "sweep":
+        assert "(default: 1024 4096 16384 65536)" in out and "(default: 64)" in out
+        plots = next(o for o in options if o.startswith("no-plots"))
+        assert "do not write PNG plots" in plots and "default" not in plots
+
+
+def test_plot_functions_draw_on_given_axes():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from topkattn import plots
+    df = sweep.run(**TINY_KW, progress=False)
+    fig = Figure()
+    ax = fig.subplots(1, 2)
+    plots.rho_vs_sigma(ax[0], df, 200)
+    plots.bound_tightness_vs_sigma(ax[1], df, 200)
+    assert ax[0].get_title() == "n = 200" and ax[0].get_yscale() == "log"
+    assert len(ax[0].get_lines()) == 3 * 2 and len(ax[1].get_lines()) == 2 * 2 + 1
+    assert set(plots.sweep_figures(df)) == {"rho_vs_sigma", "bound_tightness"}

@@ -304,7 +304,7 @@ def test_wrapped_forward_fallback_matches_interface(minilm, enc, monkeypatch):
     ref = _stock(model, enc)
     with hf.use_topk_attention(model, eps=1e-2) as _:
         via_interface = _stock(model, enc).last_hidden_state
-    monkeypatch.setattr(hf, "_uses_interface", lambda model, mods: False)
+    monkeypatch.setattr(hf.interface, "uses_interface", lambda model, mods: False)
     impl = model.config._attn_implementation
     with hf.use_topk_attention(model, eps=1e-2):
         assert model.config._attn_implementation == impl

@@ -278,7 +278,7 @@ def test_capture_on_a_decoder_is_causal(model):
 
 
 def test_decoder_needs_attention_interface(model, monkeypatch):
-    monkeypatch.setattr(hf, "_uses_interface", lambda model, mods: False)
+    monkeypatch.setattr(hf.interface, "uses_interface", lambda model, mods: False)
     with pytest.raises(ValueError, match="needs a transformers version .*AttentionInterface"):
         with hf.use_topk_attention(model, eps=0.1):
             pass

@@ -16,7 +16,7 @@ Environment variables read at import:
 """
 import os as _os
 
-from . import _core
+from . import _core, _gpu
 from .attention import (
     AttentionError,
     TopkInfo,
@@ -97,7 +97,6 @@ def build_info():
     True
     """
     info = _core.simd_info()
-    from . import _gpu
     cuda = _gpu.info()
     return {
         "version": __version__,

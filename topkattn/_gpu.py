@@ -23,47 +23,33 @@ scalars come back float64, k and indices int64, attention outputs in the operand
 """
 from __future__ import annotations
 
-import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
+
+from . import _args, _errors
+from ._args import any_gpu, is_gpu_array
+from ._args import batch_offsets as _batch_offsets
+from ._errors import check_logits_status as _check
+from ._errors import where as _where  # noqa: F401 (the row labels, shared with the CPU core)
+from ._results import TopkInfo
 
 try:
     from . import _cuda
 except ImportError:  # built without nvcc (TOPKATTN_CUDA=0, or auto with no nvcc)
     _cuda = None
 
+__all__ = ["FUNCTIONS", "ENV_OPT_IN", "is_gpu_array", "any_gpu", "cuda_enabled", "info",
+           "tail_mass", "log_tail_mass", "k_eps", "topk", "topk_attention"]
+
+#: The public functions that have a twin here; the others run on the CPU only.
+FUNCTIONS = ("tail_mass", "log_tail_mass", "k_eps", "topk", "topk_attention")
+
 ENV_OPT_IN = "TOPKATTN_CUDA_UNVERIFIED"
-_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 
 
-# ----------------------------------------------------------------- detection, opt-in
-
-def is_gpu_array(x):
-    """True for a CUDA array (torch CUDA tensor, CuPy array, CUDA DLPack producer).
-
-    Cheap for everything else: NumPy arrays, Python scalars and lists return at once, and
-    neither torch nor CuPy is imported.
-    """
-    if isinstance(x, (np.ndarray, np.generic, int, float, list, tuple)) or x is None:
-        return False
-    if type(x).__module__.split(".")[0] == "torch":
-        return bool(getattr(x, "is_cuda", False))
-    try:
-        if hasattr(x, "__cuda_array_interface__"):
-            return True
-        dev = getattr(x, "__dlpack_device__", None)
-        return dev is not None and int(dev()[0]) in _DLPACK_CUDA
-    except Exception:  # a property that raises (e.g. a CPU tensor of another library)
-        return False
-
-
-def any_gpu(*xs):
-    """True if any argument is a GPU array (see :func:`is_gpu_array`)."""
-    return any(is_gpu_array(x) for x in xs)
-
+# ----------------------------------------------------------------- opt-in
 
 def cuda_enabled():
     """Whether GPU arrays are accepted now: the extension is built and opted in."""
@@ -72,15 +58,9 @@ def cuda_enabled():
 
 def _require(name):
     if _cuda is None:
-        raise TypeError(
-            f"{name} is a GPU array, but this topkattn was built without its CUDA core "
-            "(topkattn._cuda; build_info()['cuda'] is False). Rebuild with nvcc available "
-            "(TOPKATTN_CUDA=1), or move the array to the CPU (.cpu() for torch, .get() for CuPy).")
+        raise _errors.no_cuda_core(name)
     if os.environ.get(ENV_OPT_IN, "").strip() != "1":
-        raise TypeError(
-            f"{name} is a GPU array. topkattn's CUDA path is built but not yet verified on a "
-            f"GPU, so it is off by default: set {ENV_OPT_IN}=1 to use it anyway, or move the "
-            "array to the CPU (.cpu() for torch, .get() for CuPy).")
+        raise _errors.cuda_not_opted_in(name, ENV_OPT_IN)
 
 
 # ----------------------------------------------------------------- array libraries
@@ -144,8 +124,8 @@ class _Torch:
     def is_bool(self, x):
         return x.dtype == self.t.bool
 
-    def is_float(self, x):
-        return x.dtype.is_floating_point
+    def is_real(self, x):
+        return not x.dtype.is_complex
 
 
 class _Cupy:
@@ -211,8 +191,8 @@ class _Cupy:
     def is_bool(self, x):
         return x.dtype == np.bool_
 
-    def is_float(self, x):
-        return x.dtype.kind == "f"
+    def is_real(self, x):
+        return x.dtype.kind in "fiu"
 
 
 _LIBS = {}
@@ -263,30 +243,6 @@ def _rows(lib, x, name="logits"):
     return x, x2, batch, rows, n, code, st[0] * size, st[1] * size
 
 
-def _where(batch, row):
-    if not batch or row < 0:
-        return ""
-    idx = np.unravel_index(row, batch)
-    return " at batch index (" + ", ".join(str(int(i)) for i in idx) + ("," if len(idx) == 1 else "") + ")"
-
-
-def _check(res, batch, name="logits"):
-    if res is None:
-        return
-    code, row = res
-    where = _where(batch, row)
-    if code == 1:
-        raise ValueError(f"{name} contains NaN{where}")
-    if code == 2:
-        raise ValueError(f"{name} contains +inf{where} (use -inf for masked keys)")
-    raise ValueError(f"{name} has a fully masked row{where} (every logit is -inf)")
-
-
-def _per_row(value, batch, name, dtype):
-    from .core import _per_row as per_row
-    return per_row(value, batch, name, dtype)
-
-
 # ----------------------------------------------------------------- distribution level
 
 def log_tail_mass(logits, k):
@@ -294,10 +250,8 @@ def log_tail_mass(logits, k):
     _require("logits")
     lib = _lib_of(logits)
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
-    kk = _per_row(_host(lib, k), batch, "k", np.int64)
-    if kk.size and (kk.min() < 0 or kk.max() > n):
-        bad = kk.min() if kk.min() < 0 else kk.max()
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {int(bad)}")
+    kk = _args.per_row(_host(lib, k), batch, "k", np.int64)
+    _args.check_k(kk, 0, n)
     dev = lib.device(x)
     out = lib.empty(batch, "float64", dev)
     if rows:
@@ -317,10 +271,8 @@ def k_eps(logits, eps, return_tail=False):
     _require("logits")
     lib = _lib_of(logits)
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
-    ee = _per_row(_host(lib, eps), batch, "eps", np.float64)
-    bad = ee[~((ee > 0) & (ee < 1))]
-    if bad.size:
-        raise ValueError(f"eps must be in the open interval (0, 1), got {float(bad[0]):.17g}")
+    ee = _args.per_row(_host(lib, eps), batch, "eps", np.float64)
+    _args.check_eps(ee)
     dev = lib.device(x)
     k_out = lib.empty(batch, "int64", dev)
     tau = lib.empty(batch, "float64", dev) if return_tail else None
@@ -333,16 +285,11 @@ def k_eps(logits, eps, return_tail=False):
 
 def topk(logits, k):
     """GPU twin of :func:`topkattn.topk`: int64 indices, shape (..., k)."""
-    import numbers
-    import operator
     _require("logits")
     lib = _lib_of(logits)
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = operator.index(k)
+    k = _args.integer(k, "k")
     x, x2, batch, rows, n, code, rs, es = _rows(lib, logits)
-    if k < 0 or k > n:
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {k}")
+    _args.check_k(k, 0, n)
     dev = lib.device(x)
     out = lib.empty(batch + (k,), "int64", dev)
     if rows and k:
@@ -353,19 +300,17 @@ def topk(logits, k):
 
 # ----------------------------------------------------------------- attention
 
-def _batch_offsets(shape, strides, bshape):
-    """Element offset of every batch element of an operand broadcast to bshape (C order)."""
-    nd = len(bshape)
-    pad = nd - len(shape)
-    off = np.zeros(bshape, dtype=np.int64)
-    for ax in range(nd):
-        i = ax - pad
-        if i < 0 or shape[i] == 1 or bshape[ax] <= 1:
-            continue
-        view = [1] * nd
-        view[ax] = bshape[ax]
-        off = off + (np.arange(bshape[ax], dtype=np.int64) * strides[i]).reshape(view)
-    return np.ascontiguousarray(off).reshape(-1)
+def _device_mask(lib, mask, acc, dev):
+    """An additive mask (a GPU array of lib, or array_like) on device dev, as acc."""
+    if is_gpu_array(mask):
+        m = lib.wrap(mask)
+        _args.mask_dtype(lib.is_bool(m), lib.is_real(m), lib.dtype_name(m),
+                         "torch.where(keep, 0.0, -inf)")
+        return lib.astype(m, acc)
+    mh = np.asarray(mask)
+    _args.mask_dtype(mh.dtype == np.bool_, mh.dtype.kind in "fiu", mh.dtype,
+                     "np.where(keep, 0.0, -np.inf)")
+    return lib.upload(mh.astype(acc), dev)
 
 
 def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
@@ -376,7 +321,6 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     dtype. ``mask`` may be a GPU array or array_like (it is moved to the device, as the
     accumulation type). ``return_info`` gives a :class:`~topkattn.TopkInfo` of GPU arrays.
     """
-    from .attention import TopkInfo, _Problem, _selection
     for nm, a in (("Q", Q), ("K", K), ("V", V)):
         if not is_gpu_array(a):
             raise TypeError(f"{nm} must be a GPU array like the other operands (Q, K and V on "
@@ -393,65 +337,22 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     if lib.device(K) != dev or lib.device(V) != dev:
         raise ValueError("Q, K and V must be on the same GPU")
     for nm, a in (("Q", Q), ("K", K), ("V", V)):
-        if len(a.shape) < 2:
-            shape = "(..., L, d)" if nm == "Q" else "(..., n, d)" if nm == "K" else "(..., n, d_v)"
-            raise ValueError(f"{nm} must have shape {shape}, got a {len(a.shape)}-d array")
-    L, d = (int(s) for s in Q.shape[-2:])
-    n = int(K.shape[-2])
-    dv = int(V.shape[-1])
-    if int(K.shape[-1]) != d:
-        raise ValueError(f"Q and K must have the same last axis d: Q has shape {tuple(Q.shape)}, "
-                         f"K has shape {tuple(K.shape)}")
-    if int(V.shape[-2]) != n:
-        raise ValueError(f"K and V must have the same number of keys n (axis -2): K has shape "
-                         f"{tuple(K.shape)}, V has shape {tuple(V.shape)}")
-    if n == 0:
-        raise ValueError(f"K has no keys (n = 0, shape {tuple(K.shape)})")
-    if d == 0:
-        raise ValueError(f"Q and K have d = 0 features (shapes {tuple(Q.shape)}, {tuple(K.shape)})")
+        _args.operand_ndim(nm, len(a.shape))
+    L, d, n, dv = _args.attention_dims(Q.shape, K.shape, V.shape)
     acc = "float64" if code == _CODES["float64"] else "float32"
-    shapes = [tuple(Q.shape[:-2]), tuple(K.shape[:-2]), tuple(V.shape[:-2])]
+    named = [("Q", tuple(Q.shape)), ("K", tuple(K.shape)), ("V", tuple(V.shape))]
     m = None
     if mask is not None:
-        if is_gpu_array(mask):
-            m = lib.wrap(mask)
-            if lib.is_bool(m):
-                raise TypeError("mask must be additive (0 to keep, -inf to mask a key), not "
-                                "boolean; use torch.where(keep, 0.0, -inf)")
-            if not lib.is_float(m):
-                m = lib.astype(m, "float64")
-            m = lib.astype(m, acc)
-        else:
-            mh = np.asarray(mask)
-            if mh.dtype == np.bool_:
-                raise TypeError("mask must be additive (0 to keep, -inf to mask a key), not "
-                                "boolean; use np.where(keep, 0.0, -np.inf)")
-            if mh.dtype.kind not in "fiu":
-                raise TypeError(f"mask must be a real (additive) array, got {mh.dtype}")
-            m = lib.upload(mh.astype(acc), dev)
-        if len(m.shape) < 2:
-            m = lib.reshape(m, (1,) * (2 - len(m.shape)) + tuple(m.shape))
+        m = _device_mask(lib, mask, acc, dev)
+        m = lib.reshape(m, _args.mask_shape(m.shape, L, n))
         if lib.bad_mask_values(m):
             raise ValueError("mask must not contain NaN or +inf (use -inf to mask a key)")
-        Lm, nm_ = int(m.shape[-2]), int(m.shape[-1])
-        if Lm not in (1, L) or nm_ not in (1, n):
-            raise ValueError(f"mask with shape {tuple(m.shape)} does not broadcast to (..., L, n) "
-                             f"= (..., {L}, {n})")
-        shapes.append(tuple(m.shape[:-2]))
-    try:
-        bshape = tuple(np.broadcast_shapes(*shapes))
-    except ValueError:
-        raise ValueError("the batch axes of Q, K, V" + (" and mask" if m is not None else "")
-                         + f" ({', '.join(str(s) for s in shapes)}) do not broadcast") from None
+        named.append(("mask", tuple(m.shape)))
+    bshape = _args.batch_shape(named)
     if d > 4096:
         raise ValueError(f"d = {d} > 4096 is not supported on the GPU")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    p = SimpleNamespace(bshape=bshape, L=L, n=n)
-    kk, ee = _selection(p, _host(lib, k), _host(lib, eps), _host(lib, ratio))
+    scale = _args.scale(scale, d)
+    kk, ee = _args.selection(bshape + (L,), n, _host(lib, k), _host(lib, eps), _host(lib, ratio))
     batch = int(np.prod(bshape, dtype=np.int64))
     rows = batch * L
     rshape = bshape + (L,)
@@ -488,7 +389,7 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
             lib.ptr(tau) if tau is not None else 0, lib.ptr(idx) if idx is not None else 0,
             width, lib.stream(dev), dev)
         if res is not None:
-            _Problem._raise(SimpleNamespace(bshape=bshape, L=L), res[0], res[1])
+            _errors.raise_attention_status(res[0], res[1], bshape, L)
     if not return_info:
         return out
     if rows:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core, _gpu
-from .core import _float_array, _per_row, k_eps as _k_eps, tail_mass as _tail_mass
+from . import _args, _core, _errors
+from ._backend import dispatch
+from ._results import AttentionError, TopkInfo
+from .core import k_eps as _k_eps, tail_mass as _tail_mass
 
 __all__ = [
     "attention", "topk_attention", "TopkInfo", "attention_error", "AttentionError",
@@ -31,14 +33,6 @@ _DENSE, _TOPK, _ROW_ERROR = 0, 1, 2
 
 # ----------------------------------------------------------------- argument handling
 
-def _float_operand(x, name, min_ndim=2):
-    x = _float_array(x, name)
-    if x.ndim < min_ndim:
-        shape = "(..., L, d)" if name == "Q" else "(..., n, d)" if name == "K" else "(..., n, d_v)"
-        raise ValueError(f"{name} must have shape {shape}, got a {x.ndim}-d array")
-    return x
-
-
 def _aligned(a, dtype):
     """``a`` as ``dtype`` with adjacent, aligned last-axis elements (copied only if needed)."""
     a = a.astype(dtype, copy=False)
@@ -48,16 +42,9 @@ def _aligned(a, dtype):
     return a
 
 
-def _offsets(a, bshape, nd):
-    """Byte offset of every batch element of ``a`` (last ``nd`` axes are the matrix)."""
-    view = np.broadcast_to(a, tuple(bshape) + a.shape[a.ndim - nd:])
-    off = np.zeros(bshape, dtype=np.int64)
-    for axis, stride in enumerate(view.strides[:len(bshape)]):
-        if stride and bshape[axis] > 1:
-            shape = [1] * len(bshape)
-            shape[axis] = bshape[axis]
-            off = off + (np.arange(bshape[axis], dtype=np.int64) * stride).reshape(shape)
-    return np.ascontiguousarray(np.broadcast_to(off, bshape).ravel())
+def _offsets(a, bshape):
+    """Byte offset of every batch element of ``a`` (the last two axes are the matrix)."""
+    return _args.batch_offsets(a.shape[:-2], a.strides[:-2], bshape)
 
 
 @dataclass
@@ -83,83 +70,47 @@ class _Problem:
         res = _core.attention(mode, self.q, self.k, self.v, self.mask,
                               int(np.prod(self.bshape, dtype=np.int64)), self.L, self.n, self.d,
                               self.dv, self.scale, k, eps, want_info)
-        if isinstance(res, tuple) and len(res) == 3 and isinstance(res[0], str):
-            self._raise(res[1], res[2])
-        return res
+        return _errors.check_attention_result(res, self.bshape, self.L)
 
-    def _raise(self, code, row):
-        where = ""
-        if row >= 0:
-            idx = np.unravel_index(row, tuple(self.bshape) + (self.L,))
-            where = f" (query row at index {tuple(int(i) for i in idx)} of (..., L))"
-        if code == 1:
-            raise ValueError(f"the scores q.k contain NaN{where}: Q or K has NaN or inf values")
-        if code == 2:
-            raise ValueError(f"the scores q.k are +inf{where}: Q or K has inf values")
-        raise ValueError(f"mask masks every key of a query row{where}; a softmax over no key "
-                         "is undefined")
+
+def _operand(x, name):
+    x = _args.float_array(x, name)
+    _args.operand_ndim(name, x.ndim)
+    return x
 
 
 def _problem(Q, K, V, scale, mask, need_v=True):
-    Q = _float_operand(Q, "Q")
-    K = _float_operand(K, "K")
-    V = _float_operand(V, "V") if need_v else K
-    L, d = Q.shape[-2:]
-    n = K.shape[-2]
-    if K.shape[-1] != d:
-        raise ValueError(f"Q and K must have the same last axis d: Q has shape {Q.shape}, "
-                         f"K has shape {K.shape}")
-    if V.shape[-2] != n:
-        raise ValueError(f"K and V must have the same number of keys n (axis -2): K has shape "
-                         f"{K.shape}, V has shape {V.shape}")
-    if n == 0:
-        raise ValueError(f"K has no keys (n = 0, shape {K.shape})")
-    if d == 0:
-        raise ValueError(f"Q and K have d = 0 features (shapes {Q.shape}, {K.shape})")
-    shapes = [Q.shape[:-2], K.shape[:-2], V.shape[:-2]]
+    Q = _operand(Q, "Q")
+    K = _operand(K, "K")
+    V = _operand(V, "V") if need_v else K
+    L, d, n, dv = _args.attention_dims(Q.shape, K.shape, V.shape)
+    named = [("Q", Q.shape), ("K", K.shape), ("V", V.shape)]
     m = None
     if mask is not None:
         m = np.asarray(mask)
-        if m.dtype.kind not in "fiub":
-            raise TypeError(f"mask must be a real (additive) array, got {m.dtype}")
-        if m.dtype == np.bool_:
-            raise TypeError("mask must be additive (0 to keep, -inf to mask a key), not boolean; "
-                            "use np.where(keep, 0.0, -np.inf)")
+        _args.mask_dtype(m.dtype == np.bool_, m.dtype.kind in "fiu", m.dtype,
+                         "np.where(keep, 0.0, -np.inf)")
         m = m.astype(np.float64, copy=False)
-        if m.ndim < 2:
-            m = m.reshape((1,) * (2 - m.ndim) + m.shape)
+        m = m.reshape(_args.mask_shape(m.shape, L, n))
         if np.isnan(m).any() or np.isposinf(m).any():
             raise ValueError("mask must not contain NaN or +inf (use -inf to mask a key)")
-        shapes.append(m.shape[:-2])
-        try:
-            np.broadcast_shapes(m.shape[-2:], (L, n))
-        except ValueError:
-            raise ValueError(f"mask with shape {m.shape} does not broadcast to (..., L, n) = "
-                             f"(..., {L}, {n})") from None
-    try:
-        bshape = np.broadcast_shapes(*shapes)
-    except ValueError:
-        raise ValueError("the batch axes of " + ", ".join(
-            f"{nm} {s.shape}" for nm, s in zip(("Q", "K", "V", "mask"), (Q, K, V, m))
-            if s is not None) + " do not broadcast") from None
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+        named.append(("mask", m.shape))
+    bshape = _args.batch_shape(named)
+    scale = _args.scale(scale, d)
     dtype = np.float32 if all(a.dtype == np.float32 for a in (Q, K, V)) else np.float64
     ops = []
     for a in (Q, K, V):
         a = _aligned(a, dtype)
         ld = a.strides[-2] if a.shape[-2] > 1 else 0
-        ops.append((a, _offsets(a, bshape, 2), int(ld)))
+        ops.append((a, _offsets(a, bshape), int(ld)))
     mtuple = None
     if m is not None:
         mb = np.broadcast_to(m, m.shape[:-2] + (L, n))
         sl = mb.strides[-2] if L > 1 else 0
         sn = mb.strides[-1] if n > 1 else 0
-        mtuple = (mb, _offsets(mb, bshape, 2), int(sl), int(sn))
-    return _Problem(ops[0], ops[1], ops[2], mtuple, tuple(bshape), int(L), int(n), int(d),
-                    int(V.shape[-1]), float(scale), dtype)
+        mtuple = (mb, _offsets(mb, bshape), int(sl), int(sn))
+    return _Problem(ops[0], ops[1], ops[2], mtuple, bshape, int(L), int(n), int(d),
+                    int(dv), scale, dtype)
 
 
 def _empty(p, shape):
@@ -168,6 +119,7 @@ def _empty(p, shape):
 
 # ----------------------------------------------------------------- dense and Top-k
 
+@dispatch("Q", "K", "V")
 def attention(Q, K, V, scale=None, mask=None):
     r"""Dense softmax attention, the reference every sparse result is compared with.
 
@@ -205,48 +157,11 @@ def attention(Q, K, V, scale=None, mask=None):
     return p.call(_DENSE).reshape(shape)
 
 
-@dataclass(frozen=True)
-class TopkInfo:
-    """What :func:`topk_attention` kept, per query row.
-
-    Attributes
-    ----------
-    indices : ndarray of int64, shape (..., L, k_max)
-        Kept key positions by decreasing score (ties: lower position first), padded with
-        -1 where a row keeps fewer than ``k_max = k.max()``.
-    k : ndarray of int64, shape (..., L)
-        Keys kept per row (masked keys are never kept).
-    tau : ndarray of float64, shape (..., L)
-        Discarded softmax mass, which equals TV(P, P_k) (docs/design.md §2).
-    """
-    indices: np.ndarray
-    k: np.ndarray
-    tau: np.ndarray
-
-
 def _selection(p, k, eps, ratio):
-    given = [name for name, v in (("k", k), ("eps", eps), ("ratio", ratio)) if v is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one of k, eps or ratio, got "
-                         + (", ".join(given) if given else "none"))
-    rshape = p.bshape + (p.L,)
-    if ratio is not None:
-        r = np.asarray(ratio, dtype=np.float64)
-        if not np.all((r > 0) & (r <= 1)):
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        k = np.ceil(r * p.n - 1e-9 * r * p.n).astype(np.int64)
-    if k is not None:
-        kk = _per_row(k, rshape, "k", np.int64)
-        if kk.size and (kk.min() < 1 or kk.max() > p.n):
-            bad = kk.min() if kk.min() < 1 else kk.max()
-            raise ValueError(f"k must be in [1, n] = [1, {p.n}], got {int(bad)}")
-        return kk, None
-    ee = _per_row(eps, rshape, "eps", np.float64)
-    if ee.size and not np.all((ee > 0) & (ee < 1)):
-        raise ValueError(f"eps must be in the open interval (0, 1), got {eps!r}")
-    return None, ee
+    return _args.selection(p.bshape + (p.L,), p.n, k, eps, ratio)
 
 
+@dispatch("Q", "K", "V")
 def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
                    return_info=False):
     r"""Top-k attention: softmax over the kept keys only, fused per query row.
@@ -290,8 +205,6 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     >>> bool((info.tau <= 1e-2).all()), out.shape
     (True, (4, 8))
     """
-    if _gpu.any_gpu(Q, K, V):
-        return _gpu.topk_attention(Q, K, V, k, eps, ratio, scale, mask, return_info)
     p = _problem(Q, K, V, scale, mask)
     kk, ee = _selection(p, k, eps, ratio)
     shape = p.bshape + (p.L, p.dv)
@@ -312,44 +225,6 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
 
 # ----------------------------------------------------------------- output-level error
 
-@dataclass(frozen=True)
-class AttentionError:
-    r"""Output-level error of Top-k attention per query row (docs/design.md §3).
-
-    With P the dense softmax, S the kept set, T the rest and ``tau = P(T)``:
-
-    Attributes
-    ----------
-    error : ndarray, shape (...)
-        ``||Attn - Attn_k||_2`` in float64, evaluated as ``||sum_{i in T} P_i (v_i - mu_H)||``
-        (the same vector as the difference of the dense and Top-k outputs, without their
-        cancellation); exactly 0 when nothing is discarded.
-    tau : ndarray, shape (...)
-        Discarded mass ``P(T)``.
-    mu_head : ndarray, shape (..., d_v)
-        ``sum_{i in S} P_i v_i / (1 - tau)`` (equals ``Attn_k``).
-    mu_tail : ndarray, shape (..., d_v)
-        ``sum_{i in T} P_i v_i / tau``; NaN where the tail has no mass (tau = 0).
-    diam_bound : ndarray, shape (...)
-        ``tau * max_{i in S, j in T} ||v_i - v_j||_2`` over keys of nonzero probability.
-    var_bound : ndarray, shape (...)
-        ``sqrt(tau / (1 - tau) * Var_P(V))``, ``Var_P(V) = sum_i P_i ||v_i - Attn||^2``.
-    k : ndarray of int64, shape (...)
-        Size of the kept set.
-
-    The identity ``error = tau * ||mu_tail - mu_head||`` holds to rounding, and both
-    bounds are >= error (they are rounded up by a relative 1e-12 so that rounding never
-    puts them below it).
-    """
-    error: np.ndarray
-    tau: np.ndarray
-    mu_head: np.ndarray
-    mu_tail: np.ndarray
-    diam_bound: np.ndarray
-    var_bound: np.ndarray
-    k: np.ndarray
-
-
 _BOUND_PAD = 1.0 + 1e-12
 
 
@@ -368,6 +243,7 @@ def _diameter(vs, vt):
     return best
 
 
+@dispatch("q", "K", "V")
 def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     r"""Exact output error of Top-k attention and its two bounds, per query row (docs/design.md §3).
 
@@ -468,6 +344,7 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
 
 # ----------------------------------------------------------------- n^C sparsity (§6)
 
+@dispatch("n")
 def dynamic_k(n, alpha, C):
     r"""The dynamic window ``k = ceil(alpha * n**C)`` clipped to [1, n] (docs/design.md §6).
 
@@ -510,6 +387,7 @@ def dynamic_k(n, alpha, C):
     return int(k) if k.ndim == 0 else k
 
 
+@dispatch("Q", "K")
 def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
     r"""Whole-matrix error of Top-k attention, ``(1/L) * ||D_spar^-1 A_spar - D^-1 A||``.
 
@@ -556,9 +434,5 @@ def attention_matrix_error(Q, K, k, scale=None, mask=None, norm="fro"):
     if norm == "rows":
         return np.sqrt(sq)
     if norm == "l1":
-        return _scalar(2.0 * tau.sum(axis=-1) / p.L)
-    return _scalar(np.sqrt(sq.sum(axis=-1)) / p.L)
-
-
-def _scalar(a):
-    return a[()] if a.ndim == 0 else a
+        return _args.scalar_out(2.0 * tau.sum(axis=-1) / p.L)
+    return _args.scalar_out(np.sqrt(sq.sum(axis=-1)) / p.L)

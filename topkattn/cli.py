@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import __version__, build_info
+from . import __version__, build_info, corpus, hf, plots
 from . import sweep as _sweep
 
 __all__ = ["main"]
@@ -33,8 +33,6 @@ __all__ = ["main"]
 _SUBCOMMANDS = ("sweep", "evaluate")
 _DEFAULTS = {"source": "bert", "eps": [1e-1, 1e-2, 1e-3], "seed": 0}
 _CSV, _JSON = "sweep.csv", "sweep.json"
-_PLOT_RHO, _PLOT_BOUNDS = "rho_vs_sigma.png", "bound_tightness.png"
-_PLOT_LAYER, _PLOT_DIST = "rho_by_layer.png", "rho_distribution.png"
 _EVAL_CSV, _EVAL_JSON = "evaluate.csv", "evaluate.json"
 
 
@@ -66,7 +64,14 @@ def _float_where(ok, rule):
     return parse
 
 
+def _default(text, value):
+    """A help text that states its default once (argparse adds none: options whose
+    default is None describe what happens without them, flags need no default)."""
+    return f"{text} (default: {value})"
+
+
 def _build_parser():
+    """The parser and its subcommand parsers by name."""
     parser = argparse.ArgumentParser(
         prog="topkattn",
         description="Certified Top-k attention: tools around the topkattn C core.",
@@ -79,32 +84,30 @@ def _build_parser():
         description="Measure the oracle k_eps, the tail mass and the certified bounds over "
                     "a grid of (n, sigma, eps) and compare k_eps/n with the Gaussian design "
                     "rule (evaluated at the fitted sigma). Writes sweep.csv, sweep.json and "
-                    "PNG plots (if matplotlib is installed) to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "PNG plots (if matplotlib is installed) to --out.")
     syn = _sweep.SYNTHETIC_DEFAULTS
     sp.add_argument("--source", choices=sorted(_sweep.SOURCES), default=_DEFAULTS["source"],
-                    help="where the logits come from: 'bert' = attention logits of a "
-                         "pretrained BERT model on real text (offline), 'synthetic' = "
-                         "i.i.d. Gaussian rows")
-    sp.add_argument("--eps", nargs="+", default=_DEFAULTS["eps"], metavar="EPS",
-                    type=_float_where(lambda v: 0 < v < 1, "in the open interval (0, 1)"),
-                    help="tail-mass budgets")
+                    help=_default("where the logits come from: 'bert' = attention logits of "
+                                  "a pretrained BERT model on real text (offline), "
+                                  "'synthetic' = i.i.d. Gaussian rows", _DEFAULTS["source"]))
+    _eps_option(sp)
     _model_options(sp, "bert source: ")
     sp.add_argument("--n", nargs="+", type=_int_at_least(2), default=None, metavar="N",
-                    help=f"synthetic source: row lengths (default: {_fmt(syn['n'])})")
+                    help=_default("synthetic source: row lengths", _fmt(syn["n"])))
     sp.add_argument("--sigma", nargs="+", default=None, metavar="SIGMA",
                     type=_float_where(lambda v: math.isfinite(v) and v >= 0,
                                       "finite and >= 0"),
-                    help="synthetic source: standard deviations of the logits "
-                         f"(default: {_fmt(syn['sigma'])})")
+                    help=_default("synthetic source: standard deviations of the logits",
+                                  _fmt(syn["sigma"])))
     sp.add_argument("--rows", type=_int_at_least(1), default=None,
-                    help=f"synthetic source: rows per (n, sigma) (default: {syn['rows']})")
+                    help=_default("synthetic source: rows per (n, sigma)", syn["rows"]))
     sp.add_argument("--seed", type=_int_at_least(0), default=_DEFAULTS["seed"],
-                    help="synthetic source: random seed")
+                    help=_default("synthetic source: random seed", _DEFAULTS["seed"]))
     sp.add_argument("--out", default="topkattn-sweep", metavar="DIR",
-                    help="output directory (created if needed)")
+                    help=_default("output directory (created if needed)", "topkattn-sweep"))
     sp.add_argument("--no-plots", dest="plots", action="store_false",
-                    help="do not write PNG plots")
+                    help="do not write PNG plots (they are written when matplotlib is "
+                         "installed)")
     sp.add_argument("--quiet", action="store_true",
                     help="no progress bar, no summary table")
     sp.set_defaults(func=_cmd_sweep)
@@ -116,21 +119,25 @@ def _build_parser():
                     "compare with full attention: keys kept per layer, relative drift of "
                     "hidden states per layer, cosine similarity of sentence embeddings, "
                     "and top-1 agreement for masked-language models. Writes evaluate.csv "
-                    "and evaluate.json to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ep.add_argument("--eps", nargs="+", default=_DEFAULTS["eps"], metavar="EPS",
-                    type=_float_where(lambda v: 0 < v < 1, "in the open interval (0, 1)"),
-                    help="tail-mass budgets")
+                    "and evaluate.json to --out.")
+    _eps_option(ep)
     _model_options(ep, "")
     ep.add_argument("--out", default="topkattn-evaluate", metavar="DIR",
-                    help="output directory (created if needed)")
+                    help=_default("output directory (created if needed)",
+                                  "topkattn-evaluate"))
     ep.add_argument("--quiet", action="store_true", help="no tables on stdout")
     ep.set_defaults(func=_cmd_evaluate)
-    return parser
+    return parser, {"sweep": sp, "evaluate": ep}
 
 
 def _fmt(values):
     return " ".join(f"{v:g}" for v in values)
+
+
+def _eps_option(p):
+    p.add_argument("--eps", nargs="+", default=_DEFAULTS["eps"], metavar="EPS",
+                   type=_float_where(lambda v: 0 < v < 1, "in the open interval (0, 1)"),
+                   help=_default("tail-mass budgets", _fmt(_DEFAULTS["eps"])))
 
 
 def _model_options(p, prefix):
@@ -141,17 +148,17 @@ def _model_options(p, prefix):
     p.add_argument("--masked-lm", action="store_true",
                    help=prefix + "load the model with its masked-language-model head")
     p.add_argument("--texts", type=_int_at_least(1), default=None, metavar="COUNT",
-                   help=prefix + "number of built-in corpus texts "
-                        f"(default: {_sweep.BERT_DEFAULT_TEXTS})")
+                   help=_default(prefix + "number of built-in corpus texts",
+                                 _sweep.BERT_DEFAULT_TEXTS))
     p.add_argument("--text-file", default=None, metavar="PATH",
                    help=prefix + "your own texts, one per line (instead of the corpus)")
     p.add_argument("--layers", nargs="+", type=int, default=None, metavar="LAYER",
-                   help=prefix + "layers (default: all)")
+                   help=_default(prefix + "layers", "all"))
     p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="TOKENS",
-                   help=prefix + "truncate texts to this many tokens (default: the "
-                        "model's maximum)")
+                   help=_default(prefix + "truncate texts to this many tokens",
+                                 "the model's maximum"))
     p.add_argument("--batch-size", type=_int_at_least(1), default=8,
-                   help=prefix + "texts per forward pass")
+                   help=_default(prefix + "texts per forward pass", 8))
 
 
 # ----------------------------------------------------------------- sweep command
@@ -170,9 +177,7 @@ def _jsonable(v):
 
 
 def _summary_table(df):
-    t = df[["n", "sigma", "eps", "rho_median", "rho_rule", "rho_finite"]].copy()
-    t["err_rule"] = (df["rho_rule"] - df["rho_median"]) / df["rho_median"]
-    t["err_finite"] = (df["rho_finite"] - df["rho_median"]) / df["rho_median"]
+    t = _sweep.prediction_errors(df)
     fmt = {
         "sigma": "{:g}".format, "eps": "{:g}".format,
         "rho_median": "{:.4e}".format, "rho_rule": "{:.4e}".format,
@@ -186,82 +191,16 @@ def _summary_table(df):
     return body + "\n" + note
 
 
-def _write_plots(df, outdir):
-    """Write the two PNG plots; returns their paths, or None if matplotlib is missing."""
+def _write_plots(df, summary, outdir):
+    """Write the PNG plots; returns their paths, or None if matplotlib is missing."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        figures = plots.sweep_figures(df, summary)
     except ImportError:
         return None
-
-    ns = list(dict.fromkeys(df["n"].tolist()))
-    epss = list(dict.fromkeys(df["eps"].tolist()))
-    ncol = min(len(ns), 4)
-    nrow = -(-len(ns) // ncol)
-    colors = [f"C{i % 10}" for i in range(len(epss))]
-
-    def figure():
-        # Fixed margins: a layout engine costs seconds with log-scale ticks.
-        width, height = 4.2 * ncol, 0.8 + 3.3 * nrow  # inches
-        fig = Figure(figsize=(width, height))
-        FigureCanvasAgg(fig)
-        fig.subplots_adjust(left=0.8 / width, right=1 - 0.1 / width, bottom=0.5 / height,
-                            top=1 - 0.65 / height, wspace=0.08, hspace=0.4)
-        axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True).ravel()
-        for ax in axes[len(ns):]:
-            ax.set_visible(False)
-        return fig, axes
-
-    def style(ax, n):
-        ax.set_yscale("log")
-        ax.set_title(f"n = {n}")
-        ax.set_xlabel("sigma")
-        ax.grid(True, which="both", alpha=0.3)
-
-    def positive(a):
-        a = np.asarray(a, dtype=np.float64)
-        return np.where(np.isfinite(a) & (a > 0), a, np.nan)
-
     paths = []
-
-    fig, axes = figure()
-    for ax, n in zip(axes, ns):
-        for eps, c in zip(epss, colors):
-            d = df[(df["n"] == n) & (df["eps"] == eps)].sort_values("sigma")
-            s = d["sigma"].to_numpy()
-            ax.fill_between(s, positive(d["k_eps_q25"] / n), positive(d["k_eps_q75"] / n),
-                            color=c, alpha=0.2, linewidth=0)
-            ax.plot(s, positive(d["rho_median"]), "o-", color=c, ms=3,
-                    label=f"eps={eps:g} empirical")
-            ax.plot(s, positive(d["rho_rule"]), "--", color=c, label=f"eps={eps:g} rule")
-            ax.plot(s, positive(d["rho_finite"]), ":", color=c, lw=2,
-                    label=f"eps={eps:g} finite-n")
-        style(ax, n)
-    axes[0].set_ylabel("k_eps / n  (median, IQR band)")
-    axes[0].legend(fontsize="x-small")
-    fig.suptitle("k_eps/n: empirical (solid, IQR band) vs rule (dashed) vs finite-n (dotted)")
-    paths.append(os.path.join(outdir, _PLOT_RHO))
-    fig.savefig(paths[-1], dpi=110)
-
-    fig, axes = figure()
-    for ax, n in zip(axes, ns):
-        for eps, c in zip(epss, colors):
-            d = df[(df["n"] == n) & (df["eps"] == eps)].sort_values("sigma")
-            s = d["sigma"].to_numpy()
-            tau = d["tau_at_k"].to_numpy()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                gap = positive(d["gap_bound_at_k"].to_numpy() / tau)
-                mg = positive(d["multigap_bound_at_k"].to_numpy() / tau)
-            ax.plot(s, gap, "o-", color=c, ms=3, label=f"eps={eps:g} gap")
-            ax.plot(s, mg, "s--", color=c, ms=3, label=f"eps={eps:g} multigap")
-        ax.axhline(1.0, color="k", lw=0.8)
-        style(ax, n)
-    axes[0].set_ylabel("bound / tau at k_eps  (medians)")
-    axes[0].legend(fontsize="x-small")
-    fig.suptitle("Bound tightness at k_eps: single-gap (solid) and multi-gap (dashed); "
-                 "1 = exact")
-    paths.append(os.path.join(outdir, _PLOT_BOUNDS))
-    fig.savefig(paths[-1], dpi=110)
+    for stem, fig in figures.items():
+        paths.append(os.path.join(outdir, stem + ".png"))
+        fig.savefig(paths[-1], dpi=110)
     return paths
 
 
@@ -277,7 +216,6 @@ def _texts_arg(args):
 
 
 def _model_arg(args):
-    from . import hf
     return hf.load_model(args.model, masked_lm=args.masked_lm)
 
 
@@ -357,13 +295,12 @@ def _cmd_sweep(args):
     written.append(json_path)
 
     if args.plots:
-        plots = (_write_plots(df, outdir) if summary is None
-                 else _write_bert_plots(df, summary, outdir))
-        if plots is None:
+        pngs = _write_plots(df, summary, outdir)
+        if pngs is None:
             print("topkattn: plots skipped: matplotlib is not installed "
                   "(pip install 'topkattn[plot]')", file=sys.stderr)
         else:
-            written.extend(plots)
+            written.extend(pngs)
     if not args.quiet:
         print(_summary_table(df) if summary is None else _bert_table(summary))
         print()
@@ -391,82 +328,7 @@ def _bert_table(summary):
     return body + "\n" + note
 
 
-def _write_bert_plots(df, summary, outdir):
-    """Three PNGs for a "bert" sweep; returns their paths, or None without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    epss = sorted(set(summary["eps"].tolist()), reverse=True)
-    layers = sorted(set(summary["layer"].tolist()))
-    colors = {e: f"C{i % 10}" for i, e in enumerate(epss)}
-    paths = []
-
-    def figure(width=7.0, height=4.2):
-        fig = Figure(figsize=(width, height))
-        FigureCanvasAgg(fig)
-        fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.6 / height,
-                            top=1 - 0.55 / height)
-        return fig, fig.add_subplot(1, 1, 1)
-
-    # 1. empirical k_eps/n (median, IQR) vs the Gaussian rule, per layer
-    fig, ax = figure()
-    for e in epss:
-        d = summary[summary["eps"] == e].sort_values("layer")
-        x = d["layer"].to_numpy()
-        ax.fill_between(x, d["rho_q25"], d["rho_q75"], color=colors[e], alpha=0.2, lw=0)
-        ax.plot(x, d["rho_median"], "o-", color=colors[e], ms=4, label=f"eps={e:g} empirical")
-        ax.plot(x, d["rho_rule_median"], "s--", color=colors[e], ms=3,
-                label=f"eps={e:g} Gaussian rule")
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("k_eps / n  (median, IQR band)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
-    fig.suptitle("k_eps/n per layer: empirical vs Gaussian rule at the fitted sigma")
-    paths.append(os.path.join(outdir, _PLOT_LAYER))
-    fig.savefig(paths[-1], dpi=110)
-
-    # 2. distribution of k_eps/n per eps
-    fig, ax = figure()
-    bins = np.linspace(0.0, 1.0, 41)
-    for e in epss:
-        rho = df.loc[df["eps"] == e, "rho"].to_numpy()
-        ax.hist(rho, bins=bins, histtype="step", density=True, color=colors[e], lw=1.5,
-                label=f"eps={e:g} (median {np.median(rho):.3f})")
-    ax.set_xlabel("k_eps / n")
-    ax.set_ylabel("density over rows")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.suptitle("Distribution of k_eps/n over all layers, heads and rows")
-    paths.append(os.path.join(outdir, _PLOT_DIST))
-    fig.savefig(paths[-1], dpi=110)
-
-    # 3. bound tightness per layer
-    fig, ax = figure()
-    for e in epss:
-        d = summary[summary["eps"] == e].sort_values("layer")
-        x = d["layer"].to_numpy()
-        ax.plot(x, d["gap_ratio_median"], "o-", color=colors[e], ms=4, label=f"eps={e:g} gap")
-        ax.plot(x, d["multigap_ratio_median"], "s--", color=colors[e], ms=3,
-                label=f"eps={e:g} multigap")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("bound / tau at k_eps  (median)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
-    fig.suptitle("Bound tightness at k_eps: single-gap (solid), multi-gap (dashed); 1 = exact")
-    paths.append(os.path.join(outdir, _PLOT_BOUNDS))
-    fig.savefig(paths[-1], dpi=110)
-    return paths
-
-
 def _cmd_evaluate(args):
-    from . import corpus, hf
     t0 = time.perf_counter()
     texts = _texts_arg(args)
     if texts is None or isinstance(texts, int):
@@ -536,7 +398,7 @@ def main(argv=None) -> int:
         argv = ["sweep"]
     elif argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["sweep"] + argv
-    parser = _build_parser()
+    parser, commands = _build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed usage and the message
@@ -554,9 +416,8 @@ def main(argv=None) -> int:
         bad = bert_only if args.source == "synthetic" else synthetic_only
         if bad:
             other = "bert" if args.source == "synthetic" else "synthetic"
-            sub = parser._subparsers._group_actions[0].choices["sweep"]
             try:
-                sub.error(f"{', '.join(bad)} apply to --source {other} only")
+                commands["sweep"].error(f"{', '.join(bad)} apply to --source {other} only")
             except SystemExit as e:
                 return e.code if isinstance(e.code, int) else 2
     try:

@@ -8,11 +8,12 @@ The computation runs in the C core (``topkattn._core``) with the GIL released.
 from __future__ import annotations
 
 import numbers
-import operator
 
 import numpy as np
 
-from . import _core, _gpu
+from . import _core
+from ._args import integer, logits as _logits, per_row as _per_row, scalar_out as _out
+from ._backend import dispatch
 
 __all__ = [
     "tail_mass", "log_tail_mass", "kl_truncated", "tv_curve", "k_eps", "topk",
@@ -22,52 +23,9 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------- argument handling
-
-def _float_array(x, name):
-    """float32/float64 ndarray view of ``x``; lists and integers become float64, other
-    dtypes are refused with a TypeError naming ``name``."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    return x
-
-
-def _logits(x, name="logits"):
-    """:func:`_float_array` with at least one axis."""
-    x = _float_array(x, name)
-    if x.ndim == 0:
-        raise ValueError(f"{name} must have at least one axis (..., n), got a scalar")
-    return x
-
-
-def _per_row(value, batch_shape, name, dtype):
-    """Broadcast a scalar or array parameter to one value per row (C order)."""
-    arr = np.asarray(value)
-    if dtype == np.int64:
-        if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
-            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-                arr = arr.astype(np.int64)
-            else:
-                raise TypeError(f"{name} must be an integer or an integer array, got {arr.dtype}")
-    try:
-        arr = np.broadcast_to(arr, batch_shape)
-    except ValueError:
-        raise ValueError(f"{name} with shape {arr.shape} does not broadcast against the batch "
-                         f"shape {batch_shape} of logits") from None
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-def _out(a):
-    """0-d results come back as NumPy scalars, like NumPy's own reductions."""
-    return a[()] if a.ndim == 0 else a
-
-
 # ----------------------------------------------------------------- tail mass, KL, k_eps
 
+@dispatch("logits")
 def log_tail_mass(logits, k):
     r"""Log of the softmax mass discarded by keeping the top-k keys.
 
@@ -94,14 +52,13 @@ def log_tail_mass(logits, k):
     >>> float(topkattn.log_tail_mass(np.array([0.0, -800.0]), 1))
     -800.0
     """
-    if _gpu.is_gpu_array(logits):
-        return _gpu.log_tail_mass(logits, k)
     x = _logits(logits)
     kk = _per_row(k, x.shape[:-1], "k", np.int64)
     (lt,) = _core.tail_mass(x, kk, False)
     return _out(lt)
 
 
+@dispatch("logits")
 def tail_mass(logits, k):
     r"""Discarded softmax mass tau = TV(P, P_k) of the top-k set, per row.
 
@@ -129,11 +86,10 @@ def tail_mass(logits, k):
     >>> round(float(topkattn.tail_mass(x, 1)), 12)
     0.5
     """
-    if _gpu.is_gpu_array(logits):
-        return _gpu.tail_mass(logits, k)
     return np.exp(log_tail_mass(logits, k))
 
 
+@dispatch("logits")
 def kl_truncated(logits, k):
     r"""KL(P_k || P) = -log(1 - tau) of the renormalised top-k truncation, per row.
 
@@ -162,6 +118,7 @@ def kl_truncated(logits, k):
     return _out(kl)
 
 
+@dispatch("logits")
 def tv_curve(logits):
     r"""tau(k) for every k = 0..n, per row.
 
@@ -185,6 +142,7 @@ def tv_curve(logits):
     return _core.tv_curve(_logits(logits))
 
 
+@dispatch("logits")
 def k_eps(logits, eps, return_tail=False):
     r"""Smallest k whose top-k set discards at most eps of the softmax mass, per row.
 
@@ -211,14 +169,13 @@ def k_eps(logits, eps, return_tail=False):
     >>> int(topkattn.k_eps(x, 0.15))
     2
     """
-    if _gpu.is_gpu_array(logits):
-        return _gpu.k_eps(logits, eps, return_tail)
     x = _logits(logits)
     e = _per_row(eps, x.shape[:-1], "eps", np.float64)
     res = _core.k_eps(x, e, bool(return_tail))
     return (_out(res[0]), _out(res[1])) if return_tail else _out(res[0])
 
 
+@dispatch("logits")
 def topk(logits, k):
     r"""Indices of the k largest logits per row, by decreasing logit.
 
@@ -239,16 +196,13 @@ def topk(logits, k):
     >>> topkattn.topk(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist()
     [1, 2, 3]
     """
-    if _gpu.is_gpu_array(logits):
-        return _gpu.topk(logits, k)
     x = _logits(logits)
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    return _core.topk(x, operator.index(k))
+    return _core.topk(x, integer(k, "k"))
 
 
 # ----------------------------------------------------------------- certified bounds
 
+@dispatch("logits")
 def gap_bound(logits, k, form="mass"):
     r"""Single-gap certified upper bound on tau for the top-k set (docs/design.md §2).
 
@@ -285,6 +239,7 @@ def gap_bound(logits, k, form="mass"):
     return _out(_core.gap_bound(x, kk, forms[form]))
 
 
+@dispatch("logits")
 def multigap_bound(logits, k, cuts=8, spacing="geometric"):
     r"""Multi-gap certified upper bound on tau (docs/design.md §2).
 
@@ -331,6 +286,7 @@ def multigap_bound(logits, k, cuts=8, spacing="geometric"):
     return _out(_core.multigap_bound(x, kk, c, 0, spacings[spacing]))
 
 
+@dispatch("block_upper", "block_sizes", "kept_mass", "scored_mass")
 def block_bound(block_upper, block_sizes, kept_mass, scored_mass, log_space=False):
     r"""Blockwise certified bound on tau when some keys were never scored (docs/design.md §2).
 
@@ -401,26 +357,31 @@ def _gauss(op, *args):
     return _out(_core.gauss(op, *arrs))
 
 
+@dispatch("x")
 def norm_cdf(x):
     """Standard normal CDF Phi(x), accurate deep in both tails. Broadcasts."""
     return _gauss(_core.G_CDF, x)
 
 
+@dispatch("x")
 def norm_sf(x):
     """Standard normal upper tail Phi_c(x) = 1 - Phi(x) without cancellation. Broadcasts."""
     return _gauss(_core.G_SF, x)
 
 
+@dispatch("p")
 def norm_ppf(p):
     """Inverse CDF Phi^{-1}(p) for p in [0, 1] (-inf/+inf at the ends, NaN outside)."""
     return _gauss(_core.G_PPF, p)
 
 
+@dispatch("p")
 def norm_isf(p):
     """Inverse upper tail Phi_c^{-1}(p) = -Phi^{-1}(p), accurate for tiny p."""
     return _gauss(_core.G_ISF, p)
 
 
+@dispatch("rho", "sigma")
 def gaussian_tail_mass(rho, sigma):
     r"""Gaussian-model tail mass of the top fraction rho (docs/design.md §5).
 
@@ -451,6 +412,7 @@ def gaussian_tail_mass(rho, sigma):
     return _gauss(_core.G_TAIL, r, s)
 
 
+@dispatch("n", "sigma", "eps")
 def gaussian_k_eps(n, sigma, eps, finite_n=False):
     r"""Predicted k_eps for n i.i.d. Gaussian scores of standard deviation sigma (docs/design.md §5).
 
@@ -497,6 +459,7 @@ def gaussian_k_eps(n, sigma, eps, finite_n=False):
     return _gauss(_core.G_KEPS_FINITE if finite_n else _core.G_KEPS, nn, s, e)
 
 
+@dispatch("logits")
 def fit_gaussian(logits):
     r"""Mean and sample standard deviation (ddof=1) of the unmasked logits, per row.
 
@@ -524,6 +487,7 @@ def fit_gaussian(logits):
 
 # ----------------------------------------------------------------- row statistics (§6)
 
+@dispatch("logits")
 def entropy(logits):
     r"""Attention entropy ``H(P) = -sum_i P_i log P_i`` in nats, per row.
 
@@ -536,6 +500,7 @@ def entropy(logits):
     return _out(_core.entropy(_logits(logits)))
 
 
+@dispatch("logits")
 def effective_support(logits, threshold):
     r"""Effective support ``|S_eps| = #{i : P_i >= threshold}`` per row (docs/design.md §6).
 

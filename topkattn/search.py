@@ -9,13 +9,14 @@ promising keys exactly (float64) and stops as soon as the kept set is certified;
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 import numpy as np
 
 from . import _core
-from .core import _float_array
+from ._args import float_array as _float_array
+from ._backend import dispatch
+from ._results import SearchResult
 
 __all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"]
 
@@ -79,6 +80,7 @@ class KeyIndex:
     (1000, 16, 32)
     """
 
+    @dispatch("K", name="KeyIndex")
     def __init__(self, K, block_size=64, summary="auto", proxy="int8", reorder=True):
         K = _float_array(K, "K")
         if K.ndim < 2:
@@ -165,6 +167,7 @@ class KeyIndex:
             total += H * n * (d + 8)
         return int(total)
 
+    @dispatch("new_keys")
     def append(self, new_keys):
         """Add keys at positions n, n+1, ... (amortised O(new keys): capacity doubles).
 
@@ -195,53 +198,6 @@ class KeyIndex:
         return (f"KeyIndex(batch_shape={self.batch_shape}, n={self.n}, d={self.d}, "
                 f"block_size={self.block_size}, summary={self.summary!r}, "
                 f"proxy={self.proxy!r}, dtype={self.dtype})")
-
-
-@dataclasses.dataclass
-class SearchResult:
-    """What :func:`certified_search` returns; arrays have the query batch shape ``(...)``.
-
-    Attributes
-    ----------
-    indices : int64 array, shape (..., kmax)
-        Kept keys (original positions) by decreasing logit; rows with fewer than kmax kept
-        keys are padded with -1. For a single query, exactly the k kept keys.
-    k : int64 array (...)
-        Number of kept keys.
-    tv_bound : float64 array (...)
-        Certified upper bound on TV(P, P_hat) of the kept set (<= eps). For
-        ``method="mc"`` it holds with probability >= ``confidence`` on every row where
-        ``certified_mc`` is true, and always elsewhere.
-    keys_scored : int64 array (...)
-        Distinct keys whose exact logit was computed (<= n).
-    blocks_scored : int64 array (...)
-        Blocks whose keys (proxies, or exact keys without proxies) were read.
-    proxies_read : int64 array (...)
-        Per-key proxies evaluated.
-    bytes_read : float64 array (...)
-        Bytes of the key side read: summaries of every block, proxies read, exact keys
-        scored and the positions of kept keys (values V not included).
-    certified_mc : bool array (...)
-        Rows whose certificate rests on the Monte-Carlo estimate.
-    output : array (..., d_v) or None
-        Attention output of the kept set (softmax over it, weights times V rows).
-    method, eps, delta, confidence
-        What was certified: ``TV <= eps`` with probability >= confidence (1 for "delta").
-    """
-
-    indices: np.ndarray
-    k: np.ndarray
-    tv_bound: np.ndarray
-    keys_scored: np.ndarray
-    blocks_scored: np.ndarray
-    proxies_read: np.ndarray
-    bytes_read: np.ndarray
-    certified_mc: np.ndarray
-    output: np.ndarray | None
-    method: str
-    eps: np.ndarray
-    delta: float | None
-    confidence: float
 
 
 def _prepare_queries(q, index, name):
@@ -326,6 +282,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
         confidence=1.0 - delta if method == "mc" else 1.0)
 
 
+@dispatch("q", "V")
 def certified_search(q, index, eps, V=None, method="delta", delta=None, seed=None, scale=None,
                      mc_samples=256, use_proxy=True):
     r"""Smallest certified kept set after scoring only part of the keys (docs/design.md §4).
@@ -385,6 +342,7 @@ def certified_search(q, index, eps, V=None, method="delta", delta=None, seed=Non
     return _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "q")
 
 
+@dispatch("Q", "V")
 def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None, scale=None,
                         mc_samples=256, use_proxy=True, return_info=False):
     """Attention output of the certified kept set: ``sum_{i in S} P_hat_i v_i``.

@@ -25,10 +25,11 @@ from collections import namedtuple
 
 import numpy as np
 
+from . import corpus, hf
 from .core import fit_gaussian, gap_bound, gaussian_k_eps, k_eps, multigap_bound
 
-__all__ = ["run", "summarize", "SOURCES", "COLUMNS", "BERT_COLUMNS", "SUMMARY_COLUMNS",
-           "MULTIGAP_CUTS", "SYNTHETIC_DEFAULTS", "BERT_DEFAULT_TEXTS"]
+__all__ = ["run", "summarize", "prediction_errors", "SOURCES", "COLUMNS", "BERT_COLUMNS",
+           "SUMMARY_COLUMNS", "MULTIGAP_CUTS", "SYNTHETIC_DEFAULTS", "BERT_DEFAULT_TEXTS"]
 
 #: Segments of the multi-gap bound (``topkattn.multigap_bound(..., cuts=MULTIGAP_CUTS)``).
 MULTIGAP_CUTS = 8
@@ -382,7 +383,6 @@ _BERT_BATCH_CELLS = 1 << 19
 
 
 def _bert_inputs(model, texts, max_length, batch_size):
-    from . import corpus, hf
     if model is None or isinstance(model, (str, os.PathLike)):
         mdl, tok = hf.load_model(model)
     elif isinstance(model, tuple) and len(model) == 2:
@@ -412,11 +412,10 @@ def _bert_inputs(model, texts, max_length, batch_size):
 
 
 def _run_bert(eps_v, model, texts, layers, max_length, batch_size, progress):
-    from . import hf
     pd = _pandas()
     mdl, tok, texts, max_length, batch_size = _bert_inputs(model, texts, max_length,
                                                            batch_size)
-    sel = hf._layer_list(layers, len(hf.attention_layers(mdl)))
+    sel = hf.layer_indices(layers, len(hf.attention_layers(mdl)))
     lengths = [len(ids) for ids in
                tok(texts, truncation=True, max_length=max_length)["input_ids"]]
     heads = int(mdl.config.num_attention_heads)
@@ -528,6 +527,26 @@ def summarize(df):
     out = pd.DataFrame.from_records(recs, columns=list(SUMMARY_COLUMNS))
     return out.sort_values(["layer", "eps"], ascending=[True, False], kind="stable") \
         .reset_index(drop=True)
+
+
+def prediction_errors(df):
+    """How far the Gaussian predictors are from the empirical k_eps/n of a synthetic sweep.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        ``run(source="synthetic")`` output (the columns of :data:`COLUMNS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``n, sigma, eps, rho_median, rho_rule, rho_finite`` of ``df`` and
+        ``err_rule``, ``err_finite``: (predicted - empirical) / empirical.
+    """
+    t = df[["n", "sigma", "eps", "rho_median", "rho_rule", "rho_finite"]].copy()
+    t["err_rule"] = (df["rho_rule"] - df["rho_median"]) / df["rho_median"]
+    t["err_finite"] = (df["rho_finite"] - df["rho_median"]) / df["rho_median"]
+    return t
 
 
 def _pandas():

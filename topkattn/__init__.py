@@ -46,7 +46,7 @@ from .core import (
     topk,
     tv_curve,
 )
-from .search import KeyIndex, certified_attention, certified_search  # noqa: F401
+from .search import KeyIndex, SearchResult, certified_attention, certified_search
 
 __version__ = "0.1.0"
 
@@ -134,5 +134,8 @@ __all__ = [
     "gaussian_tail_mass", "gaussian_k_eps", "fit_gaussian",
     "norm_cdf", "norm_sf", "norm_ppf", "norm_isf",
     "entropy", "effective_support",
+    "attention", "topk_attention", "attention_error", "attention_matrix_error", "dynamic_k",
+    "TopkInfo", "AttentionError",
+    "KeyIndex", "SearchResult", "certified_search", "certified_attention",
     "build_info", "set_simd", "get_simd", "set_num_threads", "get_num_threads",
 ]

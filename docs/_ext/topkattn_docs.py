@@ -26,8 +26,8 @@ from sphinx.util.docutils import SphinxDirective
 logger = logging.getLogger(__name__)
 
 #: Modules whose ``__all__`` must be documented (besides the top-level ``topkattn``).
-PUBLIC_MODULES = ("topkattn.hf", "topkattn.torch", "topkattn.sweep", "topkattn.reference",
-                  "topkattn.corpus")
+PUBLIC_MODULES = ("topkattn.hf", "topkattn.torch", "topkattn.sweep", "topkattn.plots",
+                  "topkattn.reference", "topkattn.corpus")
 
 
 class TopkattnHelp(SphinxDirective):

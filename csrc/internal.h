@@ -158,6 +158,23 @@ void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n);
 /** Partially order a[0..n) so that a[k] is the k-th largest (0-based), larger before. */
 void tka_nth_desc(double *a, int64_t n, int64_t k);
 
+/* (value, index) pairs are ordered by decreasing value, then increasing index. */
+
+/** Sort pairs in that order with scratch tv, tx of n entries each (LSD radix sort from 512
+ *  pairs on, introsort below or when tv or tx is NULL). */
+void tka_sort_pairs_desc_radix(double *v, int64_t *idx, int64_t n, double *tv, int64_t *tx);
+/** Quickselect on pairs: afterwards pair k (0-based) is the k-th in that order, the ones
+ *  before it come first. */
+void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k);
+/**
+ * Smallest k such that the first k pairs in that order have mass sum(w) >= target; those
+ * k pairs (with their masses w) are moved to [0, k), in no particular order. Expected O(n);
+ * returns n if the total mass falls short.
+ */
+int64_t tka_pairs_weighted_top(double *v, int64_t *idx, double *w, int64_t n, double target);
+/** Position of the first pair in that order among pairs [from, n), from < n. */
+int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64_t n);
+
 /**
  * Weighted selection from the bottom: v[0..c) values with masses w[0..c) (permuted in
  * place). Drops the smallest values one by one, in increasing order, while the dropped

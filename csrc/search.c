@@ -55,32 +55,6 @@ static inline float f32_down(double x)
 
 /* ================================================================== ordering */
 
-/* quickselect on (value, position) pairs: afterwards v[k] is the k-th largest (ties by
- * position), larger ones before it */
-static void pairs_select(double *v, int64_t *p, int64_t n, int64_t k)
-{
-    int64_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        int64_t mid = lo + (hi - lo) / 2;
-        double pv = v[mid];
-        int64_t pp = p[mid];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pv || (v[i] == pv && p[i] < pp)) i++;
-            while (v[j] < pv || (v[j] == pv && p[j] > pp)) j--;
-            if (i <= j) {
-                double tv = v[i]; v[i] = v[j]; v[j] = tv;
-                int64_t tp = p[i]; p[i] = p[j]; p[j] = tp;
-                i++;
-                j--;
-            }
-        }
-        if (k <= j) hi = j;
-        else if (k >= i) lo = i;
-        else return;
-    }
-}
-
 tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
                            int64_t bs, int64_t *perm)
 {
@@ -133,7 +107,7 @@ tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
         }
         /* split at a block boundary near the middle */
         int64_t nblk = (m + bs - 1) / bs, left = (nblk / 2) * bs;
-        pairs_select(proj + a, perm + a, m, left);
+        tka_pairs_nth_desc(proj + a, perm + a, m, left);
         if (top + 4 > 2 * 128) continue; /* cannot happen for n < 2^63 */
         stack[top++] = a;
         stack[top++] = a + left;
@@ -371,129 +345,6 @@ static inline double to_m_units(const srow *w, double u)
     return v * (1.0 + 0x1p-50);
 }
 
-static inline int pair_before(double va, int64_t ia, double vb, int64_t ib)
-{
-    return va > vb || (va == vb && ia < ib);
-}
-static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
-{
-    double tv = v[i]; v[i] = v[j]; v[j] = tv;
-    int64_t tx = x[i]; x[i] = x[j]; x[j] = tx;
-    double tw = w[i]; w[i] = w[j]; w[j] = tw;
-}
-
-/*
- * Smallest k such that the k first keys in the order (larger value, then lower index)
- * have mass sum >= target; those k keys are moved to [0, k) (in no particular order).
- * Quickselect on (value, position, mass) triples, expected O(n). Returns n if the total
- * mass falls short.
- */
-static int64_t weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
-{
-    int64_t lo = 0, hi = n;
-    double acc = 0.0;
-    while (hi - lo > 16) {
-        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
-        if (pair_before(v[a], x[a], v[b], x[b]))
-            mi = pair_before(v[b], x[b], v[c], x[c]) ? b : (pair_before(v[a], x[a], v[c], x[c]) ? c : a);
-        else
-            mi = pair_before(v[a], x[a], v[c], x[c]) ? a : (pair_before(v[b], x[b], v[c], x[c]) ? c : b);
-        swap3(v, x, w, mi, hi - 1);
-        const double pv = v[hi - 1];
-        const int64_t px = x[hi - 1];
-        int64_t st = lo;
-        double ml = 0.0;
-        for (int64_t i = lo; i < hi - 1; i++) {
-            if (pair_before(v[i], x[i], pv, px)) {
-                ml += w[i];
-                swap3(v, x, w, i, st);
-                st++;
-            }
-        }
-        swap3(v, x, w, st, hi - 1);
-        if (acc + ml >= target) {
-            hi = st;
-        } else {
-            acc += ml + w[st];
-            if (acc >= target) return st + 1;
-            lo = st + 1;
-        }
-    }
-    /* insertion sort of the remainder, then walk */
-    for (int64_t i = lo + 1; i < hi; i++) {
-        double tv = v[i], tw = w[i];
-        int64_t tx = x[i], j = i;
-        while (j > lo && pair_before(tv, tx, v[j - 1], x[j - 1])) {
-            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
-            j--;
-        }
-        v[j] = tv; x[j] = tx; w[j] = tw;
-    }
-    int64_t k = lo;
-    while (k < hi && acc < target) acc += w[k++];
-    return k;
-}
-
-/*
- * Sort (value, position) pairs by decreasing value, ties by increasing position: LSD radix
- * sort on 11-bit digits of the order-preserving bit pattern of the doubles (digits that
- * are equal for every pair are skipped), then an insertion pass over runs of equal values.
- * Small inputs go to introsort. tv, tx: scratch of n each.
- */
-static void sort_pairs_desc(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
-{
-    if (n < 512 || !tv || !tx) {
-        tka_sort_pairs_desc(v, x, n);
-        return;
-    }
-    uint64_t *key = (uint64_t *)tv; /* reuse: keys first, then values rebuilt */
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t u;
-        memcpy(&u, &v[i], 8);
-        u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);
-        key[i] = ~u; /* descending */
-    }
-    uint64_t *ka = key, *kb = (uint64_t *)v;
-    int64_t *xa = x, *xb = tx;
-    for (int shift = 0; shift < 64; shift += 11) {
-        int64_t cnt[2048];
-        memset(cnt, 0, sizeof cnt);
-        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & 2047]++;
-        if (cnt[(ka[0] >> shift) & 2047] == n) continue;
-        int64_t sum = 0;
-        for (int b = 0; b < 2048; b++) {
-            int64_t c = cnt[b];
-            cnt[b] = sum;
-            sum += c;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            int64_t dst = cnt[(ka[i] >> shift) & 2047]++;
-            kb[dst] = ka[i];
-            xb[dst] = xa[i];
-        }
-        uint64_t *tk = ka; ka = kb; kb = tk;
-        int64_t *tt = xa; xa = xb; xb = tt;
-    }
-    /* back to values, in v and x */
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t u = ~ka[i];
-        u = (u >> 63) ? (u & 0x7FFFFFFFFFFFFFFFull) : ~u;
-        double d;
-        memcpy(&d, &u, 8);
-        tv[i] = d;
-        tx[i] = xa[i];
-    }
-    memcpy(v, tv, (size_t)n * sizeof(double));
-    memcpy(x, tx, (size_t)n * sizeof(int64_t));
-    /* equal values: increasing position */
-    for (int64_t i = 1; i < n; i++) {
-        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
-        int64_t t = x[i], j = i;
-        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
-        x[j] = t;
-    }
-}
-
 /*
  * Try to certify with unscored mass bound u_ref (units e^{ref}): find the smallest top set
  * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
@@ -520,7 +371,7 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
     const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
     /* kept mass needed: A >= (1 - eps') (Z + U), eps' a little inside eps */
     const double target = (1.0 - eps * (1.0 - 1e-7) / grow) * (z * rel + u) * rel;
-    int64_t k = weighted_top(w->sv, w->si, wm, ns, target);
+    int64_t k = tka_pairs_weighted_top(w->sv, w->si, wm, ns, target);
     if (k < 1) k = 1;
     double bound = 1.0;
     for (;;) {
@@ -538,17 +389,18 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         }
         if (bound <= eps || k >= ns) break;
         /* rounding corner: add the best remaining key */
-        int64_t best = k;
-        for (int64_t t = k + 1; t < ns; t++)
-            if (pair_before(w->sv[t], w->si[t], w->sv[best], w->si[best])) best = t;
-        swap3(w->sv, w->si, wm, k, best);
+        const int64_t best = tka_pairs_first(w->sv, w->si, k, ns);
+        const double bv = w->sv[best], bw = wm[best];
+        const int64_t bi = w->si[best];
+        w->sv[best] = w->sv[k]; w->si[best] = w->si[k]; wm[best] = wm[k];
+        w->sv[k] = bv; w->si[k] = bi; wm[k] = bw;
         k++;
     }
     if (!(bound <= eps)) return 0;
     {
         double *tv = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)k * sizeof(double));
         int64_t *tx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)k * sizeof(int64_t));
-        sort_pairs_desc(w->sv, w->si, k, tv, tx);
+        tka_sort_pairs_desc_radix(w->sv, w->si, k, tv, tx);
     }
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));

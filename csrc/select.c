@@ -180,6 +180,85 @@ void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n)
     if (n > 1) introsort_pairs(v, idx, n, 2 * log2_floor(n) + 4);
 }
 
+void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        const double pv = v[mid];
+        const int64_t px = idx[mid];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(v[i], idx[i], pv, px)) i++;
+            while (before(pv, px, v[j], idx[j])) j--;
+            if (i <= j) swap2(v, idx, i++, j--);
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return;
+    }
+}
+
+static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
+{
+    swap2(v, x, i, j);
+    double t = w[i]; w[i] = w[j]; w[j] = t;
+}
+
+int64_t tka_pairs_weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+{
+    int64_t lo = 0, hi = n;
+    double acc = 0.0;
+    while (hi - lo > 16) {
+        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
+        if (before(v[a], x[a], v[b], x[b]))
+            mi = before(v[b], x[b], v[c], x[c]) ? b : (before(v[a], x[a], v[c], x[c]) ? c : a);
+        else
+            mi = before(v[a], x[a], v[c], x[c]) ? a : (before(v[b], x[b], v[c], x[c]) ? c : b);
+        swap3(v, x, w, mi, hi - 1);
+        const double pv = v[hi - 1];
+        const int64_t px = x[hi - 1];
+        int64_t st = lo;
+        double ml = 0.0;
+        for (int64_t i = lo; i < hi - 1; i++) {
+            if (before(v[i], x[i], pv, px)) {
+                ml += w[i];
+                swap3(v, x, w, i, st);
+                st++;
+            }
+        }
+        swap3(v, x, w, st, hi - 1);
+        if (acc + ml >= target) {
+            hi = st;
+        } else {
+            acc += ml + w[st];
+            if (acc >= target) return st + 1;
+            lo = st + 1;
+        }
+    }
+    /* insertion sort of the remainder, then walk */
+    for (int64_t i = lo + 1; i < hi; i++) {
+        double tv = v[i], tw = w[i];
+        int64_t tx = x[i], j = i;
+        while (j > lo && before(tv, tx, v[j - 1], x[j - 1])) {
+            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
+            j--;
+        }
+        v[j] = tv; x[j] = tx; w[j] = tw;
+    }
+    int64_t k = lo;
+    while (k < hi && acc < target) acc += w[k++];
+    return k;
+}
+
+int64_t tka_pairs_first(const double *v, const int64_t *x, int64_t from, int64_t n)
+{
+    int64_t best = from;
+    for (int64_t t = from + 1; t < n; t++)
+        if (before(v[t], x[t], v[best], x[best])) best = t;
+    return best;
+}
+
 /* ---- weighted selection from the bottom */
 
 int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
@@ -381,5 +460,46 @@ void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *
         for (int64_t i = 0; i < n; i++) a[i] = key64(xd[i]);
         uint64_t *r = radix_u64(a, b, n, 6, hist);
         for (int64_t i = 0; i < n; i++) out[i] = unkey64(r[i]);
+    }
+}
+
+void tka_sort_pairs_desc_radix(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
+{
+    if (n < 512 || !tv || !tx) {
+        tka_sort_pairs_desc(v, x, n);
+        return;
+    }
+    uint64_t *ka = (uint64_t *)tv, *kb = (uint64_t *)v;  /* keys first, values rebuilt */
+    int64_t *xa = x, *xb = tx;
+    for (int64_t i = 0; i < n; i++) ka[i] = key64(v[i]);
+    int64_t cnt[RADIX_SIZE];
+    for (int shift = 0; shift < 64; shift += RADIX_BITS) {
+        memset(cnt, 0, sizeof cnt);
+        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & RADIX_MASK]++;
+        if (cnt[(ka[0] >> shift) & RADIX_MASK] == n) continue;
+        int64_t sum = 0;
+        for (int b = 0; b < RADIX_SIZE; b++) { int64_t c = cnt[b]; cnt[b] = sum; sum += c; }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t dst = cnt[(ka[i] >> shift) & RADIX_MASK]++;
+            kb[dst] = ka[i];
+            xb[dst] = xa[i];
+        }
+        uint64_t *tk = ka; ka = kb; kb = tk;
+        int64_t *tt = xa; xa = xb; xb = tt;
+    }
+    /* back to values; ka and xa may be either buffer, so go through the scratch pair */
+    for (int64_t i = 0; i < n; i++) {
+        tv[i] = unkey64(ka[i]);
+        tx[i] = xa[i];
+    }
+    memcpy(v, tv, (size_t)n * sizeof(double));
+    memcpy(x, tx, (size_t)n * sizeof(int64_t));
+    /* the sort is stable, but the input was in no particular order: equal values by
+     * increasing position */
+    for (int64_t i = 1; i < n; i++) {
+        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
+        int64_t t = x[i], j = i;
+        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
+        x[j] = t;
     }
 }

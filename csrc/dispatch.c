@@ -1,5 +1,7 @@
 /*
- * dispatch.c - pick the kernel set once at import from CPUID and XGETBV.
+ * dispatch.c - pick the kernel set once at import from CPUID and XGETBV. A set is one
+ * tka_kernels table per instruction set; the certified search reaches its own kernels
+ * through that table (tka_kernels.search), so every kernel follows the same choice.
  * Compiled for baseline x86-64: nothing here may use an instruction the CPU lacks.
  */
 #include <stdatomic.h>

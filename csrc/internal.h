@@ -24,6 +24,9 @@ typedef struct {
     double mass_below;  /**< sum of e^{x - ref} over x < lo */
 } tka_band_out;
 
+/** The certified search's kernels of one instruction set (defined in search.h). */
+typedef struct tka_search_kernels tka_search_kernels;
+
 /*
  * One instruction set's kernels, each for float32 [0] and float64 [1] rows (contiguous).
  * All arithmetic is float64. exp() of an argument below -708 is flushed to 0, i.e. an
@@ -61,12 +64,16 @@ typedef struct {
                     int64_t d, double scale, double *out, int64_t os);
     /** acc[j] += w * v[j], j < d, in float64. */
     void (*axpy[2])(const void *v, int64_t d, double w, double *acc);
+    /** The search's dot-product and proxy kernels for this instruction set. */
+    const tka_search_kernels *search;
 } tka_kernels;
 
 extern const tka_kernels tka_kernels_scalar;
+extern const tka_search_kernels tka_search_kernels_scalar;
 #ifdef TKA_HAVE_X86
 extern const tka_kernels tka_kernels_avx2;
 extern const tka_kernels tka_kernels_avx512;
+extern const tka_search_kernels tka_search_kernels_avx2;
 #endif
 
 /** The kernel table in use (chosen at import, changeable with tka_simd_select). */

@@ -18,14 +18,6 @@
 #include "internal.h"
 #include "search.h"
 
-static const tka_search_kernels *search_kernels(void)
-{
-#ifdef TKA_HAVE_X86
-    if (tka_simd_active() != TKA_SIMD_SCALAR) return &tka_search_kernels_avx2;
-#endif
-    return &tka_search_kernels_scalar;
-}
-
 static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
 
 static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
@@ -233,7 +225,8 @@ static inline double uniform01(uint64_t *x) { return (double)(splitmix(x) >> 11)
 typedef struct {
     const tka_key_index *ix;
     const tka_search_args *a;
-    const tka_search_kernels *kern;
+    const tka_kernels *K;          /* the kernel set of this call */
+    const tka_search_kernels *kern; /* its search kernels */
     tka_search_row *rows;
     double *out_v;
     const double *lw;      /* lw[b] >= e^{-b LEVEL_W}: mass bound of a key on level b */
@@ -362,7 +355,7 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         *st = TKA_ERR_NOMEM;
         return 1;
     }
-    const tka_kernels *K = tka_active_kernels();
+    const tka_kernels *K = cx->K;
     K->exp_shift[TKA_F64](w->sv, ns, m, wm);
     double z = 0.0;
     for (int64_t t = 0; t < ns; t++) z += wm[t];
@@ -867,7 +860,8 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     err->what = NULL;
     double lw[NLEVELS];
     for (int b = 0; b < NLEVELS; b++) lw[b] = exp_up(-(double)b * LEVEL_W);
-    search_ctx cx = {ix, args, search_kernels(), out_rows, out_v, lw};
+    const tka_kernels *K = tka_active_kernels();
+    search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;

@@ -5,6 +5,8 @@
 #ifndef TOPKATTN_INTERNAL_H
 #define TOPKATTN_INTERNAL_H
 
+#include <math.h>
+
 #include "topkattn.h"
 
 /* ------------------------------------------------------------------ kernels */
@@ -78,6 +80,23 @@ extern const tka_search_kernels tka_search_kernels_avx2;
 
 /** The kernel table in use (chosen at import, changeable with tka_simd_select). */
 const tka_kernels *tka_active_kernels(void);
+
+/* ------------------------------------------------------------ rounding up */
+
+/** Above e^-700 (= 9.8596765437597708567e-305), so an upper bound on e^x for x <= -700. */
+#define TKA_EXP_M700_UP 9.85967654375978e-305
+
+/**
+ * An upper bound on e^x for the certificates (docs/design.md §2): never below the true
+ * value, never 0. exp() is within one ulp (2^-52 relative) of e^x, so exp(x) (1 + 2^-50)
+ * is above it; arguments below -700 give TKA_EXP_M700_UP, which also covers the range where
+ * exp() would lose precision to subnormals or underflow to 0. Callers only add such terms
+ * to masses of order 1 or more, where e^-700 is negligible.
+ */
+static inline double tka_exp_up(double x)
+{
+    return x < -700.0 ? TKA_EXP_M700_UP : exp(x) * (1.0 + 0x1p-50);
+}
 
 /* ------------------------------------------------------------------ threads */
 

@@ -622,13 +622,6 @@ static double certify(double bound, int64_t n, double mag)
     return b > 1.0 ? 1.0 : b;
 }
 
-/* e^x rounded so that it never falls below the exact value by underflow: arguments below
- * -700 give e^-700, an upper bound that is negligible next to any term of order 1. */
-static double exp_up(double x)
-{
-    return x < -700.0 ? 9.8596765437597708e-305 : exp(x);
-}
-
 static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 {
     gap_ctx *cx = c;
@@ -694,7 +687,7 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         for (int64_t j = 0; j < cx->ncut; j++) {
             int64_t cut = cx->cuts[j];
             if (cut <= prev || cut >= nl) continue;
-            u += (double)(cut - prev) * exp_up(v[prev] - ref);
+            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
             prev = cut;
         }
     } else {
@@ -705,11 +698,11 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
             int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
             if (cut <= prev) continue;
             if (cut > nl) cut = nl;
-            u += (double)(cut - prev) * exp_up(v[prev] - ref);
+            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
             prev = cut;
         }
     }
-    if (prev < nl) u += (double)(nl - prev) * exp_up(v[prev] - ref);
+    if (prev < nl) u += (double)(nl - prev) * tka_exp_up(v[prev] - ref);
     /* bound = U e^ref / (A e^max + U e^ref) = 1 / (1 + e^lr) */
     const double lr = log(head) - log(u) + (w->max - ref);
     cx->out[r] = certify(exp(-softplus(lr)), n + cx->ncut + cx->nseg,

@@ -25,12 +25,6 @@ static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
     return dt == TKA_F32 ? (double)((const float *)keys)[i] : ((const double *)keys)[i];
 }
 
-/* e^x rounded up past underflow: below -700 the result is e^-700 (an upper bound). */
-static inline double exp_up(double x)
-{
-    return x < -700.0 ? 9.8596765437597708e-305 : exp(x) * (1.0 + 0x1p-50);
-}
-
 /* a float32 not below x / not above x */
 static inline float f32_up(double x)
 {
@@ -542,7 +536,7 @@ static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const i
         if (t < nblk) {
             int64_t b = w->bord[w->j + t], i0 = b * w->bs;
             int64_t sz = (i0 + w->bs < w->n ? w->bs : w->n - i0);
-            cap = (double)sz * exp_up(w->ub[w->j + t] - w->ref);
+            cap = (double)sz * tka_exp_up(w->ub[w->j + t] - w->ref);
         } else {
             cap = cx->lw[pb[t - nblk]];
         }
@@ -751,7 +745,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         w.bsuf[nb] = 0.0;
         for (int64_t t = nb - 1; t >= 0; t--) {
             int64_t i0 = w.bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
-            w.bsuf[t] = w.bsuf[t + 1] + (double)sz * exp_up(w.ub[t] - w.ref);
+            w.bsuf[t] = w.bsuf[t + 1] + (double)sz * tka_exp_up(w.ub[t] - w.ref);
         }
         w.m = -INFINITY;
         w.unscored = n;
@@ -859,7 +853,7 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     err->row = -1;
     err->what = NULL;
     double lw[NLEVELS];
-    for (int b = 0; b < NLEVELS; b++) lw[b] = exp_up(-(double)b * LEVEL_W);
+    for (int b = 0; b < NLEVELS; b++) lw[b] = tka_exp_up(-(double)b * LEVEL_W);
     const tka_kernels *K = tka_active_kernels();
     search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;

@@ -124,33 +124,6 @@ static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, doubl
 }
 
 /* The kept set of a scored row: its size, discarded mass and positions (scratch). */
-/* Rows up to this length find k_eps directly from all their weights (one vector exp pass,
- * then the weighted selection of the exact path of tka_k_eps) instead of the sampled
- * bracket, whose fixed costs dominate on short rows. Same k, same tau. */
-#define KEPS_DIRECT_MAX 1024
-#define KEPS_LINEAR_MIN 1e-280  /* as EPS_LINEAR_MIN in rows.c: below, log space */
-
-static tka_status keps_direct(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
-                              double *tau, double *t)
-{
-    const int64_t n = w->n;
-    double *v = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)n * sizeof(double));
-    if (!v || !m) return TKA_ERR_NOMEM;
-    const double *sc = w->p;
-    w->K->exp_shift[TKA_F64](sc, n, w->max, m);
-    double z = 0.0, dm;
-    for (int64_t i = 0; i < n; i++) z += m[i];
-    memcpy(v, sc, (size_t)n * sizeof(double));
-    int64_t k = n - tka_drop_bottom_fast(v, m, n, eps * z, &dm);
-    memcpy(v, sc, (size_t)n * sizeof(double));  /* the selection reordered it */
-    tka_nth_desc(v, n, k - 1);
-    *k_out = k;
-    *tau = fmin(dm / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
-    *t = v[k - 1];
-    return TKA_OK;
-}
-
 static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scratch *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
@@ -159,8 +132,6 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
     tka_status st;
     if (c->k) {
         k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
-    } else if (w->n <= KEPS_DIRECT_MAX && c->eps[r] >= KEPS_LINEAR_MIN) {
-        if ((st = keps_direct(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) return st;
     } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
         return st;
     }

@@ -23,6 +23,10 @@
 
 /* Rows up to this length are solved by the exact (sorting) path directly. */
 #define SMALL_ROW 128
+/* Rows up to this length find k_eps from all their weights at once (one vector exp pass,
+ * then the weighted selection of the exact path) instead of through the sampled bracket,
+ * whose fixed costs dominate on short rows. The k is the same either way. */
+#define KEPS_DIRECT_MAX 1024
 #define NS_FACTOR 2.0
 
 
@@ -424,7 +428,7 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
     int64_t k;
     double tau = 0.0;
 
-    if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
+    if (n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
         int done = 0;
         tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;

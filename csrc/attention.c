@@ -39,17 +39,14 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
  * row numbering, never by the thread split), scored together with the dot4 kernel. */
 #define GROUP 4
 
-/* Score rows r0 .. r0+m-1 (one problem) into m scratch buffers and check each like a row
- * of logits; stops at the first bad row (*bad = its offset in the group). */
-static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch *s, row_t *w,
-                              double **acc_out, int *bad)
+/* Score rows r0 .. r0+m-1 (one problem) into sc (m rows of n) and check each like a row
+ * of logits; stops at the first bad row (*bad = its offset in the group). q holds GROUP
+ * zero-padded queries of dpad values. */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, double *q,
+                              int64_t dpad, double *sc, row_t *w, int *bad)
 {
     const tka_attn *a = c->a;
     const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
-    const int64_t dpad = (d + 7) / 8 * 8;
-    double *q = tka_scratch_get(s, TKA_SLOT_ACC, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
-    double *sc = tka_scratch_get(s, TKA_SLOT_SCORES, (size_t)(m * n) * sizeof(double));
-    if (!q || !sc) return TKA_ERR_NOMEM;
     for (int i = 0; i < m; i++) {
         const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
         double *qi = q + i * dpad;
@@ -81,7 +78,6 @@ static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch 
             return st;
         }
     }
-    *acc_out = q + GROUP * dpad;
     return TKA_OK;
 }
 
@@ -104,11 +100,12 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
 }
 
 static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                            tka_scratch *s)
+                            tka_arena *s)
 {
     const tka_attn *a = c->a;
     const row_t w = *wp;
-    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)a->n * sizeof(double));
+    const size_t mark = tka_arena_mark(s);
+    double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
     if (!wt) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
     const int64_t b = r / a->L;
@@ -120,11 +117,13 @@ static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, doubl
         c->K->axpy[a->dtype](v_row(a, b, i), a->dv, wt[i], acc);
     }
     store_out(c, r, acc, z);
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
-/* The kept set of a scored row: its size, discarded mass and positions (scratch). */
-static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scratch *s,
+/* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
+ * in s in the caller's scope (the caller releases it). */
+static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_arena *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
@@ -135,7 +134,7 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
     } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
         return st;
     }
-    *keep = tka_scratch_get(s, TKA_SLOT_KEEP, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
     if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
@@ -144,8 +143,22 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
     return st;
 }
 
+static tka_status topk_row_in(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                              tka_arena *s);
+
+/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. */
 static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                           tka_scratch *s)
+                           tka_arena *s)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = topk_row_in(c, r, wp, acc, s);
+    tka_arena_release(s, mark);
+    return st;
+}
+
+/* topk_row, allocating in the caller's scope. */
+static tka_status topk_row_in(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+                              tka_arena *s)
 {
     const tka_attn *a = c->a;
     const row_t w = *wp;
@@ -167,7 +180,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        double *v = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
         if (!idx || !v) {
             free(idx);
             return TKA_ERR_NOMEM;
@@ -183,7 +196,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double
 }
 
 static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                            tka_scratch *s)
+                            tka_arena *s)
 {
     const tka_attn *a = c->a;
     const int64_t n = a->n;
@@ -192,10 +205,14 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, doubl
     (void)acc;
     int64_t k, *keep;
     double tau;
-    if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
-    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)n * sizeof(double));
-    unsigned char *kept = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)n);
-    if (!wt || !kept) return TKA_ERR_NOMEM;
+    const size_t mark = tka_arena_mark(s);
+    st = keep_set(c, &w, r, s, &k, &tau, &keep);
+    double *wt = st == TKA_OK ? tka_arena_alloc(s, (size_t)n * sizeof(double)) : NULL;
+    unsigned char *kept = wt ? tka_arena_alloc(s, (size_t)n) : NULL;
+    if (st != TKA_OK || !kept) {
+        tka_arena_release(s, mark);
+        return st != TKA_OK ? st : TKA_ERR_NOMEM;
+    }
     c->K->exp_shift[TKA_F64](w.p, n, w.max, wt);
     memset(kept, 0, (size_t)n);
     for (int64_t i = 0; i < k; i++) kept[keep[i]] = 1;
@@ -209,20 +226,31 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, doubl
     const double g = tau / (1.0 - tau);
     c->err_sq[r] = (g * g * sq_head + sq_tail) / (z * z);
     if (c->tau_out) c->tau_out[r] = tau;
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
-static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_scratch *s, int64_t *bad)
+static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, int64_t *bad)
 {
     const attn_ctx *c = ctx;
-    const int64_t L = c->a->L, per = (L + GROUP - 1) / GROUP;
+    const tka_attn *a = c->a;
+    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP, dpad = (a->d + 7) / 8 * 8;
+    /* for the whole range of groups: GROUP padded queries, the output accumulator and the
+     * scores of GROUP rows */
+    const size_t mark = tka_arena_mark(s);
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
+    double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
+    if (!q || !sc) {
+        *bad = (g0 / per) * L + (g0 % per) * GROUP;
+        return TKA_ERR_NOMEM;
+    }
+    double *acc = q + GROUP * dpad;
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP;
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
         row_t w[GROUP];
-        double *acc;
         int off = 0;
-        tka_status st = score_group(c, r0, m, s, w, &acc, &off);
+        tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
         for (int i = 0; st == TKA_OK && i < m; i++) {
             off = i;
             st = c->mode == MODE_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
@@ -234,6 +262,7 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_scratch *s,
             return st;
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 

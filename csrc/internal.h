@@ -101,28 +101,47 @@ static inline double tka_exp_up(double x)
 /* ------------------------------------------------------------------ threads */
 
 /**
- * Run fn(ctx, r0, r1, scratch) over row ranges [r0, r1) of [0, rows), on up to
+ * Scratch memory with visible lifetimes: a per-thread stack of allocations (arena.c).
+ * A function that needs scratch takes a mark, allocates, and releases to its mark before it
+ * returns; memory its caller holds sits below that mark and is never moved or reused. A
+ * function that hands scratch to its caller says so, and the caller releases it.
+ * Every thread of a parallel job owns one arena, so concurrent calls never share one.
+ */
+#define TKA_ARENA_BLOCKS 40
+typedef struct tka_arena {
+    char *block[TKA_ARENA_BLOCKS];  /**< blocks, each at least twice the one before */
+    size_t cap[TKA_ARENA_BLOCKS];   /**< their sizes in bytes */
+    size_t base[TKA_ARENA_BLOCKS];  /**< offset of each block in the arena's range */
+    int nblocks, cur;               /**< blocks allocated; the block holding the top */
+    size_t top;                     /**< offset of the first free byte */
+} tka_arena;
+
+/** An empty arena (no memory yet). */
+void tka_arena_init(tka_arena *a);
+/** Free all of an arena's memory. */
+void tka_arena_free(tka_arena *a);
+/** The current top, to release back to. */
+static inline size_t tka_arena_mark(const tka_arena *a) { return a->top; }
+/** `bytes` bytes, 64-byte aligned, valid until a release to a mark taken before this call;
+ *  NULL when out of memory. */
+void *tka_arena_alloc(tka_arena *a, size_t bytes);
+/** Free everything allocated since `mark` (kept for reuse). */
+void tka_arena_release(tka_arena *a, size_t mark);
+
+/**
+ * Run fn(ctx, r0, r1, arena) over row ranges [r0, r1) of [0, rows), on up to
  * tka_num_threads() threads. `work` is the total number of elements touched: small jobs
- * stay on the calling thread. Each thread gets its own scratch arena (see tka_scratch).
+ * stay on the calling thread. Each thread brings its own arena.
  * fn returns TKA_OK or an error for its lowest failing row, stored in *err_row; the call
  * returns the error of the lowest failing row overall, independent of the thread count.
  */
-typedef struct tka_scratch tka_scratch;
-typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_scratch *s,
+typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_arena *s,
                                  int64_t *err_row);
 tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
                              int64_t *err_row);
 
 /** Run fn over all rows on the calling thread (kernels inside may still use threads). */
 tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
-
-/** Per-thread growable buffers; pointers stay valid until the next call with the same slot. */
-void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes);
-enum {
-    TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2,
-    TKA_SLOT_CHUNK, TKA_SLOT_CHUNK_V, TKA_SLOT_CHUNK_I,
-    TKA_SLOT_SCORES, TKA_SLOT_KEEP, TKA_SLOT_ACC, TKA_SLOT_COPY, TKA_NSLOTS
-};
 
 /** Whether the calling thread is a worker of tka_parallel_rows (no nested threads). */
 int tka_in_parallel(void);
@@ -140,42 +159,43 @@ typedef struct {
 } row_t;
 
 /** Scan a row set up in w (p, n, dt, K): NaN/+inf/all-masked check, max and n_live. */
-tka_status tka_row_check(row_t *w, tka_scratch *s);
+tka_status tka_row_check(row_t *w, tka_arena *s);
 /** log tau (and KL if kl) of the top-k set of a checked row, 0 <= k <= n. */
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl);
 /** k_eps of a checked row and the discarded mass tau <= eps of its top set; with t, also
  *  the k-th largest logit (the threshold of the kept set). */
-tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k, double *tau,
+tka_status tka_row_keps(const row_t *w, double eps, tka_arena *s, int64_t *k, double *tau,
                         double *t);
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower
- *  position, into out[0..k) (not a scratch buffer of slots ROW..CHUNK_I). */
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out);
+ *  position, into out[0..k). */
+tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out);
 /** The same set as tka_row_topk, in increasing position order (no sort: one rank
  *  selection and one gathering pass); with log_tau, also what tka_row_log_tau gives. */
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau);
 /** tka_row_topk_set when the k-th largest logit t is known (one gathering pass). */
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out);
+tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_arena *s, int64_t *out);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). */
 #define TKA_CHUNK 65536
-tka_status tka_row_scan(row_t *w, tka_scratch *s, tka_scan_out *out);
-tka_status tka_row_sumexp_split(const row_t *w, tka_scratch *s, double t, double ref_hi,
+tka_status tka_row_scan(row_t *w, tka_arena *s, tka_scan_out *out);
+tka_status tka_row_sumexp_split(const row_t *w, tka_arena *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo);
-tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *zb,
+tka_status tka_row_sumexp_moment(const row_t *w, tka_arena *s, double ref, double *zb,
                                  double *m1, double *c);
-tka_status tka_row_max_below(const row_t *w, tka_scratch *s, double t, double *out);
-tka_status tka_row_band(const row_t *w, tka_scratch *s, double lo, double hi, double ref,
+tka_status tka_row_max_below(const row_t *w, tka_arena *s, double t, double *out);
+tka_status tka_row_band(const row_t *w, tka_arena *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap,
                         tka_band_out *out);
 
 /**
  * Pointer to row r as a contiguous array of its dtype: the row itself when its elements
- * are adjacent, else a copy in the TKA_SLOT_ROW scratch buffer (NULL if out of memory).
+ * are adjacent, else a copy allocated in s, which the caller releases (NULL if out of
+ * memory).
  */
-const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s);
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s);
 
 /** Sort a[0..n) in decreasing order (NaN-free input). */
 void tka_sort_desc(double *a, int64_t n);

@@ -42,12 +42,12 @@ static double softplus(double z)
 
 /* ------------------------------------------------------------------ row access */
 
-const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s)
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s)
 {
     const int64_t es = x->dtype == TKA_F32 ? 4 : 8;
     const char *p = x->data + (x->row_offset ? x->row_offset[r] : r * x->row_stride);
     if (x->elem_stride == es || x->n <= 1) return p;
-    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)(x->n * es));
+    char *buf = tka_arena_alloc(s, (size_t)(x->n * es));
     if (!buf) return NULL;
     if (es == 4) {
         float *o = (float *)buf;
@@ -64,7 +64,7 @@ static double elem(const row_t *w, int64_t j)
     return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
 }
 
-tka_status tka_row_check(row_t *w, tka_scratch *s)
+tka_status tka_row_check(row_t *w, tka_arena *s)
 {
     tka_scan_out sc;
     tka_status st = tka_row_scan(w, s, &sc);
@@ -82,7 +82,7 @@ tka_status tka_row_check(row_t *w, tka_scratch *s)
 }
 
 /* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
-static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
+static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_arena *s,
                            row_t *w)
 {
     w->p = tka_row_contig(x, r, s);
@@ -94,19 +94,20 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
-static tka_status row_to_double(const row_t *w, tka_scratch *s, double *out)
+static tka_status row_to_double(const row_t *w, tka_arena *s, double *out)
 {
     tka_band_out b;
     return tka_row_band(w, s, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
 }
 
 /* The row sorted in decreasing order, as float64, into out (capacity n). */
-static tka_status row_sorted(const row_t *w, tka_scratch *s, double *out)
+static tka_status row_sorted(const row_t *w, tka_arena *s, double *out)
 {
-    void *tmp = tka_scratch_get(s, TKA_SLOT_IDX, tka_sort_scratch_bytes(w->n));
-    if (!tmp) return TKA_ERR_NOMEM;
-    tka_sort_row_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
-    return TKA_OK;
+    const size_t mark = tka_arena_mark(s);
+    void *tmp = tka_arena_alloc(s, tka_sort_scratch_bytes(w->n));
+    if (tmp) tka_sort_row_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
+    tka_arena_release(s, mark);
+    return tmp ? TKA_OK : TKA_ERR_NOMEM;
 }
 
 /* ns logits at evenly spaced positions, as float64. */
@@ -140,7 +141,7 @@ typedef struct {
 } rank_info;
 
 /* Finish from a gathered set holding the k-th largest at position j (0-based). */
-static tka_status rank_from_band(const row_t *w, tka_scratch *s, double *vals, int64_t nb,
+static tka_status rank_from_band(const row_t *w, tka_arena *s, double *vals, int64_t nb,
                                  int64_t j, int64_t n_above, int64_t k, rank_info *ri)
 {
     tka_nth_desc(vals, nb, j);
@@ -162,13 +163,14 @@ static tka_status rank_from_band(const row_t *w, tka_scratch *s, double *vals, i
     return TKA_OK;
 }
 
-/* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor. */
-static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri)
+/* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor
+ * (rank_select_in allocates in the caller's scope; rank_select releases on return). */
+static tka_status rank_select_in(const row_t *w, int64_t k, tka_arena *s, rank_info *ri)
 {
     const int64_t n = w->n;
     if (n > SMALL_ROW) {
         int64_t ns = sample_size(n, k);
-        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
         if (!smp) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
         double r_exp = (double)k * (double)ns / (double)n;
@@ -179,7 +181,7 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
         if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
         int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
         int64_t cap = lo == hi ? 0 : (4 * expect + 256 < n ? 4 * expect + 256 : n);
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+        double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, hi, 0.0, 0, vals, NULL, cap, &b);
@@ -198,11 +200,19 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
                 return rank_from_band(w, s, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
         }
     }
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
     if (!vals) return TKA_ERR_NOMEM;
     tka_status st = row_to_double(w, s, vals);
     if (st != TKA_OK) return st;
     return rank_from_band(w, s, vals, n, k - 1, 0, k, ri);
+}
+
+static tka_status rank_select(const row_t *w, int64_t k, tka_arena *s, rank_info *ri)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = rank_select_in(w, k, s, ri);
+    tka_arena_release(s, mark);
+    return st;
 }
 
 /* ------------------------------------------------------------------ tail mass */
@@ -213,7 +223,7 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
  * maximum and the tail relative to its own largest logit (docs/design.md §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
-static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
+static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_arena *s,
                                   const rank_info *ri, double *lr, double *head)
 {
     double hi, lo;
@@ -227,7 +237,7 @@ static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
     return TKA_OK;
 }
 
-static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
+static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_arena *s, rank_info *ri,
                                   double *lr, double *head)
 {
     tka_status st = rank_select(w, k, s, ri);
@@ -239,7 +249,7 @@ typedef struct {
     double *log_tau, *kl;
 } tail_ctx;
 
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl)
 {
     double lt, kk;
@@ -258,7 +268,7 @@ tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *lo
     return TKA_OK;
 }
 
-static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     tail_ctx *cx = c;
     return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
@@ -318,7 +328,7 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
-static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
+static tka_status keps_band(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
                             double *tau_out, double *t_out, int *done)
 {
     const int64_t n = w->n;
@@ -326,7 +336,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     if (ns > 4096) ns = 4096;
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
-    double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)(3 * ns + 2) * sizeof(double));
+    double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
     if (!smp) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);
@@ -344,7 +354,9 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
 
     /* standard error of the estimate of Z (the head is what the sample may miss) */
     double se_z = 3.0 * scale * sqrt(suf2[0]);
+    const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 3; attempt++) {
+        tka_arena_release(s, attempt_mark);  /* an attempt's buffers last until the next */
         const double bar = eps * z;
         int64_t jstar = sample_cut(suf, ns, scale, bar);
         double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
@@ -364,8 +376,8 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
         int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
         int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
         if (lo == hi) cap = 0;
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
-        double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(cap + 1) * sizeof(double));
+        double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+        double *m = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals || !m) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &b);
@@ -398,7 +410,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
             dm = (double)drop * mv;
         } else {
             if (t_out) {  /* the selection below reorders and overwrites the band */
-                copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)b.n_band * sizeof(double));
+                copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double));
                 if (!copy) return TKA_ERR_NOMEM;
                 memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
             }
@@ -421,8 +433,9 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     return TKA_OK;
 }
 
-tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
-                        double *tau_out, double *t_out)
+/* tka_row_keps, allocating in the caller's scope. */
+static tka_status keps_in(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
+                         double *tau_out, double *t_out)
 {
     const int64_t n = w->n;
     int64_t k;
@@ -440,8 +453,8 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
     }
 
     /* exact path over the whole row */
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    double *m = tka_arena_alloc(s, (size_t)(n + 1) * sizeof(double));
     if (!vals || !m) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
@@ -451,7 +464,7 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
         double z = 0.0, *copy = NULL;
         for (int64_t i = 0; i < n; i++) z += m[i];
         if (t_out) {  /* the selection below reorders and overwrites vals */
-            if (!(copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)n * sizeof(double))))
+            if (!(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
                 return TKA_ERR_NOMEM;
             memcpy(copy, vals, (size_t)n * sizeof(double));
         }
@@ -472,7 +485,16 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
     return TKA_OK;
 }
 
-static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_keps(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
+                        double *tau_out, double *t_out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out);
+    tka_arena_release(s, mark);
+    return st;
+}
+
+static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     keps_ctx *cx = c;
     double tau;
@@ -488,24 +510,27 @@ typedef struct {
     int64_t *idx;
 } topk_ctx;
 
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
+/* tka_row_topk, allocating in the caller's scope. */
+static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
 {
     const int64_t n = w->n;
     if (k == 0) return TKA_OK;
     double lo = -INFINITY;
     if (n > SMALL_ROW && k < n) {
         int64_t ns = sample_size(n, k);
-        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
         if (!smp) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
         double r_exp = (double)k * (double)ns / (double)n;
         int64_t rb = (int64_t)ceil(r_exp + 3.0 * sqrt(r_exp + 1.0) + 2.0);
         if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
     }
+    const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 2; attempt++) {
+        tka_arena_release(s, attempt_mark);
         int64_t cap = lo == -INFINITY ? n : (4 * k + 1024 < n ? 4 * k + 1024 : n);
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
-        int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+        double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+        int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
         if (!vals || !idx) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
@@ -520,13 +545,21 @@ tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
     return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
 }
 
+tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = topk_in(w, k, s, out);
+    tka_arena_release(s, mark);
+    return st;
+}
+
 /* Gather x >= t (t = the k-th largest) and keep all above t and the lowest positions of
  * those equal to it. */
-static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_scratch *s,
-                             int64_t *out)
+static tka_status gather_top_in(const row_t *w, int64_t k, double t, int64_t cap, tka_arena *s,
+                                int64_t *out)
 {
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
-    int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+    double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
     if (!vals || !idx) return TKA_ERR_NOMEM;
     tka_band_out b;
     tka_status st = tka_row_band(w, s, t, INFINITY, 0.0, 0, vals, idx, cap, &b);
@@ -539,14 +572,23 @@ static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, t
     return m == k ? TKA_OK : TKA_ERR_ARG;  /* t was not the k-th largest */
 }
 
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out)
+static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_arena *s,
+                             int64_t *out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = gather_top_in(w, k, t, cap, s, out);
+    tka_arena_release(s, mark);
+    return st;
+}
+
+tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_arena *s, int64_t *out)
 {
     if (k <= 0) return TKA_OK;
     tka_status st = gather_top(w, k, t, w->n, s, out);
     return st == TKA_ERR_ARG ? tka_row_topk_set(w, k, s, out, NULL) : st;
 }
 
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau)
 {
     if (k <= 0 || k >= w->n_live) {
@@ -569,7 +611,7 @@ tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *
     return gather_top(w, k, ri.t, ri.n_gt + ri.n_eq, s, out);
 }
 
-static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     topk_ctx *cx = c;
     return tka_row_topk(w, cx->k, s, cx->idx + r * cx->k);
@@ -581,12 +623,12 @@ typedef struct {
     double *out;
 } curve_ctx;
 
-static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     curve_ctx *cx = c;
     const int64_t n = w->n;
     double *out = cx->out + r * (n + 1);
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));  /* row scope */
     if (!vals) return TKA_ERR_NOMEM;
     tka_status st = row_sorted(w, s, vals);
     if (st != TKA_OK) return st;
@@ -626,7 +668,7 @@ static double certify(double bound, int64_t n, double mag)
     return b > 1.0 ? 1.0 : b;
 }
 
-static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     gap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live;
@@ -664,7 +706,7 @@ typedef struct {
     double *out;
 } multigap_ctx;
 
-static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     multigap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live, n = w->n;
@@ -672,8 +714,8 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         cx->out[r] = k == 0 ? 1.0 : 0.0;
         return TKA_OK;
     }
-    double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k + 1) * sizeof(double));
+    double *v = tka_arena_alloc(s, (size_t)n * sizeof(double));  /* row scope */
+    double *m = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(double));
     if (!v || !m) return TKA_ERR_NOMEM;
     tka_status st = row_sorted(w, s, v);
     if (st != TKA_OK) return st;
@@ -720,7 +762,7 @@ typedef struct {
     double *out;
 } entropy_ctx;
 
-static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     entropy_ctx *cx = c;
     double zb, m1, cmax;
@@ -739,7 +781,7 @@ typedef struct {
     int64_t *out;
 } support_ctx;
 
-static tka_status support_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status support_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     support_ctx *cx = c;
     double z, unused;
@@ -758,7 +800,7 @@ typedef struct {
     double *mu, *sigma;
 } fit_ctx;
 
-static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 {
     fit_ctx *cx = c;
     double sum = 0.0, ss = 0.0;
@@ -778,7 +820,8 @@ static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 
 /* --------------------------------------------------------------- batch driver */
 
-typedef tka_status (*per_row_fn)(void *ctx, const row_t *w, int64_t r, tka_scratch *s);
+/* A per-row function: what it allocates in s lives until the driver moves to the next row. */
+typedef tka_status (*per_row_fn)(void *ctx, const row_t *w, int64_t r, tka_arena *s);
 
 typedef struct {
     const tka_rows *x;
@@ -787,10 +830,13 @@ typedef struct {
     void *ctx;
 } drive_ctx;
 
-static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *bad)
+static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *bad)
 {
     drive_ctx *d = c;
+    const size_t mark = tka_arena_mark(s);
     for (int64_t r = r0; r < r1; r++) {
+        /* the row's scope: its copy and whatever the per-row function leaves in s */
+        tka_arena_release(s, mark);
         row_t w;
         tka_status st = row_prep(d->x, d->K, r, s, &w);
         if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
@@ -799,6 +845,7 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
             return st;
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 

@@ -112,13 +112,14 @@ typedef struct {
     int64_t k0;
 } fill_ctx;
 
-static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_scratch *s, int64_t *err_row)
+static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64_t *err_row)
 {
     fill_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
     const tka_key_index_out *o = cx->o;
     const int64_t d = ix->d, bs = ix->block_size, n = ix->n;
-    double *acc = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)d * sizeof(double));
+    const size_t mark = tka_arena_mark(s);
+    double *acc = tka_arena_alloc(s, (size_t)d * sizeof(double));
     if (!acc) return TKA_ERR_NOMEM;
     const double pad = 1.0 + (double)(d + 8) * 0x1p-52;
     for (int64_t h = h0; h < h1; h++) {
@@ -191,6 +192,7 @@ static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_scratch *s, int
             }
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
@@ -337,14 +339,14 @@ static inline double to_m_units(const srow *w, double u)
  * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
  * (or on an allocation failure, with *st set); 0 if no top set meets eps.
  */
-static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
-                    tka_scratch *s, tka_status *st)
+static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
+                       tka_arena *s, tka_status *st)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
     const int64_t ns = w->ns;
     const double m = w->m; /* the largest scored logit */
-    double *wm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(ns + 1) * sizeof(double));
+    double *wm = tka_arena_alloc(s, (size_t)(ns + 1) * sizeof(double));
     if (!wm) {
         *st = TKA_ERR_NOMEM;
         return 1;
@@ -385,8 +387,8 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
     }
     if (!(bound <= eps)) return 0;
     {
-        double *tv = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)k * sizeof(double));
-        int64_t *tx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)k * sizeof(int64_t));
+        double *tv = tka_arena_alloc(s, (size_t)k * sizeof(double));
+        int64_t *tx = tka_arena_alloc(s, (size_t)k * sizeof(int64_t));
         tka_sort_pairs_desc_radix(w->sv, w->si, k, tv, tx);
     }
     tka_search_row *out = &cx->rows[r];
@@ -422,6 +424,15 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
     return 1;
+}
+
+static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
+                    tka_arena *s, tka_status *st)
+{
+    const size_t mark = tka_arena_mark(s);
+    const int done = finalize_in(cx, w, r, u_ref, eps, s, st);
+    tka_arena_release(s, mark);
+    return done;
 }
 
 /* Bounds of every block (with eta) into w->ub, in block order. */
@@ -523,12 +534,12 @@ static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, 
  * Thm 4) at confidence 1 - dlt. Pool keys are the `np` keys pk[] with levels pb[].
  * Returns the upper bound in units of e^{ref}, or -1 when out of memory.
  */
-static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
-                       int64_t np, double dlt, uint64_t *rng, tka_scratch *s)
+static double mc_bound_in(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                          int64_t np, double dlt, uint64_t *rng, tka_arena *s)
 {
     const int64_t nblk = w->nb - w->j, nit = nblk + np, mc = cx->a->mc_samples;
-    double *cum = tka_scratch_get(s, TKA_SLOT_CHUNK_V, (size_t)(nit + 1) * sizeof(double));
-    double *val = tka_scratch_get(s, TKA_SLOT_CHUNK, (size_t)(mc + 1) * sizeof(double));
+    double *cum = tka_arena_alloc(s, (size_t)(nit + 1) * sizeof(double));
+    double *val = tka_arena_alloc(s, (size_t)(mc + 1) * sizeof(double));
     if (!cum || !val) return -1.0;
     double c = 0.0;
     for (int64_t t = 0; t < nit; t++) {
@@ -585,6 +596,15 @@ static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const i
     return total * up;
 }
 
+static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                       int64_t np, double dlt, uint64_t *rng, tka_arena *s)
+{
+    const size_t mark = tka_arena_mark(s);
+    const double ub = mc_bound_in(cx, w, pk, pb, np, dlt, rng, s);
+    tka_arena_release(s, mark);
+    return ub;
+}
+
 /* State shared by the certificate checks of one row. */
 typedef struct {
     double eps, eps_in;
@@ -599,7 +619,7 @@ typedef struct {
  * scored, for MC gathering. Returns 1 when the row is finished (or failed: *st).
  */
 static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, double pool,
-                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_scratch *s,
+                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_arena *s,
                        tka_status *st)
 {
     if (w->unscored == 0) {
@@ -646,7 +666,7 @@ static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, doubl
     return 0;
 }
 
-static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *err_row)
+static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
 {
     search_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
@@ -660,7 +680,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
               + (proxy ? 3 * (size_t)n + (size_t)nb + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
     size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
                  + (mc ? (size_t)n : 0) + 64;
-    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
+    const size_t mark = tka_arena_mark(s);
+    char *buf = tka_arena_alloc(s, bytes);  /* for every row of the range, released below */
     if (!buf) return TKA_ERR_NOMEM;
 
     for (int64_t r = r0; r < r1; r++) {
@@ -844,6 +865,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         o->proxies_read = w.proxies;
         o->bytes_read = w.bytes;
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 

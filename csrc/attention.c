@@ -16,12 +16,10 @@
 
 #include "internal.h"
 
-enum { MODE_DENSE, MODE_TOPK, MODE_ROW_ERROR };
-
 typedef struct {
     const tka_attn *a;
     const tka_kernels *K;
-    int mode;
+    tka_attn_mode mode;
     const int64_t *k;     /* per row, or NULL for eps */
     const double *eps;
     void *out;
@@ -253,8 +251,8 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
         for (int i = 0; st == TKA_OK && i < m; i++) {
             off = i;
-            st = c->mode == MODE_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
-                 : c->mode == MODE_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+            st = c->mode == TKA_ATTN_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
+                 : c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
                                         : row_error(c, r0 + i, &w[i], acc, s);
         }
         if (st != TKA_OK) {
@@ -285,7 +283,7 @@ static tka_status run(attn_ctx *c, tka_error *err)
 
 tka_status tka_attention(const tka_attn *a, void *out, tka_error *err)
 {
-    attn_ctx c = {.a = a, .mode = MODE_DENSE, .out = out};
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_DENSE, .out = out};
     return run(&c, err);
 }
 
@@ -295,7 +293,7 @@ tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double 
 {
     const int64_t rows = a->batch * a->L;
     if (idx_out) memset(idx_out, 0, (size_t)rows * sizeof(int64_t *));
-    attn_ctx c = {.a = a, .mode = MODE_TOPK, .k = k, .eps = eps, .out = out, .k_out = k_out,
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_TOPK, .k = k, .eps = eps, .out = out, .k_out = k_out,
                   .tau_out = tau_out, .idx_out = idx_out};
     tka_status st = run(&c, err);
     if (st != TKA_OK && idx_out) {
@@ -310,6 +308,6 @@ tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double 
 tka_status tka_attention_row_error(const tka_attn *a, const int64_t *k, double *err_sq,
                                    double *tau_out, tka_error *err)
 {
-    attn_ctx c = {.a = a, .mode = MODE_ROW_ERROR, .k = k, .err_sq = err_sq, .tau_out = tau_out};
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_ROW_ERROR, .k = k, .err_sq = err_sq, .tau_out = tau_out};
     return run(&c, err);
 }

@@ -11,6 +11,7 @@
  */
 #define TKA_IMPORT_ARRAY
 #include "pyutil.h"
+#include "search.h"
 
 #include <math.h>
 #include <string.h>
@@ -34,7 +35,7 @@ static PyObject *py_tail_mass(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_tail_mass(&L.rows, PyArray_DATA(k), PyArray_DATA(lt), kl ? PyArray_DATA(kl) : NULL, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { logits_raise(st, &err, &L, "logits"); goto done; }
     res = kl ? Py_BuildValue("OO", lt, kl) : Py_BuildValue("(O)", lt);
 done:
     Py_XDECREF(k);
@@ -58,7 +59,7 @@ static PyObject *py_tv_curve(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         st = tka_tv_curve(&L.rows, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
@@ -92,7 +93,7 @@ static PyObject *py_k_eps(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_k_eps(&L.rows, ev, PyArray_DATA(k), tau ? PyArray_DATA(tau) : NULL, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { logits_raise(st, &err, &L, "logits"); goto done; }
     res = tau ? Py_BuildValue("OO", k, tau) : Py_BuildValue("(O)", k);
 done:
     Py_XDECREF(eps);
@@ -123,7 +124,7 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         st = tka_topk(&L.rows, (int64_t)k, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
@@ -149,7 +150,7 @@ static PyObject *py_gap_bound(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_gap_bound(&L.rows, PyArray_DATA(k), form, PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
@@ -198,7 +199,7 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
                             cuts ? PyArray_SIZE(cuts) : 0, (int64_t)nseg, spacing,
                             PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
@@ -254,8 +255,10 @@ static PyObject *py_block_bound(PyObject *self, PyObject *args)
                          PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
-        PyErr_Format(PyExc_ValueError, "%s (row %lld)", err.what ? err.what : "invalid input",
-                     (long long)err.row);
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s (row %lld)", err.what ? err.what : "invalid input",
+                 (long long)err.row);
+        tka_py_raise(st, NULL, err.row, detail);
         goto done;
     }
     res = (PyObject *)out;
@@ -285,7 +288,7 @@ static PyObject *py_entropy(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         st = tka_entropy(&L.rows, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
@@ -315,7 +318,7 @@ static PyObject *py_effective_support(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_effective_support(&L.rows, tv, PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
@@ -339,7 +342,7 @@ static PyObject *py_fit_gaussian(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         st = tka_fit_gaussian(&L.rows, PyArray_DATA(mu), PyArray_DATA(sg), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) logits_raise(st, &err, &L, "logits");
         else res = Py_BuildValue("OO", mu, sg);
     }
     Py_XDECREF(mu);
@@ -483,6 +486,31 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The numbers the Python layer passes to and gets from this module, so that it never
+ * restates them: statuses (STATUS_OK, STATUS_ERR_NAN, ...), attention modes, search
+ * summaries and methods, bound forms and spacings, Gaussian operations. */
+static int add_constants(PyObject *m)
+{
+    static const struct { const char *name; int value; } c[] = {
+        {"MODE_DENSE", TKA_ATTN_DENSE}, {"MODE_TOPK", TKA_ATTN_TOPK},
+        {"MODE_ROW_ERROR", TKA_ATTN_ROW_ERROR},
+        {"SUMMARY_MINMAX", TKA_SUM_MINMAX}, {"SUMMARY_BALL", TKA_SUM_BALL},
+        {"METHOD_DELTA", TKA_SEARCH_DELTA}, {"METHOD_MC", TKA_SEARCH_MC},
+        {"GAP_MASS", TKA_GAP_MASS}, {"GAP_GAP", TKA_GAP_GAP},
+        {"SPACING_GEOMETRIC", TKA_SPACING_GEOMETRIC}, {"SPACING_LINEAR", TKA_SPACING_LINEAR},
+        {"G_CDF", G_CDF}, {"G_SF", G_SF}, {"G_PPF", G_PPF}, {"G_ISF", G_ISF},
+        {"G_TAIL", G_TAIL}, {"G_KEPS", G_KEPS}, {"G_KEPS_FINITE", G_KEPS_FINITE},
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
+        if (PyModule_AddIntConstant(m, c[i].name, c[i].value) < 0) return -1;
+    for (int st = 0; st < TKA_STATUS_COUNT; st++) {
+        char name[64];
+        snprintf(name, sizeof name, "STATUS_%s", tka_status_name((tka_status)st));
+        if (PyModule_AddIntConstant(m, name, st) < 0) return -1;
+    }
+    return 0;
+}
+
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_core",
                                        "C core of topkattn (private; use the topkattn package).",
                                        -1, methods};
@@ -498,11 +526,7 @@ PyMODINIT_FUNC PyInit__core(void)
         return NULL;
     }
     tka_simd_active(); /* detect the CPU and pick the kernels now, under the GIL */
-    if (PyModule_AddIntConstant(m, "G_CDF", G_CDF) || PyModule_AddIntConstant(m, "G_SF", G_SF) ||
-        PyModule_AddIntConstant(m, "G_PPF", G_PPF) || PyModule_AddIntConstant(m, "G_ISF", G_ISF) ||
-        PyModule_AddIntConstant(m, "G_TAIL", G_TAIL) ||
-        PyModule_AddIntConstant(m, "G_KEPS", G_KEPS) ||
-        PyModule_AddIntConstant(m, "G_KEPS_FINITE", G_KEPS_FINITE)) {
+    if (add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -57,6 +57,7 @@ static void run_chunks(job *j)
         int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
         int64_t bad = -1;
         tka_status st = j->fn(j->ctx, r0, r1, &s, &bad);
+        if (st == TKA_RETRY) st = TKA_INTERNAL_ERROR();  /* a retry must be taken inside */
         if (st != TKA_OK) {
             if (bad < 0) bad = r0;
             pthread_mutex_lock(&j->lock);
@@ -125,6 +126,7 @@ tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_
     tka_arena_init(&s);
     *err_row = -1;
     tka_status st = rows > 0 ? fn(ctx, 0, rows, &s, err_row) : TKA_OK;
+    if (st == TKA_RETRY) st = TKA_INTERNAL_ERROR();  /* a retry must be taken inside */
     tka_arena_free(&s);
     return st;
 }

@@ -159,7 +159,7 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
         Py_DECREF(perm);
-        return PyErr_NoMemory();
+        return tka_py_raise(st, NULL, -1, NULL);
     }
     return (PyObject *)perm;
 }
@@ -179,7 +179,7 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_index_fill(&ix, &o, k0, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) return PyErr_NoMemory();
+    if (st != TKA_OK) return tka_py_raise(st, NULL, err.row, err.what);
     Py_RETURN_NONE;
 }
 
@@ -257,8 +257,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     st = tka_search(&ix, &sa, out, ov ? PyArray_DATA(ov) : NULL, &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
-        if (st == TKA_ERR_NOMEM) PyErr_NoMemory();
-        else PyErr_Format(PyExc_RuntimeError, "certified search failed (status %d)", (int)st);
+        tka_py_raise(st, NULL, err.row, err.what);
         goto done;
     }
     {

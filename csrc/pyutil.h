@@ -13,6 +13,7 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include "pyerr.h"
 #include "topkattn.h"
 
 /* A parsed batch of logits: the array (a new reference) and its row view. */
@@ -27,10 +28,8 @@ typedef struct {
 /** Parse a float32/float64 array (..., n) named `name` into a row view (0, or -1 + error). */
 int parse_logits(PyObject *obj, const char *name, logits_t *L);
 void logits_free(logits_t *L);
-/** " at batch index (i, j)" for a flat row index r, or "" for a single row. */
-void row_label(const logits_t *L, int64_t r, char *buf, size_t size);
-/** Raise the Python exception for a core status; always returns NULL. */
-PyObject *raise_status(tka_status st, const tka_error *err, const logits_t *L, const char *name);
+/** tka_py_raise for a call over the rows of L, the argument `name`; returns NULL. */
+PyObject *logits_raise(tka_status st, const tka_error *err, const logits_t *L, const char *name);
 /** A C-contiguous array of `type` with exactly `rows` values. */
 PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name);
 /** Every k in [0, n] (0, or -1 + ValueError naming `name`). */

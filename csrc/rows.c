@@ -542,7 +542,7 @@ static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
         }
         lo = -INFINITY;  /* the bracket missed: take every logit */
     }
-    return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+    return TKA_INTERNAL_ERROR();  /* the second attempt gathers the whole row */
 }
 
 tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
@@ -569,7 +569,7 @@ static tka_status gather_top_in(const row_t *w, int64_t k, double t, int64_t cap
     int64_t m = 0;
     for (int64_t i = 0; i < b.n_band && m < k; i++)
         if (vals[i] > t || (ties > 0 && ties--)) out[m++] = idx[i];
-    return m == k ? TKA_OK : TKA_ERR_ARG;  /* t was not the k-th largest */
+    return m == k ? TKA_OK : TKA_RETRY;  /* t was not the k-th largest */
 }
 
 static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_arena *s,
@@ -585,7 +585,7 @@ tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_arena *s,
 {
     if (k <= 0) return TKA_OK;
     tka_status st = gather_top(w, k, t, w->n, s, out);
-    return st == TKA_ERR_ARG ? tka_row_topk_set(w, k, s, out, NULL) : st;
+    return st == TKA_RETRY ? tka_row_topk_set(w, k, s, out, NULL) : st;
 }
 
 tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *out,
@@ -678,7 +678,7 @@ static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
     else {
         rank_info ri;
         double lr;
-        if (cx->form == 0) {
+        if (cx->form == TKA_GAP_MASS) {
             double head;
             tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
             if (st != TKA_OK) return st;
@@ -739,7 +739,7 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
     } else {
         const double span = (double)(nl - k);
         for (int64_t j = 1; j <= cx->nseg && prev < nl; j++) {
-            double off = cx->spacing == 0 ? ceil(pow(span, (double)j / (double)cx->nseg))
+            double off = cx->spacing == TKA_SPACING_GEOMETRIC ? ceil(pow(span, (double)j / (double)cx->nseg))
                                           : ceil(span * (double)j / (double)cx->nseg);
             int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
             if (cut <= prev) continue;

@@ -624,7 +624,7 @@ static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, doubl
 {
     if (w->unscored == 0) {
         if (finalize(cx, w, r, 0.0, c->eps, s, st)) return 1;
-        *st = TKA_ERR_ARG; /* unreachable: with every key kept the bound is 0 */
+        *st = TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
         return 1;
     }
     if (w->ns == 0) return 0;
@@ -853,7 +853,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
                 }
                 w.lcnt[t] = 0;
             }
-            if (!done && st == TKA_OK) st = TKA_ERR_ARG; /* unreachable: the last level takes every key */
+            if (!done && st == TKA_OK) st = TKA_INTERNAL_ERROR(); /* the last level takes every key */
         }
         if (st != TKA_OK) {
             *err_row = r;

@@ -270,18 +270,6 @@ def _where(batch, row):
     return " at batch index (" + ", ".join(str(int(i)) for i in idx) + ("," if len(idx) == 1 else "") + ")"
 
 
-def _check(res, batch, name="logits"):
-    if res is None:
-        return
-    code, row = res
-    where = _where(batch, row)
-    if code == 1:
-        raise ValueError(f"{name} contains NaN{where}")
-    if code == 2:
-        raise ValueError(f"{name} contains +inf{where} (use -inf for masked keys)")
-    raise ValueError(f"{name} has a fully masked row{where} (every logit is -inf)")
-
-
 def _per_row(value, batch, name, dtype):
     from .core import _per_row as per_row
     return per_row(value, batch, name, dtype)
@@ -302,8 +290,8 @@ def log_tail_mass(logits, k):
     out = lib.empty(batch, "float64", dev)
     if rows:
         kd = lib.upload(kk.reshape(-1), dev)
-        _check(_cuda.tail_mass(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(kd), lib.ptr(out), 0,
-                               lib.stream(dev), dev), batch)
+        _cuda.tail_mass(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(kd), lib.ptr(out), 0,
+                        lib.stream(dev), dev, tuple(batch))
     return out
 
 
@@ -326,8 +314,8 @@ def k_eps(logits, eps, return_tail=False):
     tau = lib.empty(batch, "float64", dev) if return_tail else None
     if rows:
         ed = lib.upload(ee.reshape(-1), dev)
-        _check(_cuda.k_eps(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(ed), lib.ptr(k_out),
-                           lib.ptr(tau) if tau is not None else 0, lib.stream(dev), dev), batch)
+        _cuda.k_eps(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(ed), lib.ptr(k_out),
+                    lib.ptr(tau) if tau is not None else 0, lib.stream(dev), dev, tuple(batch))
     return (k_out, tau) if return_tail else k_out
 
 
@@ -346,8 +334,8 @@ def topk(logits, k):
     dev = lib.device(x)
     out = lib.empty(batch + (k,), "int64", dev)
     if rows and k:
-        _check(_cuda.topk(code, lib.ptr(x2), rows, n, rs, es, k, lib.ptr(out), lib.stream(dev),
-                          dev), batch)
+        _cuda.topk(code, lib.ptr(x2), rows, n, rs, es, k, lib.ptr(out), lib.stream(dev), dev,
+                   tuple(batch))
     return out
 
 
@@ -376,7 +364,7 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     dtype. ``mask`` may be a GPU array or array_like (it is moved to the device, as the
     accumulation type). ``return_info`` gives a :class:`~topkattn.TopkInfo` of GPU arrays.
     """
-    from .attention import TopkInfo, _Problem, _selection
+    from .attention import TopkInfo, _selection
     for nm, a in (("Q", Q), ("K", K), ("V", V)):
         if not is_gpu_array(a):
             raise TypeError(f"{nm} must be a GPU array like the other operands (Q, K and V on "
@@ -480,15 +468,13 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
         kd = lib.upload(kk.reshape(-1), dev) if kk is not None else None
         ed = lib.upload(ee.reshape(-1), dev) if ee is not None else None
         (qa, qo, qld), (ka, ko, kld), (va, vo, vld) = ops
-        res = _cuda.topk_attention(
+        _cuda.topk_attention(
             code, lib.ptr(qa), lib.ptr(ka), lib.ptr(va), lib.ptr(qo), lib.ptr(ko), lib.ptr(vo),
             qld, kld, vld, batch, L, n, d, dv, float(scale), m_ptr, m_off_ptr, m_sl, m_sn,
             lib.ptr(kd) if kd is not None else 0, lib.ptr(ed) if ed is not None else 0,
             lib.ptr(out), lib.ptr(k_out) if k_out is not None else 0,
             lib.ptr(tau) if tau is not None else 0, lib.ptr(idx) if idx is not None else 0,
-            width, lib.stream(dev), dev)
-        if res is not None:
-            _Problem._raise(SimpleNamespace(bshape=bshape, L=L), res[0], res[1])
+            width, lib.stream(dev), dev, tuple(int(b) for b in bshape))
     if not return_info:
         return out
     if rows:

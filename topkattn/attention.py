@@ -26,7 +26,7 @@ __all__ = [
     "dynamic_k", "attention_matrix_error",
 ]
 
-_DENSE, _TOPK, _ROW_ERROR = 0, 1, 2
+_DENSE, _TOPK, _ROW_ERROR = _core.MODE_DENSE, _core.MODE_TOPK, _core.MODE_ROW_ERROR
 
 
 # ----------------------------------------------------------------- argument handling
@@ -80,24 +80,9 @@ class _Problem:
         return int(np.prod(self.bshape, dtype=np.int64)) * self.L
 
     def call(self, mode, k=None, eps=None, want_info=False):
-        res = _core.attention(mode, self.q, self.k, self.v, self.mask,
-                              int(np.prod(self.bshape, dtype=np.int64)), self.L, self.n, self.d,
-                              self.dv, self.scale, k, eps, want_info)
-        if isinstance(res, tuple) and len(res) == 3 and isinstance(res[0], str):
-            self._raise(res[1], res[2])
-        return res
-
-    def _raise(self, code, row):
-        where = ""
-        if row >= 0:
-            idx = np.unravel_index(row, tuple(self.bshape) + (self.L,))
-            where = f" (query row at index {tuple(int(i) for i in idx)} of (..., L))"
-        if code == 1:
-            raise ValueError(f"the scores q.k contain NaN{where}: Q or K has NaN or inf values")
-        if code == 2:
-            raise ValueError(f"the scores q.k are +inf{where}: Q or K has inf values")
-        raise ValueError(f"mask masks every key of a query row{where}; a softmax over no key "
-                         "is undefined")
+        return _core.attention(mode, self.q, self.k, self.v, self.mask,
+                               tuple(int(b) for b in self.bshape), self.L, self.n, self.d,
+                               self.dv, self.scale, k, eps, want_info)
 
 
 def _problem(Q, K, V, scale, mask, need_v=True):

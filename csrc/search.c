@@ -666,198 +666,268 @@ static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, doubl
     return 0;
 }
 
+/* The per-row arrays of the search (reset for every row), and the per-query constants. */
+typedef struct {
+    double *qs, *tmpd;                 /* scaled query (d); exact scores of a block (bs) */
+    int64_t *defer, *lv;               /* deferred blocks (nb); keys of a level (n) */
+    int32_t *tmp;                      /* proxy levels of a block (bs) */
+    int16_t *yq;                       /* proxy query codes (d) */
+    double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
+} row_bufs;
+
+/* Shape of one search: what the per-row arrays are sized by. */
+typedef struct {
+    int64_t n, d, bs, nb;
+    int proxy, mc;
+} search_dims;
+
+/* Bytes of the per-row arrays (8-byte items first, then int32, int16, bytes). */
+static size_t row_bytes(const search_dims *sd)
+{
+    const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
+    size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
+              + (sd->mc && sd->proxy ? 2 * n : 0);
+    return n8 * 8 + bs * sizeof(int32_t) + d * sizeof(int16_t) + (sd->mc ? n : 0) + 64;
+}
+
+/* Carve buf (row_bytes) into the row's arrays and reset w, ck and the level lists. */
+static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb)
+{
+    const int64_t n = sd->n, d = sd->d, bs = sd->bs, nb = sd->nb;
+    memset(w, 0, sizeof *w);
+    memset(ck, 0, sizeof *ck);
+    double *p8 = (double *)buf;
+    rb->qs = p8; p8 += d;
+    w->ub = p8; p8 += nb;
+    w->bsuf = p8; p8 += nb + 1;
+    w->sv = p8; p8 += n;
+    rb->tmpd = p8; p8 += bs;
+    int64_t *q8 = (int64_t *)p8;
+    w->bord = q8; q8 += nb;
+    w->si = q8; q8 += n;
+    rb->defer = rb->lv = NULL;
+    if (sd->proxy) {
+        w->lnext = q8; q8 += n;
+        w->ekey = q8; q8 += n;
+        rb->defer = q8; q8 += nb;
+        w->lhead = q8; q8 += NLEVELS;
+        w->lcnt = q8; q8 += NLEVELS;
+        for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
+        rb->lv = q8; q8 += n;
+        if (sd->mc) { ck->pk = q8; q8 += n; ck->pb = q8; q8 += n; }
+    }
+    rb->tmp = (int32_t *)q8;
+    rb->yq = (int16_t *)(rb->tmp + bs);
+    if (sd->mc) { w->mark = (uint8_t *)(rb->yq + d); memset(w->mark, 0, (size_t)n); }
+    w->n = n; w->d = d; w->bs = bs; w->nb = nb;
+}
+
+/*
+ * The scaled query q' = scale * q of row r, its norms, the rounding allowance eta and the
+ * targets; with proxies, the int16 query codes y = round(q' / b), b a power of two with
+ * max|q'| / b <= ymax (so that d ymax 127 < 2^31: the int32 dot products are exact).
+ * r = q' - b y is exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's
+ * codes: the slack of the code bound.
+ */
+static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                          chk_t *ck, row_bufs *rb)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t d = sd->d, h = r / a->L;
+    double *qs = rb->qs;
+    const double *q = a->q + (size_t)(r * d);
+    double qn1 = 0.0, qq = 0.0, qmax = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+        qs[j] = a->scale * q[j];
+        qn1 += fabs(qs[j]);
+        qq += qs[j] * qs[j];
+        if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
+    }
+    rb->qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
+    rb->qn1 = qn1 * (1.0 + (double)(d + 4) * 0x1p-52);
+    w->es = esize(ix->dtype);
+    w->keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w->es;
+    w->qs = qs;
+    w->eta = (double)(d + 8) * 0x1p-52 * rb->qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
+    ck->eps = a->eps[r];
+    ck->eps_in = ck->eps * exp(-4.0 * w->eta) * (1.0 - 1e-6);
+    double bq = 1.0, rr = 0.0;
+    if (sd->proxy) {
+        double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
+        if (ymax > 32767.0) ymax = 32767.0;
+        if (qmax > 0.0) {
+            int e2;
+            frexp(qmax / ymax, &e2);
+            bq = ldexp(1.0, e2);
+        }
+        for (int64_t j = 0; j < d; j++) {
+            double t = nearbyint(qs[j] / bq);
+            if (t > ymax) t = ymax;
+            if (t < -ymax) t = -ymax;
+            rb->yq[j] = (int16_t)t;
+            double rj = qs[j] - bq * t;
+            rr += rj * rj;
+        }
+    }
+    rb->bq = bq;
+    rb->slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
+                   * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
+}
+
+/* Block bounds of row r's head in visiting order (decreasing), their suffix masses in units
+ * of e^{ref} (ref = the largest), and the starting state of the search. */
+static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                         chk_t *ck, const row_bufs *rb)
+{
+    const tka_key_index *ix = cx->ix;
+    const int64_t n = sd->n, bs = sd->bs, nb = sd->nb, d = sd->d;
+    block_bounds(cx, w, r / cx->a->L, rb->qn1, rb->qn2);
+    w->bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
+                                      + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
+    for (int64_t b = 0; b < nb; b++) w->bord[b] = b;
+    memcpy(w->bsuf, w->ub, (size_t)nb * sizeof(double));
+    tka_sort_pairs_desc(w->bsuf, w->bord, nb);
+    memcpy(w->ub, w->bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
+    w->ref = w->ub[0];
+    w->bsuf[nb] = 0.0;
+    for (int64_t t = nb - 1; t >= 0; t--) {
+        int64_t i0 = w->bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
+        w->bsuf[t] = w->bsuf[t + 1] + (double)sz * tka_exp_up(w->ub[t] - w->ref);
+    }
+    w->m = -INFINITY;
+    w->unscored = n;
+    ck->rng = cx->a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
+    splitmix(&ck->rng);
+    ck->next_cp = 2 * cx->a->mc_samples;
+}
+
+/* Without proxies: blocks by decreasing bound, each scored exactly, until certified. */
+static tka_status search_blocks(const search_ctx *cx, int64_t r, const search_dims *sd,
+                                srow *w, chk_t *ck, const row_bufs *rb, tka_arena *s)
+{
+    const int64_t n = sd->n, bs = sd->bs;
+    tka_status st = TKA_OK;
+    while (!try_certify(cx, w, r, ck, 0.0, NULL, 0, 0, s, &st)) {
+        const int64_t b = w->bord[w->j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+        score(cx, w, i0, i1 - i0, rb->tmpd);
+        for (int64_t i = i0; i < i1; i++) {
+            add_scored(w, rb->tmpd[i - i0], i);
+            note_computed(w, i);
+        }
+        w->unscored -= i1 - i0;
+        w->blocks++;
+        w->j++;
+    }
+    return st;
+}
+
+/* Link the deferred blocks' keys of the levels in (horizon, nh]; keeps in rb->defer the
+ * blocks that still have keys further down. Returns the number of deferred blocks left. */
+static int64_t link_deferred(const search_ctx *cx, int64_t h, const search_dims *sd, srow *w,
+                             row_bufs *rb, int64_t ndefer, int64_t horizon, int64_t nh)
+{
+    int64_t keep = 0;
+    for (int64_t u = 0; u < ndefer; u++) {
+        const int64_t jv = rb->defer[u], b = w->bord[jv], i0 = b * sd->bs;
+        const int64_t i1 = i0 + sd->bs < sd->n ? i0 + sd->bs : sd->n;
+        int64_t hh = nh;
+        if (expand_proxies(cx, w, h, i0, i1, w->ub[jv], rb->yq, rb->bq, rb->slack_code, rb->qn2,
+                           rb->tmp, 0, horizon, &hh))
+            rb->defer[keep++] = jv;
+    }
+    return keep;
+}
+
+/* Score the keys of level t one by one (in an array, with prefetching: they are scattered
+ * over many blocks), checking the certificate before each. Returns 1 when the row is done. */
+static int score_level(const search_ctx *cx, int64_t r, int64_t t, srow *w, chk_t *ck,
+                       row_bufs *rb, tka_arena *s, tka_status *st)
+{
+    const int64_t d = w->d;
+    int64_t *lv = rb->lv, nl = 0;
+    for (int64_t e = w->lhead[t]; e >= 0; e = w->lnext[e]) lv[nl++] = w->ekey[e];
+    w->lhead[t] = -1;
+    for (int64_t u = 0;; u++) {
+        /* the running sum drifts by at most one rounding of pool_max per update */
+        double pool = w->pool + (double)(w->pool_ops + 4) * 0x1p-52 * w->pool_max;
+        if (try_certify(cx, w, r, ck, pool, lv + u, nl - u, t, s, st)) return 1;
+        if (u >= nl) break;
+        if (u + PREFETCH < nl) {
+            const char *pk = w->keys + (size_t)(lv[u + PREFETCH] * d) * w->es;
+            for (size_t off = 0; off < (size_t)d * w->es; off += 64) __builtin_prefetch(pk + off);
+        }
+        double sv;
+        score(cx, w, lv[u], 1, &sv);
+        add_scored(w, sv, lv[u]);
+        note_computed(w, lv[u]);
+        w->unscored--;
+        w->pool -= cx->lw[t];
+        w->pool_ops++;
+    }
+    w->lcnt[t] = 0;
+    return 0;
+}
+
+/* With proxies: level by level, expand the blocks whose bound reaches the level, then score
+ * the level's keys exactly, until certified. */
+static tka_status search_levels(const search_ctx *cx, int64_t r, const search_dims *sd,
+                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s)
+{
+    const int64_t h = r / cx->a->L, n = sd->n, bs = sd->bs, nb = sd->nb;
+    tka_status st = TKA_OK;
+    int64_t horizon = sd->mc ? NLEVELS - 1 : -1, ndefer = 0;
+    for (int64_t t = 0; t < NLEVELS; t++) {
+        const double theta = w->ref - (double)(t + 1) * LEVEL_W;
+        int64_t expanded = 0;
+        w->lmin_new = NLEVELS;
+        if (horizon >= 0 && t > horizon) {  /* the next window of levels */
+            const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
+            ndefer = link_deferred(cx, h, sd, w, rb, ndefer, horizon, nh);
+            horizon = nh;
+        }
+        while (w->j < nb && (w->ub[w->j] > theta || t == NLEVELS - 1)) {
+            const int64_t b = w->bord[w->j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+            if (expand_proxies(cx, w, h, i0, i1, w->ub[w->j], rb->yq, rb->bq, rb->slack_code,
+                               rb->qn2, rb->tmp, 1, -1, &horizon))
+                rb->defer[ndefer++] = w->j;
+            w->blocks++;
+            w->j++;
+            expanded++;
+        }
+        /* a block's keys may land one level above the block's own (rounding margin): go
+         * back to the lowest level that got keys */
+        if (w->lmin_new < t) t = w->lmin_new;
+        if (w->lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
+        if (score_level(cx, r, t, w, ck, rb, s, &st)) return st;
+    }
+    return TKA_INTERNAL_ERROR(); /* the last level takes every key */
+}
+
 static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
 {
     search_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
-    const int64_t n = ix->n, d = ix->d, bs = ix->block_size, nb = (n + bs - 1) / bs;
-    const int proxy = a->use_proxy && ix->pz != NULL;
-    const int mc = a->method == TKA_SEARCH_MC;
-
-    /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
-    size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
-              + (proxy ? 3 * (size_t)n + (size_t)nb + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
-    size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
-                 + (mc ? (size_t)n : 0) + 64;
+    const int64_t n = ix->n, bs = ix->block_size;
+    const search_dims sd = {n, ix->d, bs, (n + bs - 1) / bs, a->use_proxy && ix->pz != NULL,
+                            a->method == TKA_SEARCH_MC};
     const size_t mark = tka_arena_mark(s);
-    char *buf = tka_arena_alloc(s, bytes);  /* for every row of the range, released below */
+    char *buf = tka_arena_alloc(s, row_bytes(&sd));  /* for every row of the range */
     if (!buf) return TKA_ERR_NOMEM;
-
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t h = r / a->L;
+    tka_status st = TKA_OK;
+    for (int64_t r = r0; r < r1 && st == TKA_OK; r++) {
         srow w;
-        memset(&w, 0, sizeof w);
         chk_t ck;
-        memset(&ck, 0, sizeof ck);
-        double *p8 = (double *)buf;
-        double *qs = p8; p8 += d;
-        w.ub = p8; p8 += nb;
-        w.bsuf = p8; p8 += nb + 1;
-        w.sv = p8; p8 += n;
-        double *tmpd = p8; p8 += bs;
-        int64_t *q8 = (int64_t *)p8, *lv = NULL, *defer = NULL;
-        w.bord = q8; q8 += nb;
-        w.si = q8; q8 += n;
-        if (proxy) {
-            w.lnext = q8; q8 += n;
-            w.ekey = q8; q8 += n;
-            defer = q8; q8 += nb;
-            w.lhead = q8; q8 += NLEVELS;
-            w.lcnt = q8; q8 += NLEVELS;
-            for (int64_t b = 0; b < NLEVELS; b++) { w.lhead[b] = -1; w.lcnt[b] = 0; }
-            lv = q8; q8 += n;
-            if (mc) { ck.pk = q8; q8 += n; ck.pb = q8; q8 += n; }
-        }
-        int32_t *tmp = (int32_t *)q8;
-        int16_t *yq = (int16_t *)(tmp + bs);
-        if (mc) { w.mark = (uint8_t *)(yq + d); memset(w.mark, 0, (size_t)n); }
-
-        w.n = n; w.d = d; w.bs = bs; w.nb = nb;
-        w.es = esize(ix->dtype);
-        w.keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w.es;
-        w.qs = qs;
-        const double *q = a->q + (size_t)(r * d);
-        double qn1 = 0.0, qq = 0.0, qmax = 0.0;
-        for (int64_t j = 0; j < d; j++) {
-            qs[j] = a->scale * q[j];
-            qn1 += fabs(qs[j]);
-            qq += qs[j] * qs[j];
-            if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
-        }
-        const double qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
-        qn1 *= 1.0 + (double)(d + 4) * 0x1p-52;
-        w.eta = (double)(d + 8) * 0x1p-52 * qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
-        ck.eps = a->eps[r];
-        ck.eps_in = ck.eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
-
-        /* proxy query: int16 codes y = round(q' / b), b a power of two with max|q'| / b <= ymax
-         * (so that d ymax 127 < 2^31: the int32 dot products are exact). r = q' - b y is
-         * exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's codes. */
-        double bq = 1.0, rr = 0.0;
-        if (proxy) {
-            double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
-            if (ymax > 32767.0) ymax = 32767.0;
-            if (qmax > 0.0) {
-                int e2;
-                frexp(qmax / ymax, &e2);
-                bq = ldexp(1.0, e2);
-            }
-            for (int64_t j = 0; j < d; j++) {
-                double t = nearbyint(qs[j] / bq);
-                if (t > ymax) t = ymax;
-                if (t < -ymax) t = -ymax;
-                yq[j] = (int16_t)t;
-                double rj = qs[j] - bq * t;
-                rr += rj * rj;
-            }
-        }
-        const double slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
-                                * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
-
-        block_bounds(cx, &w, h, qn1, qn2);
-        w.bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
-                                         + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
-        for (int64_t b = 0; b < nb; b++) w.bord[b] = b;
-        memcpy(w.bsuf, w.ub, (size_t)nb * sizeof(double));
-        tka_sort_pairs_desc(w.bsuf, w.bord, nb);
-        memcpy(w.ub, w.bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
-        w.ref = w.ub[0];
-        w.bsuf[nb] = 0.0;
-        for (int64_t t = nb - 1; t >= 0; t--) {
-            int64_t i0 = w.bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
-            w.bsuf[t] = w.bsuf[t + 1] + (double)sz * tka_exp_up(w.ub[t] - w.ref);
-        }
-        w.m = -INFINITY;
-        w.unscored = n;
-        ck.rng = a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
-        splitmix(&ck.rng);
-        ck.next_cp = 2 * a->mc_samples;
-        tka_status st = TKA_OK;
-
-        if (!proxy) {
-            /* blocks by decreasing bound, each scored exactly */
-            while (!try_certify(cx, &w, r, &ck, 0.0, NULL, 0, 0, s, &st)) {
-                const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                score(cx, &w, i0, i1 - i0, tmpd);
-                for (int64_t i = i0; i < i1; i++) {
-                    add_scored(&w, tmpd[i - i0], i);
-                    note_computed(&w, i);
-                }
-                w.unscored -= i1 - i0;
-                w.blocks++;
-                w.j++;
-            }
-        } else {
-            /* level by level: expand the blocks whose bound reaches the level, then score
-             * the level's keys exactly, checking the certificate before each key */
-            int done = 0;
-            int64_t horizon = mc ? NLEVELS - 1 : -1, ndefer = 0;
-            for (int64_t t = 0; t < NLEVELS && !done; t++) {
-                const double theta = w.ref - (double)(t + 1) * LEVEL_W;
-                int64_t expanded = 0;
-                w.lmin_new = NLEVELS;
-                if (horizon >= 0 && t > horizon) {
-                    /* link the deferred keys of the next window of levels */
-                    const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
-                    int64_t keep = 0;
-                    for (int64_t u = 0; u < ndefer; u++) {
-                        const int64_t jv = defer[u], b = w.bord[jv], i0 = b * bs;
-                        const int64_t i1 = i0 + bs < n ? i0 + bs : n;
-                        int64_t hh = nh;
-                        if (expand_proxies(cx, &w, h, i0, i1, w.ub[jv], yq, bq, slack_code, qn2,
-                                           tmp, 0, horizon, &hh))
-                            defer[keep++] = jv;
-                    }
-                    ndefer = keep;
-                    horizon = nh;
-                }
-                while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
-                    const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                    if (expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp,
-                                       1, -1, &horizon))
-                        defer[ndefer++] = w.j;
-                    w.blocks++;
-                    w.j++;
-                    expanded++;
-                }
-                /* a block's keys may land one level above the block's own (rounding
-                 * margin): go back to the lowest level that got keys */
-                if (w.lmin_new < t) t = w.lmin_new;
-                if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
-                /* the level's keys in an array, scored in that order with prefetching (they
-                 * are scattered over many blocks) */
-                int64_t nl = 0;
-                for (int64_t e = w.lhead[t]; e >= 0; e = w.lnext[e]) lv[nl++] = w.ekey[e];
-                w.lhead[t] = -1;
-                for (int64_t u = 0;; u++) {
-                    /* the running sum drifts by at most one rounding of pool_max per update */
-                    double pool = w.pool + (double)(w.pool_ops + 4) * 0x1p-52 * w.pool_max;
-                    if (try_certify(cx, &w, r, &ck, pool, lv + u, nl - u, t, s, &st)) {
-                        done = 1;
-                        break;
-                    }
-                    if (u >= nl) break;
-                    if (u + PREFETCH < nl) {
-                        const char *pk = w.keys + (size_t)(lv[u + PREFETCH] * d) * w.es;
-                        for (size_t off = 0; off < (size_t)d * w.es; off += 64)
-                            __builtin_prefetch(pk + off);
-                    }
-                    double sv;
-                    score(cx, &w, lv[u], 1, &sv);
-                    add_scored(&w, sv, lv[u]);
-                    note_computed(&w, lv[u]);
-                    w.unscored--;
-                    w.pool -= cx->lw[t];
-                    w.pool_ops++;
-                }
-                w.lcnt[t] = 0;
-            }
-            if (!done && st == TKA_OK) st = TKA_INTERNAL_ERROR(); /* the last level takes every key */
-        }
+        row_bufs rb;
+        carve_row(buf, &sd, &w, &ck, &rb);
+        prepare_query(cx, r, &sd, &w, &ck, &rb);
+        order_blocks(cx, r, &sd, &w, &ck, &rb);
+        st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
+                      : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
         if (st != TKA_OK) {
             *err_row = r;
-            return st;
+            break;
         }
         tka_search_row *o = &cx->rows[r];
         o->keys_scored = w.distinct > n ? n : w.distinct;
@@ -866,7 +936,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         o->bytes_read = w.bytes;
     }
     tka_arena_release(s, mark);
-    return TKA_OK;
+    return st;
 }
 
 tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,

@@ -41,7 +41,7 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
  * of logits; stops at the first bad row (*bad = its offset in the group). q holds GROUP
  * zero-padded queries of dpad values. */
 static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, double *q,
-                              int64_t dpad, double *sc, row_t *w, int *bad)
+                              int64_t dpad, double *sc, tka_row *w, int *bad)
 {
     const tka_attn *a = c->a;
     const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
@@ -97,11 +97,11 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                             tka_arena *s)
 {
     const tka_attn *a = c->a;
-    const row_t w = *wp;
+    const tka_row w = *wp;
     const size_t mark = tka_arena_mark(s);
     double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
     if (!wt) return TKA_ERR_NOMEM;
@@ -121,7 +121,7 @@ static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, doubl
 
 /* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
  * in s in the caller's scope (the caller releases it). */
-static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_arena *s,
+static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_arena *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
@@ -141,11 +141,11 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_are
     return st;
 }
 
-static tka_status topk_row_in(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+static tka_status topk_row_in(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                               tka_arena *s);
 
 /* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. */
-static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                            tka_arena *s)
 {
     const size_t mark = tka_arena_mark(s);
@@ -155,11 +155,11 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double
 }
 
 /* topk_row, allocating in the caller's scope. */
-static tka_status topk_row_in(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+static tka_status topk_row_in(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                               tka_arena *s)
 {
     const tka_attn *a = c->a;
-    const row_t w = *wp;
+    const tka_row w = *wp;
     tka_status st;
     int64_t k, *keep;
     double tau;
@@ -187,18 +187,18 @@ static tka_status topk_row_in(const attn_ctx *c, int64_t r, const row_t *wp, dou
             idx[i] = keep[i];
             v[i] = sc[keep[i]];
         }
-        tka_sort_pairs_desc(v, idx, k);
+        tka_pairs_sort_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
     return TKA_OK;
 }
 
-static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
+static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                             tka_arena *s)
 {
     const tka_attn *a = c->a;
     const int64_t n = a->n;
-    const row_t w = *wp;
+    const tka_row w = *wp;
     tka_status st;
     (void)acc;
     int64_t k, *keep;
@@ -246,7 +246,7 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP;
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
-        row_t w[GROUP];
+        tka_row w[GROUP];
         int off = 0;
         tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
         for (int i = 0; st == TKA_OK && i < m; i++) {
@@ -273,10 +273,10 @@ static tka_status run(attn_ctx *c, tka_error *err)
         if (err) err->what = "attention: empty L, n or d";
         return TKA_ERR_ARG;
     }
-    c->K = tka_active_kernels();
+    c->K = tka_kernels_active();
     const int64_t groups = a->batch * ((a->L + GROUP - 1) / GROUP);
     const double work = (double)a->batch * (double)a->L * (double)a->n * (double)(a->d + 8);
-    tka_status st = tka_parallel_rows(groups, work, attn_groups, c, &bad);
+    tka_status st = tka_rows_run_parallel(groups, work, attn_groups, c, &bad);
     if (err) err->row = bad;
     return st;
 }

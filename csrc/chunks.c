@@ -51,7 +51,7 @@ static tka_status chunk_fn(void *ctx, int64_t c0, int64_t c1, tka_arena *s, int6
 
 /* Run one op over every chunk; the per-chunk outputs are allocated in s, in the caller's
  * scope: the caller reads them, then releases. */
-static tka_status run(cjob *j, const row_t *w, tka_arena *s)
+static tka_status run(cjob *j, const tka_row *w, tka_arena *s)
 {
     j->K = w->K;
     j->dt = w->dt;
@@ -68,11 +68,11 @@ static tka_status run(cjob *j, const row_t *w, tka_arena *s)
     j->s2 = j->s1 + j->nch;
     j->s3 = j->s2 + j->nch;
     int64_t bad;
-    if (tka_in_parallel()) return chunk_fn(j, 0, j->nch, s, &bad);
-    return tka_parallel_rows(j->nch, (double)w->n, chunk_fn, j, &bad);
+    if (tka_threads_in_worker()) return chunk_fn(j, 0, j->nch, s, &bad);
+    return tka_rows_run_parallel(j->nch, (double)w->n, chunk_fn, j, &bad);
 }
 
-tka_status tka_row_scan(row_t *w, tka_arena *s, tka_scan_out *out)
+tka_status tka_row_scan(tka_row *w, tka_arena *s, tka_scan_out *out)
 {
     if (w->n <= TKA_CHUNK) {
         w->K->scan[w->dt](w->p, w->n, out);
@@ -93,7 +93,7 @@ tka_status tka_row_scan(row_t *w, tka_arena *s, tka_scan_out *out)
     return st;
 }
 
-tka_status tka_row_sumexp_split(const row_t *w, tka_arena *s, double t, double ref_hi,
+tka_status tka_row_sumexp_split(const tka_row *w, tka_arena *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo)
 {
     if (w->n <= TKA_CHUNK) {
@@ -113,7 +113,7 @@ tka_status tka_row_sumexp_split(const row_t *w, tka_arena *s, double t, double r
     return st;
 }
 
-tka_status tka_row_sumexp_moment(const row_t *w, tka_arena *s, double ref, double *zb,
+tka_status tka_row_sumexp_moment(const tka_row *w, tka_arena *s, double ref, double *zb,
                                  double *m1, double *cnt)
 {
     if (w->n <= TKA_CHUNK) {
@@ -134,7 +134,7 @@ tka_status tka_row_sumexp_moment(const row_t *w, tka_arena *s, double ref, doubl
     return st;
 }
 
-tka_status tka_row_max_below(const row_t *w, tka_arena *s, double t, double *out)
+tka_status tka_row_max_below(const tka_row *w, tka_arena *s, double t, double *out)
 {
     if (w->n <= TKA_CHUNK) {
         *out = w->K->max_below[w->dt](w->p, w->n, t);
@@ -153,7 +153,7 @@ tka_status tka_row_max_below(const row_t *w, tka_arena *s, double t, double *out
 }
 
 /* tka_row_band of a long row; its per-chunk buffers are allocated in s (caller's scope). */
-static tka_status band_chunked(const row_t *w, tka_arena *s, double lo, double hi, double ref,
+static tka_status band_chunked(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
                                int with_mass, double *vals, int64_t *idx, int64_t cap,
                                tka_band_out *out)
 {
@@ -188,7 +188,7 @@ static tka_status band_chunked(const row_t *w, tka_arena *s, double lo, double h
     return TKA_OK;
 }
 
-tka_status tka_row_band(const row_t *w, tka_arena *s, double lo, double hi, double ref,
+tka_status tka_row_band(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap, tka_band_out *out)
 {
     if (w->n <= TKA_CHUNK) {

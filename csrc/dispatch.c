@@ -103,7 +103,7 @@ tka_status tka_simd_select(tka_simd which)
     return TKA_OK;
 }
 
-const tka_kernels *tka_active_kernels(void)
+const tka_kernels *tka_kernels_active(void)
 {
     const tka_kernels *k = atomic_load(&g_active);
     if (!k) {
@@ -115,7 +115,7 @@ const tka_kernels *tka_active_kernels(void)
     return k;
 }
 
-tka_simd tka_simd_active(void) { return tka_active_kernels()->id; }
+tka_simd tka_simd_active(void) { return tka_kernels_active()->id; }
 
 const char *tka_simd_name(tka_simd which)
 {

@@ -79,7 +79,7 @@ extern const tka_search_kernels tka_search_kernels_avx2;
 #endif
 
 /** The kernel table in use (chosen at import, changeable with tka_simd_select). */
-const tka_kernels *tka_active_kernels(void);
+const tka_kernels *tka_kernels_active(void);
 
 /* ------------------------------------------------------------ rounding up */
 
@@ -137,14 +137,14 @@ void tka_arena_release(tka_arena *a, size_t mark);
  */
 typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_arena *s,
                                  int64_t *err_row);
-tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
+tka_status tka_rows_run_parallel(int64_t rows, double work, tka_row_fn fn, void *ctx,
                              int64_t *err_row);
 
 /** Run fn over all rows on the calling thread (kernels inside may still use threads). */
-tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
+tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
 
-/** Whether the calling thread is a worker of tka_parallel_rows (no nested threads). */
-int tka_in_parallel(void);
+/** Whether the calling thread is a worker of tka_rows_run_parallel (no nested threads). */
+int tka_threads_in_worker(void);
 
 /* ------------------------------------------------------------ rows, selection */
 
@@ -156,37 +156,37 @@ typedef struct {
     const tka_kernels *K;
     double max;             /**< largest logit */
     int64_t n_live;         /**< unmasked logits */
-} row_t;
+} tka_row;
 
 /** Scan a row set up in w (p, n, dt, K): NaN/+inf/all-masked check, max and n_live. */
-tka_status tka_row_check(row_t *w, tka_arena *s);
+tka_status tka_row_check(tka_row *w, tka_arena *s);
 /** log tau (and KL if kl) of the top-k set of a checked row, 0 <= k <= n. */
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_arena *s, double *log_tau,
+tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl);
 /** k_eps of a checked row and the discarded mass tau <= eps of its top set; with t, also
  *  the k-th largest logit (the threshold of the kept set). */
-tka_status tka_row_keps(const row_t *w, double eps, tka_arena *s, int64_t *k, double *tau,
+tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                         double *t);
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower
  *  position, into out[0..k). */
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out);
+tka_status tka_row_topk(const tka_row *w, int64_t k, tka_arena *s, int64_t *out);
 /** The same set as tka_row_topk, in increasing position order (no sort: one rank
  *  selection and one gathering pass); with log_tau, also what tka_row_log_tau gives. */
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *out,
+tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau);
 /** tka_row_topk_set when the k-th largest logit t is known (one gathering pass). */
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_arena *s, int64_t *out);
+tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). */
 #define TKA_CHUNK 65536
-tka_status tka_row_scan(row_t *w, tka_arena *s, tka_scan_out *out);
-tka_status tka_row_sumexp_split(const row_t *w, tka_arena *s, double t, double ref_hi,
+tka_status tka_row_scan(tka_row *w, tka_arena *s, tka_scan_out *out);
+tka_status tka_row_sumexp_split(const tka_row *w, tka_arena *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo);
-tka_status tka_row_sumexp_moment(const row_t *w, tka_arena *s, double ref, double *zb,
+tka_status tka_row_sumexp_moment(const tka_row *w, tka_arena *s, double ref, double *zb,
                                  double *m1, double *c);
-tka_status tka_row_max_below(const row_t *w, tka_arena *s, double t, double *out);
-tka_status tka_row_band(const row_t *w, tka_arena *s, double lo, double hi, double ref,
+tka_status tka_row_max_below(const tka_row *w, tka_arena *s, double t, double *out);
+tka_status tka_row_band(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap,
                         tka_band_out *out);
 
@@ -198,17 +198,17 @@ tka_status tka_row_band(const row_t *w, tka_arena *s, double lo, double hi, doub
 const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s);
 
 /** Sort a[0..n) in decreasing order (NaN-free input). */
-void tka_sort_desc(double *a, int64_t n);
+void tka_values_sort_desc(double *a, int64_t n);
 /** Sort pairs by decreasing value, ties by increasing index. */
-void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n);
+void tka_pairs_sort_desc(double *v, int64_t *idx, int64_t n);
 /** Partially order a[0..n) so that a[k] is the k-th largest (0-based), larger before. */
-void tka_nth_desc(double *a, int64_t n, int64_t k);
+void tka_values_nth_desc(double *a, int64_t n, int64_t k);
 
 /* (value, index) pairs are ordered by decreasing value, then increasing index. */
 
 /** Sort pairs in that order with scratch tv, tx of n entries each (LSD radix sort from 512
  *  pairs on, introsort below or when tv or tx is NULL). */
-void tka_sort_pairs_desc_radix(double *v, int64_t *idx, int64_t n, double *tv, int64_t *tx);
+void tka_pairs_sort_desc_radix(double *v, int64_t *idx, int64_t n, double *tv, int64_t *tx);
 /** Quickselect on pairs: afterwards pair k (0-based) is the k-th in that order, the ones
  *  before it come first. */
 void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k);
@@ -226,16 +226,16 @@ int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64
  * place). Drops the smallest values one by one, in increasing order, while the dropped
  * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
  */
-int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
-/** tka_drop_bottom with a bucketing pass in front, for large sets (same result). */
-int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+/** tka_weights_drop_bottom with a bucketing pass in front, for large sets (same result). */
+int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass);
 /**
  * A contiguous row (float32 if is_f32, else float64) sorted in decreasing order into
  * out[0..n) as float64: LSD radix sort on 32- or 64-bit keys from TKA_RADIX_MIN elements
- * on, introsort below. scratch holds tka_sort_scratch_bytes(n) bytes.
+ * on, introsort below. scratch holds tka_array_sort_scratch_bytes(n) bytes.
  */
 #define TKA_RADIX_MIN 4096
-size_t tka_sort_scratch_bytes(int64_t n);
-void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
+size_t tka_array_sort_scratch_bytes(int64_t n);
+void tka_array_sort_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
 
 #endif /* TOPKATTN_INTERNAL_H */

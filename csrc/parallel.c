@@ -17,7 +17,7 @@
 static atomic_int g_threads;
 static _Thread_local int t_in_parallel;
 
-int tka_in_parallel(void) { return t_in_parallel; }
+int tka_threads_in_worker(void) { return t_in_parallel; }
 
 static int default_threads(void)
 {
@@ -82,7 +82,7 @@ static void *worker(void *arg)
  * tens of microseconds. */
 #define TKA_PARALLEL_MIN_WORK 65536.0
 
-tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
+tka_status tka_rows_run_parallel(int64_t rows, double work, tka_row_fn fn, void *ctx,
                              int64_t *err_row)
 {
     *err_row = -1;
@@ -120,7 +120,7 @@ tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx
     return st;
 }
 
-tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row)
+tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row)
 {
     tka_arena s;
     tka_arena_init(&s);

@@ -221,8 +221,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
     if (parse_mask(mt, batch, &a) < 0) return NULL;
     PyArrayObject *kv = NULL, *ev = NULL;
     PyObject *res = NULL;
-    if (ko != Py_None && !(kv = per_row(ko, NPY_INT64, rows, "k"))) goto done;
-    if (eo != Py_None && !(ev = per_row(eo, NPY_FLOAT64, rows, "eps"))) goto done;
+    if (ko != Py_None && !(kv = tka_py_per_row(ko, NPY_INT64, rows, "k"))) goto done;
+    if (eo != Py_None && !(ev = tka_py_per_row(eo, NPY_FLOAT64, rows, "eps"))) goto done;
     if (mode != TKA_ATTN_DENSE && !kv && (mode == TKA_ATTN_ROW_ERROR || !ev)) {
         PyErr_SetString(PyExc_ValueError, "k or eps is required");
         goto done;

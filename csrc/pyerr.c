@@ -18,7 +18,8 @@ static void row_label(const tka_py_where *w, int64_t row, char *buf, size_t size
         idx[i] = w->shape[i] ? row % w->shape[i] : 0;
         row = w->shape[i] ? row / w->shape[i] : 0;
     }
-    size_t used = (size_t)snprintf(buf, size, w->name ? " at batch index (" : " (query row at index (");
+    size_t used = (size_t)snprintf(buf, size, "%s",
+                                   w->name ? " at batch index (" : " (query row at index (");
     for (int i = 0; i < nd && used < size; i++)
         used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)idx[i]);
     if (nd == 1 && used < size) used += (size_t)snprintf(buf + used, size - used, ",");

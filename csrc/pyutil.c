@@ -7,7 +7,7 @@
 
 
 
-void logits_free(logits_t *L)
+void tka_py_logits_free(tka_py_logits *L)
 {
     Py_XDECREF(L->arr);
     PyMem_Free(L->offsets);
@@ -15,7 +15,7 @@ void logits_free(logits_t *L)
     L->offsets = NULL;
 }
 
-int parse_logits(PyObject *obj, const char *name, logits_t *L)
+int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L)
 {
     memset(L, 0, sizeof *L);
     if (!PyArray_Check(obj)) {
@@ -81,7 +81,8 @@ int parse_logits(PyObject *obj, const char *name, logits_t *L)
     return 0;
 }
 
-PyObject *logits_raise(tka_status st, const tka_error *err, const logits_t *L, const char *name)
+PyObject *tka_py_logits_raise(tka_status st, const tka_error *err, const tka_py_logits *L,
+                              const char *name)
 {
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < L->bdim; i++) shape[i] = L->bshape[i];
@@ -90,7 +91,7 @@ PyObject *logits_raise(tka_status st, const tka_error *err, const logits_t *L, c
 }
 
 /* A C-contiguous array of `type` holding exactly `rows` values (one per row). */
-PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
+PyArrayObject *tka_py_per_row(PyObject *obj, int type, int64_t rows, const char *name)
 {
     PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
     if (!a) return NULL;
@@ -103,7 +104,7 @@ PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
     return a;
 }
 
-int check_k(PyArrayObject *k, int64_t n, const char *name)
+int tka_py_check_k(PyArrayObject *k, int64_t n, const char *name)
 {
     const int64_t *kv = PyArray_DATA(k);
     npy_intp m = PyArray_SIZE(k);
@@ -117,7 +118,7 @@ int check_k(PyArrayObject *k, int64_t n, const char *name)
     return 0;
 }
 
-PyArrayObject *new_batch(const logits_t *L, int extra, npy_intp extra_len, int type)
+PyArrayObject *tka_py_batch_new(const tka_py_logits *L, int extra, npy_intp extra_len, int type)
 {
     npy_intp shape[NPY_MAXDIMS + 1];
     memcpy(shape, L->bshape, sizeof(npy_intp) * (size_t)L->bdim);

@@ -59,12 +59,12 @@ const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s)
     return buf;
 }
 
-static double elem(const row_t *w, int64_t j)
+static double elem(const tka_row *w, int64_t j)
 {
     return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
 }
 
-tka_status tka_row_check(row_t *w, tka_arena *s)
+tka_status tka_row_check(tka_row *w, tka_arena *s)
 {
     tka_scan_out sc;
     tka_status st = tka_row_scan(w, s, &sc);
@@ -83,7 +83,7 @@ tka_status tka_row_check(row_t *w, tka_arena *s)
 
 /* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
 static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_arena *s,
-                           row_t *w)
+                           tka_row *w)
 {
     w->p = tka_row_contig(x, r, s);
     if (!w->p) return TKA_ERR_NOMEM;
@@ -94,24 +94,24 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
-static tka_status row_to_double(const row_t *w, tka_arena *s, double *out)
+static tka_status row_to_double(const tka_row *w, tka_arena *s, double *out)
 {
     tka_band_out b;
     return tka_row_band(w, s, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
 }
 
 /* The row sorted in decreasing order, as float64, into out (capacity n). */
-static tka_status row_sorted(const row_t *w, tka_arena *s, double *out)
+static tka_status row_sorted(const tka_row *w, tka_arena *s, double *out)
 {
     const size_t mark = tka_arena_mark(s);
-    void *tmp = tka_arena_alloc(s, tka_sort_scratch_bytes(w->n));
-    if (tmp) tka_sort_row_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
+    void *tmp = tka_arena_alloc(s, tka_array_sort_scratch_bytes(w->n));
+    if (tmp) tka_array_sort_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
     tka_arena_release(s, mark);
     return tmp ? TKA_OK : TKA_ERR_NOMEM;
 }
 
 /* ns logits at evenly spaced positions, as float64. */
-static void row_sample(const row_t *w, int64_t ns, double *out)
+static void row_sample(const tka_row *w, int64_t ns, double *out)
 {
     for (int64_t j = 0; j < ns; j++) {
         int64_t pos = (int64_t)(((double)j + 0.5) * (double)w->n / (double)ns);
@@ -141,10 +141,10 @@ typedef struct {
 } rank_info;
 
 /* Finish from a gathered set holding the k-th largest at position j (0-based). */
-static tka_status rank_from_band(const row_t *w, tka_arena *s, double *vals, int64_t nb,
+static tka_status rank_from_band(const tka_row *w, tka_arena *s, double *vals, int64_t nb,
                                  int64_t j, int64_t n_above, int64_t k, rank_info *ri)
 {
-    tka_nth_desc(vals, nb, j);
+    tka_values_nth_desc(vals, nb, j);
     double t = vals[j], below = -INFINITY;
     int64_t gt = 0, eq = 0;
     for (int64_t i = 0; i < nb; i++) {
@@ -165,7 +165,7 @@ static tka_status rank_from_band(const row_t *w, tka_arena *s, double *vals, int
 
 /* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor
  * (rank_select_in allocates in the caller's scope; rank_select releases on return). */
-static tka_status rank_select_in(const row_t *w, int64_t k, tka_arena *s, rank_info *ri)
+static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
 {
     const int64_t n = w->n;
     if (n > SMALL_ROW) {
@@ -177,8 +177,8 @@ static tka_status rank_select_in(const row_t *w, int64_t k, tka_arena *s, rank_i
         double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
         int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
         double hi = INFINITY, lo = -INFINITY;
-        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
-        if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+        if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
+        if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
         int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
         int64_t cap = lo == hi ? 0 : (4 * expect + 256 < n ? 4 * expect + 256 : n);
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
@@ -207,7 +207,7 @@ static tka_status rank_select_in(const row_t *w, int64_t k, tka_arena *s, rank_i
     return rank_from_band(w, s, vals, n, k - 1, 0, k, ri);
 }
 
-static tka_status rank_select(const row_t *w, int64_t k, tka_arena *s, rank_info *ri)
+static tka_status rank_select(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
 {
     const size_t mark = tka_arena_mark(s);
     tka_status st = rank_select_in(w, k, s, ri);
@@ -223,7 +223,7 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_arena *s, rank_info
  * maximum and the tail relative to its own largest logit (docs/design.md §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
-static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_arena *s,
+static tka_status ratio_from_rank(const tka_row *w, int64_t k, tka_arena *s,
                                   const rank_info *ri, double *lr, double *head)
 {
     double hi, lo;
@@ -237,7 +237,7 @@ static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_arena *s,
     return TKA_OK;
 }
 
-static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_arena *s, rank_info *ri,
+static tka_status head_tail_ratio(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
                                   double *lr, double *head)
 {
     tka_status st = rank_select(w, k, s, ri);
@@ -249,7 +249,7 @@ typedef struct {
     double *log_tau, *kl;
 } tail_ctx;
 
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_arena *s, double *log_tau,
+tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl)
 {
     double lt, kk;
@@ -268,7 +268,7 @@ tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_arena *s, double *log_
     return TKA_OK;
 }
 
-static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     tail_ctx *cx = c;
     return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
@@ -328,7 +328,7 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
-static tka_status keps_band(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
+static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
                             double *tau_out, double *t_out, int *done)
 {
     const int64_t n = w->n;
@@ -340,7 +340,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_arena *s, int64_t *k
     if (!smp) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);
-    tka_sort_desc(smp, ns);
+    tka_values_sort_desc(smp, ns);
     w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
     suf[ns] = suf2[ns] = 0.0;
     for (int64_t j = ns - 1; j >= 0; j--) {
@@ -414,14 +414,14 @@ static tka_status keps_band(const row_t *w, double eps, tka_arena *s, int64_t *k
                 if (!copy) return TKA_ERR_NOMEM;
                 memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
             }
-            drop = tka_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+            drop = tka_weights_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
         if (t_out) {  /* the k-th largest: the smallest kept value of the band */
             if (lo == hi) *t_out = lo;
             else {
-                tka_nth_desc(copy, b.n_band, b.n_band - drop - 1);
+                tka_values_nth_desc(copy, b.n_band, b.n_band - drop - 1);
                 *t_out = copy[b.n_band - drop - 1];
             }
         }
@@ -434,7 +434,7 @@ static tka_status keps_band(const row_t *w, double eps, tka_arena *s, int64_t *k
 }
 
 /* tka_row_keps, allocating in the caller's scope. */
-static tka_status keps_in(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
+static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
                          double *tau_out, double *t_out)
 {
     const int64_t n = w->n;
@@ -468,10 +468,10 @@ static tka_status keps_in(const row_t *w, double eps, tka_arena *s, int64_t *k_o
                 return TKA_ERR_NOMEM;
             memcpy(copy, vals, (size_t)n * sizeof(double));
         }
-        k = n - tka_drop_bottom_fast(vals, m, n, eps * z, &tau);
+        k = n - tka_weights_drop_bottom_fast(vals, m, n, eps * z, &tau);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
         if (t_out) {
-            tka_nth_desc(copy, n, k - 1);
+            tka_values_nth_desc(copy, n, k - 1);
             *t_out = copy[k - 1];
         }
     } else {
@@ -485,7 +485,7 @@ static tka_status keps_in(const row_t *w, double eps, tka_arena *s, int64_t *k_o
     return TKA_OK;
 }
 
-tka_status tka_row_keps(const row_t *w, double eps, tka_arena *s, int64_t *k_out,
+tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
                         double *tau_out, double *t_out)
 {
     const size_t mark = tka_arena_mark(s);
@@ -494,7 +494,7 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_arena *s, int64_t *k_out
     return st;
 }
 
-static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status keps_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     keps_ctx *cx = c;
     double tau;
@@ -511,7 +511,7 @@ typedef struct {
 } topk_ctx;
 
 /* tka_row_topk, allocating in the caller's scope. */
-static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
+static tka_status topk_in(const tka_row *w, int64_t k, tka_arena *s, int64_t *out)
 {
     const int64_t n = w->n;
     if (k == 0) return TKA_OK;
@@ -523,7 +523,7 @@ static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
         row_sample(w, ns, smp);
         double r_exp = (double)k * (double)ns / (double)n;
         int64_t rb = (int64_t)ceil(r_exp + 3.0 * sqrt(r_exp + 1.0) + 2.0);
-        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
+        if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
     }
     const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 2; attempt++) {
@@ -536,7 +536,7 @@ static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
         tka_status st = tka_row_band(w, s, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
         if (st != TKA_OK) return st;
         if (b.n_band >= k && b.n_band <= cap) {
-            tka_sort_pairs_desc(vals, idx, b.n_band);
+            tka_pairs_sort_desc(vals, idx, b.n_band);
             memcpy(out, idx, (size_t)k * sizeof(int64_t));
             return TKA_OK;
         }
@@ -545,7 +545,7 @@ static tka_status topk_in(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
     return TKA_INTERNAL_ERROR();  /* the second attempt gathers the whole row */
 }
 
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
+tka_status tka_row_topk(const tka_row *w, int64_t k, tka_arena *s, int64_t *out)
 {
     const size_t mark = tka_arena_mark(s);
     tka_status st = topk_in(w, k, s, out);
@@ -555,7 +555,7 @@ tka_status tka_row_topk(const row_t *w, int64_t k, tka_arena *s, int64_t *out)
 
 /* Gather x >= t (t = the k-th largest) and keep all above t and the lowest positions of
  * those equal to it. */
-static tka_status gather_top_in(const row_t *w, int64_t k, double t, int64_t cap, tka_arena *s,
+static tka_status gather_top_in(const tka_row *w, int64_t k, double t, int64_t cap, tka_arena *s,
                                 int64_t *out)
 {
     double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
@@ -572,7 +572,7 @@ static tka_status gather_top_in(const row_t *w, int64_t k, double t, int64_t cap
     return m == k ? TKA_OK : TKA_RETRY;  /* t was not the k-th largest */
 }
 
-static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_arena *s,
+static tka_status gather_top(const tka_row *w, int64_t k, double t, int64_t cap, tka_arena *s,
                              int64_t *out)
 {
     const size_t mark = tka_arena_mark(s);
@@ -581,14 +581,14 @@ static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, t
     return st;
 }
 
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_arena *s, int64_t *out)
+tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
 {
     if (k <= 0) return TKA_OK;
     tka_status st = gather_top(w, k, t, w->n, s, out);
     return st == TKA_RETRY ? tka_row_topk_set(w, k, s, out, NULL) : st;
 }
 
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *out,
+tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau)
 {
     if (k <= 0 || k >= w->n_live) {
@@ -611,7 +611,7 @@ tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_arena *s, int64_t *ou
     return gather_top(w, k, ri.t, ri.n_gt + ri.n_eq, s, out);
 }
 
-static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status topk_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     topk_ctx *cx = c;
     return tka_row_topk(w, cx->k, s, cx->idx + r * cx->k);
@@ -623,7 +623,7 @@ typedef struct {
     double *out;
 } curve_ctx;
 
-static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status curve_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     curve_ctx *cx = c;
     const int64_t n = w->n;
@@ -668,7 +668,7 @@ static double certify(double bound, int64_t n, double mag)
     return b > 1.0 ? 1.0 : b;
 }
 
-static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status gap_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     gap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live;
@@ -706,7 +706,7 @@ typedef struct {
     double *out;
 } multigap_ctx;
 
-static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status multigap_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     multigap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live, n = w->n;
@@ -762,7 +762,7 @@ typedef struct {
     double *out;
 } entropy_ctx;
 
-static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status entropy_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     entropy_ctx *cx = c;
     double zb, m1, cmax;
@@ -781,7 +781,7 @@ typedef struct {
     int64_t *out;
 } support_ctx;
 
-static tka_status support_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status support_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     support_ctx *cx = c;
     double z, unused;
@@ -800,7 +800,7 @@ typedef struct {
     double *mu, *sigma;
 } fit_ctx;
 
-static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_arena *s)
+static tka_status fit_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     fit_ctx *cx = c;
     double sum = 0.0, ss = 0.0;
@@ -821,7 +821,7 @@ static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_arena *s)
 /* --------------------------------------------------------------- batch driver */
 
 /* A per-row function: what it allocates in s lives until the driver moves to the next row. */
-typedef tka_status (*per_row_fn)(void *ctx, const row_t *w, int64_t r, tka_arena *s);
+typedef tka_status (*per_row_fn)(void *ctx, const tka_row *w, int64_t r, tka_arena *s);
 
 typedef struct {
     const tka_rows *x;
@@ -837,7 +837,7 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
     for (int64_t r = r0; r < r1; r++) {
         /* the row's scope: its copy and whatever the per-row function leaves in s */
         tka_arena_release(s, mark);
-        row_t w;
+        tka_row w;
         tka_status st = row_prep(d->x, d->K, r, s, &w);
         if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
         if (st != TKA_OK) {
@@ -852,14 +852,14 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
 /* `cost` is the rough number of passes over each row, for the threading decision. */
 static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
 {
-    drive_ctx d = {x, tka_active_kernels(), fn, ctx};
+    drive_ctx d = {x, tka_kernels_active(), fn, ctx};
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
     tka_status st;
-    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_in_parallel())
-        st = tka_serial_rows(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
+    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_threads_in_worker())
+        st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
     else
-        st = tka_parallel_rows(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
+        st = tka_rows_run_parallel(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
                                &bad);
     if (err) err->row = bad;
     return st;

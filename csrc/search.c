@@ -203,7 +203,7 @@ tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out,
     err->row = -1;
     err->what = NULL;
     double work = (double)ix->heads * (double)(ix->n - k0) * (double)ix->d * 4.0;
-    return tka_parallel_rows(ix->heads, work, fill_head, &cx, &err->row);
+    return tka_rows_run_parallel(ix->heads, work, fill_head, &cx, &err->row);
 }
 
 /* ================================================================== search */
@@ -389,7 +389,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     {
         double *tv = tka_arena_alloc(s, (size_t)k * sizeof(double));
         int64_t *tx = tka_arena_alloc(s, (size_t)k * sizeof(int64_t));
-        tka_sort_pairs_desc_radix(w->sv, w->si, k, tv, tx);
+        tka_pairs_sort_desc_radix(w->sv, w->si, k, tv, tx);
     }
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
@@ -787,7 +787,7 @@ static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd,
                                       + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
     for (int64_t b = 0; b < nb; b++) w->bord[b] = b;
     memcpy(w->bsuf, w->ub, (size_t)nb * sizeof(double));
-    tka_sort_pairs_desc(w->bsuf, w->bord, nb);
+    tka_pairs_sort_desc(w->bsuf, w->bord, nb);
     memcpy(w->ub, w->bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
     w->ref = w->ub[0];
     w->bsuf[nb] = 0.0;
@@ -946,12 +946,12 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     err->what = NULL;
     double lw[NLEVELS];
     for (int b = 0; b < NLEVELS; b++) lw[b] = tka_exp_up(-(double)b * LEVEL_W);
-    const tka_kernels *K = tka_active_kernels();
+    const tka_kernels *K = tka_kernels_active();
     search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
-    tka_status st = tka_parallel_rows(rows, work, search_rows, &cx, &err->row);
+    tka_status st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
     if (st != TKA_OK) {
         for (int64_t r = 0; r < rows; r++) {
             free(out_rows[r].idx);

@@ -84,12 +84,12 @@ static int log2_floor(int64_t n)
     return d;
 }
 
-void tka_sort_desc(double *a, int64_t n)
+void tka_values_sort_desc(double *a, int64_t n)
 {
     if (n > 1) introsort_desc(a, n, 2 * log2_floor(n) + 4);
 }
 
-void tka_nth_desc(double *a, int64_t n, int64_t k)
+void tka_values_nth_desc(double *a, int64_t n, int64_t k)
 {
     int depth = 2 * log2_floor(n) + 4;
     while (n > SMALL) {
@@ -175,7 +175,7 @@ static void introsort_pairs(double *v, int64_t *x, int64_t n, int depth)
     insertion_pairs(v, x, n);
 }
 
-void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n)
+void tka_pairs_sort_desc(double *v, int64_t *idx, int64_t n)
 {
     if (n > 1) introsort_pairs(v, idx, n, 2 * log2_floor(n) + 4);
 }
@@ -261,7 +261,7 @@ int64_t tka_pairs_first(const double *v, const int64_t *x, int64_t from, int64_t
 
 /* ---- weighted selection from the bottom */
 
-int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
 {
     /* Invariant: everything left of [lo, hi) is dropped (mass acc), everything right of it
      * is kept; the answer's boundary lies inside [lo, hi). */
@@ -318,20 +318,20 @@ int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *
  * The same selection for large sets: one pass buckets the values (equal width between
  * their min and max) with the mass of each bucket; buckets are dropped whole from the
  * bottom while they fit, and only the bucket where the budget runs out goes through
- * tka_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
+ * tka_weights_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
  */
 #define DROP_BUCKETS 256
 
-int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
 {
-    if (c <= 64) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (c <= 64) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     const int nbk = c / 4 < DROP_BUCKETS ? (int)(c / 4) : DROP_BUCKETS;  /* ~4 per bucket or more */
     double lo = v[0], hi = v[0];
     for (int64_t i = 1; i < c; i++) {
         lo = v[i] < lo ? v[i] : lo;
         hi = v[i] > hi ? v[i] : hi;
     }
-    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     const double scale = (double)nbk / (hi - lo);
     int64_t cnt[DROP_BUCKETS] = {0};
     double mass[DROP_BUCKETS] = {0};
@@ -346,7 +346,7 @@ int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, dou
     int bc = 0;
     while (bc < nbk && acc + mass[bc] <= budget) { acc += mass[bc]; ndrop += cnt[bc]; bc++; }
     if (bc == nbk) { *dropped_mass = acc; return ndrop; }
-    if (cnt[bc] > c / 2) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (cnt[bc] > c / 2) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     /* compact the crossing bucket to the front (in place: the write index never passes the
      * read index) and finish there */
     int64_t j = 0;
@@ -356,7 +356,7 @@ int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, dou
         if (b == bc) { v[j] = v[i]; w[j] = w[i]; j++; }
     }
     double dm;
-    ndrop += tka_drop_bottom(v, w, j, budget - acc, &dm);
+    ndrop += tka_weights_drop_bottom(v, w, j, budget - acc, &dm);
     *dropped_mass = acc + dm;
     return ndrop;
 }
@@ -434,17 +434,17 @@ static inline float unkey32(uint32_t k)
 DEFINE_RADIX(radix_u64, uint64_t)
 DEFINE_RADIX(radix_u32, uint32_t)
 
-size_t tka_sort_scratch_bytes(int64_t n)
+size_t tka_array_sort_scratch_bytes(int64_t n)
 {
     return (size_t)(2 * n) * sizeof(uint64_t) + sizeof(int64_t) * RADIX_SIZE * 6;
 }
 
-void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch)
+void tka_array_sort_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch)
 {
     if (n < TKA_RADIX_MIN) {
         if (is_f32) for (int64_t i = 0; i < n; i++) out[i] = (double)((const float *)x)[i];
         else memcpy(out, x, (size_t)n * sizeof(double));
-        tka_sort_desc(out, n);
+        tka_values_sort_desc(out, n);
         return;
     }
     int64_t *hist = (int64_t *)scratch;
@@ -463,10 +463,10 @@ void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *
     }
 }
 
-void tka_sort_pairs_desc_radix(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
+void tka_pairs_sort_desc_radix(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
 {
     if (n < 512 || !tv || !tx) {
-        tka_sort_pairs_desc(v, x, n);
+        tka_pairs_sort_desc(v, x, n);
         return;
     }
     uint64_t *ka = (uint64_t *)tv, *kb = (uint64_t *)v;  /* keys first, values rebuilt */

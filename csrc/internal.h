@@ -70,6 +70,8 @@ typedef struct {
     const tka_search_kernels *search;
 } tka_kernels;
 
+/** The kernel sets (csrc/cpu/kernels_*.c) and the search kernels they point to
+ *  (csrc/cpu/search_*.c); only dispatch.c chooses among them. */
 extern const tka_kernels tka_kernels_scalar;
 extern const tka_search_kernels tka_search_kernels_scalar;
 #ifdef TKA_HAVE_X86
@@ -107,7 +109,9 @@ static inline double tka_exp_up(double x)
  * function that hands scratch to its caller says so, and the caller releases it.
  * Every thread of a parallel job owns one arena, so concurrent calls never share one.
  */
+/** Most blocks an arena chains (sizes double: far beyond any memory). */
 #define TKA_ARENA_BLOCKS 40
+/** A per-thread scratch arena (see above). */
 typedef struct tka_arena {
     char *block[TKA_ARENA_BLOCKS];  /**< blocks, each at least twice the one before */
     size_t cap[TKA_ARENA_BLOCKS];   /**< their sizes in bytes */
@@ -137,8 +141,9 @@ void tka_arena_release(tka_arena *a, size_t mark);
  */
 typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_arena *s,
                                  int64_t *err_row);
+/** See above. A TKA_RETRY that escapes fn is reported as TKA_ERR_INTERNAL. */
 tka_status tka_rows_run_parallel(int64_t rows, double work, tka_row_fn fn, void *ctx,
-                             int64_t *err_row);
+                                 int64_t *err_row);
 
 /** Run fn over all rows on the calling thread (kernels inside may still use threads). */
 tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
@@ -178,14 +183,21 @@ tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *
 tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
- * combined in chunk order so results never depend on the thread count (chunks.c). */
+ * combined in chunk order so results never depend on the thread count (chunks.c). Each
+ * releases the scratch it takes from s. */
+/** Chunk length of long rows (elements); fixed, so results do not depend on threads. */
 #define TKA_CHUNK 65536
+/** The scan kernel over the whole row (max, masked count, NaN/+inf). */
 tka_status tka_row_scan(tka_row *w, tka_arena *s, tka_scan_out *out);
+/** The sumexp_split kernel over the whole row. */
 tka_status tka_row_sumexp_split(const tka_row *w, tka_arena *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo);
+/** The sumexp_moment kernel over the whole row. */
 tka_status tka_row_sumexp_moment(const tka_row *w, tka_arena *s, double ref, double *zb,
                                  double *m1, double *c);
+/** The max_below kernel over the whole row: largest logit < t into *out. */
 tka_status tka_row_max_below(const tka_row *w, tka_arena *s, double t, double *out);
+/** The band kernel over the whole row; gathered values (and positions) in row order. */
 tka_status tka_row_band(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap,
                         tka_band_out *out);
@@ -226,16 +238,20 @@ int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64
  * place). Drops the smallest values one by one, in increasing order, while the dropped
  * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
  */
-int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget,
+                                double *dropped_mass);
 /** tka_weights_drop_bottom with a bucketing pass in front, for large sets (same result). */
-int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget,
+                                     double *dropped_mass);
 /**
  * A contiguous row (float32 if is_f32, else float64) sorted in decreasing order into
  * out[0..n) as float64: LSD radix sort on 32- or 64-bit keys from TKA_RADIX_MIN elements
  * on, introsort below. scratch holds tka_array_sort_scratch_bytes(n) bytes.
  */
 #define TKA_RADIX_MIN 4096
+/** Bytes of scratch tka_array_sort_desc needs for n elements. */
 size_t tka_array_sort_scratch_bytes(int64_t n);
+/** See above: the sorted row into out, using scratch. */
 void tka_array_sort_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
 
 #endif /* TOPKATTN_INTERNAL_H */

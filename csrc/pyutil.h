@@ -16,7 +16,7 @@
 #include "pyerr.h"
 #include "topkattn.h"
 
-/* A parsed batch of logits: the array (a new reference) and its row view. */
+/** A parsed batch of logits: the array (a new reference) and its row view. */
 typedef struct {
     PyArrayObject *arr;
     int64_t *offsets;
@@ -27,6 +27,7 @@ typedef struct {
 
 /** Parse a float32/float64 array (..., n) named `name` into a row view (0, or -1 + error). */
 int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L);
+/** Release what tka_py_logits_parse took (safe on a zeroed or freed L). */
 void tka_py_logits_free(tka_py_logits *L);
 /** tka_py_raise for a call over the rows of L, the argument `name`; returns NULL. */
 PyObject *tka_py_logits_raise(tka_status st, const tka_error *err, const tka_py_logits *L,
@@ -38,8 +39,9 @@ int tka_py_check_k(PyArrayObject *k, int64_t n, const char *name);
 /** A new array of the batch shape of L, with one extra trailing axis of extra_len if extra. */
 PyArrayObject *tka_py_batch_new(const tka_py_logits *L, int extra, npy_intp extra_len, int type);
 
-/* Method tables of the other wrapper files, added to the module in module.c. */
+/** Method tables of the other wrapper files, added to the module in module.c. */
 extern PyMethodDef tka_attention_methods[];
+/** See tka_attention_methods. */
 extern PyMethodDef tka_search_methods[];
 
 #endif /* TOPKATTN_PYUTIL_H */

@@ -114,8 +114,9 @@ typedef struct {
     double margin;      /**< rounding margin of the level computation */
 } tka_proxy_consts;
 
-/** Number of proxy levels and their width in logits. */
+/** Number of proxy levels. */
 #define TKA_NLEVELS 1024
+/** Width of a proxy level, in logits. */
 #define TKA_LEVEL_W 0.125
 
 /** Dot-product kernels of one instruction set (csrc/cpu/search_*.c), reached through the

@@ -24,6 +24,7 @@
 extern "C" {
 #endif
 
+/** Element type of logits and attention operands. */
 typedef enum { TKA_F32 = 0, TKA_F64 = 1 } tka_dtype;
 
 /** Where and why a batched call failed: the lowest failing row, whatever the thread count. */
@@ -73,6 +74,7 @@ int tka_simd_compiled(tka_simd which);
 tka_status tka_simd_select(tka_simd which);
 /** The kernel set in use. */
 tka_simd tka_simd_active(void);
+/** Name of a kernel set ("scalar", "avx2", "avx512"; "unknown" out of range). */
 const char *tka_simd_name(tka_simd which);
 /** Comma-separated CPU features seen by CPUID/XGETBV, e.g. "sse2,avx,avx2,fma". */
 const char *tka_cpu_features(void);

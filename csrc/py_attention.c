@@ -35,37 +35,9 @@ static int get_operand(PyObject *tuple, const char *name, int64_t batch, operand
 
 /* The query rows of a call: the batch shape followed by L, for error messages. */
 typedef struct {
-    int64_t shape[NPY_MAXDIMS + 1];
+    int64_t shape[TKA_PY_MAX_AXES + 1];
     tka_py_where where;
 } query_rows_t;
-
-/* `batch`: the batch shape as a tuple of ints (or one int, the number of problems). */
-static int parse_batch(PyObject *batch, long long L, int64_t *count, query_rows_t *qr)
-{
-    qr->where.name = NULL;  /* attention wording */
-    qr->where.shape = qr->shape;
-    if (PyLong_Check(batch)) {
-        *count = PyLong_AsLongLong(batch);
-        qr->shape[0] = *count;
-        qr->shape[1] = L;
-        qr->where.ndim = 2;
-        return *count == -1 && PyErr_Occurred() ? -1 : 0;
-    }
-    if (!PyTuple_Check(batch) || PyTuple_GET_SIZE(batch) > NPY_MAXDIMS) {
-        PyErr_SetString(PyExc_TypeError, "batch must be the batch shape (a tuple of ints)");
-        return -1;
-    }
-    const int nd = (int)PyTuple_GET_SIZE(batch);
-    *count = 1;
-    for (int i = 0; i < nd; i++) {
-        qr->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(batch, i));
-        if (qr->shape[i] == -1 && PyErr_Occurred()) return -1;
-        *count *= qr->shape[i];
-    }
-    qr->shape[nd] = L;
-    qr->where.ndim = nd + 1;
-    return 0;
-}
 
 /* The mask operand (mask, m_off, m_sl, m_sn) or None into a. */
 static int parse_mask(PyObject *mt, int64_t batch, tka_attn *a)
@@ -201,7 +173,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
     int64_t batch;
     query_rows_t qr;
     operand_t Q, K, V;
-    if (parse_batch(bo, L, &batch, &qr) < 0 || get_operand(qt, "Q", batch, &Q) < 0 ||
+    if (bo == Py_None) return PyErr_Format(PyExc_TypeError, "batch shape missing");
+    if (tka_py_where_parse(bo, NULL, L, qr.shape, &qr.where, &batch) < 0 ||
+        get_operand(qt, "Q", batch, &Q) < 0 ||
         get_operand(kt, "K", batch, &K) < 0 || get_operand(vt, "V", batch, &V) < 0)
         return NULL;
     int t = PyArray_TYPE(Q.arr);

@@ -26,6 +26,29 @@ static void row_label(const tka_py_where *w, int64_t row, char *buf, size_t size
     if (used < size) snprintf(buf + used, size - used, w->name ? ")" : ") of (..., L))");
 }
 
+int tka_py_where_parse(PyObject *batch, const char *name, int64_t L, int64_t *shape,
+                       tka_py_where *where, int64_t *count)
+{
+    where->name = name;
+    where->shape = shape;
+    where->ndim = 0;
+    if (count) *count = 1;
+    if (!batch || batch == Py_None) return 0;
+    if (!PyTuple_Check(batch) || PyTuple_GET_SIZE(batch) > TKA_PY_MAX_AXES) {
+        PyErr_SetString(PyExc_TypeError, "batch must be the batch shape (a tuple of ints)");
+        return -1;
+    }
+    const int nd = (int)PyTuple_GET_SIZE(batch);
+    for (int i = 0; i < nd; i++) {
+        shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(batch, i));
+        if (shape[i] == -1 && PyErr_Occurred()) return -1;
+        if (count) *count *= shape[i];
+    }
+    where->ndim = nd;
+    if (!name) shape[where->ndim++] = L;  /* attention: query rows (..., L) */
+    return 0;
+}
+
 PyObject *tka_py_raise(tka_status st, const tka_py_where *where, int64_t row,
                        const char *detail)
 {

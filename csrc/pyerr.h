@@ -22,6 +22,18 @@ typedef struct {
     const int64_t *shape;
 } tka_py_where;
 
+/** Most batch axes a where-shape holds (NumPy allows 64). */
+#define TKA_PY_MAX_AXES 64
+
+/**
+ * Fill *where from a batch shape given as a tuple of ints (`batch`; NULL or None: no
+ * position in messages), with shape[] (room for TKA_PY_MAX_AXES + 1 values) as its storage;
+ * for attention (name NULL) L is appended as the last axis. *count (if not NULL) receives
+ * the number of batch elements. Returns 0, or -1 with a Python exception set.
+ */
+int tka_py_where_parse(PyObject *batch, const char *name, int64_t L, int64_t *shape,
+                       tka_py_where *where, int64_t *count);
+
 /**
  * Set the Python exception for status st (not TKA_OK) and return NULL.
  * Bad data (NaN, +inf, a fully masked row) raises ValueError naming row `row` of `where`

@@ -18,33 +18,15 @@
 
 typedef unsigned long long ptr_t;
 
-#define MAX_AXES 64
-
 /* The rows of a call, for error messages: the batch shape, plus L for attention. */
 typedef struct {
-    int64_t shape[MAX_AXES + 1];
+    int64_t shape[TKA_PY_MAX_AXES + 1];
     tka_py_where where;
 } rows_where;
 
-/* `batch`: NULL (no position in messages) or the batch shape as a tuple of ints. */
 static int parse_where(PyObject *batch, const char *name, long long L, rows_where *w)
 {
-    w->where.name = name;
-    w->where.shape = w->shape;
-    w->where.ndim = 0;
-    if (!batch || batch == Py_None) return 0;
-    if (!PyTuple_Check(batch) || PyTuple_GET_SIZE(batch) > MAX_AXES) {
-        PyErr_SetString(PyExc_TypeError, "batch must be the batch shape (a tuple of ints)");
-        return -1;
-    }
-    const int nd = (int)PyTuple_GET_SIZE(batch);
-    for (int i = 0; i < nd; i++) {
-        w->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(batch, i));
-        if (w->shape[i] == -1 && PyErr_Occurred()) return -1;
-    }
-    w->where.ndim = nd;
-    if (!name) w->shape[w->where.ndim++] = L;  /* attention: query rows (..., L) */
-    return 0;
+    return tka_py_where_parse(batch, name, L, w->shape, &w->where, NULL);
 }
 
 static PyObject *result(int rc, const tkc_error *err, const rows_where *w)

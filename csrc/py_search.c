@@ -59,7 +59,8 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
         return -1;
     }
     const npy_intp H = PyArray_DIM(k, 0), cap = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
-    if (bs < 1 || n < 1 || n > cap || d < 1 || (summary & ~3) || !summary) {
+    if (bs < 1 || n < 1 || n > cap || d < 1 || (summary & ~(TKA_SUM_MINMAX | TKA_SUM_BALL)) ||
+        !summary) {
         PyErr_SetString(PyExc_ValueError, "inconsistent key index (n, block_size or summary)");
         return -1;
     }

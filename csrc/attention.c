@@ -97,12 +97,13 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
+/* Dense attention for row r. Like every row function here, it allocates in the row's
+ * scope, which attn_groups releases after the row. */
 static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                             tka_arena *s)
 {
     const tka_attn *a = c->a;
     const tka_row w = *wp;
-    const size_t mark = tka_arena_mark(s);
     double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
     if (!wt) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
@@ -115,12 +116,11 @@ static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, dou
         c->K->axpy[a->dtype](v_row(a, b, i), a->dv, wt[i], acc);
     }
     store_out(c, r, acc, z);
-    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
 /* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
- * in s in the caller's scope (the caller releases it). */
+ * in s, in the row's scope. */
 static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_arena *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
@@ -141,22 +141,9 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
     return st;
 }
 
-static tka_status topk_row_in(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                              tka_arena *s);
-
 /* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. */
 static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                            tka_arena *s)
-{
-    const size_t mark = tka_arena_mark(s);
-    tka_status st = topk_row_in(c, r, wp, acc, s);
-    tka_arena_release(s, mark);
-    return st;
-}
-
-/* topk_row, allocating in the caller's scope. */
-static tka_status topk_row_in(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                              tka_arena *s)
 {
     const tka_attn *a = c->a;
     const tka_row w = *wp;
@@ -193,6 +180,7 @@ static tka_status topk_row_in(const attn_ctx *c, int64_t r, const tka_row *wp, d
     return TKA_OK;
 }
 
+/* The exact output error of row r's kept set (docs/design.md §6). */
 static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
                             tka_arena *s)
 {
@@ -203,14 +191,10 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, dou
     (void)acc;
     int64_t k, *keep;
     double tau;
-    const size_t mark = tka_arena_mark(s);
-    st = keep_set(c, &w, r, s, &k, &tau, &keep);
-    double *wt = st == TKA_OK ? tka_arena_alloc(s, (size_t)n * sizeof(double)) : NULL;
-    unsigned char *kept = wt ? tka_arena_alloc(s, (size_t)n) : NULL;
-    if (st != TKA_OK || !kept) {
-        tka_arena_release(s, mark);
-        return st != TKA_OK ? st : TKA_ERR_NOMEM;
-    }
+    if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
+    double *wt = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    unsigned char *kept = tka_arena_alloc(s, (size_t)n);
+    if (!wt || !kept) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, n, w.max, wt);
     memset(kept, 0, (size_t)n);
     for (int64_t i = 0; i < k; i++) kept[keep[i]] = 1;
@@ -224,7 +208,6 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, dou
     const double g = tau / (1.0 - tau);
     c->err_sq[r] = (g * g * sq_head + sq_tail) / (z * z);
     if (c->tau_out) c->tau_out[r] = tau;
-    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
@@ -250,10 +233,13 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         int off = 0;
         tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
         for (int i = 0; st == TKA_OK && i < m; i++) {
+            /* the row's scope: what the row function allocates lives until it returns */
+            const size_t row_mark = tka_arena_mark(s);
             off = i;
             st = c->mode == TKA_ATTN_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
                  : c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
-                                        : row_error(c, r0 + i, &w[i], acc, s);
+                                            : row_error(c, r0 + i, &w[i], acc, s);
+            tka_arena_release(s, row_mark);
         }
         if (st != TKA_OK) {
             *bad = r0 + off;

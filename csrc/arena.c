@@ -4,8 +4,9 @@
  * The arena is a short chain of blocks, each at least twice the size of the one before, seen
  * as one address range: a mark is an offset in that range. Allocations never move, so a
  * pointer stays valid until its owner releases to a mark taken before it. Blocks above the
- * top are kept for reuse; when everything is released, a chain of several blocks is merged
- * into one, so a thread settles on a single block after its first rows.
+ * top are kept for reuse: rows of one call ask for the same sizes in the same order, so
+ * after the first row a thread allocates nothing more (and touches no new pages). Blocks
+ * are not merged: a fresh block would be new pages to fault in again.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -63,18 +64,6 @@ void *tka_arena_alloc(tka_arena *a, size_t bytes)
 void tka_arena_release(tka_arena *a, size_t mark)
 {
     a->top = mark;
-    if (mark == 0 && a->nblocks > 1) {
-        /* all free: one block as large as the chain, for the next row */
-        size_t total = a->base[a->nblocks - 1] + a->cap[a->nblocks - 1];
-        void *p = aligned_alloc(ALIGN, total);
-        if (p) {
-            for (int b = 0; b < a->nblocks; b++) free(a->block[b]);
-            a->block[0] = p;
-            a->cap[0] = total;
-            a->base[0] = 0;
-            a->nblocks = 1;
-        }
-    }
     int b = a->cur < a->nblocks ? a->cur : a->nblocks - 1;
     while (b > 0 && a->base[b] > mark) b--;
     a->cur = b < 0 ? 0 : b;

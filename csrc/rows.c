@@ -458,8 +458,11 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (!vals || !m) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        st = row_to_double(w, s, vals);
-        if (st != TKA_OK) return st;
+        if (w->dt == TKA_F64) {  /* already float64 and contiguous (attention scores) */
+            memcpy(vals, w->p, (size_t)n * sizeof(double));
+        } else if ((st = row_to_double(w, s, vals)) != TKA_OK) {
+            return st;
+        }
         w->K->exp_shift[TKA_F64](vals, n, w->max, m);
         double z = 0.0, *copy = NULL;
         for (int64_t i = 0; i < n; i++) z += m[i];

@@ -219,13 +219,13 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
     /* for the whole range of groups: GROUP padded queries, the output accumulator and the
      * scores of GROUP rows */
     const size_t mark = tka_arena_mark(s);
-    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
-    if (!q || !sc) {
+    double *acc = tka_arena_alloc(s, (size_t)a->dv * sizeof(double));
+    if (!q || !sc || !acc) {
         *bad = (g0 / per) * L + (g0 % per) * GROUP;
         return TKA_ERR_NOMEM;
     }
-    double *acc = q + GROUP * dpad;
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP;
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);

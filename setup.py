@@ -123,7 +123,7 @@ class BuildExt(build_ext):
         for src in ext.cu_sources:
             obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
             os.makedirs(os.path.dirname(obj), exist_ok=True)
-            headers = glob.glob(os.path.join(os.path.dirname(src), "*.h*"))
+            headers = glob.glob(os.path.join(os.path.dirname(src), "*.h*")) + ["csrc/tka_status.h"]
             newest = max(os.path.getmtime(p) for p in [src] + headers)
             if self.force or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
                 cmd = [ext.nvcc, "-c", src, "-o", obj, "-I", "csrc/cuda"] + NVCC_FLAGS + CUDA_GENCODE
@@ -192,22 +192,23 @@ core = Extension(
 
 
 def cuda_extension(nvcc):
-    """topkattn._cuda: csrc/cuda/*.cu through nvcc, csrc/cuda/module.c through the C compiler,
-    linked with the static CUDA runtime (no libcudart.so needed at run time)."""
+    """topkattn._cuda: csrc/cuda/*.cu through nvcc, csrc/cuda/module.c (with the status table
+    and exception glue shared with the CPU core) through the C compiler, linked with the
+    static CUDA runtime (no libcudart.so needed at run time)."""
     root = cuda_root(nvcc)
     libdirs = [d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"),
                            os.path.join(root, "targets", "x86_64-linux", "lib"))
                if os.path.isdir(d)]
     ext = Extension(
         "topkattn._cuda",
-        sources=["csrc/cuda/module.c"],
-        include_dirs=["csrc/cuda"],
+        sources=["csrc/cuda/module.c", "csrc/status.c", "csrc/pyerr.c"],
+        include_dirs=["csrc/cuda", "csrc"],
         library_dirs=libdirs,
         libraries=["cudart_static", "stdc++", "dl", "rt"],
         extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         extra_link_args=["-pthread"],
         depends=sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.h")
-                       + glob.glob("csrc/cuda/*.cuh")),
+                       + glob.glob("csrc/cuda/*.cuh") + ["csrc/tka_status.h", "csrc/pyerr.h"]),
     )
     ext.cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     ext.nvcc = nvcc

@@ -16,12 +16,10 @@
 
 #include "internal.h"
 
-enum { MODE_DENSE, MODE_TOPK, MODE_ROW_ERROR };
-
 typedef struct {
     const tka_attn *a;
     const tka_kernels *K;
-    int mode;
+    tka_attn_mode mode;
     const int64_t *k;     /* per row, or NULL for eps */
     const double *eps;
     void *out;
@@ -39,17 +37,14 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
  * row numbering, never by the thread split), scored together with the dot4 kernel. */
 #define GROUP 4
 
-/* Score rows r0 .. r0+m-1 (one problem) into m scratch buffers and check each like a row
- * of logits; stops at the first bad row (*bad = its offset in the group). */
-static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch *s, row_t *w,
-                              double **acc_out, int *bad)
+/* Score rows r0 .. r0+m-1 (one problem) into sc (m rows of n) and check each like a row
+ * of logits; stops at the first bad row (*bad = its offset in the group). q holds GROUP
+ * zero-padded queries of dpad values. */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, double *q,
+                              int64_t dpad, double *sc, tka_row *w, int *bad)
 {
     const tka_attn *a = c->a;
     const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
-    const int64_t dpad = (d + 7) / 8 * 8;
-    double *q = tka_scratch_get(s, TKA_SLOT_ACC, (size_t)(GROUP * dpad + a->dv) * sizeof(double));
-    double *sc = tka_scratch_get(s, TKA_SLOT_SCORES, (size_t)(m * n) * sizeof(double));
-    if (!q || !sc) return TKA_ERR_NOMEM;
     for (int i = 0; i < m; i++) {
         const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
         double *qi = q + i * dpad;
@@ -81,7 +76,6 @@ static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_scratch 
             return st;
         }
     }
-    *acc_out = q + GROUP * dpad;
     return TKA_OK;
 }
 
@@ -103,12 +97,14 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                            tka_scratch *s)
+/* Dense attention for row r. Like every row function here, it allocates in the row's
+ * scope, which attn_groups releases after the row. */
+static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
+                            tka_arena *s)
 {
     const tka_attn *a = c->a;
-    const row_t w = *wp;
-    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)a->n * sizeof(double));
+    const tka_row w = *wp;
+    double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
     if (!wt) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
     const int64_t b = r / a->L;
@@ -123,35 +119,9 @@ static tka_status dense_row(const attn_ctx *c, int64_t r, const row_t *wp, doubl
     return TKA_OK;
 }
 
-/* The kept set of a scored row: its size, discarded mass and positions (scratch). */
-/* Rows up to this length find k_eps directly from all their weights (one vector exp pass,
- * then the weighted selection of the exact path of tka_k_eps) instead of the sampled
- * bracket, whose fixed costs dominate on short rows. Same k, same tau. */
-#define KEPS_DIRECT_MAX 1024
-#define KEPS_LINEAR_MIN 1e-280  /* as EPS_LINEAR_MIN in rows.c: below, log space */
-
-static tka_status keps_direct(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
-                              double *tau, double *t)
-{
-    const int64_t n = w->n;
-    double *v = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)n * sizeof(double));
-    if (!v || !m) return TKA_ERR_NOMEM;
-    const double *sc = w->p;
-    w->K->exp_shift[TKA_F64](sc, n, w->max, m);
-    double z = 0.0, dm;
-    for (int64_t i = 0; i < n; i++) z += m[i];
-    memcpy(v, sc, (size_t)n * sizeof(double));
-    int64_t k = n - tka_drop_bottom_fast(v, m, n, eps * z, &dm);
-    memcpy(v, sc, (size_t)n * sizeof(double));  /* the selection reordered it */
-    tka_nth_desc(v, n, k - 1);
-    *k_out = k;
-    *tau = fmin(dm / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
-    *t = v[k - 1];
-    return TKA_OK;
-}
-
-static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scratch *s,
+/* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
+ * in s, in the row's scope. */
+static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_arena *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
@@ -159,12 +129,10 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
     tka_status st;
     if (c->k) {
         k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
-    } else if (w->n <= KEPS_DIRECT_MAX && c->eps[r] >= KEPS_LINEAR_MIN) {
-        if ((st = keps_direct(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) return st;
     } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
         return st;
     }
-    *keep = tka_scratch_get(s, TKA_SLOT_KEEP, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
     if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
@@ -173,11 +141,12 @@ static tka_status keep_set(const attn_ctx *c, const row_t *w, int64_t r, tka_scr
     return st;
 }
 
-static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                           tka_scratch *s)
+/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. */
+static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
+                           tka_arena *s)
 {
     const tka_attn *a = c->a;
-    const row_t w = *wp;
+    const tka_row w = *wp;
     tka_status st;
     int64_t k, *keep;
     double tau;
@@ -196,7 +165,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        double *v = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
         if (!idx || !v) {
             free(idx);
             return TKA_ERR_NOMEM;
@@ -205,25 +174,26 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const row_t *wp, double
             idx[i] = keep[i];
             v[i] = sc[keep[i]];
         }
-        tka_sort_pairs_desc(v, idx, k);
+        tka_pairs_sort_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
     return TKA_OK;
 }
 
-static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, double *acc,
-                            tka_scratch *s)
+/* The exact output error of row r's kept set (docs/design.md §6). */
+static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
+                            tka_arena *s)
 {
     const tka_attn *a = c->a;
     const int64_t n = a->n;
-    const row_t w = *wp;
+    const tka_row w = *wp;
     tka_status st;
     (void)acc;
     int64_t k, *keep;
     double tau;
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
-    double *wt = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)n * sizeof(double));
-    unsigned char *kept = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)n);
+    double *wt = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    unsigned char *kept = tka_arena_alloc(s, (size_t)n);
     if (!wt || !kept) return TKA_ERR_NOMEM;
     c->K->exp_shift[TKA_F64](w.p, n, w.max, wt);
     memset(kept, 0, (size_t)n);
@@ -241,28 +211,42 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const row_t *wp, doubl
     return TKA_OK;
 }
 
-static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_scratch *s, int64_t *bad)
+static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, int64_t *bad)
 {
     const attn_ctx *c = ctx;
-    const int64_t L = c->a->L, per = (L + GROUP - 1) / GROUP;
+    const tka_attn *a = c->a;
+    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP, dpad = (a->d + 7) / 8 * 8;
+    /* for the whole range of groups: GROUP padded queries, the output accumulator and the
+     * scores of GROUP rows */
+    const size_t mark = tka_arena_mark(s);
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
+    double *acc = tka_arena_alloc(s, (size_t)a->dv * sizeof(double));
+    if (!q || !sc || !acc) {
+        *bad = (g0 / per) * L + (g0 % per) * GROUP;
+        return TKA_ERR_NOMEM;
+    }
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP;
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
-        row_t w[GROUP];
-        double *acc;
+        tka_row w[GROUP];
         int off = 0;
-        tka_status st = score_group(c, r0, m, s, w, &acc, &off);
+        tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
         for (int i = 0; st == TKA_OK && i < m; i++) {
+            /* the row's scope: what the row function allocates lives until it returns */
+            const size_t row_mark = tka_arena_mark(s);
             off = i;
-            st = c->mode == MODE_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
-                 : c->mode == MODE_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
-                                        : row_error(c, r0 + i, &w[i], acc, s);
+            st = c->mode == TKA_ATTN_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
+                 : c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+                                            : row_error(c, r0 + i, &w[i], acc, s);
+            tka_arena_release(s, row_mark);
         }
         if (st != TKA_OK) {
             *bad = r0 + off;
             return st;
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
@@ -275,17 +259,17 @@ static tka_status run(attn_ctx *c, tka_error *err)
         if (err) err->what = "attention: empty L, n or d";
         return TKA_ERR_ARG;
     }
-    c->K = tka_active_kernels();
+    c->K = tka_kernels_active();
     const int64_t groups = a->batch * ((a->L + GROUP - 1) / GROUP);
     const double work = (double)a->batch * (double)a->L * (double)a->n * (double)(a->d + 8);
-    tka_status st = tka_parallel_rows(groups, work, attn_groups, c, &bad);
+    tka_status st = tka_rows_run_parallel(groups, work, attn_groups, c, &bad);
     if (err) err->row = bad;
     return st;
 }
 
 tka_status tka_attention(const tka_attn *a, void *out, tka_error *err)
 {
-    attn_ctx c = {.a = a, .mode = MODE_DENSE, .out = out};
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_DENSE, .out = out};
     return run(&c, err);
 }
 
@@ -295,7 +279,7 @@ tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double 
 {
     const int64_t rows = a->batch * a->L;
     if (idx_out) memset(idx_out, 0, (size_t)rows * sizeof(int64_t *));
-    attn_ctx c = {.a = a, .mode = MODE_TOPK, .k = k, .eps = eps, .out = out, .k_out = k_out,
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_TOPK, .k = k, .eps = eps, .out = out, .k_out = k_out,
                   .tau_out = tau_out, .idx_out = idx_out};
     tka_status st = run(&c, err);
     if (st != TKA_OK && idx_out) {
@@ -310,6 +294,6 @@ tka_status tka_topk_attention(const tka_attn *a, const int64_t *k, const double 
 tka_status tka_attention_row_error(const tka_attn *a, const int64_t *k, double *err_sq,
                                    double *tau_out, tka_error *err)
 {
-    attn_ctx c = {.a = a, .mode = MODE_ROW_ERROR, .k = k, .err_sq = err_sq, .tau_out = tau_out};
+    attn_ctx c = {.a = a, .mode = TKA_ATTN_ROW_ERROR, .k = k, .err_sq = err_sq, .tau_out = tau_out};
     return run(&c, err);
 }

@@ -1,5 +1,7 @@
 /*
- * dispatch.c - pick the kernel set once at import from CPUID and XGETBV.
+ * dispatch.c - pick the kernel set once at import from CPUID and XGETBV. A set is one
+ * tka_kernels table per instruction set; the certified search reaches its own kernels
+ * through that table (tka_kernels.search), so every kernel follows the same choice.
  * Compiled for baseline x86-64: nothing here may use an instruction the CPU lacks.
  */
 #include <stdatomic.h>
@@ -101,7 +103,7 @@ tka_status tka_simd_select(tka_simd which)
     return TKA_OK;
 }
 
-const tka_kernels *tka_active_kernels(void)
+const tka_kernels *tka_kernels_active(void)
 {
     const tka_kernels *k = atomic_load(&g_active);
     if (!k) {
@@ -113,7 +115,7 @@ const tka_kernels *tka_active_kernels(void)
     return k;
 }
 
-tka_simd tka_simd_active(void) { return tka_active_kernels()->id; }
+tka_simd tka_simd_active(void) { return tka_kernels_active()->id; }
 
 const char *tka_simd_name(tka_simd which)
 {

@@ -5,6 +5,8 @@
 #ifndef TOPKATTN_INTERNAL_H
 #define TOPKATTN_INTERNAL_H
 
+#include <math.h>
+
 #include "topkattn.h"
 
 /* ------------------------------------------------------------------ kernels */
@@ -23,6 +25,9 @@ typedef struct {
     double mass_above;  /**< sum of e^{x - ref} over x > hi (when masses were asked for) */
     double mass_below;  /**< sum of e^{x - ref} over x < lo */
 } tka_band_out;
+
+/** The certified search's kernels of one instruction set (defined in search.h). */
+typedef struct tka_search_kernels tka_search_kernels;
 
 /*
  * One instruction set's kernels, each for float32 [0] and float64 [1] rows (contiguous).
@@ -61,45 +66,90 @@ typedef struct {
                     int64_t d, double scale, double *out, int64_t os);
     /** acc[j] += w * v[j], j < d, in float64. */
     void (*axpy[2])(const void *v, int64_t d, double w, double *acc);
+    /** The search's dot-product and proxy kernels for this instruction set. */
+    const tka_search_kernels *search;
 } tka_kernels;
 
+/** The kernel sets (csrc/cpu/kernels_*.c) and the search kernels they point to
+ *  (csrc/cpu/search_*.c); only dispatch.c chooses among them. */
 extern const tka_kernels tka_kernels_scalar;
+extern const tka_search_kernels tka_search_kernels_scalar;
 #ifdef TKA_HAVE_X86
 extern const tka_kernels tka_kernels_avx2;
 extern const tka_kernels tka_kernels_avx512;
+extern const tka_search_kernels tka_search_kernels_avx2;
 #endif
 
 /** The kernel table in use (chosen at import, changeable with tka_simd_select). */
-const tka_kernels *tka_active_kernels(void);
+const tka_kernels *tka_kernels_active(void);
+
+/* ------------------------------------------------------------ rounding up */
+
+/** Above e^-700 (= 9.8596765437597708567e-305), so an upper bound on e^x for x <= -700. */
+#define TKA_EXP_M700_UP 9.85967654375978e-305
+
+/**
+ * An upper bound on e^x for the certificates (docs/design.md §2): never below the true
+ * value, never 0. exp() is within one ulp (2^-52 relative) of e^x, so exp(x) (1 + 2^-50)
+ * is above it; arguments below -700 give TKA_EXP_M700_UP, which also covers the range where
+ * exp() would lose precision to subnormals or underflow to 0. Callers only add such terms
+ * to masses of order 1 or more, where e^-700 is negligible.
+ */
+static inline double tka_exp_up(double x)
+{
+    return x < -700.0 ? TKA_EXP_M700_UP : exp(x) * (1.0 + 0x1p-50);
+}
 
 /* ------------------------------------------------------------------ threads */
 
 /**
- * Run fn(ctx, r0, r1, scratch) over row ranges [r0, r1) of [0, rows), on up to
+ * Scratch memory with visible lifetimes: a per-thread stack of allocations (arena.c).
+ * A function that needs scratch takes a mark, allocates, and releases to its mark before it
+ * returns; memory its caller holds sits below that mark and is never moved or reused. A
+ * function that hands scratch to its caller says so, and the caller releases it.
+ * Every thread of a parallel job owns one arena, so concurrent calls never share one.
+ */
+/** Most blocks an arena chains (sizes double: far beyond any memory). */
+#define TKA_ARENA_BLOCKS 40
+/** A per-thread scratch arena (see above). */
+typedef struct tka_arena {
+    char *block[TKA_ARENA_BLOCKS];  /**< blocks, each at least twice the one before */
+    size_t cap[TKA_ARENA_BLOCKS];   /**< their sizes in bytes */
+    size_t base[TKA_ARENA_BLOCKS];  /**< offset of each block in the arena's range */
+    int nblocks, cur;               /**< blocks allocated; the block holding the top */
+    size_t top;                     /**< offset of the first free byte */
+} tka_arena;
+
+/** An empty arena (no memory yet). */
+void tka_arena_init(tka_arena *a);
+/** Free all of an arena's memory. */
+void tka_arena_free(tka_arena *a);
+/** The current top, to release back to. */
+static inline size_t tka_arena_mark(const tka_arena *a) { return a->top; }
+/** `bytes` bytes, 64-byte aligned, valid until a release to a mark taken before this call;
+ *  NULL when out of memory. */
+void *tka_arena_alloc(tka_arena *a, size_t bytes);
+/** Free everything allocated since `mark` (kept for reuse). */
+void tka_arena_release(tka_arena *a, size_t mark);
+
+/**
+ * Run fn(ctx, r0, r1, arena) over row ranges [r0, r1) of [0, rows), on up to
  * tka_num_threads() threads. `work` is the total number of elements touched: small jobs
- * stay on the calling thread. Each thread gets its own scratch arena (see tka_scratch).
+ * stay on the calling thread. Each thread brings its own arena.
  * fn returns TKA_OK or an error for its lowest failing row, stored in *err_row; the call
  * returns the error of the lowest failing row overall, independent of the thread count.
  */
-typedef struct tka_scratch tka_scratch;
-typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_scratch *s,
+typedef tka_status (*tka_row_fn)(void *ctx, int64_t r0, int64_t r1, tka_arena *s,
                                  int64_t *err_row);
-tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
-                             int64_t *err_row);
+/** See above. A TKA_RETRY that escapes fn is reported as TKA_ERR_INTERNAL. */
+tka_status tka_rows_run_parallel(int64_t rows, double work, tka_row_fn fn, void *ctx,
+                                 int64_t *err_row);
 
 /** Run fn over all rows on the calling thread (kernels inside may still use threads). */
-tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
+tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row);
 
-/** Per-thread growable buffers; pointers stay valid until the next call with the same slot. */
-void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes);
-enum {
-    TKA_SLOT_ROW = 0, TKA_SLOT_VALS, TKA_SLOT_IDX, TKA_SLOT_TMP, TKA_SLOT_TMP2,
-    TKA_SLOT_CHUNK, TKA_SLOT_CHUNK_V, TKA_SLOT_CHUNK_I,
-    TKA_SLOT_SCORES, TKA_SLOT_KEEP, TKA_SLOT_ACC, TKA_SLOT_COPY, TKA_NSLOTS
-};
-
-/** Whether the calling thread is a worker of tka_parallel_rows (no nested threads). */
-int tka_in_parallel(void);
+/** Whether the calling thread is a worker of tka_rows_run_parallel (no nested threads). */
+int tka_threads_in_worker(void);
 
 /* ------------------------------------------------------------ rows, selection */
 
@@ -111,68 +161,97 @@ typedef struct {
     const tka_kernels *K;
     double max;             /**< largest logit */
     int64_t n_live;         /**< unmasked logits */
-} row_t;
+} tka_row;
 
 /** Scan a row set up in w (p, n, dt, K): NaN/+inf/all-masked check, max and n_live. */
-tka_status tka_row_check(row_t *w, tka_scratch *s);
+tka_status tka_row_check(tka_row *w, tka_arena *s);
 /** log tau (and KL if kl) of the top-k set of a checked row, 0 <= k <= n. */
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl);
 /** k_eps of a checked row and the discarded mass tau <= eps of its top set; with t, also
  *  the k-th largest logit (the threshold of the kept set). */
-tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k, double *tau,
+tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                         double *t);
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower
- *  position, into out[0..k) (not a scratch buffer of slots ROW..CHUNK_I). */
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out);
+ *  position, into out[0..k). */
+tka_status tka_row_topk(const tka_row *w, int64_t k, tka_arena *s, int64_t *out);
 /** The same set as tka_row_topk, in increasing position order (no sort: one rank
  *  selection and one gathering pass); with log_tau, also what tka_row_log_tau gives. */
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau);
 /** tka_row_topk_set when the k-th largest logit t is known (one gathering pass). */
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out);
+tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
- * combined in chunk order so results never depend on the thread count (chunks.c). */
+ * combined in chunk order so results never depend on the thread count (chunks.c). Each
+ * releases the scratch it takes from s. */
+/** Chunk length of long rows (elements); fixed, so results do not depend on threads. */
 #define TKA_CHUNK 65536
-tka_status tka_row_scan(row_t *w, tka_scratch *s, tka_scan_out *out);
-tka_status tka_row_sumexp_split(const row_t *w, tka_scratch *s, double t, double ref_hi,
+/** The scan kernel over the whole row (max, masked count, NaN/+inf). */
+tka_status tka_row_scan(tka_row *w, tka_arena *s, tka_scan_out *out);
+/** The sumexp_split kernel over the whole row. */
+tka_status tka_row_sumexp_split(const tka_row *w, tka_arena *s, double t, double ref_hi,
                                 double ref_lo, double *hi, double *lo);
-tka_status tka_row_sumexp_moment(const row_t *w, tka_scratch *s, double ref, double *zb,
+/** The sumexp_moment kernel over the whole row. */
+tka_status tka_row_sumexp_moment(const tka_row *w, tka_arena *s, double ref, double *zb,
                                  double *m1, double *c);
-tka_status tka_row_max_below(const row_t *w, tka_scratch *s, double t, double *out);
-tka_status tka_row_band(const row_t *w, tka_scratch *s, double lo, double hi, double ref,
+/** The max_below kernel over the whole row: largest logit < t into *out. */
+tka_status tka_row_max_below(const tka_row *w, tka_arena *s, double t, double *out);
+/** The band kernel over the whole row; gathered values (and positions) in row order. */
+tka_status tka_row_band(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
                         int with_mass, double *vals, int64_t *idx, int64_t cap,
                         tka_band_out *out);
 
 /**
  * Pointer to row r as a contiguous array of its dtype: the row itself when its elements
- * are adjacent, else a copy in the TKA_SLOT_ROW scratch buffer (NULL if out of memory).
+ * are adjacent, else a copy allocated in s, which the caller releases (NULL if out of
+ * memory).
  */
-const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s);
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s);
 
 /** Sort a[0..n) in decreasing order (NaN-free input). */
-void tka_sort_desc(double *a, int64_t n);
+void tka_values_sort_desc(double *a, int64_t n);
 /** Sort pairs by decreasing value, ties by increasing index. */
-void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n);
+void tka_pairs_sort_desc(double *v, int64_t *idx, int64_t n);
 /** Partially order a[0..n) so that a[k] is the k-th largest (0-based), larger before. */
-void tka_nth_desc(double *a, int64_t n, int64_t k);
+void tka_values_nth_desc(double *a, int64_t n, int64_t k);
+
+/* (value, index) pairs are ordered by decreasing value, then increasing index. */
+
+/** Sort pairs in that order with scratch tv, tx of n entries each (LSD radix sort from 512
+ *  pairs on, introsort below or when tv or tx is NULL). */
+void tka_pairs_sort_desc_radix(double *v, int64_t *idx, int64_t n, double *tv, int64_t *tx);
+/** Quickselect on pairs: afterwards pair k (0-based) is the k-th in that order, the ones
+ *  before it come first. */
+void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k);
+/**
+ * Smallest k such that the first k pairs in that order have mass sum(w) >= target; those
+ * k pairs (with their masses w) are moved to [0, k), in no particular order. Expected O(n);
+ * returns n if the total mass falls short.
+ */
+int64_t tka_pairs_weighted_top(double *v, int64_t *idx, double *w, int64_t n, double target);
+/** Position of the first pair in that order among pairs [from, n), from < n. */
+int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64_t n);
 
 /**
  * Weighted selection from the bottom: v[0..c) values with masses w[0..c) (permuted in
  * place). Drops the smallest values one by one, in increasing order, while the dropped
  * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
  */
-int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass);
-/** tka_drop_bottom with a bucketing pass in front, for large sets (same result). */
-int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass);
+int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget,
+                                double *dropped_mass);
+/** tka_weights_drop_bottom with a bucketing pass in front, for large sets (same result). */
+int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget,
+                                     double *dropped_mass);
 /**
  * A contiguous row (float32 if is_f32, else float64) sorted in decreasing order into
  * out[0..n) as float64: LSD radix sort on 32- or 64-bit keys from TKA_RADIX_MIN elements
- * on, introsort below. scratch holds tka_sort_scratch_bytes(n) bytes.
+ * on, introsort below. scratch holds tka_array_sort_scratch_bytes(n) bytes.
  */
 #define TKA_RADIX_MIN 4096
-size_t tka_sort_scratch_bytes(int64_t n);
-void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
+/** Bytes of scratch tka_array_sort_desc needs for n elements. */
+size_t tka_array_sort_scratch_bytes(int64_t n);
+/** See above: the sorted row into out, using scratch. */
+void tka_array_sort_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch);
 
 #endif /* TOPKATTN_INTERNAL_H */

@@ -11,6 +11,7 @@
  */
 #define TKA_IMPORT_ARRAY
 #include "pyutil.h"
+#include "search.h"
 
 #include <math.h>
 #include <string.h>
@@ -22,25 +23,27 @@ static PyObject *py_tail_mass(PyObject *self, PyObject *args)
     PyObject *xo, *ko;
     int want_kl;
     if (!PyArg_ParseTuple(args, "OOp", &xo, &ko, &want_kl)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *k = NULL, *lt = NULL, *kl = NULL;
     PyObject *res = NULL;
-    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
-    if (!(lt = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
-    if (want_kl && !(kl = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (!(k = tka_py_per_row(ko, NPY_INT64, L.rows.rows, "k")) ||
+        tka_py_check_k(k, L.rows.n, "k") < 0)
+        goto done;
+    if (!(lt = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (want_kl && !(kl = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64))) goto done;
     tka_error err;
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_tail_mass(&L.rows, PyArray_DATA(k), PyArray_DATA(lt), kl ? PyArray_DATA(kl) : NULL, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
     res = kl ? Py_BuildValue("OO", lt, kl) : Py_BuildValue("(O)", lt);
 done:
     Py_XDECREF(k);
     Py_XDECREF(lt);
     Py_XDECREF(kl);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -48,21 +51,21 @@ static PyObject *py_tv_curve(PyObject *self, PyObject *args)
 {
     PyObject *xo;
     if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyObject *res = NULL;
-    PyArrayObject *out = new_batch(&L, 1, (npy_intp)L.rows.n + 1, NPY_FLOAT64);
+    PyArrayObject *out = tka_py_batch_new(&L, 1, (npy_intp)L.rows.n + 1, NPY_FLOAT64);
     if (out) {
         tka_error err;
         tka_status st;
         Py_BEGIN_ALLOW_THREADS
         st = tka_tv_curve(&L.rows, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) tka_py_logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -71,11 +74,11 @@ static PyObject *py_k_eps(PyObject *self, PyObject *args)
     PyObject *xo, *eo;
     int want_tau;
     if (!PyArg_ParseTuple(args, "OOp", &xo, &eo, &want_tau)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *eps = NULL, *k = NULL, *tau = NULL;
     PyObject *res = NULL;
-    if (!(eps = per_row(eo, NPY_FLOAT64, L.rows.rows, "eps"))) goto done;
+    if (!(eps = tka_py_per_row(eo, NPY_FLOAT64, L.rows.rows, "eps"))) goto done;
     const double *ev = PyArray_DATA(eps);
     for (npy_intp i = 0; i < PyArray_SIZE(eps); i++) {
         if (!(ev[i] > 0.0 && ev[i] < 1.0)) {
@@ -85,20 +88,20 @@ static PyObject *py_k_eps(PyObject *self, PyObject *args)
             goto done;
         }
     }
-    if (!(k = new_batch(&L, 0, 0, NPY_INT64))) goto done;
-    if (want_tau && !(tau = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (!(k = tka_py_batch_new(&L, 0, 0, NPY_INT64))) goto done;
+    if (want_tau && !(tau = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64))) goto done;
     tka_error err;
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_k_eps(&L.rows, ev, PyArray_DATA(k), tau ? PyArray_DATA(tau) : NULL, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
     res = tau ? Py_BuildValue("OO", k, tau) : Py_BuildValue("(O)", k);
 done:
     Py_XDECREF(eps);
     Py_XDECREF(k);
     Py_XDECREF(tau);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -107,27 +110,27 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
     PyObject *xo;
     long long k;
     if (!PyArg_ParseTuple(args, "OL", &xo, &k)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyObject *res = NULL;
     if (k < 0 || k > L.rows.n) {
         PyErr_Format(PyExc_ValueError, "k must be in [0, n] = [0, %lld], got %lld",
                      (long long)L.rows.n, k);
-        logits_free(&L);
+        tka_py_logits_free(&L);
         return NULL;
     }
-    PyArrayObject *out = new_batch(&L, 1, (npy_intp)k, NPY_INT64);
+    PyArrayObject *out = tka_py_batch_new(&L, 1, (npy_intp)k, NPY_INT64);
     if (out) {
         tka_error err;
         tka_status st;
         Py_BEGIN_ALLOW_THREADS
         st = tka_topk(&L.rows, (int64_t)k, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) tka_py_logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -138,24 +141,26 @@ static PyObject *py_gap_bound(PyObject *self, PyObject *args)
     PyObject *xo, *ko;
     int form;
     if (!PyArg_ParseTuple(args, "OOi", &xo, &ko, &form)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *k = NULL, *out = NULL;
     PyObject *res = NULL;
-    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
-    if (!(out = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (!(k = tka_py_per_row(ko, NPY_INT64, L.rows.rows, "k")) ||
+        tka_py_check_k(k, L.rows.n, "k") < 0)
+        goto done;
+    if (!(out = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64))) goto done;
     tka_error err;
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_gap_bound(&L.rows, PyArray_DATA(k), form, PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
     Py_XDECREF(k);
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -165,11 +170,13 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
     long long nseg;
     int spacing;
     if (!PyArg_ParseTuple(args, "OOOLi", &xo, &ko, &co, &nseg, &spacing)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *k = NULL, *cuts = NULL, *out = NULL;
     PyObject *res = NULL;
-    if (!(k = per_row(ko, NPY_INT64, L.rows.rows, "k")) || check_k(k, L.rows.n, "k") < 0) goto done;
+    if (!(k = tka_py_per_row(ko, NPY_INT64, L.rows.rows, "k")) ||
+        tka_py_check_k(k, L.rows.n, "k") < 0)
+        goto done;
     if (co != Py_None) {
         cuts = (PyArrayObject *)PyArray_FROM_OTF(co, NPY_INT64, NPY_ARRAY_IN_ARRAY);
         if (!cuts) goto done;
@@ -190,7 +197,7 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "cuts must be >= 1 segments, got %lld", nseg);
         goto done;
     }
-    if (!(out = new_batch(&L, 0, 0, NPY_FLOAT64))) goto done;
+    if (!(out = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64))) goto done;
     tka_error err;
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -198,14 +205,14 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
                             cuts ? PyArray_SIZE(cuts) : 0, (int64_t)nseg, spacing,
                             PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
     Py_XDECREF(k);
     Py_XDECREF(cuts);
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -243,8 +250,8 @@ static PyObject *py_block_bound(PyObject *self, PyObject *args)
             goto done;
         }
     }
-    if (!(la = per_row(ao, NPY_FLOAT64, rows, "kept_mass"))) goto done;
-    if (!(lz = per_row(zo, NPY_FLOAT64, rows, "scored_mass"))) goto done;
+    if (!(la = tka_py_per_row(ao, NPY_FLOAT64, rows, "kept_mass"))) goto done;
+    if (!(lz = tka_py_per_row(zo, NPY_FLOAT64, rows, "scored_mass"))) goto done;
     npy_intp osh[1] = {rows};
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, osh, NPY_FLOAT64))) goto done;
     tka_error err;
@@ -254,8 +261,10 @@ static PyObject *py_block_bound(PyObject *self, PyObject *args)
                          PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
-        PyErr_Format(PyExc_ValueError, "%s (row %lld)", err.what ? err.what : "invalid input",
-                     (long long)err.row);
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s (row %lld)", err.what ? err.what : "invalid input",
+                 (long long)err.row);
+        tka_py_raise(st, NULL, err.row, detail);
         goto done;
     }
     res = (PyObject *)out;
@@ -275,21 +284,21 @@ static PyObject *py_entropy(PyObject *self, PyObject *args)
 {
     PyObject *xo;
     if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyObject *res = NULL;
-    PyArrayObject *out = new_batch(&L, 0, 0, NPY_FLOAT64);
+    PyArrayObject *out = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64);
     if (out) {
         tka_error err;
         tka_status st;
         Py_BEGIN_ALLOW_THREADS
         st = tka_entropy(&L.rows, PyArray_DATA(out), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) tka_py_logits_raise(st, &err, &L, "logits");
         else { res = (PyObject *)out; out = NULL; }
     }
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -297,11 +306,11 @@ static PyObject *py_effective_support(PyObject *self, PyObject *args)
 {
     PyObject *xo, *to;
     if (!PyArg_ParseTuple(args, "OO", &xo, &to)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *thr = NULL, *out = NULL;
     PyObject *res = NULL;
-    if (!(thr = per_row(to, NPY_FLOAT64, L.rows.rows, "threshold"))) goto done;
+    if (!(thr = tka_py_per_row(to, NPY_FLOAT64, L.rows.rows, "threshold"))) goto done;
     const double *tv = PyArray_DATA(thr);
     for (npy_intp i = 0; i < PyArray_SIZE(thr); i++) {
         if (!(tv[i] > 0.0 && tv[i] <= 1.0)) {
@@ -309,19 +318,19 @@ static PyObject *py_effective_support(PyObject *self, PyObject *args)
             goto done;
         }
     }
-    if (!(out = new_batch(&L, 0, 0, NPY_INT64))) goto done;
+    if (!(out = tka_py_batch_new(&L, 0, 0, NPY_INT64))) goto done;
     tka_error err;
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_effective_support(&L.rows, tv, PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) { raise_status(st, &err, &L, "logits"); goto done; }
+    if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
     Py_XDECREF(thr);
     Py_XDECREF(out);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -329,22 +338,23 @@ static PyObject *py_fit_gaussian(PyObject *self, PyObject *args)
 {
     PyObject *xo;
     if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
-    logits_t L;
-    if (parse_logits(xo, "logits", &L) < 0) return NULL;
+    tka_py_logits L;
+    if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyObject *res = NULL;
-    PyArrayObject *mu = new_batch(&L, 0, 0, NPY_FLOAT64), *sg = new_batch(&L, 0, 0, NPY_FLOAT64);
+    PyArrayObject *mu = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64);
+    PyArrayObject *sg = tka_py_batch_new(&L, 0, 0, NPY_FLOAT64);
     if (mu && sg) {
         tka_error err;
         tka_status st;
         Py_BEGIN_ALLOW_THREADS
         st = tka_fit_gaussian(&L.rows, PyArray_DATA(mu), PyArray_DATA(sg), &err);
         Py_END_ALLOW_THREADS
-        if (st != TKA_OK) raise_status(st, &err, &L, "logits");
+        if (st != TKA_OK) tka_py_logits_raise(st, &err, &L, "logits");
         else res = Py_BuildValue("OO", mu, sg);
     }
     Py_XDECREF(mu);
     Py_XDECREF(sg);
-    logits_free(&L);
+    tka_py_logits_free(&L);
     return res;
 }
 
@@ -483,6 +493,31 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The numbers the Python layer passes to and gets from this module, so that it never
+ * restates them: statuses (STATUS_OK, STATUS_ERR_NAN, ...), attention modes, search
+ * summaries and methods, bound forms and spacings, Gaussian operations. */
+static int add_constants(PyObject *m)
+{
+    static const struct { const char *name; int value; } c[] = {
+        {"MODE_DENSE", TKA_ATTN_DENSE}, {"MODE_TOPK", TKA_ATTN_TOPK},
+        {"MODE_ROW_ERROR", TKA_ATTN_ROW_ERROR},
+        {"SUMMARY_MINMAX", TKA_SUM_MINMAX}, {"SUMMARY_BALL", TKA_SUM_BALL},
+        {"METHOD_DELTA", TKA_SEARCH_DELTA}, {"METHOD_MC", TKA_SEARCH_MC},
+        {"GAP_MASS", TKA_GAP_MASS}, {"GAP_GAP", TKA_GAP_GAP},
+        {"SPACING_GEOMETRIC", TKA_SPACING_GEOMETRIC}, {"SPACING_LINEAR", TKA_SPACING_LINEAR},
+        {"G_CDF", G_CDF}, {"G_SF", G_SF}, {"G_PPF", G_PPF}, {"G_ISF", G_ISF},
+        {"G_TAIL", G_TAIL}, {"G_KEPS", G_KEPS}, {"G_KEPS_FINITE", G_KEPS_FINITE},
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
+        if (PyModule_AddIntConstant(m, c[i].name, c[i].value) < 0) return -1;
+    for (int st = 0; st < TKA_STATUS_COUNT; st++) {
+        char name[64];
+        snprintf(name, sizeof name, "STATUS_%s", tka_status_name((tka_status)st));
+        if (PyModule_AddIntConstant(m, name, st) < 0) return -1;
+    }
+    return 0;
+}
+
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_core",
                                        "C core of topkattn (private; use the topkattn package).",
                                        -1, methods};
@@ -498,11 +533,7 @@ PyMODINIT_FUNC PyInit__core(void)
         return NULL;
     }
     tka_simd_active(); /* detect the CPU and pick the kernels now, under the GIL */
-    if (PyModule_AddIntConstant(m, "G_CDF", G_CDF) || PyModule_AddIntConstant(m, "G_SF", G_SF) ||
-        PyModule_AddIntConstant(m, "G_PPF", G_PPF) || PyModule_AddIntConstant(m, "G_ISF", G_ISF) ||
-        PyModule_AddIntConstant(m, "G_TAIL", G_TAIL) ||
-        PyModule_AddIntConstant(m, "G_KEPS", G_KEPS) ||
-        PyModule_AddIntConstant(m, "G_KEPS_FINITE", G_KEPS_FINITE)) {
+    if (add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,5 @@
 /*
- * parallel.c - row-parallel execution on plain POSIX threads, and per-thread scratch.
+ * parallel.c - row-parallel execution on plain POSIX threads, one scratch arena per thread.
  *
  * Threads claim chunks of rows in increasing order from an atomic counter. Every row is
  * computed by exactly one thread with the same code, so results never depend on the
@@ -14,34 +14,10 @@
 
 #include "internal.h"
 
-struct tka_scratch {
-    void *buf[TKA_NSLOTS];
-    size_t cap[TKA_NSLOTS];
-};
-
-void *tka_scratch_get(tka_scratch *s, int slot, size_t bytes)
-{
-    if (bytes == 0) bytes = 1;
-    if (s->cap[slot] < bytes) {
-        size_t want = bytes + bytes / 2;
-        void *p = malloc(want);
-        if (!p) return NULL;
-        free(s->buf[slot]);
-        s->buf[slot] = p;
-        s->cap[slot] = want;
-    }
-    return s->buf[slot];
-}
-
-static void scratch_free(tka_scratch *s)
-{
-    for (int i = 0; i < TKA_NSLOTS; i++) free(s->buf[i]);
-}
-
 static atomic_int g_threads;
 static _Thread_local int t_in_parallel;
 
-int tka_in_parallel(void) { return t_in_parallel; }
+int tka_threads_in_worker(void) { return t_in_parallel; }
 
 static int default_threads(void)
 {
@@ -69,8 +45,8 @@ typedef struct {
 
 static void run_chunks(job *j)
 {
-    tka_scratch s;
-    memset(&s, 0, sizeof s);
+    tka_arena s;
+    tka_arena_init(&s);
     int was = t_in_parallel;
     t_in_parallel = 1;
     for (;;) {
@@ -81,6 +57,7 @@ static void run_chunks(job *j)
         int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
         int64_t bad = -1;
         tka_status st = j->fn(j->ctx, r0, r1, &s, &bad);
+        if (st == TKA_RETRY) st = TKA_INTERNAL_ERROR();  /* a retry must be taken inside */
         if (st != TKA_OK) {
             if (bad < 0) bad = r0;
             pthread_mutex_lock(&j->lock);
@@ -92,7 +69,7 @@ static void run_chunks(job *j)
         }
     }
     t_in_parallel = was;
-    scratch_free(&s);
+    tka_arena_free(&s);
 }
 
 static void *worker(void *arg)
@@ -105,7 +82,7 @@ static void *worker(void *arg)
  * tens of microseconds. */
 #define TKA_PARALLEL_MIN_WORK 65536.0
 
-tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx,
+tka_status tka_rows_run_parallel(int64_t rows, double work, tka_row_fn fn, void *ctx,
                              int64_t *err_row)
 {
     *err_row = -1;
@@ -143,12 +120,13 @@ tka_status tka_parallel_rows(int64_t rows, double work, tka_row_fn fn, void *ctx
     return st;
 }
 
-tka_status tka_serial_rows(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row)
+tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *err_row)
 {
-    tka_scratch s;
-    memset(&s, 0, sizeof s);
+    tka_arena s;
+    tka_arena_init(&s);
     *err_row = -1;
     tka_status st = rows > 0 ? fn(ctx, 0, rows, &s, err_row) : TKA_OK;
-    scratch_free(&s);
+    if (st == TKA_RETRY) st = TKA_INTERNAL_ERROR();  /* a retry must be taken inside */
+    tka_arena_free(&s);
     return st;
 }

@@ -59,7 +59,8 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
         return -1;
     }
     const npy_intp H = PyArray_DIM(k, 0), cap = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
-    if (bs < 1 || n < 1 || n > cap || d < 1 || (summary & ~3) || !summary) {
+    if (bs < 1 || n < 1 || n > cap || d < 1 || (summary & ~(TKA_SUM_MINMAX | TKA_SUM_BALL)) ||
+        !summary) {
         PyErr_SetString(PyExc_ValueError, "inconsistent key index (n, block_size or summary)");
         return -1;
     }
@@ -159,7 +160,7 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
         Py_DECREF(perm);
-        return PyErr_NoMemory();
+        return tka_py_raise(st, NULL, -1, NULL);
     }
     return (PyObject *)perm;
 }
@@ -179,7 +180,7 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = tka_index_fill(&ix, &o, k0, &err);
     Py_END_ALLOW_THREADS
-    if (st != TKA_OK) return PyErr_NoMemory();
+    if (st != TKA_OK) return tka_py_raise(st, NULL, err.row, err.what);
     Py_RETURN_NONE;
 }
 
@@ -257,8 +258,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     st = tka_search(&ix, &sa, out, ov ? PyArray_DATA(ov) : NULL, &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
-        if (st == TKA_ERR_NOMEM) PyErr_NoMemory();
-        else PyErr_Format(PyExc_RuntimeError, "certified search failed (status %d)", (int)st);
+        tka_py_raise(st, NULL, err.row, err.what);
         goto done;
     }
     {

@@ -7,7 +7,7 @@
 
 
 
-void logits_free(logits_t *L)
+void tka_py_logits_free(tka_py_logits *L)
 {
     Py_XDECREF(L->arr);
     PyMem_Free(L->offsets);
@@ -15,7 +15,7 @@ void logits_free(logits_t *L)
     L->offsets = NULL;
 }
 
-int parse_logits(PyObject *obj, const char *name, logits_t *L)
+int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L)
 {
     memset(L, 0, sizeof *L);
     if (!PyArray_Check(obj)) {
@@ -81,46 +81,17 @@ int parse_logits(PyObject *obj, const char *name, logits_t *L)
     return 0;
 }
 
-/* "(i, j)" for a flat row index, or "" for a single row. */
-void row_label(const logits_t *L, int64_t r, char *buf, size_t size)
-{
-    buf[0] = '\0';
-    if (L->bdim == 0 || r < 0) return;
-    npy_intp idx[NPY_MAXDIMS];
-    for (int i = L->bdim - 1; i >= 0; i--) {
-        idx[i] = L->bshape[i] ? r % L->bshape[i] : 0;
-        r = L->bshape[i] ? r / L->bshape[i] : 0;
-    }
-    size_t used = (size_t)snprintf(buf, size, " at batch index (");
-    for (int i = 0; i < L->bdim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)idx[i]);
-    if (L->bdim == 1 && used < size) used += (size_t)snprintf(buf + used, size - used, ",");
-    if (used < size) snprintf(buf + used, size - used, ")");
-}
-
-PyObject *raise_status(tka_status st, const tka_error *err, const logits_t *L,
+PyObject *tka_py_logits_raise(tka_status st, const tka_error *err, const tka_py_logits *L,
                               const char *name)
 {
-    char where[256];
-    row_label(L, err ? err->row : -1, where, sizeof where);
-    switch (st) {
-    case TKA_ERR_NAN:
-        return PyErr_Format(PyExc_ValueError, "%s contains NaN%s", name, where);
-    case TKA_ERR_POSINF:
-        return PyErr_Format(PyExc_ValueError,
-                            "%s contains +inf%s (use -inf for masked keys)", name, where);
-    case TKA_ERR_ALL_MASKED:
-        return PyErr_Format(PyExc_ValueError,
-                            "%s has a fully masked row%s (every logit is -inf)", name, where);
-    case TKA_ERR_NOMEM:
-        return PyErr_NoMemory();
-    default:
-        return PyErr_Format(PyExc_ValueError, "%s", err && err->what ? err->what : "invalid argument");
-    }
+    int64_t shape[NPY_MAXDIMS];
+    for (int i = 0; i < L->bdim; i++) shape[i] = L->bshape[i];
+    const tka_py_where where = {name, L->bdim, shape};
+    return tka_py_raise(st, &where, err ? err->row : -1, err ? err->what : NULL);
 }
 
 /* A C-contiguous array of `type` holding exactly `rows` values (one per row). */
-PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
+PyArrayObject *tka_py_per_row(PyObject *obj, int type, int64_t rows, const char *name)
 {
     PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
     if (!a) return NULL;
@@ -133,7 +104,7 @@ PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name)
     return a;
 }
 
-int check_k(PyArrayObject *k, int64_t n, const char *name)
+int tka_py_check_k(PyArrayObject *k, int64_t n, const char *name)
 {
     const int64_t *kv = PyArray_DATA(k);
     npy_intp m = PyArray_SIZE(k);
@@ -147,7 +118,7 @@ int check_k(PyArrayObject *k, int64_t n, const char *name)
     return 0;
 }
 
-PyArrayObject *new_batch(const logits_t *L, int extra, npy_intp extra_len, int type)
+PyArrayObject *tka_py_batch_new(const tka_py_logits *L, int extra, npy_intp extra_len, int type)
 {
     npy_intp shape[NPY_MAXDIMS + 1];
     memcpy(shape, L->bshape, sizeof(npy_intp) * (size_t)L->bdim);

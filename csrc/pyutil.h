@@ -13,33 +13,35 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include "pyerr.h"
 #include "topkattn.h"
 
-/* A parsed batch of logits: the array (a new reference) and its row view. */
+/** A parsed batch of logits: the array (a new reference) and its row view. */
 typedef struct {
     PyArrayObject *arr;
     int64_t *offsets;
     tka_rows rows;
     int bdim;                 /* batch dimensions = ndim - 1 */
     npy_intp bshape[NPY_MAXDIMS];
-} logits_t;
+} tka_py_logits;
 
 /** Parse a float32/float64 array (..., n) named `name` into a row view (0, or -1 + error). */
-int parse_logits(PyObject *obj, const char *name, logits_t *L);
-void logits_free(logits_t *L);
-/** " at batch index (i, j)" for a flat row index r, or "" for a single row. */
-void row_label(const logits_t *L, int64_t r, char *buf, size_t size);
-/** Raise the Python exception for a core status; always returns NULL. */
-PyObject *raise_status(tka_status st, const tka_error *err, const logits_t *L, const char *name);
+int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L);
+/** Release what tka_py_logits_parse took (safe on a zeroed or freed L). */
+void tka_py_logits_free(tka_py_logits *L);
+/** tka_py_raise for a call over the rows of L, the argument `name`; returns NULL. */
+PyObject *tka_py_logits_raise(tka_status st, const tka_error *err, const tka_py_logits *L,
+                              const char *name);
 /** A C-contiguous array of `type` with exactly `rows` values. */
-PyArrayObject *per_row(PyObject *obj, int type, int64_t rows, const char *name);
+PyArrayObject *tka_py_per_row(PyObject *obj, int type, int64_t rows, const char *name);
 /** Every k in [0, n] (0, or -1 + ValueError naming `name`). */
-int check_k(PyArrayObject *k, int64_t n, const char *name);
+int tka_py_check_k(PyArrayObject *k, int64_t n, const char *name);
 /** A new array of the batch shape of L, with one extra trailing axis of extra_len if extra. */
-PyArrayObject *new_batch(const logits_t *L, int extra, npy_intp extra_len, int type);
+PyArrayObject *tka_py_batch_new(const tka_py_logits *L, int extra, npy_intp extra_len, int type);
 
-/* Method tables of the other wrapper files, added to the module in module.c. */
+/** Method tables of the other wrapper files, added to the module in module.c. */
 extern PyMethodDef tka_attention_methods[];
+/** See tka_attention_methods. */
 extern PyMethodDef tka_search_methods[];
 
 #endif /* TOPKATTN_PYUTIL_H */

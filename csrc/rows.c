@@ -23,6 +23,10 @@
 
 /* Rows up to this length are solved by the exact (sorting) path directly. */
 #define SMALL_ROW 128
+/* Rows up to this length find k_eps from all their weights at once (one vector exp pass,
+ * then the weighted selection of the exact path) instead of through the sampled bracket,
+ * whose fixed costs dominate on short rows. The k is the same either way. */
+#define KEPS_DIRECT_MAX 1024
 #define NS_FACTOR 2.0
 
 
@@ -38,12 +42,12 @@ static double softplus(double z)
 
 /* ------------------------------------------------------------------ row access */
 
-const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s)
+const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s)
 {
     const int64_t es = x->dtype == TKA_F32 ? 4 : 8;
     const char *p = x->data + (x->row_offset ? x->row_offset[r] : r * x->row_stride);
     if (x->elem_stride == es || x->n <= 1) return p;
-    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, (size_t)(x->n * es));
+    char *buf = tka_arena_alloc(s, (size_t)(x->n * es));
     if (!buf) return NULL;
     if (es == 4) {
         float *o = (float *)buf;
@@ -55,12 +59,12 @@ const void *tka_row_contig(const tka_rows *x, int64_t r, tka_scratch *s)
     return buf;
 }
 
-static double elem(const row_t *w, int64_t j)
+static double elem(const tka_row *w, int64_t j)
 {
     return w->dt == TKA_F32 ? (double)((const float *)w->p)[j] : ((const double *)w->p)[j];
 }
 
-tka_status tka_row_check(row_t *w, tka_scratch *s)
+tka_status tka_row_check(tka_row *w, tka_arena *s)
 {
     tka_scan_out sc;
     tka_status st = tka_row_scan(w, s, &sc);
@@ -78,8 +82,8 @@ tka_status tka_row_check(row_t *w, tka_scratch *s)
 }
 
 /* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
-static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_scratch *s,
-                           row_t *w)
+static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_arena *s,
+                           tka_row *w)
 {
     w->p = tka_row_contig(x, r, s);
     if (!w->p) return TKA_ERR_NOMEM;
@@ -90,23 +94,24 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
-static tka_status row_to_double(const row_t *w, tka_scratch *s, double *out)
+static tka_status row_to_double(const tka_row *w, tka_arena *s, double *out)
 {
     tka_band_out b;
     return tka_row_band(w, s, -INFINITY, INFINITY, 0.0, 0, out, NULL, w->n, &b);
 }
 
 /* The row sorted in decreasing order, as float64, into out (capacity n). */
-static tka_status row_sorted(const row_t *w, tka_scratch *s, double *out)
+static tka_status row_sorted(const tka_row *w, tka_arena *s, double *out)
 {
-    void *tmp = tka_scratch_get(s, TKA_SLOT_IDX, tka_sort_scratch_bytes(w->n));
-    if (!tmp) return TKA_ERR_NOMEM;
-    tka_sort_row_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
-    return TKA_OK;
+    const size_t mark = tka_arena_mark(s);
+    void *tmp = tka_arena_alloc(s, tka_array_sort_scratch_bytes(w->n));
+    if (tmp) tka_array_sort_desc(w->p, w->dt == TKA_F32, w->n, out, tmp);
+    tka_arena_release(s, mark);
+    return tmp ? TKA_OK : TKA_ERR_NOMEM;
 }
 
 /* ns logits at evenly spaced positions, as float64. */
-static void row_sample(const row_t *w, int64_t ns, double *out)
+static void row_sample(const tka_row *w, int64_t ns, double *out)
 {
     for (int64_t j = 0; j < ns; j++) {
         int64_t pos = (int64_t)(((double)j + 0.5) * (double)w->n / (double)ns);
@@ -136,10 +141,10 @@ typedef struct {
 } rank_info;
 
 /* Finish from a gathered set holding the k-th largest at position j (0-based). */
-static tka_status rank_from_band(const row_t *w, tka_scratch *s, double *vals, int64_t nb,
+static tka_status rank_from_band(const tka_row *w, tka_arena *s, double *vals, int64_t nb,
                                  int64_t j, int64_t n_above, int64_t k, rank_info *ri)
 {
-    tka_nth_desc(vals, nb, j);
+    tka_values_nth_desc(vals, nb, j);
     double t = vals[j], below = -INFINITY;
     int64_t gt = 0, eq = 0;
     for (int64_t i = 0; i < nb; i++) {
@@ -158,24 +163,25 @@ static tka_status rank_from_band(const row_t *w, tka_scratch *s, double *vals, i
     return TKA_OK;
 }
 
-/* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor. */
-static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri)
+/* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor
+ * (rank_select_in allocates in the caller's scope; rank_select releases on return). */
+static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
 {
     const int64_t n = w->n;
     if (n > SMALL_ROW) {
         int64_t ns = sample_size(n, k);
-        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
         if (!smp) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
         double r_exp = (double)k * (double)ns / (double)n;
         double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
         int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
         double hi = INFINITY, lo = -INFINITY;
-        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
-        if (ra >= 0) { tka_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+        if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
+        if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
         int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
         int64_t cap = lo == hi ? 0 : (4 * expect + 256 < n ? 4 * expect + 256 : n);
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
+        double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, hi, 0.0, 0, vals, NULL, cap, &b);
@@ -194,11 +200,19 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
                 return rank_from_band(w, s, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
         }
     }
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
     if (!vals) return TKA_ERR_NOMEM;
     tka_status st = row_to_double(w, s, vals);
     if (st != TKA_OK) return st;
     return rank_from_band(w, s, vals, n, k - 1, 0, k, ri);
+}
+
+static tka_status rank_select(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = rank_select_in(w, k, s, ri);
+    tka_arena_release(s, mark);
+    return st;
 }
 
 /* ------------------------------------------------------------------ tail mass */
@@ -209,7 +223,7 @@ static tka_status rank_select(const row_t *w, int64_t k, tka_scratch *s, rank_in
  * maximum and the tail relative to its own largest logit (docs/design.md §2: log space).
  * Also returns the head mass relative to the maximum, for the bounds.
  */
-static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
+static tka_status ratio_from_rank(const tka_row *w, int64_t k, tka_arena *s,
                                   const rank_info *ri, double *lr, double *head)
 {
     double hi, lo;
@@ -223,7 +237,7 @@ static tka_status ratio_from_rank(const row_t *w, int64_t k, tka_scratch *s,
     return TKA_OK;
 }
 
-static tka_status head_tail_ratio(const row_t *w, int64_t k, tka_scratch *s, rank_info *ri,
+static tka_status head_tail_ratio(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
                                   double *lr, double *head)
 {
     tka_status st = rank_select(w, k, s, ri);
@@ -235,7 +249,7 @@ typedef struct {
     double *log_tau, *kl;
 } tail_ctx;
 
-tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *log_tau,
+tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *log_tau,
                            double *kl)
 {
     double lt, kk;
@@ -254,7 +268,7 @@ tka_status tka_row_log_tau(const row_t *w, int64_t k, tka_scratch *s, double *lo
     return TKA_OK;
 }
 
-static tka_status tail_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     tail_ctx *cx = c;
     return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
@@ -314,7 +328,7 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
-static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
+static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
                             double *tau_out, double *t_out, int *done)
 {
     const int64_t n = w->n;
@@ -322,11 +336,11 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     if (ns > 4096) ns = 4096;
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
-    double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)(3 * ns + 2) * sizeof(double));
+    double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
     if (!smp) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);
-    tka_sort_desc(smp, ns);
+    tka_values_sort_desc(smp, ns);
     w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
     suf[ns] = suf2[ns] = 0.0;
     for (int64_t j = ns - 1; j >= 0; j--) {
@@ -340,7 +354,9 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
 
     /* standard error of the estimate of Z (the head is what the sample may miss) */
     double se_z = 3.0 * scale * sqrt(suf2[0]);
+    const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 3; attempt++) {
+        tka_arena_release(s, attempt_mark);  /* an attempt's buffers last until the next */
         const double bar = eps * z;
         int64_t jstar = sample_cut(suf, ns, scale, bar);
         double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
@@ -360,8 +376,8 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
         int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
         int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
         if (lo == hi) cap = 0;
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)(cap + 1) * sizeof(double));
-        double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(cap + 1) * sizeof(double));
+        double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+        double *m = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals || !m) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &b);
@@ -394,18 +410,18 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
             dm = (double)drop * mv;
         } else {
             if (t_out) {  /* the selection below reorders and overwrites the band */
-                copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)b.n_band * sizeof(double));
+                copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double));
                 if (!copy) return TKA_ERR_NOMEM;
                 memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
             }
-            drop = tka_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+            drop = tka_weights_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
         if (t_out) {  /* the k-th largest: the smallest kept value of the band */
             if (lo == hi) *t_out = lo;
             else {
-                tka_nth_desc(copy, b.n_band, b.n_band - drop - 1);
+                tka_values_nth_desc(copy, b.n_band, b.n_band - drop - 1);
                 *t_out = copy[b.n_band - drop - 1];
             }
         }
@@ -417,14 +433,15 @@ static tka_status keps_band(const row_t *w, double eps, tka_scratch *s, int64_t 
     return TKA_OK;
 }
 
-tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_out,
-                        double *tau_out, double *t_out)
+/* tka_row_keps, allocating in the caller's scope. */
+static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                         double *tau_out, double *t_out)
 {
     const int64_t n = w->n;
     int64_t k;
     double tau = 0.0;
 
-    if (n > SMALL_ROW && eps >= EPS_LINEAR_MIN) {
+    if (n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
         int done = 0;
         tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;
@@ -436,25 +453,28 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
     }
 
     /* exact path over the whole row */
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(n + 1) * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    double *m = tka_arena_alloc(s, (size_t)(n + 1) * sizeof(double));
     if (!vals || !m) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        st = row_to_double(w, s, vals);
-        if (st != TKA_OK) return st;
+        if (w->dt == TKA_F64) {  /* already float64 and contiguous (attention scores) */
+            memcpy(vals, w->p, (size_t)n * sizeof(double));
+        } else if ((st = row_to_double(w, s, vals)) != TKA_OK) {
+            return st;
+        }
         w->K->exp_shift[TKA_F64](vals, n, w->max, m);
         double z = 0.0, *copy = NULL;
         for (int64_t i = 0; i < n; i++) z += m[i];
         if (t_out) {  /* the selection below reorders and overwrites vals */
-            if (!(copy = tka_scratch_get(s, TKA_SLOT_COPY, (size_t)n * sizeof(double))))
+            if (!(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
                 return TKA_ERR_NOMEM;
             memcpy(copy, vals, (size_t)n * sizeof(double));
         }
-        k = n - tka_drop_bottom_fast(vals, m, n, eps * z, &tau);
+        k = n - tka_weights_drop_bottom_fast(vals, m, n, eps * z, &tau);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
         if (t_out) {
-            tka_nth_desc(copy, n, k - 1);
+            tka_values_nth_desc(copy, n, k - 1);
             *t_out = copy[k - 1];
         }
     } else {
@@ -468,7 +488,16 @@ tka_status tka_row_keps(const row_t *w, double eps, tka_scratch *s, int64_t *k_o
     return TKA_OK;
 }
 
-static tka_status keps_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                        double *tau_out, double *t_out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out);
+    tka_arena_release(s, mark);
+    return st;
+}
+
+static tka_status keps_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     keps_ctx *cx = c;
     double tau;
@@ -484,45 +513,56 @@ typedef struct {
     int64_t *idx;
 } topk_ctx;
 
-tka_status tka_row_topk(const row_t *w, int64_t k, tka_scratch *s, int64_t *out)
+/* tka_row_topk, allocating in the caller's scope. */
+static tka_status topk_in(const tka_row *w, int64_t k, tka_arena *s, int64_t *out)
 {
     const int64_t n = w->n;
     if (k == 0) return TKA_OK;
     double lo = -INFINITY;
     if (n > SMALL_ROW && k < n) {
         int64_t ns = sample_size(n, k);
-        double *smp = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)ns * sizeof(double));
+        double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
         if (!smp) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
         double r_exp = (double)k * (double)ns / (double)n;
         int64_t rb = (int64_t)ceil(r_exp + 3.0 * sqrt(r_exp + 1.0) + 2.0);
-        if (rb < ns) { tka_nth_desc(smp, ns, rb); lo = smp[rb]; }
+        if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
     }
+    const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 2; attempt++) {
+        tka_arena_release(s, attempt_mark);
         int64_t cap = lo == -INFINITY ? n : (4 * k + 1024 < n ? 4 * k + 1024 : n);
-        double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
-        int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+        double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+        int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
         if (!vals || !idx) return TKA_ERR_NOMEM;
         tka_band_out b;
         tka_status st = tka_row_band(w, s, lo, INFINITY, 0.0, 0, vals, idx, cap, &b);
         if (st != TKA_OK) return st;
         if (b.n_band >= k && b.n_band <= cap) {
-            tka_sort_pairs_desc(vals, idx, b.n_band);
+            tka_pairs_sort_desc(vals, idx, b.n_band);
             memcpy(out, idx, (size_t)k * sizeof(int64_t));
             return TKA_OK;
         }
         lo = -INFINITY;  /* the bracket missed: take every logit */
     }
-    return TKA_ERR_ARG;  /* unreachable: the second attempt gathers the whole row */
+    return TKA_INTERNAL_ERROR();  /* the second attempt gathers the whole row */
+}
+
+tka_status tka_row_topk(const tka_row *w, int64_t k, tka_arena *s, int64_t *out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = topk_in(w, k, s, out);
+    tka_arena_release(s, mark);
+    return st;
 }
 
 /* Gather x >= t (t = the k-th largest) and keep all above t and the lowest positions of
  * those equal to it. */
-static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, tka_scratch *s,
-                             int64_t *out)
+static tka_status gather_top_in(const tka_row *w, int64_t k, double t, int64_t cap, tka_arena *s,
+                                int64_t *out)
 {
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)cap * sizeof(double));
-    int64_t *idx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)cap * sizeof(int64_t));
+    double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
     if (!vals || !idx) return TKA_ERR_NOMEM;
     tka_band_out b;
     tka_status st = tka_row_band(w, s, t, INFINITY, 0.0, 0, vals, idx, cap, &b);
@@ -532,17 +572,26 @@ static tka_status gather_top(const row_t *w, int64_t k, double t, int64_t cap, t
     int64_t m = 0;
     for (int64_t i = 0; i < b.n_band && m < k; i++)
         if (vals[i] > t || (ties > 0 && ties--)) out[m++] = idx[i];
-    return m == k ? TKA_OK : TKA_ERR_ARG;  /* t was not the k-th largest */
+    return m == k ? TKA_OK : TKA_RETRY;  /* t was not the k-th largest */
 }
 
-tka_status tka_row_topk_above(const row_t *w, int64_t k, double t, tka_scratch *s, int64_t *out)
+static tka_status gather_top(const tka_row *w, int64_t k, double t, int64_t cap, tka_arena *s,
+                             int64_t *out)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = gather_top_in(w, k, t, cap, s, out);
+    tka_arena_release(s, mark);
+    return st;
+}
+
+tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
 {
     if (k <= 0) return TKA_OK;
     tka_status st = gather_top(w, k, t, w->n, s, out);
-    return st == TKA_ERR_ARG ? tka_row_topk_set(w, k, s, out, NULL) : st;
+    return st == TKA_RETRY ? tka_row_topk_set(w, k, s, out, NULL) : st;
 }
 
-tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *out,
+tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau)
 {
     if (k <= 0 || k >= w->n_live) {
@@ -565,7 +614,7 @@ tka_status tka_row_topk_set(const row_t *w, int64_t k, tka_scratch *s, int64_t *
     return gather_top(w, k, ri.t, ri.n_gt + ri.n_eq, s, out);
 }
 
-static tka_status topk_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status topk_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     topk_ctx *cx = c;
     return tka_row_topk(w, cx->k, s, cx->idx + r * cx->k);
@@ -577,12 +626,12 @@ typedef struct {
     double *out;
 } curve_ctx;
 
-static tka_status curve_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status curve_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     curve_ctx *cx = c;
     const int64_t n = w->n;
     double *out = cx->out + r * (n + 1);
-    double *vals = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
+    double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));  /* row scope */
     if (!vals) return TKA_ERR_NOMEM;
     tka_status st = row_sorted(w, s, vals);
     if (st != TKA_OK) return st;
@@ -622,14 +671,7 @@ static double certify(double bound, int64_t n, double mag)
     return b > 1.0 ? 1.0 : b;
 }
 
-/* e^x rounded so that it never falls below the exact value by underflow: arguments below
- * -700 give e^-700, an upper bound that is negligible next to any term of order 1. */
-static double exp_up(double x)
-{
-    return x < -700.0 ? 9.8596765437597708e-305 : exp(x);
-}
-
-static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status gap_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     gap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live;
@@ -639,7 +681,7 @@ static tka_status gap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
     else {
         rank_info ri;
         double lr;
-        if (cx->form == 0) {
+        if (cx->form == TKA_GAP_MASS) {
             double head;
             tka_status st = head_tail_ratio(w, k, s, &ri, &lr, &head);
             if (st != TKA_OK) return st;
@@ -667,7 +709,7 @@ typedef struct {
     double *out;
 } multigap_ctx;
 
-static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status multigap_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     multigap_ctx *cx = c;
     const int64_t k = cx->k[r], nl = w->n_live, n = w->n;
@@ -675,8 +717,8 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         cx->out[r] = k == 0 ? 1.0 : 0.0;
         return TKA_OK;
     }
-    double *v = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)n * sizeof(double));
-    double *m = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(k + 1) * sizeof(double));
+    double *v = tka_arena_alloc(s, (size_t)n * sizeof(double));  /* row scope */
+    double *m = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(double));
     if (!v || !m) return TKA_ERR_NOMEM;
     tka_status st = row_sorted(w, s, v);
     if (st != TKA_OK) return st;
@@ -694,22 +736,22 @@ static tka_status multigap_row(void *c, const row_t *w, int64_t r, tka_scratch *
         for (int64_t j = 0; j < cx->ncut; j++) {
             int64_t cut = cx->cuts[j];
             if (cut <= prev || cut >= nl) continue;
-            u += (double)(cut - prev) * exp_up(v[prev] - ref);
+            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
             prev = cut;
         }
     } else {
         const double span = (double)(nl - k);
         for (int64_t j = 1; j <= cx->nseg && prev < nl; j++) {
-            double off = cx->spacing == 0 ? ceil(pow(span, (double)j / (double)cx->nseg))
+            double off = cx->spacing == TKA_SPACING_GEOMETRIC ? ceil(pow(span, (double)j / (double)cx->nseg))
                                           : ceil(span * (double)j / (double)cx->nseg);
             int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
             if (cut <= prev) continue;
             if (cut > nl) cut = nl;
-            u += (double)(cut - prev) * exp_up(v[prev] - ref);
+            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
             prev = cut;
         }
     }
-    if (prev < nl) u += (double)(nl - prev) * exp_up(v[prev] - ref);
+    if (prev < nl) u += (double)(nl - prev) * tka_exp_up(v[prev] - ref);
     /* bound = U e^ref / (A e^max + U e^ref) = 1 / (1 + e^lr) */
     const double lr = log(head) - log(u) + (w->max - ref);
     cx->out[r] = certify(exp(-softplus(lr)), n + cx->ncut + cx->nseg,
@@ -723,7 +765,7 @@ typedef struct {
     double *out;
 } entropy_ctx;
 
-static tka_status entropy_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status entropy_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     entropy_ctx *cx = c;
     double zb, m1, cmax;
@@ -742,7 +784,7 @@ typedef struct {
     int64_t *out;
 } support_ctx;
 
-static tka_status support_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status support_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     support_ctx *cx = c;
     double z, unused;
@@ -761,7 +803,7 @@ typedef struct {
     double *mu, *sigma;
 } fit_ctx;
 
-static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
+static tka_status fit_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
     fit_ctx *cx = c;
     double sum = 0.0, ss = 0.0;
@@ -781,7 +823,8 @@ static tka_status fit_row(void *c, const row_t *w, int64_t r, tka_scratch *s)
 
 /* --------------------------------------------------------------- batch driver */
 
-typedef tka_status (*per_row_fn)(void *ctx, const row_t *w, int64_t r, tka_scratch *s);
+/* A per-row function: what it allocates in s lives until the driver moves to the next row. */
+typedef tka_status (*per_row_fn)(void *ctx, const tka_row *w, int64_t r, tka_arena *s);
 
 typedef struct {
     const tka_rows *x;
@@ -790,11 +833,14 @@ typedef struct {
     void *ctx;
 } drive_ctx;
 
-static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *bad)
+static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *bad)
 {
     drive_ctx *d = c;
+    const size_t mark = tka_arena_mark(s);
     for (int64_t r = r0; r < r1; r++) {
-        row_t w;
+        /* the row's scope: its copy and whatever the per-row function leaves in s */
+        tka_arena_release(s, mark);
+        tka_row w;
         tka_status st = row_prep(d->x, d->K, r, s, &w);
         if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
         if (st != TKA_OK) {
@@ -802,20 +848,21 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
             return st;
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
 /* `cost` is the rough number of passes over each row, for the threading decision. */
 static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
 {
-    drive_ctx d = {x, tka_active_kernels(), fn, ctx};
+    drive_ctx d = {x, tka_kernels_active(), fn, ctx};
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
     tka_status st;
-    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_in_parallel())
-        st = tka_serial_rows(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
+    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_threads_in_worker())
+        st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
     else
-        st = tka_parallel_rows(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
+        st = tka_rows_run_parallel(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
                                &bad);
     if (err) err->row = bad;
     return st;

@@ -18,25 +18,11 @@
 #include "internal.h"
 #include "search.h"
 
-static const tka_search_kernels *search_kernels(void)
-{
-#ifdef TKA_HAVE_X86
-    if (tka_simd_active() != TKA_SIMD_SCALAR) return &tka_search_kernels_avx2;
-#endif
-    return &tka_search_kernels_scalar;
-}
-
 static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
 
 static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
 {
     return dt == TKA_F32 ? (double)((const float *)keys)[i] : ((const double *)keys)[i];
-}
-
-/* e^x rounded up past underflow: below -700 the result is e^-700 (an upper bound). */
-static inline double exp_up(double x)
-{
-    return x < -700.0 ? 9.8596765437597708e-305 : exp(x) * (1.0 + 0x1p-50);
 }
 
 /* a float32 not below x / not above x */
@@ -54,32 +40,6 @@ static inline float f32_down(double x)
 }
 
 /* ================================================================== ordering */
-
-/* quickselect on (value, position) pairs: afterwards v[k] is the k-th largest (ties by
- * position), larger ones before it */
-static void pairs_select(double *v, int64_t *p, int64_t n, int64_t k)
-{
-    int64_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        int64_t mid = lo + (hi - lo) / 2;
-        double pv = v[mid];
-        int64_t pp = p[mid];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pv || (v[i] == pv && p[i] < pp)) i++;
-            while (v[j] < pv || (v[j] == pv && p[j] > pp)) j--;
-            if (i <= j) {
-                double tv = v[i]; v[i] = v[j]; v[j] = tv;
-                int64_t tp = p[i]; p[i] = p[j]; p[j] = tp;
-                i++;
-                j--;
-            }
-        }
-        if (k <= j) hi = j;
-        else if (k >= i) lo = i;
-        else return;
-    }
-}
 
 tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
                            int64_t bs, int64_t *perm)
@@ -133,7 +93,7 @@ tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
         }
         /* split at a block boundary near the middle */
         int64_t nblk = (m + bs - 1) / bs, left = (nblk / 2) * bs;
-        pairs_select(proj + a, perm + a, m, left);
+        tka_pairs_nth_desc(proj + a, perm + a, m, left);
         if (top + 4 > 2 * 128) continue; /* cannot happen for n < 2^63 */
         stack[top++] = a;
         stack[top++] = a + left;
@@ -152,13 +112,14 @@ typedef struct {
     int64_t k0;
 } fill_ctx;
 
-static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_scratch *s, int64_t *err_row)
+static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64_t *err_row)
 {
     fill_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
     const tka_key_index_out *o = cx->o;
     const int64_t d = ix->d, bs = ix->block_size, n = ix->n;
-    double *acc = tka_scratch_get(s, TKA_SLOT_TMP, (size_t)d * sizeof(double));
+    const size_t mark = tka_arena_mark(s);
+    double *acc = tka_arena_alloc(s, (size_t)d * sizeof(double));
     if (!acc) return TKA_ERR_NOMEM;
     const double pad = 1.0 + (double)(d + 8) * 0x1p-52;
     for (int64_t h = h0; h < h1; h++) {
@@ -231,6 +192,7 @@ static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_scratch *s, int
             }
         }
     }
+    tka_arena_release(s, mark);
     return TKA_OK;
 }
 
@@ -241,7 +203,7 @@ tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out,
     err->row = -1;
     err->what = NULL;
     double work = (double)ix->heads * (double)(ix->n - k0) * (double)ix->d * 4.0;
-    return tka_parallel_rows(ix->heads, work, fill_head, &cx, &err->row);
+    return tka_rows_run_parallel(ix->heads, work, fill_head, &cx, &err->row);
 }
 
 /* ================================================================== search */
@@ -259,7 +221,8 @@ static inline double uniform01(uint64_t *x) { return (double)(splitmix(x) >> 11)
 typedef struct {
     const tka_key_index *ix;
     const tka_search_args *a;
-    const tka_search_kernels *kern;
+    const tka_kernels *K;          /* the kernel set of this call */
+    const tka_search_kernels *kern; /* its search kernels */
     tka_search_row *rows;
     double *out_v;
     const double *lw;      /* lw[b] >= e^{-b LEVEL_W}: mass bound of a key on level b */
@@ -371,147 +334,24 @@ static inline double to_m_units(const srow *w, double u)
     return v * (1.0 + 0x1p-50);
 }
 
-static inline int pair_before(double va, int64_t ia, double vb, int64_t ib)
-{
-    return va > vb || (va == vb && ia < ib);
-}
-static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
-{
-    double tv = v[i]; v[i] = v[j]; v[j] = tv;
-    int64_t tx = x[i]; x[i] = x[j]; x[j] = tx;
-    double tw = w[i]; w[i] = w[j]; w[j] = tw;
-}
-
-/*
- * Smallest k such that the k first keys in the order (larger value, then lower index)
- * have mass sum >= target; those k keys are moved to [0, k) (in no particular order).
- * Quickselect on (value, position, mass) triples, expected O(n). Returns n if the total
- * mass falls short.
- */
-static int64_t weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
-{
-    int64_t lo = 0, hi = n;
-    double acc = 0.0;
-    while (hi - lo > 16) {
-        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
-        if (pair_before(v[a], x[a], v[b], x[b]))
-            mi = pair_before(v[b], x[b], v[c], x[c]) ? b : (pair_before(v[a], x[a], v[c], x[c]) ? c : a);
-        else
-            mi = pair_before(v[a], x[a], v[c], x[c]) ? a : (pair_before(v[b], x[b], v[c], x[c]) ? c : b);
-        swap3(v, x, w, mi, hi - 1);
-        const double pv = v[hi - 1];
-        const int64_t px = x[hi - 1];
-        int64_t st = lo;
-        double ml = 0.0;
-        for (int64_t i = lo; i < hi - 1; i++) {
-            if (pair_before(v[i], x[i], pv, px)) {
-                ml += w[i];
-                swap3(v, x, w, i, st);
-                st++;
-            }
-        }
-        swap3(v, x, w, st, hi - 1);
-        if (acc + ml >= target) {
-            hi = st;
-        } else {
-            acc += ml + w[st];
-            if (acc >= target) return st + 1;
-            lo = st + 1;
-        }
-    }
-    /* insertion sort of the remainder, then walk */
-    for (int64_t i = lo + 1; i < hi; i++) {
-        double tv = v[i], tw = w[i];
-        int64_t tx = x[i], j = i;
-        while (j > lo && pair_before(tv, tx, v[j - 1], x[j - 1])) {
-            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
-            j--;
-        }
-        v[j] = tv; x[j] = tx; w[j] = tw;
-    }
-    int64_t k = lo;
-    while (k < hi && acc < target) acc += w[k++];
-    return k;
-}
-
-/*
- * Sort (value, position) pairs by decreasing value, ties by increasing position: LSD radix
- * sort on 11-bit digits of the order-preserving bit pattern of the doubles (digits that
- * are equal for every pair are skipped), then an insertion pass over runs of equal values.
- * Small inputs go to introsort. tv, tx: scratch of n each.
- */
-static void sort_pairs_desc(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
-{
-    if (n < 512 || !tv || !tx) {
-        tka_sort_pairs_desc(v, x, n);
-        return;
-    }
-    uint64_t *key = (uint64_t *)tv; /* reuse: keys first, then values rebuilt */
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t u;
-        memcpy(&u, &v[i], 8);
-        u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);
-        key[i] = ~u; /* descending */
-    }
-    uint64_t *ka = key, *kb = (uint64_t *)v;
-    int64_t *xa = x, *xb = tx;
-    for (int shift = 0; shift < 64; shift += 11) {
-        int64_t cnt[2048];
-        memset(cnt, 0, sizeof cnt);
-        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & 2047]++;
-        if (cnt[(ka[0] >> shift) & 2047] == n) continue;
-        int64_t sum = 0;
-        for (int b = 0; b < 2048; b++) {
-            int64_t c = cnt[b];
-            cnt[b] = sum;
-            sum += c;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            int64_t dst = cnt[(ka[i] >> shift) & 2047]++;
-            kb[dst] = ka[i];
-            xb[dst] = xa[i];
-        }
-        uint64_t *tk = ka; ka = kb; kb = tk;
-        int64_t *tt = xa; xa = xb; xb = tt;
-    }
-    /* back to values, in v and x */
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t u = ~ka[i];
-        u = (u >> 63) ? (u & 0x7FFFFFFFFFFFFFFFull) : ~u;
-        double d;
-        memcpy(&d, &u, 8);
-        tv[i] = d;
-        tx[i] = xa[i];
-    }
-    memcpy(v, tv, (size_t)n * sizeof(double));
-    memcpy(x, tx, (size_t)n * sizeof(int64_t));
-    /* equal values: increasing position */
-    for (int64_t i = 1; i < n; i++) {
-        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
-        int64_t t = x[i], j = i;
-        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
-        x[j] = t;
-    }
-}
-
 /*
  * Try to certify with unscored mass bound u_ref (units e^{ref}): find the smallest top set
  * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
  * (or on an allocation failure, with *st set); 0 if no top set meets eps.
  */
-static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
-                    tka_scratch *s, tka_status *st)
+static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
+                       tka_arena *s, tka_status *st)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
     const int64_t ns = w->ns;
     const double m = w->m; /* the largest scored logit */
-    double *wm = tka_scratch_get(s, TKA_SLOT_TMP2, (size_t)(ns + 1) * sizeof(double));
+    double *wm = tka_arena_alloc(s, (size_t)(ns + 1) * sizeof(double));
     if (!wm) {
         *st = TKA_ERR_NOMEM;
         return 1;
     }
-    const tka_kernels *K = tka_active_kernels();
+    const tka_kernels *K = cx->K;
     K->exp_shift[TKA_F64](w->sv, ns, m, wm);
     double z = 0.0;
     for (int64_t t = 0; t < ns; t++) z += wm[t];
@@ -520,7 +360,7 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
     const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
     /* kept mass needed: A >= (1 - eps') (Z + U), eps' a little inside eps */
     const double target = (1.0 - eps * (1.0 - 1e-7) / grow) * (z * rel + u) * rel;
-    int64_t k = weighted_top(w->sv, w->si, wm, ns, target);
+    int64_t k = tka_pairs_weighted_top(w->sv, w->si, wm, ns, target);
     if (k < 1) k = 1;
     double bound = 1.0;
     for (;;) {
@@ -538,17 +378,18 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         }
         if (bound <= eps || k >= ns) break;
         /* rounding corner: add the best remaining key */
-        int64_t best = k;
-        for (int64_t t = k + 1; t < ns; t++)
-            if (pair_before(w->sv[t], w->si[t], w->sv[best], w->si[best])) best = t;
-        swap3(w->sv, w->si, wm, k, best);
+        const int64_t best = tka_pairs_first(w->sv, w->si, k, ns);
+        const double bv = w->sv[best], bw = wm[best];
+        const int64_t bi = w->si[best];
+        w->sv[best] = w->sv[k]; w->si[best] = w->si[k]; wm[best] = wm[k];
+        w->sv[k] = bv; w->si[k] = bi; wm[k] = bw;
         k++;
     }
     if (!(bound <= eps)) return 0;
     {
-        double *tv = tka_scratch_get(s, TKA_SLOT_VALS, (size_t)k * sizeof(double));
-        int64_t *tx = tka_scratch_get(s, TKA_SLOT_IDX, (size_t)k * sizeof(int64_t));
-        sort_pairs_desc(w->sv, w->si, k, tv, tx);
+        double *tv = tka_arena_alloc(s, (size_t)k * sizeof(double));
+        int64_t *tx = tka_arena_alloc(s, (size_t)k * sizeof(int64_t));
+        tka_pairs_sort_desc_radix(w->sv, w->si, k, tv, tx);
     }
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
@@ -583,6 +424,15 @@ static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, doub
         for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
     return 1;
+}
+
+static int finalize(const search_ctx *cx, srow *w, int64_t r, double u_ref, double eps,
+                    tka_arena *s, tka_status *st)
+{
+    const size_t mark = tka_arena_mark(s);
+    const int done = finalize_in(cx, w, r, u_ref, eps, s, st);
+    tka_arena_release(s, mark);
+    return done;
 }
 
 /* Bounds of every block (with eta) into w->ub, in block order. */
@@ -684,12 +534,12 @@ static int expand_proxies(const search_ctx *cx, srow *w, int64_t h, int64_t i0, 
  * Thm 4) at confidence 1 - dlt. Pool keys are the `np` keys pk[] with levels pb[].
  * Returns the upper bound in units of e^{ref}, or -1 when out of memory.
  */
-static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
-                       int64_t np, double dlt, uint64_t *rng, tka_scratch *s)
+static double mc_bound_in(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                          int64_t np, double dlt, uint64_t *rng, tka_arena *s)
 {
     const int64_t nblk = w->nb - w->j, nit = nblk + np, mc = cx->a->mc_samples;
-    double *cum = tka_scratch_get(s, TKA_SLOT_CHUNK_V, (size_t)(nit + 1) * sizeof(double));
-    double *val = tka_scratch_get(s, TKA_SLOT_CHUNK, (size_t)(mc + 1) * sizeof(double));
+    double *cum = tka_arena_alloc(s, (size_t)(nit + 1) * sizeof(double));
+    double *val = tka_arena_alloc(s, (size_t)(mc + 1) * sizeof(double));
     if (!cum || !val) return -1.0;
     double c = 0.0;
     for (int64_t t = 0; t < nit; t++) {
@@ -697,7 +547,7 @@ static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const i
         if (t < nblk) {
             int64_t b = w->bord[w->j + t], i0 = b * w->bs;
             int64_t sz = (i0 + w->bs < w->n ? w->bs : w->n - i0);
-            cap = (double)sz * exp_up(w->ub[w->j + t] - w->ref);
+            cap = (double)sz * tka_exp_up(w->ub[w->j + t] - w->ref);
         } else {
             cap = cx->lw[pb[t - nblk]];
         }
@@ -746,6 +596,15 @@ static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const i
     return total * up;
 }
 
+static double mc_bound(const search_ctx *cx, srow *w, const int64_t *pk, const int64_t *pb,
+                       int64_t np, double dlt, uint64_t *rng, tka_arena *s)
+{
+    const size_t mark = tka_arena_mark(s);
+    const double ub = mc_bound_in(cx, w, pk, pb, np, dlt, rng, s);
+    tka_arena_release(s, mark);
+    return ub;
+}
+
 /* State shared by the certificate checks of one row. */
 typedef struct {
     double eps, eps_in;
@@ -760,12 +619,12 @@ typedef struct {
  * scored, for MC gathering. Returns 1 when the row is finished (or failed: *st).
  */
 static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, double pool,
-                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_scratch *s,
+                       const int64_t *cur, int64_t ncur, int64_t cur_level, tka_arena *s,
                        tka_status *st)
 {
     if (w->unscored == 0) {
         if (finalize(cx, w, r, 0.0, c->eps, s, st)) return 1;
-        *st = TKA_ERR_ARG; /* unreachable: with every key kept the bound is 0 */
+        *st = TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
         return 1;
     }
     if (w->ns == 0) return 0;
@@ -807,197 +666,268 @@ static int try_certify(const search_ctx *cx, srow *w, int64_t r, chk_t *c, doubl
     return 0;
 }
 
-static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, int64_t *err_row)
+/* The per-row arrays of the search (reset for every row), and the per-query constants. */
+typedef struct {
+    double *qs, *tmpd;                 /* scaled query (d); exact scores of a block (bs) */
+    int64_t *defer, *lv;               /* deferred blocks (nb); keys of a level (n) */
+    int32_t *tmp;                      /* proxy levels of a block (bs) */
+    int16_t *yq;                       /* proxy query codes (d) */
+    double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
+} row_bufs;
+
+/* Shape of one search: what the per-row arrays are sized by. */
+typedef struct {
+    int64_t n, d, bs, nb;
+    int proxy, mc;
+} search_dims;
+
+/* Bytes of the per-row arrays (8-byte items first, then int32, int16, bytes). */
+static size_t row_bytes(const search_dims *sd)
+{
+    const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
+    size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
+              + (sd->mc && sd->proxy ? 2 * n : 0);
+    return n8 * 8 + bs * sizeof(int32_t) + d * sizeof(int16_t) + (sd->mc ? n : 0) + 64;
+}
+
+/* Carve buf (row_bytes) into the row's arrays and reset w, ck and the level lists. */
+static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb)
+{
+    const int64_t n = sd->n, d = sd->d, bs = sd->bs, nb = sd->nb;
+    memset(w, 0, sizeof *w);
+    memset(ck, 0, sizeof *ck);
+    double *p8 = (double *)buf;
+    rb->qs = p8; p8 += d;
+    w->ub = p8; p8 += nb;
+    w->bsuf = p8; p8 += nb + 1;
+    w->sv = p8; p8 += n;
+    rb->tmpd = p8; p8 += bs;
+    int64_t *q8 = (int64_t *)p8;
+    w->bord = q8; q8 += nb;
+    w->si = q8; q8 += n;
+    rb->defer = rb->lv = NULL;
+    if (sd->proxy) {
+        w->lnext = q8; q8 += n;
+        w->ekey = q8; q8 += n;
+        rb->defer = q8; q8 += nb;
+        w->lhead = q8; q8 += NLEVELS;
+        w->lcnt = q8; q8 += NLEVELS;
+        for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
+        rb->lv = q8; q8 += n;
+        if (sd->mc) { ck->pk = q8; q8 += n; ck->pb = q8; q8 += n; }
+    }
+    rb->tmp = (int32_t *)q8;
+    rb->yq = (int16_t *)(rb->tmp + bs);
+    if (sd->mc) { w->mark = (uint8_t *)(rb->yq + d); memset(w->mark, 0, (size_t)n); }
+    w->n = n; w->d = d; w->bs = bs; w->nb = nb;
+}
+
+/*
+ * The scaled query q' = scale * q of row r, its norms, the rounding allowance eta and the
+ * targets; with proxies, the int16 query codes y = round(q' / b), b a power of two with
+ * max|q'| / b <= ymax (so that d ymax 127 < 2^31: the int32 dot products are exact).
+ * r = q' - b y is exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's
+ * codes: the slack of the code bound.
+ */
+static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                          chk_t *ck, row_bufs *rb)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t d = sd->d, h = r / a->L;
+    double *qs = rb->qs;
+    const double *q = a->q + (size_t)(r * d);
+    double qn1 = 0.0, qq = 0.0, qmax = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+        qs[j] = a->scale * q[j];
+        qn1 += fabs(qs[j]);
+        qq += qs[j] * qs[j];
+        if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
+    }
+    rb->qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
+    rb->qn1 = qn1 * (1.0 + (double)(d + 4) * 0x1p-52);
+    w->es = esize(ix->dtype);
+    w->keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w->es;
+    w->qs = qs;
+    w->eta = (double)(d + 8) * 0x1p-52 * rb->qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
+    ck->eps = a->eps[r];
+    ck->eps_in = ck->eps * exp(-4.0 * w->eta) * (1.0 - 1e-6);
+    double bq = 1.0, rr = 0.0;
+    if (sd->proxy) {
+        double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
+        if (ymax > 32767.0) ymax = 32767.0;
+        if (qmax > 0.0) {
+            int e2;
+            frexp(qmax / ymax, &e2);
+            bq = ldexp(1.0, e2);
+        }
+        for (int64_t j = 0; j < d; j++) {
+            double t = nearbyint(qs[j] / bq);
+            if (t > ymax) t = ymax;
+            if (t < -ymax) t = -ymax;
+            rb->yq[j] = (int16_t)t;
+            double rj = qs[j] - bq * t;
+            rr += rj * rj;
+        }
+    }
+    rb->bq = bq;
+    rb->slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
+                   * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
+}
+
+/* Block bounds of row r's head in visiting order (decreasing), their suffix masses in units
+ * of e^{ref} (ref = the largest), and the starting state of the search. */
+static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                         chk_t *ck, const row_bufs *rb)
+{
+    const tka_key_index *ix = cx->ix;
+    const int64_t n = sd->n, bs = sd->bs, nb = sd->nb, d = sd->d;
+    block_bounds(cx, w, r / cx->a->L, rb->qn1, rb->qn2);
+    w->bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
+                                      + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
+    for (int64_t b = 0; b < nb; b++) w->bord[b] = b;
+    memcpy(w->bsuf, w->ub, (size_t)nb * sizeof(double));
+    tka_pairs_sort_desc(w->bsuf, w->bord, nb);
+    memcpy(w->ub, w->bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
+    w->ref = w->ub[0];
+    w->bsuf[nb] = 0.0;
+    for (int64_t t = nb - 1; t >= 0; t--) {
+        int64_t i0 = w->bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
+        w->bsuf[t] = w->bsuf[t + 1] + (double)sz * tka_exp_up(w->ub[t] - w->ref);
+    }
+    w->m = -INFINITY;
+    w->unscored = n;
+    ck->rng = cx->a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
+    splitmix(&ck->rng);
+    ck->next_cp = 2 * cx->a->mc_samples;
+}
+
+/* Without proxies: blocks by decreasing bound, each scored exactly, until certified. */
+static tka_status search_blocks(const search_ctx *cx, int64_t r, const search_dims *sd,
+                                srow *w, chk_t *ck, const row_bufs *rb, tka_arena *s)
+{
+    const int64_t n = sd->n, bs = sd->bs;
+    tka_status st = TKA_OK;
+    while (!try_certify(cx, w, r, ck, 0.0, NULL, 0, 0, s, &st)) {
+        const int64_t b = w->bord[w->j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+        score(cx, w, i0, i1 - i0, rb->tmpd);
+        for (int64_t i = i0; i < i1; i++) {
+            add_scored(w, rb->tmpd[i - i0], i);
+            note_computed(w, i);
+        }
+        w->unscored -= i1 - i0;
+        w->blocks++;
+        w->j++;
+    }
+    return st;
+}
+
+/* Link the deferred blocks' keys of the levels in (horizon, nh]; keeps in rb->defer the
+ * blocks that still have keys further down. Returns the number of deferred blocks left. */
+static int64_t link_deferred(const search_ctx *cx, int64_t h, const search_dims *sd, srow *w,
+                             row_bufs *rb, int64_t ndefer, int64_t horizon, int64_t nh)
+{
+    int64_t keep = 0;
+    for (int64_t u = 0; u < ndefer; u++) {
+        const int64_t jv = rb->defer[u], b = w->bord[jv], i0 = b * sd->bs;
+        const int64_t i1 = i0 + sd->bs < sd->n ? i0 + sd->bs : sd->n;
+        int64_t hh = nh;
+        if (expand_proxies(cx, w, h, i0, i1, w->ub[jv], rb->yq, rb->bq, rb->slack_code, rb->qn2,
+                           rb->tmp, 0, horizon, &hh))
+            rb->defer[keep++] = jv;
+    }
+    return keep;
+}
+
+/* Score the keys of level t one by one (in an array, with prefetching: they are scattered
+ * over many blocks), checking the certificate before each. Returns 1 when the row is done. */
+static int score_level(const search_ctx *cx, int64_t r, int64_t t, srow *w, chk_t *ck,
+                       row_bufs *rb, tka_arena *s, tka_status *st)
+{
+    const int64_t d = w->d;
+    int64_t *lv = rb->lv, nl = 0;
+    for (int64_t e = w->lhead[t]; e >= 0; e = w->lnext[e]) lv[nl++] = w->ekey[e];
+    w->lhead[t] = -1;
+    for (int64_t u = 0;; u++) {
+        /* the running sum drifts by at most one rounding of pool_max per update */
+        double pool = w->pool + (double)(w->pool_ops + 4) * 0x1p-52 * w->pool_max;
+        if (try_certify(cx, w, r, ck, pool, lv + u, nl - u, t, s, st)) return 1;
+        if (u >= nl) break;
+        if (u + PREFETCH < nl) {
+            const char *pk = w->keys + (size_t)(lv[u + PREFETCH] * d) * w->es;
+            for (size_t off = 0; off < (size_t)d * w->es; off += 64) __builtin_prefetch(pk + off);
+        }
+        double sv;
+        score(cx, w, lv[u], 1, &sv);
+        add_scored(w, sv, lv[u]);
+        note_computed(w, lv[u]);
+        w->unscored--;
+        w->pool -= cx->lw[t];
+        w->pool_ops++;
+    }
+    w->lcnt[t] = 0;
+    return 0;
+}
+
+/* With proxies: level by level, expand the blocks whose bound reaches the level, then score
+ * the level's keys exactly, until certified. */
+static tka_status search_levels(const search_ctx *cx, int64_t r, const search_dims *sd,
+                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s)
+{
+    const int64_t h = r / cx->a->L, n = sd->n, bs = sd->bs, nb = sd->nb;
+    tka_status st = TKA_OK;
+    int64_t horizon = sd->mc ? NLEVELS - 1 : -1, ndefer = 0;
+    for (int64_t t = 0; t < NLEVELS; t++) {
+        const double theta = w->ref - (double)(t + 1) * LEVEL_W;
+        int64_t expanded = 0;
+        w->lmin_new = NLEVELS;
+        if (horizon >= 0 && t > horizon) {  /* the next window of levels */
+            const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
+            ndefer = link_deferred(cx, h, sd, w, rb, ndefer, horizon, nh);
+            horizon = nh;
+        }
+        while (w->j < nb && (w->ub[w->j] > theta || t == NLEVELS - 1)) {
+            const int64_t b = w->bord[w->j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+            if (expand_proxies(cx, w, h, i0, i1, w->ub[w->j], rb->yq, rb->bq, rb->slack_code,
+                               rb->qn2, rb->tmp, 1, -1, &horizon))
+                rb->defer[ndefer++] = w->j;
+            w->blocks++;
+            w->j++;
+            expanded++;
+        }
+        /* a block's keys may land one level above the block's own (rounding margin): go
+         * back to the lowest level that got keys */
+        if (w->lmin_new < t) t = w->lmin_new;
+        if (w->lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
+        if (score_level(cx, r, t, w, ck, rb, s, &st)) return st;
+    }
+    return TKA_INTERNAL_ERROR(); /* the last level takes every key */
+}
+
+static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
 {
     search_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
-    const int64_t n = ix->n, d = ix->d, bs = ix->block_size, nb = (n + bs - 1) / bs;
-    const int proxy = a->use_proxy && ix->pz != NULL;
-    const int mc = a->method == TKA_SEARCH_MC;
-
-    /* scratch: one buffer carved into the per-row arrays (8-byte items first) */
-    size_t n8 = (size_t)d + (size_t)nb * 3 + 1 + (size_t)n * 2 + (size_t)bs
-              + (proxy ? 3 * (size_t)n + (size_t)nb + 2 * NLEVELS : 0) + (mc && proxy ? 2 * (size_t)n : 0);
-    size_t bytes = n8 * 8 + (size_t)bs * sizeof(int32_t) + (size_t)d * sizeof(int16_t)
-                 + (mc ? (size_t)n : 0) + 64;
-    char *buf = tka_scratch_get(s, TKA_SLOT_ROW, bytes);
+    const int64_t n = ix->n, bs = ix->block_size;
+    const search_dims sd = {n, ix->d, bs, (n + bs - 1) / bs, a->use_proxy && ix->pz != NULL,
+                            a->method == TKA_SEARCH_MC};
+    const size_t mark = tka_arena_mark(s);
+    char *buf = tka_arena_alloc(s, row_bytes(&sd));  /* for every row of the range */
     if (!buf) return TKA_ERR_NOMEM;
-
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t h = r / a->L;
+    tka_status st = TKA_OK;
+    for (int64_t r = r0; r < r1 && st == TKA_OK; r++) {
         srow w;
-        memset(&w, 0, sizeof w);
         chk_t ck;
-        memset(&ck, 0, sizeof ck);
-        double *p8 = (double *)buf;
-        double *qs = p8; p8 += d;
-        w.ub = p8; p8 += nb;
-        w.bsuf = p8; p8 += nb + 1;
-        w.sv = p8; p8 += n;
-        double *tmpd = p8; p8 += bs;
-        int64_t *q8 = (int64_t *)p8, *lv = NULL, *defer = NULL;
-        w.bord = q8; q8 += nb;
-        w.si = q8; q8 += n;
-        if (proxy) {
-            w.lnext = q8; q8 += n;
-            w.ekey = q8; q8 += n;
-            defer = q8; q8 += nb;
-            w.lhead = q8; q8 += NLEVELS;
-            w.lcnt = q8; q8 += NLEVELS;
-            for (int64_t b = 0; b < NLEVELS; b++) { w.lhead[b] = -1; w.lcnt[b] = 0; }
-            lv = q8; q8 += n;
-            if (mc) { ck.pk = q8; q8 += n; ck.pb = q8; q8 += n; }
-        }
-        int32_t *tmp = (int32_t *)q8;
-        int16_t *yq = (int16_t *)(tmp + bs);
-        if (mc) { w.mark = (uint8_t *)(yq + d); memset(w.mark, 0, (size_t)n); }
-
-        w.n = n; w.d = d; w.bs = bs; w.nb = nb;
-        w.es = esize(ix->dtype);
-        w.keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w.es;
-        w.qs = qs;
-        const double *q = a->q + (size_t)(r * d);
-        double qn1 = 0.0, qq = 0.0, qmax = 0.0;
-        for (int64_t j = 0; j < d; j++) {
-            qs[j] = a->scale * q[j];
-            qn1 += fabs(qs[j]);
-            qq += qs[j] * qs[j];
-            if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
-        }
-        const double qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
-        qn1 *= 1.0 + (double)(d + 4) * 0x1p-52;
-        w.eta = (double)(d + 8) * 0x1p-52 * qn1 * ix->maxabs[h] + 0x1p-1060 * (double)d;
-        ck.eps = a->eps[r];
-        ck.eps_in = ck.eps * exp(-4.0 * w.eta) * (1.0 - 1e-6);
-
-        /* proxy query: int16 codes y = round(q' / b), b a power of two with max|q'| / b <= ymax
-         * (so that d ymax 127 < 2^31: the int32 dot products are exact). r = q' - b y is
-         * exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's codes. */
-        double bq = 1.0, rr = 0.0;
-        if (proxy) {
-            double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
-            if (ymax > 32767.0) ymax = 32767.0;
-            if (qmax > 0.0) {
-                int e2;
-                frexp(qmax / ymax, &e2);
-                bq = ldexp(1.0, e2);
-            }
-            for (int64_t j = 0; j < d; j++) {
-                double t = nearbyint(qs[j] / bq);
-                if (t > ymax) t = ymax;
-                if (t < -ymax) t = -ymax;
-                yq[j] = (int16_t)t;
-                double rj = qs[j] - bq * t;
-                rr += rj * rj;
-            }
-        }
-        const double slack_code = (sqrt(rr) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060)
-                                * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
-
-        block_bounds(cx, &w, h, qn1, qn2);
-        w.bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
-                                         + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
-        for (int64_t b = 0; b < nb; b++) w.bord[b] = b;
-        memcpy(w.bsuf, w.ub, (size_t)nb * sizeof(double));
-        tka_sort_pairs_desc(w.bsuf, w.bord, nb);
-        memcpy(w.ub, w.bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
-        w.ref = w.ub[0];
-        w.bsuf[nb] = 0.0;
-        for (int64_t t = nb - 1; t >= 0; t--) {
-            int64_t i0 = w.bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
-            w.bsuf[t] = w.bsuf[t + 1] + (double)sz * exp_up(w.ub[t] - w.ref);
-        }
-        w.m = -INFINITY;
-        w.unscored = n;
-        ck.rng = a->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1));
-        splitmix(&ck.rng);
-        ck.next_cp = 2 * a->mc_samples;
-        tka_status st = TKA_OK;
-
-        if (!proxy) {
-            /* blocks by decreasing bound, each scored exactly */
-            while (!try_certify(cx, &w, r, &ck, 0.0, NULL, 0, 0, s, &st)) {
-                const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                score(cx, &w, i0, i1 - i0, tmpd);
-                for (int64_t i = i0; i < i1; i++) {
-                    add_scored(&w, tmpd[i - i0], i);
-                    note_computed(&w, i);
-                }
-                w.unscored -= i1 - i0;
-                w.blocks++;
-                w.j++;
-            }
-        } else {
-            /* level by level: expand the blocks whose bound reaches the level, then score
-             * the level's keys exactly, checking the certificate before each key */
-            int done = 0;
-            int64_t horizon = mc ? NLEVELS - 1 : -1, ndefer = 0;
-            for (int64_t t = 0; t < NLEVELS && !done; t++) {
-                const double theta = w.ref - (double)(t + 1) * LEVEL_W;
-                int64_t expanded = 0;
-                w.lmin_new = NLEVELS;
-                if (horizon >= 0 && t > horizon) {
-                    /* link the deferred keys of the next window of levels */
-                    const int64_t nh = t + LINK_W < NLEVELS - 1 ? t + LINK_W : NLEVELS - 1;
-                    int64_t keep = 0;
-                    for (int64_t u = 0; u < ndefer; u++) {
-                        const int64_t jv = defer[u], b = w.bord[jv], i0 = b * bs;
-                        const int64_t i1 = i0 + bs < n ? i0 + bs : n;
-                        int64_t hh = nh;
-                        if (expand_proxies(cx, &w, h, i0, i1, w.ub[jv], yq, bq, slack_code, qn2,
-                                           tmp, 0, horizon, &hh))
-                            defer[keep++] = jv;
-                    }
-                    ndefer = keep;
-                    horizon = nh;
-                }
-                while (w.j < nb && (w.ub[w.j] > theta || t == NLEVELS - 1)) {
-                    const int64_t b = w.bord[w.j], i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-                    if (expand_proxies(cx, &w, h, i0, i1, w.ub[w.j], yq, bq, slack_code, qn2, tmp,
-                                       1, -1, &horizon))
-                        defer[ndefer++] = w.j;
-                    w.blocks++;
-                    w.j++;
-                    expanded++;
-                }
-                /* a block's keys may land one level above the block's own (rounding
-                 * margin): go back to the lowest level that got keys */
-                if (w.lmin_new < t) t = w.lmin_new;
-                if (w.lhead[t] < 0 && !expanded && t < NLEVELS - 1) continue;
-                /* the level's keys in an array, scored in that order with prefetching (they
-                 * are scattered over many blocks) */
-                int64_t nl = 0;
-                for (int64_t e = w.lhead[t]; e >= 0; e = w.lnext[e]) lv[nl++] = w.ekey[e];
-                w.lhead[t] = -1;
-                for (int64_t u = 0;; u++) {
-                    /* the running sum drifts by at most one rounding of pool_max per update */
-                    double pool = w.pool + (double)(w.pool_ops + 4) * 0x1p-52 * w.pool_max;
-                    if (try_certify(cx, &w, r, &ck, pool, lv + u, nl - u, t, s, &st)) {
-                        done = 1;
-                        break;
-                    }
-                    if (u >= nl) break;
-                    if (u + PREFETCH < nl) {
-                        const char *pk = w.keys + (size_t)(lv[u + PREFETCH] * d) * w.es;
-                        for (size_t off = 0; off < (size_t)d * w.es; off += 64)
-                            __builtin_prefetch(pk + off);
-                    }
-                    double sv;
-                    score(cx, &w, lv[u], 1, &sv);
-                    add_scored(&w, sv, lv[u]);
-                    note_computed(&w, lv[u]);
-                    w.unscored--;
-                    w.pool -= cx->lw[t];
-                    w.pool_ops++;
-                }
-                w.lcnt[t] = 0;
-            }
-            if (!done && st == TKA_OK) st = TKA_ERR_ARG; /* unreachable: the last level takes every key */
-        }
+        row_bufs rb;
+        carve_row(buf, &sd, &w, &ck, &rb);
+        prepare_query(cx, r, &sd, &w, &ck, &rb);
+        order_blocks(cx, r, &sd, &w, &ck, &rb);
+        st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
+                      : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
         if (st != TKA_OK) {
             *err_row = r;
-            return st;
+            break;
         }
         tka_search_row *o = &cx->rows[r];
         o->keys_scored = w.distinct > n ? n : w.distinct;
@@ -1005,7 +935,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_scratch *s, i
         o->proxies_read = w.proxies;
         o->bytes_read = w.bytes;
     }
-    return TKA_OK;
+    tka_arena_release(s, mark);
+    return st;
 }
 
 tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
@@ -1014,12 +945,13 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     err->row = -1;
     err->what = NULL;
     double lw[NLEVELS];
-    for (int b = 0; b < NLEVELS; b++) lw[b] = exp_up(-(double)b * LEVEL_W);
-    search_ctx cx = {ix, args, search_kernels(), out_rows, out_v, lw};
+    for (int b = 0; b < NLEVELS; b++) lw[b] = tka_exp_up(-(double)b * LEVEL_W);
+    const tka_kernels *K = tka_kernels_active();
+    search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
-    tka_status st = tka_parallel_rows(rows, work, search_rows, &cx, &err->row);
+    tka_status st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
     if (st != TKA_OK) {
         for (int64_t r = 0; r < rows; r++) {
             free(out_rows[r].idx);

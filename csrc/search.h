@@ -114,12 +114,15 @@ typedef struct {
     double margin;      /**< rounding margin of the level computation */
 } tka_proxy_consts;
 
-/** Number of proxy levels and their width in logits. */
+/** Number of proxy levels. */
 #define TKA_NLEVELS 1024
+/** Width of a proxy level, in logits. */
 #define TKA_LEVEL_W 0.125
 
-/* Dot-product kernels of one instruction set (csrc/cpu/search_*.c). */
-typedef struct {
+/** Dot-product kernels of one instruction set (csrc/cpu/search_*.c), reached through the
+ *  `search` member of the active tka_kernels table (dispatch.c). */
+typedef struct tka_search_kernels tka_search_kernels;
+struct tka_search_kernels {
     /** sum_j q[j] * k[j] in float64 over d float32 keys (rows of stride d), for m keys. */
     void (*dot_f32)(const double *q, const float *k, int64_t d, int64_t m, double *out);
     void (*dot_f64)(const double *q, const double *k, int64_t d, int64_t m, double *out);
@@ -133,11 +136,6 @@ typedef struct {
      */
     void (*proxy_levels)(int32_t *dl, const float *sc, const float *perr, int64_t m,
                          const tka_proxy_consts *c);
-} tka_search_kernels;
-
-extern const tka_search_kernels tka_search_kernels_scalar;
-#ifdef TKA_HAVE_X86
-extern const tka_search_kernels tka_search_kernels_avx2;
-#endif
+};
 
 #endif /* TOPKATTN_SEARCH_H */

@@ -84,12 +84,12 @@ static int log2_floor(int64_t n)
     return d;
 }
 
-void tka_sort_desc(double *a, int64_t n)
+void tka_values_sort_desc(double *a, int64_t n)
 {
     if (n > 1) introsort_desc(a, n, 2 * log2_floor(n) + 4);
 }
 
-void tka_nth_desc(double *a, int64_t n, int64_t k)
+void tka_values_nth_desc(double *a, int64_t n, int64_t k)
 {
     int depth = 2 * log2_floor(n) + 4;
     while (n > SMALL) {
@@ -175,14 +175,93 @@ static void introsort_pairs(double *v, int64_t *x, int64_t n, int depth)
     insertion_pairs(v, x, n);
 }
 
-void tka_sort_pairs_desc(double *v, int64_t *idx, int64_t n)
+void tka_pairs_sort_desc(double *v, int64_t *idx, int64_t n)
 {
     if (n > 1) introsort_pairs(v, idx, n, 2 * log2_floor(n) + 4);
 }
 
+void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        const double pv = v[mid];
+        const int64_t px = idx[mid];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(v[i], idx[i], pv, px)) i++;
+            while (before(pv, px, v[j], idx[j])) j--;
+            if (i <= j) swap2(v, idx, i++, j--);
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return;
+    }
+}
+
+static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
+{
+    swap2(v, x, i, j);
+    double t = w[i]; w[i] = w[j]; w[j] = t;
+}
+
+int64_t tka_pairs_weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+{
+    int64_t lo = 0, hi = n;
+    double acc = 0.0;
+    while (hi - lo > 16) {
+        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1, mi;
+        if (before(v[a], x[a], v[b], x[b]))
+            mi = before(v[b], x[b], v[c], x[c]) ? b : (before(v[a], x[a], v[c], x[c]) ? c : a);
+        else
+            mi = before(v[a], x[a], v[c], x[c]) ? a : (before(v[b], x[b], v[c], x[c]) ? c : b);
+        swap3(v, x, w, mi, hi - 1);
+        const double pv = v[hi - 1];
+        const int64_t px = x[hi - 1];
+        int64_t st = lo;
+        double ml = 0.0;
+        for (int64_t i = lo; i < hi - 1; i++) {
+            if (before(v[i], x[i], pv, px)) {
+                ml += w[i];
+                swap3(v, x, w, i, st);
+                st++;
+            }
+        }
+        swap3(v, x, w, st, hi - 1);
+        if (acc + ml >= target) {
+            hi = st;
+        } else {
+            acc += ml + w[st];
+            if (acc >= target) return st + 1;
+            lo = st + 1;
+        }
+    }
+    /* insertion sort of the remainder, then walk */
+    for (int64_t i = lo + 1; i < hi; i++) {
+        double tv = v[i], tw = w[i];
+        int64_t tx = x[i], j = i;
+        while (j > lo && before(tv, tx, v[j - 1], x[j - 1])) {
+            v[j] = v[j - 1]; x[j] = x[j - 1]; w[j] = w[j - 1];
+            j--;
+        }
+        v[j] = tv; x[j] = tx; w[j] = tw;
+    }
+    int64_t k = lo;
+    while (k < hi && acc < target) acc += w[k++];
+    return k;
+}
+
+int64_t tka_pairs_first(const double *v, const int64_t *x, int64_t from, int64_t n)
+{
+    int64_t best = from;
+    for (int64_t t = from + 1; t < n; t++)
+        if (before(v[t], x[t], v[best], x[best])) best = t;
+    return best;
+}
+
 /* ---- weighted selection from the bottom */
 
-int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget, double *dropped_mass)
 {
     /* Invariant: everything left of [lo, hi) is dropped (mass acc), everything right of it
      * is kept; the answer's boundary lies inside [lo, hi). */
@@ -239,20 +318,20 @@ int64_t tka_drop_bottom(double *v, double *w, int64_t c, double budget, double *
  * The same selection for large sets: one pass buckets the values (equal width between
  * their min and max) with the mass of each bucket; buckets are dropped whole from the
  * bottom while they fit, and only the bucket where the budget runs out goes through
- * tka_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
+ * tka_weights_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
  */
 #define DROP_BUCKETS 256
 
-int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
+int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
 {
-    if (c <= 64) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (c <= 64) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     const int nbk = c / 4 < DROP_BUCKETS ? (int)(c / 4) : DROP_BUCKETS;  /* ~4 per bucket or more */
     double lo = v[0], hi = v[0];
     for (int64_t i = 1; i < c; i++) {
         lo = v[i] < lo ? v[i] : lo;
         hi = v[i] > hi ? v[i] : hi;
     }
-    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     const double scale = (double)nbk / (hi - lo);
     int64_t cnt[DROP_BUCKETS] = {0};
     double mass[DROP_BUCKETS] = {0};
@@ -267,7 +346,7 @@ int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, dou
     int bc = 0;
     while (bc < nbk && acc + mass[bc] <= budget) { acc += mass[bc]; ndrop += cnt[bc]; bc++; }
     if (bc == nbk) { *dropped_mass = acc; return ndrop; }
-    if (cnt[bc] > c / 2) return tka_drop_bottom(v, w, c, budget, dropped_mass);
+    if (cnt[bc] > c / 2) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     /* compact the crossing bucket to the front (in place: the write index never passes the
      * read index) and finish there */
     int64_t j = 0;
@@ -277,7 +356,7 @@ int64_t tka_drop_bottom_fast(double *v, double *w, int64_t c, double budget, dou
         if (b == bc) { v[j] = v[i]; w[j] = w[i]; j++; }
     }
     double dm;
-    ndrop += tka_drop_bottom(v, w, j, budget - acc, &dm);
+    ndrop += tka_weights_drop_bottom(v, w, j, budget - acc, &dm);
     *dropped_mass = acc + dm;
     return ndrop;
 }
@@ -355,17 +434,17 @@ static inline float unkey32(uint32_t k)
 DEFINE_RADIX(radix_u64, uint64_t)
 DEFINE_RADIX(radix_u32, uint32_t)
 
-size_t tka_sort_scratch_bytes(int64_t n)
+size_t tka_array_sort_scratch_bytes(int64_t n)
 {
     return (size_t)(2 * n) * sizeof(uint64_t) + sizeof(int64_t) * RADIX_SIZE * 6;
 }
 
-void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch)
+void tka_array_sort_desc(const void *x, int is_f32, int64_t n, double *out, void *scratch)
 {
     if (n < TKA_RADIX_MIN) {
         if (is_f32) for (int64_t i = 0; i < n; i++) out[i] = (double)((const float *)x)[i];
         else memcpy(out, x, (size_t)n * sizeof(double));
-        tka_sort_desc(out, n);
+        tka_values_sort_desc(out, n);
         return;
     }
     int64_t *hist = (int64_t *)scratch;
@@ -381,5 +460,46 @@ void tka_sort_row_desc(const void *x, int is_f32, int64_t n, double *out, void *
         for (int64_t i = 0; i < n; i++) a[i] = key64(xd[i]);
         uint64_t *r = radix_u64(a, b, n, 6, hist);
         for (int64_t i = 0; i < n; i++) out[i] = unkey64(r[i]);
+    }
+}
+
+void tka_pairs_sort_desc_radix(double *v, int64_t *x, int64_t n, double *tv, int64_t *tx)
+{
+    if (n < 512 || !tv || !tx) {
+        tka_pairs_sort_desc(v, x, n);
+        return;
+    }
+    uint64_t *ka = (uint64_t *)tv, *kb = (uint64_t *)v;  /* keys first, values rebuilt */
+    int64_t *xa = x, *xb = tx;
+    for (int64_t i = 0; i < n; i++) ka[i] = key64(v[i]);
+    int64_t cnt[RADIX_SIZE];
+    for (int shift = 0; shift < 64; shift += RADIX_BITS) {
+        memset(cnt, 0, sizeof cnt);
+        for (int64_t i = 0; i < n; i++) cnt[(ka[i] >> shift) & RADIX_MASK]++;
+        if (cnt[(ka[0] >> shift) & RADIX_MASK] == n) continue;
+        int64_t sum = 0;
+        for (int b = 0; b < RADIX_SIZE; b++) { int64_t c = cnt[b]; cnt[b] = sum; sum += c; }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t dst = cnt[(ka[i] >> shift) & RADIX_MASK]++;
+            kb[dst] = ka[i];
+            xb[dst] = xa[i];
+        }
+        uint64_t *tk = ka; ka = kb; kb = tk;
+        int64_t *tt = xa; xa = xb; xb = tt;
+    }
+    /* back to values; ka and xa may be either buffer, so go through the scratch pair */
+    for (int64_t i = 0; i < n; i++) {
+        tv[i] = unkey64(ka[i]);
+        tx[i] = xa[i];
+    }
+    memcpy(v, tv, (size_t)n * sizeof(double));
+    memcpy(x, tx, (size_t)n * sizeof(int64_t));
+    /* the sort is stable, but the input was in no particular order: equal values by
+     * increasing position */
+    for (int64_t i = 1; i < n; i++) {
+        if (v[i] != v[i - 1] || x[i] > x[i - 1]) continue;
+        int64_t t = x[i], j = i;
+        while (j > 0 && v[j - 1] == v[i] && x[j - 1] > t) { x[j] = x[j - 1]; j--; }
+        x[j] = t;
     }
 }

@@ -18,19 +18,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tka_status.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-typedef enum {
-    TKA_OK = 0,
-    TKA_ERR_NAN,         /**< a logit is NaN (row in tka_error.row) */
-    TKA_ERR_POSINF,      /**< a logit is +inf */
-    TKA_ERR_ALL_MASKED,  /**< every logit of a row is -inf */
-    TKA_ERR_NOMEM,       /**< an allocation failed */
-    TKA_ERR_ARG          /**< an argument is out of range (message in tka_error.what) */
-} tka_status;
-
+/** Element type of logits and attention operands. */
 typedef enum { TKA_F32 = 0, TKA_F64 = 1 } tka_dtype;
 
 /** Where and why a batched call failed: the lowest failing row, whatever the thread count. */
@@ -38,6 +32,15 @@ typedef struct {
     int64_t row;       /**< flat row index, or -1 */
     const char *what;  /**< static text for TKA_ERR_ARG, else NULL */
 } tka_error;
+
+/** What tka_topk_attention and tka_attention_row_error compute (tka_attention is
+ *  TKA_ATTN_DENSE); the Python layer selects one by these numbers. */
+typedef enum { TKA_ATTN_DENSE = 0, TKA_ATTN_TOPK = 1, TKA_ATTN_ROW_ERROR = 2 } tka_attn_mode;
+
+/** Forms of tka_gap_bound. */
+enum { TKA_GAP_MASS = 0, TKA_GAP_GAP = 1 };
+/** Spacings of the tail segments of tka_multigap_bound. */
+enum { TKA_SPACING_GEOMETRIC = 0, TKA_SPACING_LINEAR = 1 };
 
 /**
  * A batch of rows. Element j of row r lives at
@@ -71,6 +74,7 @@ int tka_simd_compiled(tka_simd which);
 tka_status tka_simd_select(tka_simd which);
 /** The kernel set in use. */
 tka_simd tka_simd_active(void);
+/** Name of a kernel set ("scalar", "avx2", "avx512"; "unknown" out of range). */
 const char *tka_simd_name(tka_simd which);
 /** Comma-separated CPU features seen by CPUID/XGETBV, e.g. "sse2,avx,avx2,fma". */
 const char *tka_cpu_features(void);

@@ -347,3 +347,17 @@ def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)
     assert result.attempted > 0, f"no examples found in {module.__name__}"
     assert result.failed == 0, f"{result.failed} docstring examples failed in {module.__name__}"
+
+
+def test_core_exports_its_numbers():
+    """Statuses, attention modes, search summaries and methods come from the C core, so the
+    Python layer never restates them."""
+    from topkattn import _core
+    statuses = {k: v for k, v in vars(_core).items() if k.startswith("STATUS_")}
+    assert statuses["STATUS_OK"] == 0 and len(set(statuses.values())) == len(statuses)
+    for name in ("ERR_NAN", "ERR_POSINF", "ERR_ALL_MASKED", "ERR_NOMEM", "ERR_ARG",
+                 "ERR_INTERNAL", "ERR_CUDA"):
+        assert "STATUS_" + name in statuses
+    assert len({_core.MODE_DENSE, _core.MODE_TOPK, _core.MODE_ROW_ERROR}) == 3
+    assert _core.SUMMARY_MINMAX & _core.SUMMARY_BALL == 0
+    assert _core.METHOD_DELTA != _core.METHOD_MC

@@ -184,3 +184,47 @@ def test_set_num_threads_default_and_env():
     r = subprocess.run([sys.executable, "-c", "import topkattn"], env=env, cwd=str(ROOT),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "TOPKATTN_NUM_THREADS must be an integer" in r.stderr
+
+
+def test_concurrent_callers_from_python_threads():
+    """The core releases the GIL: calls from several Python threads at once (each with its
+    own worker threads and scratch arenas) give what the same calls give one at a time."""
+    import threading
+    rng = np.random.default_rng(11)
+    x = (2.0 * rng.standard_normal((12, 70_000))).astype(np.float32)  # long rows: chunked
+    y = rng.standard_normal((300, 900))
+    Q, K, V = (rng.standard_normal(s) for s in ((3, 5, 16), (3, 2000, 16), (3, 2000, 8)))
+    index = topkattn.KeyIndex(K.astype(np.float32))
+    jobs = [
+        lambda: topkattn.k_eps(x, 1e-3, return_tail=True),
+        lambda: (topkattn.topk(y, 17), topkattn.multigap_bound(y, 40)),
+        lambda: topkattn.topk_attention(Q, K, V, eps=1e-2, return_info=True),
+        lambda: topkattn.certified_search(Q, index, 1e-2).indices,
+    ]
+
+    def flat(res):
+        out = []
+        for r in res if isinstance(res, tuple) else (res,):
+            out += flat(r) if isinstance(r, tuple) else [np.asarray(getattr(r, "indices", r))]
+        return out
+
+    expected = [flat(job()) for job in jobs]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                got.setdefault(i, []).append(flat(jobs[i % len(jobs)]()))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, runs in got.items():
+        for run in runs:
+            for a, b in zip(run, expected[i % len(jobs)]):
+                assert a.tobytes() == b.tobytes()

@@ -30,8 +30,6 @@ import numpy as np
 from . import _args, _errors
 from ._args import any_gpu, is_gpu_array
 from ._args import batch_offsets as _batch_offsets
-from ._errors import check_logits_status as _check
-from ._errors import where as _where  # noqa: F401 (the row labels, shared with the CPU core)
 from ._results import TopkInfo
 
 try:
@@ -256,8 +254,8 @@ def log_tail_mass(logits, k):
     out = lib.empty(batch, "float64", dev)
     if rows:
         kd = lib.upload(kk.reshape(-1), dev)
-        _check(_cuda.tail_mass(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(kd), lib.ptr(out), 0,
-                               lib.stream(dev), dev), batch)
+        _cuda.tail_mass(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(kd), lib.ptr(out), 0,
+                        lib.stream(dev), dev, tuple(batch))
     return out
 
 
@@ -278,8 +276,8 @@ def k_eps(logits, eps, return_tail=False):
     tau = lib.empty(batch, "float64", dev) if return_tail else None
     if rows:
         ed = lib.upload(ee.reshape(-1), dev)
-        _check(_cuda.k_eps(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(ed), lib.ptr(k_out),
-                           lib.ptr(tau) if tau is not None else 0, lib.stream(dev), dev), batch)
+        _cuda.k_eps(code, lib.ptr(x2), rows, n, rs, es, lib.ptr(ed), lib.ptr(k_out),
+                    lib.ptr(tau) if tau is not None else 0, lib.stream(dev), dev, tuple(batch))
     return (k_out, tau) if return_tail else k_out
 
 
@@ -293,8 +291,8 @@ def topk(logits, k):
     dev = lib.device(x)
     out = lib.empty(batch + (k,), "int64", dev)
     if rows and k:
-        _check(_cuda.topk(code, lib.ptr(x2), rows, n, rs, es, k, lib.ptr(out), lib.stream(dev),
-                          dev), batch)
+        _cuda.topk(code, lib.ptr(x2), rows, n, rs, es, k, lib.ptr(out), lib.stream(dev), dev,
+                   tuple(batch))
     return out
 
 
@@ -381,15 +379,13 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
         kd = lib.upload(kk.reshape(-1), dev) if kk is not None else None
         ed = lib.upload(ee.reshape(-1), dev) if ee is not None else None
         (qa, qo, qld), (ka, ko, kld), (va, vo, vld) = ops
-        res = _cuda.topk_attention(
+        _cuda.topk_attention(
             code, lib.ptr(qa), lib.ptr(ka), lib.ptr(va), lib.ptr(qo), lib.ptr(ko), lib.ptr(vo),
             qld, kld, vld, batch, L, n, d, dv, float(scale), m_ptr, m_off_ptr, m_sl, m_sn,
             lib.ptr(kd) if kd is not None else 0, lib.ptr(ed) if ed is not None else 0,
             lib.ptr(out), lib.ptr(k_out) if k_out is not None else 0,
             lib.ptr(tau) if tau is not None else 0, lib.ptr(idx) if idx is not None else 0,
-            width, lib.stream(dev), dev)
-        if res is not None:
-            _errors.raise_attention_status(res[0], res[1], bshape, L)
+            width, lib.stream(dev), dev, tuple(int(b) for b in bshape))
     if not return_info:
         return out
     if rows:

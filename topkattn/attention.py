@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _args, _core, _errors
+from . import _args, _core
 from ._backend import dispatch
 from ._results import AttentionError, TopkInfo
 from .core import k_eps as _k_eps, tail_mass as _tail_mass
@@ -28,7 +28,7 @@ __all__ = [
     "dynamic_k", "attention_matrix_error",
 ]
 
-_DENSE, _TOPK, _ROW_ERROR = 0, 1, 2
+_DENSE, _TOPK, _ROW_ERROR = _core.MODE_DENSE, _core.MODE_TOPK, _core.MODE_ROW_ERROR
 
 
 # ----------------------------------------------------------------- argument handling
@@ -67,10 +67,9 @@ class _Problem:
         return int(np.prod(self.bshape, dtype=np.int64)) * self.L
 
     def call(self, mode, k=None, eps=None, want_info=False):
-        res = _core.attention(mode, self.q, self.k, self.v, self.mask,
-                              int(np.prod(self.bshape, dtype=np.int64)), self.L, self.n, self.d,
-                              self.dv, self.scale, k, eps, want_info)
-        return _errors.check_attention_result(res, self.bshape, self.L)
+        return _core.attention(mode, self.q, self.k, self.v, self.mask,
+                               tuple(int(b) for b in self.bshape), self.L, self.n, self.d,
+                               self.dv, self.scale, k, eps, want_info)
 
 
 def _operand(x, name):

@@ -231,7 +231,7 @@ def gap_bound(logits, k, form="mass"):
     >>> bool(topkattn.gap_bound(x, 1) >= topkattn.tail_mass(x, 1))
     True
     """
-    forms = {"mass": 0, "gap": 1}
+    forms = {"mass": _core.GAP_MASS, "gap": _core.GAP_GAP}
     if form not in forms:
         raise ValueError(f"form must be 'mass' or 'gap', got {form!r}")
     x = _logits(logits)
@@ -271,7 +271,7 @@ def multigap_bound(logits, k, cuts=8, spacing="geometric"):
     >>> bool(topkattn.multigap_bound(x, 10, cuts=16) <= topkattn.gap_bound(x, 10))
     True
     """
-    spacings = {"geometric": 0, "linear": 1}
+    spacings = {"geometric": _core.SPACING_GEOMETRIC, "linear": _core.SPACING_LINEAR}
     if spacing not in spacings:
         raise ValueError(f"spacing must be 'geometric' or 'linear', got {spacing!r}")
     x = _logits(logits)

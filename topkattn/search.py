@@ -20,8 +20,9 @@ from ._results import SearchResult
 
 __all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"]
 
-_SUMMARIES = {"minmax": 1, "ball": 2, "auto": 3}
-_METHODS = {"delta": 0, "mc": 1}
+_SUMMARIES = {"minmax": _core.SUMMARY_MINMAX, "ball": _core.SUMMARY_BALL,
+              "auto": _core.SUMMARY_MINMAX | _core.SUMMARY_BALL}
+_METHODS = {"delta": _core.METHOD_DELTA, "mc": _core.METHOD_MC}
 
 
 def _check_finite(x, name):
@@ -137,10 +138,10 @@ class KeyIndex:
         if old is None:
             self._maxabs = np.zeros(H, dtype=np.float64)
         kinds = _SUMMARIES[self.summary]
-        if kinds & 1:
+        if kinds & _core.SUMMARY_MINMAX:
             grow("_lo", (H, cb, d), np.float32)
             grow("_hi", (H, cb, d), np.float32)
-        if kinds & 2:
+        if kinds & _core.SUMMARY_BALL:
             grow("_ctr", (H, cb, d), np.float32)
             grow("_rad", (H, cb), np.float64)
         if self.proxy:
@@ -162,7 +163,8 @@ class KeyIndex:
         nb = -(-n // self.block_size)
         kinds = _SUMMARIES[self.summary]
         total = H * n * (d * self.dtype.itemsize + 8) + H * 8
-        total += H * nb * ((8 * d if kinds & 1 else 0) + (4 * d + 8 if kinds & 2 else 0))
+        total += H * nb * ((8 * d if kinds & _core.SUMMARY_MINMAX else 0)
+                           + (4 * d + 8 if kinds & _core.SUMMARY_BALL else 0))
         if self.proxy:
             total += H * n * (d + 8)
         return int(total)

@@ -91,4 +91,4 @@ static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 #undef ELT
 #undef FN
 
-const tka_kernels tka_kernels_avx2 = TKA_TABLE(avx2, TKA_SIMD_AVX2);
+const tka_kernels tka_kernels_avx2 = TKA_TABLE(avx2, TKA_SIMD_AVX2, &tka_search_kernels_avx2);

@@ -72,4 +72,6 @@ static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); 
 #undef ELT
 #undef FN
 
-const tka_kernels tka_kernels_avx512 = TKA_TABLE(avx512, TKA_SIMD_AVX512);
+/* No AVX-512 search kernels: the AVX2 ones run on every CPU that has AVX-512F, AVX2 and
+ * FMA, which selecting this set requires (dispatch.c). */
+const tka_kernels tka_kernels_avx512 = TKA_TABLE(avx512, TKA_SIMD_AVX512, &tka_search_kernels_avx2);

@@ -77,4 +77,4 @@ static inline VD vload_f64_scalar(const double *p) { return *p; }
 #undef ELT
 #undef FN
 
-const tka_kernels tka_kernels_scalar = TKA_TABLE(scalar, TKA_SIMD_SCALAR);
+const tka_kernels tka_kernels_scalar = TKA_TABLE(scalar, TKA_SIMD_SCALAR, &tka_search_kernels_scalar);

@@ -5,6 +5,7 @@
  */
 #include <immintrin.h>
 
+#include "../internal.h"
 #include "../search.h"
 
 static inline double hsum_pd(__m256d v)

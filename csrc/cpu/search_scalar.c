@@ -4,6 +4,7 @@
  */
 #include <math.h>
 
+#include "../internal.h"
 #include "../search.h"
 
 static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)

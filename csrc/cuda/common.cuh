@@ -155,7 +155,7 @@ __device__ __forceinline__ void report(u64 *status, i64 row, int code)
 template <class V> struct ScanOut {
     V max;
     i64 n_live;
-    int bad;  /* TKC_ERR_* or 0 */
+    int bad;  /* TKA_ERR_* or 0 */
 };
 
 /* Maximum, unmasked count and validity (NaN, +inf, all masked) of a row. The error code
@@ -182,9 +182,9 @@ template <class R> __device__ ScanOut<typename R::V> row_scan(const R &x)
     s.bad = 0;
     if (first_bad < x.n) {
         V v = x[first_bad];
-        s.bad = v != v ? TKC_ERR_NAN : TKC_ERR_POSINF;
+        s.bad = v != v ? TKA_ERR_NAN : TKA_ERR_POSINF;
     } else if (s.n_live == 0) {
-        s.bad = TKC_ERR_ALL_MASKED;
+        s.bad = TKA_ERR_ALL_MASKED;
     }
     return s;
 }

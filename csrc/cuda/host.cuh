@@ -67,7 +67,7 @@ struct Call {
     /* Check the launch just made. */
     bool launched(const char *what) { return ok(cudaGetLastError(), what); }
 
-    /* Wait for the work, translate the status word; returns a TKC_* code. */
+    /* Wait for the work, translate the status word; returns a tka_status. */
     int finish()
     {
         u64 word = ~0ull;
@@ -80,9 +80,9 @@ struct Call {
         if (!good()) {
             snprintf(err->msg, sizeof err->msg, "%s: %s", where, cudaGetErrorString(first));
             cudaGetLastError();  /* clear a sticky launch error for the next call */
-            return TKC_ERR_CUDA;
+            return TKA_ERR_CUDA;
         }
-        if (word == ~0ull) return TKC_OK;
+        if (word == ~0ull) return TKA_OK;
         err->row = (i64)(word >> 4);
         return (int)(word & 15);
     }
@@ -92,7 +92,7 @@ static inline int tkc_arg_error(tkc_error *err, const char *msg)
 {
     err->row = -1;
     snprintf(err->msg, sizeof err->msg, "%s", msg);
-    return TKC_ERR_ARG;
+    return TKA_ERR_ARG;
 }
 
 /* Rows per launch so that `per_row` bytes of scratch each fit in the budget. */

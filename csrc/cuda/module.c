@@ -5,12 +5,12 @@
  * pointers, shapes and strides (Python ints) prepared by topkattn/_gpu.py, which allocates
  * the outputs with the caller's array library. The GIL is released while the GPU works.
  *
- * Return value of the compute functions: None on success; (code, row) when row `row` holds
- * bad data (code 1 NaN, 2 +inf, 3 fully masked: the caller words the error); a
- * RuntimeError for a CUDA failure and a ValueError for an argument out of range.
+ * The compute functions take, last and optional, the batch shape of their rows (a tuple of
+ * ints), to name a bad row in the error message. They return None, or raise through
+ * tka_py_raise (csrc/pyerr.c), the same function as the CPU core's glue: ValueError for bad
+ * data or an argument out of range, RuntimeError for a CUDA failure.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "../pyerr.h"
 
 #include <stdint.h>
 
@@ -18,13 +18,21 @@
 
 typedef unsigned long long ptr_t;
 
-static PyObject *result(int rc, const tkc_error *err)
+/* The rows of a call, for error messages: the batch shape, plus L for attention. */
+typedef struct {
+    int64_t shape[TKA_PY_MAX_AXES + 1];
+    tka_py_where where;
+} rows_where;
+
+static int parse_where(PyObject *batch, const char *name, long long L, rows_where *w)
 {
-    if (rc == TKC_OK) Py_RETURN_NONE;
-    if (rc == TKC_ERR_NAN || rc == TKC_ERR_POSINF || rc == TKC_ERR_ALL_MASKED)
-        return Py_BuildValue("(iL)", rc, (long long)err->row);
-    if (rc == TKC_ERR_ARG) return PyErr_Format(PyExc_ValueError, "%s", err->msg);
-    return PyErr_Format(PyExc_RuntimeError, "topkattn CUDA core: %s", err->msg);
+    return tka_py_where_parse(batch, name, L, w->shape, &w->where, NULL);
+}
+
+static PyObject *result(int rc, const tkc_error *err, const rows_where *w)
+{
+    if (rc == TKA_OK) Py_RETURN_NONE;
+    return tka_py_raise((tka_status)rc, &w->where, err->row, err->msg);
 }
 
 static PyObject *py_tail_mass(PyObject *self, PyObject *args)
@@ -32,8 +40,11 @@ static PyObject *py_tail_mass(PyObject *self, PyObject *args)
     int dtype, device;
     ptr_t data, k, lt, kl, stream;
     long long rows, n, rs, es;
-    if (!PyArg_ParseTuple(args, "iKLLLLKKKKi", &dtype, &data, &rows, &n, &rs, &es, &k, &lt, &kl,
-                          &stream, &device))
+    PyObject *batch = NULL;
+    rows_where w;
+    if (!PyArg_ParseTuple(args, "iKLLLLKKKKi|O", &dtype, &data, &rows, &n, &rs, &es, &k, &lt, &kl,
+                          &stream, &device, &batch) ||
+        parse_where(batch, "logits", 0, &w) < 0)
         return NULL;
     tkc_rows x = {(const void *)(uintptr_t)data, rows, n, rs, es, dtype};
     tkc_error err;
@@ -42,7 +53,7 @@ static PyObject *py_tail_mass(PyObject *self, PyObject *args)
     rc = tkc_tail_mass(&x, (const int64_t *)(uintptr_t)k, (double *)(uintptr_t)lt,
                        kl ? (double *)(uintptr_t)kl : NULL, (uintptr_t)stream, device, &err);
     Py_END_ALLOW_THREADS
-    return result(rc, &err);
+    return result(rc, &err, &w);
 }
 
 static PyObject *py_k_eps(PyObject *self, PyObject *args)
@@ -50,8 +61,11 @@ static PyObject *py_k_eps(PyObject *self, PyObject *args)
     int dtype, device;
     ptr_t data, eps, k, tau, stream;
     long long rows, n, rs, es;
-    if (!PyArg_ParseTuple(args, "iKLLLLKKKKi", &dtype, &data, &rows, &n, &rs, &es, &eps, &k, &tau,
-                          &stream, &device))
+    PyObject *batch = NULL;
+    rows_where w;
+    if (!PyArg_ParseTuple(args, "iKLLLLKKKKi|O", &dtype, &data, &rows, &n, &rs, &es, &eps, &k,
+                          &tau, &stream, &device, &batch) ||
+        parse_where(batch, "logits", 0, &w) < 0)
         return NULL;
     tkc_rows x = {(const void *)(uintptr_t)data, rows, n, rs, es, dtype};
     tkc_error err;
@@ -60,7 +74,7 @@ static PyObject *py_k_eps(PyObject *self, PyObject *args)
     rc = tkc_k_eps(&x, (const double *)(uintptr_t)eps, (int64_t *)(uintptr_t)k,
                    tau ? (double *)(uintptr_t)tau : NULL, (uintptr_t)stream, device, &err);
     Py_END_ALLOW_THREADS
-    return result(rc, &err);
+    return result(rc, &err, &w);
 }
 
 static PyObject *py_topk(PyObject *self, PyObject *args)
@@ -68,8 +82,11 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
     int dtype, device;
     ptr_t data, idx, stream;
     long long rows, n, rs, es, k;
-    if (!PyArg_ParseTuple(args, "iKLLLLLKKi", &dtype, &data, &rows, &n, &rs, &es, &k, &idx,
-                          &stream, &device))
+    PyObject *batch = NULL;
+    rows_where w;
+    if (!PyArg_ParseTuple(args, "iKLLLLLKKi|O", &dtype, &data, &rows, &n, &rs, &es, &k, &idx,
+                          &stream, &device, &batch) ||
+        parse_where(batch, "logits", 0, &w) < 0)
         return NULL;
     tkc_rows x = {(const void *)(uintptr_t)data, rows, n, rs, es, dtype};
     tkc_error err;
@@ -77,7 +94,7 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rc = tkc_topk(&x, k, (int64_t *)(uintptr_t)idx, (uintptr_t)stream, device, &err);
     Py_END_ALLOW_THREADS
-    return result(rc, &err);
+    return result(rc, &err, &w);
 }
 
 static PyObject *py_topk_attention(PyObject *self, PyObject *args)
@@ -86,10 +103,13 @@ static PyObject *py_topk_attention(PyObject *self, PyObject *args)
     ptr_t q, k, v, q_off, k_off, v_off, mask, m_off, kreq, eps, out, k_out, tau_out, idx_out, stream;
     long long q_ld, k_ld, v_ld, batch, L, n, d, dv, m_sl, m_sn, idx_width;
     double scale;
-    if (!PyArg_ParseTuple(args, "iKKKKKKLLLLLLLLdKKLLKKKKKKLKi", &dtype, &q, &k, &v, &q_off,
+    PyObject *bshape = NULL;
+    rows_where w;
+    if (!PyArg_ParseTuple(args, "iKKKKKKLLLLLLLLdKKLLKKKKKKLKi|O", &dtype, &q, &k, &v, &q_off,
                           &k_off, &v_off, &q_ld, &k_ld, &v_ld, &batch, &L, &n, &d, &dv, &scale,
                           &mask, &m_off, &m_sl, &m_sn, &kreq, &eps, &out, &k_out, &tau_out,
-                          &idx_out, &idx_width, &stream, &device))
+                          &idx_out, &idx_width, &stream, &device, &bshape) ||
+        parse_where(bshape, NULL, L, &w) < 0)
         return NULL;
     tkc_attn a = {
         .q = (const void *)(uintptr_t)q, .k = (const void *)(uintptr_t)k,
@@ -112,7 +132,7 @@ static PyObject *py_topk_attention(PyObject *self, PyObject *args)
                             idx_out ? (int64_t *)(uintptr_t)idx_out : NULL, idx_width,
                             (uintptr_t)stream, device, &err);
     Py_END_ALLOW_THREADS
-    return result(rc, &err);
+    return result(rc, &err, &w);
 }
 
 static PyObject *py_device_info(PyObject *self, PyObject *args)
@@ -125,7 +145,7 @@ static PyObject *py_device_info(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rc = tkc_device_info(device, &count, name, sizeof name, &major, &minor, &err);
     Py_END_ALLOW_THREADS
-    if (rc != TKC_OK)
+    if (rc != TKA_OK)
         return Py_BuildValue("{s:i,s:O,s:s}", "count", count, "name", Py_None, "error", err.msg);
     return Py_BuildValue("{s:i,s:s,s:(ii),s:O}", "count", count, "name", name,
                          "compute_capability", major, minor, "error", Py_None);
@@ -138,15 +158,18 @@ static PyObject *py_runtime_version(PyObject *self, PyObject *noargs)
 
 static PyMethodDef methods[] = {
     {"tail_mass", py_tail_mass, METH_VARARGS,
-     "tail_mass(dtype, data, rows, n, row_stride, elem_stride, k, log_tau, kl, stream, device)"},
+     "tail_mass(dtype, data, rows, n, row_stride, elem_stride, k, log_tau, kl, stream, device"
+     "[, batch_shape])"},
     {"k_eps", py_k_eps, METH_VARARGS,
-     "k_eps(dtype, data, rows, n, row_stride, elem_stride, eps, k_out, tau_out, stream, device)"},
+     "k_eps(dtype, data, rows, n, row_stride, elem_stride, eps, k_out, tau_out, stream, device"
+     "[, batch_shape])"},
     {"topk", py_topk, METH_VARARGS,
-     "topk(dtype, data, rows, n, row_stride, elem_stride, k, idx_out, stream, device)"},
+     "topk(dtype, data, rows, n, row_stride, elem_stride, k, idx_out, stream, device"
+     "[, batch_shape])"},
     {"topk_attention", py_topk_attention, METH_VARARGS,
      "topk_attention(dtype, q, k, v, q_off, k_off, v_off, q_ld, k_ld, v_ld, batch, L, n, d, dv,"
      " scale, mask, m_off, m_sl, m_sn, k, eps, out, k_out, tau_out, idx_out, idx_width, stream,"
-     " device)"},
+     " device[, batch_shape])"},
     {"device_info", py_device_info, METH_VARARGS,
      "device_info(device=0) -> {count, name, compute_capability, error}"},
     {"runtime_version", py_runtime_version, METH_NOARGS,

@@ -107,23 +107,23 @@ extern "C" int tkc_device_info(int device, int *count, char *name, size_t name_l
         *count = 0;
         snprintf(err->msg, sizeof err->msg, "%s", cudaGetErrorString(e));
         cudaGetLastError();
-        return TKC_ERR_CUDA;
+        return TKA_ERR_CUDA;
     }
     if (device < 0 || device >= *count) {
         snprintf(err->msg, sizeof err->msg, "no CUDA device %d (%d visible)", device, *count);
-        return TKC_ERR_CUDA;
+        return TKA_ERR_CUDA;
     }
     cudaDeviceProp p;
     e = cudaGetDeviceProperties(&p, device);
     if (e != cudaSuccess) {
         snprintf(err->msg, sizeof err->msg, "%s", cudaGetErrorString(e));
         cudaGetLastError();
-        return TKC_ERR_CUDA;
+        return TKA_ERR_CUDA;
     }
     snprintf(name, name_len, "%s", p.name);
     *major = p.major;
     *minor = p.minor;
-    return TKC_OK;
+    return TKA_OK;
 }
 
 extern "C" int tkc_runtime_version(void)

@@ -13,12 +13,18 @@
  * broken by the lower index, k_eps the smallest k with tau(k) <= eps, masses relative to the
  * row maximum (the tail relative to its own largest logit), so results agree with it to
  * rounding.
+ *
+ * Every function returns a tka_status (the CPU core's codes, csrc/tka_status.h): bad data in
+ * the lowest bad row tkc_error.row, TKA_ERR_ARG or TKA_ERR_CUDA with the text in
+ * tkc_error.msg.
  */
 #ifndef TKA_CUDA_H
 #define TKA_CUDA_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "../tka_status.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,17 +33,7 @@ extern "C" {
 /** Element types of device arrays. */
 enum { TKC_F32 = 0, TKC_F64 = 1, TKC_F16 = 2, TKC_BF16 = 3 };
 
-/** Status codes; 1-3 match tka_status of the CPU core (bad data in row tkc_error.row). */
-enum {
-    TKC_OK = 0,
-    TKC_ERR_NAN = 1,         /**< a logit (score) is NaN */
-    TKC_ERR_POSINF = 2,      /**< a logit (score) is +inf */
-    TKC_ERR_ALL_MASKED = 3,  /**< every logit of a row is -inf */
-    TKC_ERR_CUDA = 10,       /**< a CUDA runtime call failed (text in tkc_error.msg) */
-    TKC_ERR_ARG = 11         /**< an argument is out of range (text in tkc_error.msg) */
-};
-
-/** Where and why a call failed: the lowest bad row, or a message. */
+/** Where and why a call failed: the lowest bad row, or a message (TKA_ERR_ARG, TKA_ERR_CUDA). */
 typedef struct {
     int64_t row;
     char msg[256];
@@ -94,7 +90,7 @@ int tkc_topk_attention(const tkc_attn *a, const int64_t *k, const double *eps, v
                        uintptr_t stream, int device, tkc_error *err);
 
 /** Number of visible devices (0 when none or no driver) and the name and compute
- *  capability of `device`; returns TKC_ERR_CUDA with a message when there is none. */
+ *  capability of `device`; returns TKA_ERR_CUDA with a message when there is none. */
 int tkc_device_info(int device, int *count, char *name, size_t name_len, int *major,
                     int *minor, tkc_error *err);
 

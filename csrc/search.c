@@ -924,13 +924,13 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
  * scored, every key is scored in one pass instead (what full scoring costs, plus the
  * sampled proxies).
  */
-#define STREAM_U_SHARE 0.6
+#define STREAM_U_SHARE 0.75
 /* every STREAM_SAMPLE-th block is read first, to decide between the two strategies */
 #define STREAM_SAMPLE 8
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
 /* more candidates than this share of the keys: score them all */
-#define STREAM_FULL 0.3
+#define STREAM_FULL 0.5
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */

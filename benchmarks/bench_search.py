@@ -187,8 +187,8 @@ def main(argv=None):
     print(f"topkattn {topkattn.__version__}, SIMD {topkattn.get_simd()}, "
           f"{topkattn.get_num_threads()} threads; d = {D}, float32")
     rng = np.random.default_rng(args.seed)
-    headers = ["data", "n", "index", "eps", "scored/n", "k_eps/n", "kept/k_eps", "n/scored", "n/k_eps",
-               "bytes", "ms/q ours", "ms/q topk_attn", "ms/q numpy", "speedup"]
+    headers = ["data", "n", "index", "eps", "scored/n", "k_eps/n", "kept/k_eps", "n/scored",
+               "n/k_eps", "bytes", "ms/q ours", "ms/q topk_attn", "ms/q numpy", "speedup"]
     rows, builds = [], []
     totals = {}
 

@@ -953,6 +953,7 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
     if (cnt2)
         for (int64_t i = i0; i < i1; i++) cnt2[lev[i]]++;
     w->proxies += i1 - i0;
+    w->blocks++;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
     return i1 - i0;
 }
@@ -1107,6 +1108,7 @@ static void stream_all(const search_ctx *cx, srow *w)
     w->ns = n;
     w->distinct = n;
     w->unscored = 0;
+    w->blocks = w->nb;
     w->m = m;
     w->fm = w->ref - m > 700.0 ? INFINITY : exp(w->ref - m) * (1.0 + 0x1p-48);
 }

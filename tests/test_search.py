@@ -512,6 +512,8 @@ def test_streaming_search_pays_on_clustered_keys():
         assert int(res.keys_scored) <= 1.5 * k_eps + 16
         assert int(res.k) <= 1.2 * k_eps + 1
         assert int(res.proxies_read) < 0.75 * n
+        nblk = int(res.blocks_scored)  # blocks whose proxies were read
+        assert 64 * (nblk - 1) < int(res.proxies_read) <= 64 * nblk
 
 
 def test_streaming_search_scores_everything_when_nothing_can_be_skipped():
@@ -522,4 +524,4 @@ def test_streaming_search_scores_everything_when_nothing_can_be_skipped():
     K = rng.standard_normal((n, d)).astype(np.float32)
     q = 0.5 * rng.standard_normal(d).astype(np.float32)
     res = check_stream(K, q, KeyIndex(K), streamed=False)
-    assert int(res.keys_scored) == n
+    assert int(res.keys_scored) == n and int(res.blocks_scored) == n // 64

@@ -920,12 +920,16 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
  * (runs of neighbours thanks to the build-time ordering), and the certificate
  * 1 - A / (Z_s + U) <= eps is checked with U the level mass of every unscored key. The
  * level cut t is chosen so that U takes about STREAM_U_SHARE of the eps budget, leaving the
- * rest to the keys the kept set drops; if the bounds show that most keys would have to be
- * scored, every key is scored in one pass instead (what full scoring costs, plus the
- * sampled proxies).
+ * rest to the keys the kept set drops. A block whose bound lies more than STREAM_AHEAD
+ * levels below the cut is not read: its keys count on its bound's level until the cut gets
+ * there. If a sample of the blocks shows that most keys would have to be scored, every key
+ * is scored in one pass instead (what full scoring costs, plus the sampled proxies). The
+ * cut, the sample and the switch only decide the cost: the certificate is checked on the
+ * rounded-up level sums either way.
  */
 #define STREAM_U_SHARE 0.75
-/* every STREAM_SAMPLE-th block is read first, to decide between the two strategies */
+/* the sample that decides between the two strategies: the 1/STREAM_SAMPLE blocks with the
+ * highest bounds and every STREAM_SAMPLE-th block */
 #define STREAM_SAMPLE 8
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16

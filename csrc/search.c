@@ -672,6 +672,8 @@ typedef struct {
     int64_t *defer, *lv;               /* deferred blocks (nb); keys of a level (n) */
     int32_t *tmp;                      /* proxy levels of a block (bs) */
     int16_t *yq;                       /* proxy query codes (d) */
+    int32_t *lev;                      /* streaming: level of every key, -1 once scored (n) */
+    uint8_t *done;                     /* streaming: blocks whose levels are known (nb) */
     double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
 } row_bufs;
 
@@ -687,7 +689,8 @@ static size_t row_bytes(const search_dims *sd)
     const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
     size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
               + (sd->mc && sd->proxy ? 2 * n : 0);
-    return n8 * 8 + bs * sizeof(int32_t) + d * sizeof(int16_t) + (sd->mc ? n : 0) + 64;
+    return n8 * 8 + (bs + (sd->proxy ? n : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
+         + (sd->mc ? n : 0) + (sd->proxy ? nb : 0) + 64;
 }
 
 /* Carve buf (row_bytes) into the row's arrays and reset w, ck and the level lists. */
@@ -717,8 +720,11 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
         if (sd->mc) { ck->pk = q8; q8 += n; ck->pb = q8; q8 += n; }
     }
     rb->tmp = (int32_t *)q8;
-    rb->yq = (int16_t *)(rb->tmp + bs);
-    if (sd->mc) { w->mark = (uint8_t *)(rb->yq + d); memset(w->mark, 0, (size_t)n); }
+    rb->lev = rb->tmp + bs;
+    rb->yq = (int16_t *)(rb->lev + (sd->proxy ? n : 0));
+    uint8_t *p1 = (uint8_t *)(rb->yq + d);
+    if (sd->mc) { w->mark = p1; memset(w->mark, 0, (size_t)n); p1 += n; }
+    rb->done = p1;
     w->n = n; w->d = d; w->bs = bs; w->nb = nb;
 }
 
@@ -904,6 +910,275 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
     return TKA_INTERNAL_ERROR(); /* the last level takes every key */
 }
 
+/* ------------------------------------------------------------------ streaming search */
+
+/*
+ * Streaming Δk-Search (proxies, deterministic method). One pass over the per-key int8
+ * codes of every block, in storage order, gives each key a level (an upper bound on its
+ * logit, capped by its block's bound); the levels' counts bound the mass of any set of
+ * unscored keys. The keys of the top levels are then scored exactly, in storage order
+ * (runs of neighbours thanks to the build-time ordering), and the certificate
+ * 1 - A / (Z_s + U) <= eps is checked with U the level mass of every unscored key. The
+ * level cut t is chosen so that U takes about STREAM_U_SHARE of the eps budget, leaving the
+ * rest to the keys the kept set drops. A block whose bound lies more than STREAM_AHEAD
+ * levels below the cut is not read: its keys count on its bound's level until the cut gets
+ * there. If a sample of the blocks shows that most keys would have to be scored, every key
+ * is scored in one pass instead (what full scoring costs, plus the sampled proxies). The
+ * cut, the sample and the switch only decide the cost: the certificate is checked on the
+ * rounded-up level sums either way.
+ */
+#define STREAM_U_SHARE 0.75
+/* the sample that decides between the two strategies: the 1/STREAM_SAMPLE blocks with the
+ * highest bounds and every STREAM_SAMPLE-th block */
+#define STREAM_SAMPLE 8
+/* blocks whose bound's level is within this many levels of the first cut are read at once */
+#define STREAM_AHEAD 16
+/* more candidates than this share of the keys: score them all */
+#define STREAM_FULL 0.5
+
+/* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
+ * it is done already (done[b]); marks it done. Returns the number of keys read. */
+static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                            int64_t b, int64_t *cnt, int64_t *cnt2)
+{
+    if (rb->done[b]) return 0;
+    rb->done[b] = 1;
+    const tka_key_index *ix = cx->ix;
+    const size_t ko = (size_t)(h * ix->cap);
+    const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
+    const tka_proxy_consts pc = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b],
+                                 w->ref, 1e-9 * (1.0 + fabs(w->ref))};
+    int32_t *lev = rb->lev;
+    cx->kern->dot_i8(rb->yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0,
+                     lev + i0);
+    cx->kern->proxy_levels(lev + i0, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
+                           i1 - i0, &pc);
+    for (int64_t i = i0; i < i1; i++) cnt[lev[i]]++;
+    if (cnt2)
+        for (int64_t i = i0; i < i1; i++) cnt2[lev[i]]++;
+    w->proxies += i1 - i0;
+    w->blocks++;
+    w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+    return i1 - i0;
+}
+
+/* sum over levels b > t of cnt[b] lw[b] (units e^{ref}), rounded up */
+static double stream_mass_above(const search_ctx *cx, const int64_t *cnt, int64_t t)
+{
+    double p = 0.0;
+    for (int64_t b = NLEVELS - 1; b > t; b--) p += (double)cnt[b] * cx->lw[b];
+    return p * (1.0 + (double)(NLEVELS + 4) * 0x1p-52);
+}
+
+/*
+ * The level cut: the smallest t > t0 with mass above t <= share * eps * Z, Z estimated as
+ * zk (the known scored mass, units e^{ref}) plus the candidates' level masses shrunk by
+ * e^{-gap} (the typical distance between a bound and the logit). A heuristic only: the
+ * certificate is checked on the exact sums afterwards.
+ */
+static int64_t stream_cut(const search_ctx *cx, const int64_t *cnt, const int64_t *cnt2,
+                          double x2, int64_t t0, double zk, double gap, double eps)
+{
+    double above[NLEVELS + 1], c[NLEVELS];
+    above[NLEVELS] = 0.0;
+    for (int64_t b = NLEVELS - 1; b >= 0; b--) {
+        c[b] = (double)cnt[b] + (cnt2 ? x2 * (double)cnt2[b] : 0.0);
+        above[b] = above[b + 1] + c[b] * cx->lw[b];
+    }
+    const double shrink = exp(-gap);
+    double z = zk;
+    for (int64_t t = t0 + 1; t < NLEVELS; t++) {
+        z += c[t] * cx->lw[t] * shrink;
+        if (above[t + 1] <= STREAM_U_SHARE * eps * z) return t;
+    }
+    return NLEVELS - 1;
+}
+
+/* Score the unscored keys on levels <= t of the blocks whose levels are known (in storage
+ * order, runs of neighbours together); a scored key's level becomes -1 and leaves the
+ * counts. */
+static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int64_t *cnt,
+                         int64_t t)
+{
+    int32_t *lev = rb->lev;
+    double *tmpd = rb->tmpd;
+    for (int64_t b = 0; b < w->nb; b++) {
+        if (!rb->done[b]) continue;
+        const int64_t i1 = (b + 1) * w->bs < w->n ? (b + 1) * w->bs : w->n;
+        for (int64_t i = b * w->bs; i < i1;) {
+            if (lev[i] < 0 || lev[i] > t) {
+                i++;
+                continue;
+            }
+            int64_t e = i;
+            while (e < i1 && lev[e] >= 0 && lev[e] <= t) e++;
+            score(cx, w, i, e - i, tmpd);
+            for (int64_t u = i; u < e; u++) {
+                cnt[lev[u]]--;
+                lev[u] = -1;
+                add_scored(w, tmpd[u - i], u);
+                note_computed(w, u);
+            }
+            w->unscored -= e - i;
+            i = e;
+        }
+    }
+}
+
+/*
+ * Block bounds for the streaming search, into w->ub (block order); returns the summary bytes
+ * read. With centroid + radius summaries only those are used (one dot product per block,
+ * through the dot_f32 kernel): q'.k <= q'.c + |q'| rad. The kernel's sum is within
+ * gamma_d sum_j |q'_j c_j| <= g |q'|_1 max|c_j| of q'.c, and |c_j| <= maxabs (a centroid is
+ * a mean of keys, rounded to float32: the factor 1 + 2^-20 covers that rounding).
+ */
+static double stream_block_bounds(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb)
+{
+    const tka_key_index *ix = cx->ix;
+    const int64_t d = w->d, nb = w->nb;
+    if (!(ix->summary & TKA_SUM_BALL)) {
+        block_bounds(cx, w, h, rb->qn1, rb->qn2);
+        return (double)nb * 8.0 * (double)d;
+    }
+    const double g = (double)(d + 4) * 0x1p-52;
+    const double cab = g * rb->qn1 * ix->maxabs[h] * (1.0 + 0x1p-20);
+    cx->kern->dot_f32(w->qs, ix->ctr + (size_t)(h * ix->cap_blocks) * (size_t)d, d, nb, w->ub);
+    const double *rad = ix->rad + h * ix->cap_blocks;
+    for (int64_t b = 0; b < nb; b++) {
+        const double rr = rb->qn2 * rad[b];
+        w->ub[b] += rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta;
+    }
+    return (double)nb * (4.0 * (double)d + 8.0);
+}
+
+/* The level of bound p (the proxy_levels kernels' rounding, for a whole block's keys). */
+static int64_t stream_level_of(const srow *w, double p)
+{
+    const double margin = 1e-9 * (1.0 + fabs(w->ref));
+    const double gap = ((w->ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
+    if (!(gap > 0.0)) return 0;
+    return gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)gap;
+}
+
+/* Pending blocks (not done) whose block level is <= t get their proxies read: their keys
+ * leave the block level's count for their own levels. w->bord[b]: block b's level. */
+static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                          int64_t *cnt, int64_t t)
+{
+    for (int64_t b = 0; b < w->nb; b++) {
+        if (rb->done[b] || w->bord[b] > t) continue;
+        const int64_t i0 = b * w->bs, sz = i0 + w->bs < w->n ? w->bs : w->n - i0;
+        cnt[w->bord[b]] -= sz;
+        stream_block(cx, w, h, rb, b, cnt, NULL);
+    }
+}
+
+/*
+ * The sample that decides between the strategies, its levels counted in cnt: the blocks
+ * with the highest bounds (where the mass is, if anywhere) and every STREAM_SAMPLE-th block
+ * (the bulk, counted also in cnt2, to be scaled up). Returns the sampled key with the
+ * lowest level.
+ */
+static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                             int64_t *cnt, int64_t *cnt2)
+{
+    const int64_t nb = w->nb, ntop = (nb + STREAM_SAMPLE - 1) / STREAM_SAMPLE;
+    for (int64_t b = 0; b < nb; b++) {
+        w->bsuf[b] = w->ub[b];
+        w->bord[b] = b;
+    }
+    if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);
+    int64_t top = w->bord[0] * w->bs;
+    for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
+    for (int64_t b = 0; b < nb; b += STREAM_SAMPLE) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    for (int64_t b = 0; b < nb; b++) {
+        if (!rb->done[b]) continue;
+        const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
+        for (int64_t i = i0; i < i1; i++) if (rb->lev[i] < rb->lev[top]) top = i;
+    }
+    return top;
+}
+
+/* Every key scored in one pass (no bound can help): the scores go straight to sv. */
+static void stream_all(const search_ctx *cx, srow *w)
+{
+    const int64_t n = w->n;
+    score(cx, w, 0, n, w->sv);
+    double m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        w->si[i] = i;
+        if (w->sv[i] > m) m = w->sv[i];
+    }
+    w->ns = n;
+    w->distinct = n;
+    w->unscored = 0;
+    w->blocks = w->nb;
+    w->m = m;
+    w->fm = w->ref - m > 700.0 ? INFINITY : exp(w->ref - m) * (1.0 + 0x1p-48);
+}
+
+/* Streaming search of row r (see above). */
+static tka_status search_stream(const search_ctx *cx, int64_t r, const search_dims *sd,
+                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s)
+{
+    const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
+    tka_status st = TKA_OK;
+    w->bytes += stream_block_bounds(cx, w, h, rb);
+    double ref = -INFINITY;
+    for (int64_t b = 0; b < nb; b++) if (w->ub[b] > ref) ref = w->ub[b];
+    w->ref = ref;
+    w->m = -INFINITY;
+    w->unscored = n;
+    w->j = nb;
+    w->npool = n;
+    int32_t *lev = rb->lev;
+    int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
+    for (int64_t b = 0; b < NLEVELS; b++) cnt2[b] = 0;
+    for (int64_t b = 0; b < nb; b++) rb->done[b] = 0;
+    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2);
+    int64_t n2 = 0, ns = 0;
+    for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
+    double s0;
+    score(cx, w, top, 1, &s0);
+    const double gap = fmax(0.0, (ref - (double)lev[top] * LEVEL_W) - s0);
+    cnt[lev[top]]--;
+    cnt2[lev[top]] -= cnt2[lev[top]] > 0; /* only an estimate */
+    lev[top] = -1;
+    add_scored(w, s0, top);
+    note_computed(w, top);
+    w->unscored--;
+    /* the bulk sample stands for the unsampled keys too */
+    const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
+    int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, exp(s0 - ref), gap, ck->eps);
+    double below = 0.0;
+    for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
+    if (below > STREAM_FULL * (double)n) {
+        stream_all(cx, w);
+        if (finalize(cx, w, r, 0.0, ck->eps, s, &st)) return st;
+        return TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
+    }
+    /* blocks whose bound is well below the cut keep their block level: no proxies read */
+    for (int64_t b = 0; b < nb; b++) {
+        if (rb->done[b]) continue;
+        const int64_t i0 = b * sd->bs, sz = i0 + sd->bs < n ? sd->bs : n - i0;
+        w->bord[b] = stream_level_of(w, w->ub[b]);
+        cnt[w->bord[b]] += sz;
+    }
+    stream_expand(cx, w, h, rb, cnt, t + STREAM_AHEAD);
+    t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(s0 - ref), gap, ck->eps);
+    for (;;) {
+        stream_expand(cx, w, h, rb, cnt, t);
+        stream_score(cx, w, rb, cnt, t);
+        const double u = w->unscored ? stream_mass_above(cx, cnt, -1) : 0.0;
+        if (w->unscored == 0 || ck->eps_in * w->zs >= (1.0 - ck->eps_in) * to_m_units(w, u)) {
+            if (finalize(cx, w, r, u, ck->eps, s, &st)) return st;
+            if (w->unscored == 0) return TKA_INTERNAL_ERROR();
+        }
+        const double zk = w->fm > 0.0 && isfinite(w->fm) ? w->zs / w->fm : 0.0;
+        t = stream_cut(cx, cnt, NULL, 0.0, t, zk, gap, ck->eps);
+    }
+}
+
 static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
 {
     search_ctx *cx = c;
@@ -922,9 +1197,13 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         row_bufs rb;
         carve_row(buf, &sd, &w, &ck, &rb);
         prepare_query(cx, r, &sd, &w, &ck, &rb);
-        order_blocks(cx, r, &sd, &w, &ck, &rb);
-        st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
-                      : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
+        if (sd.proxy && !sd.mc) {
+            st = search_stream(cx, r, &sd, &w, &ck, &rb, s);
+        } else {
+            order_blocks(cx, r, &sd, &w, &ck, &rb);
+            st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
+                          : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
+        }
         if (st != TKA_OK) {
             *err_row = r;
             break;

@@ -413,3 +413,115 @@ def test_bad_input_messages():
 def test_docstring_examples():
     result = doctest.testmod(tks, verbose=False, report=True)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------ streaming search
+
+def stream_keys(rng, n, d, clusters=64, noise=0.25):
+    """Keys in contiguous runs near one of `clusters` centres (the case the streaming
+    search is built for); the query is peaked on the centre of key 7."""
+    cent = rng.standard_normal((clusters, d))
+    lab = np.repeat(rng.integers(0, clusters, n // 48 + 1), 48)[:n]
+    K = cent[lab] + noise * rng.standard_normal((n, d))
+    q = 2.0 * np.sqrt(d) * K[7] / np.linalg.norm(K[7])
+    return K, q
+
+
+def check_stream(K, q, index, eps=1e-2, streamed=True):
+    n, d = K.shape
+    res = certified_search(q, index, eps)
+    check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+              1 / np.sqrt(d), eps)
+    if streamed:  # the bounds let keys go unscored: the certificate rests on them
+        assert int(res.keys_scored) < n
+    return res
+
+
+@pytest.mark.parametrize("case", ["ties", "tiny", "huge", "odd_d", "wide_d", "ragged_n",
+                                  "sinks", "far_keys"])
+def test_streaming_search_is_sound_on_adversarial_keys(simd_path, case):
+    rng = np.random.default_rng(101)
+    n, d = 64 * 40 + 37, 16
+    if case == "odd_d":
+        d = 13
+    if case == "wide_d":
+        d = 67
+    if case == "ragged_n":
+        n = 64 * 33 + 1
+    K, q = stream_keys(rng, n, d)
+    if case == "ties":  # whole runs of identical keys, the query's among them
+        K[:512] = K[7]
+        K[3000:3100] = K[7]
+    if case == "tiny":
+        K, q = K * 1e-20, q * 1e20
+    if case == "huge":
+        K, q = K * 1e20, q * 1e-20
+    if case == "sinks":  # keys that hold most of the mass, far from the query's cluster
+        K[:4] = 3.0 * q / np.linalg.norm(q) * np.sqrt(d)
+    if case == "far_keys":  # keys with logits of -1e4 (masked in effect)
+        K[100:900] = -1e4 * q / (q @ q) * np.sqrt(d)
+    for dtype in (np.float32, np.float64):
+        Kc = K.astype(dtype)
+        check_stream(Kc, q.astype(dtype), KeyIndex(Kc))
+        check_stream(Kc, q.astype(dtype), KeyIndex(Kc, summary="minmax"))
+
+
+def test_streaming_search_after_append(simd_path):
+    """Keys appended after the build (not reordered, a ragged last block) hold the query's
+    cluster: the search must find and certify them."""
+    rng = np.random.default_rng(5)
+    K, _ = stream_keys(rng, 5000, 24)
+    index = KeyIndex(K[:3001])
+    index.append(K[3001:4500])
+    index.append(K[4500:])
+    q = 2.0 * np.sqrt(24) * K[4700] / np.linalg.norm(K[4700])
+    res = check_stream(K, q, index)
+    assert 4700 in set(res.indices[: int(res.k)].tolist())
+
+
+@pytest.mark.parametrize("d", [16, 1000, 4096])
+def test_int8_codes_at_the_extremes(simd_path, d):
+    """Codes of +-127 against query codes at their largest: the int32 dot products reach
+    d * ymax * 127 (just below 2^31); an overflow would wrap the aligned key's bound far
+    below its logit and leave it unscored, and the certificate would fail."""
+    rng = np.random.default_rng(d)
+    n = 640
+    sign = np.where(rng.standard_normal(d) >= 0, 1.0, -1.0)
+    K = 0.5 * np.sign(rng.standard_normal((n, d)))     # every code is +-127
+    K[rng.integers(0, n, 40)] = -sign                   # anti-aligned keys
+    K[333] = sign                                       # the one aligned key
+    q = 0.05 * sign                                     # every query code at +-ymax
+    index = KeyIndex(K)
+    res = certified_search(q, index, 1e-2)
+    check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+              1 / np.sqrt(d), 1e-2)
+    assert int(res.indices[0]) == 333
+
+
+def test_streaming_search_pays_on_clustered_keys():
+    """Peaked queries on clustered keys: few keys scored (close to k_eps), proxies of far
+    blocks never read, a kept set close to k_eps."""
+    rng = np.random.default_rng(17)
+    n, d = 16384, 32
+    K, _ = stream_keys(rng, n, d, clusters=128, noise=0.2)
+    index = KeyIndex(K.astype(np.float32))
+    for i in (7, 5000, 12345):
+        q = 3.0 * np.sqrt(d) * K[i] / np.linalg.norm(K[i])
+        res = check_stream(K.astype(np.float32), q, index)
+        k_eps = int(topkattn.k_eps(ref_logits(q, K.astype(np.float32), 1 / np.sqrt(d)), 1e-2))
+        assert int(res.keys_scored) <= 1.5 * k_eps + 16
+        assert int(res.k) <= 1.2 * k_eps + 1
+        assert int(res.proxies_read) < 0.75 * n
+        nblk = int(res.blocks_scored)  # blocks whose proxies were read
+        assert 64 * (nblk - 1) < int(res.proxies_read) <= 64 * nblk
+
+
+def test_streaming_search_scores_everything_when_nothing_can_be_skipped():
+    """Gaussian keys and a flat query: almost every key matters, so every key is scored in
+    one pass (and the certificate is the exact tail)."""
+    rng = np.random.default_rng(3)
+    n, d = 8192, 32
+    K = rng.standard_normal((n, d)).astype(np.float32)
+    q = 0.5 * rng.standard_normal(d).astype(np.float32)
+    res = check_stream(K, q, KeyIndex(K), streamed=False)
+    assert int(res.keys_scored) == n and int(res.blocks_scored) == n // 64

@@ -72,6 +72,10 @@ def test_misaligned_search_and_attention_inputs(rng):
     assert index2.n == 305
     dense = topkattn.attention(misaligned(Q), misaligned(K), misaligned(V))
     np.testing.assert_allclose(dense, ref.attention(Q, K, V), rtol=1e-12, atol=1e-14)
+    # found by fuzz_attention: a misaligned float64 mask reached the core as it was
+    mask = np.where(rng.random((4, 300)) < 0.3, -np.inf, 0.0)
+    np.testing.assert_array_equal(topkattn.attention(Q, K, V, mask=misaligned(mask)),
+                                  topkattn.attention(Q, K, V, mask=mask))
 
 
 @pytest.mark.parametrize("name", sorted(ROW_CALLS))
@@ -124,3 +128,40 @@ def test_attention_reports_a_bad_row_after_the_first(call):
         else:
             q, k, v, mask = _masked_second_row()
             topkattn.attention(q, k, v, mask=mask)
+
+
+def test_key_index_refuses_an_empty_batch_before_allocating():
+    # found by fuzz_search: KeyIndex(K) with K of shape (0, 41, 2**31, 1) allocated the
+    # 2**31 key positions (16 GiB) for an index no search can use (no key set)
+    K = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(0, 41, 2 ** 31, 1),
+                                        strides=(0, 0, 0, 0))
+    with pytest.raises(ValueError, match="empty batch axis"):
+        topkattn.KeyIndex(K)
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: py_gauss (csrc/module.c) computes how many "
+                   "arguments an op needs as `op >= G_KEPS ? 3 : 1`, so an unknown op < 0 needs "
+                   "one, yet the switch's default branch (G_KEPS_FINITE) reads the second and "
+                   "third arrays: a NULL dereference without them, a heap over-read when they "
+                   "are shorter (ASan: heap-buffer-overflow in py_gauss)")
+def test_core_gauss_refuses_an_unknown_op():
+    # found by fuzz_core; called with three equal-length arrays so that the bug is harmless
+    # here (the op is run as G_KEPS_FINITE instead of being refused)
+    x = np.full(3, 100.0)
+    with pytest.raises(ValueError):
+        _core.gauss(-1, x, np.full(3, 2.0), np.full(3, 0.1))
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: keps_exact (csrc/rows.c), the log-space path "
+                   "for eps < 1e-280, compares log_tail[k] > log_eps + log_z; once |log Z| is "
+                   "so large (~1e16 and up) that log_eps + log_z rounds to log_z, the loop stops "
+                   "at k = 0 and reports tau = 1 > eps. In topk_attention (keep_set in "
+                   "csrc/attention.c) the threshold is then read from vals[k - 1] = vals[-1], "
+                   "before the buffer (ASan: heap-buffer-overflow in tka_row_keps)")
+@pytest.mark.parametrize("row", [[1e38, 0.0], [-1e300, -1e301], [1e19, 1e19 - 1e4]])
+def test_k_eps_with_a_huge_log_normaliser(row):
+    # found by fuzz_attention (eps = 1e-310 with scale = -3.4e38); the exact answer is 1:
+    # the top key carries all the mass to within e^-1000 or less
+    x = np.array(row)
+    k, tau = topkattn.k_eps(x, 1e-300, return_tail=True)
+    assert int(k) == 1 and float(tau) <= 1e-300

@@ -126,6 +126,8 @@ def _problem(Q, K, V, scale, mask, need_v=True):
             raise TypeError("mask must be additive (0 to keep, -inf to mask a key), not boolean; "
                             "use np.where(keep, 0.0, -np.inf)")
         m = m.astype(np.float64, copy=False)
+        if not m.flags.aligned:  # the core reads the mask as doubles
+            m = m.copy()
         if m.ndim < 2:
             m = m.reshape((1,) * (2 - m.ndim) + m.shape)
         if np.isnan(m).any() or np.isposinf(m).any():

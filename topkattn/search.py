@@ -141,6 +141,8 @@ class KeyIndex:
             raise ValueError(f"K must have shape (..., n, d), got shape {K.shape}")
         if K.shape[-2] == 0 or K.shape[-1] == 0:
             raise ValueError(f"K must have n >= 1 keys of d >= 1 dimensions, got shape {K.shape}")
+        if 0 in K.shape[:-2]:  # no key set to search (and nothing worth allocating n for)
+            raise ValueError(f"K has an empty batch axis, got shape {K.shape}")
         if (not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
                 or block_size < 1):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")

@@ -4,6 +4,9 @@ Each test replays the smallest form of one finding. Bugs in the C core that are 
 yet are marked ``xfail(strict=True)`` with the reason; they are skipped under the
 sanitizer build (scripts/sanitize.sh), where the undefined behaviour itself would abort
 the run."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -165,3 +168,22 @@ def test_k_eps_with_a_huge_log_normaliser(row):
     x = np.array(row)
     k, tau = topkattn.k_eps(x, 1e-300, return_tail=True)
     assert int(k) == 1 and float(tau) <= 1e-300
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: multigap_row (csrc/rows.c) loops j = 1..nseg "
+                   "for cuts=J segments and only stops early once a cut reaches n'; with "
+                   "geometric spacing and a huge J the cuts stay at k + 2 for ~J iterations, so "
+                   "cuts=2**62 runs for centuries (J > n' - k segments cannot differ)")
+def test_multigap_bound_with_a_huge_segment_count_returns():
+    # found by fuzz_core (a timeout); run in a subprocess so that the hang cannot stall the
+    # suite
+    code = ("import numpy as np, topkattn; "
+            "print(float(topkattn.multigap_bound(np.linspace(0.0, -3.0, 8), 2, cuts=2**62)))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("multigap_bound(cuts=2**62) did not return within 10 s")
+    assert out.returncode == 0, out.stderr
+    exact = float(ref.tail_mass(np.linspace(0.0, -3.0, 8), 2))
+    assert float(out.stdout) >= exact

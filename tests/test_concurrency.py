@@ -120,10 +120,13 @@ def test_searches_while_appending_are_certified(summary, proxy):
 
     def appender():
         try:
+            seen = 0
             for j in range(chunks):
-                # paced by the searches' progress, so that they see many sizes of the index
-                while len(results) < 2 * j and not errors:
+                # paced by the searches: at least two finish between appends, so that
+                # they see many sizes of the index
+                while len(results) < seen + 2 and not errors:
                     time.sleep(0.0005)
+                seen = len(results)
                 index.append(K_all[:, n0 + j * chunk:n0 + (j + 1) * chunk])
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)

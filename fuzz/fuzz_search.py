@@ -51,10 +51,11 @@ def check(q, K, res, scale, eps):
     kk = res.k.reshape(H, Q.shape[1])
     tvb = res.tv_bound.reshape(H, Q.shape[1])
     e = np.broadcast_to(np.asarray(eps, dtype=np.float64), res.k.shape).reshape(H, Q.shape[1])
-    for h in range(H):
+    heads = range(H) if H <= 64 else np.linspace(0, H - 1, 64).astype(int)  # a cheap sample
+    for h in heads:
         with np.errstate(all="ignore"):
             s = scale * (K[h] @ Q[h].T).T  # (L, n)
-        for r in range(Q.shape[1]):
+        for r in range(min(Q.shape[1], 64)):
             k = int(kk[h, r])
             kept = idx[h, r, :k]
             if not (1 <= k <= n and np.all((kept >= 0) & (kept < n))
@@ -108,8 +109,8 @@ def one(data):
                          .reshape(index.batch_shape + (3, index.d)))
         # the keys in original positions (the index stores them reordered)
         Kfull = np.empty_like(index._keys[:, :index.n])
-        for h in range(index._heads):
-            Kfull[h, index._perm[h, :index.n]] = index._keys[h, :index.n]
+        np.put_along_axis(Kfull, index._perm[:, :index.n, None], index._keys[:, :index.n],
+                          axis=1)
         d = index.d
         if which == 3:  # the private entry points with a corrupted index
             t = corrupt(fdp, index._tuple())

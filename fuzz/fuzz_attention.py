@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: dense and Top-k attention (topkattn.attention, topk_attention,
 attention_error, attention_matrix_error, dynamic_k) on adversarial Q, K, V, masks and
 parameters. On small finite problems the Top-k result is checked against the float64

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the distribution functions of topkattn (tail mass, KL, tv_curve, k_eps, topk,
 the certified bounds, entropy, the Gaussian functions), through the public wrappers and
 straight into topkattn._core, on adversarial arrays. Certificates and k_eps are checked

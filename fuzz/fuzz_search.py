@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: certified search (KeyIndex, append, certified_search with "delta" and
 "mc", certified_attention) on adversarial keys, queries and parameters, and the private
 entry points (_core.index_order, index_fill, search) on index tuples with corrupted arrays.

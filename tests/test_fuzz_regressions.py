@@ -187,3 +187,17 @@ def test_multigap_bound_with_a_huge_segment_count_returns():
     assert out.returncode == 0, out.stderr
     exact = float(ref.tail_mass(np.linspace(0.0, -3.0, 8), 2))
     assert float(out.stdout) >= exact
+
+
+def test_attention_error_with_no_value_columns_and_an_empty_huge_batch(rng):
+    # found by fuzz_attention: d_v = 0 failed with "cannot reshape array of size 0", and a
+    # mask of shape (2**31, 0, 1, 1) (an empty batch) made attention_error build an index
+    # grid of 2**31 entries (16 GiB)
+    q, K = rng.standard_normal((3, 6)), rng.standard_normal((8, 6))
+    r = topkattn.attention_error(q, K, np.zeros((8, 0)), k=2)
+    np.testing.assert_array_equal(r.error, np.zeros(3))
+    np.testing.assert_allclose(r.tau, topkattn.tail_mass(ref.scores(q, K), 2), rtol=1e-12)
+    mask = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2 ** 31, 0, 1, 1),
+                                           strides=(0, 0, 0, 0))
+    r = topkattn.attention_error(q, K, rng.standard_normal((8, 2)), k=2, mask=mask)
+    assert r.error.shape == (2 ** 31, 0, 3) and r.tau.size == 0

@@ -424,8 +424,7 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     kk = np.minimum(kk, live)
     tau = np.asarray(_tail_mass(s, kk), dtype=np.float64).reshape(rshape)
     order = np.argsort(-s, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(p.n), axis=-1)
+    rank = np.argsort(order, axis=-1)  # the inverse permutation (no index grid of the batch)
     kept = rank < kk[..., None]
     P = np.exp(s - s.max(axis=-1, keepdims=True))
     P /= P.sum(axis=-1, keepdims=True)
@@ -439,12 +438,13 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     mu_tail = np.where(mass_t > 0, mu_tail, np.nan)
     diam = np.zeros(rshape)
     var = np.zeros(rshape)
-    flatP = P.reshape(-1, p.n)
-    flatK = kept.reshape(-1, p.n)
-    flatD = dense.reshape(-1, p.dv)
+    nrows = int(np.prod(rshape))  # explicit: reshape(-1, 0) is ambiguous when d_v = 0
+    flatP = P.reshape(nrows, p.n)
+    flatK = kept.reshape(nrows, p.n)
+    flatD = dense.reshape(nrows, p.dv)
     error = np.zeros(rshape)
-    flatT = PT.reshape(-1, p.n)
-    flatS = sparse.reshape(-1, p.dv)
+    flatT = PT.reshape(nrows, p.n)
+    flatS = sparse.reshape(nrows, p.dv)
     for r, pos in enumerate(np.ndindex(*rshape)):
         Vr = V64[pos[:-1]]
         # Attn - Attn_k = sum_{i in T} P_i (v_i - mu_H): the difference of the two outputs

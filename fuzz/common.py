@@ -171,8 +171,10 @@ def int_param(fdp):
     if c == 1:
         return HUGE[fdp.ConsumeIntInRange(0, len(HUGE) - 1)] * (1 if fdp.ConsumeBool() else -1)
     if c == 2:
-        return np.array([fdp.ConsumeIntInRange(-5, 400) for _ in range(fdp.ConsumeIntInRange(
-            0, 6))], dtype=[np.int64, np.int32, np.float64, np.uint64][fdp.ConsumeIntInRange(0, 3)])
+        vals = np.array([fdp.ConsumeIntInRange(-5, 400) for _ in range(fdp.ConsumeIntInRange(
+            0, 6))], dtype=np.int64)  # then cast: negative values wrap in uint64
+        return vals.astype([np.int64, np.int32, np.float64, np.uint64][
+            fdp.ConsumeIntInRange(0, 3)])
     if c == 3:
         return fdp.ConsumeRegularFloat()
     return fdp.ConsumeIntInRange(0, 400)

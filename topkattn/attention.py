@@ -445,7 +445,8 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     error = np.zeros(rshape)
     flatT = PT.reshape(nrows, p.n)
     flatS = sparse.reshape(nrows, p.dv)
-    for r, pos in enumerate(np.ndindex(*rshape)):
+    # np.ndindex materialises range(extent) of every axis: none for an empty batch
+    for r, pos in enumerate(np.ndindex(*rshape) if nrows else ()):
         Vr = V64[pos[:-1]]
         # Attn - Attn_k = sum_{i in T} P_i (v_i - mu_H): the difference of the two outputs
         # without the cancellation of subtracting two nearly equal vectors

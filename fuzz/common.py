@@ -82,7 +82,7 @@ def values(fdp, count, mode=None):
                              for _ in range(count)], dtype=np.int64)]
 
 
-def array(fdp, max_elems=4096, ndim_max=4, finite=False):
+def array(fdp, max_elems=4096, ndim_max=4, finite=False, huge_ok=True):
     """An adversarial ndarray: dtype and byte order, shape (zero and huge extents), strides
     (negative, zero, overlapping), an offset into a larger buffer, values."""
     dtype = DTYPES[fdp.ConsumeIntInRange(0, len(DTYPES) - 1)]
@@ -96,6 +96,8 @@ def array(fdp, max_elems=4096, ndim_max=4, finite=False):
     layout = fdp.ConsumeIntInRange(0, 5)
     if dtype.kind == "O":
         layout = min(layout, 1)  # as_strided views of object arrays would forge pointers
+    if not huge_ok:
+        shape = [s if s <= 300 else 300 for s in shape]
     huge = any(s > max_elems for s in shape)
     if huge and 0 not in shape and dtype.kind == "O":
         shape, huge = [min(s, 8) for s in shape], False

@@ -120,6 +120,10 @@ def one(data):
         d = index.d
         if which == 3:  # the private entry points with a corrupted index
             t = corrupt(fdp, index._tuple())
+            if not KNOWN_C_BUGS and isinstance(t[3], (int, np.integer)) and t[3] > 2 ** 40:
+                # known: parse_index computes cap + block_size - 1 in a signed type
+                # (UBSan: overflow for block_size near 2^63)
+                return
             c = fdp.ConsumeIntInRange(0, 2)
             if c == 0:
                 _core.index_fill(t, fdp.ConsumeIntInRange(-2, 300))

@@ -55,6 +55,8 @@ def float_array(x, name):
             x = x.astype(np.float64)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if not x.flags.aligned:  # the C core reads elements as typed values: copy to aligned memory
+        x = x.copy()
     return x
 
 
@@ -63,6 +65,8 @@ def logits(x, name="logits"):
     x = float_array(x, name)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (..., n), got a scalar")
+    if x.shape[-1] == 0:  # before per-row parameters are broadcast to a huge batch shape
+        raise ValueError(f"{name} has an empty last axis (n = 0): there is no key")
     return x
 
 

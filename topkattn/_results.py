@@ -100,6 +100,9 @@ class SearchResult:
         Attention output of the kept set (softmax over it, weights times V rows).
     method, eps, delta, confidence
         What was certified: ``TV <= eps`` with probability >= confidence (1 for "delta").
+    n : int or None
+        Keys in the index when the search ran (the certificate is over keys ``0 .. n-1``;
+        a concurrent :meth:`KeyIndex.append` may have added more since).
     """
 
     indices: np.ndarray
@@ -115,3 +118,4 @@ class SearchResult:
     eps: np.ndarray
     delta: float | None
     confidence: float
+    n: int | None = None

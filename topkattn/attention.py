@@ -90,6 +90,8 @@ def _problem(Q, K, V, scale, mask, need_v=True):
         _args.mask_dtype(m.dtype == np.bool_, m.dtype.kind in "fiu", m.dtype,
                          "np.where(keep, 0.0, -np.inf)")
         m = m.astype(np.float64, copy=False)
+        if not m.flags.aligned:  # the core reads the mask as doubles
+            m = m.copy()
         m = m.reshape(_args.mask_shape(m.shape, L, n))
         if np.isnan(m).any() or np.isposinf(m).any():
             raise ValueError("mask must not contain NaN or +inf (use -inf to mask a key)")
@@ -297,8 +299,7 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     kk = np.minimum(kk, live)
     tau = np.asarray(_tail_mass(s, kk), dtype=np.float64).reshape(rshape)
     order = np.argsort(-s, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(p.n), axis=-1)
+    rank = np.argsort(order, axis=-1)  # the inverse permutation (no index grid of the batch)
     kept = rank < kk[..., None]
     P = np.exp(s - s.max(axis=-1, keepdims=True))
     P /= P.sum(axis=-1, keepdims=True)
@@ -312,13 +313,15 @@ def attention_error(q, K, V, k=None, eps=None, scale=None, mask=None):
     mu_tail = np.where(mass_t > 0, mu_tail, np.nan)
     diam = np.zeros(rshape)
     var = np.zeros(rshape)
-    flatP = P.reshape(-1, p.n)
-    flatK = kept.reshape(-1, p.n)
-    flatD = dense.reshape(-1, p.dv)
+    nrows = int(np.prod(rshape))  # explicit: reshape(-1, 0) is ambiguous when d_v = 0
+    flatP = P.reshape(nrows, p.n)
+    flatK = kept.reshape(nrows, p.n)
+    flatD = dense.reshape(nrows, p.dv)
     error = np.zeros(rshape)
-    flatT = PT.reshape(-1, p.n)
-    flatS = sparse.reshape(-1, p.dv)
-    for r, pos in enumerate(np.ndindex(*rshape)):
+    flatT = PT.reshape(nrows, p.n)
+    flatS = sparse.reshape(nrows, p.dv)
+    # np.ndindex materialises range(extent) of every axis: none for an empty batch
+    for r, pos in enumerate(np.ndindex(*rshape) if nrows else ()):
         Vr = V64[pos[:-1]]
         # Attn - Attn_k = sum_{i in T} P_i (v_i - mu_H): the difference of the two outputs
         # without the cancellation of subtracting two nearly equal vectors

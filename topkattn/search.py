@@ -9,7 +9,9 @@ promising keys exactly (float64) and stops as soon as the kept set is certified;
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 
 import numpy as np
 
@@ -28,6 +30,51 @@ _METHODS = {"delta": _core.METHOD_DELTA, "mc": _core.METHOD_MC}
 def _check_finite(x, name):
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
+
+
+class _RWLock:
+    """Reader-writer lock: any number of shared holders, or one exclusive holder.
+
+    A waiting writer blocks new readers (so a stream of searches cannot starve
+    :meth:`KeyIndex.append`). Not reentrant.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 class KeyIndex:
@@ -53,6 +100,15 @@ class KeyIndex:
 
     Every bound is padded for the rounding of the arithmetic that computes it, so it is
     never below the float64 logit (see ``csrc/search.c``).
+
+    **Threads.** Searches (:func:`certified_search`, :func:`certified_attention`) may run
+    concurrently with each other and with :meth:`append` from other Python threads. Each
+    index carries a reader-writer lock: a search holds it shared, ``append`` exclusive, each
+    across its call into the C core (which runs with the GIL released). So a search sees
+    the index either entirely before or entirely after an append (never a half-written
+    block summary or a reallocated buffer), and its certificate holds for the keys present
+    when it started; ``SearchResult.n`` says how many that was. Appends wait for running
+    searches to finish, and new searches wait behind a waiting append.
 
     Parameters
     ----------
@@ -88,6 +144,8 @@ class KeyIndex:
             raise ValueError(f"K must have shape (..., n, d), got shape {K.shape}")
         if K.shape[-2] == 0 or K.shape[-1] == 0:
             raise ValueError(f"K must have n >= 1 keys of d >= 1 dimensions, got shape {K.shape}")
+        if 0 in K.shape[:-2]:  # no key set to search (and nothing worth allocating n for)
+            raise ValueError(f"K has an empty batch axis, got shape {K.shape}")
         if (not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
                 or block_size < 1):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -110,6 +168,7 @@ class KeyIndex:
             keys = np.take_along_axis(keys, perm[:, :, None], axis=1)
         else:
             perm = np.broadcast_to(np.arange(n, dtype=np.int64), (self._heads, n))
+        self._lock = _RWLock()
         self.n = 0
         self._alloc(n)
         self._keys[:, :n] = keys
@@ -187,13 +246,19 @@ class KeyIndex:
         m = int(x.shape[-2])
         if m == 0:
             return self
-        n0 = self.n
-        if n0 + m > self._cap:
-            self._alloc(max(n0 + m, 2 * self._cap))
-        self._keys[:, n0:n0 + m] = x.reshape(self._heads, m, self.d)
-        self._perm[:, n0:n0 + m] = np.arange(n0, n0 + m, dtype=np.int64)
-        self.n = n0 + m
-        _core.index_fill(self._tuple(), n0)
+        x = x.reshape(self._heads, m, self.d)
+        with self._lock.exclusive():
+            n0 = self.n
+            if n0 + m > self._cap:
+                self._alloc(max(n0 + m, 2 * self._cap))
+            self._keys[:, n0:n0 + m] = x
+            self._perm[:, n0:n0 + m] = np.arange(n0, n0 + m, dtype=np.int64)
+            self.n = n0 + m
+            try:
+                _core.index_fill(self._tuple(), n0)
+            except BaseException:
+                self.n = n0  # the new blocks have no summaries: leave them out
+                raise
         return self
 
     def __repr__(self):
@@ -253,24 +318,14 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
     scale = 1.0 / np.sqrt(index.d) if scale is None else float(scale)
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
-    with np.errstate(over="ignore", invalid="ignore"):
-        qn1 = scale * np.abs(Q).sum(axis=-1).max()
-        big = qn1 * float(index._maxabs.max()) * (index.d + 8)
-    if not big < 1e300:
-        raise ValueError("logits would overflow float64: scale * |q|_1 * max|k| too large")
-    Vc = None
     if V is not None:
         V = _float_array(V, "V")
-        want = index.batch_shape + (index.n,)
-        if V.ndim != len(want) + 1 or V.shape[:-1] != want:
-            raise ValueError(f"V must have shape {want + ('d_v',)}, got {V.shape}")
-        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output
-        Vc = np.ascontiguousarray(V.reshape(index._heads, index.n, V.shape[-1]))
-    eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
-    idx, k, tv, ks, bsc, pr, by, mcf, out = _core.search(
-        index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),
-        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc)
+    # shared: n, the summaries and the buffers stay as they are until the search returns
+    with index._lock.shared():
+        n = index.n
+        res = _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples,
+                             use_proxy)
+    idx, k, tv, ks, bsc, pr, by, mcf, out = res
     kmax = idx.shape[-1]
     shp = lambda a: a.reshape(qshape)  # noqa: E731
     if out is not None:
@@ -281,7 +336,28 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
         blocks_scored=shp(bsc), proxies_read=shp(pr), bytes_read=shp(by),
         certified_mc=shp(mcf), output=out, method=method, eps=np.array(e),
         delta=delta if method == "mc" else None,
-        confidence=1.0 - delta if method == "mc" else 1.0)
+        confidence=1.0 - delta if method == "mc" else 1.0, n=n)
+
+
+def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_proxy):
+    """The part of a search that reads the index; the caller holds its lock shared."""
+    # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
+    with np.errstate(over="ignore", invalid="ignore"):
+        qn1 = scale * np.abs(Q).sum(axis=-1).max()
+        big = qn1 * float(index._maxabs.max()) * (index.d + 8)
+    if not big < 1e300:
+        raise ValueError("logits would overflow float64: scale * |q|_1 * max|k| too large")
+    Vc = None
+    if V is not None:
+        want = index.batch_shape + (index.n,)
+        if V.ndim != len(want) + 1 or V.shape[:-1] != want:
+            raise ValueError(f"V must have shape {want + ('d_v',)}, got {V.shape}")
+        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output
+        Vc = np.ascontiguousarray(V.reshape(index._heads, index.n, V.shape[-1]))
+    eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
+    return _core.search(
+        index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),
+        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc)
 
 
 @dispatch("q", "V")

@@ -1,0 +1,203 @@
+"""Regression tests for what the fuzz targets in fuzz/ found (see fuzz/README.md).
+
+Each test replays the smallest form of one finding. Bugs in the C core that are not fixed
+yet are marked ``xfail(strict=True)`` with the reason; they are skipped under the
+sanitizer build (scripts/sanitize.sh), where the undefined behaviour itself would abort
+the run."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import topkattn
+from topkattn import _core
+from topkattn import reference as ref
+
+# the ASan runtime is loaded: scripts/sanitize.sh or fuzz/run.sh
+with open("/proc/self/maps") as _maps:
+    _mapped = _maps.read()
+SANITIZED = "libasan" in _mapped or "asan_with_fuzzer" in _mapped
+
+
+def misaligned(a):
+    """A copy of ``a`` at an odd byte address (NumPy's ALIGNED flag is False)."""
+    a = np.ascontiguousarray(a)
+    raw = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    view = raw[1:].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    assert not view.flags.aligned
+    return view
+
+
+ROW_CALLS = {
+    "tail_mass": lambda x: topkattn.tail_mass(x, 3),
+    "log_tail_mass": lambda x: topkattn.log_tail_mass(x, 3),
+    "kl_truncated": lambda x: topkattn.kl_truncated(x, 3),
+    "tv_curve": topkattn.tv_curve,
+    "k_eps": lambda x: topkattn.k_eps(x, 0.05, return_tail=True),
+    "topk": lambda x: topkattn.topk(x, 4),
+    "gap_bound": lambda x: topkattn.gap_bound(x, 3),
+    "multigap_bound": lambda x: topkattn.multigap_bound(x, 3, cuts=4),
+    "entropy": topkattn.entropy,
+    "effective_support": lambda x: topkattn.effective_support(x, 0.05),
+    "fit_gaussian": topkattn.fit_gaussian,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CALLS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_logits_give_the_aligned_results(name, dtype, rng):
+    # found by fuzz_core: a float array at an odd address reached the kernels, which read
+    # it as typed values (UBSan: misaligned load in csrc/cpu/kernels.inc); the Python layer
+    # now copies such arrays to aligned memory
+    x = rng.standard_normal((3, 70)).astype(dtype)
+    x[1, 5] = -np.inf
+    a, b = ROW_CALLS[name](x), ROW_CALLS[name](misaligned(x))
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_misaligned_search_and_attention_inputs(rng):
+    # found by fuzz_search: a misaligned query reached _core.search, which refused it as
+    # "index array Q has the wrong dtype, rank or layout"
+    K = rng.standard_normal((2, 300, 8))
+    V = rng.standard_normal((2, 300, 3))
+    Q = rng.standard_normal((2, 4, 8))
+    index = topkattn.KeyIndex(K, block_size=16)
+    a = topkattn.certified_search(Q, index, eps=0.01, V=V)
+    b = topkattn.certified_search(misaligned(Q), index, eps=misaligned(np.full((2, 4), 0.01)),
+                                  V=misaligned(V))
+    for f in ("indices", "k", "tv_bound", "output"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    index2 = topkattn.KeyIndex(misaligned(K), block_size=16)
+    index2.append(misaligned(K[:, :5]))
+    assert index2.n == 305
+    dense = topkattn.attention(misaligned(Q), misaligned(K), misaligned(V))
+    np.testing.assert_allclose(dense, ref.attention(Q, K, V), rtol=1e-12, atol=1e-14)
+    # found by fuzz_attention: a misaligned float64 mask reached the core as it was
+    mask = np.where(rng.random((4, 300)) < 0.3, -np.inf, 0.0)
+    np.testing.assert_array_equal(topkattn.attention(Q, K, V, mask=misaligned(mask)),
+                                  topkattn.attention(Q, K, V, mask=mask))
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CALLS))
+def test_empty_last_axis_with_a_huge_batch_fails_before_allocating(name):
+    # found by fuzz_core: logits of shape (1, 2**31, 0) made the Python layer broadcast k to
+    # 2**31 rows (16 GiB) before the core refused the empty last axis
+    x = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(1, 2 ** 31, 0), strides=(0, 0, 0))
+    with pytest.raises(ValueError, match="empty last axis"):
+        ROW_CALLS[name](x)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the misaligned read itself is a sanitizer report")
+@pytest.mark.xfail(strict=True, reason="C core bug: parse_logits (csrc/pyutil.c) accepts arrays "
+                   "that are not aligned and the kernels read them as typed values (undefined "
+                   "behaviour); the private entry points should refuse or copy them")
+def test_core_refuses_misaligned_logits():
+    x = misaligned(np.linspace(-1.0, 1.0, 40))
+    with pytest.raises((ValueError, TypeError)):
+        _core.entropy(x)
+
+
+def _nan_in_second_row():
+    Q = np.ones((1, 5, 2))
+    Q[0, 3] = np.nan
+    return Q, np.ones((1, 3, 2)), np.zeros((1, 3, 4))
+
+
+def _masked_second_row():
+    mask = np.zeros((2, 3))
+    mask[1] = -np.inf
+    return np.ones((2, 2)), np.ones((3, 2)), np.zeros((3, 4)), mask
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: in csrc/attention.c attn_groups reports the "
+                   "failing *query row* as the failing job row, but tka_parallel_rows "
+                   "(csrc/parallel.c) counts job rows in groups of 4 query rows and drops an "
+                   "error whose row is >= the number of groups; the call returns TKA_OK with "
+                   "uninitialised output rows")
+@pytest.mark.parametrize("call", ["attention", "topk_attention", "mask"])
+def test_attention_reports_a_bad_row_after_the_first(call):
+    # found by fuzz_attention: NaN scores (or a fully masked row) in query row >= 1 of a
+    # problem with few groups were not reported; with return_info=True the core then
+    # copied the kept lists of uninitialised k values (a huge allocation or a heap read)
+    Q, K, V = _nan_in_second_row()
+    with pytest.raises(ValueError):
+        if call == "attention":
+            topkattn.attention(Q, K, V)
+        elif call == "topk_attention":
+            topkattn.topk_attention(Q, K, V, k=2)  # return_info=False: no copy of the lists
+        else:
+            q, k, v, mask = _masked_second_row()
+            topkattn.attention(q, k, v, mask=mask)
+
+
+def test_key_index_refuses_an_empty_batch_before_allocating():
+    # found by fuzz_search: KeyIndex(K) with K of shape (0, 41, 2**31, 1) allocated the
+    # 2**31 key positions (16 GiB) for an index no search can use (no key set)
+    K = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(0, 41, 2 ** 31, 1),
+                                        strides=(0, 0, 0, 0))
+    with pytest.raises(ValueError, match="empty batch axis"):
+        topkattn.KeyIndex(K)
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: py_gauss (csrc/module.c) computes how many "
+                   "arguments an op needs as `op >= G_KEPS ? 3 : 1`, so an unknown op < 0 needs "
+                   "one, yet the switch's default branch (G_KEPS_FINITE) reads the second and "
+                   "third arrays: a NULL dereference without them, a heap over-read when they "
+                   "are shorter (ASan: heap-buffer-overflow in py_gauss)")
+def test_core_gauss_refuses_an_unknown_op():
+    # found by fuzz_core; called with three equal-length arrays so that the bug is harmless
+    # here (the op is run as G_KEPS_FINITE instead of being refused)
+    x = np.full(3, 100.0)
+    with pytest.raises(ValueError):
+        _core.gauss(-1, x, np.full(3, 2.0), np.full(3, 0.1))
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: keps_exact (csrc/rows.c), the log-space path "
+                   "for eps < 1e-280, compares log_tail[k] > log_eps + log_z; once |log Z| is "
+                   "so large (~1e16 and up) that log_eps + log_z rounds to log_z, the loop stops "
+                   "at k = 0 and reports tau = 1 > eps. In topk_attention (keep_set in "
+                   "csrc/attention.c) the threshold is then read from vals[k - 1] = vals[-1], "
+                   "before the buffer (ASan: heap-buffer-overflow in tka_row_keps)")
+@pytest.mark.parametrize("row", [[1e38, 0.0], [-1e300, -1e301], [1e19, 1e19 - 1e4]])
+def test_k_eps_with_a_huge_log_normaliser(row):
+    # found by fuzz_attention (eps = 1e-310 with scale = -3.4e38); the exact answer is 1:
+    # the top key carries all the mass to within e^-1000 or less
+    x = np.array(row)
+    k, tau = topkattn.k_eps(x, 1e-300, return_tail=True)
+    assert int(k) == 1 and float(tau) <= 1e-300
+
+
+@pytest.mark.xfail(strict=True, reason="C core bug: multigap_row (csrc/rows.c) loops j = 1..nseg "
+                   "for cuts=J segments and only stops early once a cut reaches n'; with "
+                   "geometric spacing and a huge J the cuts stay at k + 2 for ~J iterations, so "
+                   "cuts=2**62 runs for centuries (J > n' - k segments cannot differ)")
+def test_multigap_bound_with_a_huge_segment_count_returns():
+    # found by fuzz_core (a timeout); run in a subprocess so that the hang cannot stall the
+    # suite
+    code = ("import numpy as np, topkattn; "
+            "print(float(topkattn.multigap_bound(np.linspace(0.0, -3.0, 8), 2, cuts=2**62)))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("multigap_bound(cuts=2**62) did not return within 10 s")
+    assert out.returncode == 0, out.stderr
+    exact = float(ref.tail_mass(np.linspace(0.0, -3.0, 8), 2))
+    assert float(out.stdout) >= exact
+
+
+def test_attention_error_with_no_value_columns_and_an_empty_huge_batch(rng):
+    # found by fuzz_attention: d_v = 0 failed with "cannot reshape array of size 0", and a
+    # mask of shape (2**31, 0, 1, 1) (an empty batch) made attention_error build an index
+    # grid of 2**31 entries (16 GiB)
+    q, K = rng.standard_normal((3, 6)), rng.standard_normal((8, 6))
+    r = topkattn.attention_error(q, K, np.zeros((8, 0)), k=2)
+    np.testing.assert_array_equal(r.error, np.zeros(3))
+    np.testing.assert_allclose(r.tau, topkattn.tail_mass(ref.scores(q, K), 2), rtol=1e-12)
+    mask = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2 ** 31, 0, 1, 1),
+                                           strides=(0, 0, 0, 0))
+    r = topkattn.attention_error(q, K, rng.standard_normal((8, 2)), k=2, mask=mask)
+    assert r.error.shape == (2 ** 31, 0, 3) and r.tau.size == 0

@@ -11,6 +11,7 @@
  * so results do not depend on the thread count.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +28,10 @@ typedef struct {
     double *tau_out;
     int64_t **idx_out;
     double *err_sq;
+    /* lowest failing query row: the parallel runner counts groups, not query rows, so the
+     * row an error names is kept here (a group's rows are numbered in group order, so the
+     * lowest failing group holds the lowest failing row) */
+    _Atomic int64_t *bad_query;
 } attn_ctx;
 
 void tka_free(void *p) { free(p); }
@@ -211,6 +216,14 @@ static tka_status row_error(const attn_ctx *c, int64_t r, const tka_row *wp, dou
     return TKA_OK;
 }
 
+static void note_bad_query(const attn_ctx *c, int64_t row)
+{
+    int64_t cur = atomic_load(c->bad_query);
+    while (row < cur && !atomic_compare_exchange_weak(c->bad_query, &cur, row)) {}
+}
+
+/* Runs groups g0 .. g1-1; on failure *bad is the failing group (the unit the parallel
+ * runner orders errors by) and the failing query row goes to c->bad_query. */
 static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, int64_t *bad)
 {
     const attn_ctx *c = ctx;
@@ -223,7 +236,9 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
     double *acc = tka_arena_alloc(s, (size_t)a->dv * sizeof(double));
     if (!q || !sc || !acc) {
-        *bad = (g0 / per) * L + (g0 % per) * GROUP;
+        tka_arena_release(s, mark);
+        *bad = g0;
+        note_bad_query(c, (g0 / per) * L + (g0 % per) * GROUP);
         return TKA_ERR_NOMEM;
     }
     for (int64_t g = g0; g < g1; g++) {
@@ -242,7 +257,9 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
             tka_arena_release(s, row_mark);
         }
         if (st != TKA_OK) {
-            *bad = r0 + off;
+            tka_arena_release(s, mark);
+            *bad = g;
+            note_bad_query(c, r0 + off);
             return st;
         }
     }
@@ -262,8 +279,10 @@ static tka_status run(attn_ctx *c, tka_error *err)
     c->K = tka_kernels_active();
     const int64_t groups = a->batch * ((a->L + GROUP - 1) / GROUP);
     const double work = (double)a->batch * (double)a->L * (double)a->n * (double)(a->d + 8);
+    _Atomic int64_t bad_query = INT64_MAX;
+    c->bad_query = &bad_query;
     tka_status st = tka_rows_run_parallel(groups, work, attn_groups, c, &bad);
-    if (err) err->row = bad;
+    if (err) err->row = st == TKA_OK ? -1 : atomic_load(&bad_query);
     return st;
 }
 

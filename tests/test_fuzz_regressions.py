@@ -112,11 +112,6 @@ def _masked_second_row():
     return np.ones((2, 2)), np.ones((3, 2)), np.zeros((3, 4)), mask
 
 
-@pytest.mark.xfail(strict=True, reason="C core bug: in csrc/attention.c attn_groups reports the "
-                   "failing *query row* as the failing job row, but tka_parallel_rows "
-                   "(csrc/parallel.c) counts job rows in groups of 4 query rows and drops an "
-                   "error whose row is >= the number of groups; the call returns TKA_OK with "
-                   "uninitialised output rows")
 @pytest.mark.parametrize("call", ["attention", "topk_attention", "mask"])
 def test_attention_reports_a_bad_row_after_the_first(call):
     # found by fuzz_attention: NaN scores (or a fully masked row) in query row >= 1 of a
@@ -201,3 +196,20 @@ def test_attention_error_with_no_value_columns_and_an_empty_huge_batch(rng):
                                            strides=(0, 0, 0, 0))
     r = topkattn.attention_error(q, K, rng.standard_normal((8, 2)), k=2, mask=mask)
     assert r.error.shape == (2 ** 31, 0, 3) and r.tau.size == 0
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("L", [2, 5, 9])
+def test_attention_names_the_lowest_bad_query_row(L, threads, rng):
+    """The error names the lowest failing query row, whatever group of four it is in and
+    whatever the thread count."""
+    topkattn.set_num_threads(threads)
+    Q = rng.standard_normal((3, L, 8))
+    K, V = rng.standard_normal((3, 6, 8)), rng.standard_normal((3, 6, 4))
+    Q[2, 0, 0] = np.nan
+    Q[1, L - 1, 3] = np.nan
+    for call in (lambda: topkattn.attention(Q, K, V),
+                 lambda: topkattn.topk_attention(Q, K, V, k=2, return_info=True),
+                 lambda: topkattn.attention_error(Q, K, V, k=2)):
+        with pytest.raises(ValueError, match=rf"index \(1, {L - 1}\)"):
+            call()

@@ -279,11 +279,14 @@ static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 /*
  * Exact k_eps from the sorted row: walk up from the smallest logit keeping the discarded
  * mass as S * e^R (R = the current logit), so it never under- or overflows.
- * log_tail[i] = log of the mass of sorted[i..n).
+ * log_tail[i] = log of the mass of sorted[i..n), relative to e^sorted[0] (the maximum).
  */
 static void keps_exact(const double *sorted, int64_t n, double log_eps, double *log_tail,
                        int64_t *k_out, double *tau_out)
 {
+    /* log masses relative to the row maximum: absolute ones can be so large (|logits| near
+     * 1e38) that log_eps + log_z rounds to log_z and the walk would stop at k = 0 */
+    const double top = sorted[0];
     double S = 0.0, R = -INFINITY;
     log_tail[n] = -INFINITY;
     for (int64_t i = n - 1; i >= 0; i--) {
@@ -292,7 +295,7 @@ static void keps_exact(const double *sorted, int64_t n, double log_eps, double *
             if (S == 0.0) { S = 1.0; R = v; }
             else { S = S * exp(R - v) + 1.0; R = v; }
         }
-        log_tail[i] = S > 0.0 ? log(S) + R : -INFINITY;
+        log_tail[i] = S > 0.0 ? log(S) + (R - top) : -INFINITY;
     }
     double log_z = log_tail[0], bar = log_eps + log_z;
     int64_t k = 0;

@@ -212,6 +212,8 @@ def batch_offsets(shape, strides, bshape):
     offsets come in the same unit); axes of length 1 and missing leading axes repeat.
     """
     nd = len(bshape)
+    if 0 in tuple(bshape):  # an empty batch: no offsets (and no arange over its other axes)
+        return np.zeros(0, dtype=np.int64)
     pad = nd - len(shape)
     off = np.zeros(bshape, dtype=np.int64)
     for ax in range(nd):

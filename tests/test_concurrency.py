@@ -22,6 +22,15 @@ def _tv_float64(K, q, scale, kept):
 
 # ------------------------------------------------------------------ the reader-writer lock
 
+
+def _run_all(threads, timeout):
+    """Start every thread, wait for all of them, and fail on one still running (a deadlock)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+
 def test_rwlock_excludes_writers_from_readers():
     lock = _RWLock()
     inside = {"r": 0, "w": 0}
@@ -50,11 +59,7 @@ def test_rwlock_excludes_writers_from_readers():
 
     threads = [threading.Thread(target=reader) for _ in range(4)]
     threads += [threading.Thread(target=writer) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    _run_all(threads, timeout=60)
     assert not bad, bad[:3]
 
 
@@ -148,11 +153,7 @@ def test_searches_while_appending_are_certified(summary, proxy):
 
     threads = [threading.Thread(target=appender)]
     threads += [threading.Thread(target=searcher, args=(t,)) for t in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    _run_all(threads, timeout=300)
     assert not errors, errors[:3]
     assert index.n == K_all.shape[1]
     seen_n = {res.n for _, res in results}
@@ -282,11 +283,7 @@ def test_every_public_function_from_8_threads_matches_serial():
             errors.append((s, e))
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in seeds]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    _run_all(threads, timeout=300)
     assert not errors, errors[:3]
     for s in seeds:
         for (name, a), (name2, b) in zip(serial[s], got[s]):

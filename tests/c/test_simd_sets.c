@@ -205,10 +205,9 @@ static long double ref_log_tau(const ref_t *R, int64_t k)
 {
     if (k >= R->live) return -INFINITY;
     const long double t = R->sorted[k], m = R->sorted[0];
-    long double tail = 0.0L, head = 0.0L;
+    long double tail = 0.0L;
     for (int64_t i = R->live - 1; i >= k; i--) tail += expl((long double)R->sorted[i] - t);
-    for (int64_t i = R->live - 1; i >= 0; i--) head += expl((long double)R->sorted[i] - m);
-    return logl(tail) + (t - m) - logl(head);
+    return logl(tail) + (t - m) - logl(R->suffix[0]);
 }
 
 /* ------------------------------------------------------------------ helpers */

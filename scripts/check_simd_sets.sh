@@ -32,7 +32,6 @@ named=${#targets[@]}
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-core="arena attention chunks dispatch gauss parallel rows search select status"
 cflags=(-std=c11 -O2 -fno-math-errno -ffp-contract=off -Wall -Wextra -Wno-unused-parameter
         -Wno-missing-field-initializers -I"$repo/csrc")
 [ -n "$werror" ] && cflags+=("$werror")
@@ -42,16 +41,19 @@ build() {
     local cc="$1" out="$2" x86="$3" dir="$work/$(basename "$2").obj" defs="" pids=()
     mkdir -p "$dir"
     [ "$x86" = 1 ] && defs="-DTKA_HAVE_X86=1"
-    local files=()
-    for f in $core; do files+=("$repo/csrc/$f.c:"); done
-    for f in kernels_scalar search_scalar kernels_neon search_neon; do
-        files+=("$repo/csrc/cpu/$f.c:")
+    # the core: every C file of csrc/ but the CPython wrappers; from csrc/cpu/ the portable
+    # files and, on x86, the per-ISA ones with their flags (as setup.py does)
+    local files=() f
+    for f in "$repo"/csrc/*.c; do
+        case "$(basename "$f")" in module.c|pyutil.c|pyerr.c|py_*.c) ;; *) files+=("$f:") ;; esac
     done
-    if [ "$x86" = 1 ]; then
-        files+=("$repo/csrc/cpu/kernels_avx2.c:-mavx2 -mfma -mf16c"
-                "$repo/csrc/cpu/search_avx2.c:-mavx2 -mfma -mf16c"
-                "$repo/csrc/cpu/kernels_avx512.c:-mavx512f -mavx2 -mfma -mf16c")
-    fi
+    for f in "$repo"/csrc/cpu/*.c; do
+        case "$f" in
+            *_avx2.c) [ "$x86" = 1 ] && files+=("$f:-mavx2 -mfma -mf16c") ;;
+            *_avx512.c) [ "$x86" = 1 ] && files+=("$f:-mavx512f -mavx2 -mfma -mf16c") ;;
+            *) files+=("$f:") ;;
+        esac
+    done
     files+=("$repo/tests/c/test_simd_sets.c:")
     for spec in "${files[@]}"; do
         local src="${spec%%:*}" extra="${spec#*:}"

@@ -232,3 +232,31 @@ def test_concurrent_callers_from_python_threads():
         for run in runs:
             for a, b in zip(run, expected[i % len(jobs)]):
                 assert a.tobytes() == b.tobytes()
+
+
+def test_thread_pool_survives_resizing_and_fork():
+    """The worker threads persist across calls: growing and shrinking the thread count
+    between calls gives the same results, and a child process made by fork() (which
+    inherits none of the parent's workers) starts a pool of its own instead of waiting on
+    threads it does not have. Run in a fresh interpreter so that the fork sees only
+    this library's threads."""
+    code = r"""
+import os, sys
+import numpy as np, topkattn
+x = (2.0 * np.random.default_rng(3).standard_normal((3, 300_000))).astype(np.float32)
+ref = topkattn.k_eps(x, 1e-4)
+for n in (2, 4, 1, 3, 2):
+    topkattn.set_num_threads(n)
+    assert (topkattn.k_eps(x, 1e-4) == ref).all(), n
+pid = os.fork()
+if pid == 0:
+    ok = (topkattn.k_eps(x, 1e-4) == ref).all() and (topkattn.tail_mass(x, 7) > 0).all()
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "child 0", (r.stdout, r.stderr)

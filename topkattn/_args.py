@@ -82,6 +82,9 @@ def logits(x, name="logits"):
 
 def per_row(value, batch_shape, name, dtype):
     """Broadcast a scalar or array parameter to one value per row (C order)."""
+    if batch_shape == () and (type(value) is float and dtype == np.float64
+                              or type(value) is int and -2**63 <= value < 2**63):
+        return np.array(value, dtype=dtype)  # the common scalar case, without broadcasting
     arr = np.asarray(value)
     if dtype == np.int64:
         if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:

@@ -41,12 +41,15 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     out[2] = scale * _mm512_reduce_add_pd(a2);
     out[3] = scale * _mm512_reduce_add_pd(a3);
 }
-static inline VD vd_pow2i(VD t)
+/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
+static inline VD vd_exp2_tab(VD t)
 {
     const __m512i magic = _mm512_castpd_si512(_mm512_set1_pd(6755399441055744.0));
-    __m512i n = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
-    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(n, _mm512_set1_epi64(1023)), 52);
-    return _mm512_castsi512_pd(e);
+    __m512i m = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
+    __m512i j = _mm512_and_si512(m, _mm512_set1_epi64(63));
+    __m512i e = _mm512_slli_epi64(_mm512_andnot_si512(_mm512_set1_epi64(63), m), 46);
+    __m512i v = _mm512_castpd_si512(_mm512_i64gather_pd(j, tka_exp2_64, 8));
+    return _mm512_castsi512_pd(_mm512_add_epi64(v, e));
 }
 static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
 {

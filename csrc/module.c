@@ -456,7 +456,7 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args)
             Py_RETURN_NONE;
         }
     }
-    return PyErr_Format(PyExc_ValueError, "unknown SIMD path %s: use scalar, avx2 or avx512", name);
+    return PyErr_Format(PyExc_ValueError, "unknown SIMD path %s: use scalar, avx2, avx512 or neon", name);
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args)

@@ -54,8 +54,8 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     }
     PyArrayObject *k = (PyArrayObject *)keys, *a;
     int kt = PyArray_TYPE(k);
-    if (kt != NPY_FLOAT32 && kt != NPY_FLOAT64) {
-        PyErr_SetString(PyExc_TypeError, "index keys must be float32 or float64");
+    if (tka_py_dtype(kt) < 0) {
+        PyErr_SetString(PyExc_TypeError, "index keys must be float32, float64 or float16");
         return -1;
     }
     const npy_intp H = PyArray_DIM(k, 0), cap = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
@@ -124,7 +124,7 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     ix->d = d;
     ix->block_size = bs;
     ix->cap_blocks = cap_blocks;
-    ix->dtype = kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+    ix->dtype = (tka_dtype)tka_py_dtype(kt);
     ix->summary = summary;
     return 0;
 }
@@ -142,8 +142,9 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
         return NULL;
     }
     int kt = PyArray_TYPE((PyArrayObject *)ko);
-    if ((kt != NPY_FLOAT32 && kt != NPY_FLOAT64) || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
-        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "keys must be float32 or float64");
+    if (tka_py_dtype(kt) < 0 || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError, "keys must be float32, float64 or float16");
     if (bs < 1) return PyErr_Format(PyExc_ValueError, "block_size must be >= 1");
     npy_intp H = PyArray_DIM(k, 0), n = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
     npy_intp shp[2] = {H, n};
@@ -152,11 +153,11 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
     tka_status st = TKA_OK;
     const char *base = PyArray_BYTES(k);
     int64_t *pp = PyArray_DATA(perm);
-    const size_t es = kt == NPY_FLOAT32 ? 4 : 8;
+    const size_t es = (size_t)PyArray_ITEMSIZE(k);
     Py_BEGIN_ALLOW_THREADS
     for (npy_intp h = 0; h < H && st == TKA_OK; h++)
-        st = tka_index_order(base + (size_t)(h * n * d) * es, kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64,
-                             n, d, bs, pp + h * n);
+        st = tka_index_order(base + (size_t)(h * n * d) * es, (tka_dtype)tka_py_dtype(kt), n, d,
+                             bs, pp + h * n);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
         Py_DECREF(perm);
@@ -215,8 +216,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         if (!PyArray_Check(vo)) return PyErr_Format(PyExc_TypeError, "V must be a NumPy array");
         int vt = PyArray_TYPE((PyArrayObject *)vo);
         npy_intp sv[3] = {ix.heads, ix.n, -1};
-        if ((vt != NPY_FLOAT32 && vt != NPY_FLOAT64) || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
-            return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "V must be float32 or float64");
+        if (tka_py_dtype(vt) < 0 || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
+            return PyErr_Occurred() ? NULL
+                                    : PyErr_Format(PyExc_TypeError, "V must be float32, float64 or float16");
     }
     if (method != TKA_SEARCH_DELTA && method != TKA_SEARCH_MC)
         return PyErr_Format(PyExc_ValueError, "unknown method");
@@ -237,7 +239,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     npy_intp dv = 0;
     if (v) {
         sa.v = PyArray_DATA(v);
-        sa.vdtype = PyArray_TYPE(v) == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+        sa.vdtype = (tka_dtype)tka_py_dtype(PyArray_TYPE(v));
         dv = PyArray_DIM(v, 2);
         sa.dv = dv;
         sa.v_head_stride = ix.n * dv;

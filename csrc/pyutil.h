@@ -25,7 +25,15 @@ typedef struct {
     npy_intp bshape[NPY_MAXDIMS];
 } tka_py_logits;
 
-/** Parse a float32/float64 array (..., n) named `name` into a row view (0, or -1 + error). */
+/** The core's dtype of a NumPy type number: float32, float64, float16; -1 for others. */
+static inline int tka_py_dtype(int npy_type)
+{
+    return npy_type == NPY_FLOAT32 ? TKA_F32 : npy_type == NPY_FLOAT64 ? TKA_F64
+         : npy_type == NPY_FLOAT16 ? TKA_F16 : -1;
+}
+
+/** Parse a float32/float64/float16 array (..., n) named `name` into a row view (0, or -1 +
+ *  error). */
 int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L);
 /** Release what tka_py_logits_parse took (safe on a zeroed or freed L). */
 void tka_py_logits_free(tka_py_logits *L);

@@ -44,12 +44,15 @@ static double softplus(double z)
 
 const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s)
 {
-    const int64_t es = x->dtype == TKA_F32 ? 4 : 8;
+    const int64_t es = x->dtype == TKA_F32 ? 4 : x->dtype == TKA_F16 ? 2 : 8;
     const char *p = x->data + (x->row_offset ? x->row_offset[r] : r * x->row_stride);
     if (x->elem_stride == es || x->n <= 1) return p;
     char *buf = tka_arena_alloc(s, (size_t)(x->n * es));
     if (!buf) return NULL;
-    if (es == 4) {
+    if (es == 2) {
+        uint16_t *o = (uint16_t *)buf;
+        for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 2);
+    } else if (es == 4) {
         float *o = (float *)buf;
         for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 4);
     } else {
@@ -90,6 +93,15 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
     w->n = x->n;
     w->dt = x->dtype;
     w->K = K;
+    if (w->dt == TKA_F16) {
+        /* float16 rows become float32 (exactly): from here on they are float32 rows, and
+         * every result is the one of the same values given as float32 */
+        float *f = tka_arena_alloc(s, (size_t)w->n * sizeof(float));
+        if (!f) return TKA_ERR_NOMEM;
+        K->f16_to_f32((const uint16_t *)w->p, w->n, f);
+        w->p = f;
+        w->dt = TKA_F32;
+    }
     return tka_row_check(w, s);
 }
 

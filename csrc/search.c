@@ -18,10 +18,11 @@
 #include "internal.h"
 #include "search.h"
 
-static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
+static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F16 ? 2 : 8; }
 
 static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
 {
+    if (dt == TKA_F16) return (double)tka_half_to_float(((const uint16_t *)keys)[i]);
     return dt == TKA_F32 ? (double)((const float *)keys)[i] : ((const double *)keys)[i];
 }
 
@@ -305,6 +306,8 @@ static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, d
 {
     if (cx->ix->dtype == TKA_F32)
         cx->kern->dot_f32(w->qs, (const float *)w->keys + i0 * w->d, w->d, m, out);
+    else if (cx->ix->dtype == TKA_F16)
+        cx->kern->dot_f16(w->qs, (const uint16_t *)w->keys + i0 * w->d, w->d, m, out);
     else
         cx->kern->dot_f64(w->qs, (const double *)w->keys + i0 * w->d, w->d, m, out);
     w->bytes += (double)m * (double)w->d * (double)w->es;
@@ -412,13 +415,12 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
             z += p;
             if (t + PREFETCH < k) { /* kept keys are scattered over V */
                 const int64_t rp = h * a->v_head_stride + out->idx[t + PREFETCH] * a->v_row_stride;
-                const char *pv = (const char *)a->v + (size_t)rp * (a->vdtype == TKA_F32 ? 4 : 8);
-                for (int64_t off = 0; off < dv * (a->vdtype == TKA_F32 ? 4 : 8); off += 64)
+                const char *pv = (const char *)a->v + (size_t)rp * esize(a->vdtype);
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
                     __builtin_prefetch(pv + off);
             }
             const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
-            const void *v = a->vdtype == TKA_F32 ? (const void *)((const float *)a->v + row)
-                                                 : (const void *)((const double *)a->v + row);
+            const void *v = (const char *)a->v + (size_t)row * esize(a->vdtype);
             K->axpy[a->vdtype](v, dv, p, o);
         }
         for (int64_t j = 0; j < dv; j++) o[j] /= z;

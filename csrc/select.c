@@ -331,8 +331,11 @@ int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double bud
         lo = v[i] < lo ? v[i] : lo;
         hi = v[i] > hi ? v[i] : hi;
     }
-    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
+    /* the bucket scale must be finite: a spread in the subnormal range would make it
+     * infinite, and (v - lo) * scale NaN (an out-of-range bucket) */
     const double scale = (double)nbk / (hi - lo);
+    if (!(hi > lo) || !(hi - lo < INFINITY) || !(scale < INFINITY))
+        return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     int64_t cnt[DROP_BUCKETS] = {0};
     double mass[DROP_BUCKETS] = {0};
     for (int64_t i = 0; i < c; i++) {

@@ -67,7 +67,8 @@ def clustered(rng, n, d, clusters=8, noise=0.3):
 @settings(max_examples=150)
 @given(n=st.integers(1, 300), d=st.integers(1, 17), bs=st.integers(1, 70),
        summary=st.sampled_from(SUMMARIES), proxy=st.sampled_from(["int8", None]),
-       dtype=st.sampled_from([np.float32, np.float64]), spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+       spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
        eps=st.sampled_from([0.5, 1e-1, 1e-2, 1e-4, 1e-9]), kind=st.sampled_from(["gauss", "clustered"]),
        reorder=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_certificate_bounds_true_tv(n, d, bs, summary, proxy, dtype, spread, eps, kind, reorder, seed):
@@ -198,7 +199,7 @@ def test_batched_rows_match_single_rows():
                           eps[l])
 
 
-@pytest.mark.parametrize("vdtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vdtype", [np.float32, np.float64, np.float16])
 def test_attention_output_of_the_kept_set(vdtype):
     rng = np.random.default_rng(19)
     K = clustered(rng, 2 * 400, 8).reshape(2, 400, 8)

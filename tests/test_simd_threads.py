@@ -25,12 +25,16 @@ def test_build_info():
     assert info["version"] == topkattn.__version__
     assert "scalar" in info["simd_compiled"] and "scalar" in info["simd_supported"]
     assert set(info["simd_supported"]) <= set(info["simd_compiled"])
-    assert set(info["simd_compiled"]) <= {"scalar", "avx2", "avx512"}
+    assert set(info["simd_compiled"]) <= {"scalar", "avx2", "avx512", "neon"}
     assert info["simd_active"] in info["simd_supported"]
     assert info["simd_active"] == topkattn.get_simd()
     assert isinstance(info["cpu_features"], list)
     if "avx2" in info["simd_supported"]:
-        assert "avx2" in info["cpu_features"] and "fma" in info["cpu_features"]
+        assert {"avx2", "fma", "f16c"} <= set(info["cpu_features"])
+    # a build has the x86 sets or the NEON set, never both; NEON is the default where it is
+    assert not ({"avx2", "avx512"} & set(info["simd_compiled"]) and "neon" in info["simd_compiled"])
+    if "neon" in info["simd_supported"]:
+        assert "neon" in info["cpu_features"]
     assert isinstance(info["cuda"], bool)
     assert info["threads"]["num_threads"] == topkattn.get_num_threads() >= 1
 
@@ -132,7 +136,7 @@ def test_env_var_unknown_path_fails_at_import():
 
 
 def test_env_var_unsupported_path_fails_at_import():
-    missing = [p for p in ("avx2", "avx512") if p not in INFO["simd_supported"]]
+    missing = [p for p in ("avx2", "avx512", "neon") if p not in INFO["simd_supported"]]
     if not missing:
         pytest.skip("this CPU runs every SIMD path, so none can be refused")
     for path in missing:

@@ -113,8 +113,9 @@ class KeyIndex:
     Parameters
     ----------
     K : array_like, shape (..., n, d)
-        Keys, float32 or float64, finite. Leading axes are independent key sets (heads);
-        the index keeps its own copy in its dtype.
+        Keys, float32, float64 or float16, finite. Leading axes are independent key sets
+        (heads); the index keeps its own copy in its dtype (float16 keys are converted
+        exactly inside the C core, so they give the results of the same values as float32).
     block_size : int
         Keys per block (>= 1).
     summary : {"auto", "minmax", "ball"}

@@ -1,6 +1,7 @@
 /*
  * kernels_avx2.c - the kernel set for AVX2 + FMA: four float64 lanes.
- * Compiled with -mavx2 -mfma; only reached through the dispatch table.
+ * Compiled with -mavx2 -mfma -mf16c; only reached through the dispatch table, which
+ * selects it when the CPU has AVX2, FMA and F16C (for the float16 loads).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -82,7 +83,20 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 
+/* float16 (F16C): four values to float32, then to float64; both steps are exact */
+static inline VD vload_f16_avx2(const uint16_t *p)
+{
+    return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+}
+static void f16_to_f32_avx2(const uint16_t *src, int64_t n, float *dst)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = tka_half_to_float(src[i]);
+}
 #define vload_f64_isa vload_f64_avx2
+#define TO_F64(e) ((double)(e))
 #define ELT float
 #define FN(name) name##_f32_avx2
 #include "kernels.inc"
@@ -93,5 +107,15 @@ static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 #include "kernels.inc"
 #undef ELT
 #undef FN
+#undef TO_F64
+#define TO_F64(e) ((double)tka_half_to_float(e))
+#define TKA_KERNELS_DOT_ONLY
+#define ELT uint16_t
+#define FN(name) name##_f16_avx2
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#undef TO_F64
+#undef TKA_KERNELS_DOT_ONLY
 
 const tka_kernels tka_kernels_avx2 = TKA_TABLE(avx2, TKA_SIMD_AVX2, &tka_search_kernels_avx2);

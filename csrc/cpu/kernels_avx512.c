@@ -1,6 +1,7 @@
 /*
  * kernels_avx512.c - the kernel set for AVX-512F: eight float64 lanes, mask registers.
- * Compiled with -mavx512f; only reached through the dispatch table.
+ * Compiled with -mavx512f -mavx2 -mfma -mf16c; only reached through the dispatch table
+ * (which also requires AVX2, FMA and F16C).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -63,7 +64,20 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 
+/* float16 (F16C): eight values to float32, then to float64; both steps are exact */
+static inline VD vload_f16_avx512(const uint16_t *p)
+{
+    return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+static void f16_to_f32_avx512(const uint16_t *src, int64_t n, float *dst)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = tka_half_to_float(src[i]);
+}
 #define vload_f64_isa vload_f64_avx512
+#define TO_F64(e) ((double)(e))
 #define ELT float
 #define FN(name) name##_f32_avx512
 #include "kernels.inc"
@@ -74,6 +88,16 @@ static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); 
 #include "kernels.inc"
 #undef ELT
 #undef FN
+#undef TO_F64
+#define TO_F64(e) ((double)tka_half_to_float(e))
+#define TKA_KERNELS_DOT_ONLY
+#define ELT uint16_t
+#define FN(name) name##_f16_avx512
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#undef TO_F64
+#undef TKA_KERNELS_DOT_ONLY
 
 /* No AVX-512 search kernels: the AVX2 ones run on every CPU that has AVX-512F, AVX2 and
  * FMA, which selecting this set requires (dispatch.c). */

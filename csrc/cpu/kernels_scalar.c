@@ -70,7 +70,13 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_scalar(const float *p) { return (double)*p; }
 static inline VD vload_f64_scalar(const double *p) { return *p; }
 
+static inline VD vload_f16_scalar(const uint16_t *p) { return (double)tka_half_to_float(*p); }
+static void f16_to_f32_scalar(const uint16_t *src, int64_t n, float *dst)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = tka_half_to_float(src[i]);
+}
 #define vload_f64_isa vload_f64_scalar
+#define TO_F64(e) ((double)(e))
 #define ELT float
 #define FN(name) name##_f32_scalar
 #include "kernels.inc"
@@ -81,5 +87,15 @@ static inline VD vload_f64_scalar(const double *p) { return *p; }
 #include "kernels.inc"
 #undef ELT
 #undef FN
+#undef TO_F64
+#define TO_F64(e) ((double)tka_half_to_float(e))
+#define TKA_KERNELS_DOT_ONLY
+#define ELT uint16_t
+#define FN(name) name##_f16_scalar
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#undef TO_F64
+#undef TKA_KERNELS_DOT_ONLY
 
 const tka_kernels tka_kernels_scalar = TKA_TABLE(scalar, TKA_SIMD_SCALAR, &tka_search_kernels_scalar);

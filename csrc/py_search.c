@@ -187,7 +187,7 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
 
 /*
  * search(ix_tuple, Q (H, L, d) float64, scale, eps (H*L,), method, delta, seed,
- *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None)
+ *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered])
  * -> (indices (H*L, kmax) padded with -1, k, tv_bound, keys_scored, blocks_scored,
  *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None)
  */
@@ -195,11 +195,11 @@ static PyObject *py_search(PyObject *self, PyObject *args)
 {
     PyObject *t, *qo, *eo, *vo;
     double scale, delta;
-    int method, use_proxy;
+    int method, use_proxy, unordered = 0;
     unsigned long long seed;
     long long mc_samples;
-    if (!PyArg_ParseTuple(args, "O!OdOidKLpO", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
-                          &delta, &seed, &mc_samples, &use_proxy, &vo))
+    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|p", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
+                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered))
         return NULL;
     tka_key_index ix;
     tka_key_index_out o;
@@ -236,6 +236,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     sa.seed = seed;
     sa.mc_samples = mc_samples;
     sa.use_proxy = use_proxy;
+    sa.unordered = unordered;
     npy_intp dv = 0;
     if (v) {
         sa.v = PyArray_DATA(v);
@@ -313,7 +314,7 @@ PyMethodDef tka_search_methods[] = {
     {"index_fill", py_index_fill, METH_VARARGS,
      "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
     {"search", py_search, METH_VARARGS,
-     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V): "
+     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered]): "
      "certified search rows."},
     {NULL, NULL, 0, NULL},
 };

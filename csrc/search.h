@@ -76,6 +76,8 @@ typedef struct {
     uint64_t seed;           /**< MC random stream (row r uses stream seed, r) */
     int64_t mc_samples;      /**< MC sample size per check */
     int use_proxy;           /**< use the index's per-key proxies (if present) */
+    int unordered;           /**< the kept set may come in any order (only V's output is
+                                  wanted): saves sorting a large kept set */
     /* values: optional, heads x n_v x dv rows (original key order), for the output */
     const void *v;
     tka_dtype vdtype;

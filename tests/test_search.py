@@ -526,3 +526,26 @@ def test_streaming_search_scores_everything_when_nothing_can_be_skipped():
     q = 0.5 * rng.standard_normal(d).astype(np.float32)
     res = check_stream(K, q, KeyIndex(K), streamed=False)
     assert int(res.keys_scored) == n and int(res.blocks_scored) == n // 64
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 4.0])
+def test_attention_output_is_the_same_with_and_without_the_kept_set(spread):
+    """Without return_info the kept set is not sorted; with many kept keys the output is
+    summed in stored order either way, so both calls give the same output bit for bit, and
+    it is the softmax over the kept set of the info's indices (few or many kept keys:
+    flat and peaked queries)."""
+    rng = np.random.default_rng(int(spread * 10))
+    K = rng.standard_normal((2, 3000, 16))
+    V = rng.standard_normal((2, 3000, 6)).astype(np.float32)
+    Q = spread * rng.standard_normal((2, 3, 16))
+    index = KeyIndex(K.astype(np.float32))
+    out, info = certified_attention(Q, index, V, 1e-2, return_info=True)
+    assert certified_attention(Q, index, V, 1e-2).tobytes() == out.tobytes()
+    for h in range(2):
+        for l in range(3):
+            k = int(info.k[h, l])
+            idx = info.indices[h, l, :k]
+            s = ref_logits(Q[h, l], K[h].astype(np.float32), 1 / 4)
+            p = np.exp(s[idx] - s[idx].max())
+            want = (p / p.sum()) @ V[h][idx].astype(np.float64)
+            np.testing.assert_allclose(out[h, l], want, rtol=2e-6, atol=1e-6)

@@ -34,7 +34,7 @@
 
 #define MAX_THREADS 256
 /* Arenas above this many bytes are given back when their thread's outermost job ends. */
-#define TKA_ARENA_KEEP ((size_t)64 << 20)
+#define TKA_ARENA_KEEP ((size_t)256 << 20)
 /* Polls of the job counter before a worker (or a caller waiting for workers) blocks:
  * some tens of microseconds. */
 #define SPIN_POLLS 2000

@@ -549,3 +549,24 @@ def test_attention_output_is_the_same_with_and_without_the_kept_set(spread):
             p = np.exp(s[idx] - s[idx].max())
             want = (p / p.sum()) @ V[h][idx].astype(np.float64)
             np.testing.assert_allclose(out[h, l], want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="needs getrusage")
+def test_repeated_searches_touch_no_new_memory():
+    """Scratch persists across calls (per-thread arenas that outlive the call, up to 256 MiB
+    each): once warm, a search repeated on an index of 200,000 keys faults in no new page
+    (a fresh scratch allocation per call would fault in megabytes)."""
+    import resource
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((64, 16)).astype(np.float32) * 2
+    K = c[rng.integers(0, 64, 200_000)] + 0.3 * rng.standard_normal((200_000, 16)).astype(np.float32)
+    index = KeyIndex(K)
+    q = c[:2]
+    first = certified_search(q, index, 1e-2)
+    certified_search(q, index, 1e-2)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        again = certified_search(q, index, 1e-2)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    np.testing.assert_array_equal(again.indices, first.indices)
+    assert faults < 30, faults

@@ -205,7 +205,7 @@ static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)
     double t = w[i]; w[i] = w[j]; w[j] = t;
 }
 
-int64_t tka_pairs_weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+static int64_t weighted_top_select(double *v, int64_t *x, double *w, int64_t n, double target)
 {
     int64_t lo = 0, hi = n;
     double acc = 0.0;
@@ -249,6 +249,59 @@ int64_t tka_pairs_weighted_top(double *v, int64_t *x, double *w, int64_t n, doub
     int64_t k = lo;
     while (k < hi && acc < target) acc += w[k++];
     return k;
+}
+
+/*
+ * For large sets, one pass buckets the values (equal width between their min and max) with
+ * the mass of each bucket, from the top down to the bucket where the mass reaches the
+ * target; one more pass moves the members of the buckets above it to the front, then the
+ * members of that bucket, and only those go through the selection. Bucket numbers never
+ * decrease with the value and equal values share a bucket, so the buckets above hold keys
+ * that come before every key of the crossing bucket and below, in the selection's order.
+ */
+#define TOP_BUCKETS 1024
+
+int64_t tka_pairs_weighted_top(double *v, int64_t *x, double *w, int64_t n, double target)
+{
+    if (n < 4 * TOP_BUCKETS) return weighted_top_select(v, x, w, n, target);
+    double lo = v[0], hi = v[0];
+    for (int64_t i = 1; i < n; i++) {
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+    const double scale = (double)TOP_BUCKETS / (hi - lo);
+    if (!(hi > lo) || !(hi - lo < INFINITY) || !(scale < INFINITY))
+        return weighted_top_select(v, x, w, n, target);
+    int64_t cnt[TOP_BUCKETS];
+    double mass[TOP_BUCKETS];
+    memset(cnt, 0, sizeof cnt);
+    memset(mass, 0, sizeof mass);
+#define TOP_BUCKET(val) ((int)((val - lo) * scale) < TOP_BUCKETS ? (int)((val - lo) * scale) \
+                                                                   : TOP_BUCKETS - 1)
+    for (int64_t i = 0; i < n; i++) {
+        const int b = TOP_BUCKET(v[i]);
+        cnt[b]++;
+        mass[b] += w[i];
+    }
+    double acc = 0.0;
+    int bc = TOP_BUCKETS - 1;
+    while (bc > 0 && acc + mass[bc] < target) acc += mass[bc--];
+    /* three-way partition: buckets above bc | bucket bc | below */
+    int64_t a = 0, i = 0, c = n;
+    while (i < c) {
+        const int b = TOP_BUCKET(v[i]);
+        if (b > bc) {
+            swap3(v, x, w, i, a);
+            a++;
+            i++;
+        } else if (b == bc) {
+            i++;
+        } else {
+            swap3(v, x, w, i, --c);
+        }
+    }
+#undef TOP_BUCKET
+    return a + weighted_top_select(v + a, x + a, w + a, c - a, target - acc);
 }
 
 int64_t tka_pairs_first(const double *v, const int64_t *x, int64_t from, int64_t n)

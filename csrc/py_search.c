@@ -22,10 +22,11 @@ static int get_arr(PyObject *o, const char *name, int type, int ndim, const npy_
     }
     PyArrayObject *a = (PyArrayObject *)o;
     if (PyArray_TYPE(a) != type || PyArray_NDIM(a) != ndim || !PyArray_IS_C_CONTIGUOUS(a)
-        || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a) || (writable && !PyArray_ISWRITEABLE(a))) {
+        || !PyArray_ISNOTSWAPPED(a) || (writable && !PyArray_ISWRITEABLE(a))) {
         PyErr_Format(PyExc_ValueError, "index array %s has the wrong dtype, rank or layout", name);
         return -1;
     }
+    if (tka_py_require_aligned(a, name) < 0) return -1;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
             PyErr_Format(PyExc_ValueError, "index array %s has the wrong shape", name);

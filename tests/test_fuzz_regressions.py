@@ -90,14 +90,78 @@ def test_empty_last_axis_with_a_huge_batch_fails_before_allocating(name):
         ROW_CALLS[name](x)
 
 
-@pytest.mark.skipif(SANITIZED, reason="the misaligned read itself is a sanitizer report")
-@pytest.mark.xfail(strict=True, reason="C core bug: parse_logits (csrc/pyutil.c) accepts arrays "
-                   "that are not aligned and the kernels read them as typed values (undefined "
-                   "behaviour); the private entry points should refuse or copy them")
 def test_core_refuses_misaligned_logits():
-    x = misaligned(np.linspace(-1.0, 1.0, 40))
-    with pytest.raises((ValueError, TypeError)):
-        _core.entropy(x)
+    # found by fuzz_core: parse_logits (csrc/pyutil.c) took arrays that are not aligned and
+    # the kernels read them as typed values (undefined behaviour); the private entry points
+    # now refuse them, naming the argument
+    x = np.linspace(-1.0, 1.0, 40)
+    for dtype in (np.float64, np.float32):
+        with pytest.raises(ValueError, match="logits is not aligned"):
+            _core.entropy(misaligned(x.astype(dtype)))
+    with pytest.raises(ValueError, match="logits is not aligned"):
+        _core.multigap_bound(misaligned(x), np.array([3]), None, 4, 0)
+    # a misaligned stride (every element 12 bytes apart) is refused as well
+    raw = np.zeros(40 * 12 + 8, dtype=np.uint8)
+    strided = np.lib.stride_tricks.as_strided(raw.view(np.float64), shape=(40,), strides=(12,))
+    assert not strided.flags.aligned
+    with pytest.raises(ValueError, match="logits is not aligned"):
+        _core.tail_mass(strided, np.array([3]), False)
+    # the aligned array itself still works
+    assert np.isfinite(_core.entropy(x))
+
+
+def _attention_args(q, k, v, mask=None):
+    """_core.attention's arguments for one problem (batch shape (1,)), as the Python layer
+    builds them, from arrays taken as they are."""
+    off = np.zeros(1, dtype=np.int64)
+    m = None if mask is None else (mask, off, int(mask.strides[0]), int(mask.strides[1]))
+    return (0, (q, off, int(q.strides[0])), (k, off, int(k.strides[0])),
+            (v, off, int(v.strides[0])), m, (1,), q.shape[0], k.shape[0], q.shape[1],
+            v.shape[1], 0.5, None, None, False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_core_attention_refuses_misaligned_operands(dtype, rng):
+    # the same for the operands of _core.attention: a misaligned array, byte offset or row
+    # stride is refused, naming the operand
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((3, 4), (5, 4), (5, 2)))
+    mask = np.zeros((3, 5))
+    good = _core.attention(*_attention_args(q, k, v, mask))
+    np.testing.assert_allclose(good, ref.attention(q, k, v, scale=0.5),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+    for name in ("Q", "K", "V", "mask"):
+        ops = dict(Q=q, K=k, V=v, mask=mask)
+        ops[name] = misaligned(ops[name])
+        with pytest.raises(ValueError, match=f"{name} is not aligned"):
+            _core.attention(*_attention_args(ops["Q"], ops["K"], ops["V"], ops["mask"]))
+    args = list(_attention_args(q, k, v, mask))
+    args[1] = (q, np.array([1], dtype=np.int64), args[1][2])  # an offset of one byte
+    with pytest.raises(ValueError, match="Q is not aligned"):
+        _core.attention(*args)
+    args = list(_attention_args(q, k, v, mask))
+    args[2] = (k, args[2][1], 6)  # a row stride of 6 bytes
+    with pytest.raises(ValueError, match="K is not aligned"):
+        _core.attention(*args)
+    args = list(_attention_args(q, k, v, mask))
+    args[4] = (mask, args[4][1], 40, 4)  # a column stride of 4 bytes in a float64 mask
+    with pytest.raises(ValueError, match="mask is not aligned"):
+        _core.attention(*args)
+
+
+def test_core_search_refuses_misaligned_index_arrays(rng):
+    # the index arrays and the queries of _core.search / index_fill / index_order: refused,
+    # naming the array (they were refused before as "wrong dtype, rank or layout")
+    K = rng.standard_normal((1, 40, 4))
+    index = topkattn.KeyIndex(K, block_size=8)
+    t = index._tuple()
+    q, eps = np.zeros((1, 1, 4)), np.full(1, 0.1)
+    _core.search(t, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="Q is not aligned"):
+        _core.search(t, misaligned(q), 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="keys is not aligned"):
+        _core.search((misaligned(t[0]),) + t[1:], q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="keys is not aligned"):
+        _core.index_order(misaligned(K), 8)
 
 
 def _nan_in_second_row():

@@ -368,6 +368,9 @@ static PyObject *py_gauss(PyObject *self, PyObject *args)
     int op;
     PyObject *ao, *bo = Py_None, *co = Py_None;
     if (!PyArg_ParseTuple(args, "iO|OO", &op, &ao, &bo, &co)) return NULL;
+    if (op < G_CDF || op > G_KEPS_FINITE)
+        return PyErr_Format(PyExc_ValueError, "gauss: unknown op %d (0 to %d)", op,
+                            (int)G_KEPS_FINITE);
     PyArrayObject *a = NULL, *b = NULL, *c = NULL, *out = NULL;
     PyObject *res = NULL;
     if (!(a = (PyArrayObject *)PyArray_FROM_OTF(ao, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY))) goto done;
@@ -396,7 +399,7 @@ static PyObject *py_gauss(PyObject *self, PyObject *args)
             case G_ISF: o[i] = tka_norm_isf(x[i]); break;
             case G_TAIL: o[i] = tka_gaussian_tail_mass(x[i], y[i]); break;
             case G_KEPS: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 0); break;
-            default: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 1); break;
+            case G_KEPS_FINITE: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 1); break;
             }
         }
         Py_END_ALLOW_THREADS

@@ -201,17 +201,20 @@ def test_key_index_refuses_an_empty_batch_before_allocating():
         topkattn.KeyIndex(K)
 
 
-@pytest.mark.xfail(strict=True, reason="C core bug: py_gauss (csrc/module.c) computes how many "
-                   "arguments an op needs as `op >= G_KEPS ? 3 : 1`, so an unknown op < 0 needs "
-                   "one, yet the switch's default branch (G_KEPS_FINITE) reads the second and "
-                   "third arrays: a NULL dereference without them, a heap over-read when they "
-                   "are shorter (ASan: heap-buffer-overflow in py_gauss)")
-def test_core_gauss_refuses_an_unknown_op():
-    # found by fuzz_core; called with three equal-length arrays so that the bug is harmless
-    # here (the op is run as G_KEPS_FINITE instead of being refused)
+@pytest.mark.parametrize("op", [-1, -2 ** 31, 7, 2 ** 31 - 1])
+def test_core_gauss_refuses_an_unknown_op(op):
+    # found by fuzz_core: py_gauss (csrc/module.c) ran an unknown op < 0 as the finite-n
+    # k_eps, reading second and third arrays it had not checked (ASan: heap-buffer-overflow
+    # when they were shorter, a NULL dereference when missing); unknown ops are refused
+    # now, whatever arrays come with them
     x = np.full(3, 100.0)
-    with pytest.raises(ValueError):
-        _core.gauss(-1, x, np.full(3, 2.0), np.full(3, 0.1))
+    with pytest.raises(ValueError, match="unknown op"):
+        _core.gauss(op, x, np.full(3, 2.0), np.full(3, 0.1))
+    with pytest.raises(ValueError, match="unknown op"):
+        _core.gauss(op, x)
+    # the known ops are what the public functions compute
+    np.testing.assert_array_equal(_core.gauss(6, x, np.full(3, 2.0), np.full(3, 0.1)),
+                                  topkattn.gaussian_k_eps(100, 2.0, 0.1, finite_n=True))
 
 
 @pytest.mark.parametrize("row", [[1e38, 0.0], [-1e300, -1e301], [1e19, 1e19 - 1e4]])

@@ -226,23 +226,51 @@ def test_k_eps_with_a_huge_log_normaliser(row):
     assert int(k) == 1 and float(tau) <= 1e-300
 
 
-@pytest.mark.xfail(strict=True, reason="C core bug: multigap_row (csrc/rows.c) loops j = 1..nseg "
-                   "for cuts=J segments and only stops early once a cut reaches n'; with "
-                   "geometric spacing and a huge J the cuts stay at k + 2 for ~J iterations, so "
-                   "cuts=2**62 runs for centuries (J > n' - k segments cannot differ)")
 def test_multigap_bound_with_a_huge_segment_count_returns():
-    # found by fuzz_core (a timeout); run in a subprocess so that the hang cannot stall the
-    # suite
-    code = ("import numpy as np, topkattn; "
-            "print(float(topkattn.multigap_bound(np.linspace(0.0, -3.0, 8), 2, cuts=2**62)))")
+    # found by fuzz_core (a timeout): multigap_row (csrc/rows.c) ran its segment loop
+    # J = cuts times whatever the row's length; run in a subprocess so that a hang cannot
+    # stall the suite
+    code = ("import numpy as np, topkattn; x = np.linspace(0.0, -3.0, 8); "
+            "print(*[float(topkattn.multigap_bound(x, 2, cuts=J, spacing=s)) "
+            "for J in (2**62, 2**63 - 1) for s in ('geometric', 'linear')])")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=10)
+                             timeout=20)
     except subprocess.TimeoutExpired:
-        pytest.fail("multigap_bound(cuts=2**62) did not return within 10 s")
+        pytest.fail("multigap_bound(cuts=2**62) did not return within 20 s")
     assert out.returncode == 0, out.stderr
     exact = float(ref.tail_mass(np.linspace(0.0, -3.0, 8), 2))
-    assert float(out.stdout) >= exact
+    assert all(exact <= float(b) <= 1.0 for b in out.stdout.split())
+
+
+@pytest.mark.parametrize("spacing", [0, 1])
+def test_multigap_shortcut_is_the_loop_bit_for_bit(spacing, rng):
+    # many segments take a shortcut over the segment loop (csrc/rows.c, multigap_u); the
+    # private flag `exhaustive` runs the loop itself: the two agree bit for bit at J around
+    # and past the shortcut's threshold (64 span (log2 span + 1), span = n' - k), on rows
+    # with ties and -inf entries
+    for n in (2, 3, 9, 40, 150):
+        x = np.round(rng.standard_normal((6, n)) * 4, 1)
+        x[1, : n // 2] = -np.inf
+        x[2] = x[2, 0]
+        x[3, -1] = -np.inf
+        x[1, -1] = 0.0
+        kk = np.array([1, max(n // 3, 1), n - 1, 1, max(n - 2, 1), 1], dtype=np.int64)
+        span = n
+        thr = int(64 * span * (np.log2(span) + 1))
+        for J in (thr - 1, thr, thr + 1, 2 * thr + 7, 5 * thr + 3, 40 * thr + 1):
+            fast = _core.multigap_bound(x, kk, None, J, spacing)
+            full = _core.multigap_bound(x, kk, None, J, spacing, True)
+            np.testing.assert_array_equal(fast, full, err_msg=f"n={n} J={J}")
+            tau = np.array([ref.tail_mass(x[r], int(kk[r])) for r in range(6)])
+            assert np.all(fast >= tau)
+    # and the public function's cuts agree with the reference's segment ends: at J past the
+    # threshold, cutting at every rank after the first gives what the explicit ranks give
+    x = rng.standard_normal(30)
+    J = 10 ** 6
+    ends = ref.multigap_cuts(3, 30, J, ["geometric", "linear"][spacing])
+    assert ends == sorted(set(ends)) and ends[-1] == 30 and ends[1:] == list(
+        range(ends[0] + 1, 31))
 
 
 def test_attention_error_with_no_value_columns_and_an_empty_huge_batch(rng):

@@ -1,9 +1,6 @@
 """Regression tests for what the fuzz targets in fuzz/ found (see fuzz/README.md).
 
-Each test replays the smallest form of one finding. Bugs in the C core that are not fixed
-yet are marked ``xfail(strict=True)`` with the reason; they are skipped under the
-sanitizer build (scripts/sanitize.sh), where the undefined behaviour itself would abort
-the run."""
+Each test replays the smallest form of one finding and asserts the right behaviour."""
 import subprocess
 import sys
 
@@ -302,3 +299,63 @@ def test_attention_names_the_lowest_bad_query_row(L, threads, rng):
                  lambda: topkattn.attention_error(Q, K, V, k=2)):
         with pytest.raises(ValueError, match=rf"index \(1, {L - 1}\)"):
             call()
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+def test_key_index_with_a_block_size_near_2_63(proxy, rng):
+    # found while fixing parse_index: KeyIndex(K, block_size=2**62) was accepted, and the
+    # search sized its buffers by the block size (an overflow to a small buffer, then a
+    # segmentation fault); a block size past the capacity now means one block, as it should
+    K = rng.standard_normal((2, 100, 4))
+    Q = 3 * K[:, :3]
+    want = topkattn.certified_search(Q, topkattn.KeyIndex(K, block_size=100, proxy=proxy), 0.01)
+    for bs in (101, 2 ** 40, 2 ** 62, 2 ** 63 - 1):
+        index = topkattn.KeyIndex(K, block_size=bs, proxy=proxy)
+        got = topkattn.certified_search(Q, index, 0.01)
+        for f in ("indices", "k", "tv_bound", "keys_scored"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+        index.append(K[:, :7])
+        got = topkattn.certified_search(Q, index, 0.01)
+        assert index.n == 107 and np.all(got.k >= 1)
+
+
+def test_core_index_tuple_with_a_huge_block_size(rng):
+    # found by fuzz_search (UBSan): parse_index (csrc/py_search.c) computed
+    # cap + block_size - 1 in a signed type, an overflow for a block size near 2^63 in a
+    # corrupted index tuple; such a block size now stands for one block of every key
+    index = topkattn.KeyIndex(rng.standard_normal((1, 50, 3)), block_size=50)
+    t = index._tuple()
+    q, eps = rng.standard_normal((1, 2, 3)), np.full(2, 0.05)
+    want = _core.search(t, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    for bs in (2 ** 62, 2 ** 63 - 1):
+        t2 = t[:3] + (bs,) + t[4:]
+        got = _core.search(t2, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+        for a, b in zip(want[:4], got[:4]):
+            np.testing.assert_array_equal(a, b)
+        _core.index_fill(t2, 0)
+    with pytest.raises(OverflowError):
+        _core.search(t[:3] + (2 ** 63,) + t[4:], q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+
+
+def test_core_index_order_without_keys_or_dimensions():
+    # found by fuzz_search: _core.index_order looped over every head when there were no keys
+    # (2^31 heads of shape (0, 1): 8 s) and allocated the positions of 2^31 keys of d = 0
+    # (16 GiB) before anything refused them
+    def zeros(shape):
+        return np.lib.stride_tricks.as_strided(np.zeros(1), shape=shape,
+                                               strides=(0,) * len(shape))
+    code = ("import time, numpy as np; from topkattn import _core; t = time.perf_counter(); "
+            "p = _core.index_order(np.lib.stride_tricks.as_strided(np.zeros(1), "
+            "shape=(2**31, 0, 1), strides=(0, 0, 0)), 4); "
+            "print(p.shape == (2**31, 0), time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    ok, seconds = out.stdout.split()
+    assert ok == "True" and float(seconds) < 1.0
+    for shape in ((1, 2 ** 31, 0), (2 ** 31, 1, 0), (0, 0, 0)):
+        with pytest.raises(ValueError, match="d = 0"):
+            _core.index_order(zeros(shape), 4)
+    assert _core.index_order(np.zeros((3, 0, 2)), 4).shape == (3, 0)
+    np.testing.assert_array_equal(_core.index_order(np.zeros((2, 3, 2)), 4),
+                                  np.tile(np.arange(3), (2, 1)))

@@ -739,14 +739,14 @@ static inline void seg_add(double *u, int64_t *prev, int64_t cut, const double *
  * the same cuts, in the same order):
  *
  * Let S(j) be the exact offset (span^(j/J) or span j/J, J = nseg) and C(j) the computed one
- * (seg_offset), off(j) = ceil(C(j)). Below, span <= 2^40 and J >= 64 span (log2 span + 1):
+ * (seg_offset), off(j) = ceil(C(j)). Below, span <= 2^40 and J >= 8 span (log2 span + 1):
  *  - |C(j) - S(j)| <= E = 1/32: the linear offset is four correctly rounded operations
  *    (relative error <= 4.01 u, u = 2^-53); the geometric one has j/J to 3.01 u relative,
  *    which moves span^(j/J) by a relative <= 3.01 u ln span <= 84 u, plus pow's own error
  *    (glibc: <= 1 ulp), so <= 90 u relative; times span <= 2^40, E <= 2^-5.
  *  - S(j+1) - S(j) <= 1/4: linear span/J; geometric span^(j/J) (span^(1/J) - 1)
  *    <= span e x with x = ln(span)/J <= 1, i.e. <= 2.72 span ln(span) / J; for such J
- *    both are below 1/4.
+ *    the first is <= 1/8 and the second <= 2.72 ln(2) / 8 < 1/4.
  * Then the records are off(1) (j = 1), every integer m with off(1) < m < span, and last an
  * end at or past n', which seg_add clips to n': the same calls as seg_add(k + m) for
  * m = off(1) + 1, ..., span and the final seg_add(n'). Proof for m < span: let j0 be the
@@ -776,7 +776,7 @@ static double multigap_u(const multigap_ctx *cx, const double *v, double ref, in
     const int64_t J = cx->nseg, span_i = nl - k;
     const double span = (double)span_i;
     if (!cx->exhaustive && span_i <= ((int64_t)1 << 40) &&
-        (double)J >= 64.0 * span * (log2(span) + 1.0)) {
+        (double)J >= 8.0 * span * (log2(span) + 1.0)) {
         const int64_t o1 = (int64_t)ceil(seg_offset(cx->spacing, span, 1, J));
         seg_add(&u, &prev, k + o1, v, ref, nl);
         for (int64_t m = o1 + 1; m <= span_i; m++) seg_add(&u, &prev, k + m, v, ref, nl);

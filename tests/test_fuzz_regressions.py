@@ -244,7 +244,7 @@ def test_multigap_bound_with_a_huge_segment_count_returns():
 def test_multigap_shortcut_is_the_loop_bit_for_bit(spacing, rng):
     # many segments take a shortcut over the segment loop (csrc/rows.c, multigap_u); the
     # private flag `exhaustive` runs the loop itself: the two agree bit for bit at J around
-    # and past the shortcut's threshold (64 span (log2 span + 1), span = n' - k), on rows
+    # and past the shortcut's threshold (8 span (log2 span + 1), span = n' - k), on rows
     # with ties and -inf entries
     for n in (2, 3, 9, 40, 150):
         x = np.round(rng.standard_normal((6, n)) * 4, 1)
@@ -254,7 +254,7 @@ def test_multigap_shortcut_is_the_loop_bit_for_bit(spacing, rng):
         x[1, -1] = 0.0
         kk = np.array([1, max(n // 3, 1), n - 1, 1, max(n - 2, 1), 1], dtype=np.int64)
         span = n
-        thr = int(64 * span * (np.log2(span) + 1))
+        thr = int(8 * span * (np.log2(span) + 1))
         for J in (thr - 1, thr, thr + 1, 2 * thr + 7, 5 * thr + 3, 40 * thr + 1):
             fast = _core.multigap_bound(x, kk, None, J, spacing)
             full = _core.multigap_bound(x, kk, None, J, spacing, True)

@@ -100,12 +100,12 @@ def streaming(fdp):
     (the sample: the top 1/8 of the blocks by bound and every 8th block; blocks far below
     the level cut that are never read; the switch to scoring every key when the sample says
     most keys are candidates) and peaked queries (few candidates, several rounds of the
-    cut). Keys: up to 4000 per head in clusters, blocks of 1 to 64 keys (or one block past
+    cut). Keys: up to 1,500 per head in clusters, blocks of 1 to 64 keys (or one block past
     n), queries near a key times a gain; every certificate is checked against float64
     scoring of all keys."""
     H = fdp.ConsumeIntInRange(1, 2)
-    n = fdp.ConsumeIntInRange(1, 4000)
-    d = fdp.ConsumeIntInRange(1, 32)
+    n = fdp.ConsumeIntInRange(1, 1500)
+    d = fdp.ConsumeIntInRange(1, 16)
     rng = np.random.default_rng(fdp.ConsumeIntInRange(0, 2 ** 32 - 1))
     ncl = fdp.ConsumeIntInRange(1, 64)
     spread = [0.01, 0.1, 0.5, 1.0][fdp.ConsumeIntInRange(0, 3)]
@@ -127,7 +127,7 @@ def streaming(fdp):
         Kfull = np.empty_like(index._keys[:, :index.n])
         np.put_along_axis(Kfull, index._perm[:, :index.n, None], index._keys[:, :index.n],
                           axis=1)
-        L = fdp.ConsumeIntInRange(1, 4)
+        L = fdp.ConsumeIntInRange(1, 3)
         gain = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0][fdp.ConsumeIntInRange(0, 5)]
         pick = rng.integers(0, index.n, (H, L))
         q = np.take_along_axis(np.asarray(Kfull, dtype=np.float64), pick[..., None], axis=1)

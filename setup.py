@@ -1,8 +1,11 @@
 """Build the C core of topkattn.
 
 Each instruction-set file in ``csrc/cpu`` is compiled with its own flags; everything
-else (dispatcher, algorithms, the CPython module) is compiled for baseline x86-64 so
-that importing the package never executes an instruction the CPU lacks.
+else (dispatcher, algorithms, the CPython module) is compiled for the baseline of the
+target (x86-64, or aarch64 where NEON is baseline and its files need no flags) so that
+importing the package never executes an instruction the CPU lacks. gcc and clang (also
+Apple clang) work; no flag or header here or in csrc/ is x86-only outside the x86 files
+and TKA_HAVE_X86 guards.
 
 The optional CUDA core (``csrc/cuda``) is a separate extension, ``topkattn._cuda``: its
 ``.cu`` files are compiled by nvcc for an explicit list of GPU targets (CUDA_GENCODE) and
@@ -28,15 +31,34 @@ import numpy as np
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
-# Flags for one file, chosen by its name suffix.
+
+def target_machine(env=None):
+    """The CPU the extension is built for (lower case), which is not always the one the
+    build runs on: on macOS ``ARCHFLAGS="-arch arm64"`` (cibuildwheel, cross builds) names
+    it, elsewhere ``_PYTHON_HOST_PLATFORM`` (e.g. ``linux-aarch64``) when set."""
+    env = os.environ if env is None else env
+    arches = env.get("ARCHFLAGS", "").split()[1::2] if sys.platform == "darwin" else []
+    if len(set(arches)) > 1:
+        sys.exit(f"topkattn: ARCHFLAGS={env['ARCHFLAGS']!r} asks for several architectures at "
+                 "once (universal2); build one wheel per architecture (x86_64, arm64)")
+    if arches:
+        return arches[0].lower()
+    host = env.get("_PYTHON_HOST_PLATFORM", "")
+    if host:
+        return host.rsplit("-", 1)[-1].lower()
+    return platform.machine().lower()
+
+
+X86 = target_machine() in ("x86_64", "amd64", "i686", "i386", "x86")
+
+# Flags for one file, chosen by its name suffix (x86 only: the NEON files need none).
 ISA_FLAGS = {
-    "_avx2.c": ["-mavx2", "-mfma"],
-    "_avx512.c": ["-mavx512f", "-mavx2", "-mfma"],
+    "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.c": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
 }
 
-BANNED = ("-march", "-mavx", "-mfma", "-msse4", "-mtune=native")
+BANNED = ("-march", "-mavx", "-mfma", "-mf16c", "-msse4", "-mtune=native", "-mcpu=native")
 
 
 def _check_global_flags():
@@ -165,14 +187,18 @@ class BuildExt(build_ext):
 
 
 # Every C file of csrc/ (the CPython wrappers, the core) and, from csrc/cpu/, the portable
-# files plus, on x86, the per-ISA ones (*_avx2.c, *_avx512.c: compiled with their flags).
+# files (the NEON ones are empty except on aarch64) plus, on x86, the per-ISA ones
+# (*_avx2.c, *_avx512.c: compiled with their flags).
 sources = sorted(glob.glob("csrc/*.c"))
 for path in sorted(glob.glob("csrc/cpu/*.c")):
     if X86 or not path.endswith(tuple(ISA_FLAGS)):
         sources.append(path)
 
-cflags = ["-std=c11", "-O2", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter",
-          "-Wno-missing-field-initializers"]
+# -ffp-contract=off: no fused multiply-adds the source does not ask for. gcc in C11 mode
+# does not fuse anyway; clang would (and on aarch64 FMA is baseline), which would make the
+# scalar set and the error analysis of the bounds depend on the compiler.
+cflags = ["-std=c11", "-O2", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wextra",
+          "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 ldflags = ["-pthread"]
 if os.environ.get("TOPKATTN_SANITIZE") == "1":
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]

@@ -239,6 +239,28 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def exp_cost_ns(n=4096, calls=2000):
+    """Nanoseconds per value of the core's vector exp (the one every sum of exponentials
+    uses), on cache-resident float64 values of the softmax range; best of 5."""
+    x = np.random.default_rng(0).uniform(-30.0, 0.0, n)
+    vexp = topkattn._core.vexp
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            vexp(x)
+        best = min(best, (time.perf_counter() - t) / calls)
+    # vexp also copies its input and allocates its output: subtract a plain copy's cost
+    t_copy = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            np.array(x, copy=True)
+            np.empty_like(x)
+        t_copy = min(t_copy, (time.perf_counter() - t) / calls)
+    return max(best - t_copy, 0.0) / n * 1e9
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -340,6 +362,12 @@ def main(argv=None):
                  f"'% bw' is against {max(bw['all'], bw2['all']):.2f} GB/s "
                  f"({bw['threads']} threads, as topkattn uses; the higher measurement)")
     bw_ref = max(bw["all"], bw2["all"])
+    exp_ns = exp_cost_ns()
+    header.append(
+        f"the vector exp (float64, {topkattn.get_simd()}): {exp_ns:.2f} ns per value on one "
+        f"thread (4096 cache-resident values); every sum of exponentials pays it once per "
+        f"logit, so one thread cannot pass {1e9 / exp_ns * 4 / 1e9:.2f} GB/s of float32 "
+        f"logits ({nthreads} threads: {nthreads * 1e9 / exp_ns * 4 / 1e9:.2f} GB/s)")
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header.append(f"1-minute load average at start / end: {load0:.2f} / {load1:.2f} on "
                   f"{_common.cpu_count()} CPUs (other processes compete for the cores when it "

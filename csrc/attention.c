@@ -36,7 +36,7 @@ typedef struct {
 
 void tka_free(void *p) { free(p); }
 
-static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
+static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F16 ? 2 : 8; }
 
 /* Query rows are processed in groups of up to four of the same problem (fixed by the
  * row numbering, never by the thread split), scored together with the dot4 kernel. */
@@ -55,6 +55,8 @@ static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s
         double *qi = q + i * dpad;
         if (a->dtype == TKA_F32)
             for (int64_t j = 0; j < d; j++) qi[j] = ((const float *)qp)[j];
+        else if (a->dtype == TKA_F16)
+            for (int64_t j = 0; j < d; j++) qi[j] = tka_half_to_float(((const uint16_t *)qp)[j]);
         else
             memcpy(qi, qp, (size_t)d * sizeof(double));
         for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
@@ -91,6 +93,9 @@ static void store_out(const attn_ctx *c, int64_t r, const double *acc, double z)
     if (c->a->dtype == TKA_F32) {
         float *o = (float *)c->out + r * dv;
         for (int64_t j = 0; j < dv; j++) o[j] = (float)(acc[j] / z);
+    } else if (c->a->dtype == TKA_F16) { /* rounded once, from the float64 value */
+        uint16_t *o = (uint16_t *)c->out + r * dv;
+        for (int64_t j = 0; j < dv; j++) o[j] = tka_double_to_half(acc[j] / z);
     } else {
         double *o = (double *)c->out + r * dv;
         for (int64_t j = 0; j < dv; j++) o[j] = acc[j] / z;

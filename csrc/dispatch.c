@@ -1,8 +1,9 @@
 /*
- * dispatch.c - pick the kernel set once at import from CPUID and XGETBV. A set is one
- * tka_kernels table per instruction set; the certified search reaches its own kernels
- * through that table (tka_kernels.search), so every kernel follows the same choice.
- * Compiled for baseline x86-64: nothing here may use an instruction the CPU lacks.
+ * dispatch.c - pick the kernel set once at import: on x86-64 from CPUID and XGETBV, on
+ * aarch64 NEON (baseline there). A set is one tka_kernels table per instruction set; the
+ * certified search reaches its own kernels through that table (tka_kernels.search), so
+ * every kernel follows the same choice. Compiled for the baseline of the target: nothing
+ * here may use an instruction the CPU lacks.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -21,7 +22,7 @@ static uint64_t xgetbv0(void)
 #endif
 
 typedef struct {
-    int avx2, fma, avx512f;
+    int avx2, fma, avx512f, avx512ifma, f16c;
     char names[128];
 } cpu_info;
 
@@ -33,26 +34,36 @@ static cpu_info detect(void)
 #ifdef TKA_HAVE_X86
     unsigned a, b, cx, d;
     if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
-    int sse2 = (d >> 26) & 1, fma = (cx >> 12) & 1, osxsave = (cx >> 27) & 1, avx = (cx >> 28) & 1;
+    int sse2 = (d >> 26) & 1, fma = (cx >> 12) & 1, osxsave = (cx >> 27) & 1, avx = (cx >> 28) & 1,
+        f16c = (cx >> 29) & 1;
     /* The OS must save the wide registers: XCR0 bits 1,2 (SSE, AVX) and 5,6,7 (opmask, ZMM). */
     uint64_t xcr0 = osxsave ? xgetbv0() : 0;
     int ymm_ok = (xcr0 & 0x6) == 0x6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
-    int avx2 = 0, avx512f = 0;
+    int avx2 = 0, avx512f = 0, avx512ifma = 0;
     if (__get_cpuid_max(0, 0) >= 7) {
         __cpuid_count(7, 0, a, b, cx, d);
         avx2 = (b >> 5) & 1;
         avx512f = (b >> 16) & 1;
+        avx512ifma = (b >> 21) & 1;
     }
     c.fma = fma && avx && ymm_ok;
     c.avx2 = avx2 && avx && ymm_ok;
     c.avx512f = avx512f && zmm_ok;
+    c.avx512ifma = avx512ifma && zmm_ok;
+    c.f16c = f16c && avx && ymm_ok;
     if (sse2) strcat(c.names, "sse2,");
     if (avx && ymm_ok) strcat(c.names, "avx,");
     if (c.avx2) strcat(c.names, "avx2,");
     if (c.fma) strcat(c.names, "fma,");
+    if (c.f16c) strcat(c.names, "f16c,");
     if (c.avx512f) strcat(c.names, "avx512f,");
+    if (c.avx512ifma) strcat(c.names, "avx512ifma,");
     size_t len = strlen(c.names);
     if (len) c.names[len - 1] = '\0';
+#elif defined(TKA_HAVE_NEON)
+    /* Advanced SIMD (with float64 lanes and FMA) and the float16 conversions are part of
+     * the aarch64 base architecture: nothing to ask. */
+    strcpy(c.names, "neon,fp16-convert");
 #endif
     return c;
 }
@@ -78,6 +89,9 @@ static const tka_kernels *table(tka_simd which)
     case TKA_SIMD_AVX2: return &tka_kernels_avx2;
     case TKA_SIMD_AVX512: return &tka_kernels_avx512;
 #endif
+#ifdef TKA_HAVE_NEON
+    case TKA_SIMD_NEON: return &tka_kernels_neon;
+#endif
     default: return NULL;
     }
 }
@@ -90,8 +104,10 @@ int tka_simd_supported(tka_simd which)
     if (!tka_simd_compiled(which)) return 0;
     switch (which) {
     case TKA_SIMD_SCALAR: return 1;
-    case TKA_SIMD_AVX2: return c->avx2 && c->fma;
-    case TKA_SIMD_AVX512: return c->avx512f && c->avx2 && c->fma;
+    /* F16C for the float16 loads: every CPU with AVX2 we know of has it, but ask */
+    case TKA_SIMD_AVX2: return c->avx2 && c->fma && c->f16c;
+    case TKA_SIMD_AVX512: return c->avx512f && c->avx2 && c->fma && c->f16c;
+    case TKA_SIMD_NEON: return 1; /* compiled only for aarch64, where it is baseline */
     default: return 0;
     }
 }
@@ -107,9 +123,16 @@ const tka_kernels *tka_kernels_active(void)
 {
     const tka_kernels *k = atomic_load(&g_active);
     if (!k) {
-        /* AVX-512 is not the default: it is not always faster (clock throttling) and
-         * we have not measured it; select it explicitly to use it. */
-        k = tka_simd_supported(TKA_SIMD_AVX2) ? table(TKA_SIMD_AVX2) : table(TKA_SIMD_SCALAR);
+        /* NEON on aarch64. On x86-64, AVX-512 is the default only on CPUs that also have
+         * AVX-512 IFMA: the generations with it (Intel from Ice Lake, AMD from Zen 4) run
+         * 512-bit code without the deep clock drop of the first AVX-512 parts, and on such
+         * an AMD EPYC the AVX-512 set was measured 1.3-1.5x faster than AVX2 on k_eps and
+         * tail_mass and no slower on attention and search (README). Elsewhere AVX2;
+         * TOPKATTN_SIMD overrides. */
+        if (tka_simd_supported(TKA_SIMD_NEON)) k = table(TKA_SIMD_NEON);
+        else if (tka_simd_supported(TKA_SIMD_AVX512) && cpu()->avx512ifma) k = table(TKA_SIMD_AVX512);
+        else if (tka_simd_supported(TKA_SIMD_AVX2)) k = table(TKA_SIMD_AVX2);
+        else k = table(TKA_SIMD_SCALAR);
         atomic_store(&g_active, k);
     }
     return k;
@@ -119,8 +142,15 @@ tka_simd tka_simd_active(void) { return tka_kernels_active()->id; }
 
 const char *tka_simd_name(tka_simd which)
 {
-    static const char *names[] = {"scalar", "avx2", "avx512"};
+    static const char *names[] = {"scalar", "avx2", "avx512", "neon"};
     return (which >= 0 && which < TKA_SIMD_COUNT) ? names[which] : "unknown";
 }
 
 const char *tka_cpu_features(void) { return cpu()->names; }
+
+void tka_vexp(const double *x, int64_t n, double *out)
+{
+    if (n > 0) tka_kernels_active()->exp_shift[TKA_F64](x, n, 0.0, out);
+}
+
+const double *tka_exp2_table(void) { return tka_exp2_64; }

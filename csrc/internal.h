@@ -6,8 +6,69 @@
 #define TOPKATTN_INTERNAL_H
 
 #include <math.h>
+#include <string.h>
 
 #include "topkattn.h"
+
+/* ------------------------------------------------------------------ platform */
+
+/*
+ * Kernel sets by target. The x86 sets (AVX2, AVX-512) need files compiled with their own
+ * flags, so the build defines TKA_HAVE_X86 when it compiles them. NEON is baseline on
+ * aarch64 (no flags, no run-time check), so its set is there whenever the compiler
+ * targets aarch64; kernels_neon.c and search_neon.c are empty elsewhere.
+ */
+#if defined(TKA_HAVE_X86) && !(defined(__x86_64__) || defined(__i386__))
+#error "TKA_HAVE_X86 is defined but the compiler does not target x86"
+#endif
+#if (defined(__aarch64__) || defined(_M_ARM64)) && defined(__ARM_NEON) && !defined(TKA_NO_NEON)
+#define TKA_HAVE_NEON 1
+#endif
+
+/* ------------------------------------------------------------------ float16 */
+
+/*
+ * IEEE binary16 values travel as their bit patterns (uint16_t). Every one of them is
+ * exactly a float32 (and a float64), so converting is exact; the kernel sets convert with
+ * F16C (x86) or NEON instructions, these scalar functions give the same values anywhere.
+ */
+static inline float tka_half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13) | (m ? 0x00400000u : 0u); /* inf; NaN made quiet */
+    } else if (e) {
+        bits = sign | ((e + 112u) << 23) | (m << 13);                   /* normal */
+    } else {
+        float f = (float)m * 0x1p-24f;  /* zero or subnormal: m 2^-24, exact */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/** The float16 nearest to x (ties to even), as bits: how float16 outputs are stored. */
+static inline uint16_t tka_double_to_half(double x)
+{
+    const uint16_t sign = signbit(x) ? 0x8000u : 0u;
+    const double a = fabs(x);
+    if (a != a) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 65520.0) return (uint16_t)(sign | 0x7c00u);  /* 65504 + half a step: to inf */
+    if (a < 0x1p-14) /* subnormal range, steps of 2^-24 (1024 steps round up to 2^-14) */
+        return (uint16_t)(sign | (uint16_t)nearbyint(a * 0x1p24));
+    int e;
+    (void)frexp(a, &e);                                  /* a in [2^(e-1), 2^e) */
+    uint32_t m = (uint32_t)nearbyint(ldexp(a, 11 - e));  /* 11 significant bits */
+    int he = e - 1 + 15;
+    if (m == 2048u) {
+        m = 1024u;
+        he++;
+    }
+    if (he >= 31) return (uint16_t)(sign | 0x7c00u);
+    return (uint16_t)(sign | ((uint32_t)he << 10) | (m - 1024u));
+}
 
 /* ------------------------------------------------------------------ kernels */
 
@@ -57,15 +118,19 @@ typedef struct {
     double (*max_below[2])(const void *x, int64_t n, double t);
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
+    /* The attention kernels below also take float16 operands ([TKA_F16]); the row
+     * kernels above never see float16 (rows are converted to float32 first). */
     /** out[i] = scale * q . x_i for n rows x_i = x + i*ld elements (d used); q is float64,
      *  zero-padded to a multiple of 8 values; accumulated in float64. */
-    void (*dot[2])(const void *x, int64_t n, int64_t ld, const double *q, int64_t d,
+    void (*dot[3])(const void *x, int64_t n, int64_t ld, const double *q, int64_t d,
                    double scale, double *out);
     /** dot for four queries q + m*qs at once, into out + m*os (m < 4). */
-    void (*dot4[2])(const void *x, int64_t n, int64_t ld, const double *q, int64_t qs,
+    void (*dot4[3])(const void *x, int64_t n, int64_t ld, const double *q, int64_t qs,
                     int64_t d, double scale, double *out, int64_t os);
     /** acc[j] += w * v[j], j < d, in float64. */
-    void (*axpy[2])(const void *v, int64_t d, double w, double *acc);
+    void (*axpy[3])(const void *v, int64_t d, double w, double *acc);
+    /** dst[i] = src[i] for n float16 values (bits) into float32: exact. */
+    void (*f16_to_f32)(const uint16_t *src, int64_t n, float *dst);
     /** The search's dot-product and proxy kernels for this instruction set. */
     const tka_search_kernels *search;
 } tka_kernels;
@@ -78,6 +143,10 @@ extern const tka_search_kernels tka_search_kernels_scalar;
 extern const tka_kernels tka_kernels_avx2;
 extern const tka_kernels tka_kernels_avx512;
 extern const tka_search_kernels tka_search_kernels_avx2;
+#endif
+#ifdef TKA_HAVE_NEON
+extern const tka_kernels tka_kernels_neon;
+extern const tka_search_kernels tka_search_kernels_neon;
 #endif
 
 /** The kernel table in use (chosen at import, changeable with tka_simd_select). */
@@ -99,6 +168,9 @@ static inline double tka_exp_up(double x)
 {
     return x < -700.0 ? TKA_EXP_M700_UP : exp(x) * (1.0 + 0x1p-50);
 }
+
+/** 2^(j/64), j = 0..63, rounded to nearest (csrc/cpu/exp_table.c): the vector exp's table. */
+extern const double tka_exp2_64[64];
 
 /* ------------------------------------------------------------------ threads */
 

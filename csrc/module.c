@@ -463,7 +463,7 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args)
             Py_RETURN_NONE;
         }
     }
-    return PyErr_Format(PyExc_ValueError, "unknown SIMD path %s: use scalar, avx2 or avx512", name);
+    return PyErr_Format(PyExc_ValueError, "unknown SIMD path %s: use scalar, avx2, avx512 or neon", name);
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
@@ -477,6 +477,39 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
 static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs)
 {
     return PyLong_FromLong(tka_num_threads());
+}
+
+/* vexp(x): e^x of every element of x (converted to a float64 copy) by the active kernel
+ * set's vector exp, the one every sum of exponentials uses; for the accuracy tests. */
+static PyObject *py_vexp(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT64, 0, 0,
+                                                         NPY_ARRAY_CARRAY | NPY_ARRAY_ENSURECOPY);
+    if (!x) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0);
+    if (!out) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    const int64_t n = (int64_t)PyArray_SIZE(x);
+    const double *xp = (const double *)PyArray_DATA(x);
+    double *op = (double *)PyArray_DATA(out);
+    Py_BEGIN_ALLOW_THREADS
+    tka_vexp(xp, n, op);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    return (PyObject *)out;
+}
+
+/* exp2_table(): the 64 values 2^(j/64) the vector exp scales by. */
+static PyObject *py_exp2_table(PyObject *self, PyObject *noargs)
+{
+    npy_intp n = 64;
+    PyObject *out = PyArray_SimpleNew(1, &n, NPY_FLOAT64);
+    if (out) memcpy(PyArray_DATA((PyArrayObject *)out), tka_exp2_table(), 64 * sizeof(double));
+    return out;
 }
 
 static PyMethodDef methods[] = {
@@ -493,6 +526,8 @@ static PyMethodDef methods[] = {
     {"effective_support", py_effective_support, METH_VARARGS, "effective_support(logits, thr)"},
     {"fit_gaussian", py_fit_gaussian, METH_VARARGS, "fit_gaussian(logits) -> (mu, sigma)"},
     {"gauss", py_gauss, METH_VARARGS, "gauss(op, a[, b[, c]]): elementwise Gaussian functions"},
+    {"vexp", py_vexp, METH_VARARGS, "vexp(x): e^x by the active kernel set (for tests)"},
+    {"exp2_table", py_exp2_table, METH_NOARGS, "exp2_table(): 2^(j/64), j < 64"},
     {"simd_info", py_simd_info, METH_NOARGS, "compiled/supported/active SIMD paths"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(name)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},

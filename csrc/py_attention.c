@@ -194,9 +194,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
         get_operand(kt, "K", batch, &K) < 0 || get_operand(vt, "V", batch, &V) < 0)
         return NULL;
     int t = PyArray_TYPE(Q.arr);
-    if ((t != NPY_FLOAT32 && t != NPY_FLOAT64) || PyArray_TYPE(K.arr) != t ||
-        PyArray_TYPE(V.arr) != t) {
-        PyErr_SetString(PyExc_TypeError, "Q, K and V must share one dtype, float32 or float64");
+    if (tka_py_dtype(t) < 0 || PyArray_TYPE(K.arr) != t || PyArray_TYPE(V.arr) != t) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Q, K and V must share one dtype, float32, float64 or float16");
         return NULL;
     }
     if (operand_aligned(&Q, batch, "Q") < 0 || operand_aligned(&K, batch, "K") < 0 ||
@@ -204,7 +204,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
         return NULL;
     const int64_t rows = batch * (int64_t)L;
     tka_attn a = {
-        .dtype = t == NPY_FLOAT32 ? TKA_F32 : TKA_F64,
+        .dtype = (tka_dtype)tka_py_dtype(t),
         .batch = batch, .L = L, .n = n, .d = d, .dv = dv,
         .q = PyArray_BYTES(Q.arr), .k = PyArray_BYTES(K.arr), .v = PyArray_BYTES(V.arr),
         .q_off = PyArray_DATA(Q.off), .k_off = PyArray_DATA(K.off), .v_off = PyArray_DATA(V.off),

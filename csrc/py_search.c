@@ -55,8 +55,8 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     }
     PyArrayObject *k = (PyArrayObject *)keys, *a;
     int kt = PyArray_TYPE(k);
-    if (kt != NPY_FLOAT32 && kt != NPY_FLOAT64) {
-        PyErr_SetString(PyExc_TypeError, "index keys must be float32 or float64");
+    if (tka_py_dtype(kt) < 0) {
+        PyErr_SetString(PyExc_TypeError, "index keys must be float32, float64 or float16");
         return -1;
     }
     const npy_intp H = PyArray_DIM(k, 0), cap = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
@@ -130,7 +130,7 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     ix->d = d;
     ix->block_size = bs;
     ix->cap_blocks = cap_blocks;
-    ix->dtype = kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+    ix->dtype = (tka_dtype)tka_py_dtype(kt);
     ix->summary = summary;
     return 0;
 }
@@ -148,8 +148,9 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
         return NULL;
     }
     int kt = PyArray_TYPE((PyArrayObject *)ko);
-    if ((kt != NPY_FLOAT32 && kt != NPY_FLOAT64) || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
-        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "keys must be float32 or float64");
+    if (tka_py_dtype(kt) < 0 || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError, "keys must be float32, float64 or float16");
     if (bs < 1) return PyErr_Format(PyExc_ValueError, "block_size must be >= 1");
     npy_intp H = PyArray_DIM(k, 0), n = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
     /* before allocating H * n positions: keys of no dimension are refused, and an empty
@@ -162,11 +163,11 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
     tka_status st = TKA_OK;
     const char *base = PyArray_BYTES(k);
     int64_t *pp = PyArray_DATA(perm);
-    const size_t es = kt == NPY_FLOAT32 ? 4 : 8;
+    const size_t es = (size_t)PyArray_ITEMSIZE(k);
     Py_BEGIN_ALLOW_THREADS
     for (npy_intp h = 0; h < H && st == TKA_OK; h++)
-        st = tka_index_order(base + (size_t)(h * n * d) * es, kt == NPY_FLOAT32 ? TKA_F32 : TKA_F64,
-                             n, d, bs, pp + h * n);
+        st = tka_index_order(base + (size_t)(h * n * d) * es, (tka_dtype)tka_py_dtype(kt), n, d,
+                             bs, pp + h * n);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
         Py_DECREF(perm);
@@ -196,7 +197,7 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
 
 /*
  * search(ix_tuple, Q (H, L, d) float64, scale, eps (H*L,), method, delta, seed,
- *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None)
+ *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered])
  * -> (indices (H*L, kmax) padded with -1, k, tv_bound, keys_scored, blocks_scored,
  *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None)
  */
@@ -204,11 +205,11 @@ static PyObject *py_search(PyObject *self, PyObject *args)
 {
     PyObject *t, *qo, *eo, *vo;
     double scale, delta;
-    int method, use_proxy;
+    int method, use_proxy, unordered = 0;
     unsigned long long seed;
     long long mc_samples;
-    if (!PyArg_ParseTuple(args, "O!OdOidKLpO", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
-                          &delta, &seed, &mc_samples, &use_proxy, &vo))
+    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|p", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
+                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered))
         return NULL;
     tka_key_index ix;
     tka_key_index_out o;
@@ -225,8 +226,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         if (!PyArray_Check(vo)) return PyErr_Format(PyExc_TypeError, "V must be a NumPy array");
         int vt = PyArray_TYPE((PyArrayObject *)vo);
         npy_intp sv[3] = {ix.heads, ix.n, -1};
-        if ((vt != NPY_FLOAT32 && vt != NPY_FLOAT64) || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
-            return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "V must be float32 or float64");
+        if (tka_py_dtype(vt) < 0 || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
+            return PyErr_Occurred() ? NULL
+                                    : PyErr_Format(PyExc_TypeError, "V must be float32, float64 or float16");
     }
     if (method != TKA_SEARCH_DELTA && method != TKA_SEARCH_MC)
         return PyErr_Format(PyExc_ValueError, "unknown method");
@@ -244,10 +246,11 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     sa.seed = seed;
     sa.mc_samples = mc_samples;
     sa.use_proxy = use_proxy;
+    sa.unordered = unordered;
     npy_intp dv = 0;
     if (v) {
         sa.v = PyArray_DATA(v);
-        sa.vdtype = PyArray_TYPE(v) == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+        sa.vdtype = (tka_dtype)tka_py_dtype(PyArray_TYPE(v));
         dv = PyArray_DIM(v, 2);
         sa.dv = dv;
         sa.v_head_stride = ix.n * dv;
@@ -321,7 +324,7 @@ PyMethodDef tka_search_methods[] = {
     {"index_fill", py_index_fill, METH_VARARGS,
      "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
     {"search", py_search, METH_VARARGS,
-     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V): "
+     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered]): "
      "certified search rows."},
     {NULL, NULL, 0, NULL},
 };

@@ -48,9 +48,9 @@ int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L)
     }
     PyArrayObject *a = (PyArrayObject *)obj;
     int t = PyArray_TYPE(a);
-    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
+    if (tka_py_dtype(t) < 0) {
         PyObject *d = PyObject_Str((PyObject *)PyArray_DESCR(a));
-        PyErr_Format(PyExc_TypeError, "%s must be float32 or float64, got %s", name,
+        PyErr_Format(PyExc_TypeError, "%s must be float32, float64 or float16, got %s", name,
                      d ? PyUnicode_AsUTF8(d) : "another dtype");
         Py_XDECREF(d);
         return -1;
@@ -101,7 +101,7 @@ int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L)
     L->rows.elem_stride = strides[nd - 1];
     L->rows.rows = rows;
     L->rows.n = shape[nd - 1];
-    L->rows.dtype = t == NPY_FLOAT32 ? TKA_F32 : TKA_F64;
+    L->rows.dtype = (tka_dtype)tka_py_dtype(t);
     return 0;
 }
 

@@ -25,6 +25,13 @@ typedef struct {
     npy_intp bshape[NPY_MAXDIMS];
 } tka_py_logits;
 
+/** The core's dtype of a NumPy type number: float32, float64, float16; -1 for others. */
+static inline int tka_py_dtype(int npy_type)
+{
+    return npy_type == NPY_FLOAT32 ? TKA_F32 : npy_type == NPY_FLOAT64 ? TKA_F64
+         : npy_type == NPY_FLOAT16 ? TKA_F16 : -1;
+}
+
 /** 0 if the elements of `a` can be read as typed values where they are: its address and the
  *  stride of every axis of extent > 1 are multiples of the dtype's alignment (NumPy's
  *  ALIGNED flag); else -1 + ValueError naming `name`. */
@@ -34,7 +41,8 @@ int tka_py_require_aligned(PyArrayObject *a, const char *name);
 int tka_py_require_aligned_at(const char *base, const int64_t *off, int64_t count,
                               const long long *strides, int nstrides, size_t align,
                               const char *name);
-/** Parse a float32/float64 array (..., n) named `name` into a row view (0, or -1 + error). */
+/** Parse a float32/float64/float16 array (..., n) named `name` into a row view (0, or -1 +
+ *  error). */
 int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L);
 /** Release what tka_py_logits_parse took (safe on a zeroed or freed L). */
 void tka_py_logits_free(tka_py_logits *L);

@@ -44,12 +44,15 @@ static double softplus(double z)
 
 const void *tka_row_contig(const tka_rows *x, int64_t r, tka_arena *s)
 {
-    const int64_t es = x->dtype == TKA_F32 ? 4 : 8;
+    const int64_t es = x->dtype == TKA_F32 ? 4 : x->dtype == TKA_F16 ? 2 : 8;
     const char *p = x->data + (x->row_offset ? x->row_offset[r] : r * x->row_stride);
     if (x->elem_stride == es || x->n <= 1) return p;
     char *buf = tka_arena_alloc(s, (size_t)(x->n * es));
     if (!buf) return NULL;
-    if (es == 4) {
+    if (es == 2) {
+        uint16_t *o = (uint16_t *)buf;
+        for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 2);
+    } else if (es == 4) {
         float *o = (float *)buf;
         for (int64_t j = 0; j < x->n; j++) memcpy(o + j, p + j * x->elem_stride, 4);
     } else {
@@ -90,6 +93,15 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
     w->n = x->n;
     w->dt = x->dtype;
     w->K = K;
+    if (w->dt == TKA_F16) {
+        /* float16 rows become float32 (exactly): from here on they are float32 rows, and
+         * every result is the one of the same values given as float32 */
+        float *f = tka_arena_alloc(s, (size_t)w->n * sizeof(float));
+        if (!f) return TKA_ERR_NOMEM;
+        K->f16_to_f32((const uint16_t *)w->p, w->n, f);
+        w->p = f;
+        w->dt = TKA_F32;
+    }
     return tka_row_check(w, s);
 }
 
@@ -165,8 +177,35 @@ static tka_status rank_from_band(const tka_row *w, tka_arena *s, double *vals, i
 
 /* The k-th largest logit of the row (1 <= k <= n) with tie counts and its successor
  * (rank_select_in allocates in the caller's scope; rank_select releases on return). */
-static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
+/* The masses a band pass with with_mass = 1 measured relative to the row maximum, when the
+ * bracket path found the rank (have = 0 otherwise): the logits above the bracket, below it,
+ * and those inside it on each side of the k-th largest (ties at t not included). */
+typedef struct {
+    int have;
+    double above, below;
+} band_mass;
+
+static tka_status band_split_mass(const tka_row *w, tka_arena *s, const double *vals,
+                                  int64_t nb, double t, const tka_band_out *b, band_mass *bm)
 {
+    double above = b->mass_above, below = b->mass_below;
+    double *e = tka_arena_alloc(s, (size_t)(nb > 0 ? nb : 1) * sizeof(double));  /* caller's scope */
+    if (!e) return TKA_ERR_NOMEM;
+    if (nb > 0) w->K->exp_shift[TKA_F64](vals, nb, w->max, e);
+    for (int64_t i = 0; i < nb; i++) {
+        if (vals[i] > t) above += e[i];
+        else if (vals[i] < t) below += e[i];
+    }
+    bm->have = 1;
+    bm->above = above;
+    bm->below = below;
+    return TKA_OK;
+}
+
+static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
+                                 band_mass *bm)
+{
+    if (bm) bm->have = 0;
     const int64_t n = w->n;
     if (n > SMALL_ROW) {
         int64_t ns = sample_size(n, k);
@@ -184,20 +223,24 @@ static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals) return TKA_ERR_NOMEM;
         tka_band_out b;
-        tka_status st = tka_row_band(w, s, lo, hi, 0.0, 0, vals, NULL, cap, &b);
+        tka_status st = tka_row_band(w, s, lo, hi, w->max, bm != NULL, vals, NULL, cap, &b);
         if (st != TKA_OK) return st;
         if (b.n_above < k && k <= b.n_above + b.n_band) {
             if (lo == hi) {  /* the whole bracket is one value */
                 ri->t = lo;
                 ri->n_gt = b.n_above;
                 ri->n_eq = b.n_band;
+                if (bm && (st = band_split_mass(w, s, vals, 0, lo, &b, bm)) != TKA_OK) return st;
                 if (ri->n_gt + ri->n_eq > k) ri->next = lo;
                 else if (k >= n) ri->next = -INFINITY;
                 else return tka_row_max_below(w, s, lo, &ri->next);
                 return TKA_OK;
             }
-            if (b.n_band <= cap)
-                return rank_from_band(w, s, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
+            if (b.n_band <= cap) {
+                st = rank_from_band(w, s, vals, b.n_band, k - b.n_above - 1, b.n_above, k, ri);
+                if (st == TKA_OK && bm) st = band_split_mass(w, s, vals, b.n_band, ri->t, &b, bm);
+                return st;
+            }
         }
     }
     double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
@@ -210,7 +253,7 @@ static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank
 static tka_status rank_select(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = rank_select_in(w, k, s, ri);
+    tka_status st = rank_select_in(w, k, s, ri, NULL);
     tka_arena_release(s, mark);
     return st;
 }
@@ -237,11 +280,31 @@ static tka_status ratio_from_rank(const tka_row *w, int64_t k, tka_arena *s,
     return TKA_OK;
 }
 
+/*
+ * The same, in one pass over a long row where it can: the band pass that finds the rank also
+ * sums e^{x - max} above and below the bracket, and the gathered band is split at t after
+ * the selection, so no separate sum pass is needed. Both sums are then relative to the
+ * maximum instead of the tail's own largest logit: that loses nothing while the tail's
+ * largest logit (next) is within 600 of the maximum (its terms are then normal numbers, and
+ * the terms flushed below max - 708 are each under 3e-308 e^max, below 10^-47 of the tail);
+ * further down, the separate pass with its own reference is used.
+ */
 static tka_status head_tail_ratio(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
                                   double *lr, double *head)
 {
-    tka_status st = rank_select(w, k, s, ri);
-    return st != TKA_OK ? st : ratio_from_rank(w, k, s, ri, lr, head);
+    const size_t mark = tka_arena_mark(s);
+    band_mass bm;
+    tka_status st = rank_select_in(w, k, s, ri, &bm);
+    tka_arena_release(s, mark);
+    if (st != TKA_OK) return st;
+    if (!bm.have || !(ri->next >= w->max - 600.0)) return ratio_from_rank(w, k, s, ri, lr, head);
+    double hi = bm.above, lo = bm.below, et = exp(ri->t - w->max);
+    /* logits equal to t: the first k - n_gt are kept, the rest discarded */
+    if (k > ri->n_gt) hi += (double)(k - ri->n_gt) * et;
+    if (ri->n_gt + ri->n_eq > k) lo += (double)(ri->n_gt + ri->n_eq - k) * et;
+    *head = hi;
+    *lr = log(hi) - log(lo);
+    return TKA_OK;
 }
 
 typedef struct {

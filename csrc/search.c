@@ -18,10 +18,11 @@
 #include "internal.h"
 #include "search.h"
 
-static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : 8; }
+static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F16 ? 2 : 8; }
 
 static inline double key_at(const void *keys, tka_dtype dt, int64_t i)
 {
+    if (dt == TKA_F16) return (double)tka_half_to_float(((const uint16_t *)keys)[i]);
     return dt == TKA_F32 ? (double)((const float *)keys)[i] : ((const double *)keys)[i];
 }
 
@@ -305,6 +306,8 @@ static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, d
 {
     if (cx->ix->dtype == TKA_F32)
         cx->kern->dot_f32(w->qs, (const float *)w->keys + i0 * w->d, w->d, m, out);
+    else if (cx->ix->dtype == TKA_F16)
+        cx->kern->dot_f16(w->qs, (const uint16_t *)w->keys + i0 * w->d, w->d, m, out);
     else
         cx->kern->dot_f64(w->qs, (const double *)w->keys + i0 * w->d, w->d, m, out);
     w->bytes += (double)m * (double)w->d * (double)w->es;
@@ -386,7 +389,9 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
         k++;
     }
     if (!(bound <= eps)) return 0;
-    {
+    /* the dense output below does not depend on the order of the kept set */
+    const int dense_out = cx->out_v && k > w->n / 8;
+    if (!(a->unordered && dense_out)) {
         double *tv = tka_arena_alloc(s, (size_t)k * sizeof(double));
         int64_t *tx = tka_arena_alloc(s, (size_t)k * sizeof(int64_t));
         tka_pairs_sort_desc_radix(w->sv, w->si, k, tv, tx);
@@ -402,7 +407,31 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     w->bytes += 8.0 * (double)k;
-    if (cx->out_v) {
+    if (dense_out) {
+        /* many kept keys: sum the V rows in their stored order (a stream the prefetcher
+         * follows), with the weights by the vector exp, placed at the keys' positions */
+        const int64_t h = r / a->L, dv = a->dv, n = w->n;
+        double *o = cx->out_v + (size_t)(r * dv);
+        double *p = tka_arena_alloc(s, (size_t)k * sizeof(double));
+        double *wd = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        if (!p || !wd) {  /* the caller frees out->idx */
+            *st = TKA_ERR_NOMEM;
+            return 1;
+        }
+        K->exp_shift[TKA_F64](w->sv, k, m, p);
+        for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0: -1 marks "not kept" */
+        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = p[t];
+        memset(o, 0, (size_t)dv * sizeof(double));
+        const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
+        const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
+        double z = 0.0;  /* in position order too: the output does not depend on the kept order */
+        for (int64_t i = 0; i < n; i++)
+            if (wd[i] >= 0.0) {
+                z += wd[i];
+                K->axpy[a->vdtype](vh + (size_t)i * vrow, dv, wd[i], o);
+            }
+        for (int64_t j = 0; j < dv; j++) o[j] /= z;
+    } else if (cx->out_v) {
         const int64_t h = r / a->L, dv = a->dv;
         double *o = cx->out_v + (size_t)(r * dv);
         memset(o, 0, (size_t)dv * sizeof(double));
@@ -412,13 +441,12 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
             z += p;
             if (t + PREFETCH < k) { /* kept keys are scattered over V */
                 const int64_t rp = h * a->v_head_stride + out->idx[t + PREFETCH] * a->v_row_stride;
-                const char *pv = (const char *)a->v + (size_t)rp * (a->vdtype == TKA_F32 ? 4 : 8);
-                for (int64_t off = 0; off < dv * (a->vdtype == TKA_F32 ? 4 : 8); off += 64)
+                const char *pv = (const char *)a->v + (size_t)rp * esize(a->vdtype);
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
                     __builtin_prefetch(pv + off);
             }
             const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
-            const void *v = a->vdtype == TKA_F32 ? (const void *)((const float *)a->v + row)
-                                                 : (const void *)((const double *)a->v + row);
+            const void *v = (const char *)a->v + (size_t)row * esize(a->vdtype);
             K->axpy[a->vdtype](v, dv, p, o);
         }
         for (int64_t j = 0; j < dv; j++) o[j] /= z;

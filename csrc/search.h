@@ -76,6 +76,8 @@ typedef struct {
     uint64_t seed;           /**< MC random stream (row r uses stream seed, r) */
     int64_t mc_samples;      /**< MC sample size per check */
     int use_proxy;           /**< use the index's per-key proxies (if present) */
+    int unordered;           /**< the kept set may come in any order (only V's output is
+                                  wanted): saves sorting a large kept set */
     /* values: optional, heads x n_v x dv rows (original key order), for the output */
     const void *v;
     tka_dtype vdtype;
@@ -126,6 +128,9 @@ struct tka_search_kernels {
     /** sum_j q[j] * k[j] in float64 over d float32 keys (rows of stride d), for m keys. */
     void (*dot_f32)(const double *q, const float *k, int64_t d, int64_t m, double *out);
     void (*dot_f64)(const double *q, const double *k, int64_t d, int64_t m, double *out);
+    /** dot_f32 for float16 keys (bits): the same sums, in the same order, as dot_f32 on
+     *  the same values as float32. */
+    void (*dot_f16)(const double *q, const uint16_t *k, int64_t d, int64_t m, double *out);
     /** sum_j y[j] * z[j] exactly in int32 (int16 query codes, int8 key codes; the caller
      *  keeps d * max|y| * 127 below 2^31), for m keys (rows of stride d). */
     void (*dot_i8)(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out);

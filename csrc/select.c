@@ -331,24 +331,30 @@ int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double bud
         lo = v[i] < lo ? v[i] : lo;
         hi = v[i] > hi ? v[i] : hi;
     }
-    if (!(hi > lo) || !(hi - lo < INFINITY)) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
+    /* the bucket scale must be finite: a spread in the subnormal range would make it
+     * infinite, and (v - lo) * scale NaN (an out-of-range bucket) */
     const double scale = (double)nbk / (hi - lo);
-    int64_t cnt[DROP_BUCKETS] = {0};
-    double mass[DROP_BUCKETS] = {0};
+    if (!(hi > lo) || !(hi - lo < INFINITY) || !(scale < INFINITY))
+        return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
+    int64_t cnt[DROP_BUCKETS];
+    double mass[DROP_BUCKETS];
+    memset(cnt, 0, (size_t)nbk * sizeof cnt[0]);
+    memset(mass, 0, (size_t)nbk * sizeof mass[0]);
+    /* (v - lo) * scale is in [0, nbk] and the top value maps to nbk: clamp it */
+    double acc = 0.0;
+    int64_t ndrop = 0;
     for (int64_t i = 0; i < c; i++) {
         int b = (int)((v[i] - lo) * scale);
         b = b < nbk ? b : nbk - 1;
         cnt[b]++;
         mass[b] += w[i];
     }
-    double acc = 0.0;
-    int64_t ndrop = 0;
     int bc = 0;
     while (bc < nbk && acc + mass[bc] <= budget) { acc += mass[bc]; ndrop += cnt[bc]; bc++; }
     if (bc == nbk) { *dropped_mass = acc; return ndrop; }
     if (cnt[bc] > c / 2) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
     /* compact the crossing bucket to the front (in place: the write index never passes the
-     * read index) and finish there */
+     * read index) and finish there; the same expression gives the same bucket */
     int64_t j = 0;
     for (int64_t i = 0; i < c; i++) {
         int b = (int)((v[i] - lo) * scale);

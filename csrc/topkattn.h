@@ -5,7 +5,7 @@
  *
  * Plain C11. No Python here: every function takes pointers, byte strides and int64_t
  * sizes, and returns a tka_status. Batches are described by a tka_rows view: `rows`
- * independent rows of `n` logits each, float32 or float64, any strides. Logits equal to
+ * independent rows of `n` logits each, float32, float64 or float16, any strides. Logits equal to
  * -inf are masked keys (probability exactly 0). NaN and +inf are rejected per row.
  *
  * Threading: row-parallel functions split rows over tka_num_threads() threads; every
@@ -24,8 +24,9 @@
 extern "C" {
 #endif
 
-/** Element type of logits and attention operands. */
-typedef enum { TKA_F32 = 0, TKA_F64 = 1 } tka_dtype;
+/** Element type of logits and attention operands. float16 (IEEE binary16, stored as
+ *  uint16_t) is converted exactly to float32/float64 inside the core. */
+typedef enum { TKA_F32 = 0, TKA_F64 = 1, TKA_F16 = 2 } tka_dtype;
 
 /** Where and why a batched call failed: the lowest failing row, whatever the thread count. */
 typedef struct {
@@ -67,8 +68,14 @@ int tka_num_threads(void);
 /** Set the number of worker threads; n <= 0 restores the default (online CPUs). */
 void tka_set_num_threads(int n);
 
-/** Names of the kernel sets: "scalar", "avx2", "avx512". */
-typedef enum { TKA_SIMD_SCALAR = 0, TKA_SIMD_AVX2 = 1, TKA_SIMD_AVX512 = 2, TKA_SIMD_COUNT } tka_simd;
+/** Names of the kernel sets: "scalar", "avx2", "avx512" (x86-64), "neon" (aarch64). */
+typedef enum {
+    TKA_SIMD_SCALAR = 0,
+    TKA_SIMD_AVX2 = 1,
+    TKA_SIMD_AVX512 = 2,
+    TKA_SIMD_NEON = 3,
+    TKA_SIMD_COUNT
+} tka_simd;
 /** Whether this build has the kernel set and this CPU (and OS) can run it. */
 int tka_simd_supported(tka_simd which);
 /** Whether this build contains the kernel set (whatever the CPU). */
@@ -77,9 +84,15 @@ int tka_simd_compiled(tka_simd which);
 tka_status tka_simd_select(tka_simd which);
 /** The kernel set in use. */
 tka_simd tka_simd_active(void);
-/** Name of a kernel set ("scalar", "avx2", "avx512"; "unknown" out of range). */
+/** e^x[i] for i < n by the active kernel set's vector exp, the one every sum of
+ *  exponentials uses (error bound in csrc/cpu/kernels.inc); for the accuracy tests. */
+void tka_vexp(const double *x, int64_t n, double *out);
+/** The 64 values 2^(j/64), rounded to nearest, that the vector exp scales by. */
+const double *tka_exp2_table(void);
+/** Name of a kernel set ("scalar", "avx2", "avx512", "neon"; "unknown" out of range). */
 const char *tka_simd_name(tka_simd which);
-/** Comma-separated CPU features seen by CPUID/XGETBV, e.g. "sse2,avx,avx2,fma". */
+/** Comma-separated CPU features: on x86-64 as CPUID/XGETBV report them, e.g.
+ *  "sse2,avx,avx2,fma,f16c"; on aarch64 "neon,fp16-convert" (both are baseline there). */
 const char *tka_cpu_features(void);
 
 /* ------------------------------------------------------- distribution level (§2) */

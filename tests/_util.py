@@ -9,7 +9,7 @@ from topkattn import reference as ref
 
 mpmath.mp.dps = ref.MP_DPS
 
-FLOATS = (np.float32, np.float64)
+FLOATS = (np.float32, np.float64, np.float16)
 # relative tolerance against the float64 reference: both sides compute in float64 from the
 # same exact input values, so only a few roundings separate them
 RTOL = 1e-12

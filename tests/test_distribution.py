@@ -300,3 +300,27 @@ def test_k_eps_tail_never_exceeds_eps_at_boundary_ties():
             k, tau = topkattn.k_eps(row, eps, return_tail=True)
             check_keps_minimal(curve, eps, k, what=f"eps=tau({j})")
             assert tau <= eps, f"row {row.tolist()} eps={eps!r}: k={k}, tau={tau!r} > eps"
+
+
+@pytest.mark.parametrize("gap", [0.0, 30.0, 590.0, 599.5, 600.5, 650.0, 800.0, 5000.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_with_a_deep_tail_against_mpmath(gap, dtype):
+    """Past the small-row cut-off the head and tail sums come from the selection's own band
+    pass, relative to the row maximum, while the tail's largest logit is within 600 of it,
+    and from a separate pass relative to the tail's own largest logit further down: both
+    sides of that switch, with ties at the k-th logit, against mpmath."""
+    rng = np.random.default_rng(int(gap * 10) + (dtype == np.float32))
+    n, k = 3000, 40
+    head = 5.0 + rng.normal(size=k - 3)
+    head = np.concatenate([head, [2.0, 2.0, 2.0, 2.0]])          # ties across the k-th place
+    tail = 2.0 - gap - np.abs(rng.normal(size=n - head.size)) * 3
+    x = np.concatenate([head, tail]).astype(dtype)
+    rng.shuffle(x)
+    for kk in (k - 2, k, k + 1, k + 3):
+        exact = ref.mp_log_tail_mass(x, kk)
+        got = topkattn.log_tail_mass(x, kk)
+        assert float(abs(mpmath.mpf(float(got)) - exact)) <= 1e-13 * abs(float(exact)) + 1e-14, \
+            (gap, kk, got, mpmath.nstr(exact, 20))
+        exact_kl = ref.mp_kl_truncated(x, kk)
+        if exact_kl > mpmath.mpf("1e-300"):
+            assert mp_rel_err(topkattn.kl_truncated(x, kk), exact_kl) <= 1e-12

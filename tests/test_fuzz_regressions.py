@@ -223,6 +223,20 @@ def test_k_eps_with_a_huge_log_normaliser(row):
     assert int(k) == 1 and float(tau) <= 1e-300
 
 
+@pytest.mark.parametrize("n", [1025, 3000])
+def test_k_eps_on_logits_spread_over_subnormals(n):
+    # found by tests/c/test_simd_sets.c: a bracket of logits whose spread is subnormal made
+    # the bucket scale of the weighted selection infinite and a bucket index NaN (a crash)
+    rng = np.random.default_rng(0)
+    sub = np.array([5e-324, -5e-324, 0.0, -0.0, 2.2250738585072009e-308, 1e-310,
+                    1.401298464324817e-45, 5.960464477539063e-08])
+    x = sub[rng.integers(0, 8, n)]
+    for eps in (0.01, 0.3, 0.9):
+        k, tau = topkattn.k_eps(x, eps, return_tail=True)
+        # every weight is 1 to within 6e-8: k is about (1 - eps) n, and the exact answer
+        assert int(k) == int(ref.k_eps(x, eps)) and float(tau) <= eps
+
+
 def test_multigap_bound_with_a_huge_segment_count_returns():
     # found by fuzz_core (a timeout): multigap_row (csrc/rows.c) ran its segment loop
     # J = cuts times whatever the row's length; run in a subprocess so that a hang cannot

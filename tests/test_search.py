@@ -67,7 +67,8 @@ def clustered(rng, n, d, clusters=8, noise=0.3):
 @settings(max_examples=150)
 @given(n=st.integers(1, 300), d=st.integers(1, 17), bs=st.integers(1, 70),
        summary=st.sampled_from(SUMMARIES), proxy=st.sampled_from(["int8", None]),
-       dtype=st.sampled_from([np.float32, np.float64]), spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+       spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
        eps=st.sampled_from([0.5, 1e-1, 1e-2, 1e-4, 1e-9]), kind=st.sampled_from(["gauss", "clustered"]),
        reorder=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_certificate_bounds_true_tv(n, d, bs, summary, proxy, dtype, spread, eps, kind, reorder, seed):
@@ -198,7 +199,7 @@ def test_batched_rows_match_single_rows():
                           eps[l])
 
 
-@pytest.mark.parametrize("vdtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vdtype", [np.float32, np.float64, np.float16])
 def test_attention_output_of_the_kept_set(vdtype):
     rng = np.random.default_rng(19)
     K = clustered(rng, 2 * 400, 8).reshape(2, 400, 8)
@@ -525,3 +526,47 @@ def test_streaming_search_scores_everything_when_nothing_can_be_skipped():
     q = 0.5 * rng.standard_normal(d).astype(np.float32)
     res = check_stream(K, q, KeyIndex(K), streamed=False)
     assert int(res.keys_scored) == n and int(res.blocks_scored) == n // 64
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 4.0])
+def test_attention_output_is_the_same_with_and_without_the_kept_set(spread):
+    """Without return_info the kept set is not sorted; with many kept keys the output is
+    summed in stored order either way, so both calls give the same output bit for bit, and
+    it is the softmax over the kept set of the info's indices (few or many kept keys:
+    flat and peaked queries)."""
+    rng = np.random.default_rng(int(spread * 10))
+    K = rng.standard_normal((2, 3000, 16))
+    V = rng.standard_normal((2, 3000, 6)).astype(np.float32)
+    Q = spread * rng.standard_normal((2, 3, 16))
+    index = KeyIndex(K.astype(np.float32))
+    out, info = certified_attention(Q, index, V, 1e-2, return_info=True)
+    assert certified_attention(Q, index, V, 1e-2).tobytes() == out.tobytes()
+    for h in range(2):
+        for l in range(3):
+            k = int(info.k[h, l])
+            idx = info.indices[h, l, :k]
+            s = ref_logits(Q[h, l], K[h].astype(np.float32), 1 / 4)
+            p = np.exp(s[idx] - s[idx].max())
+            want = (p / p.sum()) @ V[h][idx].astype(np.float64)
+            np.testing.assert_allclose(out[h, l], want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="needs getrusage")
+def test_repeated_searches_touch_no_new_memory():
+    """Scratch persists across calls (per-thread arenas that outlive the call, up to 256 MiB
+    each): once warm, a search repeated on an index of 200,000 keys faults in no new page
+    (a fresh scratch allocation per call would fault in megabytes)."""
+    import resource
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((64, 16)).astype(np.float32) * 2
+    K = c[rng.integers(0, 64, 200_000)] + 0.3 * rng.standard_normal((200_000, 16)).astype(np.float32)
+    index = KeyIndex(K)
+    q = c[:2]
+    first = certified_search(q, index, 1e-2)
+    certified_search(q, index, 1e-2)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        again = certified_search(q, index, 1e-2)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    np.testing.assert_array_equal(again.indices, first.indices)
+    assert faults < 30, faults

@@ -25,12 +25,16 @@ def test_build_info():
     assert info["version"] == topkattn.__version__
     assert "scalar" in info["simd_compiled"] and "scalar" in info["simd_supported"]
     assert set(info["simd_supported"]) <= set(info["simd_compiled"])
-    assert set(info["simd_compiled"]) <= {"scalar", "avx2", "avx512"}
+    assert set(info["simd_compiled"]) <= {"scalar", "avx2", "avx512", "neon"}
     assert info["simd_active"] in info["simd_supported"]
     assert info["simd_active"] == topkattn.get_simd()
     assert isinstance(info["cpu_features"], list)
     if "avx2" in info["simd_supported"]:
-        assert "avx2" in info["cpu_features"] and "fma" in info["cpu_features"]
+        assert {"avx2", "fma", "f16c"} <= set(info["cpu_features"])
+    # a build has the x86 sets or the NEON set, never both; NEON is the default where it is
+    assert not ({"avx2", "avx512"} & set(info["simd_compiled"]) and "neon" in info["simd_compiled"])
+    if "neon" in info["simd_supported"]:
+        assert "neon" in info["cpu_features"]
     assert isinstance(info["cuda"], bool)
     assert info["threads"]["num_threads"] == topkattn.get_num_threads() >= 1
 
@@ -132,7 +136,7 @@ def test_env_var_unknown_path_fails_at_import():
 
 
 def test_env_var_unsupported_path_fails_at_import():
-    missing = [p for p in ("avx2", "avx512") if p not in INFO["simd_supported"]]
+    missing = [p for p in ("avx2", "avx512", "neon") if p not in INFO["simd_supported"]]
     if not missing:
         pytest.skip("this CPU runs every SIMD path, so none can be refused")
     for path in missing:
@@ -228,3 +232,31 @@ def test_concurrent_callers_from_python_threads():
         for run in runs:
             for a, b in zip(run, expected[i % len(jobs)]):
                 assert a.tobytes() == b.tobytes()
+
+
+def test_thread_pool_survives_resizing_and_fork():
+    """The worker threads persist across calls: growing and shrinking the thread count
+    between calls gives the same results, and a child process made by fork() (which
+    inherits none of the parent's workers) starts a pool of its own instead of waiting on
+    threads it does not have. Run in a fresh interpreter so that the fork sees only
+    this library's threads."""
+    code = r"""
+import os, sys
+import numpy as np, topkattn
+x = (2.0 * np.random.default_rng(3).standard_normal((3, 300_000))).astype(np.float32)
+ref = topkattn.k_eps(x, 1e-4)
+for n in (2, 4, 1, 3, 2):
+    topkattn.set_num_threads(n)
+    assert (topkattn.k_eps(x, 1e-4) == ref).all(), n
+pid = os.fork()
+if pid == 0:
+    ok = (topkattn.k_eps(x, 1e-4) == ref).all() and (topkattn.tail_mass(x, 7) > 0).all()
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "child 0", (r.stdout, r.stderr)

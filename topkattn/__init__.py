@@ -7,7 +7,8 @@ computed by a C core with run-time SIMD dispatch.
 Environment variables read at import:
 
 ``TOPKATTN_SIMD``
-    ``scalar``, ``avx2`` or ``avx512``: force a kernel set (error if unavailable).
+    ``scalar``, ``avx2``, ``avx512`` (x86-64) or ``neon`` (aarch64): force a kernel set
+    (error if unavailable).
 ``TOPKATTN_NUM_THREADS``
     Worker threads for batched calls (default: online CPUs).
 ``TOPKATTN_CUDA_UNVERIFIED``
@@ -52,7 +53,7 @@ __version__ = "0.1.0"
 
 
 def set_simd(name):
-    """Use the kernel set ``name`` ("scalar", "avx2" or "avx512") from now on.
+    """Use the kernel set ``name`` ("scalar", "avx2", "avx512" or "neon") from now on.
 
     Raises ``ValueError`` if this build or this CPU does not have it. Results of every
     set agree to rounding; the tests compare each with "scalar".
@@ -85,7 +86,8 @@ def build_info():
     -------
     dict
         ``simd_active`` (kernel set in use), ``simd_compiled``, ``simd_supported`` (by this
-        CPU), ``cpu_features`` (from CPUID/XGETBV), ``compiler``, ``threads`` (POSIX
+        CPU), ``cpu_features`` (from CPUID/XGETBV on x86-64; ``neon``, ``fp16-convert`` on
+        aarch64, where they are baseline), ``compiler``, ``threads`` (POSIX
         threads, and how many are used), ``cuda`` (whether the CUDA extension was built),
         ``cuda_info`` (``built``, ``enabled``, ``verified``, ``runtime``, ``devices``,
         ``device``, ``error``; see ``topkattn._gpu.info``) and ``version``.

@@ -46,18 +46,28 @@ def any_gpu(*xs):
 
 # ----------------------------------------------------------------- arrays and per-row values
 
+FLOAT_DTYPES = (np.float32, np.float64, np.float16)
+
+
 def float_array(x, name):
-    """float32/float64 ndarray view of ``x``; lists and integers become float64, other
-    dtypes are refused with a TypeError naming ``name``."""
+    """float32/float64/float16 ndarray view of ``x``; lists and integers become float64,
+    other dtypes are refused with a TypeError naming ``name``. float16 stays float16: the
+    C core converts it (exactly) itself."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float64)
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64 or float16, got {x.dtype}")
     if not x.flags.aligned:  # the C core reads elements as typed values: copy to aligned memory
         x = x.copy()
     return x
+
+
+def common_float_dtype(*arrays):
+    """The dtype attention operands are brought to: the widest of theirs (float16 <
+    float32 < float64), so mixing never loses precision and one dtype alone is kept."""
+    return np.result_type(*(a.dtype for a in arrays))
 
 
 def logits(x, name="logits"):
@@ -72,6 +82,9 @@ def logits(x, name="logits"):
 
 def per_row(value, batch_shape, name, dtype):
     """Broadcast a scalar or array parameter to one value per row (C order)."""
+    if batch_shape == () and (type(value) is float and dtype == np.float64
+                              or type(value) is int and -2**63 <= value < 2**63):
+        return np.array(value, dtype=dtype)  # the common scalar case, without broadcasting
     arr = np.asarray(value)
     if dtype == np.int64:
         if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:

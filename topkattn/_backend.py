@@ -14,11 +14,18 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy as np
+
 from . import _gpu
 from ._args import is_gpu_array
 from ._errors import cpu_only, cpu_operands
 
 __all__ = ["dispatch"]
+
+# Types whose values are never CUDA arrays: a call whose arguments are all of these goes
+# straight to the CPU implementation (subclasses take the full check).
+_HOST_TYPES = frozenset({np.ndarray, float, int, bool, str, bytes, type(None), np.float64,
+                         np.float32, np.int64, np.int32, np.bool_})
 
 
 def dispatch(*operands, name=None):
@@ -55,6 +62,16 @@ def dispatch(*operands, name=None):
 
         @functools.wraps(func)
         def run(*args, **kwargs):
+            # the common case, decided by type alone: nothing that could be a CUDA array
+            for value in args:
+                if type(value) not in _HOST_TYPES:
+                    break
+            else:
+                for value in kwargs.values():
+                    if type(value) not in _HOST_TYPES:
+                        break
+                else:
+                    return func(*args, **kwargs)
             op = gpu_operand(args, kwargs)
             if op is not None:
                 if twin is None:

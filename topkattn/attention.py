@@ -7,8 +7,10 @@ plus an optional additive ``mask`` broadcastable to ``(..., L, n)``, where ``-in
 key. The C core scores one query row at a time into a buffer of n float64 scores (no
 ``(L, n)`` matrix is formed), selects the kept set, and sums only the kept rows of V; rows
 are spread over threads with the GIL released, and results do not depend on the thread
-count. Outputs are float32 when Q, K and V are all float32, else float64; scores and sums
-are accumulated in float64 either way.
+count. Operands of different dtypes are brought to the widest of them (float16 < float32 <
+float64), and outputs have that dtype; scores and sums are accumulated in float64 either
+way (float16 operands are converted exactly inside the C core, and a float16 output is the
+float64 result rounded once).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _problem(Q, K, V, scale, mask, need_v=True):
         named.append(("mask", m.shape))
     bshape = _args.batch_shape(named)
     scale = _args.scale(scale, d)
-    dtype = np.float32 if all(a.dtype == np.float32 for a in (Q, K, V)) else np.float64
+    dtype = _args.common_float_dtype(Q, K, V)
     ops = []
     for a in (Q, K, V):
         a = _aligned(a, dtype)
@@ -131,8 +133,8 @@ def attention(Q, K, V, scale=None, mask=None):
     Q : array_like, shape (..., L, d)
     K : array_like, shape (..., n, d)
     V : array_like, shape (..., n, d_v)
-        float32 or float64 (integers are converted to float64). The batch axes ``...`` of
-        Q, K, V and mask broadcast against each other.
+        float32, float64 or float16 (integers are converted to float64). The batch axes
+        ``...`` of Q, K, V and mask broadcast against each other.
     scale : float, optional
         Score scale; default ``1/sqrt(d)``.
     mask : array_like, optional
@@ -142,7 +144,7 @@ def attention(Q, K, V, scale=None, mask=None):
     Returns
     -------
     out : ndarray, shape (..., L, d_v)
-        float32 if Q, K and V are float32, else float64.
+        The widest dtype of Q, K and V (float16 < float32 < float64).
 
     Examples
     --------
@@ -194,7 +196,7 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
     Returns
     -------
     out : ndarray, shape (..., L, d_v)
-        float32 if Q, K and V are float32, else float64.
+        The widest dtype of Q, K and V (float16 < float32 < float64).
     info : TopkInfo
         Only with ``return_info=True``.
 

@@ -1,6 +1,7 @@
 """Distribution-level quantities of Top-k attention (docs/design.md §2, §5, §6).
 
-Every function takes logits of shape ``(..., n)`` (float32 or float64, any strides) and
+Every function takes logits of shape ``(..., n)`` (float32, float64 or float16, any
+strides; float16 gives the results of the same values as float32, bit for bit) and
 reduces over the last axis, returning one float64 (or int64) value per row. A logit of
 ``-inf`` is a masked key: its probability is exactly zero. NaN and ``+inf`` are errors.
 The computation runs in the C core (``topkattn._core``) with the GIL released.
@@ -36,7 +37,7 @@ def log_tail_mass(logits, k):
     Parameters
     ----------
     logits : array_like, shape (..., n)
-        float32 or float64; ``-inf`` marks masked keys.
+        float32, float64 or float16; ``-inf`` marks masked keys.
     k : int or int array broadcastable to ``logits.shape[:-1]``
         Number of keys kept, in [0, n]. Ties at the threshold keep the lower index (the
         mass does not depend on which).

@@ -113,8 +113,9 @@ class KeyIndex:
     Parameters
     ----------
     K : array_like, shape (..., n, d)
-        Keys, float32 or float64, finite. Leading axes are independent key sets (heads);
-        the index keeps its own copy in its dtype.
+        Keys, float32, float64 or float16, finite. Leading axes are independent key sets
+        (heads); the index keeps its own copy in its dtype (float16 keys are converted
+        exactly inside the C core, so they give the results of the same values as float32).
     block_size : int
         Keys per block (>= 1).
     summary : {"auto", "minmax", "ball"}
@@ -282,7 +283,8 @@ def _prepare_queries(q, index, name):
     return Q, qshape, single, L
 
 
-def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, name):
+def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, name,
+         unordered=False):
     if not isinstance(index, KeyIndex):
         raise TypeError(f"index must be a KeyIndex, got {type(index).__name__}")
     if method not in _METHODS:
@@ -324,7 +326,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
     with index._lock.shared():
         n = index.n
         res = _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples,
-                             use_proxy)
+                             use_proxy, unordered)
     idx, k, tv, ks, bsc, pr, by, mcf, out = res
     kmax = idx.shape[-1]
     shp = lambda a: a.reshape(qshape)  # noqa: E731
@@ -339,8 +341,10 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
         confidence=1.0 - delta if method == "mc" else 1.0, n=n)
 
 
-def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_proxy):
-    """The part of a search that reads the index; the caller holds its lock shared."""
+def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_proxy,
+                   unordered=False):
+    """The part of a search that reads the index; the caller holds its lock shared.
+    ``unordered``: the kept sets may come in any order (only the output is wanted)."""
     # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
     with np.errstate(over="ignore", invalid="ignore"):
         qn1 = scale * np.abs(Q).sum(axis=-1).max()
@@ -357,7 +361,7 @@ def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_p
     eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
     return _core.search(
         index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),
-        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc)
+        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc, bool(unordered))
 
 
 @dispatch("q", "V")
@@ -456,5 +460,7 @@ def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None,
     """
     if V is None:
         raise ValueError("V is required for certified_attention")
-    res = _run(Q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "Q")
+    # without return_info nobody sees the kept set: it need not be sorted
+    res = _run(Q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "Q",
+               unordered=not return_info)
     return (res.output, res) if return_info else res.output

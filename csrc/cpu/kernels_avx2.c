@@ -1,6 +1,7 @@
 /*
  * kernels_avx2.c - the kernel set for AVX2 + FMA: four float64 lanes.
- * Compiled with -mavx2 -mfma; only reached through the dispatch table.
+ * Compiled with -mavx2 -mfma -mf16c; only reached through the dispatch table, which
+ * selects it when the CPU has AVX2, FMA and F16C (for the float16 loads).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -44,12 +45,15 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     VD lo = _mm256_permute2f128_pd(s01, s23, 0x20), hi = _mm256_permute2f128_pd(s01, s23, 0x31);
     _mm256_storeu_pd(out, _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale)));
 }
-static inline VD vd_pow2i(VD t)
+/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
+static inline VD vd_exp2_tab(VD t)
 {
     const __m256i magic = _mm256_castpd_si256(_mm256_set1_pd(6755399441055744.0));
-    __m256i n = _mm256_sub_epi64(_mm256_castpd_si256(t), magic);
-    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
-    return _mm256_castsi256_pd(e);
+    __m256i m = _mm256_sub_epi64(_mm256_castpd_si256(t), magic);
+    __m256i j = _mm256_and_si256(m, _mm256_set1_epi64x(63));
+    __m256i e = _mm256_slli_epi64(_mm256_andnot_si256(_mm256_set1_epi64x(63), m), 46);
+    __m256i v = _mm256_castpd_si256(_mm256_i64gather_pd(tka_exp2_64, j, 8));
+    return _mm256_castsi256_pd(_mm256_add_epi64(v, e));
 }
 /* Lane permutations that move the selected doubles (pairs of 32-bit words) to the front:
  * row m lists the words of the lanes set in the 4-bit mask m, in order. */
@@ -79,7 +83,20 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 
+/* float16 (F16C): four values to float32, then to float64; both steps are exact */
+static inline VD vload_f16_avx2(const uint16_t *p)
+{
+    return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+}
+static void f16_to_f32_avx2(const uint16_t *src, int64_t n, float *dst)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = tka_half_to_float(src[i]);
+}
 #define vload_f64_isa vload_f64_avx2
+#define TO_F64(e) ((double)(e))
 #define ELT float
 #define FN(name) name##_f32_avx2
 #include "kernels.inc"
@@ -90,5 +107,15 @@ static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 #include "kernels.inc"
 #undef ELT
 #undef FN
+#undef TO_F64
+#define TO_F64(e) ((double)tka_half_to_float(e))
+#define TKA_KERNELS_DOT_ONLY
+#define ELT uint16_t
+#define FN(name) name##_f16_avx2
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#undef TO_F64
+#undef TKA_KERNELS_DOT_ONLY
 
 const tka_kernels tka_kernels_avx2 = TKA_TABLE(avx2, TKA_SIMD_AVX2, &tka_search_kernels_avx2);

@@ -1,6 +1,7 @@
 /*
  * kernels_avx512.c - the kernel set for AVX-512F: eight float64 lanes, mask registers.
- * Compiled with -mavx512f; only reached through the dispatch table.
+ * Compiled with -mavx512f -mavx2 -mfma -mf16c; only reached through the dispatch table
+ * (which also requires AVX2, FMA and F16C).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -40,12 +41,15 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     out[2] = scale * _mm512_reduce_add_pd(a2);
     out[3] = scale * _mm512_reduce_add_pd(a3);
 }
-static inline VD vd_pow2i(VD t)
+/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
+static inline VD vd_exp2_tab(VD t)
 {
     const __m512i magic = _mm512_castpd_si512(_mm512_set1_pd(6755399441055744.0));
-    __m512i n = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
-    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(n, _mm512_set1_epi64(1023)), 52);
-    return _mm512_castsi512_pd(e);
+    __m512i m = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
+    __m512i j = _mm512_and_si512(m, _mm512_set1_epi64(63));
+    __m512i e = _mm512_slli_epi64(_mm512_andnot_si512(_mm512_set1_epi64(63), m), 46);
+    __m512i v = _mm512_castpd_si512(_mm512_i64gather_pd(j, tka_exp2_64, 8));
+    return _mm512_castsi512_pd(_mm512_add_epi64(v, e));
 }
 static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
 {
@@ -60,7 +64,20 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 
+/* float16 (F16C): eight values to float32, then to float64; both steps are exact */
+static inline VD vload_f16_avx512(const uint16_t *p)
+{
+    return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+static void f16_to_f32_avx512(const uint16_t *src, int64_t n, float *dst)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = tka_half_to_float(src[i]);
+}
 #define vload_f64_isa vload_f64_avx512
+#define TO_F64(e) ((double)(e))
 #define ELT float
 #define FN(name) name##_f32_avx512
 #include "kernels.inc"
@@ -71,6 +88,16 @@ static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); 
 #include "kernels.inc"
 #undef ELT
 #undef FN
+#undef TO_F64
+#define TO_F64(e) ((double)tka_half_to_float(e))
+#define TKA_KERNELS_DOT_ONLY
+#define ELT uint16_t
+#define FN(name) name##_f16_avx512
+#include "kernels.inc"
+#undef ELT
+#undef FN
+#undef TO_F64
+#undef TKA_KERNELS_DOT_ONLY
 
 /* No AVX-512 search kernels: the AVX2 ones run on every CPU that has AVX-512F, AVX2 and
  * FMA, which selecting this set requires (dispatch.c). */

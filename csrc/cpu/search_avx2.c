@@ -1,7 +1,7 @@
 /*
  * search_avx2.c - dot-product kernels of the certified search for AVX2 + FMA.
- * Compiled with -mavx2 -mfma; reached only through tka_search_kernels_avx2 after the
- * dispatcher has seen AVX2 and FMA.
+ * Compiled with -mavx2 -mfma -mf16c; reached only through tka_search_kernels_avx2 after
+ * the dispatcher has seen AVX2, FMA and F16C.
  */
 #include <immintrin.h>
 
@@ -29,6 +29,25 @@ static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, doubl
         }
         double s = hsum_pd(_mm256_add_pd(a0, a1));
         for (; j < d; j++) s += q[j] * (double)k[j];
+        out[i] = s;
+    }
+}
+
+/* dot_f32 for float16 keys (F16C): the same operations on the same values */
+static void dot_f16(const double *q, const uint16_t *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j)));
+            a0 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j),
+                                 _mm256_cvtps_pd(_mm256_castps256_ps128(kv)), a0);
+            a1 = _mm256_fmadd_pd(_mm256_loadu_pd(q + j + 4),
+                                 _mm256_cvtps_pd(_mm256_extractf128_ps(kv, 1)), a1);
+        }
+        double s = hsum_pd(_mm256_add_pd(a0, a1));
+        for (; j < d; j++) s += q[j] * (double)tka_half_to_float(k[j]);
         out[i] = s;
     }
 }
@@ -142,4 +161,5 @@ static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_
     if (i < m) tka_search_kernels_scalar.proxy_levels(dl + i, sc + i, perr + i, m - i, c);
 }
 
-const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_i8, proxy_levels};
+const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_f16, dot_i8,
+                                                    proxy_levels};

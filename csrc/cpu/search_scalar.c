@@ -23,6 +23,23 @@ static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, doubl
     }
 }
 
+/* dot_f32 for float16 keys: the same operations on the same (exactly converted) values */
+static void dot_f16(const double *q, const uint16_t *k, int64_t d, int64_t m, double *out)
+{
+    for (int64_t i = 0; i < m; i++, k += d) {
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t j = 0;
+        for (; j + 4 <= d; j += 4) {
+            a0 += q[j] * (double)tka_half_to_float(k[j]);
+            a1 += q[j + 1] * (double)tka_half_to_float(k[j + 1]);
+            a2 += q[j + 2] * (double)tka_half_to_float(k[j + 2]);
+            a3 += q[j + 3] * (double)tka_half_to_float(k[j + 3]);
+        }
+        for (; j < d; j++) a0 += q[j] * (double)tka_half_to_float(k[j]);
+        out[i] = (a0 + a1) + (a2 + a3);
+    }
+}
+
 static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, double *out)
 {
     for (int64_t i = 0; i < m; i++, k += d) {
@@ -63,4 +80,5 @@ static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_
     }
 }
 
-const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_i8, proxy_levels};
+const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_f16, dot_i8,
+                                                      proxy_levels};

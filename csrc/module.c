@@ -168,8 +168,11 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
 {
     PyObject *xo, *ko, *co;
     long long nseg;
-    int spacing;
-    if (!PyArg_ParseTuple(args, "OOOLi", &xo, &ko, &co, &nseg, &spacing)) return NULL;
+    int spacing, exhaustive = 0;
+    if (!PyArg_ParseTuple(args, "OOOLi|p", &xo, &ko, &co, &nseg, &spacing, &exhaustive))
+        return NULL;
+    if (spacing != TKA_SPACING_GEOMETRIC && spacing != TKA_SPACING_LINEAR)
+        return PyErr_Format(PyExc_ValueError, "unknown spacing %d", spacing);
     tka_py_logits L;
     if (tka_py_logits_parse(xo, "logits", &L) < 0) return NULL;
     PyArrayObject *k = NULL, *cuts = NULL, *out = NULL;
@@ -202,7 +205,8 @@ static PyObject *py_multigap_bound(PyObject *self, PyObject *args)
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_multigap_bound(&L.rows, PyArray_DATA(k), cuts ? PyArray_DATA(cuts) : NULL,
-                            cuts ? PyArray_SIZE(cuts) : 0, (int64_t)nseg, spacing,
+                            cuts ? PyArray_SIZE(cuts) : 0, (int64_t)nseg,
+                            spacing | (exhaustive ? TKA_MULTIGAP_EXHAUSTIVE : 0),
                             PyArray_DATA(out), &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) { tka_py_logits_raise(st, &err, &L, "logits"); goto done; }
@@ -368,6 +372,9 @@ static PyObject *py_gauss(PyObject *self, PyObject *args)
     int op;
     PyObject *ao, *bo = Py_None, *co = Py_None;
     if (!PyArg_ParseTuple(args, "iO|OO", &op, &ao, &bo, &co)) return NULL;
+    if (op < G_CDF || op > G_KEPS_FINITE)
+        return PyErr_Format(PyExc_ValueError, "gauss: unknown op %d (0 to %d)", op,
+                            (int)G_KEPS_FINITE);
     PyArrayObject *a = NULL, *b = NULL, *c = NULL, *out = NULL;
     PyObject *res = NULL;
     if (!(a = (PyArrayObject *)PyArray_FROM_OTF(ao, NPY_FLOAT64, NPY_ARRAY_IN_ARRAY))) goto done;
@@ -396,7 +403,7 @@ static PyObject *py_gauss(PyObject *self, PyObject *args)
             case G_ISF: o[i] = tka_norm_isf(x[i]); break;
             case G_TAIL: o[i] = tka_gaussian_tail_mass(x[i], y[i]); break;
             case G_KEPS: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 0); break;
-            default: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 1); break;
+            case G_KEPS_FINITE: o[i] = tka_gaussian_k_eps(x[i], y[i], z[i], 1); break;
             }
         }
         Py_END_ALLOW_THREADS

@@ -30,7 +30,15 @@ static int get_operand(PyObject *tuple, const char *name, int64_t batch, operand
                      (long long)batch);
         return -1;
     }
-    return 0;
+    return tka_py_require_aligned(op->off, name);
+}
+
+/* The elements of an operand (or the mask) are read as typed values at base + offset +
+ * row * ld + column * elem: all of these must be multiples of the element size. */
+static int operand_aligned(const operand_t *op, int64_t batch, const char *name)
+{
+    return tka_py_require_aligned_at(PyArray_BYTES(op->arr), PyArray_DATA(op->off), batch,
+                                     &op->ld, 1, (size_t)PyArray_ITEMSIZE(op->arr), name);
 }
 
 /* The query rows of a call: the batch shape followed by L, for error messages. */
@@ -49,10 +57,17 @@ static int parse_mask(PyObject *mt, int64_t batch, tka_attn *a)
         return -1;
     if (PyArray_TYPE((PyArrayObject *)marr) != NPY_FLOAT64 ||
         PyArray_TYPE((PyArrayObject *)moff) != NPY_INT64 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)moff) ||
         PyArray_SIZE((PyArrayObject *)moff) != batch) {
         PyErr_SetString(PyExc_TypeError, "mask must be float64 with one offset per problem");
         return -1;
     }
+    const long long ms[2] = {sl, sn};
+    if (tka_py_require_aligned((PyArrayObject *)moff, "mask offsets") < 0 ||
+        tka_py_require_aligned_at(PyArray_BYTES((PyArrayObject *)marr),
+                                  PyArray_DATA((PyArrayObject *)moff), batch, ms, 2,
+                                  sizeof(double), "mask") < 0)
+        return -1;
     a->mask = PyArray_BYTES((PyArrayObject *)marr);
     a->m_off = PyArray_DATA((PyArrayObject *)moff);
     a->m_sl = sl;
@@ -184,6 +199,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
                         "Q, K and V must share one dtype, float32, float64 or float16");
         return NULL;
     }
+    if (operand_aligned(&Q, batch, "Q") < 0 || operand_aligned(&K, batch, "K") < 0 ||
+        operand_aligned(&V, batch, "V") < 0)
+        return NULL;
     const int64_t rows = batch * (int64_t)L;
     tka_attn a = {
         .dtype = (tka_dtype)tka_py_dtype(t),

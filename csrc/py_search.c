@@ -22,10 +22,11 @@ static int get_arr(PyObject *o, const char *name, int type, int ndim, const npy_
     }
     PyArrayObject *a = (PyArrayObject *)o;
     if (PyArray_TYPE(a) != type || PyArray_NDIM(a) != ndim || !PyArray_IS_C_CONTIGUOUS(a)
-        || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a) || (writable && !PyArray_ISWRITEABLE(a))) {
+        || !PyArray_ISNOTSWAPPED(a) || (writable && !PyArray_ISWRITEABLE(a))) {
         PyErr_Format(PyExc_ValueError, "index array %s has the wrong dtype, rank or layout", name);
         return -1;
     }
+    if (tka_py_require_aligned(a, name) < 0) return -1;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
             PyErr_Format(PyExc_ValueError, "index array %s has the wrong shape", name);
@@ -64,7 +65,12 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
         PyErr_SetString(PyExc_ValueError, "inconsistent key index (n, block_size or summary)");
         return -1;
     }
-    const npy_intp cb = (cap + bs - 1) / bs;
+    /* A block size past the capacity means one block of every key: the same blocks (key
+     * ranges [b bs, min((b + 1) bs, n))) as a block size of cap, which is what the core
+     * gets, so that nothing computes with (or sizes buffers by) a block size near 2^63. */
+    if (bs > cap) bs = cap;
+    /* blocks of the capacity, rounded up (no cap + bs - 1: no overflow) */
+    const npy_intp cb = (npy_intp)(cap / bs + (cap % bs != 0));
     npy_intp s_keys[3] = {H, cap, d}, s_hc[2] = {H, cap}, s_blk[3] = {H, -1, d}, s_hb[2] = {H, -1},
              s_h[1] = {H};
     if (get_arr(keys, "keys", kt, 3, s_keys, 0, &a) < 0) return -1;
@@ -147,9 +153,13 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
                                 : PyErr_Format(PyExc_TypeError, "keys must be float32, float64 or float16");
     if (bs < 1) return PyErr_Format(PyExc_ValueError, "block_size must be >= 1");
     npy_intp H = PyArray_DIM(k, 0), n = PyArray_DIM(k, 1), d = PyArray_DIM(k, 2);
+    /* before allocating H * n positions: keys of no dimension are refused, and an empty
+     * set of keys has nothing to order (no loop over the heads) */
+    if (d < 1) return PyErr_Format(PyExc_ValueError, "keys must have a last axis d >= 1, got d = 0");
     npy_intp shp[2] = {H, n};
     PyArrayObject *perm = (PyArrayObject *)PyArray_SimpleNew(2, shp, NPY_INT64);
     if (!perm) return NULL;
+    if (H == 0 || n == 0) return (PyObject *)perm;
     tka_status st = TKA_OK;
     const char *base = PyArray_BYTES(k);
     int64_t *pp = PyArray_DATA(perm);

@@ -3,9 +3,32 @@
  */
 #include "pyutil.h"
 
+#include <stdint.h>
 #include <string.h>
 
+static int misaligned_error(const char *name, size_t align)
+{
+    PyErr_Format(PyExc_ValueError,
+                 "%s is not aligned: its elements must sit at multiples of %zu bytes "
+                 "(pass a copy, e.g. %s.copy())", name, align, name);
+    return -1;
+}
 
+int tka_py_require_aligned(PyArrayObject *a, const char *name)
+{
+    if (PyArray_ISALIGNED(a)) return 0;
+    return misaligned_error(name, (size_t)PyArray_ITEMSIZE(a));
+}
+
+int tka_py_require_aligned_at(const char *base, const int64_t *off, int64_t count,
+                              const long long *strides, int nstrides, size_t align,
+                              const char *name)
+{
+    uint64_t bits = (uint64_t)(uintptr_t)base;
+    for (int i = 0; i < nstrides; i++) bits |= (uint64_t)strides[i];
+    for (int64_t i = 0; i < count; i++) bits |= (uint64_t)off[i];
+    return bits % align ? misaligned_error(name, align) : 0;
+}
 
 void tka_py_logits_free(tka_py_logits *L)
 {
@@ -36,6 +59,7 @@ int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L)
         PyErr_Format(PyExc_TypeError, "%s must be in native byte order", name);
         return -1;
     }
+    if (tka_py_require_aligned(a, name) < 0) return -1;
     int nd = PyArray_NDIM(a);
     if (nd < 1) {
         PyErr_Format(PyExc_ValueError, "%s must have at least one axis (..., n), got a scalar", name);

@@ -32,6 +32,15 @@ static inline int tka_py_dtype(int npy_type)
          : npy_type == NPY_FLOAT16 ? TKA_F16 : -1;
 }
 
+/** 0 if the elements of `a` can be read as typed values where they are: its address and the
+ *  stride of every axis of extent > 1 are multiples of the dtype's alignment (NumPy's
+ *  ALIGNED flag); else -1 + ValueError naming `name`. */
+int tka_py_require_aligned(PyArrayObject *a, const char *name);
+/** The same for an operand read at `base + off[i] + multiples of strides[j]` (bytes): the
+ *  address, every offset and every stride are multiples of `align`. */
+int tka_py_require_aligned_at(const char *base, const int64_t *off, int64_t count,
+                              const long long *strides, int nstrides, size_t align,
+                              const char *name);
 /** Parse a float32/float64/float16 array (..., n) named `name` into a row view (0, or -1 +
  *  error). */
 int tka_py_logits_parse(PyObject *obj, const char *name, tka_py_logits *L);

@@ -771,9 +771,87 @@ typedef struct {
     const int64_t *k;
     const int64_t *cuts;
     int64_t ncut, nseg;
-    int spacing;
+    int spacing, exhaustive;
     double *out;
 } multigap_ctx;
+
+/* The j-th of nseg segment ends after k, as an offset from k before rounding up
+ * (span = n' - k): span^(j/nseg) (geometric) or span j / nseg (linear). */
+static inline double seg_offset(int spacing, double span, int64_t j, int64_t nseg)
+{
+    return spacing == TKA_SPACING_GEOMETRIC ? pow(span, (double)j / (double)nseg)
+                                            : span * (double)j / (double)nseg;
+}
+
+/* One step of the segment loop: a cut that advances closes the segment (prev, cut]
+ * (clipped at n'), bounded by its length times e^{s_(prev+1)} (relative to ref). */
+static inline void seg_add(double *u, int64_t *prev, int64_t cut, const double *v, double ref,
+                           int64_t nl)
+{
+    if (cut <= *prev) return;
+    if (cut > nl) cut = nl;
+    *u += (double)(cut - *prev) * tka_exp_up(v[*prev] - ref);
+    *prev = cut;
+}
+
+/*
+ * The segment loop for nseg segments (j = 1..nseg, the last end at n') runs nseg times
+ * whatever the row's length: with nseg = 2^62 it would not return. Only the ends that
+ * advance past the previous one ("records") change u, so for many segments the records are
+ * worked out directly, with u bit-for-bit what the loop gives (the same seg_add calls with
+ * the same cuts, in the same order):
+ *
+ * Let S(j) be the exact offset (span^(j/J) or span j/J, J = nseg) and C(j) the computed one
+ * (seg_offset), off(j) = ceil(C(j)). Below, span <= 2^40 and J >= 8 span (log2 span + 1):
+ *  - |C(j) - S(j)| <= E = 1/32: the linear offset is four correctly rounded operations
+ *    (relative error <= 4.01 u, u = 2^-53); the geometric one has j/J to 3.01 u relative,
+ *    which moves span^(j/J) by a relative <= 3.01 u ln span <= 84 u, plus pow's own error
+ *    (glibc: <= 1 ulp), so <= 90 u relative; times span <= 2^40, E <= 2^-5.
+ *  - S(j+1) - S(j) <= 1/4: linear span/J; geometric span^(j/J) (span^(1/J) - 1)
+ *    <= span e x with x = ln(span)/J <= 1, i.e. <= 2.72 span ln(span) / J; for such J
+ *    the first is <= 1/8 and the second <= 2.72 ln(2) / 8 < 1/4.
+ * Then the records are off(1) (j = 1), every integer m with off(1) < m < span, and last an
+ * end at or past n', which seg_add clips to n': the same calls as seg_add(k + m) for
+ * m = off(1) + 1, ..., span and the final seg_add(n'). Proof for m < span: let j0 be the
+ * first j with S(j) > m - 1/2; it exists and is below J, as S(J - 1) >= S(J) - 1/4 =
+ * span - 1/4, and j0 > 1 as C(1) <= off(1) <= m - 1. Every j < j0 has
+ * C(j) <= m - 1/2 + E < m, so off(j) <= m, and S(j0) <= m - 1/4 (the step), so C(j0) lies
+ * in (m - 1/2 - E, m - 1/4 + E] and off(j0) = m: the first j with off(j) >= m gives m
+ * exactly, a record. No monotonicity of C is needed. After m = span - 1 (or off(1)) the
+ * next record is an end >= k + span = n', clipped to n' whichever j gives it. The shortcut
+ * costs O(span); TKA_MULTIGAP_EXHAUSTIVE (a test hook) runs the loop instead, to check the
+ * two against each other.
+ */
+static double multigap_u(const multigap_ctx *cx, const double *v, double ref, int64_t k,
+                         int64_t nl)
+{
+    double u = 0.0;
+    int64_t prev = k;
+    if (cx->cuts) {
+        for (int64_t j = 0; j < cx->ncut; j++) {
+            int64_t cut = cx->cuts[j];
+            if (cut >= nl) continue;
+            seg_add(&u, &prev, cut, v, ref, nl);
+        }
+        seg_add(&u, &prev, nl, v, ref, nl);
+        return u;
+    }
+    const int64_t J = cx->nseg, span_i = nl - k;
+    const double span = (double)span_i;
+    if (!cx->exhaustive && span_i <= ((int64_t)1 << 40) &&
+        (double)J >= 8.0 * span * (log2(span) + 1.0)) {
+        const int64_t o1 = (int64_t)ceil(seg_offset(cx->spacing, span, 1, J));
+        seg_add(&u, &prev, k + o1, v, ref, nl);
+        for (int64_t m = o1 + 1; m <= span_i; m++) seg_add(&u, &prev, k + m, v, ref, nl);
+        seg_add(&u, &prev, nl, v, ref, nl);
+        return u;
+    }
+    for (int64_t j = 1; j <= J && prev < nl; j++)
+        seg_add(&u, &prev, j == J ? nl : k + (int64_t)ceil(seg_offset(cx->spacing, span, j, J)),
+                v, ref, nl);
+    seg_add(&u, &prev, nl, v, ref, nl);
+    return u;
+}
 
 static tka_status multigap_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 {
@@ -796,31 +874,13 @@ static tka_status multigap_row(void *c, const tka_row *w, int64_t r, tka_arena *
     const double ref = v[k];
 
     /* U = sum over segments (m_{j-1}, m_j] of their length times e^{s_(m_{j-1}+1)} */
-    double u = 0.0;
-    int64_t prev = k;
-    if (cx->cuts) {
-        for (int64_t j = 0; j < cx->ncut; j++) {
-            int64_t cut = cx->cuts[j];
-            if (cut <= prev || cut >= nl) continue;
-            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
-            prev = cut;
-        }
-    } else {
-        const double span = (double)(nl - k);
-        for (int64_t j = 1; j <= cx->nseg && prev < nl; j++) {
-            double off = cx->spacing == TKA_SPACING_GEOMETRIC ? ceil(pow(span, (double)j / (double)cx->nseg))
-                                          : ceil(span * (double)j / (double)cx->nseg);
-            int64_t cut = j == cx->nseg ? nl : k + (int64_t)off;
-            if (cut <= prev) continue;
-            if (cut > nl) cut = nl;
-            u += (double)(cut - prev) * tka_exp_up(v[prev] - ref);
-            prev = cut;
-        }
-    }
-    if (prev < nl) u += (double)(nl - prev) * tka_exp_up(v[prev] - ref);
+    const double u = multigap_u(cx, v, ref, k, nl);
     /* bound = U e^ref / (A e^max + U e^ref) = 1 / (1 + e^lr) */
     const double lr = log(head) - log(u) + (w->max - ref);
-    cx->out[r] = certify(exp(-softplus(lr)), n + cx->ncut + cx->nseg,
+    /* the count of rounded terms, n + ncut + nseg, saturated (nseg may be near 2^63) */
+    const int64_t nterms = cx->nseg > INT64_MAX - n - cx->ncut ? INT64_MAX
+                                                               : n + cx->ncut + cx->nseg;
+    cx->out[r] = certify(exp(-softplus(lr)), nterms,
                          fabs(log(head)) + fabs(log(u)) + fabs(w->max - ref) + 3.0 * fabs(lr));
     return TKA_OK;
 }
@@ -971,7 +1031,9 @@ tka_status tka_multigap_bound(const tka_rows *x, const int64_t *k, const int64_t
                               int64_t ncut, int64_t nseg, int spacing, double *out,
                               tka_error *err)
 {
-    multigap_ctx c = {k, cut_ranks, cut_ranks ? ncut : 0, cut_ranks ? 0 : nseg, spacing, out};
+    multigap_ctx c = {k, cut_ranks, cut_ranks ? ncut : 0, cut_ranks ? 0 : nseg,
+                      spacing & ~TKA_MULTIGAP_EXHAUSTIVE,
+                      (spacing & TKA_MULTIGAP_EXHAUSTIVE) != 0, out};
     return drive(x, multigap_row, &c, 20.0, err);
 }
 

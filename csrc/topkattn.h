@@ -42,6 +42,9 @@ typedef enum { TKA_ATTN_DENSE = 0, TKA_ATTN_TOPK = 1, TKA_ATTN_ROW_ERROR = 2 } t
 enum { TKA_GAP_MASS = 0, TKA_GAP_GAP = 1 };
 /** Spacings of the tail segments of tka_multigap_bound. */
 enum { TKA_SPACING_GEOMETRIC = 0, TKA_SPACING_LINEAR = 1 };
+/** Or'ed into the spacing of tka_multigap_bound: run the segment loop over every j instead
+ *  of the shortcut for many segments (the same result; a test hook). */
+enum { TKA_MULTIGAP_EXHAUSTIVE = 16 };
 
 /**
  * A batch of rows. Element j of row r lives at

@@ -7,7 +7,6 @@ against the float64 reference on short finite rows.
     fuzz/run.sh core SECONDS
 """
 import math
-import os
 import sys
 
 import numpy as np
@@ -18,10 +17,6 @@ from common import Finding, accepted
 tk = common.import_topkattn()
 from topkattn import _core  # noqa: E402
 from topkattn import reference as ref  # noqa: E402
-
-# TOPKATTN_FUZZ_KNOWN=1: also feed the private entry points the inputs of known, reported
-# bugs of the C core (see the skips below), to check whether they are fixed
-KNOWN_C_BUGS = os.environ.get("TOPKATTN_FUZZ_KNOWN") == "1"
 
 ROW_FUNCS = ["tail_mass", "log_tail_mass", "kl_truncated", "tv_curve", "k_eps", "topk",
              "gap_bound", "multigap_bound", "block_bound", "entropy", "effective_support",
@@ -89,6 +84,17 @@ def _kept_mask(row, k):
     return mask
 
 
+def multigap_args(fdp, x):
+    """Raw arguments of _core.multigap_bound: any segment count (up to 2^63 - 1); the
+    exhaustive segment loop (a test hook, time linear in the count) only for counts up to
+    10^6 steps over all rows, and then its result must be the shortcut's, bit for bit."""
+    a = (x, common.int_param(fdp), None if fdp.ConsumeBool() else common.int_param(fdp),
+         fdp.ConsumeIntInRange(-2, 2 ** 63 - 1) if fdp.ConsumeBool()
+         else fdp.ConsumeIntInRange(-2, 10 ** 5), fdp.ConsumeIntInRange(-1, 2))
+    rows = float(np.prod(np.shape(x)[:-1], dtype=float))
+    return a + (True,) if a[3] * rows <= 10 ** 6 and fdp.ConsumeBool() else a
+
+
 def one(data):
     import atheris
     fdp = atheris.FuzzedDataProvider(data)
@@ -112,28 +118,24 @@ def one(data):
             "k_eps": lambda: (x, common.float_param(fdp), fdp.ConsumeBool()),
             "topk": lambda: (x, fdp.ConsumeIntInRange(-2 ** 63, 2 ** 63 - 1)),
             "gap_bound": lambda: (x, common.int_param(fdp), fdp.ConsumeIntInRange(-1, 2)),
-            # known: the segment loop runs nseg times (tests/test_fuzz_regressions.py)
-            "multigap_bound": lambda: (x, common.int_param(fdp),
-                                       None if fdp.ConsumeBool() else common.int_param(fdp),
-                                       fdp.ConsumeIntInRange(-2, 2 ** 40 if KNOWN_C_BUGS
-                                                             else 10 ** 5),
-                                       fdp.ConsumeIntInRange(-1, 2)),
+            "multigap_bound": lambda: multigap_args(fdp, x),
             "block_bound": lambda: (x, common.int_param(fdp), common.float_param(fdp),
                                     common.float_param(fdp)),
             "entropy": lambda: (x,),
             "effective_support": lambda: (x, common.float_param(fdp)),
             "fit_gaussian": lambda: (x,),
-            # known: an op < 0 reads arrays it did not check (tests/test_fuzz_regressions.py)
-            "gauss": lambda: (fdp.ConsumeIntInRange(-1 if KNOWN_C_BUGS else 0, 8), x,
-                              common.array(fdp), common.array(fdp)),
+            "gauss": lambda: (fdp.ConsumeIntInRange(-2 ** 31, 2 ** 31 - 1) if fdp.ConsumeBool()
+                              else fdp.ConsumeIntInRange(-2, 8), x,
+                              *[common.array(fdp) for _ in range(fdp.ConsumeIntInRange(0, 2))]),
         }[name]
         a = args()
-        if not KNOWN_C_BUGS and any(isinstance(v, np.ndarray) and not v.flags.aligned for v in a):
-            # known: the core reads misaligned arrays as typed values (undefined behaviour);
-            # tests/test_fuzz_regressions.py. The public wrappers copy them to aligned memory.
-            return
         with accepted():
-            getattr(_core, name)(*a)
+            out = getattr(_core, name)(*a)
+            if name == "multigap_bound" and len(a) == 6:
+                fast = _core.multigap_bound(*a[:5])
+                if not np.array_equal(out, fast, equal_nan=True):
+                    raise Finding(f"multigap_bound shortcut {fast!r} != loop {out!r} "
+                                  f"(cuts={a[3]}, spacing={a[4]})")
         return
     name = ROW_FUNCS[which]
     f = getattr(tk, name)
@@ -143,8 +145,6 @@ def one(data):
             out = f(x, k)
         elif name == "multigap_bound":
             cuts = common.int_param(fdp)
-            if not KNOWN_C_BUGS and isinstance(cuts, int) and cuts > 10 ** 5:
-                return  # known: time linear in the number of segments asked for
             out = f(x, common.int_param(fdp), cuts=cuts,
                     spacing=["geometric", "linear", "x"][fdp.ConsumeIntInRange(0, 2)])
         elif name == "k_eps":

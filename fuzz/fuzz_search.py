@@ -8,7 +8,6 @@ keys (mpmath where float64 cannot decide).
     fuzz/run.sh search SECONDS
 """
 import math
-import os
 import sys
 
 import numpy as np
@@ -95,17 +94,70 @@ def corrupt(fdp, t):
     return tuple(t)
 
 
-# TOPKATTN_FUZZ_KNOWN=1: also run the inputs of known, reported issues of the C core
-KNOWN_C_BUGS = os.environ.get("TOPKATTN_FUZZ_KNOWN") == "1"
+def streaming(fdp):
+    """The streaming Δk-Search (csrc/search.c, search_stream): it serves every "delta"
+    search of an index with int8 proxies and use_proxy=True. Its branches want many blocks
+    (the sample: the top 1/8 of the blocks by bound and every 8th block; blocks far below
+    the level cut that are never read; the switch to scoring every key when the sample says
+    most keys are candidates) and peaked queries (few candidates, several rounds of the
+    cut). Keys: up to 1,500 per head in clusters, blocks of 1 to 64 keys (or one block past
+    n), queries near a key times a gain; every certificate is checked against float64
+    scoring of all keys."""
+    H = fdp.ConsumeIntInRange(1, 2)
+    n = fdp.ConsumeIntInRange(1, 1500)
+    d = fdp.ConsumeIntInRange(1, 16)
+    rng = np.random.default_rng(fdp.ConsumeIntInRange(0, 2 ** 32 - 1))
+    ncl = fdp.ConsumeIntInRange(1, 64)
+    spread = [0.01, 0.1, 0.5, 1.0][fdp.ConsumeIntInRange(0, 3)]
+    K = rng.standard_normal((H, ncl, d))[:, rng.integers(0, ncl, n)] \
+        + spread * rng.standard_normal((H, n, d))
+    if fdp.ConsumeIntInRange(0, 3) == 0:  # some keys of a much larger norm, or exact ties
+        K[:, rng.integers(0, n, max(n // 50, 1))] *= [10.0, 0.0, -1.0][fdp.ConsumeIntInRange(0, 2)]
+    if fdp.ConsumeBool():
+        K = K.astype(np.float32)
+    bs = fdp.ConsumeIntInRange(1, 64) if fdp.ConsumeIntInRange(0, 7) else \
+        [n, n + 1, 2 ** 40, 2 ** 63 - 1][fdp.ConsumeIntInRange(0, 3)]
+    with accepted():
+        index = tk.KeyIndex(K, block_size=bs, summary=["auto", "minmax", "ball"][
+            fdp.ConsumeIntInRange(0, 2)], proxy="int8", reorder=fdp.ConsumeIntInRange(0, 3) > 0)
+        if fdp.ConsumeIntInRange(0, 3) == 0:  # appended keys: blocks of the unordered tail
+            extra = fdp.ConsumeIntInRange(1, 300)
+            index.append(rng.standard_normal((H, extra, d)) * spread
+                         + K[:, rng.integers(0, n, extra)])
+        Kfull = np.empty_like(index._keys[:, :index.n])
+        np.put_along_axis(Kfull, index._perm[:, :index.n, None], index._keys[:, :index.n],
+                          axis=1)
+        L = fdp.ConsumeIntInRange(1, 3)
+        gain = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0][fdp.ConsumeIntInRange(0, 5)]
+        pick = rng.integers(0, index.n, (H, L))
+        q = np.take_along_axis(np.asarray(Kfull, dtype=np.float64), pick[..., None], axis=1)
+        q = gain * (q + [0.0, 0.1, 1.0][fdp.ConsumeIntInRange(0, 2)]
+                    * rng.standard_normal(q.shape))
+        eps = [1e-1, 1e-2, 1e-4, 1e-8, 1e-14][fdp.ConsumeIntInRange(0, 4)]
+        if fdp.ConsumeIntInRange(0, 3) == 0:  # per-row eps
+            eps = np.exp(-rng.uniform(0.0, 30.0, (H, L)))
+        scale = None if fdp.ConsumeBool() else [1.0, 0.1, 1e-3][fdp.ConsumeIntInRange(0, 2)]
+        if fdp.ConsumeBool():
+            res = tk.certified_search(q, index, eps, scale=scale)
+        else:
+            V = rng.standard_normal((H, index.n, fdp.ConsumeIntInRange(1, 3)))
+            out, res = tk.certified_attention(q, index, V, eps, scale=scale, return_info=True)
+            np.asarray(out).sum()
+        sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        check(q, Kfull, res, sc, eps)
 
 
 def one(data):
     import atheris
     fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeIntInRange(0, 2) == 0:
+        streaming(fdp)
+        return
     K = keys(fdp)
     which = fdp.ConsumeIntInRange(0, 3)
     with accepted():
-        index = tk.KeyIndex(K, block_size=fdp.ConsumeIntInRange(0, 70),
+        index = tk.KeyIndex(K, block_size=fdp.ConsumeIntInRange(0, 70) if fdp.ConsumeIntInRange(
+                                0, 7) else common.int_param(fdp),
                             summary=["auto", "minmax", "ball", "x"][fdp.ConsumeIntInRange(0, 3)],
                             proxy=["int8", None][fdp.ConsumeIntInRange(0, 1)],
                             reorder=fdp.ConsumeBool())
@@ -120,21 +172,11 @@ def one(data):
         d = index.d
         if which == 3:  # the private entry points with a corrupted index
             t = corrupt(fdp, index._tuple())
-            if not KNOWN_C_BUGS and isinstance(t[3], (int, np.integer)) and t[3] > 2 ** 40:
-                # known: parse_index computes cap + block_size - 1 in a signed type
-                # (UBSan: overflow for block_size near 2^63)
-                return
             c = fdp.ConsumeIntInRange(0, 2)
             if c == 0:
                 _core.index_fill(t, fdp.ConsumeIntInRange(-2, 300))
             elif c == 1:
-                keys_arr = common.array(fdp, max_elems=1024)
-                if not KNOWN_C_BUGS and getattr(keys_arr, "ndim", 0) == 3 \
-                        and keys_arr.shape[0] > 10 ** 6:
-                    # known: index_order loops over every head even when n = 0 (8 s for
-                    # 2^31 heads without sanitizers; the public KeyIndex refuses such keys)
-                    return
-                _core.index_order(keys_arr, common.int_param(fdp))
+                _core.index_order(common.array(fdp, max_elems=1024), common.int_param(fdp))
             else:
                 H = index._heads
                 _core.search(t, np.zeros((H, 1, d)), 1.0, np.full(H, 0.1), 0, 0.0, 0, 16,

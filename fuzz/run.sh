@@ -7,10 +7,11 @@
 # a crashing input is written to fuzz/findings/ and the exit status is non-zero.
 # fuzz/run.sh TARGET 0 FILE... reruns saved inputs (e.g. a finding) only.
 # Env: PYTHON (default python3; needs numpy, atheris, mpmath), CC (default clang),
-#      FUZZ_BUILD (build directory, default fuzz/.build)
+#      FUZZ_BUILD (build directory, default fuzz/.build),
+#      FUZZ_WORK (where new inputs collect, default fuzz/corpus-work; TARGET/ below it)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-[ "$#" -ge 2 ] || { sed -n 4,10p "$0"; exit 2; }
+[ "$#" -ge 2 ] || { sed -n 4,11p "$0"; exit 2; }
 target="$1"; seconds="$2"; shift 2
 script="$here/fuzz_$target.py"
 [ -f "$script" ] || { echo "fuzz/run.sh: no target '$target' ($script)" >&2; exit 2; }
@@ -18,13 +19,14 @@ PYTHON="${PYTHON:-python3}"
 build="$(PYTHON="$PYTHON" "$here/build.sh" "${FUZZ_BUILD:-$here/.build}")"
 runtime="$("$PYTHON" -c 'import atheris, os; print(os.path.join(atheris.path(), "asan_with_fuzzer.so"))')"
 [ -f "$runtime" ] || { echo "fuzz/run.sh: atheris has no $runtime" >&2; exit 2; }
-mkdir -p "$here/corpus-work/$target" "$here/findings" "$here/corpus/$target"
+work="${FUZZ_WORK:-$here/corpus-work}/$target"
+mkdir -p "$work" "$here/findings" "$here/corpus/$target"
 export TOPKATTN_FUZZ_BUILD="$build" TOPKATTN_NUM_THREADS="${TOPKATTN_NUM_THREADS:-2}"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export ASAN_OPTIONS="detect_leaks=0:quarantine_size_mb=64:allocator_may_return_null=1:abort_on_error=0:halt_on_error=1:handle_abort=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 # given input files (a finding to reproduce), run just those instead of the corpus
-dirs=("$here/corpus-work/$target" "$here/corpus/$target")
+dirs=("$work" "$here/corpus/$target")
 for a in "$@"; do [ -f "$a" ] && dirs=(); done
 LD_PRELOAD="$runtime" exec "$PYTHON" "$script" \
     -max_total_time="$seconds" -timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=3072 \

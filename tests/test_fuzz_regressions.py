@@ -1,9 +1,6 @@
 """Regression tests for what the fuzz targets in fuzz/ found (see fuzz/README.md).
 
-Each test replays the smallest form of one finding. Bugs in the C core that are not fixed
-yet are marked ``xfail(strict=True)`` with the reason; they are skipped under the
-sanitizer build (scripts/sanitize.sh), where the undefined behaviour itself would abort
-the run."""
+Each test replays the smallest form of one finding and asserts the right behaviour."""
 import subprocess
 import sys
 
@@ -90,14 +87,78 @@ def test_empty_last_axis_with_a_huge_batch_fails_before_allocating(name):
         ROW_CALLS[name](x)
 
 
-@pytest.mark.skipif(SANITIZED, reason="the misaligned read itself is a sanitizer report")
-@pytest.mark.xfail(strict=True, reason="C core bug: parse_logits (csrc/pyutil.c) accepts arrays "
-                   "that are not aligned and the kernels read them as typed values (undefined "
-                   "behaviour); the private entry points should refuse or copy them")
 def test_core_refuses_misaligned_logits():
-    x = misaligned(np.linspace(-1.0, 1.0, 40))
-    with pytest.raises((ValueError, TypeError)):
-        _core.entropy(x)
+    # found by fuzz_core: parse_logits (csrc/pyutil.c) took arrays that are not aligned and
+    # the kernels read them as typed values (undefined behaviour); the private entry points
+    # now refuse them, naming the argument
+    x = np.linspace(-1.0, 1.0, 40)
+    for dtype in (np.float64, np.float32):
+        with pytest.raises(ValueError, match="logits is not aligned"):
+            _core.entropy(misaligned(x.astype(dtype)))
+    with pytest.raises(ValueError, match="logits is not aligned"):
+        _core.multigap_bound(misaligned(x), np.array([3]), None, 4, 0)
+    # a misaligned stride (every element 12 bytes apart) is refused as well
+    raw = np.zeros(40 * 12 + 8, dtype=np.uint8)
+    strided = np.lib.stride_tricks.as_strided(raw.view(np.float64), shape=(40,), strides=(12,))
+    assert not strided.flags.aligned
+    with pytest.raises(ValueError, match="logits is not aligned"):
+        _core.tail_mass(strided, np.array([3]), False)
+    # the aligned array itself still works
+    assert np.isfinite(_core.entropy(x))
+
+
+def _attention_args(q, k, v, mask=None):
+    """_core.attention's arguments for one problem (batch shape (1,)), as the Python layer
+    builds them, from arrays taken as they are."""
+    off = np.zeros(1, dtype=np.int64)
+    m = None if mask is None else (mask, off, int(mask.strides[0]), int(mask.strides[1]))
+    return (0, (q, off, int(q.strides[0])), (k, off, int(k.strides[0])),
+            (v, off, int(v.strides[0])), m, (1,), q.shape[0], k.shape[0], q.shape[1],
+            v.shape[1], 0.5, None, None, False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_core_attention_refuses_misaligned_operands(dtype, rng):
+    # the same for the operands of _core.attention: a misaligned array, byte offset or row
+    # stride is refused, naming the operand
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((3, 4), (5, 4), (5, 2)))
+    mask = np.zeros((3, 5))
+    good = _core.attention(*_attention_args(q, k, v, mask))
+    np.testing.assert_allclose(good, ref.attention(q, k, v, scale=0.5),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+    for name in ("Q", "K", "V", "mask"):
+        ops = dict(Q=q, K=k, V=v, mask=mask)
+        ops[name] = misaligned(ops[name])
+        with pytest.raises(ValueError, match=f"{name} is not aligned"):
+            _core.attention(*_attention_args(ops["Q"], ops["K"], ops["V"], ops["mask"]))
+    args = list(_attention_args(q, k, v, mask))
+    args[1] = (q, np.array([1], dtype=np.int64), args[1][2])  # an offset of one byte
+    with pytest.raises(ValueError, match="Q is not aligned"):
+        _core.attention(*args)
+    args = list(_attention_args(q, k, v, mask))
+    args[2] = (k, args[2][1], 6)  # a row stride of 6 bytes
+    with pytest.raises(ValueError, match="K is not aligned"):
+        _core.attention(*args)
+    args = list(_attention_args(q, k, v, mask))
+    args[4] = (mask, args[4][1], 40, 4)  # a column stride of 4 bytes in a float64 mask
+    with pytest.raises(ValueError, match="mask is not aligned"):
+        _core.attention(*args)
+
+
+def test_core_search_refuses_misaligned_index_arrays(rng):
+    # the index arrays and the queries of _core.search / index_fill / index_order: refused,
+    # naming the array (they were refused before as "wrong dtype, rank or layout")
+    K = rng.standard_normal((1, 40, 4))
+    index = topkattn.KeyIndex(K, block_size=8)
+    t = index._tuple()
+    q, eps = np.zeros((1, 1, 4)), np.full(1, 0.1)
+    _core.search(t, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="Q is not aligned"):
+        _core.search(t, misaligned(q), 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="keys is not aligned"):
+        _core.search((misaligned(t[0]),) + t[1:], q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    with pytest.raises(ValueError, match="keys is not aligned"):
+        _core.index_order(misaligned(K), 8)
 
 
 def _nan_in_second_row():
@@ -137,17 +198,20 @@ def test_key_index_refuses_an_empty_batch_before_allocating():
         topkattn.KeyIndex(K)
 
 
-@pytest.mark.xfail(strict=True, reason="C core bug: py_gauss (csrc/module.c) computes how many "
-                   "arguments an op needs as `op >= G_KEPS ? 3 : 1`, so an unknown op < 0 needs "
-                   "one, yet the switch's default branch (G_KEPS_FINITE) reads the second and "
-                   "third arrays: a NULL dereference without them, a heap over-read when they "
-                   "are shorter (ASan: heap-buffer-overflow in py_gauss)")
-def test_core_gauss_refuses_an_unknown_op():
-    # found by fuzz_core; called with three equal-length arrays so that the bug is harmless
-    # here (the op is run as G_KEPS_FINITE instead of being refused)
+@pytest.mark.parametrize("op", [-1, -2 ** 31, 7, 2 ** 31 - 1])
+def test_core_gauss_refuses_an_unknown_op(op):
+    # found by fuzz_core: py_gauss (csrc/module.c) ran an unknown op < 0 as the finite-n
+    # k_eps, reading second and third arrays it had not checked (ASan: heap-buffer-overflow
+    # when they were shorter, a NULL dereference when missing); unknown ops are refused
+    # now, whatever arrays come with them
     x = np.full(3, 100.0)
-    with pytest.raises(ValueError):
-        _core.gauss(-1, x, np.full(3, 2.0), np.full(3, 0.1))
+    with pytest.raises(ValueError, match="unknown op"):
+        _core.gauss(op, x, np.full(3, 2.0), np.full(3, 0.1))
+    with pytest.raises(ValueError, match="unknown op"):
+        _core.gauss(op, x)
+    # the known ops are what the public functions compute
+    np.testing.assert_array_equal(_core.gauss(6, x, np.full(3, 2.0), np.full(3, 0.1)),
+                                  topkattn.gaussian_k_eps(100, 2.0, 0.1, finite_n=True))
 
 
 @pytest.mark.parametrize("row", [[1e38, 0.0], [-1e300, -1e301], [1e19, 1e19 - 1e4]])
@@ -173,23 +237,51 @@ def test_k_eps_on_logits_spread_over_subnormals(n):
         assert int(k) == int(ref.k_eps(x, eps)) and float(tau) <= eps
 
 
-@pytest.mark.xfail(strict=True, reason="C core bug: multigap_row (csrc/rows.c) loops j = 1..nseg "
-                   "for cuts=J segments and only stops early once a cut reaches n'; with "
-                   "geometric spacing and a huge J the cuts stay at k + 2 for ~J iterations, so "
-                   "cuts=2**62 runs for centuries (J > n' - k segments cannot differ)")
 def test_multigap_bound_with_a_huge_segment_count_returns():
-    # found by fuzz_core (a timeout); run in a subprocess so that the hang cannot stall the
-    # suite
-    code = ("import numpy as np, topkattn; "
-            "print(float(topkattn.multigap_bound(np.linspace(0.0, -3.0, 8), 2, cuts=2**62)))")
+    # found by fuzz_core (a timeout): multigap_row (csrc/rows.c) ran its segment loop
+    # J = cuts times whatever the row's length; run in a subprocess so that a hang cannot
+    # stall the suite
+    code = ("import numpy as np, topkattn; x = np.linspace(0.0, -3.0, 8); "
+            "print(*[float(topkattn.multigap_bound(x, 2, cuts=J, spacing=s)) "
+            "for J in (2**62, 2**63 - 1) for s in ('geometric', 'linear')])")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=10)
+                             timeout=20)
     except subprocess.TimeoutExpired:
-        pytest.fail("multigap_bound(cuts=2**62) did not return within 10 s")
+        pytest.fail("multigap_bound(cuts=2**62) did not return within 20 s")
     assert out.returncode == 0, out.stderr
     exact = float(ref.tail_mass(np.linspace(0.0, -3.0, 8), 2))
-    assert float(out.stdout) >= exact
+    assert all(exact <= float(b) <= 1.0 for b in out.stdout.split())
+
+
+@pytest.mark.parametrize("spacing", [0, 1])
+def test_multigap_shortcut_is_the_loop_bit_for_bit(spacing, rng):
+    # many segments take a shortcut over the segment loop (csrc/rows.c, multigap_u); the
+    # private flag `exhaustive` runs the loop itself: the two agree bit for bit at J around
+    # and past the shortcut's threshold (8 span (log2 span + 1), span = n' - k), on rows
+    # with ties and -inf entries
+    for n in (2, 3, 9, 40, 150):
+        x = np.round(rng.standard_normal((6, n)) * 4, 1)
+        x[1, : n // 2] = -np.inf
+        x[2] = x[2, 0]
+        x[3, -1] = -np.inf
+        x[1, -1] = 0.0
+        kk = np.array([1, max(n // 3, 1), n - 1, 1, max(n - 2, 1), 1], dtype=np.int64)
+        span = n
+        thr = int(8 * span * (np.log2(span) + 1))
+        for J in (thr - 1, thr, thr + 1, 2 * thr + 7, 5 * thr + 3, 40 * thr + 1):
+            fast = _core.multigap_bound(x, kk, None, J, spacing)
+            full = _core.multigap_bound(x, kk, None, J, spacing, True)
+            np.testing.assert_array_equal(fast, full, err_msg=f"n={n} J={J}")
+            tau = np.array([ref.tail_mass(x[r], int(kk[r])) for r in range(6)])
+            assert np.all(fast >= tau)
+    # and the public function's cuts agree with the reference's segment ends: at J past the
+    # threshold, cutting at every rank after the first gives what the explicit ranks give
+    x = rng.standard_normal(30)
+    J = 10 ** 6
+    ends = ref.multigap_cuts(3, 30, J, ["geometric", "linear"][spacing])
+    assert ends == sorted(set(ends)) and ends[-1] == 30 and ends[1:] == list(
+        range(ends[0] + 1, 31))
 
 
 def test_attention_error_with_no_value_columns_and_an_empty_huge_batch(rng):
@@ -221,3 +313,63 @@ def test_attention_names_the_lowest_bad_query_row(L, threads, rng):
                  lambda: topkattn.attention_error(Q, K, V, k=2)):
         with pytest.raises(ValueError, match=rf"index \(1, {L - 1}\)"):
             call()
+
+
+@pytest.mark.parametrize("proxy", ["int8", None])
+def test_key_index_with_a_block_size_near_2_63(proxy, rng):
+    # found while fixing parse_index: KeyIndex(K, block_size=2**62) was accepted, and the
+    # search sized its buffers by the block size (an overflow to a small buffer, then a
+    # segmentation fault); a block size past the capacity now means one block, as it should
+    K = rng.standard_normal((2, 100, 4))
+    Q = 3 * K[:, :3]
+    want = topkattn.certified_search(Q, topkattn.KeyIndex(K, block_size=100, proxy=proxy), 0.01)
+    for bs in (101, 2 ** 40, 2 ** 62, 2 ** 63 - 1):
+        index = topkattn.KeyIndex(K, block_size=bs, proxy=proxy)
+        got = topkattn.certified_search(Q, index, 0.01)
+        for f in ("indices", "k", "tv_bound", "keys_scored"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+        index.append(K[:, :7])
+        got = topkattn.certified_search(Q, index, 0.01)
+        assert index.n == 107 and np.all(got.k >= 1)
+
+
+def test_core_index_tuple_with_a_huge_block_size(rng):
+    # found by fuzz_search (UBSan): parse_index (csrc/py_search.c) computed
+    # cap + block_size - 1 in a signed type, an overflow for a block size near 2^63 in a
+    # corrupted index tuple; such a block size now stands for one block of every key
+    index = topkattn.KeyIndex(rng.standard_normal((1, 50, 3)), block_size=50)
+    t = index._tuple()
+    q, eps = rng.standard_normal((1, 2, 3)), np.full(2, 0.05)
+    want = _core.search(t, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+    for bs in (2 ** 62, 2 ** 63 - 1):
+        t2 = t[:3] + (bs,) + t[4:]
+        got = _core.search(t2, q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+        for a, b in zip(want[:4], got[:4]):
+            np.testing.assert_array_equal(a, b)
+        _core.index_fill(t2, 0)
+    with pytest.raises(OverflowError):
+        _core.search(t[:3] + (2 ** 63,) + t[4:], q, 1.0, eps, 0, 0.0, 0, 16, True, None)
+
+
+def test_core_index_order_without_keys_or_dimensions():
+    # found by fuzz_search: _core.index_order looped over every head when there were no keys
+    # (2^31 heads of shape (0, 1): 8 s) and allocated the positions of 2^31 keys of d = 0
+    # (16 GiB) before anything refused them
+    def zeros(shape):
+        return np.lib.stride_tricks.as_strided(np.zeros(1), shape=shape,
+                                               strides=(0,) * len(shape))
+    code = ("import time, numpy as np; from topkattn import _core; t = time.perf_counter(); "
+            "p = _core.index_order(np.lib.stride_tricks.as_strided(np.zeros(1), "
+            "shape=(2**31, 0, 1), strides=(0, 0, 0)), 4); "
+            "print(p.shape == (2**31, 0), time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    ok, seconds = out.stdout.split()
+    assert ok == "True" and float(seconds) < 1.0
+    for shape in ((1, 2 ** 31, 0), (2 ** 31, 1, 0), (0, 0, 0)):
+        with pytest.raises(ValueError, match="d = 0"):
+            _core.index_order(zeros(shape), 4)
+    assert _core.index_order(np.zeros((3, 0, 2)), 4).shape == (3, 0)
+    np.testing.assert_array_equal(_core.index_order(np.zeros((2, 3, 2)), 4),
+                                  np.tile(np.arange(3), (2, 1)))

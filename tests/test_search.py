@@ -551,7 +551,18 @@ def test_attention_output_is_the_same_with_and_without_the_kept_set(spread):
             np.testing.assert_allclose(out[h, l], want, rtol=2e-6, atol=1e-6)
 
 
+def _asan_loaded():
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="needs getrusage")
+@pytest.mark.skipif(_asan_loaded(), reason="under AddressSanitizer every allocation (the "
+                    "results' arrays too) gets fresh memory while freed blocks sit in its "
+                    "quarantine: page faults do not measure the scratch's reuse")
 def test_repeated_searches_touch_no_new_memory():
     """Scratch persists across calls (per-thread arenas that outlive the call, up to 256 MiB
     each): once warm, a search repeated on an index of 200,000 keys faults in no new page

@@ -176,6 +176,7 @@ def run_task(mdl, tok, spec, task):
     (with the rows themselves under "blocks" when nothing is written)."""
     from . import sweep
     t0 = time.perf_counter()
+    c0 = time.process_time()
     blocks = sweep._compute_task(mdl, tok, spec, task)
     _gate(task["id"])
     rec = {"task": task["id"], "texts": sum(len(b) for b in task["batches"]),
@@ -185,7 +186,8 @@ def run_task(mdl, tok, spec, task):
     else:
         rec["files"] = write_task(spec["out"], task["id"], blocks, spec["eps"],
                                   spec["layers"])
-    rec.update(seconds=round(time.perf_counter() - t0, 4), host=socket.gethostname(),
+    rec.update(seconds=round(time.perf_counter() - t0, 4),
+               cpu_seconds=round(time.process_time() - c0, 4), host=socket.gethostname(),
                pid=os.getpid(), peak_rss_mib=_peak_rss_mib())
     return rec
 
@@ -227,7 +229,9 @@ def execute(tasks, spec, client, loaded, progress, initial):
         tag = uuid.uuid4().hex[:10]
         pending = set()
         try:
-            for task in tasks:
+            # the costliest first (texts are planned shortest first): the long tail of a
+            # run is then made of short tasks
+            for task in sorted(tasks, key=lambda t: (-t["cost"], t["id"])):
                 pending.add(client.submit(task_entry, spec, task, pure=False,
                                           key=f"topkattn-sweep-{tag}-{task['id']:05d}",
                                           priority=task["cost"]))
@@ -398,7 +402,15 @@ class Store:
         self.meta["complete"] = False
         self.meta["sessions"].append(self._session)
         _write_json_atomic(os.path.join(self.root, RUN_FILE), self.meta)
-        self._manifest = open(os.path.join(self.root, MANIFEST_FILE), "a", encoding="utf-8")
+        path = os.path.join(self.root, MANIFEST_FILE)
+        torn = False
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        self._manifest = open(path, "a", encoding="utf-8")
+        if torn:   # a process killed while appending: end its partial line
+            self._manifest.write("\n")
 
     def record(self, rec):
         self._manifest.write(json.dumps(rec) + "\n")

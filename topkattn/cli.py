@@ -334,14 +334,39 @@ def _run_bert_sweep(args, outdir):
     return data, _sweep.summarize(data)
 
 
+def _have_pyarrow():
+    try:
+        import pyarrow.dataset  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cmd_sweep(args):
     t0 = time.perf_counter()
     outdir = os.path.abspath(args.out)
+    data = None
     if args.source == "bert":
         os.makedirs(outdir, exist_ok=True)
-        data, summary = _run_bert_sweep(args, outdir)
-        rows = data.rows
-        df = data.to_pandas() if rows <= args.csv_max_rows else None
+        if (_have_pyarrow() or args.workers is not None or args.scheduler is not None
+                or args.resume):
+            data, summary = _run_bert_sweep(args, outdir)
+            rows = data.rows
+            df = data.to_pandas() if rows <= args.csv_max_rows else None
+        else:
+            # without pyarrow: the rows in memory, as CSV only
+            if not args.quiet:
+                print("topkattn: no Parquet dataset: pyarrow is not installed (pip install "
+                      "'topkattn[dist]')", file=sys.stderr)
+            df = _sweep.run(source="bert", eps=args.eps, model=_model_arg(args),
+                            texts=_texts_arg(args), layers=args.layers,
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            progress=not args.quiet, seed=args.seed,
+                            rows_per_head=args.rows_per_head, task_size=args.task_size,
+                            torch_threads=args.torch_threads)
+            summary = _sweep.summarize(df)
+            rows = len(df)
     else:
         df = _sweep.run(source="synthetic", eps=args.eps, n=args.n, sigma=args.sigma,
                         rows=args.rows, seed=args.seed, progress=not args.quiet)
@@ -377,18 +402,20 @@ def _cmd_sweep(args):
                      "rows_per_head": args.rows_per_head, "seed": args.seed,
                      "workers": args.workers, "scheduler": args.scheduler,
                      "rows": rows, "rows_in_csv": 0 if df is None else len(df),
-                     "dataset": data.path, "multigap_cuts": _sweep.MULTIGAP_CUTS,
+                     "dataset": None if data is None else data.path,
+                     "multigap_cuts": _sweep.MULTIGAP_CUTS,
                      "plots": args.plots}
         meta = _meta(elapsed, arguments, _sweep.SUMMARY_COLUMNS)
         meta["libraries"] = _library_versions()
         meta["csv_columns"] = _sweep.BERT_COLUMNS
-        meta["run"] = {k: data.metadata.get(k) for k in
-                       ("elapsed_s", "sessions", "peak_rss_mib_by_worker", "versions")}
+        if data is not None:
+            meta["run"] = {k: data.metadata.get(k) for k in
+                           ("elapsed_s", "sessions", "peak_rss_mib_by_worker", "versions")}
         _write_json(json_path, meta, summary.to_dict(orient="records"))
     written.append(json_path)
 
     if args.plots:
-        pngs = _write_plots(df if summary is None else data, summary, outdir)
+        pngs = _write_plots(df if data is None else data, summary, outdir)
         if pngs is None:
             print("topkattn: plots skipped: matplotlib is not installed "
                   "(pip install 'topkattn[plot]')", file=sys.stderr)
@@ -400,7 +427,7 @@ def _cmd_sweep(args):
         print(f"{rows} rows in {elapsed:.1f} s; wrote:")
         for p in written:
             print(f"  {p}")
-        if summary is not None:
+        if data is not None:
             print(f"  {data.path}  (Parquet dataset: topkattn.sweep.open_dataset(path))")
             if df is None:
                 print(f"  (no {_CSV}: more than --csv-max-rows {args.csv_max_rows} rows)")

@@ -6,6 +6,11 @@ of a pretrained BERT model (the built-in all-MiniLM-L6-v2 unless another is give
 are given) and reports one row per (text, layer, head, query row, eps). ``"synthetic"``
 draws i.i.d. Gaussian rows and reports one summary row per (n, sigma, eps).
 
+A "bert" sweep is cut into tasks (runs of texts) that run in this process or on a Dask
+cluster (``client=``), and can write its rows task by task to a resumable Parquet dataset
+(``out=``, :class:`SweepDataset`) instead of returning them; the rows are the same either
+way, whatever the number of workers.
+
 Synthetic: for each cell ``(n, sigma)`` a generator supplies rows of logits; for every eps the sweep
 measures the oracle ``k_eps`` of each row, the tail mass tau left at it, and the two
 certified bounds (single-gap, multi-gap) at the same k, and compares the median

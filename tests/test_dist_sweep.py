@@ -462,3 +462,9 @@ def test_load_saved_dataset(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="HuggingFace datasets, which is not installed"):
         corpus.load(d)
+
+
+def test_corpus_docstring_examples():
+    import doctest
+    result = doctest.testmod(corpus, verbose=False, report=True)
+    assert result.attempted > 0 and result.failed == 0

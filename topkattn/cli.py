@@ -125,8 +125,8 @@ def _build_parser():
                             "(default: in this process)")
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run the tasks on the running Dask cluster of this scheduler "
-                            "(e.g. tcp://10.0.0.5:8786); its workers need topkattn[hf] and "
-                            "must reach --out")
+                            "(e.g. tcp://10.0.0.5:8786); its workers need topkattn[hf,dist] "
+                            "and must reach --out")
     dist.add_argument("--torch-threads", type=_int_at_least(1), default=1, metavar="N",
                       help=_default("torch threads of the forward passes, in this process "
                                     "or per worker (where the topkattn core gets as many); "
@@ -139,9 +139,8 @@ def _build_parser():
                            "finished tasks are kept, the rest run")
     dist.add_argument("--csv-max-rows", type=_int_at_least(0), default=1_000_000,
                       metavar="ROWS",
-                      help=_default("write sweep.csv only if the sweep has at most this many "
-                                    "rows (the Parquet dataset always has them all)",
-                                    "1000000"))
+                      help=_default("write sweep.csv only for sweeps of at most this many "
+                                    "rows; the Parquet dataset has every row", "1000000"))
     sp.add_argument("--no-plots", dest="plots", action="store_false",
                     help="do not write PNG plots (they are written when matplotlib is "
                          "installed)")

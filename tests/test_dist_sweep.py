@@ -370,6 +370,15 @@ def test_cli_one_worker(reference, tmp_path, capsys):
     assert 0 < sweep.open_dataset(out / "dataset").rows < len(reference)
 
 
+def test_cli_joins_a_running_cluster(reference, client2, tmp_path, capsys):
+    out = tmp_path / "res"
+    address = client2.scheduler.address
+    assert cli.main(["sweep", *CLI_SMALL, "--scheduler", address, "--out", str(out)]) == 0
+    data, _ = _check_dataset(out / "dataset", reference)
+    assert data.metadata["sessions"][0]["workers"] == f"2 workers at {address}"
+    assert len(client2.scheduler_info()["workers"]) == 2     # the cluster is left running
+
+
 def test_cli_text_file_formats(minilm, tmp_path):
     texts = ["Return the number of items in a container.",
              "Split the pathname into a pair of head and tail.",

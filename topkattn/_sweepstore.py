@@ -31,6 +31,8 @@ import uuid
 
 import numpy as np
 
+from . import build_info, hf, set_num_threads
+
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.jsonl"
 FORMAT = 1
@@ -125,8 +127,6 @@ def _worker_model(name, threads):
     with _MODELS_LOCK:
         if (name, threads) not in _MODELS:
             import torch
-
-            from . import hf, set_num_threads
             torch.set_num_threads(threads)
             set_num_threads(threads)
             _MODELS[(name, threads)] = (hf.load_model(name), threading.Lock())
@@ -172,20 +172,19 @@ def _peak_rss_mib():
 
 
 def run_task(mdl, tok, spec, task):
-    """Compute one task; write its files if spec["out"] is set. Returns a manifest record
-    (with the rows themselves under "blocks" when nothing is written)."""
-    from . import sweep
+    """Compute one task with ``spec["compute"]``; write its files if spec["out"] is set.
+    Returns a manifest record (with the rows themselves under "blocks" when nothing is
+    written)."""
     t0 = time.perf_counter()
     c0 = time.process_time()
-    blocks = sweep._compute_task(mdl, tok, spec, task)
+    blocks = spec["compute"](mdl, tok, spec, task)
     _gate(task["id"])
     rec = {"task": task["id"], "texts": sum(len(b) for b in task["batches"]),
            "rows": int(sum(len(c["text"]) for c in blocks.values()))}
     if spec["out"] is None:
         rec["blocks"] = blocks
     else:
-        rec["files"] = write_task(spec["out"], task["id"], blocks, spec["eps"],
-                                  spec["layers"])
+        rec["files"] = write_task(spec["out"], task["id"], blocks, spec)
     rec.update(seconds=round(time.perf_counter() - t0, 4),
                cpu_seconds=round(time.process_time() - c0, 4), host=socket.gethostname(),
                pid=os.getpid(), peak_rss_mib=_peak_rss_mib())
@@ -252,12 +251,13 @@ def execute(tasks, spec, client, loaded, progress, initial):
 
 # ----------------------------------------------------------------- the files
 
-def file_schema():
+def file_schema(columns):
+    """The schema of the files: ``columns`` (those of a sweep's rows) without "source"
+    (constant) and "layer" (the partition key)."""
     pa = require_pyarrow()
-    from . import sweep
     types = {"text": pa.int64(), "head": pa.int64(), "row": pa.int64(), "n": pa.int64(),
              "eps": pa.float64(), "k_eps": pa.int64()}
-    return pa.schema([(c, types.get(c, pa.float64())) for c in sweep.BERT_COLUMNS
+    return pa.schema([(c, types.get(c, pa.float64())) for c in columns
                       if c not in ("source", "layer")])
 
 
@@ -274,12 +274,13 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def write_task(root, task_id, blocks, eps_values, layers):
+def write_task(root, task_id, blocks, spec):
     """Write a task's rows, one file per layer (a row group per eps); returns the paths
     relative to ``root``."""
     pa = require_pyarrow()
     import pyarrow.parquet as pq
-    schema = file_schema()
+    schema = file_schema(spec["columns"])
+    eps_values, layers = spec["eps"], spec["layers"]
     keys = sorted(blocks)
     cols = {c: np.concatenate([blocks[i][c] for i in keys]) for c in schema.names + ["layer"]}
     written = []
@@ -397,7 +398,6 @@ class Store:
         self._session = {"started": _now(), "workers": workers,
                          "threads_per_worker": threads, "tasks_to_run": todo}
         self.meta["versions"] = versions()
-        from . import build_info
         self.meta["build_info"] = build_info()
         self.meta["complete"] = False
         self.meta["sessions"].append(self._session)

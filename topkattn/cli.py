@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import __version__, build_info, corpus, hf, plots
+from . import __version__, _sweepstore, build_info, corpus, hf, plots
 from . import sweep as _sweep
 
 __all__ = ["main"]
@@ -298,7 +298,6 @@ def _client(args, stack):
     None."""
     if args.workers is None and args.scheduler is None:
         return None
-    from . import _sweepstore
     distributed = _sweepstore.require_distributed()
     if args.scheduler is not None:
         return stack.enter_context(distributed.Client(args.scheduler))
@@ -310,7 +309,6 @@ def _client(args, stack):
 
 def _run_bert_sweep(args, outdir):
     """The bert sweep into OUT/dataset; returns (dataset, summary)."""
-    from . import _sweepstore
     _sweepstore.require_pyarrow()
     data_dir = os.path.join(outdir, "dataset")
     if not args.resume and os.path.exists(os.path.join(data_dir, _sweepstore.RUN_FILE)):

@@ -30,7 +30,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import corpus, hf
+from . import _sweepstore, corpus, hf
 from .core import fit_gaussian, gap_bound, gaussian_k_eps, k_eps, multigap_bound
 
 __all__ = ["run", "summarize", "prediction_errors", "open_dataset", "SweepDataset", "SOURCES",
@@ -626,8 +626,7 @@ def _run_bert(eps_v, model, texts, layers, max_length, batch_size, progress, see
     spec = {"model": None if model is None or isinstance(model, tuple) else os.fspath(model),
             "eps": list(eps_v), "layers": list(sel), "max_length": max_length,
             "rows_per_head": rows_per_head, "seed": seed, "threads": torch_threads,
-            "out": None}
-    from . import _sweepstore
+            "out": None, "compute": _compute_task, "columns": list(BERT_COLUMNS)}
     if out is None:
         blocks = {}
         with _sweepstore.torch_threads(torch_threads, client is None):
@@ -772,7 +771,6 @@ class SweepDataset:
     """
 
     def __init__(self, path):
-        from . import _sweepstore
         _sweepstore.require_pyarrow()
         self.path = os.path.abspath(os.fspath(path))
         self.metadata = _sweepstore.read_run(self.path)
@@ -794,7 +792,6 @@ class SweepDataset:
     @property
     def rows(self):
         """int: rows of the finished tasks."""
-        from . import _sweepstore
         return int(sum(r["rows"] for r in _sweepstore.read_manifest(self.path).values()))
 
     def dataset(self):
@@ -802,12 +799,10 @@ class SweepDataset:
         column), for scanning in batches with filters and column selection."""
         import pyarrow as pa
         import pyarrow.dataset as ds
-
-        from . import _sweepstore
         part = ds.partitioning(pa.schema([("layer", pa.int64())]), flavor="hive")
+        schema = _sweepstore.file_schema(list(BERT_COLUMNS))
         return ds.dataset(self.path, format="parquet", partitioning=part,
-                          schema=_sweepstore.file_schema().append(pa.field("layer",
-                                                                           pa.int64())))
+                          schema=schema.append(pa.field("layer", pa.int64())))
 
     def _filter(self, layers, eps):
         import pyarrow.dataset as ds

@@ -3,7 +3,9 @@
 ``topkattn sweep`` runs :func:`topkattn.sweep.run`: by default on the attention logits of
 the built-in BERT model (all-MiniLM-L6-v2) over the built-in corpus, offline; with
 ``--source synthetic`` over a grid of (n, sigma, eps). It writes ``sweep.csv``,
-``sweep.json`` (metadata and records, or per-layer summaries for "bert") and, when
+``sweep.json`` (metadata and records, or per-layer summaries for "bert"), for "bert"
+the rows as a Parquet dataset ``dataset/`` (on a Dask cluster with ``--workers`` or
+``--scheduler``, resumable with ``--resume``) and, when
 matplotlib is installed, PNG plots, and prints a summary table.
 
 ``topkattn evaluate --eps ...`` runs the model with certified Top-k attention and reports
@@ -15,6 +17,7 @@ With no arguments the command runs ``sweep`` with its defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -25,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import __version__, build_info, corpus, hf, plots
+from . import __version__, _sweepstore, build_info, corpus, hf, plots
 from . import sweep as _sweep
 
 __all__ = ["main"]
@@ -102,9 +105,42 @@ def _build_parser():
     sp.add_argument("--rows", type=_int_at_least(1), default=None,
                     help=_default("synthetic source: rows per (n, sigma)", syn["rows"]))
     sp.add_argument("--seed", type=_int_at_least(0), default=_DEFAULTS["seed"],
-                    help=_default("synthetic source: random seed", _DEFAULTS["seed"]))
+                    help=_default("random seed of the synthetic source and of the rows "
+                                  "--rows-per-head samples", _DEFAULTS["seed"]))
+    sp.add_argument("--rows-per-head", type=_int_at_least(1), default=None, metavar="R",
+                    help="bert source: measure R query rows per text, layer and head, "
+                         "drawn from --seed, the text's index, the layer and the head (the "
+                         "same for any number of workers); default: every row")
     sp.add_argument("--out", default="topkattn-sweep", metavar="DIR",
-                    help=_default("output directory (created if needed)", "topkattn-sweep"))
+                    help=_default("output directory (created if needed); the bert source "
+                                  "writes its rows there as a Parquet dataset, DIR/dataset",
+                                  "topkattn-sweep"))
+    dist = sp.add_argument_group(
+        "distributed and resumable (bert source)",
+        "The sweep is split into tasks (runs of texts); results do not depend on how many "
+        "workers run them. Needs the dist extra (dask.distributed, pyarrow).")
+    where = dist.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_int_at_least(1), default=None, metavar="N",
+                       help="run the tasks on a local Dask cluster of N worker processes "
+                            "(default: in this process)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the tasks on the running Dask cluster of this scheduler "
+                            "(e.g. tcp://10.0.0.5:8786); its workers need topkattn[hf,dist] "
+                            "and must reach --out")
+    dist.add_argument("--torch-threads", type=_int_at_least(1), default=1, metavar="N",
+                      help=_default("torch threads of the forward passes, in this process "
+                                    "or per worker (where the topkattn core gets as many); "
+                                    "fixed so that the rows do not depend on where they "
+                                    "are computed", 1))
+    dist.add_argument("--task-size", type=_int_at_least(1), default=None, metavar="TEXTS",
+                      help=_default("at most this many texts per task", _sweep.TASK_SIZE))
+    dist.add_argument("--resume", action="store_true",
+                      help="continue the interrupted sweep in --out (same settings): "
+                           "finished tasks are kept, the rest run")
+    dist.add_argument("--csv-max-rows", type=_int_at_least(0), default=1_000_000,
+                      metavar="ROWS",
+                      help=_default("write sweep.csv only for sweeps of at most this many "
+                                    "rows; the Parquet dataset has every row", "1000000"))
     sp.add_argument("--no-plots", dest="plots", action="store_false",
                     help="do not write PNG plots (they are written when matplotlib is "
                          "installed)")
@@ -148,10 +184,20 @@ def _model_options(p, prefix):
     p.add_argument("--masked-lm", action="store_true",
                    help=prefix + "load the model with its masked-language-model head")
     p.add_argument("--texts", type=_int_at_least(1), default=None, metavar="COUNT",
-                   help=_default(prefix + "number of built-in corpus texts",
+                   help=_default(prefix + "number of built-in corpus texts (with "
+                                 "--text-file: the first COUNT texts of the file)",
                                  _sweep.BERT_DEFAULT_TEXTS))
     p.add_argument("--text-file", default=None, metavar="PATH",
-                   help=prefix + "your own texts, one per line (instead of the corpus)")
+                   help=prefix + "your own texts instead of the corpus: a text file (one "
+                        "text per line), JSON Lines (.jsonl, .ndjson, .json; see --field), "
+                        "Parquet (.parquet, .pq; see --column) or a directory saved by "
+                        "HuggingFace datasets (see --column; needs datasets)")
+    p.add_argument("--field", default=None, metavar="KEY",
+                   help=_default(prefix + "JSON Lines --text-file: the key of the text",
+                                 "text"))
+    p.add_argument("--column", default=None, metavar="NAME",
+                   help=_default(prefix + "Parquet or dataset --text-file: the column of "
+                                 "the text", "text"))
     p.add_argument("--layers", nargs="+", type=int, default=None, metavar="LAYER",
                    help=_default(prefix + "layers", "all"))
     p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="TOKENS",
@@ -207,11 +253,10 @@ def _write_plots(df, summary, outdir):
 def _texts_arg(args):
     """The texts for the bert source / evaluate: a file's lines, a corpus count, or None."""
     if args.text_file is not None:
-        with open(args.text_file, encoding="utf-8") as f:
-            texts = [ln.strip() for ln in f if ln.strip()]
-        if not texts:
-            raise OSError(f"{args.text_file}: no non-empty lines")
-        return texts
+        return corpus.load(args.text_file, field=args.field, column=args.column,
+                           count=args.texts)
+    if args.field is not None or args.column is not None:
+        raise ValueError("--field and --column apply to --text-file only")
     return args.texts
 
 
@@ -248,27 +293,92 @@ def _library_versions():
     return out
 
 
+def _client(args, stack):
+    """A dask.distributed Client for --workers / --scheduler (closed by ``stack``), or
+    None."""
+    if args.workers is None and args.scheduler is None:
+        return None
+    distributed = _sweepstore.require_distributed()
+    if args.scheduler is not None:
+        return stack.enter_context(distributed.Client(args.scheduler))
+    cluster = stack.enter_context(distributed.LocalCluster(
+        n_workers=args.workers, threads_per_worker=1, processes=True,
+        dashboard_address=":0"))
+    return stack.enter_context(distributed.Client(cluster))
+
+
+def _run_bert_sweep(args, outdir):
+    """The bert sweep into OUT/dataset; returns (dataset, summary)."""
+    _sweepstore.require_pyarrow()
+    data_dir = os.path.join(outdir, "dataset")
+    if not args.resume and os.path.exists(os.path.join(data_dir, _sweepstore.RUN_FILE)):
+        if not _sweepstore.read_run(data_dir).get("complete"):
+            raise FileExistsError(f"{data_dir} holds an unfinished sweep: --resume "
+                                  "continues it (or remove the directory, or give another "
+                                  "--out)")
+        _sweepstore.remove(data_dir)   # a finished sweep is replaced, like its CSV
+    texts = _texts_arg(args)
+    with contextlib.ExitStack() as stack:
+        client = _client(args, stack)
+        # workers load the model by name; in this process it is loaded here
+        model = args.model if client is not None else _model_arg(args)
+        data = _sweep.run(source="bert", eps=args.eps, model=model, texts=texts,
+                          layers=args.layers, max_length=args.max_length,
+                          batch_size=args.batch_size, progress=not args.quiet,
+                          seed=args.seed, rows_per_head=args.rows_per_head,
+                          task_size=args.task_size, out=data_dir, resume=args.resume,
+                          client=client, torch_threads=args.torch_threads)
+    return data, _sweep.summarize(data)
+
+
+def _have_pyarrow():
+    try:
+        import pyarrow.dataset  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cmd_sweep(args):
     t0 = time.perf_counter()
+    outdir = os.path.abspath(args.out)
+    data = None
     if args.source == "bert":
-        texts = _texts_arg(args)
-        model = _model_arg(args)
-        df = _sweep.run(source="bert", eps=args.eps, model=model, texts=texts,
-                        layers=args.layers, max_length=args.max_length,
-                        batch_size=args.batch_size, progress=not args.quiet)
-        summary = _sweep.summarize(df)
+        os.makedirs(outdir, exist_ok=True)
+        if (_have_pyarrow() or args.workers is not None or args.scheduler is not None
+                or args.resume):
+            data, summary = _run_bert_sweep(args, outdir)
+            rows = data.rows
+            df = data.to_pandas() if rows <= args.csv_max_rows else None
+        else:
+            # without pyarrow: the rows in memory, as CSV only
+            if not args.quiet:
+                print("topkattn: no Parquet dataset: pyarrow is not installed (pip install "
+                      "'topkattn[dist]')", file=sys.stderr)
+            df = _sweep.run(source="bert", eps=args.eps, model=_model_arg(args),
+                            texts=_texts_arg(args), layers=args.layers,
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            progress=not args.quiet, seed=args.seed,
+                            rows_per_head=args.rows_per_head, task_size=args.task_size,
+                            torch_threads=args.torch_threads)
+            summary = _sweep.summarize(df)
+            rows = len(df)
     else:
         df = _sweep.run(source="synthetic", eps=args.eps, n=args.n, sigma=args.sigma,
                         rows=args.rows, seed=args.seed, progress=not args.quiet)
         summary = None
+        rows = len(df)
     elapsed = time.perf_counter() - t0
 
-    outdir = os.path.abspath(args.out)
     os.makedirs(outdir, exist_ok=True)
     written = []
     csv_path = os.path.join(outdir, _CSV)
-    df.to_csv(csv_path, index=False)
-    written.append(csv_path)
+    if df is not None:
+        df.to_csv(csv_path, index=False)
+        written.append(csv_path)
+    elif os.path.exists(csv_path):
+        os.remove(csv_path)   # an earlier sweep's, which would not match this one
 
     json_path = os.path.join(outdir, _JSON)
     if summary is None:
@@ -286,16 +396,23 @@ def _cmd_sweep(args):
                      "masked_lm": args.masked_lm, "eps": args.eps,
                      "texts": args.text_file or (args.texts or _sweep.BERT_DEFAULT_TEXTS),
                      "layers": args.layers, "max_length": args.max_length,
-                     "rows_in_csv": len(df), "multigap_cuts": _sweep.MULTIGAP_CUTS,
+                     "rows_per_head": args.rows_per_head, "seed": args.seed,
+                     "workers": args.workers, "scheduler": args.scheduler,
+                     "rows": rows, "rows_in_csv": 0 if df is None else len(df),
+                     "dataset": None if data is None else data.path,
+                     "multigap_cuts": _sweep.MULTIGAP_CUTS,
                      "plots": args.plots}
         meta = _meta(elapsed, arguments, _sweep.SUMMARY_COLUMNS)
         meta["libraries"] = _library_versions()
         meta["csv_columns"] = _sweep.BERT_COLUMNS
+        if data is not None:
+            meta["run"] = {k: data.metadata.get(k) for k in
+                           ("elapsed_s", "sessions", "peak_rss_mib_by_worker", "versions")}
         _write_json(json_path, meta, summary.to_dict(orient="records"))
     written.append(json_path)
 
     if args.plots:
-        pngs = _write_plots(df, summary, outdir)
+        pngs = _write_plots(df if data is None else data, summary, outdir)
         if pngs is None:
             print("topkattn: plots skipped: matplotlib is not installed "
                   "(pip install 'topkattn[plot]')", file=sys.stderr)
@@ -304,9 +421,13 @@ def _cmd_sweep(args):
     if not args.quiet:
         print(_summary_table(df) if summary is None else _bert_table(summary))
         print()
-        print(f"{len(df)} rows in {elapsed:.1f} s; wrote:")
+        print(f"{rows} rows in {elapsed:.1f} s; wrote:")
         for p in written:
             print(f"  {p}")
+        if data is not None:
+            print(f"  {data.path}  (Parquet dataset: topkattn.sweep.open_dataset(path))")
+            if df is None:
+                print(f"  (no {_CSV}: more than --csv-max-rows {args.csv_max_rows} rows)")
     return 0
 
 
@@ -410,7 +531,13 @@ def main(argv=None) -> int:
         bert_only = [o for o, v in (("--model", args.model), ("--masked-lm", args.masked_lm),
                                     ("--texts", args.texts), ("--text-file", args.text_file),
                                     ("--layers", args.layers),
-                                    ("--max-length", args.max_length)) if v]
+                                    ("--max-length", args.max_length),
+                                    ("--rows-per-head", args.rows_per_head),
+                                    ("--field", args.field), ("--column", args.column),
+                                    ("--workers", args.workers),
+                                    ("--scheduler", args.scheduler),
+                                    ("--task-size", args.task_size),
+                                    ("--resume", args.resume)) if v]
         synthetic_only = [o for o, v in (("--n", args.n), ("--sigma", args.sigma),
                                          ("--rows", args.rows)) if v is not None]
         bad = bert_only if args.source == "synthetic" else synthetic_only
@@ -427,5 +554,7 @@ def main(argv=None) -> int:
         print(f"topkattn {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("topkattn: interrupted", file=sys.stderr)
+        hint = (" (finished tasks are kept: the same command with --resume continues)"
+                if args.command == "sweep" and args.source == "bert" else "")
+        print(f"topkattn: interrupted{hint}", file=sys.stderr)
         return 130

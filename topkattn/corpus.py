@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import numbers
+import os
 import re
 import warnings
 
-__all__ = ["MODULES", "paragraphs", "texts"]
+__all__ = ["MODULES", "paragraphs", "texts", "load"]
 
 #: Standard-library modules whose docstrings make up the corpus, in this order.
 MODULES = (
@@ -166,4 +168,140 @@ def texts(count=32, min_words=8, max_words=320):
         if cut + 1 >= min(target, max(min_words, target // 2)):
             words = words[:cut + 1]
         out.append(" ".join(words))
+    return out
+
+
+# ----------------------------------------------------------------- texts from a file
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _text_value(value, where):
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def load(path, field=None, column=None, count=None):
+    """Texts from a file or a saved dataset, in their stored order, empty ones dropped.
+
+    The format follows ``path``: a directory is a dataset saved by HuggingFace
+    ``datasets`` (``Dataset.save_to_disk``; read with ``datasets.load_from_disk``, never
+    downloaded); ``.jsonl``, ``.ndjson`` or ``.json`` is JSON Lines (one JSON object per
+    line, its ``field``, or one JSON string per line); ``.parquet`` or ``.pq`` is a
+    Parquet file (its ``column``, read with pyarrow); anything else is plain UTF-8 text,
+    one text per line.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    field : str, optional
+        JSON Lines only: the key holding the text (default ``"text"``).
+    column : str, optional
+        Parquet and saved datasets only: the column holding the text (default
+        ``"text"``).
+    count : int, optional
+        Keep the first ``count`` texts (default all).
+
+    Returns
+    -------
+    list of str
+        Non-empty texts with surrounding white space removed.
+
+    Raises
+    ------
+    OSError
+        The path does not exist, or it holds no non-empty text.
+    ValueError
+        ``field`` or ``column`` given for a format that does not take it, a missing key
+        or column, a value that is not a string, or a line that is not JSON.
+    ImportError
+        Parquet without pyarrow, or a saved dataset without ``datasets``.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from topkattn import corpus
+    >>> p = os.path.join(tempfile.mkdtemp(), "t.jsonl")
+    >>> with open(p, "w") as f:
+    ...     _ = f.write('{"text": "One text."}\\n{"text": "Another one."}\\n')
+    >>> corpus.load(p)
+    ['One text.', 'Another one.']
+    """
+    path = os.fspath(path)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral)
+                              or count < 1):
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    lower = path.lower()
+    if os.path.isdir(path):
+        kind = "dataset"
+    elif lower.endswith(_JSONL_SUFFIXES):
+        kind = "jsonl"
+    elif lower.endswith(_PARQUET_SUFFIXES):
+        kind = "parquet"
+    else:
+        kind = "lines"
+    if field is not None and kind != "jsonl":
+        raise ValueError(f"field applies to JSON Lines files (.jsonl, .ndjson, .json) only; "
+                         f"{path} is read as {kind}")
+    if column is not None and kind not in ("parquet", "dataset"):
+        raise ValueError(f"column applies to Parquet files and saved datasets only; "
+                         f"{path} is read as {kind}")
+    if kind == "lines":
+        with open(path, encoding="utf-8") as f:
+            out = [ln.strip() for ln in f]
+    elif kind == "jsonl":
+        key = "text" if field is None else field
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                if isinstance(rec, dict):
+                    if key not in rec:
+                        raise ValueError(f"{path}:{lineno}: no field {key!r}")
+                    rec = rec[key]
+                out.append(_text_value(rec, f"{path}:{lineno}"))
+    elif kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading Parquet needs pyarrow: pip install 'topkattn[dist]'"
+                              ) from None
+        key = "text" if column is None else column
+        names = pq.read_schema(path).names
+        if key not in names:
+            raise ValueError(f"{path}: no column {key!r} (columns: {', '.join(names)})")
+        values = pq.read_table(path, columns=[key]).column(key).to_pylist()
+        out = [_text_value(v, f"{path}: column {key!r}") for v in values]
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"{path} is a directory, read as a dataset saved by "
+                              "HuggingFace datasets, which is not installed: "
+                              "pip install datasets") from None
+        key = "text" if column is None else column
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if len(data) != 1:
+                raise ValueError(f"{path} holds the splits {', '.join(data)}; give the "
+                                 "directory of one split")
+            data = next(iter(data.values()))
+        if key not in data.column_names:
+            raise ValueError(f"{path}: no column {key!r} (columns: "
+                             f"{', '.join(data.column_names)})")
+        out = [_text_value(v, f"{path}: column {key!r}") for v in data[key]]
+    out = [t for t in out if t]
+    if count is not None:
+        out = out[:count]
+    if not out:
+        raise OSError(f"{path}: no non-empty texts")
     return out

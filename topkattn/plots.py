@@ -117,12 +117,20 @@ def rho_by_layer(ax, summary):
 
 def rho_distribution(ax, df):
     """Histogram of k_eps/n over every layer, head and query row, one per eps, from the
-    rows of :func:`topkattn.sweep.run` (``source="bert"``)."""
+    rows of :func:`topkattn.sweep.run` (``source="bert"``): a DataFrame, or a
+    :class:`topkattn.sweep.SweepDataset`, which is read in batches."""
     bins = np.linspace(0.0, 1.0, 41)
-    for eps, c in _colors(df["eps"].tolist()).items():
-        rho = df.loc[df["eps"] == eps, "rho"].to_numpy()
-        ax.hist(rho, bins=bins, histtype="step", density=True, color=c, lw=1.5,
-                label=f"eps={eps:g} (median {np.median(rho):.3f})")
+    if hasattr(df, "rho_histograms"):
+        hists = df.rho_histograms(bins)
+    else:
+        hists = {}
+        for eps in dict.fromkeys(df["eps"].tolist()):
+            rho = df.loc[df["eps"] == eps, "rho"].to_numpy()
+            hists[eps] = (np.histogram(rho, bins=bins)[0], np.median(rho))
+    for eps, c in _colors(list(hists)).items():
+        counts, median = hists[eps]
+        ax.stairs(counts / max(counts.sum(), 1) / np.diff(bins), bins, color=c, lw=1.5,
+                  label=f"eps={eps:g} (median {median:.3f})")
     ax.set_xlabel("k_eps / n")
     ax.set_ylabel("density over rows")
     ax.grid(True, alpha=0.3)
@@ -187,8 +195,8 @@ def sweep_figures(df, summary=None):
 
     Parameters
     ----------
-    df : pandas.DataFrame
-        :func:`topkattn.sweep.run` output.
+    df : pandas.DataFrame or topkattn.sweep.SweepDataset
+        :func:`topkattn.sweep.run` output (a dataset only for a model's sweep).
     summary : pandas.DataFrame, optional
         :func:`topkattn.sweep.summarize` of ``df`` for a sweep of a model (``"bert"``);
         None for a synthetic sweep.

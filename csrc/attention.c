@@ -180,27 +180,26 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
     const double *sc = w.p;
     const int64_t b = r / a->L;
+    /* the kept scores and their weights e^{s - max} (the vector exp of dense attention) */
+    double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!v || !wk) return TKA_ERR_NOMEM;
+    for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
+    c->K->exp_shift[TKA_F64](v, k, w.max, wk);
     double z = 0.0;
     memset(acc, 0, (size_t)a->dv * sizeof(double));
     for (int64_t i = 0; i < k; i++) {
-        double wi = exp(sc[keep[i]] - w.max);
-        z += wi;
-        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wi, acc);
+        if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
+        z += wk[i];
+        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
     }
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-        if (!idx || !v) {
-            free(idx);
-            return TKA_ERR_NOMEM;
-        }
-        for (int64_t i = 0; i < k; i++) {
-            idx[i] = keep[i];
-            v[i] = sc[keep[i]];
-        }
+        if (!idx) return TKA_ERR_NOMEM;
+        for (int64_t i = 0; i < k; i++) idx[i] = keep[i];
         tka_pairs_sort_desc(v, idx, k);
         c->idx_out[r] = idx;
     }

@@ -7,8 +7,10 @@ plus an optional additive ``mask`` broadcastable to ``(..., L, n)``, where ``-in
 key. The C core scores one query row at a time into a buffer of n float64 scores (no
 ``(L, n)`` matrix is formed), selects the kept set, and sums only the kept rows of V; rows
 are spread over threads with the GIL released, and results do not depend on the thread
-count. Outputs are float32 when Q, K and V are all float32, else float64; scores and sums
-are accumulated in float64 either way.
+count. Outputs are float32 when Q, K and V are all float32, else float64. Scores of float64
+problems are accumulated in float64; those of all-float32 problems in float32 vector lanes
+joined in float64 (no less accurate than a float32 BLAS product, docs/design.md §3), and
+everything after the scores (weights, sums, selection, tau) is float64 either way.
 """
 from __future__ import annotations
 
@@ -197,6 +199,14 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
         float32 if Q, K and V are float32, else float64.
     info : TopkInfo
         Only with ``return_info=True``.
+
+    Notes
+    -----
+    The kept set, ``k`` and ``tau`` are exact for the scores as the core computes them: in
+    float64 for float64 problems, accumulated in float32 lanes when Q, K and V are all
+    float32. Against the exact scores of float32 inputs, ``tau`` is then within a factor
+    ``exp(2 delta)`` either way, ``delta`` the largest score rounding error
+    (docs/design.md §3).
 
     Examples
     --------

@@ -121,6 +121,28 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
+/* The float64 sum of n weights x[j * st] (float when f32), in four interleaved chains
+ * (j mod 4) joined as (0 + 1) + (2 + 3): one fixed order, not one addition's latency per key. */
+static double sum4(const void *x, int64_t n, int64_t st, int f32)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    const float *xf = x;
+    const double *xd = x;
+#define TKA_W(j) (f32 ? (double)xf[(j) * st] : xd[(j) * st])
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        s0 += TKA_W(j);
+        s1 += TKA_W(j + 1);
+        s2 += TKA_W(j + 2);
+        s3 += TKA_W(j + 3);
+    }
+    if (j < n) s0 += TKA_W(j);
+    if (j + 1 < n) s1 += TKA_W(j + 1);
+    if (j + 2 < n) s2 += TKA_W(j + 2);
+#undef TKA_W
+    return (s0 + s1) + (s2 + s3);
+}
+
 /* Dense attention for the m checked rows r0 .. r0+m-1 of one group: each row's scores
  * become its weights e^{s - max} in place, interleaved into wt (wt[4*i + r]), and the pv
  * kernel sums the value rows for all of them in one pass over V (keys of weight 0, masked or
@@ -130,19 +152,28 @@ static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, 
 {
     const tka_attn *a = c->a;
     const int64_t n = a->n, b = r0 / a->L;
-    double z[GROUP];
-    for (int i = 0; i < m; i++) {
-        double *e = sc + i * n;
-        c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
-        double zi = 0.0;
-        for (int64_t j = 0; j < n; j++) {
-            zi += e[j];
-            wt[4 * j + i] = e[j];
-        }
-        z[i] = zi;
-    }
     const int64_t ld = a->v_ld / elem_size(a->dtype);
-    c->K->pv[a->dtype](v_row(a, b, 0), n, ld, wt, m, a->dv, acc, a->dv);
+    double z[GROUP];
+    if (a->dtype == TKA_F32) {
+        /* float32 problems: the weights rounded to float32, and z their float64 sum, so that
+         * the output stays an exact weighted mean of the values with those weights */
+        float *wf = (float *)wt;
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            for (int64_t j = 0; j < n; j++) wf[4 * j + i] = (float)e[j];
+            z[i] = sum4(wf + i, n, 4, 1);
+        }
+        c->K->spv((const float *)v_row(a, b, 0), n, ld, wf, m, a->dv, acc, a->dv);
+    } else {
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            for (int64_t j = 0; j < n; j++) wt[4 * j + i] = e[j];
+            z[i] = sum4(e, n, 1, 0);
+        }
+        c->K->pv[a->dtype](v_row(a, b, 0), n, ld, wt, m, a->dv, acc, a->dv);
+    }
     for (int i = 0; i < m; i++) store_out(c, r0 + i, acc + i * a->dv, z[i]);
 }
 

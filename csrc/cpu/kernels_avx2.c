@@ -82,6 +82,8 @@ typedef __m256 VS;
 static inline VS vs_zero(void) { return _mm256_setzero_ps(); }
 static inline VS vs_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline VS vs_fma(VS a, VS b, VS c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VS vs_set1(float a) { return _mm256_set1_ps(a); }
+static inline void vs_store(float *p, VS v) { _mm256_storeu_ps(p, v); }
 /* out[i] = scale * (sum of the lanes of a_i): for every slot, lanes (0+1)+(2+3) and
  * (4+5)+(6+7) in float32, then those two in float64 */
 static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,

@@ -63,6 +63,8 @@ typedef __m512 VS;
 static inline VS vs_zero(void) { return _mm512_setzero_ps(); }
 static inline VS vs_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline VS vs_fma(VS a, VS b, VS c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VS vs_set1(float a) { return _mm512_set1_ps(a); }
+static inline void vs_store(float *p, VS v) { _mm512_storeu_ps(p, v); }
 /* lanes j + (j+8) of a 16-lane vector */
 static inline __m256 vs_fold(VS a)
 {

@@ -216,6 +216,29 @@ def test_float32_scores_no_worse_than_numpy_float32(kind, simd_path, rng):
     assert sum(ours_all) <= 1.25 * sum(numpy_all) + 19 * 3e-7
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 3000])
+def test_float32_dense_output_no_worse_than_numpy_float32(n, simd_path, rng):
+    # dense float32 attention sums the weighted values in float32 within blocks of 64 keys
+    # (docs/design.md §3): against float64 its output error is that of NumPy's float32
+    # pipeline (scores, softmax and P @ V in float32) within a factor 2 (both add up to 64
+    # terms in a float32 chain when n <= 64; NumPy's chain grows with n, ours does not),
+    # here on values with a large common part (1e3 + noise) and flat or peaked scores
+    for spread in (0.1, 3.0):
+        Q = (spread * rng.standard_normal((4, 8, 32))).astype(np.float32)
+        K = rng.standard_normal((4, n, 32)).astype(np.float32)
+        V = (1e3 + rng.standard_normal((4, n, 16))).astype(np.float32)
+        expected = ref.attention(Q, K, V)
+        s32 = (Q @ np.swapaxes(K, -1, -2)) * np.float32(1 / math.sqrt(32))
+        p32 = np.exp(s32 - s32.max(axis=-1, keepdims=True))
+        plain = (p32 / p32.sum(axis=-1, keepdims=True)) @ V
+        out = topkattn.attention(Q, K, V)
+        ulp = np.spacing(np.float32(1e3))  # the output's own float32 rounding
+        e_ours, e_plain = np.abs(out - expected).max(), np.abs(plain - expected).max()
+        assert e_ours <= 2 * e_plain + ulp, (e_ours, e_plain)
+        if n >= 1000:
+            assert e_ours <= e_plain
+
+
 def test_float32_rows_independent_of_their_group(rng):
     # a query row's float32 result is the same bit for bit alone, in any group of four and
     # at any position of its batch (decode and prefill share the score kernel's arithmetic)

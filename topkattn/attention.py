@@ -9,8 +9,10 @@ key. The C core scores one query row at a time into a buffer of n float64 scores
 are spread over threads with the GIL released, and results do not depend on the thread
 count. Outputs are float32 when Q, K and V are all float32, else float64. Scores of float64
 problems are accumulated in float64; those of all-float32 problems in float32 vector lanes
-joined in float64 (no less accurate than a float32 BLAS product, docs/design.md §3), and
-everything after the scores (weights, sums, selection, tau) is float64 either way.
+joined in float64 (no less accurate than a float32 BLAS product, docs/design.md §3).
+Weights, their sums, the selection and tau are float64 either way; dense attention of
+float32 problems sums the weighted values in float32 within blocks of 64 keys and in
+float64 across blocks.
 """
 from __future__ import annotations
 

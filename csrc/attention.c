@@ -7,6 +7,11 @@
  *   dense:  weights e^{s - max} over all keys, output = sum w v / sum w;
  *   Top-k:  the kept set (fixed k, or k_eps from the same selection machinery as
  *           tka_k_eps), weights over the kept keys only, so only k rows of V are read.
+ * Scores of float64 and float16 problems are accumulated in float64 (dot, dot4; float16
+ * converted exactly); those of float32 problems in float32 vector lanes summed in float64
+ * (sdot, sdot4), each score by one fixed sequence of operations whatever rows it is
+ * computed with. Weights, sums and everything the selection computes from the scores are
+ * float64.
  * Rows are spread over threads; each row is computed by one thread with the same code,
  * so results do not depend on the thread count.
  */
@@ -42,31 +47,49 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F1
  * row numbering, never by the thread split), scored together with the dot4 kernel. */
 #define GROUP 4
 
+/* Padded query length: a multiple of 16 values (every vector width of either type). */
+static int64_t qpad(int64_t d) { return (d + 15) / 16 * 16; }
+
 /* Score rows r0 .. r0+m-1 (one problem) into sc (m rows of n) and check each like a row
- * of logits; stops at the first bad row (*bad = its offset in the group). q holds GROUP
- * zero-padded queries of dpad values. */
-static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, double *q,
-                              int64_t dpad, double *sc, tka_row *w, int *bad)
+ * of logits; stops at the first bad row (*bad = its offset in the group). q has room for
+ * GROUP zero-padded queries of dpad = qpad(d) values, float64 or (float32 problems) float. */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, void *q,
+                              double *sc, tka_row *w, int *bad)
 {
     const tka_attn *a = c->a;
-    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
-    for (int i = 0; i < m; i++) {
-        const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
-        double *qi = q + i * dpad;
-        if (a->dtype == TKA_F32)
-            for (int64_t j = 0; j < d; j++) qi[j] = ((const float *)qp)[j];
-        else if (a->dtype == TKA_F16)
-            for (int64_t j = 0; j < d; j++) qi[j] = tka_half_to_float(((const uint16_t *)qp)[j]);
-        else
-            memcpy(qi, qp, (size_t)d * sizeof(double));
-        for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
-    }
+    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d, dpad = qpad(d);
     const char *kb = a->k + a->k_off[b];
     const int64_t ld = a->k_ld / elem_size(a->dtype);
-    if (m == GROUP)
-        c->K->dot4[a->dtype](kb, n, ld, q, dpad, d, a->scale, sc, n);
-    else
-        for (int i = 0; i < m; i++) c->K->dot[a->dtype](kb, n, ld, q + i * dpad, d, a->scale, sc + i * n);
+    if (a->dtype == TKA_F32) {
+        float *qf = q;
+        for (int i = 0; i < m; i++) {
+            const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+            memcpy(qf + i * dpad, qp, (size_t)d * sizeof(float));
+            for (int64_t j = d; j < dpad; j++) qf[i * dpad + j] = 0.0f;
+        }
+        if (m == GROUP)
+            c->K->sdot4((const float *)kb, n, ld, qf, dpad, d, a->scale, sc, n);
+        else
+            for (int i = 0; i < m; i++)
+                c->K->sdot((const float *)kb, n, ld, qf + i * dpad, d, a->scale, sc + i * n);
+    } else {
+        /* float64 problems, and float16 ones (converted exactly, scored in float64) */
+        double *qd = q;
+        for (int i = 0; i < m; i++) {
+            const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+            double *qi = qd + i * dpad;
+            if (a->dtype == TKA_F16)
+                for (int64_t j = 0; j < d; j++) qi[j] = tka_half_to_float(((const uint16_t *)qp)[j]);
+            else
+                memcpy(qi, qp, (size_t)d * sizeof(double));
+            for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
+        }
+        if (m == GROUP)
+            c->K->dot4[a->dtype](kb, n, ld, qd, dpad, d, a->scale, sc, n);
+        else
+            for (int i = 0; i < m; i++)
+                c->K->dot[a->dtype](kb, n, ld, qd + i * dpad, d, a->scale, sc + i * n);
+    }
     for (int i = 0; i < m; i++) {
         double *si = sc + i * n;
         if (a->mask) {
@@ -107,26 +130,60 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-/* Dense attention for row r. Like every row function here, it allocates in the row's
- * scope, which attn_groups releases after the row. */
-static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                            tka_arena *s)
+/* The float64 sum of n weights x[j * st] (float when f32), in four interleaved chains
+ * (j mod 4) joined as (0 + 1) + (2 + 3): one fixed order, not one addition's latency per key. */
+static double sum4(const void *x, int64_t n, int64_t st, int f32)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    const float *xf = x;
+    const double *xd = x;
+#define TKA_W(j) (f32 ? (double)xf[(j) * st] : xd[(j) * st])
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        s0 += TKA_W(j);
+        s1 += TKA_W(j + 1);
+        s2 += TKA_W(j + 2);
+        s3 += TKA_W(j + 3);
+    }
+    if (j < n) s0 += TKA_W(j);
+    if (j + 1 < n) s1 += TKA_W(j + 1);
+    if (j + 2 < n) s2 += TKA_W(j + 2);
+#undef TKA_W
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Dense attention for the m checked rows r0 .. r0+m-1 of one group: each row's scores
+ * become its weights e^{s - max} in place, interleaved into wt (wt[4*i + r]), and the pv
+ * kernel sums the value rows for all of them in one pass over V (keys of weight 0, masked or
+ * below e^-708 of the maximum, are skipped). acc holds GROUP rows of dv. */
+static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, double *sc,
+                        double *wt, double *acc)
 {
     const tka_attn *a = c->a;
-    const tka_row w = *wp;
-    double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
-    if (!wt) return TKA_ERR_NOMEM;
-    c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
-    const int64_t b = r / a->L;
-    double z = 0.0;
-    memset(acc, 0, (size_t)a->dv * sizeof(double));
-    for (int64_t i = 0; i < a->n; i++) {
-        if (wt[i] == 0.0) continue;  /* masked (or below e^-708 of the maximum) */
-        z += wt[i];
-        c->K->axpy[a->dtype](v_row(a, b, i), a->dv, wt[i], acc);
+    const int64_t n = a->n, b = r0 / a->L;
+    const int64_t ld = a->v_ld / elem_size(a->dtype);
+    double z[GROUP];
+    if (a->dtype == TKA_F32) {
+        /* float32 problems: the weights rounded to float32, and z their float64 sum, so that
+         * the output stays an exact weighted mean of the values with those weights */
+        float *wf = (float *)wt;
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            for (int64_t j = 0; j < n; j++) wf[4 * j + i] = (float)e[j];
+            z[i] = sum4(wf + i, n, 4, 1);
+        }
+        c->K->spv((const float *)v_row(a, b, 0), n, ld, wf, m, a->dv, acc, a->dv);
+    } else {
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            for (int64_t j = 0; j < n; j++) wt[4 * j + i] = e[j];
+            z[i] = sum4(e, n, 1, 0);
+        }
+        c->K->pv[a->dtype](v_row(a, b, 0), n, ld, wt, m, a->dv, acc, a->dv);
     }
-    store_out(c, r, acc, z);
-    return TKA_OK;
+    for (int i = 0; i < m; i++) store_out(c, r0 + i, acc + i * a->dv, z[i]);
 }
 
 /* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
@@ -163,27 +220,26 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
     const double *sc = w.p;
     const int64_t b = r / a->L;
+    /* the kept scores and their weights e^{s - max} (the vector exp of dense attention) */
+    double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!v || !wk) return TKA_ERR_NOMEM;
+    for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
+    c->K->exp_shift[TKA_F64](v, k, w.max, wk);
     double z = 0.0;
     memset(acc, 0, (size_t)a->dv * sizeof(double));
     for (int64_t i = 0; i < k; i++) {
-        double wi = exp(sc[keep[i]] - w.max);
-        z += wi;
-        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wi, acc);
+        if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
+        z += wk[i];
+        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
     }
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-        if (!idx || !v) {
-            free(idx);
-            return TKA_ERR_NOMEM;
-        }
-        for (int64_t i = 0; i < k; i++) {
-            idx[i] = keep[i];
-            v[i] = sc[keep[i]];
-        }
+        if (!idx) return TKA_ERR_NOMEM;
+        for (int64_t i = 0; i < k; i++) idx[i] = keep[i];
         tka_pairs_sort_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
@@ -233,14 +289,15 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
 {
     const attn_ctx *c = ctx;
     const tka_attn *a = c->a;
-    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP, dpad = (a->d + 7) / 8 * 8;
-    /* for the whole range of groups: GROUP padded queries, the output accumulator and the
+    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP;
+    /* for the whole range of groups: GROUP padded queries, the output accumulators and the
      * scores of GROUP rows */
     const size_t mark = tka_arena_mark(s);
-    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * qpad(a->d)) * sizeof(double));
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
-    double *acc = tka_arena_alloc(s, (size_t)a->dv * sizeof(double));
-    if (!q || !sc || !acc) {
+    double *acc = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
+    double *wt = c->mode == TKA_ATTN_DENSE ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : sc;
+    if (!q || !sc || !acc || !wt) {
         tka_arena_release(s, mark);
         *bad = g0;
         note_bad_query(c, (g0 / per) * L + (g0 % per) * GROUP);
@@ -251,14 +308,14 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
         tka_row w[GROUP];
         int off = 0;
-        tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
-        for (int i = 0; st == TKA_OK && i < m; i++) {
+        tka_status st = score_group(c, r0, m, s, q, sc, w, &off);
+        if (st == TKA_OK && c->mode == TKA_ATTN_DENSE) dense_group(c, r0, m, w, sc, wt, acc);
+        for (int i = 0; st == TKA_OK && c->mode != TKA_ATTN_DENSE && i < m; i++) {
             /* the row's scope: what the row function allocates lives until it returns */
             const size_t row_mark = tka_arena_mark(s);
             off = i;
-            st = c->mode == TKA_ATTN_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
-                 : c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
-                                            : row_error(c, r0 + i, &w[i], acc, s);
+            st = c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+                                          : row_error(c, r0 + i, &w[i], acc, s);
             tka_arena_release(s, row_mark);
         }
         if (st != TKA_OK) {

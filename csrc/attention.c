@@ -186,6 +186,72 @@ static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, 
     for (int i = 0; i < m; i++) store_out(c, r0 + i, acc + i * a->dv, z[i]);
 }
 
+/*
+ * A fixed k of a row's keys, small against n: one band pass (the kernel dense attention's
+ * weights come from) above a lower bound L of the (k+1)-th largest score gathers the
+ * candidates x >= L with their positions and sums the weights e^{x - max} of the keys
+ * below L; the kept keys are the k largest candidates (ties by position), and tau = (sum of
+ * the dropped weights) / (sum of all). L is the r-th largest of 64 evenly spaced scores,
+ * r chosen so that about 2(k+1) scores are expected above it. TKA_RETRY, and the general
+ * path, when fewer than k + 1 candidates come out (L was too high), too many (too low), or
+ * the largest dropped score is more than 600 below the maximum (its weight could underflow
+ * there; the general path keeps the tail's relative accuracy at any depth).
+ */
+#define TKA_KFIX_SAMPLE 64
+static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, tka_arena *s,
+                               double *tau, int64_t *keep)
+{
+    const int64_t n = w->n, S = TKA_KFIX_SAMPLE;
+    const double *sc = w->p;
+    if (n < 4 * S) return TKA_RETRY;
+    const int64_t r = (2 * (k + 1) * S + n - 1) / n + 1;
+    if (r > S / 4) return TKA_RETRY;
+    double top[TKA_KFIX_SAMPLE / 4];  /* the r largest sampled scores, decreasing */
+    int64_t m = 0;
+    for (int64_t j = 0; j < S; j++) {
+        const double v = sc[j * n / S];
+        if (m == r && !(v > top[r - 1])) continue;
+        int64_t i = m < r ? m++ : r - 1;
+        while (i > 0 && top[i - 1] < v) { top[i] = top[i - 1]; i--; }
+        top[i] = v;
+    }
+    const double lo = top[r - 1];
+    if (!(lo > -INFINITY)) return TKA_RETRY;
+    int64_t cap = 8 * r * n / S + 64;
+    cap = cap < n ? cap : n;
+    double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    double *tmp = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
+    if (!vals || !tmp || !idx) return TKA_ERR_NOMEM;
+    tka_band_out bo;
+    c->K->band[TKA_F64](sc, n, lo, INFINITY, w->max, 1, vals, idx, cap, &bo);
+    const int64_t nc = bo.n_band;
+    if (nc > cap || nc < k + 1) return TKA_RETRY;
+    /* the k-th and (k+1)-th largest candidates */
+    memcpy(tmp, vals, (size_t)nc * sizeof(double));
+    tka_values_nth_desc(tmp, nc, k);
+    const double next = tmp[k];
+    double t = tmp[0];
+    for (int64_t i = 1; i < k; i++) t = tmp[i] < t ? tmp[i] : t;
+    if (!(next >= w->max - 600.0)) return TKA_RETRY;
+    c->K->exp_shift[TKA_F64](vals, nc, w->max, tmp);
+    int64_t above = 0;
+    for (int64_t i = 0; i < nc; i++) above += vals[i] > t;
+    int64_t ties = k - above, q = 0;
+    double dropped = bo.mass_below, kept = 0.0;
+    for (int64_t i = 0; i < nc; i++) {
+        if (vals[i] > t || (vals[i] == t && ties > 0)) {
+            ties -= vals[i] == t;
+            keep[q++] = idx[i];
+            kept += tmp[i];
+        } else {
+            dropped += tmp[i];
+        }
+    }
+    *tau = dropped / (kept + dropped);
+    return q == k ? TKA_OK : TKA_ERR_INTERNAL;
+}
+
 /* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
  * in s, in the row's scope. */
 static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_arena *s,
@@ -203,6 +269,12 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
     if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
+    if (k > 0 && k < w->n_live) {
+        const size_t mark = tka_arena_mark(s);
+        st = keep_fixed_k(c, w, k, s, tau, *keep);
+        tka_arena_release(s, mark);
+        if (st != TKA_RETRY) return st;
+    }
     st = tka_row_topk_set(w, k, s, *keep, &lt);
     *tau = exp(lt);
     return st;

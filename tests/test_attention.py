@@ -110,6 +110,42 @@ def test_topk_fixed_k_and_ratio(shape, simd_path, rng):
                                   topkattn.topk_attention(Q, K, V, k=k))
 
 
+@pytest.mark.parametrize("kind", ["gauss", "ties", "masked", "deep", "sorted"])
+def test_fixed_k_on_long_rows_against_the_reference(kind, simd_path, rng):
+    # long rows with k small against n take one band pass above a sampled bound; ties at
+    # the k-th score, masked keys, a tail far below the maximum and sorted rows (where the
+    # sampled bound misses) must give the reference's kept set and tau
+    n, d, L = 2000, 8, 6
+    Q = 3.0 * rng.standard_normal((L, d))
+    K = rng.standard_normal((n, d))
+    mask, scale = None, None
+    if kind == "ties":  # many equal scores, all exact: small integers, scale 1
+        K = np.round(2 * K)
+        Q = np.round(Q / 3)
+        scale = 1.0
+    elif kind == "masked":
+        mask = np.where(rng.random((L, n)) < 0.5, -np.inf, 0.0)
+    elif kind == "deep":
+        K[5:] *= 1e-3  # every key but five near 0
+        K[:5] = 400.0 * Q[0] / np.linalg.norm(Q[0]) ** 2 * math.sqrt(d)  # scores ~400 for row 0
+    elif kind == "sorted":
+        s0 = K @ Q[0]
+        K = K[np.argsort(s0)]  # row 0's scores increase along the keys
+    V = rng.standard_normal((n, 3))
+    s = ref.scores(Q, K, scale=scale, mask=mask)
+    for k in (1, 3, 17, 60, 200):
+        out, info = topkattn.topk_attention(Q, K, V, k=k, scale=scale, mask=mask,
+                                            return_info=True)
+        exp_out, exp_k, exp_tau = ref.topk_attention(Q, K, V, k=k, scale=scale, mask=mask)
+        np.testing.assert_array_equal(info.k, exp_k)
+        assert_rel(info.tau, exp_tau, rtol=1e-12, atol=1e-300, what=f"{kind} tau k={k}")
+        np.testing.assert_allclose(out, exp_out, rtol=0, atol=_tol(out, exp_out))
+        for r in range(L):  # the kept set: the k largest, ties by lower position
+            want = np.lexsort((np.arange(n), -s[r]))[:exp_k[r]]
+            np.testing.assert_array_equal(np.sort(info.indices[r][:exp_k[r]]), np.sort(want),
+                                          err_msg=f"{kind} row {r} k={k}")
+
+
 def test_ties_keep_lower_positions(simd_path):
     # every score equal: the kept set is the first k positions, in order
     Q = np.ones((1, 4))

@@ -130,30 +130,52 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-/* The float64 sum of n weights x[j * st] (float when f32), in four interleaved chains
- * (j mod 4) joined as (0 + 1) + (2 + 3): one fixed order, not one addition's latency per key. */
-static double sum4(const void *x, int64_t n, int64_t st, int f32)
+/* The float64 sum of n weights x[j], in four interleaved chains (j mod 4) joined as
+ * (0 + 1) + (2 + 3): one fixed order, not one addition's latency per key. */
+static double sum4(const double *x, int64_t n)
 {
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-    const float *xf = x;
-    const double *xd = x;
-#define TKA_W(j) (f32 ? (double)xf[(j) * st] : xd[(j) * st])
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        s0 += TKA_W(j);
-        s1 += TKA_W(j + 1);
-        s2 += TKA_W(j + 2);
-        s3 += TKA_W(j + 3);
+        s0 += x[j];
+        s1 += x[j + 1];
+        s2 += x[j + 2];
+        s3 += x[j + 3];
     }
-    if (j < n) s0 += TKA_W(j);
-    if (j + 1 < n) s1 += TKA_W(j + 1);
-    if (j + 2 < n) s2 += TKA_W(j + 2);
-#undef TKA_W
+    if (j < n) s0 += x[j];
+    if (j + 1 < n) s1 += x[j + 1];
+    if (j + 2 < n) s2 += x[j + 2];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* w[j] = (float)e[j] for n values, and the float64 sum of the w[j] in four interleaved
+ * chains (j mod 4) joined as (0 + 1) + (2 + 3), as sum4 adds them. */
+static double round_sum(const double *e, int64_t n, float *w)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float f0 = (float)e[j], f1 = (float)e[j + 1], f2 = (float)e[j + 2],
+                    f3 = (float)e[j + 3];
+        w[j] = f0;
+        w[j + 1] = f1;
+        w[j + 2] = f2;
+        w[j + 3] = f3;
+        s0 += f0;
+        s1 += f1;
+        s2 += f2;
+        s3 += f3;
+    }
+    for (int64_t i = j; i < n; i++) w[i] = (float)e[i];
+    if (j < n) s0 += w[j];
+    if (j + 1 < n) s1 += w[j + 1];
+    if (j + 2 < n) s2 += w[j + 2];
     return (s0 + s1) + (s2 + s3);
 }
 
 /* Dense attention for the m checked rows r0 .. r0+m-1 of one group: each row's scores
- * become its weights e^{s - max} in place, interleaved into wt (wt[4*i + r]), and the pv
+ * become its weights e^{s - max} in place, interleaved into wt (wt[4*i + r]; float32
+ * problems: rounded to float32, one row after the other), and the pv
  * kernel sums the value rows for all of them in one pass over V (keys of weight 0, masked or
  * below e^-708 of the maximum, are skipped). acc holds GROUP rows of dv. */
 static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, double *sc,
@@ -164,22 +186,22 @@ static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, 
     const int64_t ld = a->v_ld / elem_size(a->dtype);
     double z[GROUP];
     if (a->dtype == TKA_F32) {
-        /* float32 problems: the weights rounded to float32, and z their float64 sum, so that
-         * the output stays an exact weighted mean of the values with those weights */
+        /* float32 problems: the weights rounded to float32 (row i's n weights at wf + i*n),
+         * and z their float64 sum, so that the output stays an exact weighted mean of the
+         * values with those weights */
         float *wf = (float *)wt;
         for (int i = 0; i < m; i++) {
             double *e = sc + i * n;
             c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
-            for (int64_t j = 0; j < n; j++) wf[4 * j + i] = (float)e[j];
-            z[i] = sum4(wf + i, n, 4, 1);
+            z[i] = round_sum(e, n, wf + i * n);
         }
-        c->K->spv((const float *)v_row(a, b, 0), n, ld, wf, m, a->dv, acc, a->dv);
+        c->K->spv((const float *)v_row(a, b, 0), n, ld, wf, n, m, a->dv, acc, a->dv);
     } else {
         for (int i = 0; i < m; i++) {
             double *e = sc + i * n;
             c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
             for (int64_t j = 0; j < n; j++) wt[4 * j + i] = e[j];
-            z[i] = sum4(e, n, 1, 0);
+            z[i] = sum4(e, n);
         }
         c->K->pv[a->dtype](v_row(a, b, 0), n, ld, wt, m, a->dv, acc, a->dv);
     }

@@ -144,10 +144,11 @@ typedef struct {
      *  as sdot gives each pair. */
     void (*sdot4)(const float *x, int64_t n, int64_t ld, const float *q, int64_t qs, int64_t d,
                   double scale, double *out, int64_t os);
-    /** pv for float32 values and float32 weights w[4*i + r]: float32 fused multiply-adds
-     *  within blocks of 64 keys, each block's sum added to the float64 acc (kernels.inc). */
-    void (*spv)(const float *v, int64_t n, int64_t ld, const float *w, int m, int64_t dv,
-                double *acc, int64_t as);
+    /** pv for float32 values and float32 weights w[r*ws + i] (row r's weights contiguous):
+     *  float32 fused multiply-adds within blocks of 64 keys, each block's sum added to the
+     *  float64 acc (kernels.inc). */
+    void (*spv)(const float *v, int64_t n, int64_t ld, const float *w, int64_t ws, int m,
+                int64_t dv, double *acc, int64_t as);
     /** dst[i] = src[i] for n float16 values (bits) into float32: exact. */
     void (*f16_to_f32)(const uint16_t *src, int64_t n, float *dst);
     /** The search's dot-product and proxy kernels for this instruction set. */

@@ -6,9 +6,10 @@ import numbers
 
 import numpy as np
 
+from .certified import CertifiedLayer, Session, cache_pre_hook
 from .hooked import State
 from .install import hooked
-from .models import selected_layers
+from .models import model_kind, selected_layers
 from .records import TopkRecord
 
 __all__ = ["use_topk_attention", "selection"]
@@ -128,8 +129,17 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
             raise TypeError(f"{name} must be an integer, got {v!r}")
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    if selector not in ("exact", "simulated", "blocks"):
-        raise ValueError(f"selector must be 'exact', 'simulated' or 'blocks', got {selector!r}")
+    if selector not in ("exact", "simulated", "blocks", "certified"):
+        raise ValueError("selector must be 'exact', 'simulated', 'blocks' or 'certified', got "
+                         f"{selector!r}")
+    if selector == "certified":
+        for name, v in (("k", k), ("ratio", ratio), ("alpha", alpha), ("C", C)):
+            if v is not None:
+                raise ValueError(f"selector='certified' takes eps only (it certifies "
+                                 f"TV <= eps), got {name}={v!r}")
+        if model_kind(model.config) != "decoder":
+            raise ValueError("selector='certified' runs the decode steps of decoder-only "
+                             f"models; {model.config.model_type!r} is not one")
     if selector != "exact" and (sink or recent):
         raise ValueError("sink/recent keys are only supported with selector='exact'")
     if selector == "simulated":
@@ -144,9 +154,17 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     mods, sel = selected_layers(model, layers)
     rec = TopkRecord(sel) if record else None
     rng = np.random.default_rng(seed)
+    session = Session(block_size) if selector == "certified" else None
     states = {mods[i]: State("topk", i, rec, select=select, prefill=prefill,
                               sink_keys=int(sink), recent_keys=int(recent), selector=selector,
                               precision=float(precision) if precision is not None else 1.0,
-                              block_size=int(block_size), rng=rng) for i in sel}
-    with hooked(model, states):
-        yield rec
+                              block_size=int(block_size), rng=rng,
+                              certified=CertifiedLayer(session) if session else None)
+              for i in sel}
+    with contextlib.ExitStack() as stack:
+        if session is not None:
+            for m, st in states.items():
+                stack.callback(m.register_forward_pre_hook(cache_pre_hook(st.certified),
+                                                           with_kwargs=True).remove)
+        with hooked(model, states):
+            yield rec

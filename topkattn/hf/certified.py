@@ -29,7 +29,11 @@ import numpy as np
 from ..search import KeyIndex, certified_attention
 from .models import require_torch
 
-__all__ = ["CertifiedLayer", "Session", "cache_pre_hook", "decode"]
+__all__ = ["CertifiedLayer", "Session", "cache_pre_hook", "decode", "RESERVE"]
+
+#: Keys of room an index gets beyond the cache when it is built (at least; a quarter of
+#: the cache for long ones), so that the decode steps append without reallocating.
+RESERVE = 1024
 
 
 class Session:
@@ -171,6 +175,9 @@ class CertifiedLayer:
             bs = self.session.block_size
             self.indexes = [[KeyIndex(K[b, h, lo[b]:hi[b]], block_size=bs)
                              for h in range(K.shape[1])] for b in range(B)]
+            for per_b in self.indexes:      # room for the decode steps: appends stay O(1)
+                for index in per_b:
+                    index.reserve(index.n + max(RESERVE, index.n // 4))
             self.builds += 1
         self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
         self._remember(cache, K)

@@ -25,7 +25,7 @@ decode steps themselves are exact model computations.
 **The data.** Random initialisation gives attention logits of a standard deviation of about
 0.2: attention is close to uniform, k_eps is most of n, and no certificate can skip keys.
 Two models are therefore reported: ``plain`` (as initialised) and ``peaked`` (the weights of
-``q_proj`` and ``k_proj`` multiplied by ``--qk-scale``, default 6, so every logit is
+``q_proj`` and ``k_proj`` multiplied by ``--qk-scale``, default 4, so every logit is
 multiplied by its square: a per-row logit standard deviation of several units, as in
 trained models; the table shows the measured mean value). Tokens are uniform random.
 
@@ -267,7 +267,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12, help="decode steps per run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method, in turns")
     ap.add_argument("--eps", type=float, default=1e-2)
-    ap.add_argument("--qk-scale", type=float, default=6.0,
+    ap.add_argument("--qk-scale", type=float, default=4.0,
                     help="factor on q_proj and k_proj weights of the peaked model")
     ap.add_argument("--models", nargs="+", default=["plain", "peaked"],
                     choices=["plain", "peaked"])

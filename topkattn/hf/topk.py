@@ -91,7 +91,7 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
         is cut so that the total tail outside the kept set is still <= eps; with
         k / ratio / alpha, C the forced keys count towards k.
 
-    selector : {"exact", "simulated", "blocks"}
+    selector : {"exact", "simulated", "blocks", "certified"}
         ``"exact"`` (default) keeps the exact top set. The approximate selectors keep a set
         of the same size k as the exact one (docs/design.md §6), to study how retrieval precision
         relates to quality: ``"simulated"`` keeps a fraction ``precision`` of the exact set
@@ -101,10 +101,27 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
         k keys and keeps the k best scored of them. With ``record=True`` the measured
         precision ``|S_approx ∩ S_exact| / k`` of every row is recorded; tau is then the
         mass the approximate set discards (not bounded by eps).
+
+        ``selector="certified"`` (decoder-only models, ``eps`` only) runs every decode step
+        (query length L = 1) through certified search (docs/design.md §4): each hooked
+        layer keeps one :class:`topkattn.KeyIndex` per batch item and key/value head (the
+        query heads of a group share it), built from the KV cache at the first decode step
+        of a sequence and appended with each new key after that, and every row runs
+        :func:`topkattn.certified_attention` on it: only part of the cache is scored and
+        the row's kept set carries a certificate ``TV(P, P_hat) <= tv_bound <= eps``.
+        Calls with L > 1 (the prefill) follow ``prefill``. The index is rebuilt whenever
+        the call does not continue the indexed sequence (another cache object, a batch size
+        change, a cache shorter or longer than the index plus the new key, a changed last
+        key), so a stale index is never searched. Padding: each sequence must see one
+        contiguous range of keys at a decode step (left padding and static caches do);
+        other masks, and masks that add finite biases, are refused with a ValueError. With
+        ``record=True`` the record also holds keys scored, bytes read and ``tv_bound`` per
+        row, and ``tau`` is the kept set's true discarded mass.
     precision : float in [0, 1]
         For ``selector="simulated"``.
     block_size : int
-        For ``selector="blocks"`` (default 64).
+        For ``selector="blocks"``, and the ``KeyIndex`` block size for
+        ``selector="certified"`` (default 64).
     seed : int, optional
         Seed of the simulated selector's random choices.
 
@@ -120,6 +137,13 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     ...     out = model(**tok(["Sparse attention, certified."], return_tensors="pt"))
     >>> rec.summary().kept_fraction.mean() < 1  # doctest: +SKIP
     True
+
+    A decoder generating with certified search at every decode step:
+
+    >>> with hf.use_topk_attention(llama, eps=1e-2, selector="certified",
+    ...                            record=True) as rec:  # doctest: +SKIP
+    ...     out = llama.generate(input_ids=ids, max_new_tokens=32)
+    >>> rec.summary()[["layer", "head", "scored_fraction", "max_tv_bound"]]  # doctest: +SKIP
     """
     select = selection(eps, k, ratio, alpha, C)
     if prefill not in ("topk", "dense"):

@@ -64,8 +64,12 @@ try:
 except ImportError:  # run from a source checkout with the extension built in place
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+try:
+    import torch
+    import transformers
+except ImportError as exc:  # the benchmark needs the "hf" extra
+    torch = transformers = None
+    _MISSING = exc
 
 from topkattn import hf  # noqa: E402
 from topkattn.hf import certified as _certified  # noqa: E402
@@ -284,6 +288,9 @@ def main(argv=None):
         args.contexts, args.steps, args.repeats = [2048], 4, 1
         args.hidden, args.head_dim, args.chunk = 256, 64, 1024
     print("machine:", _common.machine_line())
+    if torch is None:
+        print(f"skipped: bench_decode needs torch and transformers ({_MISSING})")
+        return []
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}")
@@ -297,6 +304,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             rows.extend(measure(model, label, n, args))
             print(f"  {label} n={n}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(table(rows, args.markdown))
     return rows
 

@@ -346,3 +346,24 @@ def test_hooks_are_removed_on_exit(model):
             assert all(m._forward_pre_hooks for m in hf.attention_layers(model))
             raise RuntimeError("boom")
     assert all(not m._forward_pre_hooks for m in hf.attention_layers(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.float64])
+def test_additive_mask_matches_torch_and_leaves_the_mask_alone(dtype, mask_dtype):
+    # the hooked path converts float32/float64 masks in NumPy: same values as torch's way
+    g = torch.Generator().manual_seed(1)
+    hide = torch.rand(2, 1, 3, 40, generator=g) > 0.4
+    if mask_dtype == torch.bool:
+        mask = ~hide
+        want = torch.zeros(mask.shape, dtype=dtype).masked_fill(hide, float("-inf"))
+    else:
+        mask = torch.randn(2, 1, 3, 40, generator=g, dtype=mask_dtype)
+        mask[hide] = torch.finfo(mask_dtype).min
+        mask[0, 0, 0, 0] = float("-inf")
+        m = mask.to(dtype)
+        want = m.masked_fill(m <= torch.finfo(dtype).min, float("-inf"))
+    before = mask.clone()
+    got = hf.hooked._additive_mask(torch, mask, dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(mask, before)

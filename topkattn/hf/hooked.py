@@ -47,9 +47,27 @@ class State:
 
 
 def _additive_mask(torch, mask, dtype):
-    """The mask as an additive float tensor with ``-inf`` on masked keys, or None."""
+    """The mask as an additive float tensor with ``-inf`` on masked keys, or None.
+
+    float32/float64 CPU masks are converted in NumPy (one single-threaded pass): at a
+    decode step the mask is one row per sequence, and torch's element-wise ops on it run
+    through the intra-op thread pool, which stalls for milliseconds when other processes
+    hold the cores."""
     if mask is None:
         return None
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+    if np_dtype is not None and mask.device.type == "cpu" and mask.dtype in (
+            torch.bool, torch.float32, torch.float64):
+        m = mask.detach().numpy()
+        if m.dtype == np.bool_:
+            out = np.zeros(m.shape, dtype=np_dtype)
+            out[~m] = -np.inf
+        else:
+            with np.errstate(over="ignore"):    # float64 lows become -inf in float32
+                out = m.astype(np_dtype)        # a copy: the model's mask is not modified
+            # transformers masks with finfo(dtype).min (not -inf): that low is a masked key
+            out[out <= np.finfo(np_dtype).min] = -np.inf
+        return torch.from_numpy(out)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     m = mask.to(dtype)

@@ -80,7 +80,10 @@ class _RWLock:
 class KeyIndex:
     """Block summaries and per-key proxies of a key set, for certified search.
 
-    Built once per key set; :meth:`append` grows it as a KV cache grows.
+    Built once per key set; :meth:`append` grows it as a KV cache grows (amortised
+    O(new keys): the capacity doubles when it runs out, copying the index once), and
+    ``reserve(capacity)`` makes room for that many keys in advance, so that appends up to
+    it never reallocate (``capacity`` tells the room there is).
 
     * **Blocks** of ``block_size`` keys carry a summary giving an upper bound on ``q.k``
       over the block for any ``q`` (docs/design.md §4): ``"minmax"`` (per-dimension min and max,

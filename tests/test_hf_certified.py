@@ -367,3 +367,44 @@ def test_additive_mask_matches_torch_and_leaves_the_mask_alone(dtype, mask_dtype
     got = hf.hooked._additive_mask(torch, mask, dtype)
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(mask, before)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_decoder_layouts(arch):
+    # GPT-2 (multi-head, a fused c_attn) and Qwen2 (4 query heads sharing 1 key/value head)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
+                                      n_positions=256, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=1)
+        torch.manual_seed(0)
+        m = transformers.GPT2LMHeadModel(cfg).eval()
+    else:
+        cfg = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=32,
+                                       num_attention_heads=4, num_key_value_heads=1,
+                                       intermediate_size=64, vocab_size=VOCAB,
+                                       max_position_embeddings=256, pad_token_id=0,
+                                       eos_token_id=1, bos_token_id=1)
+        torch.manual_seed(0)
+        m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for att in hf.attention_layers(m):
+            if hasattr(att, "q_proj"):
+                att.q_proj.weight.mul_(15.0)
+                att.k_proj.weight.mul_(15.0)
+            else:
+                att.c_attn.weight[:, :2 * att.embed_dim].mul_(15.0)
+    ids = _prompt(seed=12, length=120, batch=2)
+    with hf.use_topk_attention(m, eps=1e-4, prefill="dense"):
+        exact = _generate(m, ids, steps=5)
+    with hf.use_topk_attention(m, eps=1e-4, prefill="dense", selector="certified",
+                               record=True) as rec:
+        cert = _generate(m, ids, steps=5)
+        shapes = [[len(per_b) for per_b in getattr(a, "_topkattn_state").certified.indexes]
+                  for a in hf.attention_layers(m)]
+    assert torch.equal(cert, exact)
+    hkv = 1 if arch == "qwen2" else 4
+    assert shapes == [[hkv, hkv]] * 2              # one index per sequence and kv head
+    for layer in rec.layers:
+        assert rec.index_builds[layer] == 1 and rec.index_appends[layer] == 3
+        for ks, n in zip(rec.keys_scored[layer], rec.n[layer]):
+            assert ks.shape == (2, 4, 1) and (ks <= n).all()

@@ -408,3 +408,33 @@ def test_other_decoder_layouts(arch):
         assert rec.index_builds[layer] == 1 and rec.index_appends[layer] == 3
         for ks, n in zip(rec.keys_scored[layer], rec.n[layer]):
             assert ks.shape == (2, 4, 1) and (ks <= n).all()
+
+
+def test_a_failed_step_leaves_no_half_updated_index(model):
+    # a non-finite key of the second key/value head is refused by its index after the
+    # first head's index took the new key; retried on the same cache object, the layer
+    # must rebuild rather than append onto the half-updated indexes again
+    a = _prompt(seed=13, length=70)
+    cache, tok = _prefill(model, a)
+    fresh = copy.deepcopy(cache)
+    layer0 = hf.attention_layers(model)[0]
+    head_dim = layer0.head_dim
+    with hf.use_topk_attention(model, eps=1e-2, selector="certified", record=True) as rec:
+        logits, cache = _step(model, tok, cache)                       # build: 71 keys
+        tok2 = logits[:, -1:].argmax(-1)
+        h = layer0.k_proj.register_forward_hook(
+            lambda mod, args, out: out.index_fill(-1, torch.tensor([head_dim + 3]),
+                                                  float("nan")))
+        try:
+            with pytest.raises(ValueError, match="new_keys contains NaN or inf"):
+                _step(model, tok2, cache)
+        finally:
+            h.remove()
+        first = cache.layers[0]            # take the failed step's key back out of layer 0
+        first.keys, first.values = first.keys[:, :, :-1], first.values[:, :, :-1]
+        got, _ = _step(model, tok2, cache)                             # 72 keys again
+    assert rec.index_builds[0] == 2 and rec.index_builds[1] == 1
+    with hf.use_topk_attention(model, eps=1e-2, selector="certified"):
+        _, fresh = _step(model, tok, fresh)
+        want, _ = _step(model, tok2, fresh)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -173,21 +173,27 @@ class CertifiedLayer:
                 and np.array_equal(hi - L, self.hi)
                 and all(np.array_equal(K[b, :, self.hi[b] - 1], self._last[b])
                         for b in range(B)))
-        if cont:
-            for b in range(B):
-                for h, index in enumerate(self.indexes[b]):
-                    index.append(K[b, h, self.hi[b]:hi[b]])
-            self.appends += 1
-        else:
-            bs = self.session.block_size
-            self.indexes = [[KeyIndex(K[b, h, lo[b]:hi[b]], block_size=bs, reorder=REORDER)
-                             for h in range(K.shape[1])] for b in range(B)]
-            for per_b in self.indexes:      # room for the decode steps: appends stay O(1)
-                for index in per_b:
-                    index.reserve(index.n + max(RESERVE, index.n // 4))
-            self.builds += 1
-        self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
-        self._remember(cache, K)
+        try:
+            if cont:
+                for b in range(B):
+                    for h, index in enumerate(self.indexes[b]):
+                        index.append(K[b, h, self.hi[b]:hi[b]])
+                self.appends += 1
+            else:
+                self.indexes = None
+                bs = self.session.block_size
+                indexes = [[KeyIndex(K[b, h, lo[b]:hi[b]], block_size=bs, reorder=REORDER)
+                            for h in range(K.shape[1])] for b in range(B)]
+                for per_b in indexes:       # room for the decode steps: appends stay O(1)
+                    for index in per_b:
+                        index.reserve(index.n + max(RESERVE, index.n // 4))
+                self.indexes = indexes
+                self.builds += 1
+            self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+            self._remember(cache, K)
+        except BaseException:
+            self.reset()        # some indexes may hold the new keys and others not
+            raise
 
     def drop(self):
         """Forget the indexes (a call this layer did not index, e.g. a prefill)."""

@@ -332,6 +332,32 @@ def test_append_equals_building_at_once(summary, n0):
         np.testing.assert_array_equal(x, y)
 
 
+def test_reserve_keeps_appends_in_place_and_results_unchanged():
+    rng = np.random.default_rng(42)
+    K = clustered(rng, 2 * 600, 8).reshape(2, 600, 8).astype(np.float32)
+    plain = KeyIndex(K[:, :200], block_size=32)
+    roomy = KeyIndex(K[:, :200], block_size=32)
+    assert roomy.capacity == 200
+    assert roomy.reserve(500) is roomy and roomy.capacity == 500
+    roomy.reserve(100)                                   # never shrinks
+    assert roomy.capacity == 500 and roomy.n == 200
+    keys = roomy._keys
+    for a in range(200, 500, 7):
+        plain.append(K[:, a:min(a + 7, 500)])
+        roomy.append(K[:, a:min(a + 7, 500)])
+    assert roomy._keys is keys and roomy.capacity == 500   # no reallocation
+    assert plain.n == roomy.n == 500 and plain.nbytes == roomy.nbytes
+    Q = 2 * rng.standard_normal((2, 4, 8))
+    for x, y in zip(_fields(certified_search(Q, plain, 1e-3)),
+                    _fields(certified_search(Q, roomy, 1e-3))):
+        np.testing.assert_array_equal(x, y)
+    roomy.append(K[:, 500:])                             # past the reserve: grows
+    assert roomy.n == 600 and roomy.capacity >= 600
+    for bad in (-1, 2.5, True, "9"):
+        with pytest.raises(ValueError, match="capacity must be an integer >= 0"):
+            roomy.reserve(bad)
+
+
 def test_append_after_reordering_is_sound():
     rng = np.random.default_rng(43)
     K = clustered(rng, 1500, 8)

@@ -80,7 +80,10 @@ class _RWLock:
 class KeyIndex:
     """Block summaries and per-key proxies of a key set, for certified search.
 
-    Built once per key set; :meth:`append` grows it as a KV cache grows.
+    Built once per key set; :meth:`append` grows it as a KV cache grows (amortised
+    O(new keys): the capacity doubles when it runs out, copying the index once), and
+    ``reserve(capacity)`` makes room for that many keys in advance, so that appends up to
+    it never reallocate (``capacity`` tells the room there is).
 
     * **Blocks** of ``block_size`` keys carry a summary giving an upper bound on ``q.k``
       over the block for any ``q`` (docs/design.md §4): ``"minmax"`` (per-dimension min and max,
@@ -127,7 +130,7 @@ class KeyIndex:
 
     Attributes
     ----------
-    n, d, block_size, batch_shape, dtype, summary, proxy, nbytes
+    n, d, block_size, batch_shape, dtype, summary, proxy, nbytes, capacity
 
     Examples
     --------
@@ -259,6 +262,34 @@ class KeyIndex:
                 self.n = n0  # the new blocks have no summaries: leave them out
                 raise
         return self
+
+    def reserve(self, capacity):
+        """Make room for ``capacity`` keys in all (no-op if there is room already), so that
+        appends up to that many keys never reallocate: an append that outgrows the
+        capacity copies the whole index once (the capacity then doubles).
+
+        Parameters
+        ----------
+        capacity : int
+            Keys the index should hold without reallocating (>= 0).
+
+        Returns
+        -------
+        KeyIndex
+            self
+        """
+        if (not isinstance(capacity, numbers.Integral) or isinstance(capacity, bool)
+                or capacity < 0):
+            raise ValueError(f"capacity must be an integer >= 0, got {capacity!r}")
+        with self._lock.exclusive():
+            if capacity > self._cap:
+                self._alloc(int(capacity))
+        return self
+
+    @property
+    def capacity(self):
+        """Keys the index can hold before an append reallocates it."""
+        return self._cap
 
     def __repr__(self):
         return (f"KeyIndex(batch_shape={self.batch_shape}, n={self.n}, d={self.d}, "

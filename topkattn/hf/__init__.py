@@ -15,7 +15,10 @@ CPU, inference mode. Entry points:
   runs through :func:`topkattn.topk_attention` (the C core), with ``eps``, ``k``, ``ratio``
   or a dynamic window ``ceil(alpha n^C)`` choosing the kept keys of each query row, also
   at every decode step of ``model.generate`` (dense or Top-k prefill, optional sink and
-  recent keys); it can record k, tau, the visible keys and the entropy per row.
+  recent keys); it can record k, tau, the visible keys and the entropy per row. With
+  ``selector="certified"`` the decode steps of a decoder run certified search
+  (:func:`topkattn.certified_attention`) on a key index per layer and key/value head that
+  grows with the KV cache.
 * :func:`evaluate` compares a model with and without Top-k attention.
 
 How the attention is replaced. On transformers versions whose BERT dispatches its
@@ -36,7 +39,8 @@ not flow through the hook: it is for inference.
 
 One module per job: :mod:`~topkattn.hf.models` (loading, layer discovery),
 :mod:`~topkattn.hf.selectors` (which keys a row keeps, in NumPy),
-:mod:`~topkattn.hf.hooked` (one hooked attention call), :mod:`~topkattn.hf.interface` and
+:mod:`~topkattn.hf.hooked` (one hooked attention call), :mod:`~topkattn.hf.certified`
+(the certified selector's key indexes and decode step), :mod:`~topkattn.hf.interface` and
 :mod:`~topkattn.hf.wrapped` (the two installation paths), :mod:`~topkattn.hf.install`
 (installing and removing hooks), :mod:`~topkattn.hf.records`,
 :mod:`~topkattn.hf.capturing`, :mod:`~topkattn.hf.topk` and

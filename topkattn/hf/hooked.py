@@ -19,9 +19,10 @@ import numpy as np
 from ..attention import attention, dynamic_k, topk_attention
 from ..core import entropy
 from .models import require_torch
+from .certified import as_numpy, decode
 from .selectors import block_selection, forced_selection, logsumexp, simulated_selection
 
-__all__ = ["STATE_ATTR", "State", "run_hooked", "as_numpy"]
+__all__ = ["STATE_ATTR", "State", "run_hooked", "run_certified", "as_numpy"]
 
 #: Attribute set on each self-attention module while a hook is active.
 STATE_ATTR = "_topkattn_state"
@@ -42,21 +43,31 @@ class State:
     precision: float = 1.0           # "simulated": fraction of the exact set retrieved
     block_size: int = 64             # "blocks": keys per block summary
     rng: object = None               # "simulated": numpy Generator
-
-
-def as_numpy(t):
-    """NumPy view of a CPU tensor (no copy); float16/bfloat16 are widened to float32."""
-    torch = require_torch()
-    t = t.detach()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.numpy()
+    certified: object = None         # "certified": the layer's CertifiedLayer
 
 
 def _additive_mask(torch, mask, dtype):
-    """The mask as an additive float tensor with ``-inf`` on masked keys, or None."""
+    """The mask as an additive float tensor with ``-inf`` on masked keys, or None.
+
+    float32/float64 CPU masks are converted in NumPy (one single-threaded pass): at a
+    decode step the mask is one row per sequence, and torch's element-wise ops on it run
+    through the intra-op thread pool, which stalls for milliseconds when other processes
+    hold the cores."""
     if mask is None:
         return None
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+    if np_dtype is not None and mask.device.type == "cpu" and mask.dtype in (
+            torch.bool, torch.float32, torch.float64):
+        m = mask.detach().numpy()
+        if m.dtype == np.bool_:
+            out = np.zeros(m.shape, dtype=np_dtype)
+            out[~m] = -np.inf
+        else:
+            with np.errstate(over="ignore"):    # float64 lows become -inf in float32
+                out = m.astype(np_dtype)        # a copy: the model's mask is not modified
+            # transformers masks with finfo(dtype).min (not -inf): that low is a masked key
+            out[out <= np.finfo(np_dtype).min] = -np.inf
+        return torch.from_numpy(out)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     m = mask.to(dtype)
@@ -260,7 +271,7 @@ def run_hooked(state, q, k, v, mask, scaling, stock):
     k_rows = _budget(state.select, rows.n)
     want = state.sink is not None
     s64 = None
-    if state.sink_keys or state.recent_keys or state.selector != "exact":
+    if state.sink_keys or state.recent_keys or state.selector not in ("exact", "certified"):
         s64 = _scores(call, rows)
         out_np, kk, tau, prec = _kept_set(state, call, rows, s64, k_rows, want)
     else:
@@ -269,3 +280,46 @@ def run_hooked(state, q, k, v, mask, scaling, stock):
     if want:
         _record(state, call, rows, _scores(call, rows) if s64 is None else s64, kk, tau, prec)
     return out
+
+
+def run_certified(state, q, k, v, mask, scaling):
+    """One decode step (L = 1) of the certified selector: the layer's key indexes grow by
+    the new key and every row runs :func:`topkattn.certified_attention`. Returns
+    ``(B, 1, Hq, d_v)``; with a record, stores k, tau, n, entropy and the search's keys
+    scored, bytes read and certificate per row."""
+    want = state.sink is not None
+    out, info = decode(state.certified, q, k, v, mask, scaling, state.select["eps"], want)
+    if want:
+        _record_certified(state, q, k, v, mask, scaling, info)
+    return out
+
+
+def _record_certified(state, q, k, v, mask, scaling, info):
+    """The record of a certified decode step; tau and entropy from float64 logits of the
+    visible keys (float64 products of the stored float32 values, like the search's)."""
+    B, Hq, L, d = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    Q = as_numpy(q).astype(np.float64).reshape(B, Hkv, g * L, d)
+    K = as_numpy(k)
+    lo, hi = info["lo"], info["hi"]
+    tau = np.empty((B, Hkv, g * L))
+    ent = np.empty((B, Hkv, g * L))
+    for b in range(B):
+        for h in range(Hkv):
+            s64 = scaling * (Q[b, h] @ K[b, h, lo[b]:hi[b]].astype(np.float64).T)
+            idx = info["indices"][b][h]
+            keep = np.zeros(s64.shape, dtype=bool)
+            r, c = np.nonzero(idx >= 0)
+            keep[r, idx[r, c]] = True
+            with np.errstate(divide="ignore"):
+                tau[b, h] = np.exp(logsumexp(np.where(keep, -np.inf, s64)) - logsumexp(s64))
+            ent[b, h] = entropy(s64)
+    cert = state.certified
+    n_out = np.broadcast_to((hi - lo)[:, None, None], (B, Hq, L)).astype(np.int64)
+    state.sink._store(state.layer, info["k"], tau.reshape(B, Hq, L), n_out,
+                      ent.reshape(B, Hq, L), "decode", None,
+                      keys_scored=info["keys_scored"], bytes_read=info["bytes_read"],
+                      tv_bound=info["tv_bound"])
+    state.sink.index_builds[state.layer] = cert.builds
+    state.sink.index_appends[state.layer] = cert.appends

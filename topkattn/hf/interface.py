@@ -13,7 +13,7 @@ import functools
 import inspect
 import sys
 
-from .hooked import STATE_ATTR, run_hooked
+from .hooked import STATE_ATTR, run_certified, run_hooked
 from .models import require_transformers
 
 __all__ = ["IMPLEMENTATION", "register", "uses_interface", "install", "remove"]
@@ -47,6 +47,10 @@ def attention_function(module, query, key, value, attention_mask, scaling=None,
                        dropout=dropout, **kwargs)
     if dropout and module.training:
         raise RuntimeError("topkattn hooks run inference only: call model.eval() first")
+    if state.mode == "topk" and state.certified is not None:
+        if query.shape[2] == 1:     # a decode step: certified search on the layer's index
+            return run_certified(state, query, key, value, attention_mask, scaling), None
+        state.certified.drop()      # a prefill: the index is rebuilt at the next decode step
     if state.mode == "topk" and state.prefill == "dense" and query.shape[2] > 1:
         return base_fn(module, query, key, value, attention_mask, scaling=scaling,
                        dropout=dropout, **kwargs)

@@ -6,9 +6,10 @@ import numbers
 
 import numpy as np
 
+from .certified import CertifiedLayer, Session, cache_pre_hook
 from .hooked import State
 from .install import hooked
-from .models import selected_layers
+from .models import model_kind, selected_layers
 from .records import TopkRecord
 
 __all__ = ["use_topk_attention", "selection"]
@@ -90,7 +91,7 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
         is cut so that the total tail outside the kept set is still <= eps; with
         k / ratio / alpha, C the forced keys count towards k.
 
-    selector : {"exact", "simulated", "blocks"}
+    selector : {"exact", "simulated", "blocks", "certified"}
         ``"exact"`` (default) keeps the exact top set. The approximate selectors keep a set
         of the same size k as the exact one (docs/design.md §6), to study how retrieval precision
         relates to quality: ``"simulated"`` keeps a fraction ``precision`` of the exact set
@@ -100,10 +101,27 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
         k keys and keeps the k best scored of them. With ``record=True`` the measured
         precision ``|S_approx ∩ S_exact| / k`` of every row is recorded; tau is then the
         mass the approximate set discards (not bounded by eps).
+
+        ``selector="certified"`` (decoder-only models, ``eps`` only) runs every decode step
+        (query length L = 1) through certified search (docs/design.md §4): each hooked
+        layer keeps one :class:`topkattn.KeyIndex` per batch item and key/value head (the
+        query heads of a group share it), built from the KV cache at the first decode step
+        of a sequence and appended with each new key after that, and every row runs
+        :func:`topkattn.certified_attention` on it: only part of the cache is scored and
+        the row's kept set carries a certificate ``TV(P, P_hat) <= tv_bound <= eps``.
+        Calls with L > 1 (the prefill) follow ``prefill``. The index is rebuilt whenever
+        the call does not continue the indexed sequence (another cache object, a batch size
+        change, a cache shorter or longer than the index plus the new key, a changed last
+        key), so a stale index is never searched. Padding: each sequence must see one
+        contiguous range of keys at a decode step (left padding and static caches do);
+        other masks, and masks that add finite biases, are refused with a ValueError. With
+        ``record=True`` the record also holds keys scored, bytes read and ``tv_bound`` per
+        row, and ``tau`` is the kept set's true discarded mass.
     precision : float in [0, 1]
         For ``selector="simulated"``.
     block_size : int
-        For ``selector="blocks"`` (default 64).
+        For ``selector="blocks"``, and the ``KeyIndex`` block size for
+        ``selector="certified"`` (default 64).
     seed : int, optional
         Seed of the simulated selector's random choices.
 
@@ -119,6 +137,13 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     ...     out = model(**tok(["Sparse attention, certified."], return_tensors="pt"))
     >>> rec.summary().kept_fraction.mean() < 1  # doctest: +SKIP
     True
+
+    A decoder generating with certified search at every decode step:
+
+    >>> with hf.use_topk_attention(llama, eps=1e-2, selector="certified",
+    ...                            record=True) as rec:  # doctest: +SKIP
+    ...     out = llama.generate(input_ids=ids, max_new_tokens=32)
+    >>> rec.summary()[["layer", "head", "scored_fraction", "max_tv_bound"]]  # doctest: +SKIP
     """
     select = selection(eps, k, ratio, alpha, C)
     if prefill not in ("topk", "dense"):
@@ -128,8 +153,17 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
             raise TypeError(f"{name} must be an integer, got {v!r}")
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    if selector not in ("exact", "simulated", "blocks"):
-        raise ValueError(f"selector must be 'exact', 'simulated' or 'blocks', got {selector!r}")
+    if selector not in ("exact", "simulated", "blocks", "certified"):
+        raise ValueError("selector must be 'exact', 'simulated', 'blocks' or 'certified', got "
+                         f"{selector!r}")
+    if selector == "certified":
+        for name, v in (("k", k), ("ratio", ratio), ("alpha", alpha), ("C", C)):
+            if v is not None:
+                raise ValueError(f"selector='certified' takes eps only (it certifies "
+                                 f"TV <= eps), got {name}={v!r}")
+        if model_kind(model.config) != "decoder":
+            raise ValueError("selector='certified' runs the decode steps of decoder-only "
+                             f"models; {model.config.model_type!r} is not one")
     if selector != "exact" and (sink or recent):
         raise ValueError("sink/recent keys are only supported with selector='exact'")
     if selector == "simulated":
@@ -144,9 +178,17 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
     mods, sel = selected_layers(model, layers)
     rec = TopkRecord(sel) if record else None
     rng = np.random.default_rng(seed)
+    session = Session(block_size) if selector == "certified" else None
     states = {mods[i]: State("topk", i, rec, select=select, prefill=prefill,
                               sink_keys=int(sink), recent_keys=int(recent), selector=selector,
                               precision=float(precision) if precision is not None else 1.0,
-                              block_size=int(block_size), rng=rng) for i in sel}
-    with hooked(model, states):
-        yield rec
+                              block_size=int(block_size), rng=rng,
+                              certified=CertifiedLayer(session) if session else None)
+              for i in sel}
+    with contextlib.ExitStack() as stack:
+        if session is not None:
+            for m, st in states.items():
+                stack.callback(m.register_forward_pre_hook(cache_pre_hook(st.certified),
+                                                           with_kwargs=True).remove)
+        with hooked(model, states):
+            yield rec

@@ -340,6 +340,125 @@ static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 /* ---------------------------------------------------------------------- k_eps */
 
 /*
+ * Sort a sample a[0..n) (no NaN) in decreasing order: a counting sort on n equal-width
+ * buckets between the smallest and the largest finite value (-inf last) leaves it nearly
+ * sorted, and an insertion sort finishes within the buckets. O(n) for spread-out values and
+ * never worse than the insertion sort alone. tmp holds n values, cnt n + 2 counts.
+ */
+static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
+{
+    double lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (a[i] > -INFINITY) {
+            lo = a[i] < lo ? a[i] : lo;
+            hi = a[i] > hi ? a[i] : hi;
+        }
+    }
+    const double scale = (double)(n - 1) / (hi - lo);
+    if (hi > lo && hi - lo < INFINITY && scale < INFINITY) {
+        /* bucket (hi - x) * scale, clamped to [0, n - 1], grows as x falls; -inf goes to n */
+#define SAMPLE_BUCKET(x) ((x) > -INFINITY ? ((int64_t)(((hi) - (x)) * scale) < n - 1 \
+                              ? (int64_t)(((hi) - (x)) * scale) : n - 1) : n)
+        memset(cnt, 0, (size_t)(n + 2) * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) cnt[SAMPLE_BUCKET(a[i]) + 1]++;
+        for (int64_t b = 1; b <= n + 1; b++) cnt[b] += cnt[b - 1];
+        for (int64_t i = 0; i < n; i++) tmp[cnt[SAMPLE_BUCKET(a[i])]++] = a[i];
+#undef SAMPLE_BUCKET
+        memcpy(a, tmp, (size_t)n * sizeof(double));
+    }
+    for (int64_t i = 1; i < n; i++) {
+        double v = a[i];
+        int64_t j = i;
+        while (j > 0 && a[j - 1] < v) { a[j] = a[j - 1]; j--; }
+        a[j] = v;
+    }
+}
+
+/* Sets this small go straight to tka_weights_drop_bottom. */
+#define LEVELS_FINAL 24
+
+/* TKA_LT_N pivots taken from v[0..c) (float32 or float64) at evenly spaced positions, in
+ * increasing order (a sorting network: no branches). */
+static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
+{
+    for (int j = 0; j < TKA_LT_N; j++) {
+        int64_t pos = (int64_t)(((double)j + 0.5) * (double)c / (double)TKA_LT_N);
+        pos = pos < c ? pos : c - 1;
+        p[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
+    }
+    for (int a = 0; a < TKA_LT_N; a++)
+        for (int b = a & 1; b + 1 < TKA_LT_N; b += 2) {  /* odd-even transposition */
+            const double x = p[b], y = p[b + 1];
+            p[b] = x < y ? x : y;
+            p[b + 1] = x < y ? y : x;
+        }
+}
+
+/*
+ * tka_weights_drop_bottom by rounds of vector passes: drop the smallest values, in
+ * increasing order, while the dropped mass stays <= budget. The set is src[0..c) (dtype dt)
+ * with masses m[0..c); in each round TKA_LT_N pivots drawn from it split it, one pass sums
+ * the mass below every pivot, everything below the highest pivot that still fits is
+ * dropped, and only the values between that pivot and the next one are gathered (into
+ * v[], m[] as float64; src may be v) for the next round. About an eighth of the set remains
+ * after each round; a set of at most LEVELS_FINAL values, or one a round cannot shrink (its
+ * values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
+ * round's lt_sums for the pivots p (the caller needed the total first).
+ *
+ * Returns how many are dropped and their mass in *dm. With t, also the smallest value not
+ * dropped (+inf if all were); tcopy then holds c values of scratch.
+ */
+static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, int64_t c,
+                           double *v, double *m, double budget, double *p, const double *mass0,
+                           double *dm, double *t, double *tcopy)
+{
+    double acc = 0.0, hi = INFINITY;
+    int64_t nd = 0;
+    double mass[TKA_LT_N], total;
+    while (c > LEVELS_FINAL) {
+        if (mass0) {
+            memcpy(mass, mass0, sizeof mass);
+            mass0 = NULL;
+        } else {
+            levels_pivots(dt, src, c, p);
+            K->lt_sums[dt](src, m, c, 0.0, p, mass, &total, NULL);
+        }
+        int j = -1;  /* the highest pivot whose mass below, added, still fits */
+        while (j + 1 < TKA_LT_N && acc + mass[j + 1] <= budget) j++;
+        const double lo = j >= 0 ? p[j] : -INFINITY;
+        const double up = j + 1 < TKA_LT_N ? p[j + 1] : INFINITY;
+        int64_t below;
+        const int64_t c2 = K->range_gather[dt](src, m, c, lo, up, v, m, &below);
+        if (j >= 0) {
+            acc += mass[j];
+            nd += below;
+        }
+        hi = up;
+        src = v;
+        dt = TKA_F64;
+        if (c2 == c) break;  /* the pivots could not split the set (ties) */
+        c = c2;
+    }
+    if (src != v) {
+        int64_t below;
+        c = K->range_gather[dt](src, m, c, -INFINITY, INFINITY, v, m, &below);
+    }
+    if (t) memcpy(tcopy, v, (size_t)c * sizeof(double));
+    double dlast;
+    const int64_t d = tka_weights_drop_bottom(v, m, c, budget - acc, &dlast);
+    if (t) {
+        if (d < c) {
+            tka_values_nth_desc(tcopy, c, c - d - 1);
+            *t = tcopy[c - d - 1];
+        } else {
+            *t = hi;
+        }
+    }
+    *dm = acc + dlast;
+    return nd + d;
+}
+
+/*
  * Exact k_eps from the sorted row: walk up from the smallest logit keeping the discarded
  * mass as S * e^R (R = the current logit), so it never under- or overflows.
  * log_tail[i] = log of the mass of sorted[i..n), relative to e^sorted[0] (the maximum).
@@ -403,10 +522,11 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
     double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
-    if (!smp) return TKA_ERR_NOMEM;
+    int64_t *scnt = tka_arena_alloc(s, (size_t)(ns + 2) * sizeof(int64_t));
+    if (!smp || !scnt) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);
-    tka_values_sort_desc(smp, ns);
+    sample_sort_desc(smp, ns, suf, scnt);
     w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
     suf[ns] = suf2[ns] = 0.0;
     for (int64_t j = ns - 1; j >= 0; j--) {
@@ -445,9 +565,24 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         double *m = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals || !m) return TKA_ERR_NOMEM;
-        tka_band_out b;
-        tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &b);
-        if (st != TKA_OK) return st;
+        tka_keps_pass_out b;
+        if (n <= TKA_CHUNK) {  /* one pass: the masses of the band come with it */
+            w->K->keps_pass[w->dt](w->p, n, lo, hi, w->max, vals, m, cap, &b);
+        } else {
+            tka_band_out bo;
+            tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &bo);
+            if (st != TKA_OK) return st;
+            b.n_above = bo.n_above;
+            b.n_band = bo.n_band;
+            b.mass_above = bo.mass_above;
+            b.mass_below = bo.mass_below;
+            b.mass_band = 0.0;
+            if (bo.n_band <= cap && lo != hi) {
+                w->K->exp_shift[TKA_F64](vals, bo.n_band, w->max, m);
+                for (int64_t i = 0; i < bo.n_band; i++) b.mass_band += m[i];
+            }
+        }
+        tka_status st;
         if (b.n_band > cap && lo != hi) {
             /* too many to gather: take the exact Z from a plain sum and retry */
             double unused;
@@ -455,42 +590,31 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
             if (st != TKA_OK) return st;
             continue;
         }
-        double band_mass, mv = 0.0;
+        double band_mass = b.mass_band, mv = 0.0;
         if (lo == hi) {  /* one value in the bracket: every member has the same mass */
             mv = exp(lo - w->max);
             band_mass = (double)b.n_band * mv;
-        } else {
-            w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
-            band_mass = 0.0;
-            for (int64_t i = 0; i < b.n_band; i++) band_mass += m[i];
         }
         z = b.mass_above + b.mass_below + band_mass;  /* exact from here on */
         const double bar_exact = eps * z;
         if (b.mass_below > bar_exact || b.mass_below + band_mass <= bar_exact) continue;
         int64_t drop;
-        double dm, *copy = NULL;
+        double dm, t = lo;
         if (lo == hi) {
             drop = (int64_t)floor((bar_exact - b.mass_below) / mv);
             if (drop > b.n_band) drop = b.n_band;
             while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
             dm = (double)drop * mv;
         } else {
-            if (t_out) {  /* the selection below reorders and overwrites the band */
-                copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double));
-                if (!copy) return TKA_ERR_NOMEM;
-                memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
-            }
-            drop = tka_weights_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+            double p[TKA_LT_N], *copy = NULL;
+            if (t_out && !(copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double))))
+                return TKA_ERR_NOMEM;
+            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, bar_exact - b.mass_below,
+                               p, NULL, &dm, t_out ? &t : NULL, copy);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
-        if (t_out) {  /* the k-th largest: the smallest kept value of the band */
-            if (lo == hi) *t_out = lo;
-            else {
-                tka_values_nth_desc(copy, b.n_band, b.n_band - drop - 1);
-                *t_out = copy[b.n_band - drop - 1];
-            }
-        }
+        if (t_out) *t_out = t;  /* the k-th largest: the smallest kept value of the band */
         /* the decision was tail <= eps z; its quotient may round up past eps */
         *tau_out = fmin((b.mass_below + dm) / z, eps);
         *done = 1;
@@ -524,25 +648,18 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (!vals || !m) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        if (w->dt == TKA_F64) {  /* already float64 and contiguous (attention scores) */
-            memcpy(vals, w->p, (size_t)n * sizeof(double));
-        } else if ((st = row_to_double(w, s, vals)) != TKA_OK) {
-            return st;
-        }
-        w->K->exp_shift[TKA_F64](vals, n, w->max, m);
-        double z = 0.0, *copy = NULL;
-        for (int64_t i = 0; i < n; i++) z += m[i];
-        if (t_out) {  /* the selection below reorders and overwrites vals */
-            if (!(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
-                return TKA_ERR_NOMEM;
-            memcpy(copy, vals, (size_t)n * sizeof(double));
-        }
-        k = n - tka_weights_drop_bottom_fast(vals, m, n, eps * z, &tau);
+        /* every weight (one vector exp pass), their total with the first round's sums below
+         * pivots drawn from the row, then the selection from the bottom by rounds */
+        double p[TKA_LT_N], z, mass0[TKA_LT_N], *copy = NULL, t = 0.0;
+        if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
+        else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
+        w->K->lt_sums[w->dt](w->p, NULL, n, w->max, p, mass0, &z, m);
+        if (t_out && !(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
+            return TKA_ERR_NOMEM;
+        k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, eps * z, p, mass0, &tau,
+                            t_out ? &t : NULL, copy);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
-        if (t_out) {
-            tka_values_nth_desc(copy, n, k - 1);
-            *t_out = copy[k - 1];
-        }
+        if (t_out) *t_out = t;
     } else {
         st = row_sorted(w, s, vals);
         if (st != TKA_OK) return st;

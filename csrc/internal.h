@@ -94,6 +94,8 @@ typedef struct {
     double mass_above;  /**< sum of e^{x - ref} over x > hi */
     double mass_below;  /**< sum of e^{x - ref} over x < lo */
     double mass_band;   /**< sum of e^{x - ref} over lo <= x <= hi */
+    double max;         /**< largest x */
+    int bad;            /**< nonzero if some x is NaN or +inf */
 } tka_keps_pass_out;
 
 /** Thresholds of one lt_sums call (see tka_kernels.lt_sums). */

@@ -84,9 +84,10 @@ tka_status tka_row_check(tka_row *w, tka_arena *s)
     return w->n_live > 0 ? TKA_OK : TKA_ERR_ALL_MASKED;
 }
 
-/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
+/* Load, and with check validate (NaN, +inf, all masked) and find the maximum of row r
+ * (without, max and n_live are left NaN and -1 for the caller's own check). */
 static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_arena *s,
-                           tka_row *w)
+                           tka_row *w, int check)
 {
     w->p = tka_row_contig(x, r, s);
     if (!w->p) return TKA_ERR_NOMEM;
@@ -102,7 +103,10 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
         w->p = f;
         w->dt = TKA_F32;
     }
-    return tka_row_check(w, s);
+    if (check) return tka_row_check(w, s);
+    w->max = NAN;
+    w->n_live = -1;
+    return TKA_OK;
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
@@ -340,10 +344,10 @@ static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 /* ---------------------------------------------------------------------- k_eps */
 
 /*
- * Sort a sample a[0..n) (no NaN) in decreasing order: a counting sort on n equal-width
+ * Sort a sample a[0..n) (no NaN) in decreasing order: a counting sort on 2n equal-width
  * buckets between the smallest and the largest finite value (-inf last) leaves it nearly
  * sorted, and an insertion sort finishes within the buckets. O(n) for spread-out values and
- * never worse than the insertion sort alone. tmp holds n values, cnt n + 2 counts.
+ * never worse than the insertion sort alone. tmp holds n values, cnt 2n + 2 counts.
  */
 static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
 {
@@ -354,14 +358,15 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
             hi = a[i] > hi ? a[i] : hi;
         }
     }
-    const double scale = (double)(n - 1) / (hi - lo);
+    const int64_t nb = 2 * n;
+    const double scale = (double)(nb - 1) / (hi - lo);
     if (hi > lo && hi - lo < INFINITY && scale < INFINITY) {
-        /* bucket (hi - x) * scale, clamped to [0, n - 1], grows as x falls; -inf goes to n */
-#define SAMPLE_BUCKET(x) ((x) > -INFINITY ? ((int64_t)(((hi) - (x)) * scale) < n - 1 \
-                              ? (int64_t)(((hi) - (x)) * scale) : n - 1) : n)
-        memset(cnt, 0, (size_t)(n + 2) * sizeof(int64_t));
+        /* bucket (hi - x) * scale, clamped to [0, nb - 1], grows as x falls; -inf goes to nb */
+#define SAMPLE_BUCKET(x) ((x) > -INFINITY ? ((int64_t)(((hi) - (x)) * scale) < nb - 1 \
+                              ? (int64_t)(((hi) - (x)) * scale) : nb - 1) : nb)
+        memset(cnt, 0, (size_t)(nb + 2) * sizeof(int64_t));
         for (int64_t i = 0; i < n; i++) cnt[SAMPLE_BUCKET(a[i]) + 1]++;
-        for (int64_t b = 1; b <= n + 1; b++) cnt[b] += cnt[b - 1];
+        for (int64_t b = 1; b <= nb + 1; b++) cnt[b] += cnt[b - 1];
         for (int64_t i = 0; i < n; i++) tmp[cnt[SAMPLE_BUCKET(a[i])]++] = a[i];
 #undef SAMPLE_BUCKET
         memcpy(a, tmp, (size_t)n * sizeof(double));
@@ -513,8 +518,8 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
-static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
-                            double *tau_out, double *t_out, int *done)
+static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                                double *tau_out, double *t_out, int *done, int raw)
 {
     const int64_t n = w->n;
     int64_t ns = (int64_t)(NS_FACTOR * sqrt((double)n));
@@ -522,17 +527,32 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
     double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
-    int64_t *scnt = tka_arena_alloc(s, (size_t)(ns + 2) * sizeof(int64_t));
+    int64_t *scnt = tka_arena_alloc(s, (size_t)(2 * ns + 2) * sizeof(int64_t));
     if (!smp || !scnt) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);
+    /* the reference of every mass: the row maximum, or on a row not scanned yet (raw) the
+     * sample's; the pass then checks the row and finds its maximum, and a row with NaN, +inf
+     * or a maximum far above the sample's goes back to the caller's checked path */
+    double ref = w->max;
+    if (raw) {
+        ref = -INFINITY;
+        for (int64_t j = 0; j < ns; j++) {
+            if (!(smp[j] < INFINITY)) return TKA_OK;  /* NaN or +inf */
+            ref = smp[j] > ref ? smp[j] : ref;
+        }
+        if (ref == -INFINITY) return TKA_OK;
+    }
     sample_sort_desc(smp, ns, suf, scnt);
-    w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
+    w->K->exp_shift[TKA_F64](smp, ns, ref, suf);
     suf[ns] = suf2[ns] = 0.0;
+    double run = 0.0, run2 = 0.0;  /* in registers: no store-to-load chain */
     for (int64_t j = ns - 1; j >= 0; j--) {
-        double m = suf[j];
-        suf[j] = suf[j + 1] + m;
-        suf2[j] = suf2[j + 1] + m * m;
+        const double m = suf[j];
+        run += m;
+        run2 += m * m;
+        suf[j] = run;
+        suf2[j] = run2;
     }
     const double scale = (double)n / (double)ns;
     /* the maximum has mass 1 and is rarely sampled: count it on top of the estimate */
@@ -567,10 +587,13 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
         if (!vals || !m) return TKA_ERR_NOMEM;
         tka_keps_pass_out b;
         if (n <= TKA_CHUNK) {  /* one pass: the masses of the band come with it */
-            w->K->keps_pass[w->dt](w->p, n, lo, hi, w->max, vals, m, cap, &b);
+            w->K->keps_pass[w->dt](w->p, n, lo, hi, ref, vals, m, cap, &b);
+            /* e^(x - ref) of the largest x and the sum of n such terms stay finite */
+            if (raw && (b.bad || !(b.max - ref <= 600.0))) return TKA_OK;
         } else {
+            if (raw) return TKA_OK;
             tka_band_out bo;
-            tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &bo);
+            tka_status st = tka_row_band(w, s, lo, hi, ref, 1, vals, NULL, cap, &bo);
             if (st != TKA_OK) return st;
             b.n_above = bo.n_above;
             b.n_band = bo.n_band;
@@ -578,7 +601,7 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
             b.mass_below = bo.mass_below;
             b.mass_band = 0.0;
             if (bo.n_band <= cap && lo != hi) {
-                w->K->exp_shift[TKA_F64](vals, bo.n_band, w->max, m);
+                w->K->exp_shift[TKA_F64](vals, bo.n_band, ref, m);
                 for (int64_t i = 0; i < bo.n_band; i++) b.mass_band += m[i];
             }
         }
@@ -586,13 +609,13 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
         if (b.n_band > cap && lo != hi) {
             /* too many to gather: take the exact Z from a plain sum and retry */
             double unused;
-            st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+            st = tka_row_sumexp_split(w, s, -INFINITY, ref, ref, &z, &unused);
             if (st != TKA_OK) return st;
             continue;
         }
         double band_mass = b.mass_band, mv = 0.0;
         if (lo == hi) {  /* one value in the bracket: every member has the same mass */
-            mv = exp(lo - w->max);
+            mv = exp(lo - ref);
             band_mass = (double)b.n_band * mv;
         }
         z = b.mass_above + b.mass_below + band_mass;  /* exact from here on */
@@ -621,6 +644,12 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
         return TKA_OK;
     }
     return TKA_OK;
+}
+
+static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                            double *tau_out, double *t_out, int *done)
+{
+    return keps_band_ref(w, eps, s, k_out, tau_out, t_out, done, 0);
 }
 
 /* tka_row_keps, allocating in the caller's scope. */
@@ -680,11 +709,29 @@ tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_o
     return st;
 }
 
-static tka_status keps_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
+/* A row of tka_k_eps, not yet checked (the driver skips the scan: see drive_chunk). The rows
+ * that take the band path are checked by its pass; the others, and any the pass refers
+ * back, are checked here first. */
+static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
 {
     keps_ctx *cx = c;
+    const double eps = cx->eps[r];
     double tau;
-    tka_status st = tka_row_keps(w, cx->eps[r], s, cx->k + r, &tau, NULL);
+    tka_status st;
+    if (wr->n > KEPS_DIRECT_MAX && wr->n <= TKA_CHUNK && eps >= EPS_LINEAR_MIN) {
+        const size_t mark = tka_arena_mark(s);
+        int done = 0;
+        st = keps_band_ref(wr, eps, s, cx->k + r, &tau, NULL, &done, 1);
+        tka_arena_release(s, mark);
+        if (st != TKA_OK) return st;
+        if (done) {
+            if (cx->tau) cx->tau[r] = tau;
+            return TKA_OK;
+        }
+    }
+    tka_row w = *wr;
+    if ((st = tka_row_check(&w, s)) != TKA_OK) return st;
+    st = tka_row_keps(&w, eps, s, cx->k + r, &tau, NULL);
     if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
     return st;
 }
@@ -1074,6 +1121,7 @@ typedef struct {
     const tka_kernels *K;
     per_row_fn fn;
     void *ctx;
+    int unchecked;  /* fn checks its rows itself (no scan here) */
 } drive_ctx;
 
 static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *bad)
@@ -1084,7 +1132,7 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         /* the row's scope: its copy and whatever the per-row function leaves in s */
         tka_arena_release(s, mark);
         tka_row w;
-        tka_status st = row_prep(d->x, d->K, r, s, &w);
+        tka_status st = row_prep(d->x, d->K, r, s, &w, !d->unchecked);
         if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
         if (st != TKA_OK) {
             *bad = r;
@@ -1096,9 +1144,10 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
 }
 
 /* `cost` is the rough number of passes over each row, for the threading decision. */
-static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
+static tka_status drive_rows(const tka_rows *x, per_row_fn fn, void *ctx, double cost,
+                             int unchecked, tka_error *err)
 {
-    drive_ctx d = {x, tka_kernels_active(), fn, ctx};
+    drive_ctx d = {x, tka_kernels_active(), fn, ctx, unchecked};
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
     tka_status st;
@@ -1109,6 +1158,11 @@ static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost
                                &bad);
     if (err) err->row = bad;
     return st;
+}
+
+static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
+{
+    return drive_rows(x, fn, ctx, cost, 0, err);
 }
 
 tka_status tka_tail_mass(const tka_rows *x, const int64_t *k, double *log_tau, double *kl,
@@ -1122,7 +1176,7 @@ tka_status tka_k_eps(const tka_rows *x, const double *eps, int64_t *k_out, doubl
                      tka_error *err)
 {
     keps_ctx c = {eps, k_out, tau_out};
-    return drive(x, keps_row, &c, 4.0, err);
+    return drive_rows(x, keps_row, &c, 4.0, 1, err);
 }
 
 tka_status tka_topk(const tka_rows *x, int64_t k, int64_t *idx_out, tka_error *err)

@@ -93,7 +93,7 @@ typedef struct {
     int64_t n_band;     /**< lo <= x <= hi, counted even past the gather capacity */
     double mass_above;  /**< sum of e^{x - ref} over x > hi */
     double mass_below;  /**< sum of e^{x - ref} over x < lo */
-    double mass_band;   /**< sum of e^{x - ref} over lo <= x <= hi */
+    double mass_total;  /**< sum of e^{x - ref} over the row */
     double max;         /**< largest x */
     int bad;            /**< nonzero if some x is NaN or +inf */
 } tka_keps_pass_out;
@@ -133,8 +133,8 @@ typedef struct {
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
     /**
-     * k_eps's pass: every e^{x - ref} once; sums above hi (and counts), below lo and in
-     * [lo, hi]; gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at
+     * k_eps's pass: every e^{x - ref} once; sums over the row, above hi (and counts) and
+     * below lo; checks the row (max, bad: NaN or +inf); gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at
      * most cap; out->n_band counts them all.
      */
     void (*keps_pass[2])(const void *x, int64_t n, double lo, double hi, double ref,

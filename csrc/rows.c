@@ -599,11 +599,14 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             b.n_band = bo.n_band;
             b.mass_above = bo.mass_above;
             b.mass_below = bo.mass_below;
-            b.mass_band = 0.0;
+            double band_sum = 0.0;
             if (bo.n_band <= cap && lo != hi) {
                 w->K->exp_shift[TKA_F64](vals, bo.n_band, ref, m);
-                for (int64_t i = 0; i < bo.n_band; i++) b.mass_band += m[i];
+                for (int64_t i = 0; i < bo.n_band; i++) band_sum += m[i];
+            } else if (lo == hi) {
+                band_sum = (double)bo.n_band * exp(lo - ref);
             }
+            b.mass_total = bo.mass_above + bo.mass_below + band_sum;
         }
         tka_status st;
         if (b.n_band > cap && lo != hi) {
@@ -613,14 +616,12 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             if (st != TKA_OK) return st;
             continue;
         }
-        double band_mass = b.mass_band, mv = 0.0;
-        if (lo == hi) {  /* one value in the bracket: every member has the same mass */
-            mv = exp(lo - ref);
-            band_mass = (double)b.n_band * mv;
-        }
-        z = b.mass_above + b.mass_below + band_mass;  /* exact from here on */
+        const double mv = lo == hi ? exp(lo - ref) : 0.0;  /* one value: one mass each */
+        z = b.mass_total;  /* exact from here on */
         const double bar_exact = eps * z;
-        if (b.mass_below > bar_exact || b.mass_below + band_mass <= bar_exact) continue;
+        /* the crossing is in the band unless what lies below it, or everything up to hi,
+         * fits (then the band selection would drop it all, caught below as well) */
+        if (b.mass_below > bar_exact || z - b.mass_above <= bar_exact) continue;
         int64_t drop;
         double dm, t = lo;
         if (lo == hi) {

@@ -345,9 +345,10 @@ static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 
 /*
  * Sort a sample a[0..n) (no NaN) in decreasing order: a counting sort on 2n equal-width
- * buckets between the smallest and the largest finite value (-inf last) leaves it nearly
- * sorted, and an insertion sort finishes within the buckets. O(n) for spread-out values and
- * never worse than the insertion sort alone. tmp holds n values, cnt 2n + 2 counts.
+ * buckets between the smallest and the largest finite value (-inf in the last) leaves it
+ * nearly sorted, and an insertion sort finishes within the buckets. O(n) for spread-out
+ * values and never worse than the insertion sort alone. tmp holds n values, cnt 3n + 2
+ * counts.
  */
 static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
 {
@@ -359,16 +360,20 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
         }
     }
     const int64_t nb = 2 * n;
-    const double scale = (double)(nb - 1) / (hi - lo);
-    if (hi > lo && hi - lo < INFINITY && scale < INFINITY) {
-        /* bucket (hi - x) * scale, clamped to [0, nb - 1], grows as x falls; -inf goes to nb */
-#define SAMPLE_BUCKET(x) ((x) > -INFINITY ? ((int64_t)(((hi) - (x)) * scale) < nb - 1 \
-                              ? (int64_t)(((hi) - (x)) * scale) : nb - 1) : nb)
+    const double span = hi - lo, scale = (double)(nb - 1) / span;
+    if (hi > lo && span < INFINITY && scale < INFINITY) {
+        /* bucket (hi - x) * scale, clamped to [0, nb - 1], grows as x falls */
+        int64_t *bk = cnt + nb + 2;
         memset(cnt, 0, (size_t)(nb + 2) * sizeof(int64_t));
-        for (int64_t i = 0; i < n; i++) cnt[SAMPLE_BUCKET(a[i]) + 1]++;
-        for (int64_t b = 1; b <= nb + 1; b++) cnt[b] += cnt[b - 1];
-        for (int64_t i = 0; i < n; i++) tmp[cnt[SAMPLE_BUCKET(a[i])]++] = a[i];
-#undef SAMPLE_BUCKET
+        for (int64_t i = 0; i < n; i++) {
+            const double d = hi - a[i];
+            int64_t b = (int64_t)((d < span ? d : span) * scale);
+            b = b < nb - 1 ? b : nb - 1;
+            bk[i] = b;
+            cnt[b + 1]++;
+        }
+        for (int64_t b = 1; b <= nb; b++) cnt[b] += cnt[b - 1];
+        for (int64_t i = 0; i < n; i++) tmp[cnt[bk[i]]++] = a[i];
         memcpy(a, tmp, (size_t)n * sizeof(double));
     }
     for (int64_t i = 1; i < n; i++) {
@@ -386,8 +391,9 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
  * increasing order (a sorting network: no branches). */
 static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
 {
+    const double step = (double)c / (double)TKA_LT_N;
     for (int j = 0; j < TKA_LT_N; j++) {
-        int64_t pos = (int64_t)(((double)j + 0.5) * (double)c / (double)TKA_LT_N);
+        int64_t pos = (int64_t)(((double)j + 0.5) * step);
         pos = pos < c ? pos : c - 1;
         p[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
     }
@@ -527,7 +533,7 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
     double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
-    int64_t *scnt = tka_arena_alloc(s, (size_t)(2 * ns + 2) * sizeof(int64_t));
+    int64_t *scnt = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(int64_t));
     if (!smp || !scnt) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
     row_sample(w, ns, smp);

@@ -650,6 +650,7 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
         *done = 1;
         return TKA_OK;
     }
+    *done = -1;  /* every bracket missed (a row the caller must check returns with 0) */
     return TKA_OK;
 }
 
@@ -661,17 +662,17 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
 
 /* tka_row_keps, allocating in the caller's scope. */
 static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
-                         double *tau_out, double *t_out)
+                         double *tau_out, double *t_out, int band)
 {
     const int64_t n = w->n;
     int64_t k;
     double tau = 0.0;
 
-    if (n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
+    if (band && n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
         int done = 0;
         tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;
-        if (done) {
+        if (done == 1) {
             *k_out = k;
             *tau_out = tau;
             return TKA_OK;
@@ -711,7 +712,7 @@ tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_o
                         double *tau_out, double *t_out)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1);
     tka_arena_release(s, mark);
     return st;
 }
@@ -725,20 +726,22 @@ static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
     const double eps = cx->eps[r];
     double tau;
     tka_status st;
+    int done = 0;
+    const size_t mark = tka_arena_mark(s);
     if (wr->n > KEPS_DIRECT_MAX && wr->n <= TKA_CHUNK && eps >= EPS_LINEAR_MIN) {
-        const size_t mark = tka_arena_mark(s);
-        int done = 0;
         st = keps_band_ref(wr, eps, s, cx->k + r, &tau, NULL, &done, 1);
         tka_arena_release(s, mark);
         if (st != TKA_OK) return st;
-        if (done) {
+        if (done == 1) {
             if (cx->tau) cx->tau[r] = tau;
             return TKA_OK;
         }
     }
     tka_row w = *wr;
     if ((st = tka_row_check(&w, s)) != TKA_OK) return st;
-    st = tka_row_keps(&w, eps, s, cx->k + r, &tau, NULL);
+    /* a row whose brackets all missed goes to the whole-row selection directly */
+    st = keps_in(&w, eps, s, cx->k + r, &tau, NULL, done == 0);
+    tka_arena_release(s, mark);
     if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
     return st;
 }

@@ -99,7 +99,7 @@ typedef struct {
 } tka_keps_pass_out;
 
 /** Thresholds of one lt_sums call (see tka_kernels.lt_sums). */
-#define TKA_LT_N 8
+#define TKA_LT_N 4
 
 /** The certified search's kernels of one instruction set (defined in search.h). */
 typedef struct tka_search_kernels tka_search_kernels;

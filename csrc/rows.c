@@ -411,9 +411,9 @@ static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
  * with masses m[0..c); in each round TKA_LT_N pivots drawn from it split it, one pass sums
  * the mass below every pivot, everything below the highest pivot that still fits is
  * dropped, and only the values between that pivot and the next one are gathered (into
- * v[], m[] as float64; src may be v) for the next round. About an eighth of the set remains
- * after each round; a set of at most LEVELS_FINAL values, or one a round cannot shrink (its
- * values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
+ * v[], m[] as float64; src may be v) for the next round. About 1/(TKA_LT_N + 1) of the set
+ * remains after each round; a set of at most LEVELS_FINAL values, or one a round cannot shrink
+ * (its values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
  * round's lt_sums for the pivots p (the caller needed the total first).
  *
  * Returns how many are dropped and their mass in *dm. With t, also the smallest value not
@@ -536,7 +536,13 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
     int64_t *scnt = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(int64_t));
     if (!smp || !scnt) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
-    row_sample(w, ns, smp);
+    {  /* ns logits at evenly spaced positions, as float64 */
+        const double step = (double)n / (double)ns;
+        if (w->dt == TKA_F32)
+            for (int64_t j = 0; j < ns; j++) smp[j] = ((const float *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+        else
+            for (int64_t j = 0; j < ns; j++) smp[j] = ((const double *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+    }
     /* the reference of every mass: the row maximum, or on a row not scanned yet (raw) the
      * sample's; the pass then checks the row and finds its maximum, and a row with NaN, +inf
      * or a maximum far above the sample's goes back to the caller's checked path */

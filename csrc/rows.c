@@ -1159,6 +1159,12 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
     return TKA_OK;
 }
 
+/* Jobs smaller than this run on the calling thread (tka_rows_run_parallel would keep them
+ * there too); deciding it here skips asking for the thread count, which by default reads
+ * the number of online CPUs from the system on every call (microseconds, the cost of a
+ * whole short row). Where a job runs never changes its results. */
+#define SERIAL_WORK 65536.0
+
 /* `cost` is the rough number of passes over each row, for the threading decision. */
 static tka_status drive_rows(const tka_rows *x, per_row_fn fn, void *ctx, double cost,
                              int unchecked, tka_error *err)
@@ -1167,11 +1173,13 @@ static tka_status drive_rows(const tka_rows *x, per_row_fn fn, void *ctx, double
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
     tka_status st;
-    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_threads_in_worker())
+    const double work = cost * (double)x->rows * (double)x->n;
+    if (x->n > TKA_CHUNK && !tka_threads_in_worker() && x->rows < tka_num_threads())
         st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
+    else if (work < SERIAL_WORK)
+        st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* no thread count needed */
     else
-        st = tka_rows_run_parallel(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
-                               &bad);
+        st = tka_rows_run_parallel(x->rows, work, drive_chunk, &d, &bad);
     if (err) err->row = bad;
     return st;
 }

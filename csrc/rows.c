@@ -516,6 +516,69 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
     return lo;
 }
 
+/* The keps_pass kernel over a row longer than TKA_CHUNK: chunks of TKA_CHUNK, possibly on
+ * several threads, combined in chunk order (so the result does not depend on the thread
+ * count), as chunks.c does for the other kernels. */
+typedef struct {
+    const tka_row *w;
+    double lo, hi, ref;
+    int64_t ccap;
+    double *cvals, *cms;
+    tka_keps_pass_out *out;
+} keps_chunks;
+
+static tka_status keps_chunk_fn(void *ctx, int64_t c0, int64_t c1, tka_arena *s, int64_t *bad)
+{
+    const keps_chunks *j = ctx;
+    const int64_t es = j->w->dt == TKA_F32 ? 4 : 8;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t off = c * TKA_CHUNK, len = j->w->n - off < TKA_CHUNK ? j->w->n - off : TKA_CHUNK;
+        j->w->K->keps_pass[j->w->dt]((const char *)j->w->p + off * es, len, j->lo, j->hi, j->ref,
+                                     j->cvals + c * j->ccap, j->cms + c * j->ccap, j->ccap,
+                                     &j->out[c]);
+    }
+    return TKA_OK;
+}
+
+/* keps_pass over the whole row into vals, ms (at most cap); scratch in s (caller's scope). */
+static tka_status keps_pass_row(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
+                                double *vals, double *ms, int64_t cap, tka_keps_pass_out *b)
+{
+    const int64_t n = w->n;
+    if (n <= TKA_CHUNK) {
+        w->K->keps_pass[w->dt](w->p, n, lo, hi, ref, vals, ms, cap, b);
+        return TKA_OK;
+    }
+    const int64_t nch = (n + TKA_CHUNK - 1) / TKA_CHUNK, ccap = cap < TKA_CHUNK ? cap : TKA_CHUNK;
+    keps_chunks j = {w, lo, hi, ref, ccap, tka_arena_alloc(s, (size_t)(nch * ccap + 1) * sizeof(double)),
+                     tka_arena_alloc(s, (size_t)(nch * ccap + 1) * sizeof(double)),
+                     tka_arena_alloc(s, (size_t)nch * sizeof(tka_keps_pass_out))};
+    if (!j.cvals || !j.cms || !j.out) return TKA_ERR_NOMEM;
+    int64_t bad = -1;
+    tka_status st = tka_rows_run_parallel(nch, 4.0 * (double)n, keps_chunk_fn, &j, &bad);
+    if (st != TKA_OK) return st;
+    b->n_above = b->n_band = 0;
+    b->mass_above = b->mass_below = b->mass_total = 0.0;
+    b->max = -INFINITY;
+    b->bad = 0;
+    for (int64_t c = 0; c < nch; c++) {
+        const tka_keps_pass_out *o = &j.out[c];
+        const int64_t take = o->n_band < ccap ? o->n_band : ccap;
+        if (b->n_band + take <= cap) {
+            memcpy(vals + b->n_band, j.cvals + c * ccap, (size_t)take * sizeof(double));
+            memcpy(ms + b->n_band, j.cms + c * ccap, (size_t)take * sizeof(double));
+        }
+        b->n_above += o->n_above;
+        b->n_band += o->n_band;  /* past cap (or past a chunk's ccap <= cap): counted only */
+        b->mass_above += o->mass_above;
+        b->mass_below += o->mass_below;
+        b->mass_total += o->mass_total;
+        b->max = o->max > b->max ? o->max : b->max;
+        b->bad |= o->bad;
+    }
+    return TKA_OK;
+}
+
 /*
  * k_eps by one band pass: the sample gives the row's mass curve (sorted once, with
  * cumulative masses and squared masses from the bottom for the standard error), hence a
@@ -598,29 +661,11 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
         double *m = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals || !m) return TKA_ERR_NOMEM;
         tka_keps_pass_out b;
-        if (n <= TKA_CHUNK) {  /* one pass: the masses of the band come with it */
-            w->K->keps_pass[w->dt](w->p, n, lo, hi, ref, vals, m, cap, &b);
-            /* e^(x - ref) of the largest x and the sum of n such terms stay finite */
-            if (raw && (b.bad || !(b.max - ref <= 600.0))) return TKA_OK;
-        } else {
-            if (raw) return TKA_OK;
-            tka_band_out bo;
-            tka_status st = tka_row_band(w, s, lo, hi, ref, 1, vals, NULL, cap, &bo);
-            if (st != TKA_OK) return st;
-            b.n_above = bo.n_above;
-            b.n_band = bo.n_band;
-            b.mass_above = bo.mass_above;
-            b.mass_below = bo.mass_below;
-            double band_sum = 0.0;
-            if (bo.n_band <= cap && lo != hi) {
-                w->K->exp_shift[TKA_F64](vals, bo.n_band, ref, m);
-                for (int64_t i = 0; i < bo.n_band; i++) band_sum += m[i];
-            } else if (lo == hi) {
-                band_sum = (double)bo.n_band * exp(lo - ref);
-            }
-            b.mass_total = bo.mass_above + bo.mass_below + band_sum;
-        }
-        tka_status st;
+        /* one pass: the masses of the band come with it */
+        tka_status st = keps_pass_row(w, s, lo, hi, ref, vals, m, cap, &b);
+        if (st != TKA_OK) return st;
+        /* e^(x - ref) of the largest x and the sum of n such terms stay finite */
+        if (raw && (b.bad || !(b.max - ref <= 600.0))) return TKA_OK;
         if (b.n_band > cap && lo != hi) {
             /* too many to gather: take the exact Z from a plain sum and retry */
             double unused;
@@ -734,7 +779,7 @@ static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
     tka_status st;
     int done = 0;
     const size_t mark = tka_arena_mark(s);
-    if (wr->n > KEPS_DIRECT_MAX && wr->n <= TKA_CHUNK && eps >= EPS_LINEAR_MIN) {
+    if (wr->n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
         st = keps_band_ref(wr, eps, s, cx->k + r, &tau, NULL, &done, 1);
         tka_arena_release(s, mark);
         if (st != TKA_OK) return st;

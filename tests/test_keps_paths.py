@@ -2,9 +2,9 @@
 and, at the edges, against mpmath.
 
 Rows of at most 1024 keys take the whole-row path (every weight, then the selection from
-the bottom by rounds of pivots); longer rows up to 65536 keys the band path, whose single
-pass also validates the row (NaN, +inf) and finds its maximum, with the sample's maximum as
-the reference of the masses; longer rows still run in chunks. The rows below aim at what
+the bottom by rounds of pivots); longer rows the band path, whose single pass also
+validates the row (NaN, +inf) and finds its maximum, with the sample's maximum as the
+reference of the masses; rows longer than 65536 run that pass in chunks. The rows below aim at what
 can go wrong there: ties across pivots and bracket edges, masked keys, a maximum the sample
 skips, heavy heads that the sample's estimate of the total misses, subnormal spreads, bad
 values the sample does not see, and budgets at both ends.
@@ -117,7 +117,7 @@ def test_single_key_and_budgets_at_both_ends():
     assert topkattn.k_eps(x, 1e-300) == ref.k_eps(x, 1e-300)
 
 
-@pytest.mark.parametrize("n", (1025, 4096, 65536))
+@pytest.mark.parametrize("n", (1025, 4096, 65536, 140000))
 @pytest.mark.parametrize("bad", (np.nan, np.inf))
 def test_bad_values_the_sample_skips_are_reported(n, bad):
     """The band path validates rows in its own pass: a NaN or +inf at a position no sample

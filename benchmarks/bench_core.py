@@ -57,7 +57,8 @@ SIGMA = 2.0
 EPS = 1e-3
 RTOL = 1e-9
 
-DEFAULT_SHAPES = ((1, 1_000_000), (16, 65536), (64, 16384), (256, 4096), (4096, 512))
+DEFAULT_SHAPES = ((1, 1_000_000), (16, 65536), (64, 16384), (256, 4096), (4096, 512),
+                  (1, 4096), (1, 512))  # single rows: per-call costs count
 QUICK_SHAPES = ((1, 65536), (16, 4096), (256, 512))
 DEFAULT_LARGE = (64, 1_000_000)   # float32, 256 MB: well above L3
 QUICK_LARGE = (4, 1_000_000)

@@ -87,6 +87,20 @@ typedef struct {
     double mass_below;  /**< sum of e^{x - ref} over x < lo */
 } tka_band_out;
 
+/** Result of k_eps's pass (see tka_kernels.keps_pass). */
+typedef struct {
+    int64_t n_above;    /**< x > hi */
+    int64_t n_band;     /**< lo <= x <= hi, counted even past the gather capacity */
+    double mass_above;  /**< sum of e^{x - ref} over x > hi */
+    double mass_below;  /**< sum of e^{x - ref} over x < lo */
+    double mass_total;  /**< sum of e^{x - ref} over the row */
+    double max;         /**< largest x */
+    int bad;            /**< nonzero if some x is NaN or +inf */
+} tka_keps_pass_out;
+
+/** Thresholds of one lt_sums call (see tka_kernels.lt_sums). */
+#define TKA_LT_N 4
+
 /** The certified search's kernels of one instruction set (defined in search.h). */
 typedef struct tka_search_kernels tka_search_kernels;
 
@@ -118,6 +132,23 @@ typedef struct {
     double (*max_below[2])(const void *x, int64_t n, double t);
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
+    /**
+     * k_eps's pass: every e^{x - ref} once; sums over the row, above hi (and counts) and
+     * below lo; checks the row (max, bad: NaN or +inf); gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at
+     * most cap; out->n_band counts them all.
+     */
+    void (*keps_pass[2])(const void *x, int64_t n, double lo, double hi, double ref,
+                         double *vals, double *ms, int64_t cap, tka_keps_pass_out *out);
+    /** For the TKA_LT_N thresholds t[j]: the sum of the masses of v[i] < t[j] (a higher
+     *  threshold never gets a smaller sum); *total = sum of all masses. The masses are m[i],
+     *  or with mout, e^{v[i] - ref}, computed and stored into mout[i]. */
+    void (*lt_sums[2])(const void *v, const double *m, int64_t n, double ref, const double *t,
+                       double *mass, double *total, double *mout);
+    /** Gather lo <= v[i] < hi (as float64) with m[i] into ov[], om[] in order (capacity n;
+     *  in place allowed for float64 v); returns the count, and in *below the count of
+     *  v[i] < lo. */
+    int64_t (*range_gather[2])(const void *v, const double *m, int64_t n, double lo,
+                               double hi, double *ov, double *om, int64_t *below);
     /* The attention kernels below also take float16 operands ([TKA_F16]); the row
      * kernels above never see float16 (rows are converted to float32 first). */
     /** out[i] = scale * q . x_i for n rows x_i = x + i*ld elements (d used); q is float64,

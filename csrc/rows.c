@@ -84,9 +84,10 @@ tka_status tka_row_check(tka_row *w, tka_arena *s)
     return w->n_live > 0 ? TKA_OK : TKA_ERR_ALL_MASKED;
 }
 
-/* Load, validate (NaN, +inf, all masked) and find the maximum of row r. */
+/* Load, and with check validate (NaN, +inf, all masked) and find the maximum of row r
+ * (without, max and n_live are left NaN and -1 for the caller's own check). */
 static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, tka_arena *s,
-                           tka_row *w)
+                           tka_row *w, int check)
 {
     w->p = tka_row_contig(x, r, s);
     if (!w->p) return TKA_ERR_NOMEM;
@@ -102,7 +103,10 @@ static tka_status row_prep(const tka_rows *x, const tka_kernels *K, int64_t r, t
         w->p = f;
         w->dt = TKA_F32;
     }
-    return tka_row_check(w, s);
+    if (check) return tka_row_check(w, s);
+    w->max = NAN;
+    w->n_live = -1;
+    return TKA_OK;
 }
 
 /* Every logit of the row as float64 in `out` (capacity n). */
@@ -340,6 +344,132 @@ static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
 /* ---------------------------------------------------------------------- k_eps */
 
 /*
+ * Sort a sample a[0..n) (no NaN) in decreasing order: a counting sort on 2n equal-width
+ * buckets between the smallest and the largest finite value (-inf in the last) leaves it
+ * nearly sorted, and an insertion sort finishes within the buckets. O(n) for spread-out
+ * values and never worse than the insertion sort alone. tmp holds n values, cnt 3n + 2
+ * counts.
+ */
+static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
+{
+    double lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (a[i] > -INFINITY) {
+            lo = a[i] < lo ? a[i] : lo;
+            hi = a[i] > hi ? a[i] : hi;
+        }
+    }
+    const int64_t nb = 2 * n;
+    const double span = hi - lo, scale = (double)(nb - 1) / span;
+    if (hi > lo && span < INFINITY && scale < INFINITY) {
+        /* bucket (hi - x) * scale, clamped to [0, nb - 1], grows as x falls */
+        int64_t *bk = cnt + nb + 2;
+        memset(cnt, 0, (size_t)(nb + 2) * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) {
+            const double d = hi - a[i];
+            int64_t b = (int64_t)((d < span ? d : span) * scale);
+            b = b < nb - 1 ? b : nb - 1;
+            bk[i] = b;
+            cnt[b + 1]++;
+        }
+        for (int64_t b = 1; b <= nb; b++) cnt[b] += cnt[b - 1];
+        for (int64_t i = 0; i < n; i++) tmp[cnt[bk[i]]++] = a[i];
+        memcpy(a, tmp, (size_t)n * sizeof(double));
+    }
+    for (int64_t i = 1; i < n; i++) {
+        double v = a[i];
+        int64_t j = i;
+        while (j > 0 && a[j - 1] < v) { a[j] = a[j - 1]; j--; }
+        a[j] = v;
+    }
+}
+
+/* Sets this small go straight to tka_weights_drop_bottom. */
+#define LEVELS_FINAL 24
+
+/* TKA_LT_N pivots taken from v[0..c) (float32 or float64) at evenly spaced positions, in
+ * increasing order (a sorting network: no branches). */
+static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
+{
+    const double step = (double)c / (double)TKA_LT_N;
+    for (int j = 0; j < TKA_LT_N; j++) {
+        int64_t pos = (int64_t)(((double)j + 0.5) * step);
+        pos = pos < c ? pos : c - 1;
+        p[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
+    }
+    for (int a = 0; a < TKA_LT_N; a++)
+        for (int b = a & 1; b + 1 < TKA_LT_N; b += 2) {  /* odd-even transposition */
+            const double x = p[b], y = p[b + 1];
+            p[b] = x < y ? x : y;
+            p[b + 1] = x < y ? y : x;
+        }
+}
+
+/*
+ * tka_weights_drop_bottom by rounds of vector passes: drop the smallest values, in
+ * increasing order, while the dropped mass stays <= budget. The set is src[0..c) (dtype dt)
+ * with masses m[0..c); in each round TKA_LT_N pivots drawn from it split it, one pass sums
+ * the mass below every pivot, everything below the highest pivot that still fits is
+ * dropped, and only the values between that pivot and the next one are gathered (into
+ * v[], m[] as float64; src may be v) for the next round. About 1/(TKA_LT_N + 1) of the set
+ * remains after each round; a set of at most LEVELS_FINAL values, or one a round cannot shrink
+ * (its values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
+ * round's lt_sums for the pivots p (the caller needed the total first).
+ *
+ * Returns how many are dropped and their mass in *dm. With t, also the smallest value not
+ * dropped (+inf if all were); tcopy then holds c values of scratch.
+ */
+static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, int64_t c,
+                           double *v, double *m, double budget, double *p, const double *mass0,
+                           double *dm, double *t, double *tcopy)
+{
+    double acc = 0.0, hi = INFINITY;
+    int64_t nd = 0;
+    double mass[TKA_LT_N], total;
+    while (c > LEVELS_FINAL) {
+        if (mass0) {
+            memcpy(mass, mass0, sizeof mass);
+            mass0 = NULL;
+        } else {
+            levels_pivots(dt, src, c, p);
+            K->lt_sums[dt](src, m, c, 0.0, p, mass, &total, NULL);
+        }
+        int j = -1;  /* the highest pivot whose mass below, added, still fits */
+        while (j + 1 < TKA_LT_N && acc + mass[j + 1] <= budget) j++;
+        const double lo = j >= 0 ? p[j] : -INFINITY;
+        const double up = j + 1 < TKA_LT_N ? p[j + 1] : INFINITY;
+        int64_t below;
+        const int64_t c2 = K->range_gather[dt](src, m, c, lo, up, v, m, &below);
+        if (j >= 0) {
+            acc += mass[j];
+            nd += below;
+        }
+        hi = up;
+        src = v;
+        dt = TKA_F64;
+        if (c2 == c) break;  /* the pivots could not split the set (ties) */
+        c = c2;
+    }
+    if (src != v) {
+        int64_t below;
+        c = K->range_gather[dt](src, m, c, -INFINITY, INFINITY, v, m, &below);
+    }
+    if (t) memcpy(tcopy, v, (size_t)c * sizeof(double));
+    double dlast;
+    const int64_t d = tka_weights_drop_bottom(v, m, c, budget - acc, &dlast);
+    if (t) {
+        if (d < c) {
+            tka_values_nth_desc(tcopy, c, c - d - 1);
+            *t = tcopy[c - d - 1];
+        } else {
+            *t = hi;
+        }
+    }
+    *dm = acc + dlast;
+    return nd + d;
+}
+
+/*
  * Exact k_eps from the sorted row: walk up from the smallest logit keeping the discarded
  * mass as S * e^R (R = the current logit), so it never under- or overflows.
  * log_tail[i] = log of the mass of sorted[i..n), relative to e^sorted[0] (the maximum).
@@ -386,6 +516,69 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
     return lo;
 }
 
+/* The keps_pass kernel over a row longer than TKA_CHUNK: chunks of TKA_CHUNK, possibly on
+ * several threads, combined in chunk order (so the result does not depend on the thread
+ * count), as chunks.c does for the other kernels. */
+typedef struct {
+    const tka_row *w;
+    double lo, hi, ref;
+    int64_t ccap;
+    double *cvals, *cms;
+    tka_keps_pass_out *out;
+} keps_chunks;
+
+static tka_status keps_chunk_fn(void *ctx, int64_t c0, int64_t c1, tka_arena *s, int64_t *bad)
+{
+    const keps_chunks *j = ctx;
+    const int64_t es = j->w->dt == TKA_F32 ? 4 : 8;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t off = c * TKA_CHUNK, len = j->w->n - off < TKA_CHUNK ? j->w->n - off : TKA_CHUNK;
+        j->w->K->keps_pass[j->w->dt]((const char *)j->w->p + off * es, len, j->lo, j->hi, j->ref,
+                                     j->cvals + c * j->ccap, j->cms + c * j->ccap, j->ccap,
+                                     &j->out[c]);
+    }
+    return TKA_OK;
+}
+
+/* keps_pass over the whole row into vals, ms (at most cap); scratch in s (caller's scope). */
+static tka_status keps_pass_row(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
+                                double *vals, double *ms, int64_t cap, tka_keps_pass_out *b)
+{
+    const int64_t n = w->n;
+    if (n <= TKA_CHUNK) {
+        w->K->keps_pass[w->dt](w->p, n, lo, hi, ref, vals, ms, cap, b);
+        return TKA_OK;
+    }
+    const int64_t nch = (n + TKA_CHUNK - 1) / TKA_CHUNK, ccap = cap < TKA_CHUNK ? cap : TKA_CHUNK;
+    keps_chunks j = {w, lo, hi, ref, ccap, tka_arena_alloc(s, (size_t)(nch * ccap + 1) * sizeof(double)),
+                     tka_arena_alloc(s, (size_t)(nch * ccap + 1) * sizeof(double)),
+                     tka_arena_alloc(s, (size_t)nch * sizeof(tka_keps_pass_out))};
+    if (!j.cvals || !j.cms || !j.out) return TKA_ERR_NOMEM;
+    int64_t bad = -1;
+    tka_status st = tka_rows_run_parallel(nch, 4.0 * (double)n, keps_chunk_fn, &j, &bad);
+    if (st != TKA_OK) return st;
+    b->n_above = b->n_band = 0;
+    b->mass_above = b->mass_below = b->mass_total = 0.0;
+    b->max = -INFINITY;
+    b->bad = 0;
+    for (int64_t c = 0; c < nch; c++) {
+        const tka_keps_pass_out *o = &j.out[c];
+        const int64_t take = o->n_band < ccap ? o->n_band : ccap;
+        if (b->n_band + take <= cap) {
+            memcpy(vals + b->n_band, j.cvals + c * ccap, (size_t)take * sizeof(double));
+            memcpy(ms + b->n_band, j.cms + c * ccap, (size_t)take * sizeof(double));
+        }
+        b->n_above += o->n_above;
+        b->n_band += o->n_band;  /* past cap (or past a chunk's ccap <= cap): counted only */
+        b->mass_above += o->mass_above;
+        b->mass_below += o->mass_below;
+        b->mass_total += o->mass_total;
+        b->max = o->max > b->max ? o->max : b->max;
+        b->bad |= o->bad;
+    }
+    return TKA_OK;
+}
+
 /*
  * k_eps by one band pass: the sample gives the row's mass curve (sorted once, with
  * cumulative masses and squared masses from the bottom for the standard error), hence a
@@ -394,8 +587,8 @@ static int64_t sample_cut(const double *suffix, int64_t ns, double scale, double
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
-static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
-                            double *tau_out, double *t_out, int *done)
+static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                                double *tau_out, double *t_out, int *done, int raw)
 {
     const int64_t n = w->n;
     int64_t ns = (int64_t)(NS_FACTOR * sqrt((double)n));
@@ -403,16 +596,38 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
     double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
-    if (!smp) return TKA_ERR_NOMEM;
+    int64_t *scnt = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(int64_t));
+    if (!smp || !scnt) return TKA_ERR_NOMEM;
     double *suf = smp + ns, *suf2 = suf + ns + 1;
-    row_sample(w, ns, smp);
-    tka_values_sort_desc(smp, ns);
-    w->K->exp_shift[TKA_F64](smp, ns, w->max, suf);
+    {  /* ns logits at evenly spaced positions, as float64 */
+        const double step = (double)n / (double)ns;
+        if (w->dt == TKA_F32)
+            for (int64_t j = 0; j < ns; j++) smp[j] = ((const float *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+        else
+            for (int64_t j = 0; j < ns; j++) smp[j] = ((const double *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+    }
+    /* the reference of every mass: the row maximum, or on a row not scanned yet (raw) the
+     * sample's; the pass then checks the row and finds its maximum, and a row with NaN, +inf
+     * or a maximum far above the sample's goes back to the caller's checked path */
+    double ref = w->max;
+    if (raw) {
+        ref = -INFINITY;
+        for (int64_t j = 0; j < ns; j++) {
+            if (!(smp[j] < INFINITY)) return TKA_OK;  /* NaN or +inf */
+            ref = smp[j] > ref ? smp[j] : ref;
+        }
+        if (ref == -INFINITY) return TKA_OK;
+    }
+    sample_sort_desc(smp, ns, suf, scnt);
+    w->K->exp_shift[TKA_F64](smp, ns, ref, suf);
     suf[ns] = suf2[ns] = 0.0;
+    double run = 0.0, run2 = 0.0;  /* in registers: no store-to-load chain */
     for (int64_t j = ns - 1; j >= 0; j--) {
-        double m = suf[j];
-        suf[j] = suf[j + 1] + m;
-        suf2[j] = suf2[j + 1] + m * m;
+        const double m = suf[j];
+        run += m;
+        run2 += m * m;
+        suf[j] = run;
+        suf2[j] = run2;
     }
     const double scale = (double)n / (double)ns;
     /* the maximum has mass 1 and is rarely sampled: count it on top of the estimate */
@@ -445,73 +660,70 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         double *m = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals || !m) return TKA_ERR_NOMEM;
-        tka_band_out b;
-        tka_status st = tka_row_band(w, s, lo, hi, w->max, 1, vals, NULL, cap, &b);
+        tka_keps_pass_out b;
+        /* one pass: the masses of the band come with it */
+        tka_status st = keps_pass_row(w, s, lo, hi, ref, vals, m, cap, &b);
         if (st != TKA_OK) return st;
+        /* e^(x - ref) of the largest x and the sum of n such terms stay finite */
+        if (raw && (b.bad || !(b.max - ref <= 600.0))) return TKA_OK;
         if (b.n_band > cap && lo != hi) {
             /* too many to gather: take the exact Z from a plain sum and retry */
             double unused;
-            st = tka_row_sumexp_split(w, s, -INFINITY, w->max, w->max, &z, &unused);
+            st = tka_row_sumexp_split(w, s, -INFINITY, ref, ref, &z, &unused);
             if (st != TKA_OK) return st;
             continue;
         }
-        double band_mass, mv = 0.0;
-        if (lo == hi) {  /* one value in the bracket: every member has the same mass */
-            mv = exp(lo - w->max);
-            band_mass = (double)b.n_band * mv;
-        } else {
-            w->K->exp_shift[TKA_F64](vals, b.n_band, w->max, m);
-            band_mass = 0.0;
-            for (int64_t i = 0; i < b.n_band; i++) band_mass += m[i];
-        }
-        z = b.mass_above + b.mass_below + band_mass;  /* exact from here on */
+        const double mv = lo == hi ? exp(lo - ref) : 0.0;  /* one value: one mass each */
+        z = b.mass_total;  /* exact from here on */
         const double bar_exact = eps * z;
-        if (b.mass_below > bar_exact || b.mass_below + band_mass <= bar_exact) continue;
+        /* the crossing is in the band unless what lies below it, or everything up to hi,
+         * fits (then the band selection would drop it all, caught below as well) */
+        if (b.mass_below > bar_exact || z - b.mass_above <= bar_exact) continue;
         int64_t drop;
-        double dm, *copy = NULL;
+        double dm, t = lo;
         if (lo == hi) {
             drop = (int64_t)floor((bar_exact - b.mass_below) / mv);
             if (drop > b.n_band) drop = b.n_band;
             while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
             dm = (double)drop * mv;
         } else {
-            if (t_out) {  /* the selection below reorders and overwrites the band */
-                copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double));
-                if (!copy) return TKA_ERR_NOMEM;
-                memcpy(copy, vals, (size_t)b.n_band * sizeof(double));
-            }
-            drop = tka_weights_drop_bottom_fast(vals, m, b.n_band, bar_exact - b.mass_below, &dm);
+            double p[TKA_LT_N], *copy = NULL;
+            if (t_out && !(copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double))))
+                return TKA_ERR_NOMEM;
+            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, bar_exact - b.mass_below,
+                               p, NULL, &dm, t_out ? &t : NULL, copy);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
-        if (t_out) {  /* the k-th largest: the smallest kept value of the band */
-            if (lo == hi) *t_out = lo;
-            else {
-                tka_values_nth_desc(copy, b.n_band, b.n_band - drop - 1);
-                *t_out = copy[b.n_band - drop - 1];
-            }
-        }
+        if (t_out) *t_out = t;  /* the k-th largest: the smallest kept value of the band */
         /* the decision was tail <= eps z; its quotient may round up past eps */
         *tau_out = fmin((b.mass_below + dm) / z, eps);
         *done = 1;
         return TKA_OK;
     }
+    *done = -1;  /* every bracket missed (a row the caller must check returns with 0) */
     return TKA_OK;
+}
+
+static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                            double *tau_out, double *t_out, int *done)
+{
+    return keps_band_ref(w, eps, s, k_out, tau_out, t_out, done, 0);
 }
 
 /* tka_row_keps, allocating in the caller's scope. */
 static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
-                         double *tau_out, double *t_out)
+                         double *tau_out, double *t_out, int band)
 {
     const int64_t n = w->n;
     int64_t k;
     double tau = 0.0;
 
-    if (n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
+    if (band && n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
         int done = 0;
         tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;
-        if (done) {
+        if (done == 1) {
             *k_out = k;
             *tau_out = tau;
             return TKA_OK;
@@ -524,25 +736,18 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (!vals || !m) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        if (w->dt == TKA_F64) {  /* already float64 and contiguous (attention scores) */
-            memcpy(vals, w->p, (size_t)n * sizeof(double));
-        } else if ((st = row_to_double(w, s, vals)) != TKA_OK) {
-            return st;
-        }
-        w->K->exp_shift[TKA_F64](vals, n, w->max, m);
-        double z = 0.0, *copy = NULL;
-        for (int64_t i = 0; i < n; i++) z += m[i];
-        if (t_out) {  /* the selection below reorders and overwrites vals */
-            if (!(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
-                return TKA_ERR_NOMEM;
-            memcpy(copy, vals, (size_t)n * sizeof(double));
-        }
-        k = n - tka_weights_drop_bottom_fast(vals, m, n, eps * z, &tau);
+        /* every weight (one vector exp pass), their total with the first round's sums below
+         * pivots drawn from the row, then the selection from the bottom by rounds */
+        double p[TKA_LT_N], z, mass0[TKA_LT_N], *copy = NULL, t = 0.0;
+        if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
+        else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
+        w->K->lt_sums[w->dt](w->p, NULL, n, w->max, p, mass0, &z, m);
+        if (t_out && !(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
+            return TKA_ERR_NOMEM;
+        k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, eps * z, p, mass0, &tau,
+                            t_out ? &t : NULL, copy);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
-        if (t_out) {
-            tka_values_nth_desc(copy, n, k - 1);
-            *t_out = copy[k - 1];
-        }
+        if (t_out) *t_out = t;
     } else {
         st = row_sorted(w, s, vals);
         if (st != TKA_OK) return st;
@@ -558,16 +763,36 @@ tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_o
                         double *tau_out, double *t_out)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1);
     tka_arena_release(s, mark);
     return st;
 }
 
-static tka_status keps_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
+/* A row of tka_k_eps, not yet checked (the driver skips the scan: see drive_chunk). The rows
+ * that take the band path are checked by its pass; the others, and any the pass refers
+ * back, are checked here first. */
+static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
 {
     keps_ctx *cx = c;
+    const double eps = cx->eps[r];
     double tau;
-    tka_status st = tka_row_keps(w, cx->eps[r], s, cx->k + r, &tau, NULL);
+    tka_status st;
+    int done = 0;
+    const size_t mark = tka_arena_mark(s);
+    if (wr->n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
+        st = keps_band_ref(wr, eps, s, cx->k + r, &tau, NULL, &done, 1);
+        tka_arena_release(s, mark);
+        if (st != TKA_OK) return st;
+        if (done == 1) {
+            if (cx->tau) cx->tau[r] = tau;
+            return TKA_OK;
+        }
+    }
+    tka_row w = *wr;
+    if ((st = tka_row_check(&w, s)) != TKA_OK) return st;
+    /* a row whose brackets all missed goes to the whole-row selection directly */
+    st = keps_in(&w, eps, s, cx->k + r, &tau, NULL, done == 0);
+    tka_arena_release(s, mark);
     if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
     return st;
 }
@@ -957,6 +1182,7 @@ typedef struct {
     const tka_kernels *K;
     per_row_fn fn;
     void *ctx;
+    int unchecked;  /* fn checks its rows itself (no scan here) */
 } drive_ctx;
 
 static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *bad)
@@ -967,7 +1193,7 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         /* the row's scope: its copy and whatever the per-row function leaves in s */
         tka_arena_release(s, mark);
         tka_row w;
-        tka_status st = row_prep(d->x, d->K, r, s, &w);
+        tka_status st = row_prep(d->x, d->K, r, s, &w, !d->unchecked);
         if (st == TKA_OK) st = d->fn(d->ctx, &w, r, s);
         if (st != TKA_OK) {
             *bad = r;
@@ -978,20 +1204,34 @@ static tka_status drive_chunk(void *c, int64_t r0, int64_t r1, tka_arena *s, int
     return TKA_OK;
 }
 
+/* Jobs smaller than this run on the calling thread (tka_rows_run_parallel would keep them
+ * there too); deciding it here skips asking for the thread count, which by default reads
+ * the number of online CPUs from the system on every call (microseconds, the cost of a
+ * whole short row). Where a job runs never changes its results. */
+#define SERIAL_WORK 65536.0
+
 /* `cost` is the rough number of passes over each row, for the threading decision. */
-static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
+static tka_status drive_rows(const tka_rows *x, per_row_fn fn, void *ctx, double cost,
+                             int unchecked, tka_error *err)
 {
-    drive_ctx d = {x, tka_kernels_active(), fn, ctx};
+    drive_ctx d = {x, tka_kernels_active(), fn, ctx, unchecked};
     int64_t bad = -1;
     if (err) { err->row = -1; err->what = NULL; }
     tka_status st;
-    if (x->rows < tka_num_threads() && x->n > TKA_CHUNK && !tka_threads_in_worker())
+    const double work = cost * (double)x->rows * (double)x->n;
+    if (x->n > TKA_CHUNK && !tka_threads_in_worker() && x->rows < tka_num_threads())
         st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* threads inside each row */
+    else if (work < SERIAL_WORK)
+        st = tka_rows_run_serial(x->rows, drive_chunk, &d, &bad);  /* no thread count needed */
     else
-        st = tka_rows_run_parallel(x->rows, cost * (double)x->rows * (double)x->n, drive_chunk, &d,
-                               &bad);
+        st = tka_rows_run_parallel(x->rows, work, drive_chunk, &d, &bad);
     if (err) err->row = bad;
     return st;
+}
+
+static tka_status drive(const tka_rows *x, per_row_fn fn, void *ctx, double cost, tka_error *err)
+{
+    return drive_rows(x, fn, ctx, cost, 0, err);
 }
 
 tka_status tka_tail_mass(const tka_rows *x, const int64_t *k, double *log_tau, double *kl,
@@ -1005,7 +1245,7 @@ tka_status tka_k_eps(const tka_rows *x, const double *eps, int64_t *k_out, doubl
                      tka_error *err)
 {
     keps_ctx c = {eps, k_out, tau_out};
-    return drive(x, keps_row, &c, 4.0, err);
+    return drive_rows(x, keps_row, &c, 4.0, 1, err);
 }
 
 tka_status tka_topk(const tka_rows *x, int64_t k, int64_t *idx_out, tka_error *err)

@@ -64,11 +64,13 @@ static double rnd_norm(void)
 
 enum {
     K_GAUSS, K_MASKED, K_TIES, K_EQUAL, K_HUGE_RANGE, K_TINY, K_SUBNORMAL, K_SPIKE,
-    K_FLUSH, K_BIG, K_ONE_LIVE, K_F32_RANGE, K_BAD_NAN, K_BAD_INF, K_ALL_MASKED, K_KINDS
+    K_FLUSH, K_BIG, K_ONE_LIVE, K_F32_RANGE, K_BAD_NAN, K_BAD_INF, K_ALL_MASKED, K_FAR_MAX,
+    K_HEAD, K_SUB_SPREAD, K_KINDS
 };
 static const char *kind_name[K_KINDS] = {
     "gauss", "masked", "ties", "equal", "huge-range", "tiny", "subnormal", "spike",
-    "flush", "big", "one-live", "f32-range", "nan", "+inf", "all-masked"};
+    "flush", "big", "one-live", "f32-range", "nan", "+inf", "all-masked", "far-max", "head",
+    "subnormal-spread"};
 
 static void make_row(int kind, int64_t n, double *x)
 {
@@ -95,6 +97,13 @@ static void make_row(int kind, int64_t n, double *x)
         case K_F32_RANGE: v = 88.0 * (2.0 * rnd_unif() - 1.0); break;
         case K_BAD_NAN: v = i == n - 1 ? NAN : rnd_norm(); break;
         case K_BAD_INF: v = i == n / 2 ? INFINITY : rnd_norm(); break;
+        /* the maximum (650 above the rest) at a position k_eps's sample of a long row skips */
+        case K_FAR_MAX: v = i == 1 ? 650.0 : rnd_norm(); break;
+        /* a few keys far above the bulk carry most of the mass: the sample's estimate of
+         * the total misses them */
+        case K_HEAD: v = rnd_u64() % 512 == 0 ? 12.0 + rnd_unif() : 2.0 * rnd_norm(); break;
+        /* subnormal differences: every weight rounds to 1, the order is still strict */
+        case K_SUB_SPREAD: v = (double)(int64_t)(rnd_u64() % 2001 - 1000) * 4.9406564584124654e-324; break;
         default: v = -INFINITY; break;
         }
         x[i] = v;
@@ -447,6 +456,17 @@ static void check_half_functions(void)
           "float16 overflow threshold");
 }
 
+/* How many of the n values (float32 if t == 0) lie in [lo, hi]. */
+static int64_t ob_band_count(const void *src, int t, int64_t n, double lo, double hi)
+{
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double v = t ? ((const double *)src)[i] : (double)((const float *)src)[i];
+        c += v >= lo && v <= hi;
+    }
+    return c;
+}
+
 static void check_row_kernels(const tka_kernels *K, const tka_kernels *S, const double *x, int64_t n,
                               const char *what)
 {
@@ -485,6 +505,59 @@ static void check_row_kernels(const tka_kernels *K, const tka_kernels *S, const 
                       close_rel(oa.mass_below, ob.mass_below, rsum),
                   "%s: band masses %.17g/%.17g vs %.17g/%.17g", what, oa.mass_above, oa.mass_below,
                   ob.mass_above, ob.mass_below);
+        }
+        /* k_eps's kernels: the band pass (counts, gathered values, checks) identical, its
+         * sums close; lt_sums close and never decreasing with the threshold; range_gather
+         * identical */
+        {
+            double *ma = malloc((size_t)(n + 8) * 8), *mb2 = malloc((size_t)(n + 8) * 8);
+            for (int cap_case = 0; cap_case < 2; cap_case++) {
+                const int64_t cap = cap_case ? n : n / 3;
+                tka_keps_pass_out pa, pb;
+                K->keps_pass[t](src[t], n, lo, hi, b.max, va, ma, cap, &pa);
+                S->keps_pass[t](src[t], n, lo, hi, b.max, vb, mb2, cap, &pb);
+                const int64_t g = pb.n_band < cap ? pb.n_band : cap;
+                CHECK(pa.n_above == pb.n_above && pa.n_band == pb.n_band && pa.bad == pb.bad &&
+                          same_bits(pa.max, pb.max) && !memcmp(va, vb, (size_t)g * 8),
+                      "%s: keps_pass differs", what);
+                CHECK(pb.max == b.max && !pb.bad && pb.n_band == ob_band_count(src[t], t, n, lo, hi),
+                      "%s: keps_pass max/bad/band count wrong", what);
+                int okm = close_rel(pa.mass_above, pb.mass_above, rsum) &&
+                          close_rel(pa.mass_below, pb.mass_below, rsum) &&
+                          close_rel(pa.mass_total, pb.mass_total, rsum);
+                for (int64_t i = 0; i < g; i++) okm &= close_rel(ma[i], mb2[i], 4.0 * DBL_EPSILON);
+                CHECK(okm, "%s: keps_pass masses differ", what);
+            }
+            K->exp_shift[t](src[t], n, b.max, ma);
+            double th[TKA_LT_N], sa[TKA_LT_N], sb[TKA_LT_N], ta, tb;
+            for (int j = 0; j < TKA_LT_N; j++) th[j] = b.max - 4.0 + 0.5 * j;
+            th[TKA_LT_N - 1] = INFINITY;
+            K->lt_sums[t](src[t], ma, n, 0.0, th, sa, &ta, NULL);
+            S->lt_sums[t](src[t], ma, n, 0.0, th, sb, &tb, NULL);
+            int okl = close_rel(ta, tb, rsum);
+            for (int j = 0; j < TKA_LT_N; j++)
+                okl &= close_rel(sa[j], sb[j], rsum) && (j == 0 || sa[j] >= sa[j - 1]);
+            CHECK(okl, "%s: lt_sums differ or decrease", what);
+            /* with mout: the exps computed in the pass, the same sums */
+            K->lt_sums[t](src[t], NULL, n, b.max, th, sb, &tb, mb2);
+            okl = same_bits(ta, tb) && !memcmp(ma, mb2, (size_t)n * 8);
+            for (int j = 0; j < TKA_LT_N; j++) okl &= same_bits(sa[j], sb[j]);
+            CHECK(okl, "%s: lt_sums with its own exps differ", what);
+            int64_t bla, blb, want_in = 0, want_below = 0;
+            double *mc = malloc((size_t)(n + 8) * 8);
+            const int64_t ga = K->range_gather[t](src[t], ma, n, lo, hi, va, mb2, &bla);
+            const int64_t gb = S->range_gather[t](src[t], ma, n, lo, hi, vb, mc, &blb);
+            for (int64_t i = 0; i < n; i++) {
+                const double v = t ? x[i] : (double)f[i];
+                want_in += v >= lo && v < hi;
+                want_below += v < lo;
+            }
+            CHECK(ga == gb && bla == blb && ga == want_in && bla == want_below &&
+                      !memcmp(va, vb, (size_t)ga * 8) && !memcmp(mb2, mc, (size_t)ga * 8),
+                  "%s: range_gather differs", what);
+            free(ma);
+            free(mb2);
+            free(mc);
         }
         /* exp: within 4 ulp of libm's (itself within 1 ulp), flushed below -708 */
         K->exp_shift[t](src[t], n, b.max, va);
@@ -816,7 +889,7 @@ int main(int argc, char **argv)
     tka_set_num_threads(2);
     const int64_t lengths[] = {1,  2,  3,  4,  5,  6,  7,  8,   9,   10,   11,   12,   13,    14,
                                15, 16, 17, 18, 19, 23, 31, 33,  63,  127,  128,  129,  257,   1023,
-                               1025, 4097, 70001};
+                               1025, 2048, 4097, 16385, 65536, 70001};
     const int nlen = sizeof lengths / sizeof lengths[0];
     const tka_kernels *S = &tka_kernels_scalar;
     int sets_run = 0;

@@ -197,19 +197,20 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
 
 /*
  * search(ix_tuple, Q (H, L, d) float64, scale, eps (H*L,), method, delta, seed,
- *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered])
+ *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered[, stages]])
  * -> (indices (H*L, kmax) padded with -1, k, tv_bound, keys_scored, blocks_scored,
- *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None)
+ *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None, full_scoring,
+ *     stages (H*L, 2, TKA_STAGES) seconds and bytes per stage, or None)
  */
 static PyObject *py_search(PyObject *self, PyObject *args)
 {
     PyObject *t, *qo, *eo, *vo;
     double scale, delta;
-    int method, use_proxy, unordered = 0;
+    int method, use_proxy, unordered = 0, stages = 0;
     unsigned long long seed;
     long long mc_samples;
-    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|p", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
-                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered))
+    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|pp", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
+                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered, &stages))
         return NULL;
     tka_key_index ix;
     tka_key_index_out o;
@@ -247,6 +248,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     sa.mc_samples = mc_samples;
     sa.use_proxy = use_proxy;
     sa.unordered = unordered;
+    sa.stages = stages;
     npy_intp dv = 0;
     if (v) {
         sa.v = PyArray_DATA(v);
@@ -259,7 +261,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     PyObject *res = NULL;
     tka_search_row *out = PyMem_Calloc((size_t)(rows > 0 ? rows : 1), sizeof(tka_search_row));
     PyArrayObject *ov = NULL, *idx = NULL, *kk = NULL, *tv = NULL, *ks = NULL, *bsc = NULL,
-                  *pr = NULL, *by = NULL, *mcf = NULL;
+                  *pr = NULL, *by = NULL, *mcf = NULL, *fsc = NULL, *stg = NULL;
     if (!out) return PyErr_NoMemory();
     if (v) {
         npy_intp so[2] = {rows, dv};
@@ -285,8 +287,11 @@ static PyObject *py_search(PyObject *self, PyObject *args)
             !(bsc = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
             !(pr = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
             !(by = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_FLOAT64)) ||
-            !(mcf = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)))
+            !(mcf = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)) ||
+            !(fsc = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)))
             goto done;
+        npy_intp s3[3] = {rows, 2, TKA_STAGES};
+        if (stages && !(stg = (PyArrayObject *)PyArray_SimpleNew(3, s3, NPY_FLOAT64))) goto done;
         int64_t *ip = PyArray_DATA(idx);
         for (npy_intp r = 0; r < rows; r++) {
             const tka_search_row *w = &out[r];
@@ -299,9 +304,15 @@ static PyObject *py_search(PyObject *self, PyObject *args)
             ((int64_t *)PyArray_DATA(pr))[r] = w->proxies_read;
             ((double *)PyArray_DATA(by))[r] = w->bytes_read;
             ((npy_bool *)PyArray_DATA(mcf))[r] = (npy_bool)(w->certified_mc != 0);
+            ((npy_bool *)PyArray_DATA(fsc))[r] = (npy_bool)(w->full_scoring != 0);
+            if (stg) {
+                double *sp = (double *)PyArray_DATA(stg) + r * 2 * TKA_STAGES;
+                memcpy(sp, w->stage_s, sizeof w->stage_s);
+                memcpy(sp + TKA_STAGES, w->stage_bytes, sizeof w->stage_bytes);
+            }
         }
-        res = Py_BuildValue("OOOOOOOOO", idx, kk, tv, ks, bsc, pr, by, mcf,
-                            ov ? (PyObject *)ov : Py_None);
+        res = Py_BuildValue("OOOOOOOOOOO", idx, kk, tv, ks, bsc, pr, by, mcf,
+                            ov ? (PyObject *)ov : Py_None, fsc, stg ? (PyObject *)stg : Py_None);
     }
 done:
     for (npy_intp r = 0; r < rows; r++) free(out[r].idx);
@@ -315,6 +326,8 @@ done:
     Py_XDECREF(pr);
     Py_XDECREF(by);
     Py_XDECREF(mcf);
+    Py_XDECREF(fsc);
+    Py_XDECREF(stg);
     return res;
 }
 
@@ -324,7 +337,7 @@ PyMethodDef tka_search_methods[] = {
     {"index_fill", py_index_fill, METH_VARARGS,
      "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
     {"search", py_search, METH_VARARGS,
-     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered]): "
-     "certified search rows."},
+     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered"
+     "[, stages]]): certified search rows (and per-stage seconds and bytes with stages)."},
     {NULL, NULL, 0, NULL},
 };

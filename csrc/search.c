@@ -14,9 +14,18 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 #include "search.h"
+
+/* Wall clock in seconds, for the optional per-stage timers (tka_search_args.stages). */
+static inline double stage_now(void)
+{
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F16 ? 2 : 8; }
 
@@ -274,6 +283,8 @@ typedef struct {
     int64_t pool_ops;      /* updates of the running sum */
     double bytes;
     int64_t proxies, blocks;
+    int timing;                  /* per-stage timers on (tka_search_args.stages) */
+    double st[TKA_STAGES], sb[TKA_STAGES]; /* seconds and bytes per stage */
 } srow;
 
 static inline void add_scored(srow *w, double s, int64_t i)
@@ -311,6 +322,7 @@ static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, d
     else
         cx->kern->dot_f64(w->qs, (const double *)w->keys + i0 * w->d, w->d, m, out);
     w->bytes += (double)m * (double)w->d * (double)w->es;
+    if (w->timing) w->sb[TKA_STAGE_RERANK] += (double)m * (double)w->d * (double)w->es;
 }
 
 /* Bound on the mass of everything unscored, units e^{ref}, rounded up: unexpanded blocks
@@ -349,6 +361,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     const tka_search_args *a = cx->a;
     const int64_t ns = w->ns;
     const double m = w->m; /* the largest scored logit */
+    const double t0 = w->timing ? stage_now() : 0.0;
     double *wm = tka_arena_alloc(s, (size_t)(ns + 1) * sizeof(double));
     if (!wm) {
         *st = TKA_ERR_NOMEM;
@@ -407,6 +420,13 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     w->bytes += 8.0 * (double)k;
+    double t1 = 0.0;
+    if (w->timing) {
+        t1 = stage_now();
+        w->st[TKA_STAGE_CERT] += t1 - t0;
+        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
+        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
+    }
     if (dense_out) {
         /* many kept keys: sum the V rows in their stored order (a stream the prefetcher
          * follows), with the weights by the vector exp, placed at the keys' positions */
@@ -451,6 +471,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
         }
         for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
+    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
     return 1;
 }
 
@@ -987,6 +1008,7 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
     w->proxies += i1 - i0;
     w->blocks++;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+    if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
     return i1 - i0;
 }
 
@@ -1030,6 +1052,7 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
 {
     int32_t *lev = rb->lev;
     double *tmpd = rb->tmpd;
+    const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t b = 0; b < w->nb; b++) {
         if (!rb->done[b]) continue;
         const int64_t i1 = (b + 1) * w->bs < w->n ? (b + 1) * w->bs : w->n;
@@ -1051,6 +1074,7 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
             i = e;
         }
     }
+    if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
 }
 
 /*
@@ -1093,12 +1117,14 @@ static int64_t stream_level_of(const srow *w, double p)
 static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
                           int64_t *cnt, int64_t t)
 {
+    const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t b = 0; b < w->nb; b++) {
         if (rb->done[b] || w->bord[b] > t) continue;
         const int64_t i0 = b * w->bs, sz = i0 + w->bs < w->n ? w->bs : w->n - i0;
         cnt[w->bord[b]] -= sz;
         stream_block(cx, w, h, rb, b, cnt, NULL);
     }
+    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
 }
 
 /*
@@ -1117,8 +1143,10 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     }
     if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);
     int64_t top = w->bord[0] * w->bs;
+    const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
     for (int64_t b = 0; b < nb; b += STREAM_SAMPLE) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
     for (int64_t b = 0; b < nb; b++) {
         if (!rb->done[b]) continue;
         const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
@@ -1127,31 +1155,23 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     return top;
 }
 
-/* Every key scored in one pass (no bound can help): the scores go straight to sv. */
-static void stream_all(const search_ctx *cx, srow *w)
-{
-    const int64_t n = w->n;
-    score(cx, w, 0, n, w->sv);
-    double m = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        w->si[i] = i;
-        if (w->sv[i] > m) m = w->sv[i];
-    }
-    w->ns = n;
-    w->distinct = n;
-    w->unscored = 0;
-    w->blocks = w->nb;
-    w->m = m;
-    w->fm = w->ref - m > 700.0 ? INFINITY : exp(w->ref - m) * (1.0 + 0x1p-48);
-}
-
-/* Streaming search of row r (see above). */
+/* Streaming search of row r (see above). When the sample shows that the row would score
+ * more than `full` of the keys, returns at once with *fallback = 1 (nothing certified: the
+ * caller scores the row's group in full). */
 static tka_status search_stream(const search_ctx *cx, int64_t r, const search_dims *sd,
-                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s)
+                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s, double full,
+                                int *fallback)
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
     tka_status st = TKA_OK;
-    w->bytes += stream_block_bounds(cx, w, h, rb);
+    {
+        const double t0 = w->timing ? stage_now() : 0.0, by = stream_block_bounds(cx, w, h, rb);
+        w->bytes += by;
+        if (w->timing) {
+            w->sb[TKA_STAGE_SELECT] += by;
+            (void)t0;  /* block bounds count with the selection */
+        }
+    }
     double ref = -INFINITY;
     for (int64_t b = 0; b < nb; b++) if (w->ub[b] > ref) ref = w->ub[b];
     w->ref = ref;
@@ -1167,7 +1187,11 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     int64_t n2 = 0, ns = 0;
     for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
     double s0;
-    score(cx, w, top, 1, &s0);
+    {
+        const double t0 = w->timing ? stage_now() : 0.0;
+        score(cx, w, top, 1, &s0);
+        if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
+    }
     const double gap = fmax(0.0, (ref - (double)lev[top] * LEVEL_W) - s0);
     cnt[lev[top]]--;
     cnt2[lev[top]] -= cnt2[lev[top]] > 0; /* only an estimate */
@@ -1180,10 +1204,10 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, exp(s0 - ref), gap, ck->eps);
     double below = 0.0;
     for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-    if (below > STREAM_FULL * (double)n) {
-        stream_all(cx, w);
-        if (finalize(cx, w, r, 0.0, ck->eps, s, &st)) return st;
-        return TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
+    *fallback = 0;
+    if (below > full * (double)n) {
+        *fallback = 1;
+        return TKA_OK;
     }
     /* blocks whose bound is well below the cut keep their block level: no proxies read */
     for (int64_t b = 0; b < nb; b++) {
@@ -1207,6 +1231,276 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     }
 }
 
+/* The results of row r from its working state; with timers, the selection stage is the
+ * row's time less the other stages. */
+static void row_stats(const search_ctx *cx, int64_t r, const srow *w, double t_row0)
+{
+    tka_search_row *o = &cx->rows[r];
+    o->keys_scored = w->distinct > w->n ? w->n : w->distinct;
+    o->blocks_scored = w->blocks;
+    o->proxies_read = w->proxies;
+    o->bytes_read = w->bytes;
+    if (w->timing) {
+        double other = 0.0;
+        for (int k = 0; k < TKA_STAGES; k++) {
+            o->stage_s[k] = w->st[k];
+            o->stage_bytes[k] = w->sb[k];
+            if (k != TKA_STAGE_SELECT) other += w->st[k];
+        }
+        const double rest = (stage_now() - t_row0) - other;
+        o->stage_s[TKA_STAGE_SELECT] = rest > 0.0 ? rest : 0.0;
+    }
+}
+
+/*
+ * Queries of one head are searched in groups of up to GROUP rows (fixed by the row
+ * numbering, never by the thread split, like the groups of the attention kernels). Each
+ * row starts the streaming search; when its sample shows that it would score more than a
+ * share `full` of the keys, that row and the group's remaining rows switch to full scoring:
+ * one pass over the keys scores all of them together (the dot4 kernel of the attention
+ * path) and each row keeps its smallest certified top set, whose certificate is the exact
+ * tail of the dropped keys (padded for rounding like every other).
+ */
+#define GROUP 4
+/* switch when the sample predicts more candidates than this share of the keys: alone, a
+ * row's full pass costs about what scoring half of the keys one at a time does; shared by
+ * several rows it costs each a fraction of that */
+#define STREAM_FULL_SHARED 0.25
+
+static double full_share(int64_t rows_left)
+{
+    return rows_left > 1 ? STREAM_FULL_SHARED : STREAM_FULL;
+}
+
+/*
+ * Row r from the logits of every key (sc, n values in storage order), by the selection of
+ * topk_attention(eps): the k_eps set of a target eps' a little inside eps, whose exact
+ * discarded mass tau is the certificate once padded for rounding: relatively for the sums
+ * (the factor rel, as in finalize), e^{4 eta} for the logits (as in finalize), and
+ * 2^-1000 per dropped key for tail terms that underflow. The output reads the kept rows
+ * of V in position order when they are many (a stream), else in kept order.
+ */
+static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
+                              double *sc, tka_arena *s)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const int64_t n = w->n, h = r / a->L;
+    const double t0 = w->timing ? stage_now() : 0.0;
+    tka_row tw = {.p = sc, .n = n, .dt = TKA_F64, .K = K};
+    tka_status st = tka_row_check(&tw, s);
+    if (st != TKA_OK) return st;
+    const double rel = 1.0 + (double)(n + 64) * 0x1p-50;
+    const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
+    const double eps_k = ck->eps * (1.0 - 1e-7) / (rel * grow);
+    int64_t k;
+    double tau, thr;
+    if ((st = tka_row_keps(&tw, eps_k, s, &k, &tau, &thr)) != TKA_OK) return st;
+    int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!keep || !kv) return TKA_ERR_NOMEM;
+    if ((st = tka_row_topk_above(&tw, k, thr, s, keep)) != TKA_OK) return st;
+    /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
+    double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
+                                            INFINITY);
+    if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
+                                                  certifies by the search's own finalize */
+    for (int64_t t = 0; t < k; t++) kv[t] = sc[keep[t]];
+    const int dense_out = cx->out_v && k > n / 8;
+    if (!(a->unordered && dense_out)) tka_pairs_sort_desc(kv, keep, k);
+    tka_search_row *out = &cx->rows[r];
+    out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!out->idx) return TKA_ERR_NOMEM;
+    const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
+    for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
+    out->k = k;
+    out->tv_bound = bound;
+    w->bytes += 8.0 * (double)k;
+    double t1 = 0.0;
+    if (w->timing) {
+        t1 = stage_now();
+        w->st[TKA_STAGE_CERT] += t1 - t0;
+        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
+        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
+    }
+    if (!cx->out_v) return TKA_OK;
+    const int64_t dv = a->dv;
+    double *o = cx->out_v + (size_t)(r * dv);
+    const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
+    const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
+    K->exp_shift[TKA_F64](kv, k, tw.max, kv);
+    memset(o, 0, (size_t)dv * sizeof(double));
+    double z = 0.0;
+    if (dense_out) {
+        /* weights placed at the keys' positions, the kept positions gathered in increasing
+         * order without a branch per key, V read in that order (a stream with gaps) */
+        double *wd = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
+        if (!wd || !pos) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0 */
+        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = kv[t];
+        int64_t c = 0;
+        for (int64_t i = 0; i < n; i++) {
+            pos[c] = i;
+            c += wd[i] >= 0.0;
+        }
+        for (int64_t t = 0; t < c; t++) {
+            if (t + PREFETCH < c) {
+                const char *pv = vh + (size_t)pos[t + PREFETCH] * vrow;
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
+                    __builtin_prefetch(pv + off);
+            }
+            const double wt = wd[pos[t]];
+            z += wt;
+            K->axpy[a->vdtype](vh + (size_t)pos[t] * vrow, dv, wt, o);
+        }
+    } else {
+        for (int64_t t = 0; t < k; t++) {
+            if (t + PREFETCH < k) {
+                const char *pv = vh + (size_t)out->idx[t + PREFETCH] * vrow;
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
+                    __builtin_prefetch(pv + off);
+            }
+            z += kv[t];
+            K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, kv[t], o);
+        }
+    }
+    for (int64_t j = 0; j < dv; j++) o[j] /= z;
+    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
+    return TKA_OK;
+}
+
+static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
+                           double *sc, tka_arena *s)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = full_row_in(cx, r, w, ck, sc, s);
+    tka_arena_release(s, mark);
+    if (st != TKA_RETRY) return st;
+    /* the certificate of every scored key by finalize, which adds keys past k_eps' until
+     * the padded bound meets eps */
+    double mx = -INFINITY;
+    for (int64_t t = 0; t < w->n; t++) {
+        w->si[t] = t;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    w->sv = sc;
+    w->ns = w->n;
+    w->unscored = 0;
+    w->m = mx;
+    w->ref = mx;
+    w->fm = 1.0;
+    double zs = 0.0;
+    for (int64_t t = 0; t < w->n; t++) zs += exp(sc[t] - mx);
+    w->zs = zs;
+    st = TKA_OK;
+    if (!finalize(cx, w, r, 0.0, ck->eps, s, &st) && st == TKA_OK)
+        st = TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
+    return st;
+}
+
+/* Full scoring of the m rows ra .. ra+m-1 (one head) in one pass over the keys. first: the
+ * working state of row ra when it decided to switch (its sample's reads count for it). */
+static tka_status fallback_rows(const search_ctx *cx, int64_t ra, int64_t m,
+                                const search_dims *sd, char *buf, const srow *first,
+                                double t_row0, tka_arena *s)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const int64_t n = sd->n, d = sd->d, h = ra / a->L, dpad = (d + 7) / 8 * 8;
+    const int timing = a->stages;
+    const size_t mark = tka_arena_mark(s);
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    double *sc = tka_arena_alloc(s, (size_t)((m > 1 ? GROUP : 1) * n) * sizeof(double));
+    if (!q || !sc) {
+        tka_arena_release(s, mark);
+        return TKA_ERR_NOMEM;
+    }
+    /* the scaled queries, exactly as prepare_query scales them, zero-padded */
+    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < d; j++) q[i * dpad + j] = a->scale * a->q[(size_t)((ra + i) * d + j)];
+    const size_t es = esize(ix->dtype);
+    const char *keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * es;
+    const double t0 = timing ? stage_now() : 0.0;
+    if (m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
+    else K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
+    const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
+    const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
+    tka_status st = TKA_OK;
+    for (int64_t i = 0; i < m && st == TKA_OK; i++) {
+        const int64_t r = ra + i;
+        /* a later row's clock starts with its share of the pass */
+        const double tr = i == 0 ? t_row0 : (timing ? stage_now() - t_pass : 0.0);
+        srow w;
+        chk_t ck;
+        row_bufs rb;
+        carve_row(buf, sd, &w, &ck, &rb);
+        w.timing = timing;
+        prepare_query(cx, r, sd, &w, &ck, &rb);
+        if (i == 0) { /* the sample the decision was made on */
+            w.bytes = first->bytes;
+            w.proxies = first->proxies;
+            w.blocks = first->blocks;
+            memcpy(w.st, first->st, sizeof w.st);
+            memcpy(w.sb, first->sb, sizeof w.sb);
+        }
+        w.bytes += pass_bytes;
+        w.st[TKA_STAGE_RERANK] += t_pass;
+        w.sb[TKA_STAGE_RERANK] += pass_bytes;
+        w.blocks = sd->nb;
+        w.distinct = n;
+        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s);
+        if (st != TKA_OK) break;
+        row_stats(cx, r, &w, tr);
+        if (timing && i == 0) /* the rows after it had their share of the pass on its clock */
+            cx->rows[r].stage_s[TKA_STAGE_SELECT] =
+                fmax(0.0, cx->rows[r].stage_s[TKA_STAGE_SELECT] - t_pass * (double)(m - 1));
+        cx->rows[r].full_scoring = 1;
+    }
+    tka_arena_release(s, mark);
+    return st;
+}
+
+static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, int64_t *err_row)
+{
+    search_ctx *cx = c;
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t n = ix->n, bs = ix->block_size, L = a->L, per = (L + GROUP - 1) / GROUP;
+    const search_dims sd = {n, ix->d, bs, (n + bs - 1) / bs, 1, 0};
+    const size_t mark = tka_arena_mark(s);
+    char *buf = tka_arena_alloc(s, row_bytes(&sd));  /* for every row of the range */
+    if (!buf) return TKA_ERR_NOMEM;
+    tka_status st = TKA_OK;
+    for (int64_t g = g0; g < g1 && st == TKA_OK; g++) {
+        const int64_t r0 = (g / per) * L + (g % per) * GROUP;
+        const int64_t m = L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP;
+        for (int64_t i = 0; i < m && st == TKA_OK; i++) {
+            const int64_t r = r0 + i;
+            const double t_row0 = a->stages ? stage_now() : 0.0;
+            srow w;
+            chk_t ck;
+            row_bufs rb;
+            carve_row(buf, &sd, &w, &ck, &rb);
+            w.timing = a->stages;
+            prepare_query(cx, r, &sd, &w, &ck, &rb);
+            int fb = 0;
+            st = search_stream(cx, r, &sd, &w, &ck, &rb, s, full_share(m - i), &fb);
+            if (st == TKA_OK && fb) {
+                st = fallback_rows(cx, r, m - i, &sd, buf, &w, t_row0, s);
+                break;
+            }
+            if (st == TKA_OK) row_stats(cx, r, &w, t_row0);
+        }
+        if (st != TKA_OK) *err_row = g;
+    }
+    tka_arena_release(s, mark);
+    return st;
+}
+
 static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
 {
     search_ctx *cx = c;
@@ -1224,23 +1518,17 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         chk_t ck;
         row_bufs rb;
         carve_row(buf, &sd, &w, &ck, &rb);
+        const double t_row0 = a->stages ? stage_now() : 0.0;
+        w.timing = a->stages;
         prepare_query(cx, r, &sd, &w, &ck, &rb);
-        if (sd.proxy && !sd.mc) {
-            st = search_stream(cx, r, &sd, &w, &ck, &rb, s);
-        } else {
-            order_blocks(cx, r, &sd, &w, &ck, &rb);
-            st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
-                          : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
-        }
+        order_blocks(cx, r, &sd, &w, &ck, &rb);
+        st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
+                      : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
         if (st != TKA_OK) {
             *err_row = r;
             break;
         }
-        tka_search_row *o = &cx->rows[r];
-        o->keys_scored = w.distinct > n ? n : w.distinct;
-        o->blocks_scored = w.blocks;
-        o->proxies_read = w.proxies;
-        o->bytes_read = w.bytes;
+        row_stats(cx, r, &w, t_row0);
     }
     tka_arena_release(s, mark);
     return st;
@@ -1258,7 +1546,16 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
-    tka_status st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
+    tka_status st;
+    if (args->use_proxy && ix->pz && args->method == TKA_SEARCH_DELTA) {
+        /* the streaming search, by groups of queries of one head */
+        const int64_t per = (args->L + GROUP - 1) / GROUP;
+        st = tka_rows_run_parallel(ix->heads * per, work, search_groups, &cx, &err->row);
+        if (st != TKA_OK && err->row >= 0) /* the failing group's first row */
+            err->row = (err->row / per) * args->L + (err->row % per) * GROUP;
+    } else {
+        st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
+    }
     if (st != TKA_OK) {
         for (int64_t r = 0; r < rows; r++) {
             free(out_rows[r].idx);

@@ -96,6 +96,11 @@ class SearchResult:
         scored and the positions of kept keys (values V not included).
     certified_mc : bool array (...)
         Rows whose certificate rests on the Monte-Carlo estimate.
+    full_scoring : bool array (...) or None
+        Rows whose group of queries switched to full scoring (Δk-Search with proxies: the
+        sample showed that most keys would have to be scored, so every key was scored in
+        one pass shared by up to four queries of the head, and the certificate is the exact
+        tail of the dropped keys, padded for rounding).
     output : array (..., d_v) or None
         Attention output of the kept set (softmax over it, weights times V rows).
     method, eps, delta, confidence
@@ -119,3 +124,4 @@ class SearchResult:
     delta: float | None
     confidence: float
     n: int | None = None
+    full_scoring: np.ndarray | None = None

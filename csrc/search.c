@@ -285,6 +285,7 @@ typedef struct {
     int64_t proxies, blocks;
     int timing;                  /* per-stage timers on (tka_search_args.stages) */
     double st[TKA_STAGES], sb[TKA_STAGES]; /* seconds and bytes per stage */
+    double wall;                 /* with timers: seconds spent on the row */
 } srow;
 
 static inline void add_scored(srow *w, double s, int64_t i)
@@ -722,6 +723,8 @@ typedef struct {
     int32_t *tmp;                      /* proxy levels of a block (bs) */
     int16_t *yq;                       /* proxy query codes (d) */
     int32_t *lev;                      /* streaming: level of every key, -1 once scored (n) */
+    int32_t *bmin;                     /* streaming: lowest level of a block's unscored keys,
+                                          for the blocks whose levels are known (nb) */
     uint8_t *done;                     /* streaming: blocks whose levels are known (nb) */
     double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
 } row_bufs;
@@ -738,7 +741,7 @@ static size_t row_bytes(const search_dims *sd)
     const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
     size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
               + (sd->mc && sd->proxy ? 2 * n : 0);
-    return n8 * 8 + (bs + (sd->proxy ? n : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
+    return n8 * 8 + (bs + (sd->proxy ? n + nb : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
          + (sd->mc ? n : 0) + (sd->proxy ? nb : 0) + 64;
 }
 
@@ -770,7 +773,8 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
     }
     rb->tmp = (int32_t *)q8;
     rb->lev = rb->tmp + bs;
-    rb->yq = (int16_t *)(rb->lev + (sd->proxy ? n : 0));
+    rb->bmin = rb->lev + (sd->proxy ? n : 0);
+    rb->yq = (int16_t *)(rb->bmin + (sd->proxy ? nb : 0));
     uint8_t *p1 = (uint8_t *)(rb->yq + d);
     if (sd->mc) { w->mark = p1; memset(w->mark, 0, (size_t)n); p1 += n; }
     rb->done = p1;
@@ -982,8 +986,12 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define STREAM_SAMPLE 8
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
+/* candidate keys whose rows are prefetched ahead of the run being scored */
+#define SCORE_AHEAD 8
 /* more candidates than this share of the keys: score them all */
 #define STREAM_FULL 0.5
+/* queries of one head searched together (see search_groups) */
+#define GROUP 4
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */
@@ -1002,7 +1010,12 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
                      lev + i0);
     cx->kern->proxy_levels(lev + i0, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
                            i1 - i0, &pc);
-    for (int64_t i = i0; i < i1; i++) cnt[lev[i]]++;
+    int32_t lo = NLEVELS;
+    for (int64_t i = i0; i < i1; i++) {
+        cnt[lev[i]]++;
+        if (lev[i] < lo) lo = lev[i];
+    }
+    rb->bmin[b] = lo;
     if (cnt2)
         for (int64_t i = i0; i < i1; i++) cnt2[lev[i]]++;
     w->proxies += i1 - i0;
@@ -1052,27 +1065,62 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
 {
     int32_t *lev = rb->lev;
     double *tmpd = rb->tmpd;
+    int64_t *cand = w->ekey;  /* (the level lists' array: unused by the streaming search) */
     const double t0 = w->timing ? stage_now() : 0.0;
+    /* the candidates, in storage order; blocks with no unscored key on levels <= t are
+     * skipped by their lowest level */
+    int64_t nc = 0;
     for (int64_t b = 0; b < w->nb; b++) {
-        if (!rb->done[b]) continue;
+        if (!rb->done[b] || rb->bmin[b] > t) continue;
         const int64_t i1 = (b + 1) * w->bs < w->n ? (b + 1) * w->bs : w->n;
-        for (int64_t i = b * w->bs; i < i1;) {
-            if (lev[i] < 0 || lev[i] > t) {
-                i++;
-                continue;
+        int32_t lo = NLEVELS;  /* the block's lowest level left */
+        for (int64_t i = b * w->bs; i < i1; i++) {
+            const int32_t l = lev[i];
+            if (l < 0) continue;
+            if (l <= t) {
+                cand[nc++] = i;
+                cnt[l]--;
+                lev[i] = -1;
+            } else if (l < lo) {
+                lo = l;
             }
-            int64_t e = i;
-            while (e < i1 && lev[e] >= 0 && lev[e] <= t) e++;
-            score(cx, w, i, e - i, tmpd);
-            for (int64_t u = i; u < e; u++) {
-                cnt[lev[u]]--;
-                lev[u] = -1;
-                add_scored(w, tmpd[u - i], u);
-                note_computed(w, u);
-            }
-            w->unscored -= e - i;
-            i = e;
         }
+        rb->bmin[b] = lo;
+    }
+    /* scored in runs of neighbours, the rows of the candidates ahead prefetched (they are
+     * scattered: a miss per run otherwise) */
+    const size_t row = (size_t)w->d * w->es;
+    int64_t pf = 0;
+    for (int64_t c = 0; c < nc;) {
+        int64_t e = c + 1;
+        while (e < nc && e - c < w->bs && cand[e] == cand[e - 1] + 1) e++;
+        const int64_t want = e + SCORE_AHEAD < nc ? e + SCORE_AHEAD : nc;
+        for (pf = pf > e ? pf : e; pf < want; pf++) {
+            const char *pk = w->keys + (size_t)cand[pf] * row;
+            for (size_t off = 0; off < row; off += 64) __builtin_prefetch(pk + off);
+        }
+        const int64_t i = cand[c], len = e - c;
+        score(cx, w, i, len, tmpd);
+        /* the scores join the scored set; their mass by the vector exp, in one go */
+        double mx = w->m;
+        for (int64_t u = 0; u < len; u++) {
+            w->sv[w->ns + u] = tmpd[u];
+            w->si[w->ns + u] = i + u;
+            if (tmpd[u] > mx) mx = tmpd[u];
+            note_computed(w, i + u);
+        }
+        w->ns += len;
+        if (mx > w->m) {
+            w->zs = w->m == -INFINITY ? 0.0 : w->zs * exp(w->m - mx);
+            w->m = mx;
+            w->fm = w->ref - mx > 700.0 ? INFINITY : exp(w->ref - mx) * (1.0 + 0x1p-48);
+        }
+        cx->K->exp_shift[TKA_F64](tmpd, len, w->m, tmpd);
+        double zr = 0.0;
+        for (int64_t u = 0; u < len; u++) zr += tmpd[u];
+        w->zs += zr;
+        w->unscored -= len;
+        c = e;
     }
     if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
 }
@@ -1110,6 +1158,43 @@ static int64_t stream_level_of(const srow *w, double p)
     const double gap = ((w->ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
     if (!(gap > 0.0)) return 0;
     return gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)gap;
+}
+
+/*
+ * The switch to full scoring, from the sample. A row alone switches when more than half of
+ * the keys are predicted to be candidates. For a row whose pass would be shared by `share`
+ * >= 2 queries: `below` keys predicted to be candidates
+ * (scored exactly, one query at a time, scattered), the proxies the search would read (the
+ * sample's, and those of every pending block whose bound reaches level t_read), against one
+ * pass over every key shared by `share` queries plus the k_eps selection over all of them.
+ * Costs in nanoseconds per key at d = 64, measured on an AVX-512 machine (a heuristic about
+ * cost only, scaled with d: the certificate does not depend on it). The streaming search
+ * must promise to be clearly cheaper: its rows vary in cost, and a group waits for its
+ * slowest row.
+ */
+#define COST_CODE 3.5     /* a proxy read: int8 dot product, level, count (d + 8 bytes) */
+#define COST_SCORE 30.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
+#define COST_PASS1 5.0    /* a key of the full pass, for one query */
+#define COST_PASS4 2.8    /* ... per query, when four queries share it */
+#define COST_SELECT 4.0   /* a key of the k_eps selection of a fully scored row */
+#define STREAM_MARGIN 0.7 /* stream only when it is predicted to cost this share or less */
+
+static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
+                         int64_t t_read, int64_t share)
+{
+    if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
+    if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
+    double reads = (double)w->proxies;
+    for (int64_t b = 0; b < w->nb; b++)
+        if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
+            reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
+    const double dd = (double)w->d;
+    const double pass = COST_PASS4 + (COST_PASS1 - COST_PASS4) * (double)(GROUP - share)
+                                         / (double)(GROUP - 1);
+    const double stream = COST_CODE * (dd + 8.0) / 72.0 * reads
+                        + COST_SCORE * (dd + 64.0) / 128.0 * below;
+    const double full = (pass * dd / 64.0 + COST_SELECT) * (double)n;
+    return stream > STREAM_MARGIN * full;
 }
 
 /* Pending blocks (not done) whose block level is <= t get their proxies read: their keys
@@ -1155,22 +1240,25 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     return top;
 }
 
-/* Streaming search of row r (see above). When the sample shows that the row would score
- * more than `full` of the keys, returns at once with *fallback = 1 (nothing certified: the
- * caller scores the row's group in full). */
-static tka_status search_stream(const search_ctx *cx, int64_t r, const search_dims *sd,
-                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s, double full,
-                                int *fallback)
+/* What the first part of the streaming search hands to the rest: the first exact score,
+ * the bound-to-logit gap, and the level up to which the pending blocks are expanded. */
+typedef struct {
+    double s0, gap;
+    int64_t t_expand;
+} stream_mid;
+
+/* Streaming search of row r (see above), up to the first expansion: block bounds, the
+ * sample and the decision. When the sample shows that the row would score more than `full`
+ * of the keys, *fallback = 1 (nothing certified: the caller scores the row in full). */
+static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                         const chk_t *ck, row_bufs *rb, int64_t share, int *fallback,
+                         stream_mid *md)
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
-    tka_status st = TKA_OK;
     {
-        const double t0 = w->timing ? stage_now() : 0.0, by = stream_block_bounds(cx, w, h, rb);
+        const double by = stream_block_bounds(cx, w, h, rb);  /* selection stage */
         w->bytes += by;
-        if (w->timing) {
-            w->sb[TKA_STAGE_SELECT] += by;
-            (void)t0;  /* block bounds count with the selection */
-        }
+        if (w->timing) w->sb[TKA_STAGE_SELECT] += by;
     }
     double ref = -INFINITY;
     for (int64_t b = 0; b < nb; b++) if (w->ub[b] > ref) ref = w->ub[b];
@@ -1205,9 +1293,12 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     double below = 0.0;
     for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
     *fallback = 0;
-    if (below > full * (double)n) {
+    md->s0 = s0;
+    md->gap = gap;
+    md->t_expand = t + STREAM_AHEAD;
+    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share)) {
         *fallback = 1;
-        return TKA_OK;
+        return;
     }
     /* blocks whose bound is well below the cut keep their block level: no proxies read */
     for (int64_t b = 0; b < nb; b++) {
@@ -1216,8 +1307,18 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
         w->bord[b] = stream_level_of(w, w->ub[b]);
         cnt[w->bord[b]] += sz;
     }
-    stream_expand(cx, w, h, rb, cnt, t + STREAM_AHEAD);
-    t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(s0 - ref), gap, ck->eps);
+}
+
+/* The rest of the streaming search of row r, once the pending blocks up to md->t_expand
+ * have been expanded: cut, expand, score, certify, until certified. */
+static tka_status stream_finish(const search_ctx *cx, int64_t r, srow *w, chk_t *ck,
+                                row_bufs *rb, tka_arena *s, const stream_mid *md)
+{
+    const int64_t h = r / cx->a->L;
+    int64_t *cnt = w->lcnt;
+    tka_status st = TKA_OK;
+    int64_t t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(md->s0 - w->ref), md->gap, ck->eps);
+    const double gap = md->gap;
     for (;;) {
         stream_expand(cx, w, h, rb, cnt, t);
         stream_score(cx, w, rb, cnt, t);
@@ -1232,8 +1333,8 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
 }
 
 /* The results of row r from its working state; with timers, the selection stage is the
- * row's time less the other stages. */
-static void row_stats(const search_ctx *cx, int64_t r, const srow *w, double t_row0)
+ * row's time (w->wall) less the other stages. */
+static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
 {
     tka_search_row *o = &cx->rows[r];
     o->keys_scored = w->distinct > w->n ? w->n : w->distinct;
@@ -1247,7 +1348,7 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w, double t_r
             o->stage_bytes[k] = w->sb[k];
             if (k != TKA_STAGE_SELECT) other += w->st[k];
         }
-        const double rest = (stage_now() - t_row0) - other;
+        const double rest = w->wall - other;
         o->stage_s[TKA_STAGE_SELECT] = rest > 0.0 ? rest : 0.0;
     }
 }
@@ -1255,22 +1356,15 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w, double t_r
 /*
  * Queries of one head are searched in groups of up to GROUP rows (fixed by the row
  * numbering, never by the thread split, like the groups of the attention kernels). Each
- * row starts the streaming search; when its sample shows that it would score more than a
- * share `full` of the keys, that row and the group's remaining rows switch to full scoring:
- * one pass over the keys scores all of them together (the dot4 kernel of the attention
- * path) and each row keeps its smallest certified top set, whose certificate is the exact
- * tail of the dropped keys (padded for rounding like every other).
+ * row starts the streaming search with its sample; when the first row's sample predicts
+ * that full scoring is cheaper (stream_switch), the whole group switches: one pass over
+ * the keys scores all its queries together (the dot4 kernel of the attention path) and
+ * each row keeps the k_eps set of topk_attention's selection, certified by its exact tail
+ * (padded for rounding like every other certificate). Otherwise each later row decides on
+ * its own sample; the rows that switch share one full pass, and the streaming rows read
+ * the int8 codes of their first expansion in one pass over the blocks (each block's codes
+ * in cache for every row that needs them). Then each streaming row goes on alone.
  */
-#define GROUP 4
-/* switch when the sample predicts more candidates than this share of the keys: alone, a
- * row's full pass costs about what scoring half of the keys one at a time does; shared by
- * several rows it costs each a fraction of that */
-#define STREAM_FULL_SHARED 0.25
-
-static double full_share(int64_t rows_left)
-{
-    return rows_left > 1 ? STREAM_FULL_SHARED : STREAM_FULL;
-}
 
 /*
  * Row r from the logits of every key (sc, n values in storage order), by the selection of
@@ -1400,16 +1494,17 @@ static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t
     return st;
 }
 
-/* Full scoring of the m rows ra .. ra+m-1 (one head) in one pass over the keys. first: the
- * working state of row ra when it decided to switch (its sample's reads count for it). */
-static tka_status fallback_rows(const search_ctx *cx, int64_t ra, int64_t m,
-                                const search_dims *sd, char *buf, const srow *first,
-                                double t_row0, tka_arena *s)
+/* Full scoring of the m rows rows[0..m) (one head) in one pass over the keys. first[i]:
+ * the working state of row rows[i] when it decided to switch (its sample's reads and time
+ * count for it), or NULL when it did not sample. buf: a row buffer free for use. */
+static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64_t m,
+                                const search_dims *sd, char *buf, const srow *const *first,
+                                tka_arena *s)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
     const tka_kernels *K = cx->K;
-    const int64_t n = sd->n, d = sd->d, h = ra / a->L, dpad = (d + 7) / 8 * 8;
+    const int64_t n = sd->n, d = sd->d, h = rows[0] / a->L, dpad = (d + 7) / 8 * 8;
     const int timing = a->stages;
     const size_t mark = tka_arena_mark(s);
     double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
@@ -1421,7 +1516,7 @@ static tka_status fallback_rows(const search_ctx *cx, int64_t ra, int64_t m,
     /* the scaled queries, exactly as prepare_query scales them, zero-padded */
     memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
     for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < d; j++) q[i * dpad + j] = a->scale * a->q[(size_t)((ra + i) * d + j)];
+        for (int64_t j = 0; j < d; j++) q[i * dpad + j] = a->scale * a->q[(size_t)(rows[i] * d + j)];
     const size_t es = esize(ix->dtype);
     const char *keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * es;
     const double t0 = timing ? stage_now() : 0.0;
@@ -1431,21 +1526,20 @@ static tka_status fallback_rows(const search_ctx *cx, int64_t ra, int64_t m,
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
     for (int64_t i = 0; i < m && st == TKA_OK; i++) {
-        const int64_t r = ra + i;
-        /* a later row's clock starts with its share of the pass */
-        const double tr = i == 0 ? t_row0 : (timing ? stage_now() - t_pass : 0.0);
+        const int64_t r = rows[i];
+        const double tr = timing ? stage_now() : 0.0;
         srow w;
         chk_t ck;
         row_bufs rb;
         carve_row(buf, sd, &w, &ck, &rb);
         w.timing = timing;
         prepare_query(cx, r, sd, &w, &ck, &rb);
-        if (i == 0) { /* the sample the decision was made on */
-            w.bytes = first->bytes;
-            w.proxies = first->proxies;
-            w.blocks = first->blocks;
-            memcpy(w.st, first->st, sizeof w.st);
-            memcpy(w.sb, first->sb, sizeof w.sb);
+        if (first[i]) { /* the sample the decision was made on */
+            w.bytes = first[i]->bytes;
+            w.proxies = first[i]->proxies;
+            memcpy(w.st, first[i]->st, sizeof w.st);
+            memcpy(w.sb, first[i]->sb, sizeof w.sb);
+            w.wall = first[i]->wall;
         }
         w.bytes += pass_bytes;
         w.st[TKA_STAGE_RERANK] += t_pass;
@@ -1454,15 +1548,41 @@ static tka_status fallback_rows(const search_ctx *cx, int64_t ra, int64_t m,
         w.distinct = n;
         st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s);
         if (st != TKA_OK) break;
-        row_stats(cx, r, &w, tr);
-        if (timing && i == 0) /* the rows after it had their share of the pass on its clock */
-            cx->rows[r].stage_s[TKA_STAGE_SELECT] =
-                fmax(0.0, cx->rows[r].stage_s[TKA_STAGE_SELECT] - t_pass * (double)(m - 1));
+        if (timing) w.wall += t_pass + (stage_now() - tr);
+        row_stats(cx, r, &w);
         cx->rows[r].full_scoring = 1;
     }
     tka_arena_release(s, mark);
     return st;
 }
+
+/* The first expansion of the streaming rows of a group, in one pass over the blocks: each
+ * block's int8 codes are read by every row that needs them while they are in cache. */
+static void expand_group(const search_ctx *cx, int64_t h, int64_t k, srow *const *w,
+                         row_bufs *const *rb, const stream_mid *const *md)
+{
+    const double t0 = w[0]->timing ? stage_now() : 0.0;
+    const int64_t nb = w[0]->nb, bs = w[0]->bs, n = w[0]->n;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t sz = b * bs + bs < n ? bs : n - b * bs;
+        for (int64_t g = 0; g < k; g++) {
+            if (rb[g]->done[b] || w[g]->bord[b] > md[g]->t_expand) continue;
+            w[g]->lcnt[w[g]->bord[b]] -= sz;
+            stream_block(cx, w[g], h, rb[g], b, w[g]->lcnt, NULL);
+        }
+    }
+    if (w[0]->timing) {
+        const double share = (stage_now() - t0) / (double)k;
+        for (int64_t g = 0; g < k; g++) {
+            w[g]->st[TKA_STAGE_CODES] += share;
+            w[g]->wall += share;
+        }
+    }
+}
+
+/* Group buffers above this many bytes: the rows of a group run one after the other (no
+ * shared expansion), each in the same buffer. */
+#define GROUP_BUF_MAX ((size_t)128 << 20)
 
 static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, int64_t *err_row)
 {
@@ -1471,30 +1591,98 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
     const tka_search_args *a = cx->a;
     const int64_t n = ix->n, bs = ix->block_size, L = a->L, per = (L + GROUP - 1) / GROUP;
     const search_dims sd = {n, ix->d, bs, (n + bs - 1) / bs, 1, 0};
+    const int timing = a->stages;
     const size_t mark = tka_arena_mark(s);
-    char *buf = tka_arena_alloc(s, row_bytes(&sd));  /* for every row of the range */
-    if (!buf) return TKA_ERR_NOMEM;
+    const size_t rbytes = (row_bytes(&sd) + 63) / 64 * 64;
+    const int64_t nbuf = L > 1 && (size_t)GROUP * rbytes <= GROUP_BUF_MAX ? GROUP : 1;
+    char *bufs = tka_arena_alloc(s, (size_t)nbuf * rbytes);  /* for every group of the range */
+    if (!bufs) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     for (int64_t g = g0; g < g1 && st == TKA_OK; g++) {
-        const int64_t r0 = (g / per) * L + (g % per) * GROUP;
+        const int64_t r0 = (g / per) * L + (g % per) * GROUP, h = r0 / L;
         const int64_t m = L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP;
-        for (int64_t i = 0; i < m && st == TKA_OK; i++) {
-            const int64_t r = r0 + i;
-            const double t_row0 = a->stages ? stage_now() : 0.0;
-            srow w;
-            chk_t ck;
-            row_bufs rb;
-            carve_row(buf, &sd, &w, &ck, &rb);
-            w.timing = a->stages;
-            prepare_query(cx, r, &sd, &w, &ck, &rb);
+        srow w[GROUP];
+        chk_t ck[GROUP];
+        row_bufs rb[GROUP];
+        stream_mid md[GROUP];
+        int64_t fbr[GROUP], nfb = 0;
+        const srow *fbs[GROUP];
+        if (nbuf == 1) {  /* one row at a time */
+            for (int64_t i = 0; i < m && st == TKA_OK; i++) {
+                const int64_t r = r0 + i;
+                const double t_row0 = timing ? stage_now() : 0.0;
+                carve_row(bufs, &sd, &w[0], &ck[0], &rb[0]);
+                w[0].timing = timing;
+                prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
+                int fb = 0;
+                stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0]);
+                if (fb) {  /* this row and the rest of the group: one full pass */
+                    if (timing) w[0].wall = stage_now() - t_row0;
+                    for (int64_t u = i; u < m; u++) {
+                        fbr[u - i] = r0 + u;
+                        fbs[u - i] = u == i ? &w[0] : NULL;
+                    }
+                    st = fallback_rows(cx, fbr, m - i, &sd, bufs, fbs, s);
+                    break;
+                }
+                stream_expand(cx, &w[0], h, &rb[0], w[0].lcnt, md[0].t_expand);
+                st = stream_finish(cx, r, &w[0], &ck[0], &rb[0], s, &md[0]);
+                if (timing) w[0].wall = stage_now() - t_row0;
+                if (st == TKA_OK) row_stats(cx, r, &w[0]);
+            }
+            if (st != TKA_OK) *err_row = g;
+            continue;
+        }
+        /* every row of the group in its own buffer: the first row's sample decides for the
+         * group when it asks for full scoring; otherwise each row decides on its own, the
+         * rows that switch share one full pass and the streaming rows one first expansion */
+        srow *ws[GROUP];
+        row_bufs *rbs[GROUP];
+        const stream_mid *mds[GROUP];
+        int64_t ks = 0, sr[GROUP];
+        int all = 0;
+        for (int64_t i = 0; i < m; i++) {
+            const double t_row0 = timing ? stage_now() : 0.0;
+            carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i]);
+            w[i].timing = timing;
+            prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
             int fb = 0;
-            st = search_stream(cx, r, &sd, &w, &ck, &rb, s, full_share(m - i), &fb);
-            if (st == TKA_OK && fb) {
-                st = fallback_rows(cx, r, m - i, &sd, buf, &w, t_row0, s);
+            stream_begin(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], i == 0 ? m : 1, &fb, &md[i]);
+            if (timing) w[i].wall = stage_now() - t_row0;
+            if (fb && i == 0) {
+                all = 1;
                 break;
             }
-            if (st == TKA_OK) row_stats(cx, r, &w, t_row0);
+            if (fb) {
+                fbr[nfb] = r0 + i;
+                fbs[nfb++] = &w[i];
+            } else {
+                ws[ks] = &w[i];
+                rbs[ks] = &rb[i];
+                mds[ks] = &md[i];
+                sr[ks++] = i;
+            }
         }
+        if (all) {
+            for (int64_t u = 0; u < m; u++) {
+                fbr[u] = r0 + u;
+                fbs[u] = u == 0 ? &w[0] : NULL;
+            }
+            st = fallback_rows(cx, fbr, m, &sd, bufs, fbs, s);
+            if (st != TKA_OK) *err_row = g;
+            continue;
+        }
+        expand_group(cx, h, ks, ws, rbs, mds);
+        for (int64_t u = 0; u < ks && st == TKA_OK; u++) {
+            const int64_t i = sr[u];
+            const double t1 = timing ? stage_now() : 0.0;
+            st = stream_finish(cx, r0 + i, &w[i], &ck[i], &rb[i], s, &md[i]);
+            if (timing) w[i].wall += stage_now() - t1;
+            if (st == TKA_OK) row_stats(cx, r0 + i, &w[i]);
+        }
+        /* the switching rows' buffers are no longer needed: the pass uses the first one's */
+        if (st == TKA_OK && nfb)
+            st = fallback_rows(cx, fbr, nfb, &sd, bufs + (size_t)(fbr[0] - r0) * rbytes, fbs, s);
         if (st != TKA_OK) *err_row = g;
     }
     tka_arena_release(s, mark);
@@ -1528,7 +1716,8 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
             *err_row = r;
             break;
         }
-        row_stats(cx, r, &w, t_row0);
+        if (w.timing) w.wall = stage_now() - t_row0;
+        row_stats(cx, r, &w);
     }
     tka_arena_release(s, mark);
     return st;

@@ -73,8 +73,9 @@ def test_full_scoring_is_sound_with_the_kept_set_of_topk_attention(simd_path, dt
 
 
 def test_the_decision_goes_both_ways_and_is_made_per_group():
-    """Clustered keys: peaked queries stream (few keys scored), flat ones switch; a group
-    switches from its first row that asks to, together with the rows after it."""
+    """Clustered keys: peaked queries stream (few keys scored), flat ones switch. When the
+    first row of a group asks for full scoring, the whole group switches (one decision for
+    the group); otherwise each row decides on its own sample."""
     rng = np.random.default_rng(3)
     n, d = 8192, 32
     K, _ = stream_keys(rng, n, d, clusters=64, noise=0.2)
@@ -84,10 +85,13 @@ def test_the_decision_goes_both_ways_and_is_made_per_group():
     flat = 0.05 * rng.standard_normal((3, d))
     index = KeyIndex(K)
     eps = 1e-2
-    # rows 0-3: one group, peaked, peaked, flat, peaked; rows 4-5: a group of peaked rows
-    Q = np.stack([peaked[0], peaked[1], flat[0], peaked[2], peaked[1], peaked[0]])
+    # rows 0-3: one group, peaked, peaked, flat, peaked; rows 4-7: flat, peaked, peaked,
+    # peaked (the first row decides for its group); rows 8-9: peaked
+    Q = np.stack([peaked[0], peaked[1], flat[0], peaked[2], flat[1], peaked[0], peaked[1],
+                  peaked[2], peaked[1], peaked[0]])
     out, info = certified_attention(Q, index, V, eps, return_info=True)
-    np.testing.assert_array_equal(info.full_scoring, [False, False, True, True, False, False])
+    np.testing.assert_array_equal(info.full_scoring, [False, False, True, False] + [True] * 4
+                                  + [False, False])
     assert np.all(info.keys_scored[~info.full_scoring] < n // 4)
     assert np.all(info.keys_scored[info.full_scoring] == n)
     check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d))

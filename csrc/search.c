@@ -746,7 +746,8 @@ static size_t row_bytes(const search_dims *sd)
 }
 
 /* Carve buf (row_bytes) into the row's arrays and reset w, ck and the level lists. */
-static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb)
+static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb,
+                      int levels)
 {
     const int64_t n = sd->n, d = sd->d, bs = sd->bs, nb = sd->nb;
     memset(w, 0, sizeof *w);
@@ -767,7 +768,8 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
         rb->defer = q8; q8 += nb;
         w->lhead = q8; q8 += NLEVELS;
         w->lcnt = q8; q8 += NLEVELS;
-        for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
+        if (levels)  /* (a row scored in full never uses them) */
+            for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
         rb->lv = q8; q8 += n;
         if (sd->mc) { ck->pk = q8; q8 += n; ck->pb = q8; q8 += n; }
     }
@@ -992,6 +994,9 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define STREAM_FULL 0.5
 /* queries of one head searched together (see search_groups) */
 #define GROUP 4
+/* a group of two or more queries over at most this many keys is scored in full at once:
+ * a pass costs about what the sample and the bookkeeping of the levels would */
+#define GROUP_SMALL_N 1024
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */
@@ -1531,7 +1536,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         srow w;
         chk_t ck;
         row_bufs rb;
-        carve_row(buf, sd, &w, &ck, &rb);
+        carve_row(buf, sd, &w, &ck, &rb, 0);
         w.timing = timing;
         prepare_query(cx, r, sd, &w, &ck, &rb);
         if (first[i]) { /* the sample the decision was made on */
@@ -1611,7 +1616,7 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             for (int64_t i = 0; i < m && st == TKA_OK; i++) {
                 const int64_t r = r0 + i;
                 const double t_row0 = timing ? stage_now() : 0.0;
-                carve_row(bufs, &sd, &w[0], &ck[0], &rb[0]);
+                carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
                 w[0].timing = timing;
                 prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
                 int fb = 0;
@@ -1640,10 +1645,10 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
         row_bufs *rbs[GROUP];
         const stream_mid *mds[GROUP];
         int64_t ks = 0, sr[GROUP];
-        int all = 0;
-        for (int64_t i = 0; i < m; i++) {
+        int all = m >= 2 && n <= GROUP_SMALL_N;
+        for (int64_t i = 0; i < m && !all; i++) {
             const double t_row0 = timing ? stage_now() : 0.0;
-            carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i]);
+            carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i], 1);
             w[i].timing = timing;
             prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
             int fb = 0;
@@ -1664,9 +1669,10 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             }
         }
         if (all) {
+            const int sampled = !(m >= 2 && n <= GROUP_SMALL_N);
             for (int64_t u = 0; u < m; u++) {
                 fbr[u] = r0 + u;
-                fbs[u] = u == 0 ? &w[0] : NULL;
+                fbs[u] = u == 0 && sampled ? &w[0] : NULL;
             }
             st = fallback_rows(cx, fbr, m, &sd, bufs, fbs, s);
             if (st != TKA_OK) *err_row = g;
@@ -1705,7 +1711,7 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         srow w;
         chk_t ck;
         row_bufs rb;
-        carve_row(buf, &sd, &w, &ck, &rb);
+        carve_row(buf, &sd, &w, &ck, &rb, 1);
         const double t_row0 = a->stages ? stage_now() : 0.0;
         w.timing = a->stages;
         prepare_query(cx, r, &sd, &w, &ck, &rb);

@@ -182,7 +182,7 @@ def test_batched_rows_match_single_rows():
     row number), never on the other heads; a row whose group did not switch to full scoring
     gives what it gives alone (when alone it does not switch either)."""
     rng = np.random.default_rng(17)
-    K = clustered(rng, 2 * 3 * 300, 8).reshape(2, 3, 300, 8)
+    K = clustered(rng, 2 * 3 * 1500, 8).reshape(2, 3, 1500, 8)
     Q = 3 * rng.standard_normal((2, 3, 5, 8))
     eps = np.array([1e-1, 1e-2, 1e-3, 0.3, 1e-6])
     index = KeyIndex(K, block_size=32)

@@ -237,3 +237,18 @@ def test_stage_profile():
         tks._stage_profile(Q, KeyIndex(K), None, 1e-2)
     with pytest.raises(TypeError, match="unexpected"):
         tks._stage_profile(Q, KeyIndex(K), V, 1e-2, bogus=1)
+
+
+def test_small_key_sets_are_scored_in_full_without_a_sample():
+    """Groups of two or more queries over at most 1024 keys (a short context) are scored in
+    full at once (no proxy read); a single query still samples and streams when it pays."""
+    rng = np.random.default_rng(14)
+    n, d = 1000, 16
+    K, q = stream_keys(rng, n, d, clusters=16, noise=0.2)
+    V = rng.standard_normal((n, 3))
+    Q = np.stack([q, 3.0 * K[500], q, 3.0 * K[900], q])  # groups of 4 and 1
+    out, info = certified_attention(Q, KeyIndex(K), V, 1e-2, return_info=True)
+    np.testing.assert_array_equal(info.full_scoring, [True] * 4 + [False])
+    assert np.all(info.proxies_read[:4] == 0) and info.proxies_read[4] > 0
+    assert info.keys_scored[4] < n
+    check_attention_rows(Q, K, V, out, info, 1e-2, 1 / np.sqrt(d))

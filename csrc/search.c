@@ -986,6 +986,11 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 /* the sample that decides between the two strategies: the 1/STREAM_SAMPLE blocks with the
  * highest bounds and every STREAM_SAMPLE-th block */
 #define STREAM_SAMPLE 8
+/* the first look of a group's first row: the 1/STREAM_SAMPLE_QUICK blocks with the highest
+ * bounds and every STREAM_SAMPLE_QUICK-th block; it switches the group only when its
+ * candidates, cut by this factor, still make full scoring cheaper */
+#define STREAM_SAMPLE_QUICK 32
+#define STREAM_QUICK_MARGIN 2.0
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
 /* candidate keys whose rows are prefetched ahead of the run being scored */
@@ -1224,9 +1229,9 @@ static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bu
  * lowest level.
  */
 static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
-                             int64_t *cnt, int64_t *cnt2)
+                             int64_t *cnt, int64_t *cnt2, int64_t stride)
 {
-    const int64_t nb = w->nb, ntop = (nb + STREAM_SAMPLE - 1) / STREAM_SAMPLE;
+    const int64_t nb = w->nb, ntop = (nb + stride - 1) / stride;
     for (int64_t b = 0; b < nb; b++) {
         w->bsuf[b] = w->ub[b];
         w->bord[b] = b;
@@ -1235,7 +1240,7 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     int64_t top = w->bord[0] * w->bs;
     const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
-    for (int64_t b = 0; b < nb; b += STREAM_SAMPLE) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    for (int64_t b = 0; b < nb; b += stride) stream_block(cx, w, h, rb, b, cnt, cnt2);
     if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
     for (int64_t b = 0; b < nb; b++) {
         if (!rb->done[b]) continue;
@@ -1276,7 +1281,30 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
     for (int64_t b = 0; b < NLEVELS; b++) cnt2[b] = 0;
     for (int64_t b = 0; b < nb; b++) rb->done[b] = 0;
-    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2);
+    if (share >= 2 && nb >= 16 * STREAM_SAMPLE_QUICK) {
+        /* a first look at a quarter of the sample: a group that clearly gains from full
+         * scoring switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
+         * blocks are among the every STREAM_SAMPLE-th ones: nothing is read twice) */
+        const int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
+        int64_t n2 = 0, ns = 0;
+        for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
+        double s1;
+        score(cx, w, top1, 1, &s1);
+        const double gap1 = fmax(0.0, (ref - (double)lev[top1] * LEVEL_W) - s1);
+        const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
+        const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
+        double below = 0.0;
+        for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
+        if (below > STREAM_FULL * (double)n
+            || stream_switch(w, rb, n, below / STREAM_QUICK_MARGIN, t1 + STREAM_AHEAD, share)) {
+            md->s0 = s1;
+            md->gap = gap1;
+            md->t_expand = t1 + STREAM_AHEAD;
+            *fallback = 1;
+            return;
+        }
+    }
+    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
     int64_t n2 = 0, ns = 0;
     for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
     double s0;

@@ -218,7 +218,7 @@ def test_stage_profile():
     Q = np.concatenate([3.0 * K[[5, 77, 3000, 4000]], 0.05 * rng.standard_normal((3, d))])
     out, info = certified_attention(Q, KeyIndex(K), V, 1e-2, return_info=True)
     info2, sec, nby = tks._stage_profile(Q, KeyIndex(K), V, 1e-2)
-    assert sec.shape == nby.shape == (7, len(tks.STAGES)) and tks.STAGES[0] == "codes"
+    assert sec.shape == nby.shape == (7, len(tks._STAGES)) and tks._STAGES[0] == "codes"
     assert np.all(sec >= 0) and np.all(nby >= 0) and sec.sum() > 0
     np.testing.assert_array_equal(info2.k, info.k)
     np.testing.assert_array_equal(info2.tv_bound, info.tv_bound)

@@ -471,7 +471,7 @@ def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None,
 
 
 #: Stages of :func:`_stage_profile`, in the order of its arrays.
-STAGES = ("codes", "selection", "rerank", "certificate", "output")
+_STAGES = ("codes", "selection", "rerank", "certificate", "output")
 
 
 def _stage_profile(Q, index, V, eps, **kw):
@@ -486,7 +486,7 @@ def _stage_profile(Q, index, V, eps, **kw):
     -------
     info : SearchResult
     seconds, nbytes : float64 arrays, shape (..., 5)
-        Per query row and stage (:data:`STAGES`): the int8 codes pass (proxy dot products
+        Per query row and stage (``_STAGES``): the int8 codes pass (proxy dot products
         and levels), the selection (block bounds, sample, cuts and bookkeeping: the row's
         time less the other stages), the exact scoring (rerank; for rows that switched to
         full scoring, their share of the group's pass), the certificate (kept set and bound)

@@ -208,6 +208,8 @@ if os.environ.get("TOPKATTN_SANITIZE") == "1":
 core = Extension(
     "topkattn._core",
     sources=sources,
+    # headers and the per-ISA kernel template: a change to them rebuilds the extension
+    depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/cpu/*.h") + glob.glob("csrc/cpu/*.inc")),
     include_dirs=["csrc", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION")]
     + ([("TKA_HAVE_X86", "1")] if X86 else []),

@@ -7,6 +7,11 @@
  *   dense:  weights e^{s - max} over all keys, output = sum w v / sum w;
  *   Top-k:  the kept set (fixed k, or k_eps from the same selection machinery as
  *           tka_k_eps), weights over the kept keys only, so only k rows of V are read.
+ * Scores of float64 and float16 problems are accumulated in float64 (dot, dot4; float16
+ * converted exactly); those of float32 problems in float32 vector lanes summed in float64
+ * (sdot, sdot4), each score by one fixed sequence of operations whatever rows it is
+ * computed with. Weights, sums and everything the selection computes from the scores are
+ * float64.
  * Rows are spread over threads; each row is computed by one thread with the same code,
  * so results do not depend on the thread count.
  */
@@ -42,31 +47,49 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F1
  * row numbering, never by the thread split), scored together with the dot4 kernel. */
 #define GROUP 4
 
+/* Padded query length: a multiple of 16 values (every vector width of either type). */
+static int64_t qpad(int64_t d) { return (d + 15) / 16 * 16; }
+
 /* Score rows r0 .. r0+m-1 (one problem) into sc (m rows of n) and check each like a row
- * of logits; stops at the first bad row (*bad = its offset in the group). q holds GROUP
- * zero-padded queries of dpad values. */
-static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, double *q,
-                              int64_t dpad, double *sc, tka_row *w, int *bad)
+ * of logits; stops at the first bad row (*bad = its offset in the group). q has room for
+ * GROUP zero-padded queries of dpad = qpad(d) values, float64 or (float32 problems) float. */
+static tka_status score_group(const attn_ctx *c, int64_t r0, int m, tka_arena *s, void *q,
+                              double *sc, tka_row *w, int *bad)
 {
     const tka_attn *a = c->a;
-    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d;
-    for (int i = 0; i < m; i++) {
-        const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
-        double *qi = q + i * dpad;
-        if (a->dtype == TKA_F32)
-            for (int64_t j = 0; j < d; j++) qi[j] = ((const float *)qp)[j];
-        else if (a->dtype == TKA_F16)
-            for (int64_t j = 0; j < d; j++) qi[j] = tka_half_to_float(((const uint16_t *)qp)[j]);
-        else
-            memcpy(qi, qp, (size_t)d * sizeof(double));
-        for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
-    }
+    const int64_t b = r0 / a->L, l0 = r0 % a->L, n = a->n, d = a->d, dpad = qpad(d);
     const char *kb = a->k + a->k_off[b];
     const int64_t ld = a->k_ld / elem_size(a->dtype);
-    if (m == GROUP)
-        c->K->dot4[a->dtype](kb, n, ld, q, dpad, d, a->scale, sc, n);
-    else
-        for (int i = 0; i < m; i++) c->K->dot[a->dtype](kb, n, ld, q + i * dpad, d, a->scale, sc + i * n);
+    if (a->dtype == TKA_F32) {
+        float *qf = q;
+        for (int i = 0; i < m; i++) {
+            const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+            memcpy(qf + i * dpad, qp, (size_t)d * sizeof(float));
+            for (int64_t j = d; j < dpad; j++) qf[i * dpad + j] = 0.0f;
+        }
+        if (m == GROUP)
+            c->K->sdot4((const float *)kb, n, ld, qf, dpad, d, a->scale, sc, n);
+        else
+            for (int i = 0; i < m; i++)
+                c->K->sdot((const float *)kb, n, ld, qf + i * dpad, d, a->scale, sc + i * n);
+    } else {
+        /* float64 problems, and float16 ones (converted exactly, scored in float64) */
+        double *qd = q;
+        for (int i = 0; i < m; i++) {
+            const char *qp = a->q + a->q_off[b] + (l0 + i) * a->q_ld;
+            double *qi = qd + i * dpad;
+            if (a->dtype == TKA_F16)
+                for (int64_t j = 0; j < d; j++) qi[j] = tka_half_to_float(((const uint16_t *)qp)[j]);
+            else
+                memcpy(qi, qp, (size_t)d * sizeof(double));
+            for (int64_t j = d; j < dpad; j++) qi[j] = 0.0;
+        }
+        if (m == GROUP)
+            c->K->dot4[a->dtype](kb, n, ld, qd, dpad, d, a->scale, sc, n);
+        else
+            for (int i = 0; i < m; i++)
+                c->K->dot[a->dtype](kb, n, ld, qd + i * dpad, d, a->scale, sc + i * n);
+    }
     for (int i = 0; i < m; i++) {
         double *si = sc + i * n;
         if (a->mask) {
@@ -107,26 +130,148 @@ static const char *v_row(const tka_attn *a, int64_t b, int64_t i)
     return a->v + a->v_off[b] + i * a->v_ld;
 }
 
-/* Dense attention for row r. Like every row function here, it allocates in the row's
- * scope, which attn_groups releases after the row. */
-static tka_status dense_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                            tka_arena *s)
+/* The float64 sum of n weights x[j], in four interleaved chains (j mod 4) joined as
+ * (0 + 1) + (2 + 3): one fixed order, not one addition's latency per key. */
+static double sum4(const double *x, int64_t n)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        s0 += x[j];
+        s1 += x[j + 1];
+        s2 += x[j + 2];
+        s3 += x[j + 3];
+    }
+    if (j < n) s0 += x[j];
+    if (j + 1 < n) s1 += x[j + 1];
+    if (j + 2 < n) s2 += x[j + 2];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* w[j] = (float)e[j] for n values, and the float64 sum of the w[j] in four interleaved
+ * chains (j mod 4) joined as (0 + 1) + (2 + 3), as sum4 adds them. */
+static double round_sum(const double *e, int64_t n, float *w)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float f0 = (float)e[j], f1 = (float)e[j + 1], f2 = (float)e[j + 2],
+                    f3 = (float)e[j + 3];
+        w[j] = f0;
+        w[j + 1] = f1;
+        w[j + 2] = f2;
+        w[j + 3] = f3;
+        s0 += f0;
+        s1 += f1;
+        s2 += f2;
+        s3 += f3;
+    }
+    for (int64_t i = j; i < n; i++) w[i] = (float)e[i];
+    if (j < n) s0 += w[j];
+    if (j + 1 < n) s1 += w[j + 1];
+    if (j + 2 < n) s2 += w[j + 2];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Dense attention for the m checked rows r0 .. r0+m-1 of one group: each row's scores
+ * become its weights e^{s - max} in place, interleaved into wt (wt[4*i + r]; float32
+ * problems: rounded to float32, one row after the other), and the pv
+ * kernel sums the value rows for all of them in one pass over V (keys of weight 0, masked or
+ * below e^-708 of the maximum, are skipped). acc holds GROUP rows of dv. */
+static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, double *sc,
+                        double *wt, double *acc)
 {
     const tka_attn *a = c->a;
-    const tka_row w = *wp;
-    double *wt = tka_arena_alloc(s, (size_t)a->n * sizeof(double));
-    if (!wt) return TKA_ERR_NOMEM;
-    c->K->exp_shift[TKA_F64](w.p, a->n, w.max, wt);
-    const int64_t b = r / a->L;
-    double z = 0.0;
-    memset(acc, 0, (size_t)a->dv * sizeof(double));
-    for (int64_t i = 0; i < a->n; i++) {
-        if (wt[i] == 0.0) continue;  /* masked (or below e^-708 of the maximum) */
-        z += wt[i];
-        c->K->axpy[a->dtype](v_row(a, b, i), a->dv, wt[i], acc);
+    const int64_t n = a->n, b = r0 / a->L;
+    const int64_t ld = a->v_ld / elem_size(a->dtype);
+    double z[GROUP];
+    if (a->dtype == TKA_F32) {
+        /* float32 problems: the weights rounded to float32 (row i's n weights at wf + i*n),
+         * and z their float64 sum, so that the output stays an exact weighted mean of the
+         * values with those weights */
+        float *wf = (float *)wt;
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            z[i] = round_sum(e, n, wf + i * n);
+        }
+        c->K->spv((const float *)v_row(a, b, 0), n, ld, wf, n, m, a->dv, acc, a->dv);
+    } else {
+        for (int i = 0; i < m; i++) {
+            double *e = sc + i * n;
+            c->K->exp_shift[TKA_F64](e, n, w[i].max, e);
+            for (int64_t j = 0; j < n; j++) wt[4 * j + i] = e[j];
+            z[i] = sum4(e, n);
+        }
+        c->K->pv[a->dtype](v_row(a, b, 0), n, ld, wt, m, a->dv, acc, a->dv);
     }
-    store_out(c, r, acc, z);
-    return TKA_OK;
+    for (int i = 0; i < m; i++) store_out(c, r0 + i, acc + i * a->dv, z[i]);
+}
+
+/*
+ * A fixed k of a row's keys, small against n: one band pass (the kernel dense attention's
+ * weights come from) above a lower bound L of the (k+1)-th largest score gathers the
+ * candidates x >= L with their positions and sums the weights e^{x - max} of the keys
+ * below L; the kept keys are the k largest candidates (ties by position), and tau = (sum of
+ * the dropped weights) / (sum of all). L is the r-th largest of 64 evenly spaced scores,
+ * r chosen so that about 2(k+1) scores are expected above it. TKA_RETRY, and the general
+ * path, when fewer than k + 1 candidates come out (L was too high), too many (too low), or
+ * the largest dropped score is more than 600 below the maximum (its weight could underflow
+ * there; the general path keeps the tail's relative accuracy at any depth).
+ */
+#define TKA_KFIX_SAMPLE 64
+static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, tka_arena *s,
+                               double *tau, int64_t *keep)
+{
+    const int64_t n = w->n, S = TKA_KFIX_SAMPLE;
+    const double *sc = w->p;
+    if (n < 4 * S) return TKA_RETRY;
+    const int64_t r = (2 * (k + 1) * S + n - 1) / n + 1;
+    if (r > S / 4) return TKA_RETRY;
+    double top[TKA_KFIX_SAMPLE / 4];  /* the r largest sampled scores, decreasing */
+    int64_t m = 0;
+    for (int64_t j = 0; j < S; j++) {
+        const double v = sc[j * n / S];
+        if (m == r && !(v > top[r - 1])) continue;
+        int64_t i = m < r ? m++ : r - 1;
+        while (i > 0 && top[i - 1] < v) { top[i] = top[i - 1]; i--; }
+        top[i] = v;
+    }
+    const double lo = top[r - 1];
+    if (!(lo > -INFINITY)) return TKA_RETRY;
+    int64_t cap = 8 * r * n / S + 64;
+    cap = cap < n ? cap : n;
+    double *vals = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    double *tmp = tka_arena_alloc(s, (size_t)cap * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
+    if (!vals || !tmp || !idx) return TKA_ERR_NOMEM;
+    tka_band_out bo;
+    c->K->band[TKA_F64](sc, n, lo, INFINITY, w->max, 1, vals, idx, cap, &bo);
+    const int64_t nc = bo.n_band;
+    if (nc > cap || nc < k + 1) return TKA_RETRY;
+    /* the k-th and (k+1)-th largest candidates */
+    memcpy(tmp, vals, (size_t)nc * sizeof(double));
+    tka_values_nth_desc(tmp, nc, k);
+    const double next = tmp[k];
+    double t = tmp[0];
+    for (int64_t i = 1; i < k; i++) t = tmp[i] < t ? tmp[i] : t;
+    if (!(next >= w->max - 600.0)) return TKA_RETRY;
+    c->K->exp_shift[TKA_F64](vals, nc, w->max, tmp);
+    int64_t above = 0;
+    for (int64_t i = 0; i < nc; i++) above += vals[i] > t;
+    int64_t ties = k - above, q = 0;
+    double dropped = bo.mass_below, kept = 0.0;
+    for (int64_t i = 0; i < nc; i++) {
+        if (vals[i] > t || (vals[i] == t && ties > 0)) {
+            ties -= vals[i] == t;
+            keep[q++] = idx[i];
+            kept += tmp[i];
+        } else {
+            dropped += tmp[i];
+        }
+    }
+    *tau = dropped / (kept + dropped);
+    return q == k ? TKA_OK : TKA_ERR_INTERNAL;
 }
 
 /* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
@@ -146,6 +291,12 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
     if (!*keep) return TKA_ERR_NOMEM;
     *k_out = k;
     if (!c->k) return tka_row_topk_above(w, k, t, s, *keep);
+    if (k > 0 && k < w->n_live) {
+        const size_t mark = tka_arena_mark(s);
+        st = keep_fixed_k(c, w, k, s, tau, *keep);
+        tka_arena_release(s, mark);
+        if (st != TKA_RETRY) return st;
+    }
     st = tka_row_topk_set(w, k, s, *keep, &lt);
     *tau = exp(lt);
     return st;
@@ -163,27 +314,26 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
     const double *sc = w.p;
     const int64_t b = r / a->L;
+    /* the kept scores and their weights e^{s - max} (the vector exp of dense attention) */
+    double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!v || !wk) return TKA_ERR_NOMEM;
+    for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
+    c->K->exp_shift[TKA_F64](v, k, w.max, wk);
     double z = 0.0;
     memset(acc, 0, (size_t)a->dv * sizeof(double));
     for (int64_t i = 0; i < k; i++) {
-        double wi = exp(sc[keep[i]] - w.max);
-        z += wi;
-        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wi, acc);
+        if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
+        z += wk[i];
+        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
     }
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
         int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-        if (!idx || !v) {
-            free(idx);
-            return TKA_ERR_NOMEM;
-        }
-        for (int64_t i = 0; i < k; i++) {
-            idx[i] = keep[i];
-            v[i] = sc[keep[i]];
-        }
+        if (!idx) return TKA_ERR_NOMEM;
+        for (int64_t i = 0; i < k; i++) idx[i] = keep[i];
         tka_pairs_sort_desc(v, idx, k);
         c->idx_out[r] = idx;
     }
@@ -233,14 +383,15 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
 {
     const attn_ctx *c = ctx;
     const tka_attn *a = c->a;
-    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP, dpad = (a->d + 7) / 8 * 8;
-    /* for the whole range of groups: GROUP padded queries, the output accumulator and the
+    const int64_t L = a->L, per = (L + GROUP - 1) / GROUP;
+    /* for the whole range of groups: GROUP padded queries, the output accumulators and the
      * scores of GROUP rows */
     const size_t mark = tka_arena_mark(s);
-    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * qpad(a->d)) * sizeof(double));
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
-    double *acc = tka_arena_alloc(s, (size_t)a->dv * sizeof(double));
-    if (!q || !sc || !acc) {
+    double *acc = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
+    double *wt = c->mode == TKA_ATTN_DENSE ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : sc;
+    if (!q || !sc || !acc || !wt) {
         tka_arena_release(s, mark);
         *bad = g0;
         note_bad_query(c, (g0 / per) * L + (g0 % per) * GROUP);
@@ -251,14 +402,14 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
         tka_row w[GROUP];
         int off = 0;
-        tka_status st = score_group(c, r0, m, s, q, dpad, sc, w, &off);
-        for (int i = 0; st == TKA_OK && i < m; i++) {
+        tka_status st = score_group(c, r0, m, s, q, sc, w, &off);
+        if (st == TKA_OK && c->mode == TKA_ATTN_DENSE) dense_group(c, r0, m, w, sc, wt, acc);
+        for (int i = 0; st == TKA_OK && c->mode != TKA_ATTN_DENSE && i < m; i++) {
             /* the row's scope: what the row function allocates lives until it returns */
             const size_t row_mark = tka_arena_mark(s);
             off = i;
-            st = c->mode == TKA_ATTN_DENSE  ? dense_row(c, r0 + i, &w[i], acc, s)
-                 : c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
-                                            : row_error(c, r0 + i, &w[i], acc, s);
+            st = c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+                                          : row_error(c, r0 + i, &w[i], acc, s);
             tka_arena_release(s, row_mark);
         }
         if (st != TKA_OK) {

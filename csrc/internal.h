@@ -129,6 +129,26 @@ typedef struct {
                     int64_t d, double scale, double *out, int64_t os);
     /** acc[j] += w * v[j], j < d, in float64. */
     void (*axpy[3])(const void *v, int64_t d, double w, double *acc);
+    /** Weighted sums of n value rows (row i at v + i*ld elements, dv used) for m <= 4 rows
+     *  of weights w[4*i + r] (interleaved, weights >= 0): acc[r*as + j] = sum over keys i
+     *  with w[4*i + r] != 0 of w[4*i + r] v_i[j], in key order, float64, each term exactly
+     *  as axpy adds it. */
+    void (*pv[3])(const void *v, int64_t n, int64_t ld, const double *w, int m, int64_t dv,
+                  double *acc, int64_t as);
+    /** Scores of float32 keys against a float32 query (zero-padded to a multiple of 16
+     *  values): out[i] = scale * q . x_i, the products accumulated in float32 within the
+     *  vector lanes and the lanes summed by vs_hsum8 (kernels.inc); eight keys per step. */
+    void (*sdot)(const float *x, int64_t n, int64_t ld, const float *q, int64_t d,
+                 double scale, double *out);
+    /** sdot for four queries q + m*qs at once into out + m*os: the same score, bit for bit,
+     *  as sdot gives each pair. */
+    void (*sdot4)(const float *x, int64_t n, int64_t ld, const float *q, int64_t qs, int64_t d,
+                  double scale, double *out, int64_t os);
+    /** pv for float32 values and float32 weights w[r*ws + i] (row r's weights contiguous):
+     *  float32 fused multiply-adds within blocks of 64 keys, each block's sum added to the
+     *  float64 acc (kernels.inc). */
+    void (*spv)(const float *v, int64_t n, int64_t ld, const float *w, int64_t ws, int m,
+                int64_t dv, double *acc, int64_t as);
     /** dst[i] = src[i] for n float16 values (bits) into float32: exact. */
     void (*f16_to_f32)(const uint16_t *src, int64_t n, float *dst);
     /** The search's dot-product and proxy kernels for this instruction set. */

@@ -8,6 +8,7 @@
 #include "pyutil.h"
 #include "search.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* The array `o` as type/ndim with the given leading shape (-1: any), C-contiguous. */
@@ -135,12 +136,15 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     return 0;
 }
 
-/* index_order(keys (H, n, d), block_size) -> perm (H, n) int64 */
+/* index_order(keys (H, n, d), block_size[, in_place]) -> perm (H, n) int64. With in_place
+ * the rows of keys (writable, C-contiguous) are left in that order; otherwise keys are not
+ * touched (the ordering works on a copy). */
 static PyObject *py_index_order(PyObject *self, PyObject *args)
 {
     PyObject *ko;
     long long bs;
-    if (!PyArg_ParseTuple(args, "OL", &ko, &bs)) return NULL;
+    int in_place = 0;
+    if (!PyArg_ParseTuple(args, "OL|p", &ko, &bs, &in_place)) return NULL;
     PyArrayObject *k;
     npy_intp any3[3] = {-1, -1, -1};
     if (!PyArray_Check(ko)) {
@@ -148,7 +152,7 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
         return NULL;
     }
     int kt = PyArray_TYPE((PyArrayObject *)ko);
-    if (tka_py_dtype(kt) < 0 || get_arr(ko, "keys", kt, 3, any3, 0, &k) < 0)
+    if (tka_py_dtype(kt) < 0 || get_arr(ko, "keys", kt, 3, any3, in_place, &k) < 0)
         return PyErr_Occurred() ? NULL
                                 : PyErr_Format(PyExc_TypeError, "keys must be float32, float64 or float16");
     if (bs < 1) return PyErr_Format(PyExc_ValueError, "block_size must be >= 1");
@@ -161,14 +165,22 @@ static PyObject *py_index_order(PyObject *self, PyObject *args)
     if (!perm) return NULL;
     if (H == 0 || n == 0) return (PyObject *)perm;
     tka_status st = TKA_OK;
-    const char *base = PyArray_BYTES(k);
+    char *base = PyArray_BYTES(k);
     int64_t *pp = PyArray_DATA(perm);
-    const size_t es = (size_t)PyArray_ITEMSIZE(k);
+    const size_t es = (size_t)PyArray_ITEMSIZE(k), head = (size_t)(n * d) * es;
+    char *work = in_place ? NULL : malloc(head);
+    if (!in_place && !work) {
+        Py_DECREF(perm);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
-    for (npy_intp h = 0; h < H && st == TKA_OK; h++)
-        st = tka_index_order(base + (size_t)(h * n * d) * es, (tka_dtype)tka_py_dtype(kt), n, d,
-                             bs, pp + h * n);
+    for (npy_intp h = 0; h < H && st == TKA_OK; h++) {
+        char *kh = base + (size_t)h * head;
+        if (!in_place) kh = memcpy(work, kh, head);
+        st = tka_index_order(kh, (tka_dtype)tka_py_dtype(kt), n, d, bs, pp + h * n);
+    }
     Py_END_ALLOW_THREADS
+    free(work);
     if (st != TKA_OK) {
         Py_DECREF(perm);
         return tka_py_raise(st, NULL, -1, NULL);
@@ -333,7 +345,8 @@ done:
 
 PyMethodDef tka_search_methods[] = {
     {"index_order", py_index_order, METH_VARARGS,
-     "index_order(keys, block_size) -> perm: block-tightening order of each head's keys."},
+     "index_order(keys, block_size[, in_place]) -> perm: block-tightening order of each head's\n"
+     "keys (with in_place, the rows of keys are left in that order)."},
     {"index_fill", py_index_fill, METH_VARARGS,
      "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
     {"search", py_search, METH_VARARGS,

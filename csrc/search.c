@@ -51,78 +51,219 @@ static inline float f32_down(double x)
 
 /* ================================================================== ordering */
 
-tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
-                           int64_t bs, int64_t *perm)
+/*
+ * The tree is built on the keys themselves: every node is a contiguous range of rows, split
+ * by moving rows in place (a two-sided partition, not a sort), so that each projection pass
+ * streams its range through the dot kernel of the active instruction set. The top nodes are
+ * split on the calling thread; once there are enough of them, their subtrees go to the
+ * thread pool. Each node is split by the same code whichever thread runs it, so the order
+ * does not depend on the thread count.
+ */
+typedef struct {
+    char *keys;             /* n x d rows, reordered in place */
+    int64_t *perm;          /* perm[s]: original position of row s */
+    tka_dtype dt;
+    int64_t d, bs;
+    const tka_kernels *K;
+    const int64_t *ranges;  /* the subtrees handed to the pool: [a, b) pairs */
+} order_ctx;
+
+/* One thread's scratch for nodes of up to m rows. */
+typedef struct {
+    double *proj, *val, *mu, *v, *w, *sample;
+    unsigned char *left;
+    char *row;
+} order_scratch;
+
+static tka_status order_scratch_alloc(tka_arena *s, int64_t m, int64_t d, size_t es,
+                                      order_scratch *o)
 {
-    for (int64_t i = 0; i < n; i++) perm[i] = i;
-    if (n <= bs) return TKA_OK;
-    double *proj = malloc((size_t)n * sizeof(double));
-    double *mu = malloc((size_t)d * sizeof(double));
-    double *v = malloc((size_t)d * sizeof(double));
-    double *w = malloc((size_t)d * sizeof(double));
-    /* explicit stack of ranges: at most log2(n / bs) + 1 deep per pending side */
-    int64_t *stack = malloc(sizeof(int64_t) * 2 * 128);
-    if (!proj || !mu || !v || !w || !stack) {
-        free(proj); free(mu); free(v); free(w); free(stack);
+    const int64_t dp = (d + 15) / 16 * 16;  /* the dot kernel reads its query padded */
+    o->proj = tka_arena_alloc(s, (size_t)m * sizeof(double));
+    o->val = tka_arena_alloc(s, (size_t)(m > 256 ? m : 256) * sizeof(double));
+    o->left = tka_arena_alloc(s, (size_t)m);
+    o->mu = tka_arena_alloc(s, (size_t)dp * sizeof(double));
+    o->v = tka_arena_alloc(s, (size_t)dp * sizeof(double));
+    o->w = tka_arena_alloc(s, (size_t)dp * sizeof(double));
+    o->row = tka_arena_alloc(s, (size_t)d * es);
+    o->sample = tka_arena_alloc(s, (size_t)(256 * dp) * sizeof(double));
+    if (!o->proj || !o->val || !o->left || !o->mu || !o->v || !o->w || !o->row || !o->sample)
         return TKA_ERR_NOMEM;
-    }
-    int64_t top = 0;
-    stack[top++] = 0;
-    stack[top++] = n;
-    while (top > 0) {
-        int64_t b = stack[--top], a = stack[--top], m = b - a;
-        if (m <= bs) continue;
-        /* mean and leading direction from an evenly spaced sample of the node */
-        int64_t ns = m < 256 ? m : 256;
-        memset(mu, 0, (size_t)d * sizeof(double));
-        for (int64_t s = 0; s < ns; s++) {
-            int64_t i = perm[a + s * m / ns];
-            for (int64_t j = 0; j < d; j++) mu[j] += key_at(keys, dt, i * d + j);
-        }
-        for (int64_t j = 0; j < d; j++) mu[j] /= (double)ns;
-        for (int64_t j = 0; j < d; j++) v[j] = 1.0 / sqrt((double)d) * (j % 2 ? -1.0 : 1.0) + 0.01 * j;
-        for (int it = 0; it < 3; it++) {
-            memset(w, 0, (size_t)d * sizeof(double));
-            for (int64_t s = 0; s < ns; s++) {
-                int64_t i = perm[a + s * m / ns];
-                double t = 0.0;
-                for (int64_t j = 0; j < d; j++) t += (key_at(keys, dt, i * d + j) - mu[j]) * v[j];
-                for (int64_t j = 0; j < d; j++) w[j] += t * (key_at(keys, dt, i * d + j) - mu[j]);
-            }
-            double nn = 0.0;
-            for (int64_t j = 0; j < d; j++) nn += w[j] * w[j];
-            if (!(nn > 0.0) || !isfinite(nn)) break;
-            nn = 1.0 / sqrt(nn);
-            for (int64_t j = 0; j < d; j++) v[j] = w[j] * nn;
-        }
-        for (int64_t s = 0; s < m; s++) {
-            int64_t i = perm[a + s];
-            double t = 0.0;
-            for (int64_t j = 0; j < d; j++) t += (key_at(keys, dt, i * d + j) - mu[j]) * v[j];
-            proj[a + s] = isfinite(t) ? t : 0.0;
-        }
-        /* split at a block boundary near the middle */
-        int64_t nblk = (m + bs - 1) / bs, left = (nblk / 2) * bs;
-        tka_pairs_nth_desc(proj + a, perm + a, m, left);
-        if (top + 4 > 2 * 128) continue; /* cannot happen for n < 2^63 */
-        stack[top++] = a;
-        stack[top++] = a + left;
-        stack[top++] = a + left;
-        stack[top++] = b;
-    }
-    free(proj); free(mu); free(v); free(w); free(stack);
+    memset(o->v, 0, (size_t)dp * sizeof(double));
     return TKA_OK;
 }
 
+/* Split the node [a, b) of more than bs rows: its first (ceil(m/bs)/2)*bs rows become the
+ * keys of largest projection on the node's leading principal direction (estimated by power
+ * iteration on an evenly spaced sample of at most 256 of its keys). Returns the split. */
+static int64_t split_node(const order_ctx *c, order_scratch *o, int64_t a, int64_t b)
+{
+    const int64_t m = b - a, d = c->d, bs = c->bs;
+    const size_t rb = (size_t)d * esize(c->dt);
+    char *x = c->keys + (size_t)a * rb;
+    int64_t *perm = c->perm + a;
+    double *mu = o->mu, *v = o->v, *w = o->w, *proj = o->proj, *S = o->sample, *u = o->val;
+    const int64_t ns = m < 256 ? m : 256, dp = (d + 15) / 16 * 16;
+    /* the sample, centred, as float64 rows of dp values (zero-padded) */
+    memset(S, 0, (size_t)(ns * dp) * sizeof(double));
+    memset(mu, 0, (size_t)d * sizeof(double));
+    for (int64_t t = 0; t < ns; t++) {
+        c->K->axpy[c->dt](x + (size_t)(t * m / ns) * rb, d, 1.0, S + t * dp);
+        c->K->axpy[TKA_F64](S + t * dp, d, 1.0, mu);
+    }
+    for (int64_t j = 0; j < d; j++) mu[j] /= (double)ns;
+    for (int64_t t = 0; t < ns; t++)
+        for (int64_t j = 0; j < d; j++) S[t * dp + j] -= mu[j];
+    for (int64_t j = 0; j < d; j++) v[j] = 1.0 / sqrt((double)d) * (j % 2 ? -1.0 : 1.0) + 0.01 * j;
+    /* power iteration: v <- S^T S v / |S^T S v| */
+    for (int it = 0; it < 3; it++) {
+        c->K->dot[TKA_F64](S, ns, dp, v, d, 1.0, u);
+        memset(w, 0, (size_t)d * sizeof(double));
+        for (int64_t t = 0; t < ns; t++) c->K->axpy[TKA_F64](S + t * dp, d, u[t], w);
+        double nn = 0.0;
+        for (int64_t j = 0; j < d; j++) nn += w[j] * w[j];
+        if (!(nn > 0.0) || !isfinite(nn)) break;
+        nn = 1.0 / sqrt(nn);
+        for (int64_t j = 0; j < d; j++) v[j] = w[j] * nn;
+    }
+    /* projections k . v (the mean's term is the same for every key of the node) */
+    c->K->dot[c->dt](x, m, d, v, d, 1.0, proj);
+    for (int64_t i = 0; i < m; i++)
+        if (!isfinite(proj[i])) proj[i] = 0.0;
+    /* the split value is the left-th largest projection; keys equal to it go left in
+     * position order until the left side is full */
+    const int64_t nblk = (m + bs - 1) / bs, left = (nblk / 2) * bs;
+    memcpy(o->val, proj, (size_t)m * sizeof(double));
+    tka_values_nth_desc(o->val, m, left - 1);
+    const double t = o->val[left - 1];
+    int64_t above = 0;
+    for (int64_t i = 0; i < m; i++) above += proj[i] > t;
+    int64_t ties = left - above;
+    for (int64_t i = 0; i < m; i++) {
+        o->left[i] = proj[i] > t || (proj[i] == t && ties > 0);
+        if (proj[i] == t && ties > 0) ties--;
+    }
+    /* two-sided partition: swap a right-going row from the front with a left-going row
+     * from the back until they meet */
+    int64_t i = 0, j = m - 1;
+    for (;;) {
+        while (i < m && o->left[i]) i++;
+        while (j >= 0 && !o->left[j]) j--;
+        if (i >= j) break;
+        memcpy(o->row, x + (size_t)i * rb, rb);
+        memcpy(x + (size_t)i * rb, x + (size_t)j * rb, rb);
+        memcpy(x + (size_t)j * rb, o->row, rb);
+        const int64_t p = perm[i];
+        perm[i] = perm[j];
+        perm[j] = p;
+        i++;
+        j--;
+    }
+    return a + left;
+}
+
+/* Split [a, b) and every node below it, depth first, on this thread. */
+static void order_subtree(const order_ctx *c, order_scratch *o, int64_t a, int64_t b)
+{
+    int64_t stack[2 * 128];  /* pending right sides: at most log2(n / bs) + 1 */
+    int top = 0;
+    for (;;) {
+        if (b - a > c->bs && top < 2 * 128) {
+            const int64_t mid = split_node(c, o, a, b);
+            stack[top++] = mid;
+            stack[top++] = b;
+            b = mid;
+            continue;
+        }
+        if (top == 0) return;
+        b = stack[--top];
+        a = stack[--top];
+    }
+}
+
+static tka_status order_ranges(void *ctx, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
+{
+    const order_ctx *c = ctx;
+    int64_t m = 0;
+    for (int64_t r = r0; r < r1; r++)
+        if (c->ranges[2 * r + 1] - c->ranges[2 * r] > m) m = c->ranges[2 * r + 1] - c->ranges[2 * r];
+    const size_t mark = tka_arena_mark(s);
+    order_scratch o;
+    if (order_scratch_alloc(s, m, c->d, esize(c->dt), &o) != TKA_OK) {
+        tka_arena_release(s, mark);
+        *err_row = r0;
+        return TKA_ERR_NOMEM;
+    }
+    for (int64_t r = r0; r < r1; r++) order_subtree(c, &o, c->ranges[2 * r], c->ranges[2 * r + 1]);
+    tka_arena_release(s, mark);
+    return TKA_OK;
+}
+
+tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d, int64_t bs,
+                           int64_t *perm)
+{
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    if (n <= bs) return TKA_OK;
+    order_ctx c = {.keys = keys, .perm = perm, .dt = dt, .d = d, .bs = bs,
+                   .K = tka_kernels_active()};
+    /* the top LEVELS levels breadth first on this thread (a fixed number: the same nodes
+     * whatever the thread count), then up to 2^LEVELS subtrees on the pool */
+    enum { LEVELS = 5 };
+    int64_t *ranges = malloc(sizeof(int64_t) * 2 * (1 << LEVELS));
+    tka_arena s;
+    tka_arena_init(&s);
+    order_scratch o;
+    tka_status st = ranges ? order_scratch_alloc(&s, n, d, esize(dt), &o) : TKA_ERR_NOMEM;
+    if (st != TKA_OK) {
+        free(ranges);
+        tka_arena_free(&s);
+        return TKA_ERR_NOMEM;
+    }
+    int64_t nr = 1;
+    ranges[0] = 0;
+    ranges[1] = n;
+    for (int lev = 0; lev < LEVELS; lev++) {
+        int64_t out = 0;
+        int64_t tmp[2 * (1 << LEVELS)];
+        for (int64_t r = 0; r < nr; r++) {
+            const int64_t a = ranges[2 * r], b = ranges[2 * r + 1];
+            if (b - a <= bs) {
+                tmp[out++] = a;
+                tmp[out++] = b;
+                continue;
+            }
+            const int64_t mid = split_node(&c, &o, a, b);
+            tmp[out++] = a;
+            tmp[out++] = mid;
+            tmp[out++] = mid;
+            tmp[out++] = b;
+        }
+        memcpy(ranges, tmp, (size_t)out * sizeof(int64_t));
+        nr = out / 2;
+    }
+    tka_arena_free(&s);
+    c.ranges = ranges;
+    int64_t bad = -1;
+    st = tka_rows_run_parallel(nr, (double)n * (double)d * 16.0, order_ranges, &c, &bad);
+    free(ranges);
+    return st;
+}
+
 /* ================================================================== filling */
+
+/* The work is cut into units of up to FILL_BLOCKS blocks of one head, so that one large head
+ * spreads over the threads too; each unit also records the largest |key| of its keys. */
+enum { FILL_BLOCKS = 64 };
 
 typedef struct {
     const tka_key_index *ix;
     const tka_key_index_out *o;
     int64_t k0;
+    int64_t b_first, units_per_head;  /* first block to recompute; units of each head */
+    double *unit_max;                 /* per unit: the largest |key| of its new keys */
 } fill_ctx;
 
-static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64_t *err_row)
+static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
 {
     fill_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
@@ -130,17 +271,25 @@ static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64
     const int64_t d = ix->d, bs = ix->block_size, n = ix->n;
     const size_t mark = tka_arena_mark(s);
     double *acc = tka_arena_alloc(s, (size_t)d * sizeof(double));
-    if (!acc) return TKA_ERR_NOMEM;
+    if (!acc) {
+        *err_row = u0;
+        return TKA_ERR_NOMEM;
+    }
     const double pad = 1.0 + (double)(d + 8) * 0x1p-52;
-    for (int64_t h = h0; h < h1; h++) {
+    for (int64_t un = u0; un < u1; un++) {
+        const int64_t h = un / cx->units_per_head;
+        const int64_t bu = cx->b_first + (un % cx->units_per_head) * FILL_BLOCKS;
+        const int64_t bu_end = bu + FILL_BLOCKS;
+        const int64_t k_lo = bu * bs > cx->k0 ? bu * bs : cx->k0;
+        const int64_t k_hi = bu_end * bs < n ? bu_end * bs : n;
         const char *kb = (const char *)ix->keys + (size_t)(h * ix->cap * d) * esize(ix->dtype);
-        double mx = cx->k0 > 0 ? o->maxabs[h] : 0.0;
-        for (int64_t i = cx->k0 * d; i < n * d; i++) {
+        double mx = 0.0;
+        for (int64_t i = k_lo * d; i < k_hi * d; i++) {
             double a = fabs(key_at(kb, ix->dtype, i));
             if (a > mx) mx = a;
         }
-        o->maxabs[h] = mx;
-        for (int64_t b = cx->k0 / bs; b * bs < n; b++) {
+        cx->unit_max[un] = mx;
+        for (int64_t b = bu; b < bu_end && b * bs < n; b++) {
             const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
             const size_t bo = (size_t)(h * ix->cap_blocks + b) * (size_t)d;
             if (ix->summary & TKA_SUM_MINMAX) {
@@ -176,7 +325,7 @@ static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64
             }
         }
         if (o->pz) {
-            for (int64_t i = cx->k0; i < n; i++) {
+            for (int64_t i = k_lo; i < k_hi; i++) {
                 const size_t ko = (size_t)(h * ix->cap + i);
                 int8_t *z = o->pz + ko * (size_t)d;
                 double m = 0.0;
@@ -209,11 +358,29 @@ static tka_status fill_head(void *c, int64_t h0, int64_t h1, tka_arena *s, int64
 tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out, int64_t k0,
                           tka_error *err)
 {
-    fill_ctx cx = {ix, out, k0};
     err->row = -1;
     err->what = NULL;
+    const int64_t bs = ix->block_size, b_first = k0 / bs, b_end = (ix->n + bs - 1) / bs;
+    const int64_t per = b_end > b_first ? (b_end - b_first + FILL_BLOCKS - 1) / FILL_BLOCKS : 0;
+    if (per == 0 || ix->heads == 0) return TKA_OK;
+    const int64_t units = ix->heads * per;
+    double *unit_max = malloc((size_t)units * sizeof(double));
+    if (!unit_max) return TKA_ERR_NOMEM;
+    fill_ctx cx = {ix, out, k0, b_first, per, unit_max};
     double work = (double)ix->heads * (double)(ix->n - k0) * (double)ix->d * 4.0;
-    return tka_rows_run_parallel(ix->heads, work, fill_head, &cx, &err->row);
+    int64_t bad = -1;
+    tka_status st = tka_rows_run_parallel(units, work, fill_units, &cx, &bad);
+    if (st == TKA_OK) {
+        /* maxabs covers the new keys: raised, never lowered */
+        for (int64_t h = 0; h < ix->heads; h++) {
+            double mx = k0 > 0 ? out->maxabs[h] : 0.0;
+            for (int64_t u = h * per; u < (h + 1) * per; u++)
+                if (unit_max[u] > mx) mx = unit_max[u];
+            out->maxabs[h] = mx;
+        }
+    }
+    free(unit_max);
+    return st;
 }
 
 /* ================================================================== search */

@@ -49,9 +49,11 @@ typedef struct {
  * Order of the keys of one head that makes blocks tight: recursive bisection at the
  * median of the projection on each node's leading principal direction (estimated by
  * power iteration on at most 256 keys of the node), down to nodes of block_size keys.
- * keys: n x d contiguous; perm_out: n positions (a permutation of 0..n-1). Deterministic.
+ * keys: n x d contiguous rows, reordered in place; perm_out: n positions (perm_out[s] is
+ * the original position of row s, a permutation of 0..n-1). Deterministic (the same order
+ * for any thread count); the subtrees below the top levels run on the thread pool.
  */
-tka_status tka_index_order(const void *keys, tka_dtype dt, int64_t n, int64_t d,
+tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d,
                            int64_t block_size, int64_t *perm_out);
 
 /**

@@ -89,15 +89,46 @@ void tka_values_sort_desc(double *a, int64_t n)
     if (n > 1) introsort_desc(a, n, 2 * log2_floor(n) + 4);
 }
 
+/* Branch-free partitions (a mispredicted branch per element costs more than the element):
+ * move the elements > p (resp. >= p) to the front, keeping the invariant a[0..j) > p,
+ * a[j..i) <= p by an unconditional swap; returns j. */
+static int64_t part_gt(double *a, int64_t n, double p)
+{
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        j += t > p;
+    }
+    return j;
+}
+
+static int64_t part_ge(double *a, int64_t n, double p)
+{
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        j += t >= p;
+    }
+    return j;
+}
+
 void tka_values_nth_desc(double *a, int64_t n, int64_t k)
 {
     int depth = 2 * log2_floor(n) + 4;
     while (n > SMALL) {
         if (depth-- == 0) { heapsort_desc(a, n); return; }
-        double p = median3(a[0], a[n / 2], a[n - 1]);
-        int64_t j = partition_desc(a, n, p);
-        if (k <= j) n = j + 1;
-        else { a += j + 1; k -= j + 1; n -= j + 1; }
+        /* three-way split around a pivot that is one of the elements: a[0..gt) > p,
+         * a[gt..eq) == p (at least one), a[eq..n) < p, so every step makes progress */
+        const double p = median3(a[0], a[n / 2], a[n - 1]);
+        const int64_t gt = part_gt(a, n, p);
+        if (k < gt) { n = gt; continue; }
+        const int64_t eq = gt + part_ge(a + gt, n - gt, p);
+        if (k < eq) return;
+        a += eq; k -= eq; n -= eq;
     }
     insertion_desc(a, n);
 }

@@ -96,18 +96,20 @@ def test_float16_attention_is_the_float64_result_rounded_once(simd_path, rng):
     np.testing.assert_array_equal(out, topkattn.attention(Q64, K64, V64).astype(np.float16))
     for sel in ({"eps": 1e-3}, {"eps": 0.2}, {"k": 17}, {"ratio": 0.5}):
         o16, i16 = topkattn.topk_attention(Q, K, V, return_info=True, **sel)
-        o32, i32 = topkattn.topk_attention(*(a.astype(np.float32) for a in (Q, K, V)),
-                                           return_info=True, **sel)
-        o64 = topkattn.topk_attention(Q64, K64, V64, **sel)
-        assert o16.dtype == np.float16 and o32.dtype == np.float32
+        o64, i64 = topkattn.topk_attention(Q64, K64, V64, return_info=True, **sel)
+        assert o16.dtype == np.float16
+        # float16 problems are scored in float64 on the exactly converted operands
         np.testing.assert_array_equal(o16, o64.astype(np.float16))
-        np.testing.assert_array_equal(o32, o64.astype(np.float32))
         for f in ("indices", "k", "tau"):
-            np.testing.assert_array_equal(getattr(i16, f), getattr(i32, f), err_msg=f"{f} {sel}")
+            np.testing.assert_array_equal(getattr(i16, f), getattr(i64, f), err_msg=f"{f} {sel}")
+        # float32 problems accumulate their scores in float32 lanes: close, not equal
+        o32 = topkattn.topk_attention(*(a.astype(np.float32) for a in (Q, K, V)), **sel)
+        assert o32.dtype == np.float32
+        np.testing.assert_allclose(o32, o64, rtol=1e-4, atol=1e-5, err_msg=str(sel))
     e16 = topkattn.attention_error(Q, K, V, eps=0.01)
-    e32 = topkattn.attention_error(*(a.astype(np.float32) for a in (Q, K, V)), eps=0.01)
+    e64 = topkattn.attention_error(Q64, K64, V64, eps=0.01)
     for f in ("error", "tau", "mu_head", "mu_tail", "diam_bound", "var_bound", "k"):
-        np.testing.assert_array_equal(getattr(e16, f), getattr(e32, f), err_msg=f)
+        np.testing.assert_array_equal(getattr(e16, f), getattr(e64, f), err_msg=f)
 
 
 def test_float16_attention_matches_the_reference(rng):

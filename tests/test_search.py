@@ -617,3 +617,49 @@ def test_large_rows_with_most_keys_kept(spread):
                            q[r], K, 1 / np.sqrt(32), eps)
         assert np.sort(idx).tolist() == np.sort(np.argsort(-s, kind="stable")[:k]).tolist()
         assert k <= int(topkattn.k_eps(s, eps * 0.999)), (k, int(topkattn.k_eps(s, eps)))
+
+
+# ------------------------------------------------------------------ building the index
+
+def _block_radius(keys, bs):
+    """Mean over full blocks of the largest distance of a key to its block's mean."""
+    nb = keys.shape[0] // bs
+    blocks = keys[:nb * bs].reshape(nb, bs, -1)
+    return float(np.mean(np.linalg.norm(blocks - blocks.mean(1, keepdims=True), axis=2).max(1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_index_order_in_place_and_on_a_copy(dtype):
+    from topkattn import _core
+    rng = np.random.default_rng(5)
+    K = clustered(rng, 3 * 5000, 12).astype(dtype).reshape(3, 5000, 12)
+    K0 = K.copy()
+    perm = _core.index_order(K, 32)
+    np.testing.assert_array_equal(K, K0)  # not touched without in_place
+    for h in range(3):
+        np.testing.assert_array_equal(np.sort(perm[h]), np.arange(5000))
+    work = K.copy()
+    np.testing.assert_array_equal(_core.index_order(work, 32, True), perm)
+    np.testing.assert_array_equal(work, np.take_along_axis(K, perm[:, :, None], axis=1))
+    with pytest.raises(ValueError, match="keys"):
+        _core.index_order(K[:, ::2], 32, True)  # in place needs a contiguous, writable array
+    # the order makes blocks tight: clusters end up in their own blocks
+    assert _block_radius(work[0].astype(np.float64), 32) < 0.5 * _block_radius(K0[0].astype(np.float64), 32)
+
+
+def test_index_build_is_the_same_for_any_thread_count():
+    rng = np.random.default_rng(8)
+    K = clustered(rng, 70_000, 24).astype(np.float32)[None]  # past the serial top levels
+    built = []
+    try:
+        for threads in (1, 2, 3):
+            topkattn.set_num_threads(threads)
+            ix = KeyIndex(K, block_size=64)
+            built.append([np.array(a) for a in ix._tuple() if isinstance(a, np.ndarray)])
+    finally:
+        topkattn.set_num_threads(0)
+    for other in built[1:]:
+        for x, y in zip(built[0], other):
+            np.testing.assert_array_equal(x, y)
+    ix_keys, ix_perm = built[0][0], built[0][1]
+    np.testing.assert_array_equal(ix_keys[0], K[0][ix_perm[0]])

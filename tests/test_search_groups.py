@@ -211,11 +211,12 @@ def test_stage_profile():
     add up: codes = proxies read x (d + 8); a switching group's full pass (n d itemsize)
     shared out over its rows; kept positions 8 bytes each; V rows of the kept keys."""
     rng = np.random.default_rng(13)
-    n, d = 4096, 16
-    K, _ = stream_keys(rng, n, d, clusters=32, noise=0.2)
+    n, d = 8192, 32
+    K, _ = stream_keys(rng, n, d, clusters=64, noise=0.2)
     K = K.astype(np.float32)
     V = rng.standard_normal((n, 6)).astype(np.float32)
-    Q = np.concatenate([3.0 * K[[5, 77, 3000, 4000]], 0.05 * rng.standard_normal((3, d))])
+    peaked = np.stack([3.0 * np.sqrt(d) * K[i] / np.linalg.norm(K[i]) for i in (5, 77, 3000, 4000)])
+    Q = np.concatenate([peaked, 0.05 * rng.standard_normal((3, d))])
     out, info = certified_attention(Q, KeyIndex(K), V, 1e-2, return_info=True)
     info2, sec, nby = tks._stage_profile(Q, KeyIndex(K), V, 1e-2)
     assert sec.shape == nby.shape == (7, len(tks._STAGES)) and tks._STAGES[0] == "codes"

@@ -93,7 +93,9 @@ class SearchResult:
         Per-key proxies evaluated.
     bytes_read : float64 array (...)
         Bytes of the key side read: summaries of every block, proxies read, exact keys
-        scored and the positions of kept keys (values V not included).
+        scored and the positions of kept keys (values V not included). A full pass over
+        the keys shared by the m rows of a group (``full_scoring``) counts 1/m of it to
+        each.
     certified_mc : bool array (...)
         Rows whose certificate rests on the Monte-Carlo estimate.
     full_scoring : bool array (...) or None

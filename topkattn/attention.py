@@ -8,9 +8,13 @@ key. The C core scores one query row at a time into a buffer of n float64 scores
 ``(L, n)`` matrix is formed), selects the kept set, and sums only the kept rows of V; rows
 are spread over threads with the GIL released, and results do not depend on the thread
 count. Operands of different dtypes are brought to the widest of them (float16 < float32 <
-float64), and outputs have that dtype; scores and sums are accumulated in float64 either
-way (float16 operands are converted exactly inside the C core, and a float16 output is the
-float64 result rounded once).
+float64), and outputs have that dtype. Scores of float64 and float16 problems are
+accumulated in float64 (float16 operands are converted exactly inside the C core, and a
+float16 output is the float64 result rounded once); those of float32 problems in float32
+vector lanes joined in float64 (no less accurate than a float32 BLAS product,
+docs/design.md §3). Weights, their sums, the selection and tau are float64 either way;
+dense attention of float32 problems sums the weighted values in float32 within blocks of 64
+keys and in float64 across blocks.
 """
 from __future__ import annotations
 
@@ -199,6 +203,14 @@ def topk_attention(Q, K, V, k=None, eps=None, ratio=None, scale=None, mask=None,
         The widest dtype of Q, K and V (float16 < float32 < float64).
     info : TopkInfo
         Only with ``return_info=True``.
+
+    Notes
+    -----
+    The kept set, ``k`` and ``tau`` are exact for the scores as the core computes them: in
+    float64 for float64 and float16 problems, accumulated in float32 lanes when Q, K and V are all
+    float32. Against the exact scores of float32 inputs, ``tau`` is then within a factor
+    ``exp(2 delta)`` either way, ``delta`` the largest score rounding error
+    (docs/design.md §3).
 
     Examples
     --------

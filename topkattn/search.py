@@ -163,17 +163,15 @@ class KeyIndex:
         self.dtype = K.dtype
         self._heads = int(np.prod(self.batch_shape, dtype=np.int64))
         n = int(K.shape[-2])
-        keys = np.ascontiguousarray(K.reshape(self._heads, n, self.d))
-        if reorder and n > self.block_size:
-            perm = _core.index_order(keys, self.block_size)
-            keys = np.take_along_axis(keys, perm[:, :, None], axis=1)
-        else:
-            perm = np.broadcast_to(np.arange(n, dtype=np.int64), (self._heads, n))
         self._lock = _RWLock()
         self.n = 0
-        self._alloc(n)
-        self._keys[:, :n] = keys
-        self._perm[:, :n] = perm
+        self._alloc(n)  # capacity n: self._keys is (heads, n, d), C-contiguous
+        self._keys[...] = K.reshape(self._heads, n, self.d)
+        if reorder and n > self.block_size:
+            # the index's own copy of the keys is put in block order in place
+            self._perm[...] = _core.index_order(self._keys, self.block_size, True)
+        else:
+            self._perm[...] = np.arange(n, dtype=np.int64)
         self.n = n
         _core.index_fill(self._tuple(), 0)
 

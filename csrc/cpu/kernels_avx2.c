@@ -80,6 +80,30 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
     return __builtin_popcount(bits);
 }
 
+/* float32 vectors for the float32-accumulating scores (kernels.inc) */
+typedef __m256 VS;
+#define VSW 8
+static inline VS vs_zero(void) { return _mm256_setzero_ps(); }
+static inline VS vs_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline VS vs_fma(VS a, VS b, VS c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VS vs_set1(float a) { return _mm256_set1_ps(a); }
+static inline void vs_store(float *p, VS v) { _mm256_storeu_ps(p, v); }
+/* out[i] = scale * (sum of the lanes of a_i): for every slot, lanes (0+1)+(2+3) and
+ * (4+5)+(6+7) in float32, then those two in float64 */
+static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                            double scale, double *out)
+{
+    const VS g0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const VS g1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    const VD sc = _mm256_set1_pd(scale);
+    const VD s0 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
+                                _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1)));
+    const VD s1 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
+                                _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1)));
+    _mm256_storeu_pd(out, _mm256_mul_pd(s0, sc));
+    _mm256_storeu_pd(out + 4, _mm256_mul_pd(s1, sc));
+}
+
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }
 

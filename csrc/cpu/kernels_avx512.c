@@ -61,6 +61,38 @@ static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t ba
     return __builtin_popcount((unsigned)m);
 }
 
+/* float32 vectors for the float32-accumulating scores (kernels.inc) */
+typedef __m512 VS;
+#define VSW 16
+static inline VS vs_zero(void) { return _mm512_setzero_ps(); }
+static inline VS vs_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline VS vs_fma(VS a, VS b, VS c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VS vs_set1(float a) { return _mm512_set1_ps(a); }
+static inline void vs_store(float *p, VS v) { _mm512_storeu_ps(p, v); }
+/* lanes j + (j+8) of a 16-lane vector */
+static inline __m256 vs_fold(VS a)
+{
+    return _mm256_add_ps(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+/* out[i] = scale * (sum of the lanes of a_i): for every slot, lane j + lane j+8, then as the
+ * AVX2 set sums its eight lanes (the last addition in float64) */
+static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                            double scale, double *out)
+{
+    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(vs_fold(a0), vs_fold(a1)),
+                                     _mm256_hadd_ps(vs_fold(a2), vs_fold(a3)));
+    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(vs_fold(a4), vs_fold(a5)),
+                                     _mm256_hadd_ps(vs_fold(a6), vs_fold(a7)));
+    const __m256d sc = _mm256_set1_pd(scale);
+    const __m256d s0 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
+                                     _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1)));
+    const __m256d s1 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
+                                     _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1)));
+    _mm256_storeu_pd(out, _mm256_mul_pd(s0, sc));
+    _mm256_storeu_pd(out + 4, _mm256_mul_pd(s1, sc));
+}
+
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }
 

@@ -1166,6 +1166,8 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define STREAM_FULL 0.5
 /* queries of one head searched together (see search_groups) */
 #define GROUP 4
+/* keys of float16 converted at a time for the float32 kernels of a full pass */
+#define F16_CHUNK 1024
 /* a group of two or more queries over at most this many keys is scored in full at once:
  * a pass costs about what the sample and the bookkeeping of the levels would */
 #define GROUP_SMALL_N 1024
@@ -1665,6 +1667,22 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     return TKA_OK;
 }
 
+/*
+ * How far a score of the float32 kernels (sdot, sdot4) may lie from the real logit
+ * c q.k of the stored values (docs/design.md §3): the query rounded to float32 (u = 2^-24
+ * relative, 2^-149 absolute), at most ceil(d/8) float32 fused multiply-adds per lane and
+ * two float32 additions joining the lanes (u each on partial sums bounded by
+ * sum_j |q_j k_j|), a float64 addition and the float64 scale; 1% covers the second-order
+ * terms, and 2^-149 per operation any float32 underflow. Added to eta, so the certificate
+ * (e^{4 eta}) allows for it.
+ */
+static double f32_eta(const srow *w, const row_bufs *rb, double maxabs, double scale)
+{
+    const double d = (double)w->d;
+    return (ceil(d / 8.0) + 6.0) * 0x1p-24 * 1.01 * rb->qn1 * maxabs
+           + (2.0 * d + 8.0) * 0x1p-149 * scale * (maxabs + 1.0);
+}
+
 static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
                            double *sc, tka_arena *s)
 {
@@ -1704,24 +1722,55 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
     const tka_kernels *K = cx->K;
-    const int64_t n = sd->n, d = sd->d, h = rows[0] / a->L, dpad = (d + 7) / 8 * 8;
+    const int64_t n = sd->n, d = sd->d, h = rows[0] / a->L, dpad = (d + 15) / 16 * 16;
     const int timing = a->stages;
     const size_t mark = tka_arena_mark(s);
     double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    float *qf = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(float));
     double *sc = tka_arena_alloc(s, (size_t)((m > 1 ? GROUP : 1) * n) * sizeof(double));
-    if (!q || !sc) {
+    if (!q || !qf || !sc) {
         tka_arena_release(s, mark);
         return TKA_ERR_NOMEM;
     }
-    /* the scaled queries, exactly as prepare_query scales them, zero-padded */
-    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    /* float32 keys (and float16 ones, converted exactly, by chunks) are scored as
+     * topk_attention scores a float32 problem: float32 queries, products accumulated in
+     * float32 lanes, the scale applied in float64 (when nothing can overflow float32); the
+     * certificate then allows for that accumulation (f32_eta), and the kept keys come by
+     * decreasing score as computed. float64 keys: the float64 scores of the search (dot4). */
+    double qmax = 0.0;
     for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < d; j++) q[i * dpad + j] = a->scale * a->q[(size_t)(rows[i] * d + j)];
+        for (int64_t j = 0; j < d; j++) qmax = fmax(qmax, fabs(a->q[(size_t)(rows[i] * d + j)]));
+    const int f32 = ix->dtype != TKA_F64
+                    && qmax * ix->maxabs[h] * (double)(d + 16) < 1e36 && qmax < 1e36;
+    float *kc = NULL;  /* float16 keys: a chunk converted to float32 */
+    if (f32 && ix->dtype == TKA_F16
+        && !(kc = tka_arena_alloc(s, (size_t)(F16_CHUNK * d) * sizeof(float)))) {
+        tka_arena_release(s, mark);
+        return TKA_ERR_NOMEM;
+    }
+    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    memset(qf, 0, (size_t)(GROUP * dpad) * sizeof(float));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < d; j++) {
+            const double x = a->q[(size_t)(rows[i] * d + j)];
+            q[i * dpad + j] = a->scale * x;  /* exactly as prepare_query scales it */
+            qf[i * dpad + j] = (float)x;
+        }
     const size_t es = esize(ix->dtype);
     const char *keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * es;
     const double t0 = timing ? stage_now() : 0.0;
-    if (m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
-    else K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
+    for (int64_t c0 = 0; f32 && c0 < n; c0 += ix->dtype == TKA_F16 ? F16_CHUNK : n) {
+        const int64_t c1 = ix->dtype == TKA_F16 && c0 + F16_CHUNK < n ? c0 + F16_CHUNK : n;
+        const float *x = (const float *)keys + c0 * d;
+        if (kc) {
+            K->f16_to_f32((const uint16_t *)keys + c0 * d, (c1 - c0) * d, kc);
+            x = kc;
+        }
+        if (m == 1) K->sdot(x, c1 - c0, d, qf, d, a->scale, sc + c0);
+        else K->sdot4(x, c1 - c0, d, qf, dpad, d, a->scale, sc + c0, n);
+    }
+    if (!f32 && m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
+    else if (!f32) K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
     const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
@@ -1741,6 +1790,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
             memcpy(w.sb, first[i]->sb, sizeof w.sb);
             w.wall = first[i]->wall;
         }
+        if (f32) w.eta += f32_eta(&w, &rb, cx->ix->maxabs[h], a->scale);
         w.bytes += pass_bytes;
         w.st[TKA_STAGE_RERANK] += t_pass;
         w.sb[TKA_STAGE_RERANK] += pass_bytes;

@@ -40,7 +40,12 @@ def check_attention_rows(Q, K, V, out, info, eps, scale, diam=None):
                            int(info.keys_scored[l]), Q[l], K, scale, eps)
         p = np.exp(s[idx] - s[idx].max())
         want = (p / p.sum()) @ np.asarray(V, np.float64)[idx]
+        # float32 (or float16) keys scored in full: the weights come from float32-accumulated
+        # scores (relative error ~ 1e-6 at these sizes, as in topk_attention)
         tol = 1e-9 if out.dtype == np.float64 else 1e-6
+        if np.asarray(K).dtype != np.float64 and info.full_scoring is not None \
+                and info.full_scoring[l]:
+            tol = 2e-5
         np.testing.assert_allclose(out[l], want, rtol=tol, atol=tol)
         full = dense_output(s, V)
         assert np.linalg.norm(full - out[l]) <= float(info.tv_bound[l]) * diam + 1e-9
@@ -67,8 +72,10 @@ def test_full_scoring_is_sound_with_the_kept_set_of_topk_attention(simd_path, dt
         assert np.all(info.keys_scored == n) and np.all(info.blocks_scored == -(-n // 64))
         check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d), diam)
         S = ref_logits(Q.T, K, 1 / np.sqrt(d)).T  # (L, n)
+        # no certified set is smaller than k_eps; the selection aims a little inside eps
+        # (by the padding of the float32 scores of float32 keys too)
         lo = topkattn.k_eps(S, eps * (1 + 1e-9))
-        hi = topkattn.k_eps(S, eps * (1 - 1e-6))
+        hi = topkattn.k_eps(S, eps * (1 - 1e-3))
         assert np.all(lo <= info.k) and np.all(info.k <= hi + 1)
 
 
@@ -150,7 +157,7 @@ def _row(info, h):
     class R:
         pass
     r = R()
-    for name in ("indices", "k", "tv_bound", "keys_scored"):
+    for name in ("indices", "k", "tv_bound", "keys_scored", "full_scoring"):
         setattr(r, name, getattr(info, name)[h])
     return r
 

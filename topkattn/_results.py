@@ -78,7 +78,10 @@ class SearchResult:
     ----------
     indices : int64 array, shape (..., kmax)
         Kept keys (original positions) by decreasing logit; rows with fewer than kmax kept
-        keys are padded with -1. For a single query, exactly the k kept keys.
+        keys are padded with -1. For a single query, exactly the k kept keys. Rows scored
+        in full (``full_scoring``) on float32 or float16 keys come by decreasing score as
+        ``topk_attention`` computes it for float32 operands (products accumulated in float32
+        lanes, docs/design.md §3); their certificate allows for that rounding.
     k : int64 array (...)
         Number of kept keys.
     tv_bound : float64 array (...)

@@ -289,8 +289,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         goto done;
     }
     {
+        /* unordered: only the output is wanted, no kept set is returned (a (rows, 0) array) */
         npy_intp kmax = 0;
-        for (npy_intp r = 0; r < rows; r++) if (out[r].k > kmax) kmax = out[r].k;
+        for (npy_intp r = 0; r < rows && !unordered; r++) if (out[r].k > kmax) kmax = out[r].k;
         npy_intp s2[2] = {rows, kmax}, s1[1] = {rows};
         if (!(idx = (PyArrayObject *)PyArray_SimpleNew(2, s2, NPY_INT64)) ||
             !(kk = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
@@ -307,8 +308,10 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         int64_t *ip = PyArray_DATA(idx);
         for (npy_intp r = 0; r < rows; r++) {
             const tka_search_row *w = &out[r];
-            memcpy(ip + r * kmax, w->idx, (size_t)w->k * sizeof(int64_t));
-            for (npy_intp j = w->k; j < kmax; j++) ip[r * kmax + j] = -1;
+            if (kmax > 0) {
+                memcpy(ip + r * kmax, w->idx, (size_t)w->k * sizeof(int64_t));
+                for (npy_intp j = w->k; j < kmax; j++) ip[r * kmax + j] = -1;
+            }
             ((int64_t *)PyArray_DATA(kk))[r] = w->k;
             ((double *)PyArray_DATA(tv))[r] = w->tv_bound;
             ((int64_t *)PyArray_DATA(ks))[r] = w->keys_scored;

@@ -1576,6 +1576,9 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
  * 2^-1000 per dropped key for tail terms that underflow. The output reads the kept rows
  * of V in position order when they are many (a stream), else in kept order.
  */
+static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
+                              int dense_out, const double *kv, double mx, tka_arena *s);
+
 static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
                               double *sc, tka_arena *s)
 {
@@ -1603,8 +1606,9 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
                                                   certifies by the search's own finalize */
     for (int64_t t = 0; t < k; t++) kv[t] = sc[keep[t]];
-    const int dense_out = cx->out_v && k > n / 8;
-    if (!(a->unordered && dense_out)) tka_pairs_sort_desc(kv, keep, k);
+    /* many kept rows of a V larger than the cache: read them in position order */
+    const int dense_out = cx->out_v && k > n / 8
+                          && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!out->idx) return TKA_ERR_NOMEM;
@@ -1620,12 +1624,33 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
         if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
     }
-    if (!cx->out_v) return TKA_OK;
+    /* the output sums the kept rows in storage order (or position order), so it does not
+     * depend on whether the kept set is reported */
+    if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK)
+        return st;  /* the caller frees out->idx */
+    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
+    if (!a->unordered) {  /* reported by decreasing score */
+        tka_pairs_sort_desc(kv, keep, k);
+        for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
+    }
+    return TKA_OK;
+}
+
+/* The output of row r from its kept keys (original positions in cx->rows[r].idx, scores
+ * in kv, the row's largest score mx). */
+static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
+                              int dense_out, const double *kv, double mx, tka_arena *s)
+{
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const tka_search_row *out = &cx->rows[r];
     const int64_t dv = a->dv;
     double *o = cx->out_v + (size_t)(r * dv);
     const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
     const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
-    K->exp_shift[TKA_F64](kv, k, tw.max, kv);
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!wk) return TKA_ERR_NOMEM;
+    K->exp_shift[TKA_F64](kv, k, mx, wk);
     memset(o, 0, (size_t)dv * sizeof(double));
     double z = 0.0;
     if (dense_out) {
@@ -1635,7 +1660,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
         if (!wd || !pos) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0 */
-        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = kv[t];
+        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = wk[t];
         int64_t c = 0;
         for (int64_t i = 0; i < n; i++) {
             pos[c] = i;
@@ -1658,12 +1683,11 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
                 for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
                     __builtin_prefetch(pv + off);
             }
-            z += kv[t];
-            K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, kv[t], o);
+            z += wk[t];
+            K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, wk[t], o);
         }
     }
     for (int64_t j = 0; j < dv; j++) o[j] /= z;
-    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
     return TKA_OK;
 }
 

@@ -483,6 +483,7 @@ def _stage_profile(Q, index, V, eps, **kw):
     Returns
     -------
     info : SearchResult
+        As with ``return_info``, but without the kept sets (``indices`` has no columns).
     seconds, nbytes : float64 arrays, shape (..., 5)
         Per query row and stage (``_STAGES``): the int8 codes pass (proxy dot products
         and levels), the selection (block bounds, sample, cuts and bookkeeping: the row's

@@ -1798,6 +1798,8 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
+    search_dims sd_q = *sd;
+    sd_q.proxy = 0;  /* the query's scaling, norms and eta; no proxy codes */
     for (int64_t i = 0; i < m && st == TKA_OK; i++) {
         const int64_t r = rows[i];
         const double tr = timing ? stage_now() : 0.0;
@@ -1806,7 +1808,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         row_bufs rb;
         carve_row(buf, sd, &w, &ck, &rb, 0);
         w.timing = timing;
-        prepare_query(cx, r, sd, &w, &ck, &rb);
+        prepare_query(cx, r, &sd_q, &w, &ck, &rb);
         if (first[i]) { /* the sample the decision was made on */
             w.bytes = first[i]->bytes;
             w.proxies = first[i]->proxies;

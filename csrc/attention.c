@@ -213,8 +213,9 @@ static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, 
  * weights come from) above a lower bound L of the (k+1)-th largest score gathers the
  * candidates x >= L with their positions and sums the weights e^{x - max} of the keys
  * below L; the kept keys are the k largest candidates (ties by position), and tau = (sum of
- * the dropped weights) / (sum of all). L is the r-th largest of 64 evenly spaced scores,
- * r chosen so that about 2(k+1) scores are expected above it. TKA_RETRY, and the general
+ * the dropped weights) / (sum of all). L is, for k < 32, the smallest of the maxima of k + 1
+ * consecutive slices of the row, else the r-th largest of 64 evenly spaced scores, r chosen
+ * so that about 2(k+1) scores are expected above it. TKA_RETRY, and the general
  * path, when fewer than k + 1 candidates come out (L was too high), too many (too low), or
  * the largest dropped score is more than 600 below the maximum (its weight could underflow
  * there; the general path keeps the tail's relative accuracy at any depth).
@@ -228,16 +229,30 @@ static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, t
     if (n < 4 * S) return TKA_RETRY;
     const int64_t r = (2 * (k + 1) * S + n - 1) / n + 1;
     if (r > S / 4) return TKA_RETRY;
-    double top[TKA_KFIX_SAMPLE / 4];  /* the r largest sampled scores, decreasing */
-    int64_t m = 0;
-    for (int64_t j = 0; j < S; j++) {
-        const double v = sc[j * n / S];
-        if (m == r && !(v > top[r - 1])) continue;
-        int64_t i = m < r ? m++ : r - 1;
-        while (i > 0 && top[i - 1] < v) { top[i] = top[i - 1]; i--; }
-        top[i] = v;
+    double lo = -INFINITY;
+    if (k < 32) {
+        /* the smallest of the maxima of k + 1 consecutive slices: k + 1 scores (one per
+         * slice) are not below it, so the band holds at least k + 1 candidates (a slice of
+         * masked keys only has no maximum: then the sample decides) */
+        lo = INFINITY;
+        for (int64_t j = 0; j <= k && lo > -INFINITY; j++) {
+            const int64_t a0 = j * n / (k + 1), a1 = (j + 1) * n / (k + 1);
+            const double mx = c->K->max_below[TKA_F64](sc + a0, a1 - a0, INFINITY);
+            lo = mx < lo ? mx : lo;
+        }
     }
-    const double lo = top[r - 1];
+    if (!(lo > -INFINITY)) {
+        double top[TKA_KFIX_SAMPLE / 4];  /* the r largest sampled scores, decreasing */
+        int64_t m = 0;
+        for (int64_t j = 0; j < S; j++) {
+            const double v = sc[j * n / S];
+            if (m == r && !(v > top[r - 1])) continue;
+            int64_t i = m < r ? m++ : r - 1;
+            while (i > 0 && top[i - 1] < v) { top[i] = top[i - 1]; i--; }
+            top[i] = v;
+        }
+        lo = top[r - 1];
+    }
     if (!(lo > -INFINITY)) return TKA_RETRY;
     int64_t cap = 8 * r * n / S + 64;
     cap = cap < n ? cap : n;

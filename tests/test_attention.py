@@ -110,11 +110,11 @@ def test_topk_fixed_k_and_ratio(shape, simd_path, rng):
                                   topkattn.topk_attention(Q, K, V, k=k))
 
 
-@pytest.mark.parametrize("kind", ["gauss", "ties", "masked", "deep", "sorted"])
+@pytest.mark.parametrize("kind", ["gauss", "ties", "masked", "prefix", "deep", "sorted"])
 def test_fixed_k_on_long_rows_against_the_reference(kind, simd_path, rng):
-    # long rows with k small against n take one band pass above a sampled bound; ties at
-    # the k-th score, masked keys, a tail far below the maximum and sorted rows (where the
-    # sampled bound misses) must give the reference's kept set and tau
+    # long rows with k small against n take one band pass above a bound from slice maxima
+    # or a sample; ties at the k-th score, masked keys (scattered, or whole slices), a tail
+    # far below the maximum and sorted rows must give the reference's kept set and tau
     n, d, L = 2000, 8, 6
     Q = 3.0 * rng.standard_normal((L, d))
     K = rng.standard_normal((n, d))
@@ -125,6 +125,9 @@ def test_fixed_k_on_long_rows_against_the_reference(kind, simd_path, rng):
         scale = 1.0
     elif kind == "masked":
         mask = np.where(rng.random((L, n)) < 0.5, -np.inf, 0.0)
+    elif kind == "prefix":  # causal-like rows: whole slices of the row are masked
+        mask = np.where(np.arange(n) < np.array([300, 700, 1200, 1900, 1999, 2000])[:, None],
+                        0.0, -np.inf)
     elif kind == "deep":
         K[5:] *= 1e-3  # every key but five near 0
         K[:5] = 400.0 * Q[0] / np.linalg.norm(Q[0]) ** 2 * math.sqrt(d)  # scores ~400 for row 0

@@ -188,6 +188,7 @@ def _calls(seed):
     K = rng.standard_normal((2, 120, 16))
     V = rng.standard_normal((2, 120, 8))
     index = KeyIndex(K, block_size=16)
+    K_big = rng.standard_normal((1, 20_000, 16))  # ordered on the thread pool below the top
     p = rng.uniform(0.01, 0.99, 7)
     return [
         ("tail_mass", lambda: topkattn.tail_mass(x, k)),
@@ -222,6 +223,7 @@ def _calls(seed):
                                                          delta=1e-3, seed=seed)),
         ("certified_attention", lambda: topkattn.certified_attention(Q, index, V, eps=1e-2)),
         ("KeyIndex", lambda: KeyIndex(K, block_size=8)._tuple()),
+        ("KeyIndex_large", lambda: KeyIndex(K_big, block_size=16)._tuple()),
     ]
 
 

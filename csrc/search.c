@@ -1154,10 +1154,10 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
  * highest bounds and every STREAM_SAMPLE-th block */
 #define STREAM_SAMPLE 8
 /* the first look of a group's first row: the 1/STREAM_SAMPLE_QUICK blocks with the highest
- * bounds and every STREAM_SAMPLE_QUICK-th block; it switches the group only when its
- * candidates, cut by this factor, still make full scoring cheaper */
+ * bounds and every STREAM_SAMPLE_QUICK-th block; it switches the group only when more than
+ * half of the keys would be candidates (a small sample: the cost estimate waits for the
+ * whole one) */
 #define STREAM_SAMPLE_QUICK 32
-#define STREAM_QUICK_MARGIN 2.0
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
 /* candidate keys whose rows are prefetched ahead of the run being scored */
@@ -1346,16 +1346,18 @@ static int64_t stream_level_of(const srow *w, double p)
  * (scored exactly, one query at a time, scattered), the proxies the search would read (the
  * sample's, and those of every pending block whose bound reaches level t_read), against one
  * pass over every key shared by `share` queries plus the k_eps selection over all of them.
- * Costs in nanoseconds per key at d = 64, measured on an AVX-512 machine (a heuristic about
- * cost only, scaled with d: the certificate does not depend on it). The streaming search
- * must promise to be clearly cheaper: its rows vary in cost, and a group waits for its
- * slowest row.
+ * Costs in nanoseconds per key at d = 64, measured per stage (tka_search_args.stages) on a
+ * 2-core AVX-512 machine with the keys out of cache, and their growth with d measured at
+ * d = 128 (a heuristic about cost only: the certificate does not depend on it). The
+ * streaming search must promise to be clearly cheaper: its rows vary in cost, and a group
+ * waits for its slowest row.
  */
-#define COST_CODE 3.5     /* a proxy read: int8 dot product, level, count (d + 8 bytes) */
-#define COST_SCORE 30.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
-#define COST_PASS1 5.0    /* a key of the full pass, for one query */
-#define COST_PASS4 2.8    /* ... per query, when four queries share it */
-#define COST_SELECT 4.0   /* a key of the k_eps selection of a fully scored row */
+#define COST_CODE 6.5     /* a proxy read: int8 dot product, level, count */
+#define COST_SCORE 45.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
+#define COST_ROW 1.0      /* per key, the streaming row's cuts and bookkeeping */
+#define COST_PASS4 6.4    /* a key of the full pass, per query, when four queries share it
+                             (the pass reads every key: its cost is shared out) */
+#define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
 #define STREAM_MARGIN 0.7 /* stream only when it is predicted to cost this share or less */
 
 static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
@@ -1368,11 +1370,10 @@ static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double be
         if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
             reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
     const double dd = (double)w->d;
-    const double pass = COST_PASS4 + (COST_PASS1 - COST_PASS4) * (double)(GROUP - share)
-                                         / (double)(GROUP - 1);
-    const double stream = COST_CODE * (dd + 8.0) / 72.0 * reads
-                        + COST_SCORE * (dd + 64.0) / 128.0 * below;
-    const double full = (pass * dd / 64.0 + COST_SELECT) * (double)n;
+    const double pass = COST_PASS4 * (dd + 100.0) / 164.0 * (double)GROUP / (double)share;
+    const double stream = COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
+                        + COST_ROW * (double)n;
+    const double full = (pass + COST_SELECT) * (double)n;
     return stream > STREAM_MARGIN * full;
 }
 
@@ -1451,8 +1452,8 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     for (int64_t b = 0; b < NLEVELS; b++) cnt2[b] = 0;
     for (int64_t b = 0; b < nb; b++) rb->done[b] = 0;
     if (share >= 2 && nb >= 16 * STREAM_SAMPLE_QUICK) {
-        /* a first look at a quarter of the sample: a group that clearly gains from full
-         * scoring switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
+        /* a first look at a quarter of the sample: a group where most keys would be
+         * candidates switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
          * blocks are among the every STREAM_SAMPLE-th ones: nothing is read twice) */
         const int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
         int64_t n2 = 0, ns = 0;
@@ -1464,8 +1465,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
         const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-        if (below > STREAM_FULL * (double)n
-            || stream_switch(w, rb, n, below / STREAM_QUICK_MARGIN, t1 + STREAM_AHEAD, share)) {
+        if (below > STREAM_FULL * (double)n) {
             md->s0 = s1;
             md->gap = gap1;
             md->t_expand = t1 + STREAM_AHEAD;

@@ -10,6 +10,10 @@ queries per head (d = 64, float32) and reports, totalled over the queries:
 * ``bytes``: bytes of the key side read (block summaries of every block, proxies read,
   exact keys scored, positions of kept keys) over n d 4, the bytes of one full pass over
   float32 keys;
+* ``full``: share of the rows whose group of queries (up to four of a head) switched to
+  full scoring, because a sample of the blocks showed that most keys would have to be
+  scored (every key is then scored in one pass shared by the group, and the kept set and
+  certificate are those of ``topk_attention(eps)``'s selection);
 * ``ms/q``: wall time per query of ``certified_attention`` (output included), of
   ``topk_attention(eps=...)`` (scores every key, same eps, output included) and of NumPy
   ``K @ q`` + ``k_eps`` (logits and kept-set size only, no output); ``speedup`` is
@@ -38,6 +42,14 @@ load is not controlled: run it on a quiet machine).
     python benchmarks/bench_search.py --quick    # smoke run, seconds
     python benchmarks/bench_search.py --markdown # tables for a README
     python benchmarks/bench_search.py --target --d 128   # eps = 1e-2 only, n up to 1M
+    python benchmarks/bench_search.py --target --stages  # and a table of the search's stages
+
+``--stages`` adds a table per row of the main one: microseconds per query in each stage of
+the search (the int8 codes pass, the selection: block bounds, sample, cuts and
+bookkeeping, the exact scoring or rerank, the certificate, the output), from timers in the
+C core that run only for this table (best of a few calls; a row's time is that of the
+thread that ran it, so with T threads the wall time per query is about the sum over T),
+and the bytes each stage read over n d 4.
 """
 from __future__ import annotations
 
@@ -116,6 +128,19 @@ def bert_data():
 
 # ------------------------------------------------------------------ measurement
 
+def stage_profile(Q, index, V, eps, repeats):
+    """Per-stage seconds and bytes per query row (means over rows), best of `repeats`
+    calls by total time."""
+    from topkattn import search as tks
+    best = None
+    for _ in range(max(1, repeats)):
+        _, sec, nby = tks._stage_profile(Q, index, V, eps)
+        sec = sec.reshape(-1, sec.shape[-1]).mean(0)
+        if best is None or sec.sum() < best[0].sum():
+            best = (sec, nby.reshape(-1, nby.shape[-1]).mean(0))
+    return best
+
+
 def measure(K, Q, V, index, eps, timed, repeats):
     """Totals over all (head, query) rows."""
     out, info = topkattn.certified_attention(Q, index, V, eps, return_info=True)
@@ -129,7 +154,7 @@ def measure(K, Q, V, index, eps, timed, repeats):
     tv = topkattn.tail_mass(logits, info.k)  # tau of the top-k set = TV of our set at ties
     assert np.all(info.tv_bound <= eps)
     r = dict(scored=info.keys_scored.sum() / (rows * n), oracle=k_eps.sum() / (rows * n),
-             kept_ratio=info.k.sum() / k_eps.sum(),
+             kept_ratio=info.k.sum() / k_eps.sum(), full=float(info.full_scoring.mean()),
              bytes=info.bytes_read.sum() / (rows * n * d * 4), kept=info.k.sum() / (rows * n),
              tv_max=float(tv.max()))
     if timed:
@@ -159,7 +184,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--d", type=int, default=64, help="key dimension of the synthetic data")
     ap.add_argument("--target", action="store_true",
-                    help="eps = 1e-2, auto+int8 only, clustered keys up to n = 1M")
+                    help="eps = 1e-2, auto+int8 only, clustered keys up to n = 1M, "
+                         "Gaussian, sink and MiniLM keys")
+    ap.add_argument("--stages", action="store_true",
+                    help="also a table of per-stage times and bytes (timers in the C core)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per competitor")
     args = ap.parse_args(argv)
     global D
     D = args.d
@@ -180,16 +209,22 @@ def main(argv=None):
         sizes = {"gauss": (65536,), "clustered": (65536, 262144), "sinks": (65536,)}
         eps_list = (1e-2,)
         kinds = ("auto+int8",)
-        L, repeats = 8, 3
+        L, repeats = 8, 5
         big = {("clustered", 1 << 20): ("auto+int8",)}
+    if args.repeats:
+        repeats = args.repeats
 
     print("machine:", _common.machine_line())
     print(f"topkattn {topkattn.__version__}, SIMD {topkattn.get_simd()}, "
           f"{topkattn.get_num_threads()} threads; d = {D}, float32")
     rng = np.random.default_rng(args.seed)
     headers = ["data", "n", "index", "eps", "scored/n", "k_eps/n", "kept/k_eps", "n/scored",
-               "n/k_eps", "bytes", "ms/q ours", "ms/q topk_attn", "ms/q numpy", "speedup"]
-    rows, builds = [], []
+               "n/k_eps", "bytes", "full", "ms/q ours", "ms/q topk_attn", "ms/q numpy",
+               "speedup"]
+    stage_headers = ["data", "n", "eps", "full"] + [
+        f"{name} µs (bytes)" for name in ("codes", "selection", "rerank", "certificate",
+                                          "output")] + ["sum µs", "ms/q ours"]
+    rows, builds, stage_rows = [], [], []
     totals = {}
 
     def run_case(name, K, Q, kinds_here, nq_note=""):
@@ -208,9 +243,17 @@ def main(argv=None):
                              fmt_frac(r["oracle"]), f"{r['kept_ratio']:.2f}",
                              f"{1 / r['scored']:.1f}",
                              f"{1 / r['oracle']:.1f}", f"{r['bytes']:.3f}",
+                             f"{r['full']:.2f}",
                              _common.fmt_ms(r["t_ours"]), _common.fmt_ms(r["t_full"]),
                              _common.fmt_ms(r["t_np"]), f"{r['t_full'] / r['t_ours']:.2f}x"])
                 totals.setdefault(kind, []).append(1 / r["scored"])
+                if args.stages and KINDS[kind]["proxy"]:
+                    sec, nby = stage_profile(Q, index, V, eps, repeats)
+                    d = K.shape[-1]
+                    stage_rows.append(
+                        [name + nq_note, str(n), f"{eps:g}", f"{r['full']:.2f}"]
+                        + [f"{1e6 * t:.0f} ({b / (n * d * 4):.3f})" for t, b in zip(sec, nby)]
+                        + [f"{1e6 * sec.sum():.0f}", _common.fmt_ms(r["t_ours"])])
                 sys.stdout.write(".")
                 sys.stdout.flush()
             del index
@@ -222,7 +265,7 @@ def main(argv=None):
     for (name, n), kinds_here in big.items():
         K, Q = SYNTHETIC[name](rng, n, 4)
         run_case(name, K, Q, kinds_here)
-    if not args.quick and not args.target:
+    if not args.quick:
         got = bert_data()
         if isinstance(got, str):
             print(f"\n(bert rows skipped: {got})")
@@ -235,6 +278,10 @@ def main(argv=None):
     print(_common.format_table(["data", "n", "index", "build s", "index MiB", "index / keys"],
                                builds, markdown=args.markdown))
     print()
+    if stage_rows:
+        print("stages of the search, µs per query on the thread that ran it (bytes over n d 4):")
+        print(_common.format_table(stage_headers, stage_rows, markdown=args.markdown))
+        print()
     print("mean over all rows of n/scored:  " + ", ".join(
         f"{k} {np.mean(v):.2f}x" for k, v in totals.items()))
 

@@ -209,19 +209,20 @@ static PyObject *py_index_fill(PyObject *self, PyObject *args)
 
 /*
  * search(ix_tuple, Q (H, L, d) float64, scale, eps (H*L,), method, delta, seed,
- *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered])
+ *        mc_samples, use_proxy, V (H, n, dv) float32/64 or None[, unordered[, stages]])
  * -> (indices (H*L, kmax) padded with -1, k, tv_bound, keys_scored, blocks_scored,
- *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None)
+ *     proxies_read, bytes_read, certified_mc, output (H*L, dv) or None, full_scoring,
+ *     stages (H*L, 2, TKA_STAGES) seconds and bytes per stage, or None)
  */
 static PyObject *py_search(PyObject *self, PyObject *args)
 {
     PyObject *t, *qo, *eo, *vo;
     double scale, delta;
-    int method, use_proxy, unordered = 0;
+    int method, use_proxy, unordered = 0, stages = 0;
     unsigned long long seed;
     long long mc_samples;
-    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|p", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
-                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered))
+    if (!PyArg_ParseTuple(args, "O!OdOidKLpO|pp", &PyTuple_Type, &t, &qo, &scale, &eo, &method,
+                          &delta, &seed, &mc_samples, &use_proxy, &vo, &unordered, &stages))
         return NULL;
     tka_key_index ix;
     tka_key_index_out o;
@@ -259,6 +260,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     sa.mc_samples = mc_samples;
     sa.use_proxy = use_proxy;
     sa.unordered = unordered;
+    sa.stages = stages;
     npy_intp dv = 0;
     if (v) {
         sa.v = PyArray_DATA(v);
@@ -271,7 +273,7 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     PyObject *res = NULL;
     tka_search_row *out = PyMem_Calloc((size_t)(rows > 0 ? rows : 1), sizeof(tka_search_row));
     PyArrayObject *ov = NULL, *idx = NULL, *kk = NULL, *tv = NULL, *ks = NULL, *bsc = NULL,
-                  *pr = NULL, *by = NULL, *mcf = NULL;
+                  *pr = NULL, *by = NULL, *mcf = NULL, *fsc = NULL, *stg = NULL;
     if (!out) return PyErr_NoMemory();
     if (v) {
         npy_intp so[2] = {rows, dv};
@@ -287,8 +289,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         goto done;
     }
     {
+        /* unordered: only the output is wanted, no kept set is returned (a (rows, 0) array) */
         npy_intp kmax = 0;
-        for (npy_intp r = 0; r < rows; r++) if (out[r].k > kmax) kmax = out[r].k;
+        for (npy_intp r = 0; r < rows && !unordered; r++) if (out[r].k > kmax) kmax = out[r].k;
         npy_intp s2[2] = {rows, kmax}, s1[1] = {rows};
         if (!(idx = (PyArrayObject *)PyArray_SimpleNew(2, s2, NPY_INT64)) ||
             !(kk = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
@@ -297,13 +300,18 @@ static PyObject *py_search(PyObject *self, PyObject *args)
             !(bsc = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
             !(pr = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_INT64)) ||
             !(by = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_FLOAT64)) ||
-            !(mcf = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)))
+            !(mcf = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)) ||
+            !(fsc = (PyArrayObject *)PyArray_SimpleNew(1, s1, NPY_BOOL)))
             goto done;
+        npy_intp s3[3] = {rows, 2, TKA_STAGES};
+        if (stages && !(stg = (PyArrayObject *)PyArray_SimpleNew(3, s3, NPY_FLOAT64))) goto done;
         int64_t *ip = PyArray_DATA(idx);
         for (npy_intp r = 0; r < rows; r++) {
             const tka_search_row *w = &out[r];
-            memcpy(ip + r * kmax, w->idx, (size_t)w->k * sizeof(int64_t));
-            for (npy_intp j = w->k; j < kmax; j++) ip[r * kmax + j] = -1;
+            if (kmax > 0) {
+                memcpy(ip + r * kmax, w->idx, (size_t)w->k * sizeof(int64_t));
+                for (npy_intp j = w->k; j < kmax; j++) ip[r * kmax + j] = -1;
+            }
             ((int64_t *)PyArray_DATA(kk))[r] = w->k;
             ((double *)PyArray_DATA(tv))[r] = w->tv_bound;
             ((int64_t *)PyArray_DATA(ks))[r] = w->keys_scored;
@@ -311,9 +319,15 @@ static PyObject *py_search(PyObject *self, PyObject *args)
             ((int64_t *)PyArray_DATA(pr))[r] = w->proxies_read;
             ((double *)PyArray_DATA(by))[r] = w->bytes_read;
             ((npy_bool *)PyArray_DATA(mcf))[r] = (npy_bool)(w->certified_mc != 0);
+            ((npy_bool *)PyArray_DATA(fsc))[r] = (npy_bool)(w->full_scoring != 0);
+            if (stg) {
+                double *sp = (double *)PyArray_DATA(stg) + r * 2 * TKA_STAGES;
+                memcpy(sp, w->stage_s, sizeof w->stage_s);
+                memcpy(sp + TKA_STAGES, w->stage_bytes, sizeof w->stage_bytes);
+            }
         }
-        res = Py_BuildValue("OOOOOOOOO", idx, kk, tv, ks, bsc, pr, by, mcf,
-                            ov ? (PyObject *)ov : Py_None);
+        res = Py_BuildValue("OOOOOOOOOOO", idx, kk, tv, ks, bsc, pr, by, mcf,
+                            ov ? (PyObject *)ov : Py_None, fsc, stg ? (PyObject *)stg : Py_None);
     }
 done:
     for (npy_intp r = 0; r < rows; r++) free(out[r].idx);
@@ -327,6 +341,8 @@ done:
     Py_XDECREF(pr);
     Py_XDECREF(by);
     Py_XDECREF(mcf);
+    Py_XDECREF(fsc);
+    Py_XDECREF(stg);
     return res;
 }
 
@@ -337,7 +353,7 @@ PyMethodDef tka_search_methods[] = {
     {"index_fill", py_index_fill, METH_VARARGS,
      "index_fill(index_tuple, k0): block summaries and proxies for keys [k0, n)."},
     {"search", py_search, METH_VARARGS,
-     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered]): "
-     "certified search rows."},
+     "search(index_tuple, Q, scale, eps, method, delta, seed, mc_samples, use_proxy, V[, unordered"
+     "[, stages]]): certified search rows (and per-stage seconds and bytes with stages)."},
     {NULL, NULL, 0, NULL},
 };

@@ -14,9 +14,18 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 #include "search.h"
+
+/* Wall clock in seconds, for the optional per-stage timers (tka_search_args.stages). */
+static inline double stage_now(void)
+{
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static inline size_t esize(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F16 ? 2 : 8; }
 
@@ -441,6 +450,9 @@ typedef struct {
     int64_t pool_ops;      /* updates of the running sum */
     double bytes;
     int64_t proxies, blocks;
+    int timing;                  /* per-stage timers on (tka_search_args.stages) */
+    double st[TKA_STAGES], sb[TKA_STAGES]; /* seconds and bytes per stage */
+    double wall;                 /* with timers: seconds spent on the row */
 } srow;
 
 static inline void add_scored(srow *w, double s, int64_t i)
@@ -478,6 +490,7 @@ static inline void score(const search_ctx *cx, srow *w, int64_t i0, int64_t m, d
     else
         cx->kern->dot_f64(w->qs, (const double *)w->keys + i0 * w->d, w->d, m, out);
     w->bytes += (double)m * (double)w->d * (double)w->es;
+    if (w->timing) w->sb[TKA_STAGE_RERANK] += (double)m * (double)w->d * (double)w->es;
 }
 
 /* Bound on the mass of everything unscored, units e^{ref}, rounded up: unexpanded blocks
@@ -516,6 +529,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     const tka_search_args *a = cx->a;
     const int64_t ns = w->ns;
     const double m = w->m; /* the largest scored logit */
+    const double t0 = w->timing ? stage_now() : 0.0;
     double *wm = tka_arena_alloc(s, (size_t)(ns + 1) * sizeof(double));
     if (!wm) {
         *st = TKA_ERR_NOMEM;
@@ -574,6 +588,13 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     w->bytes += 8.0 * (double)k;
+    double t1 = 0.0;
+    if (w->timing) {
+        t1 = stage_now();
+        w->st[TKA_STAGE_CERT] += t1 - t0;
+        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
+        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
+    }
     if (dense_out) {
         /* many kept keys: sum the V rows in their stored order (a stream the prefetcher
          * follows), with the weights by the vector exp, placed at the keys' positions */
@@ -618,6 +639,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
         }
         for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
+    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
     return 1;
 }
 
@@ -868,6 +890,8 @@ typedef struct {
     int32_t *tmp;                      /* proxy levels of a block (bs) */
     int16_t *yq;                       /* proxy query codes (d) */
     int32_t *lev;                      /* streaming: level of every key, -1 once scored (n) */
+    int32_t *bmin;                     /* streaming: lowest level of a block's unscored keys,
+                                          for the blocks whose levels are known (nb) */
     uint8_t *done;                     /* streaming: blocks whose levels are known (nb) */
     double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
 } row_bufs;
@@ -884,12 +908,13 @@ static size_t row_bytes(const search_dims *sd)
     const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
     size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
               + (sd->mc && sd->proxy ? 2 * n : 0);
-    return n8 * 8 + (bs + (sd->proxy ? n : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
+    return n8 * 8 + (bs + (sd->proxy ? n + nb : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
          + (sd->mc ? n : 0) + (sd->proxy ? nb : 0) + 64;
 }
 
 /* Carve buf (row_bytes) into the row's arrays and reset w, ck and the level lists. */
-static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb)
+static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_bufs *rb,
+                      int levels)
 {
     const int64_t n = sd->n, d = sd->d, bs = sd->bs, nb = sd->nb;
     memset(w, 0, sizeof *w);
@@ -910,13 +935,15 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
         rb->defer = q8; q8 += nb;
         w->lhead = q8; q8 += NLEVELS;
         w->lcnt = q8; q8 += NLEVELS;
-        for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
+        if (levels)  /* (a row scored in full never uses them) */
+            for (int64_t b = 0; b < NLEVELS; b++) { w->lhead[b] = -1; w->lcnt[b] = 0; }
         rb->lv = q8; q8 += n;
         if (sd->mc) { ck->pk = q8; q8 += n; ck->pb = q8; q8 += n; }
     }
     rb->tmp = (int32_t *)q8;
     rb->lev = rb->tmp + bs;
-    rb->yq = (int16_t *)(rb->lev + (sd->proxy ? n : 0));
+    rb->bmin = rb->lev + (sd->proxy ? n : 0);
+    rb->yq = (int16_t *)(rb->bmin + (sd->proxy ? nb : 0));
     uint8_t *p1 = (uint8_t *)(rb->yq + d);
     if (sd->mc) { w->mark = p1; memset(w->mark, 0, (size_t)n); p1 += n; }
     rb->done = p1;
@@ -1126,10 +1153,24 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 /* the sample that decides between the two strategies: the 1/STREAM_SAMPLE blocks with the
  * highest bounds and every STREAM_SAMPLE-th block */
 #define STREAM_SAMPLE 8
+/* the first look of a group's first row: the 1/STREAM_SAMPLE_QUICK blocks with the highest
+ * bounds and every STREAM_SAMPLE_QUICK-th block; it switches the group only when more than
+ * half of the keys would be candidates (a small sample: the cost estimate waits for the
+ * whole one) */
+#define STREAM_SAMPLE_QUICK 32
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
+/* candidate keys whose rows are prefetched ahead of the run being scored */
+#define SCORE_AHEAD 8
 /* more candidates than this share of the keys: score them all */
 #define STREAM_FULL 0.5
+/* queries of one head searched together (see search_groups) */
+#define GROUP 4
+/* keys of float16 converted at a time for the float32 kernels of a full pass */
+#define F16_CHUNK 1024
+/* a group of two or more queries over at most this many keys is scored in full at once:
+ * a pass costs about what the sample and the bookkeeping of the levels would */
+#define GROUP_SMALL_N 1024
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */
@@ -1148,12 +1189,18 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
                      lev + i0);
     cx->kern->proxy_levels(lev + i0, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
                            i1 - i0, &pc);
-    for (int64_t i = i0; i < i1; i++) cnt[lev[i]]++;
+    int32_t lo = NLEVELS;
+    for (int64_t i = i0; i < i1; i++) {
+        cnt[lev[i]]++;
+        if (lev[i] < lo) lo = lev[i];
+    }
+    rb->bmin[b] = lo;
     if (cnt2)
         for (int64_t i = i0; i < i1; i++) cnt2[lev[i]]++;
     w->proxies += i1 - i0;
     w->blocks++;
     w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+    if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
     return i1 - i0;
 }
 
@@ -1197,27 +1244,64 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
 {
     int32_t *lev = rb->lev;
     double *tmpd = rb->tmpd;
+    int64_t *cand = w->ekey;  /* (the level lists' array: unused by the streaming search) */
+    const double t0 = w->timing ? stage_now() : 0.0;
+    /* the candidates, in storage order; blocks with no unscored key on levels <= t are
+     * skipped by their lowest level */
+    int64_t nc = 0;
     for (int64_t b = 0; b < w->nb; b++) {
-        if (!rb->done[b]) continue;
+        if (!rb->done[b] || rb->bmin[b] > t) continue;
         const int64_t i1 = (b + 1) * w->bs < w->n ? (b + 1) * w->bs : w->n;
-        for (int64_t i = b * w->bs; i < i1;) {
-            if (lev[i] < 0 || lev[i] > t) {
-                i++;
-                continue;
+        int32_t lo = NLEVELS;  /* the block's lowest level left */
+        for (int64_t i = b * w->bs; i < i1; i++) {
+            const int32_t l = lev[i];
+            if (l < 0) continue;
+            if (l <= t) {
+                cand[nc++] = i;
+                cnt[l]--;
+                lev[i] = -1;
+            } else if (l < lo) {
+                lo = l;
             }
-            int64_t e = i;
-            while (e < i1 && lev[e] >= 0 && lev[e] <= t) e++;
-            score(cx, w, i, e - i, tmpd);
-            for (int64_t u = i; u < e; u++) {
-                cnt[lev[u]]--;
-                lev[u] = -1;
-                add_scored(w, tmpd[u - i], u);
-                note_computed(w, u);
-            }
-            w->unscored -= e - i;
-            i = e;
         }
+        rb->bmin[b] = lo;
     }
+    /* scored in runs of neighbours, the rows of the candidates ahead prefetched (they are
+     * scattered: a miss per run otherwise) */
+    const size_t row = (size_t)w->d * w->es;
+    int64_t pf = 0;
+    for (int64_t c = 0; c < nc;) {
+        int64_t e = c + 1;
+        while (e < nc && e - c < w->bs && cand[e] == cand[e - 1] + 1) e++;
+        const int64_t want = e + SCORE_AHEAD < nc ? e + SCORE_AHEAD : nc;
+        for (pf = pf > e ? pf : e; pf < want; pf++) {
+            const char *pk = w->keys + (size_t)cand[pf] * row;
+            for (size_t off = 0; off < row; off += 64) __builtin_prefetch(pk + off);
+        }
+        const int64_t i = cand[c], len = e - c;
+        score(cx, w, i, len, tmpd);
+        /* the scores join the scored set; their mass by the vector exp, in one go */
+        double mx = w->m;
+        for (int64_t u = 0; u < len; u++) {
+            w->sv[w->ns + u] = tmpd[u];
+            w->si[w->ns + u] = i + u;
+            if (tmpd[u] > mx) mx = tmpd[u];
+            note_computed(w, i + u);
+        }
+        w->ns += len;
+        if (mx > w->m) {
+            w->zs = w->m == -INFINITY ? 0.0 : w->zs * exp(w->m - mx);
+            w->m = mx;
+            w->fm = w->ref - mx > 700.0 ? INFINITY : exp(w->ref - mx) * (1.0 + 0x1p-48);
+        }
+        cx->K->exp_shift[TKA_F64](tmpd, len, w->m, tmpd);
+        double zr = 0.0;
+        for (int64_t u = 0; u < len; u++) zr += tmpd[u];
+        w->zs += zr;
+        w->unscored -= len;
+        c = e;
+    }
+    if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
 }
 
 /*
@@ -1255,17 +1339,57 @@ static int64_t stream_level_of(const srow *w, double p)
     return gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)gap;
 }
 
+/*
+ * The switch to full scoring, from the sample. A row alone switches when more than half of
+ * the keys are predicted to be candidates. For a row whose pass would be shared by `share`
+ * >= 2 queries: `below` keys predicted to be candidates
+ * (scored exactly, one query at a time, scattered), the proxies the search would read (the
+ * sample's, and those of every pending block whose bound reaches level t_read), against one
+ * pass over every key shared by `share` queries plus the k_eps selection over all of them.
+ * Costs in nanoseconds per key at d = 64, measured per stage (tka_search_args.stages) on a
+ * 2-core AVX-512 machine with the keys out of cache, and their growth with d measured at
+ * d = 128 (a heuristic about cost only: the certificate does not depend on it). The
+ * streaming search must promise to be clearly cheaper: its rows vary in cost, and a group
+ * waits for its slowest row.
+ */
+#define COST_CODE 6.5     /* a proxy read: int8 dot product, level, count */
+#define COST_SCORE 45.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
+#define COST_ROW 1.0      /* per key, the streaming row's cuts and bookkeeping */
+#define COST_PASS4 6.4    /* a key of the full pass, per query, when four queries share it
+                             (the pass reads every key: its cost is shared out) */
+#define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
+#define STREAM_MARGIN 0.7 /* stream only when it is predicted to cost this share or less */
+
+static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
+                         int64_t t_read, int64_t share)
+{
+    if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
+    if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
+    double reads = (double)w->proxies;
+    for (int64_t b = 0; b < w->nb; b++)
+        if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
+            reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
+    const double dd = (double)w->d;
+    const double pass = COST_PASS4 * (dd + 100.0) / 164.0 * (double)GROUP / (double)share;
+    const double stream = COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
+                        + COST_ROW * (double)n;
+    const double full = (pass + COST_SELECT) * (double)n;
+    return stream > STREAM_MARGIN * full;
+}
+
 /* Pending blocks (not done) whose block level is <= t get their proxies read: their keys
  * leave the block level's count for their own levels. w->bord[b]: block b's level. */
 static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
                           int64_t *cnt, int64_t t)
 {
+    const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t b = 0; b < w->nb; b++) {
         if (rb->done[b] || w->bord[b] > t) continue;
         const int64_t i0 = b * w->bs, sz = i0 + w->bs < w->n ? w->bs : w->n - i0;
         cnt[w->bord[b]] -= sz;
         stream_block(cx, w, h, rb, b, cnt, NULL);
     }
+    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
 }
 
 /*
@@ -1275,17 +1399,19 @@ static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bu
  * lowest level.
  */
 static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
-                             int64_t *cnt, int64_t *cnt2)
+                             int64_t *cnt, int64_t *cnt2, int64_t stride)
 {
-    const int64_t nb = w->nb, ntop = (nb + STREAM_SAMPLE - 1) / STREAM_SAMPLE;
+    const int64_t nb = w->nb, ntop = (nb + stride - 1) / stride;
     for (int64_t b = 0; b < nb; b++) {
         w->bsuf[b] = w->ub[b];
         w->bord[b] = b;
     }
     if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);
     int64_t top = w->bord[0] * w->bs;
+    const double t0 = w->timing ? stage_now() : 0.0;
     for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
-    for (int64_t b = 0; b < nb; b += STREAM_SAMPLE) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    for (int64_t b = 0; b < nb; b += stride) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
     for (int64_t b = 0; b < nb; b++) {
         if (!rb->done[b]) continue;
         const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
@@ -1294,31 +1420,26 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     return top;
 }
 
-/* Every key scored in one pass (no bound can help): the scores go straight to sv. */
-static void stream_all(const search_ctx *cx, srow *w)
-{
-    const int64_t n = w->n;
-    score(cx, w, 0, n, w->sv);
-    double m = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        w->si[i] = i;
-        if (w->sv[i] > m) m = w->sv[i];
-    }
-    w->ns = n;
-    w->distinct = n;
-    w->unscored = 0;
-    w->blocks = w->nb;
-    w->m = m;
-    w->fm = w->ref - m > 700.0 ? INFINITY : exp(w->ref - m) * (1.0 + 0x1p-48);
-}
+/* What the first part of the streaming search hands to the rest: the first exact score,
+ * the bound-to-logit gap, and the level up to which the pending blocks are expanded. */
+typedef struct {
+    double s0, gap;
+    int64_t t_expand;
+} stream_mid;
 
-/* Streaming search of row r (see above). */
-static tka_status search_stream(const search_ctx *cx, int64_t r, const search_dims *sd,
-                                srow *w, chk_t *ck, row_bufs *rb, tka_arena *s)
+/* Streaming search of row r (see above), up to the first expansion: block bounds, the
+ * sample and the decision. When the sample shows that the row would score more than `full`
+ * of the keys, *fallback = 1 (nothing certified: the caller scores the row in full). */
+static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                         const chk_t *ck, row_bufs *rb, int64_t share, int *fallback,
+                         stream_mid *md)
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
-    tka_status st = TKA_OK;
-    w->bytes += stream_block_bounds(cx, w, h, rb);
+    {
+        const double by = stream_block_bounds(cx, w, h, rb);  /* selection stage */
+        w->bytes += by;
+        if (w->timing) w->sb[TKA_STAGE_SELECT] += by;
+    }
     double ref = -INFINITY;
     for (int64_t b = 0; b < nb; b++) if (w->ub[b] > ref) ref = w->ub[b];
     w->ref = ref;
@@ -1330,11 +1451,37 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
     for (int64_t b = 0; b < NLEVELS; b++) cnt2[b] = 0;
     for (int64_t b = 0; b < nb; b++) rb->done[b] = 0;
-    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2);
+    if (share >= 2 && nb >= 16 * STREAM_SAMPLE_QUICK) {
+        /* a first look at a quarter of the sample: a group where most keys would be
+         * candidates switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
+         * blocks are among the every STREAM_SAMPLE-th ones: nothing is read twice) */
+        const int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
+        int64_t n2 = 0, ns = 0;
+        for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
+        double s1;
+        score(cx, w, top1, 1, &s1);
+        const double gap1 = fmax(0.0, (ref - (double)lev[top1] * LEVEL_W) - s1);
+        const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
+        const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
+        double below = 0.0;
+        for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
+        if (below > STREAM_FULL * (double)n) {
+            md->s0 = s1;
+            md->gap = gap1;
+            md->t_expand = t1 + STREAM_AHEAD;
+            *fallback = 1;
+            return;
+        }
+    }
+    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
     int64_t n2 = 0, ns = 0;
     for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
     double s0;
-    score(cx, w, top, 1, &s0);
+    {
+        const double t0 = w->timing ? stage_now() : 0.0;
+        score(cx, w, top, 1, &s0);
+        if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
+    }
     const double gap = fmax(0.0, (ref - (double)lev[top] * LEVEL_W) - s0);
     cnt[lev[top]]--;
     cnt2[lev[top]] -= cnt2[lev[top]] > 0; /* only an estimate */
@@ -1347,10 +1494,13 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
     int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, exp(s0 - ref), gap, ck->eps);
     double below = 0.0;
     for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-    if (below > STREAM_FULL * (double)n) {
-        stream_all(cx, w);
-        if (finalize(cx, w, r, 0.0, ck->eps, s, &st)) return st;
-        return TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
+    *fallback = 0;
+    md->s0 = s0;
+    md->gap = gap;
+    md->t_expand = t + STREAM_AHEAD;
+    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share)) {
+        *fallback = 1;
+        return;
     }
     /* blocks whose bound is well below the cut keep their block level: no proxies read */
     for (int64_t b = 0; b < nb; b++) {
@@ -1359,8 +1509,18 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
         w->bord[b] = stream_level_of(w, w->ub[b]);
         cnt[w->bord[b]] += sz;
     }
-    stream_expand(cx, w, h, rb, cnt, t + STREAM_AHEAD);
-    t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(s0 - ref), gap, ck->eps);
+}
+
+/* The rest of the streaming search of row r, once the pending blocks up to md->t_expand
+ * have been expanded: cut, expand, score, certify, until certified. */
+static tka_status stream_finish(const search_ctx *cx, int64_t r, srow *w, chk_t *ck,
+                                row_bufs *rb, tka_arena *s, const stream_mid *md)
+{
+    const int64_t h = r / cx->a->L;
+    int64_t *cnt = w->lcnt;
+    tka_status st = TKA_OK;
+    int64_t t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(md->s0 - w->ref), md->gap, ck->eps);
+    const double gap = md->gap;
     for (;;) {
         stream_expand(cx, w, h, rb, cnt, t);
         stream_score(cx, w, rb, cnt, t);
@@ -1372,6 +1532,438 @@ static tka_status search_stream(const search_ctx *cx, int64_t r, const search_di
         const double zk = w->fm > 0.0 && isfinite(w->fm) ? w->zs / w->fm : 0.0;
         t = stream_cut(cx, cnt, NULL, 0.0, t, zk, gap, ck->eps);
     }
+}
+
+/* The results of row r from its working state; with timers, the selection stage is the
+ * row's time (w->wall) less the other stages. */
+static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
+{
+    tka_search_row *o = &cx->rows[r];
+    o->keys_scored = w->distinct > w->n ? w->n : w->distinct;
+    o->blocks_scored = w->blocks;
+    o->proxies_read = w->proxies;
+    o->bytes_read = w->bytes;
+    if (w->timing) {
+        double other = 0.0;
+        for (int k = 0; k < TKA_STAGES; k++) {
+            o->stage_s[k] = w->st[k];
+            o->stage_bytes[k] = w->sb[k];
+            if (k != TKA_STAGE_SELECT) other += w->st[k];
+        }
+        const double rest = w->wall - other;
+        o->stage_s[TKA_STAGE_SELECT] = rest > 0.0 ? rest : 0.0;
+    }
+}
+
+/*
+ * Queries of one head are searched in groups of up to GROUP rows (fixed by the row
+ * numbering, never by the thread split, like the groups of the attention kernels). Each
+ * row starts the streaming search with its sample; when the first row's sample predicts
+ * that full scoring is cheaper (stream_switch), the whole group switches: one pass over
+ * the keys scores all its queries together (the dot4 kernel of the attention path) and
+ * each row keeps the k_eps set of topk_attention's selection, certified by its exact tail
+ * (padded for rounding like every other certificate). Otherwise each later row decides on
+ * its own sample; the rows that switch share one full pass, and the streaming rows read
+ * the int8 codes of their first expansion in one pass over the blocks (each block's codes
+ * in cache for every row that needs them). Then each streaming row goes on alone.
+ */
+
+/*
+ * Row r from the logits of every key (sc, n values in storage order), by the selection of
+ * topk_attention(eps): the k_eps set of a target eps' a little inside eps, whose exact
+ * discarded mass tau is the certificate once padded for rounding: relatively for the sums
+ * (the factor rel, as in finalize), e^{4 eta} for the logits (as in finalize), and
+ * 2^-1000 per dropped key for tail terms that underflow. The output reads the kept rows
+ * of V in position order when they are many (a stream), else in kept order.
+ */
+static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
+                              int dense_out, const double *kv, double mx, tka_arena *s);
+
+static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
+                              double *sc, tka_arena *s)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const int64_t n = w->n, h = r / a->L;
+    const double t0 = w->timing ? stage_now() : 0.0;
+    tka_row tw = {.p = sc, .n = n, .dt = TKA_F64, .K = K};
+    tka_status st = tka_row_check(&tw, s);
+    if (st != TKA_OK) return st;
+    const double rel = 1.0 + (double)(n + 64) * 0x1p-50;
+    const double grow = exp(4.0 * w->eta) * (1.0 + 0x1p-50);
+    const double eps_k = ck->eps * (1.0 - 1e-7) / (rel * grow);
+    int64_t k;
+    double tau, thr;
+    if ((st = tka_row_keps(&tw, eps_k, s, &k, &tau, &thr)) != TKA_OK) return st;
+    int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!keep || !kv) return TKA_ERR_NOMEM;
+    if ((st = tka_row_topk_above(&tw, k, thr, s, keep)) != TKA_OK) return st;
+    /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
+    double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
+                                            INFINITY);
+    if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
+                                                  certifies by the search's own finalize */
+    for (int64_t t = 0; t < k; t++) kv[t] = sc[keep[t]];
+    /* many kept rows of a V larger than the cache: read them in position order */
+    const int dense_out = cx->out_v && k > n / 8
+                          && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
+    tka_search_row *out = &cx->rows[r];
+    out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!out->idx) return TKA_ERR_NOMEM;
+    const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
+    for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
+    out->k = k;
+    out->tv_bound = bound;
+    w->bytes += 8.0 * (double)k;
+    double t1 = 0.0;
+    if (w->timing) {
+        t1 = stage_now();
+        w->st[TKA_STAGE_CERT] += t1 - t0;
+        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
+        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
+    }
+    /* the output sums the kept rows in storage order (or position order), so it does not
+     * depend on whether the kept set is reported */
+    if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK)
+        return st;  /* the caller frees out->idx */
+    if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
+    if (!a->unordered) {  /* reported by decreasing score */
+        tka_pairs_sort_desc(kv, keep, k);
+        for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
+    }
+    return TKA_OK;
+}
+
+/* The output of row r from its kept keys (original positions in cx->rows[r].idx, scores
+ * in kv, the row's largest score mx). */
+static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
+                              int dense_out, const double *kv, double mx, tka_arena *s)
+{
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const tka_search_row *out = &cx->rows[r];
+    const int64_t dv = a->dv;
+    double *o = cx->out_v + (size_t)(r * dv);
+    const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
+    const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!wk) return TKA_ERR_NOMEM;
+    K->exp_shift[TKA_F64](kv, k, mx, wk);
+    memset(o, 0, (size_t)dv * sizeof(double));
+    double z = 0.0;
+    if (dense_out) {
+        /* weights placed at the keys' positions, the kept positions gathered in increasing
+         * order without a branch per key, V read in that order (a stream with gaps) */
+        double *wd = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
+        if (!wd || !pos) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0 */
+        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = wk[t];
+        int64_t c = 0;
+        for (int64_t i = 0; i < n; i++) {
+            pos[c] = i;
+            c += wd[i] >= 0.0;
+        }
+        for (int64_t t = 0; t < c; t++) {
+            if (t + PREFETCH < c) {
+                const char *pv = vh + (size_t)pos[t + PREFETCH] * vrow;
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
+                    __builtin_prefetch(pv + off);
+            }
+            const double wt = wd[pos[t]];
+            z += wt;
+            K->axpy[a->vdtype](vh + (size_t)pos[t] * vrow, dv, wt, o);
+        }
+    } else {
+        for (int64_t t = 0; t < k; t++) {
+            if (t + PREFETCH < k) {
+                const char *pv = vh + (size_t)out->idx[t + PREFETCH] * vrow;
+                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
+                    __builtin_prefetch(pv + off);
+            }
+            z += wk[t];
+            K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, wk[t], o);
+        }
+    }
+    for (int64_t j = 0; j < dv; j++) o[j] /= z;
+    return TKA_OK;
+}
+
+/*
+ * How far a score of the float32 kernels (sdot, sdot4) may lie from the real logit
+ * c q.k of the stored values (docs/design.md §3): the query rounded to float32 (u = 2^-24
+ * relative, 2^-149 absolute), at most ceil(d/8) float32 fused multiply-adds per lane and
+ * two float32 additions joining the lanes (u each on partial sums bounded by
+ * sum_j |q_j k_j|), a float64 addition and the float64 scale; 1% covers the second-order
+ * terms, and 2^-149 per operation any float32 underflow. Added to eta, so the certificate
+ * (e^{4 eta}) allows for it.
+ */
+static double f32_eta(const srow *w, const row_bufs *rb, double maxabs, double scale)
+{
+    const double d = (double)w->d;
+    return (ceil(d / 8.0) + 6.0) * 0x1p-24 * 1.01 * rb->qn1 * maxabs
+           + (2.0 * d + 8.0) * 0x1p-149 * scale * (maxabs + 1.0);
+}
+
+static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
+                           double *sc, tka_arena *s)
+{
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = full_row_in(cx, r, w, ck, sc, s);
+    tka_arena_release(s, mark);
+    if (st != TKA_RETRY) return st;
+    /* the certificate of every scored key by finalize, which adds keys past k_eps' until
+     * the padded bound meets eps */
+    double mx = -INFINITY;
+    for (int64_t t = 0; t < w->n; t++) {
+        w->si[t] = t;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    w->sv = sc;
+    w->ns = w->n;
+    w->unscored = 0;
+    w->m = mx;
+    w->ref = mx;
+    w->fm = 1.0;
+    double zs = 0.0;
+    for (int64_t t = 0; t < w->n; t++) zs += exp(sc[t] - mx);
+    w->zs = zs;
+    st = TKA_OK;
+    if (!finalize(cx, w, r, 0.0, ck->eps, s, &st) && st == TKA_OK)
+        st = TKA_INTERNAL_ERROR(); /* with every key kept the bound is 0 */
+    return st;
+}
+
+/* Full scoring of the m rows rows[0..m) (one head) in one pass over the keys. first[i]:
+ * the working state of row rows[i] when it decided to switch (its sample's reads and time
+ * count for it), or NULL when it did not sample. buf: a row buffer free for use. */
+static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64_t m,
+                                const search_dims *sd, char *buf, const srow *const *first,
+                                tka_arena *s)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const tka_kernels *K = cx->K;
+    const int64_t n = sd->n, d = sd->d, h = rows[0] / a->L, dpad = (d + 15) / 16 * 16;
+    const int timing = a->stages;
+    const size_t mark = tka_arena_mark(s);
+    double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
+    float *qf = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(float));
+    double *sc = tka_arena_alloc(s, (size_t)((m > 1 ? GROUP : 1) * n) * sizeof(double));
+    if (!q || !qf || !sc) {
+        tka_arena_release(s, mark);
+        return TKA_ERR_NOMEM;
+    }
+    /* float32 keys (and float16 ones, converted exactly, by chunks) are scored as
+     * topk_attention scores a float32 problem: float32 queries, products accumulated in
+     * float32 lanes, the scale applied in float64 (when nothing can overflow float32); the
+     * certificate then allows for that accumulation (f32_eta), and the kept keys come by
+     * decreasing score as computed. float64 keys: the float64 scores of the search (dot4). */
+    double qmax = 0.0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < d; j++) qmax = fmax(qmax, fabs(a->q[(size_t)(rows[i] * d + j)]));
+    const int f32 = ix->dtype != TKA_F64
+                    && qmax * ix->maxabs[h] * (double)(d + 16) < 1e36 && qmax < 1e36;
+    float *kc = NULL;  /* float16 keys: a chunk converted to float32 */
+    if (f32 && ix->dtype == TKA_F16
+        && !(kc = tka_arena_alloc(s, (size_t)(F16_CHUNK * d) * sizeof(float)))) {
+        tka_arena_release(s, mark);
+        return TKA_ERR_NOMEM;
+    }
+    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    memset(qf, 0, (size_t)(GROUP * dpad) * sizeof(float));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < d; j++) {
+            const double x = a->q[(size_t)(rows[i] * d + j)];
+            q[i * dpad + j] = a->scale * x;  /* exactly as prepare_query scales it */
+            qf[i * dpad + j] = (float)x;
+        }
+    const size_t es = esize(ix->dtype);
+    const char *keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * es;
+    const double t0 = timing ? stage_now() : 0.0;
+    for (int64_t c0 = 0; f32 && c0 < n; c0 += ix->dtype == TKA_F16 ? F16_CHUNK : n) {
+        const int64_t c1 = ix->dtype == TKA_F16 && c0 + F16_CHUNK < n ? c0 + F16_CHUNK : n;
+        const float *x = (const float *)keys + c0 * d;
+        if (kc) {
+            K->f16_to_f32((const uint16_t *)keys + c0 * d, (c1 - c0) * d, kc);
+            x = kc;
+        }
+        if (m == 1) K->sdot(x, c1 - c0, d, qf, d, a->scale, sc + c0);
+        else K->sdot4(x, c1 - c0, d, qf, dpad, d, a->scale, sc + c0, n);
+    }
+    if (!f32 && m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
+    else if (!f32) K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
+    const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
+    const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
+    tka_status st = TKA_OK;
+    search_dims sd_q = *sd;
+    sd_q.proxy = 0;  /* the query's scaling, norms and eta; no proxy codes */
+    for (int64_t i = 0; i < m && st == TKA_OK; i++) {
+        const int64_t r = rows[i];
+        const double tr = timing ? stage_now() : 0.0;
+        srow w;
+        chk_t ck;
+        row_bufs rb;
+        carve_row(buf, sd, &w, &ck, &rb, 0);
+        w.timing = timing;
+        prepare_query(cx, r, &sd_q, &w, &ck, &rb);
+        if (first[i]) { /* the sample the decision was made on */
+            w.bytes = first[i]->bytes;
+            w.proxies = first[i]->proxies;
+            memcpy(w.st, first[i]->st, sizeof w.st);
+            memcpy(w.sb, first[i]->sb, sizeof w.sb);
+            w.wall = first[i]->wall;
+        }
+        if (f32) w.eta += f32_eta(&w, &rb, cx->ix->maxabs[h], a->scale);
+        w.bytes += pass_bytes;
+        w.st[TKA_STAGE_RERANK] += t_pass;
+        w.sb[TKA_STAGE_RERANK] += pass_bytes;
+        w.blocks = sd->nb;
+        w.distinct = n;
+        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s);
+        if (st != TKA_OK) break;
+        if (timing) w.wall += t_pass + (stage_now() - tr);
+        row_stats(cx, r, &w);
+        cx->rows[r].full_scoring = 1;
+    }
+    tka_arena_release(s, mark);
+    return st;
+}
+
+/* The first expansion of the streaming rows of a group, in one pass over the blocks: each
+ * block's int8 codes are read by every row that needs them while they are in cache. */
+static void expand_group(const search_ctx *cx, int64_t h, int64_t k, srow *const *w,
+                         row_bufs *const *rb, const stream_mid *const *md)
+{
+    const double t0 = w[0]->timing ? stage_now() : 0.0;
+    const int64_t nb = w[0]->nb, bs = w[0]->bs, n = w[0]->n;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t sz = b * bs + bs < n ? bs : n - b * bs;
+        for (int64_t g = 0; g < k; g++) {
+            if (rb[g]->done[b] || w[g]->bord[b] > md[g]->t_expand) continue;
+            w[g]->lcnt[w[g]->bord[b]] -= sz;
+            stream_block(cx, w[g], h, rb[g], b, w[g]->lcnt, NULL);
+        }
+    }
+    if (w[0]->timing) {
+        const double share = (stage_now() - t0) / (double)k;
+        for (int64_t g = 0; g < k; g++) {
+            w[g]->st[TKA_STAGE_CODES] += share;
+            w[g]->wall += share;
+        }
+    }
+}
+
+/* Group buffers above this many bytes: the rows of a group run one after the other (no
+ * shared expansion), each in the same buffer. */
+#define GROUP_BUF_MAX ((size_t)128 << 20)
+
+static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, int64_t *err_row)
+{
+    search_ctx *cx = c;
+    const tka_key_index *ix = cx->ix;
+    const tka_search_args *a = cx->a;
+    const int64_t n = ix->n, bs = ix->block_size, L = a->L, per = (L + GROUP - 1) / GROUP;
+    const search_dims sd = {n, ix->d, bs, (n + bs - 1) / bs, 1, 0};
+    const int timing = a->stages;
+    const size_t mark = tka_arena_mark(s);
+    const size_t rbytes = (row_bytes(&sd) + 63) / 64 * 64;
+    const int64_t nbuf = L > 1 && (size_t)GROUP * rbytes <= GROUP_BUF_MAX ? GROUP : 1;
+    char *bufs = tka_arena_alloc(s, (size_t)nbuf * rbytes);  /* for every group of the range */
+    if (!bufs) return TKA_ERR_NOMEM;
+    tka_status st = TKA_OK;
+    for (int64_t g = g0; g < g1 && st == TKA_OK; g++) {
+        const int64_t r0 = (g / per) * L + (g % per) * GROUP, h = r0 / L;
+        const int64_t m = L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP;
+        srow w[GROUP];
+        chk_t ck[GROUP];
+        row_bufs rb[GROUP];
+        stream_mid md[GROUP];
+        int64_t fbr[GROUP], nfb = 0;
+        const srow *fbs[GROUP];
+        if (nbuf == 1) {  /* one row at a time */
+            for (int64_t i = 0; i < m && st == TKA_OK; i++) {
+                const int64_t r = r0 + i;
+                const double t_row0 = timing ? stage_now() : 0.0;
+                carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
+                w[0].timing = timing;
+                prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
+                int fb = 0;
+                stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0]);
+                if (fb) {  /* this row and the rest of the group: one full pass */
+                    if (timing) w[0].wall = stage_now() - t_row0;
+                    for (int64_t u = i; u < m; u++) {
+                        fbr[u - i] = r0 + u;
+                        fbs[u - i] = u == i ? &w[0] : NULL;
+                    }
+                    st = fallback_rows(cx, fbr, m - i, &sd, bufs, fbs, s);
+                    break;
+                }
+                stream_expand(cx, &w[0], h, &rb[0], w[0].lcnt, md[0].t_expand);
+                st = stream_finish(cx, r, &w[0], &ck[0], &rb[0], s, &md[0]);
+                if (timing) w[0].wall = stage_now() - t_row0;
+                if (st == TKA_OK) row_stats(cx, r, &w[0]);
+            }
+            if (st != TKA_OK) *err_row = g;
+            continue;
+        }
+        /* every row of the group in its own buffer: the first row's sample decides for the
+         * group when it asks for full scoring; otherwise each row decides on its own, the
+         * rows that switch share one full pass and the streaming rows one first expansion */
+        srow *ws[GROUP];
+        row_bufs *rbs[GROUP];
+        const stream_mid *mds[GROUP];
+        int64_t ks = 0, sr[GROUP];
+        int all = m >= 2 && n <= GROUP_SMALL_N;
+        for (int64_t i = 0; i < m && !all; i++) {
+            const double t_row0 = timing ? stage_now() : 0.0;
+            carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i], 1);
+            w[i].timing = timing;
+            prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
+            int fb = 0;
+            stream_begin(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], i == 0 ? m : 1, &fb, &md[i]);
+            if (timing) w[i].wall = stage_now() - t_row0;
+            if (fb && i == 0) {
+                all = 1;
+                break;
+            }
+            if (fb) {
+                fbr[nfb] = r0 + i;
+                fbs[nfb++] = &w[i];
+            } else {
+                ws[ks] = &w[i];
+                rbs[ks] = &rb[i];
+                mds[ks] = &md[i];
+                sr[ks++] = i;
+            }
+        }
+        if (all) {
+            const int sampled = !(m >= 2 && n <= GROUP_SMALL_N);
+            for (int64_t u = 0; u < m; u++) {
+                fbr[u] = r0 + u;
+                fbs[u] = u == 0 && sampled ? &w[0] : NULL;
+            }
+            st = fallback_rows(cx, fbr, m, &sd, bufs, fbs, s);
+            if (st != TKA_OK) *err_row = g;
+            continue;
+        }
+        expand_group(cx, h, ks, ws, rbs, mds);
+        for (int64_t u = 0; u < ks && st == TKA_OK; u++) {
+            const int64_t i = sr[u];
+            const double t1 = timing ? stage_now() : 0.0;
+            st = stream_finish(cx, r0 + i, &w[i], &ck[i], &rb[i], s, &md[i]);
+            if (timing) w[i].wall += stage_now() - t1;
+            if (st == TKA_OK) row_stats(cx, r0 + i, &w[i]);
+        }
+        /* the switching rows' buffers are no longer needed: the pass uses the first one's */
+        if (st == TKA_OK && nfb)
+            st = fallback_rows(cx, fbr, nfb, &sd, bufs + (size_t)(fbr[0] - r0) * rbytes, fbs, s);
+        if (st != TKA_OK) *err_row = g;
+    }
+    tka_arena_release(s, mark);
+    return st;
 }
 
 static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int64_t *err_row)
@@ -1390,24 +1982,19 @@ static tka_status search_rows(void *c, int64_t r0, int64_t r1, tka_arena *s, int
         srow w;
         chk_t ck;
         row_bufs rb;
-        carve_row(buf, &sd, &w, &ck, &rb);
+        carve_row(buf, &sd, &w, &ck, &rb, 1);
+        const double t_row0 = a->stages ? stage_now() : 0.0;
+        w.timing = a->stages;
         prepare_query(cx, r, &sd, &w, &ck, &rb);
-        if (sd.proxy && !sd.mc) {
-            st = search_stream(cx, r, &sd, &w, &ck, &rb, s);
-        } else {
-            order_blocks(cx, r, &sd, &w, &ck, &rb);
-            st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
-                          : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
-        }
+        order_blocks(cx, r, &sd, &w, &ck, &rb);
+        st = sd.proxy ? search_levels(cx, r, &sd, &w, &ck, &rb, s)
+                      : search_blocks(cx, r, &sd, &w, &ck, &rb, s);
         if (st != TKA_OK) {
             *err_row = r;
             break;
         }
-        tka_search_row *o = &cx->rows[r];
-        o->keys_scored = w.distinct > n ? n : w.distinct;
-        o->blocks_scored = w.blocks;
-        o->proxies_read = w.proxies;
-        o->bytes_read = w.bytes;
+        if (w.timing) w.wall = stage_now() - t_row0;
+        row_stats(cx, r, &w);
     }
     tka_arena_release(s, mark);
     return st;
@@ -1425,7 +2012,16 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
-    tka_status st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
+    tka_status st;
+    if (args->use_proxy && ix->pz && args->method == TKA_SEARCH_DELTA) {
+        /* the streaming search, by groups of queries of one head */
+        const int64_t per = (args->L + GROUP - 1) / GROUP;
+        st = tka_rows_run_parallel(ix->heads * per, work, search_groups, &cx, &err->row);
+        if (st != TKA_OK && err->row >= 0) /* the failing group's first row */
+            err->row = (err->row / per) * args->L + (err->row % per) * GROUP;
+    } else {
+        st = tka_rows_run_parallel(rows, work, search_rows, &cx, &err->row);
+    }
     if (st != TKA_OK) {
         for (int64_t r = 0; r < rows; r++) {
             free(out_rows[r].idx);

@@ -64,6 +64,13 @@ tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d,
 tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out, int64_t k0,
                           tka_error *err);
 
+/** Stages of a search row, for the optional timers: the int8 codes pass (proxy dot
+ *  products and levels), the selection (block bounds, sample, cuts, bookkeeping), the exact
+ *  scoring (rerank, or the full pass of a group that switched to full scoring), the
+ *  certificate (kept set and bound) and the output (V rows). */
+enum { TKA_STAGE_CODES, TKA_STAGE_SELECT, TKA_STAGE_RERANK, TKA_STAGE_CERT, TKA_STAGE_OUTPUT,
+       TKA_STAGES };
+
 /** Methods. */
 enum { TKA_SEARCH_DELTA = 0, TKA_SEARCH_MC = 1 };
 
@@ -80,6 +87,8 @@ typedef struct {
     int use_proxy;           /**< use the index's per-key proxies (if present) */
     int unordered;           /**< the kept set may come in any order (only V's output is
                                   wanted): saves sorting a large kept set */
+    int stages;              /**< fill the per-stage times and bytes of every row (timers
+                                  run only then) */
     /* values: optional, heads x n_v x dv rows (original key order), for the output */
     const void *v;
     tka_dtype vdtype;
@@ -97,6 +106,10 @@ typedef struct {
     int64_t proxies_read;    /**< per-key proxies evaluated */
     double bytes_read;       /**< summaries + proxies + exact keys (+ perm entries) */
     int certified_mc;        /**< 1 when the certificate rests on the MC estimate */
+    int full_scoring;        /**< 1 when the row's group switched to full scoring (every key
+                                  scored in one pass shared by the group's queries) */
+    double stage_s[TKA_STAGES];     /**< with args->stages: seconds per stage */
+    double stage_bytes[TKA_STAGES]; /**< with args->stages: bytes read per stage */
 } tka_search_row;
 
 /**

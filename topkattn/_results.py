@@ -78,7 +78,10 @@ class SearchResult:
     ----------
     indices : int64 array, shape (..., kmax)
         Kept keys (original positions) by decreasing logit; rows with fewer than kmax kept
-        keys are padded with -1. For a single query, exactly the k kept keys.
+        keys are padded with -1. For a single query, exactly the k kept keys. Rows scored
+        in full (``full_scoring``) on float32 or float16 keys come by decreasing score as
+        ``topk_attention`` computes it for float32 operands (products accumulated in float32
+        lanes, docs/design.md §3); their certificate allows for that rounding.
     k : int64 array (...)
         Number of kept keys.
     tv_bound : float64 array (...)
@@ -93,9 +96,16 @@ class SearchResult:
         Per-key proxies evaluated.
     bytes_read : float64 array (...)
         Bytes of the key side read: summaries of every block, proxies read, exact keys
-        scored and the positions of kept keys (values V not included).
+        scored and the positions of kept keys (values V not included). A full pass over
+        the keys shared by the m rows of a group (``full_scoring``) counts 1/m of it to
+        each.
     certified_mc : bool array (...)
         Rows whose certificate rests on the Monte-Carlo estimate.
+    full_scoring : bool array (...) or None
+        Rows whose group of queries switched to full scoring (Δk-Search with proxies: the
+        sample showed that most keys would have to be scored, so every key was scored in
+        one pass shared by up to four queries of the head, and the certificate is the exact
+        tail of the dropped keys, padded for rounding).
     output : array (..., d_v) or None
         Attention output of the kept set (softmax over it, weights times V rows).
     method, eps, delta, confidence
@@ -119,3 +129,4 @@ class SearchResult:
     delta: float | None
     confidence: float
     n: int | None = None
+    full_scoring: np.ndarray | None = None

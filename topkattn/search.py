@@ -313,7 +313,7 @@ def _prepare_queries(q, index, name):
 
 
 def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, name,
-         unordered=False):
+         unordered=False, stages=False):
     if not isinstance(index, KeyIndex):
         raise TypeError(f"index must be a KeyIndex, got {type(index).__name__}")
     if method not in _METHODS:
@@ -355,23 +355,26 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
     with index._lock.shared():
         n = index.n
         res = _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples,
-                             use_proxy, unordered)
-    idx, k, tv, ks, bsc, pr, by, mcf, out = res
+                             use_proxy, unordered, stages)
+    idx, k, tv, ks, bsc, pr, by, mcf, out, fsc, stg = res
     kmax = idx.shape[-1]
     shp = lambda a: a.reshape(qshape)  # noqa: E731
     if out is not None:
         dt = np.result_type(V.dtype, q.dtype if isinstance(q, np.ndarray) else np.float64)
         out = out.reshape(qshape + (out.shape[-1],)).astype(dt, copy=False)
-    return SearchResult(
+    result = SearchResult(
         indices=idx.reshape(qshape + (kmax,)), k=shp(k), tv_bound=shp(tv), keys_scored=shp(ks),
         blocks_scored=shp(bsc), proxies_read=shp(pr), bytes_read=shp(by),
         certified_mc=shp(mcf), output=out, method=method, eps=np.array(e),
         delta=delta if method == "mc" else None,
-        confidence=1.0 - delta if method == "mc" else 1.0, n=n)
+        confidence=1.0 - delta if method == "mc" else 1.0, n=n, full_scoring=shp(fsc))
+    if stages:
+        return result, stg.reshape(qshape + stg.shape[1:])
+    return result
 
 
 def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_proxy,
-                   unordered=False):
+                   unordered=False, stages=False):
     """The part of a search that reads the index; the caller holds its lock shared.
     ``unordered``: the kept sets may come in any order (only the output is wanted)."""
     # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
@@ -390,7 +393,8 @@ def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_p
     eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
     return _core.search(
         index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),
-        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc, bool(unordered))
+        int(seed) % (1 << 64), int(mc_samples), bool(use_proxy), Vc, bool(unordered),
+        bool(stages))
 
 
 @dispatch("q", "V")
@@ -493,3 +497,39 @@ def certified_attention(Q, index, V, eps, method="delta", delta=None, seed=None,
     res = _run(Q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, "Q",
                unordered=not return_info)
     return (res.output, res) if return_info else res.output
+
+
+#: Stages of :func:`_stage_profile`, in the order of its arrays.
+_STAGES = ("codes", "selection", "rerank", "certificate", "output")
+
+
+def _stage_profile(Q, index, V, eps, **kw):
+    """Per-stage seconds and bytes of :func:`certified_attention` (timers on; private).
+
+    Parameters
+    ----------
+    Q, index, V, eps, **kw
+        As in :func:`certified_attention`.
+
+    Returns
+    -------
+    info : SearchResult
+        As with ``return_info``, but without the kept sets (``indices`` has no columns).
+    seconds, nbytes : float64 arrays, shape (..., 5)
+        Per query row and stage (``_STAGES``): the int8 codes pass (proxy dot products
+        and levels), the selection (block bounds, sample, cuts and bookkeeping: the row's
+        time less the other stages), the exact scoring (rerank; for rows that switched to
+        full scoring, their share of the group's pass), the certificate (kept set and bound)
+        and the output (V rows). Bytes: summaries (selection), proxies (codes), exact keys
+        (rerank), kept positions (certificate) and kept V rows (output).
+    """
+    if V is None:
+        raise ValueError("V is required for _stage_profile")
+    kw = dict(kw)
+    args = [kw.pop(name, default) for name, default in
+            (("method", "delta"), ("delta", None), ("seed", None), ("scale", None),
+             ("mc_samples", 256), ("use_proxy", True))]
+    if kw:
+        raise TypeError(f"unexpected arguments {sorted(kw)}")
+    info, stg = _run(Q, index, eps, V, *args, "Q", unordered=True, stages=True)
+    return info, stg[..., 0, :], stg[..., 1, :]

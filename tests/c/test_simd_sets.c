@@ -971,8 +971,11 @@ int main(int argc, char **argv)
         g_rng = 99;
         const tka_dtype sdts[3] = {TKA_F64, TKA_F32, TKA_F16};
         for (int t = 0; t < 3; t++) {
+            /* groups of queries over at most 1024 keys are scored in full at once; over
+             * more, each group streams or switches on its sample */
             check_search((tka_simd)set, 700, 16, sdts[t], 32);
             check_search((tka_simd)set, quick ? 900 : 5000, 37, sdts[t], 64);
+            check_search((tka_simd)set, 2100, 24, sdts[t], 32);
         }
         printf("set %-7s rows %ld (x %d eps, %d k: k_eps/top-k/tail/5 certificates)"
                ", kernel rows %ld, attention rows %ld, search rows %ld (kept sets differing "

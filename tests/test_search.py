@@ -623,10 +623,16 @@ def test_repeated_searches_touch_no_new_memory():
     try:
         first = certified_search(q, index, 1e-2)
         certified_search(q, index, 1e-2)
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        # the fewest faults of three rounds of three calls: a stray fault of the interpreter
+        # (an allocator returning memory) can land in one round, scratch allocated per call
+        # would fault in hundreds of pages in every round
+        faults = None
         for _ in range(3):
-            again = certified_search(q, index, 1e-2)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(3):
+                again = certified_search(q, index, 1e-2)
+            got = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            faults = got if faults is None else min(faults, got)
     finally:
         topkattn.set_num_threads(threads)
     np.testing.assert_array_equal(again.indices, first.indices)

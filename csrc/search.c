@@ -517,6 +517,21 @@ static inline double to_m_units(const srow *w, double u)
     return v * (1.0 + 0x1p-50);
 }
 
+/* Account a row's kept set: the positions it reports (bytes), and with the stage timers
+ * the certificate's time since t0 and the value rows the output will read. Returns the
+ * time the certificate stage ended (0 without timers). */
+static double note_kept(const search_ctx *cx, srow *w, int64_t k, double t0)
+{
+    w->bytes += 8.0 * (double)k;
+    if (!w->timing) return 0.0;
+    const double t1 = stage_now();
+    w->st[TKA_STAGE_CERT] += t1 - t0;
+    w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
+    if (cx->out_v)
+        w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)cx->a->dv * (double)esize(cx->a->vdtype);
+    return t1;
+}
+
 /*
  * Try to certify with unscored mass bound u_ref (units e^{ref}): find the smallest top set
  * of the scored keys whose certificate is <= eps. Returns 1 and fills the row on success
@@ -587,14 +602,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     for (int64_t t = 0; t < k; t++) out->idx[t] = perm[w->si[t]];
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
-    w->bytes += 8.0 * (double)k;
-    double t1 = 0.0;
-    if (w->timing) {
-        t1 = stage_now();
-        w->st[TKA_STAGE_CERT] += t1 - t0;
-        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
-        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
-    }
+    const double t1 = note_kept(cx, w, k, t0);
     if (dense_out) {
         /* many kept keys: sum the V rows in their stored order (a stream the prefetcher
          * follows), with the weights by the vector exp, placed at the keys' positions */
@@ -1617,14 +1625,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
     out->k = k;
     out->tv_bound = bound;
-    w->bytes += 8.0 * (double)k;
-    double t1 = 0.0;
-    if (w->timing) {
-        t1 = stage_now();
-        w->st[TKA_STAGE_CERT] += t1 - t0;
-        w->sb[TKA_STAGE_CERT] += 8.0 * (double)k;
-        if (cx->out_v) w->sb[TKA_STAGE_OUTPUT] += (double)k * (double)a->dv * (double)esize(a->vdtype);
-    }
+    const double t1 = note_kept(cx, w, k, t0);
     /* the output sums the kept rows in storage order (or position order), so it does not
      * depend on whether the kept set is reported */
     if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK)

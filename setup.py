@@ -55,7 +55,7 @@ X86 = target_machine() in ("x86_64", "amd64", "i686", "i386", "x86")
 # Flags for one file, chosen by its name suffix (x86 only: the NEON files need none).
 ISA_FLAGS = {
     "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
-    "_avx512.c": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
+    "_avx512.c": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-mf16c"],
 }
 
 BANNED = ("-march", "-mavx", "-mfma", "-mf16c", "-msse4", "-mtune=native", "-mcpu=native")

@@ -22,7 +22,7 @@ static uint64_t xgetbv0(void)
 #endif
 
 typedef struct {
-    int avx2, fma, avx512f, avx512ifma, f16c;
+    int avx2, fma, avx512f, avx512bw, avx512ifma, f16c;
     char names[128];
 } cpu_info;
 
@@ -39,17 +39,19 @@ static cpu_info detect(void)
     /* The OS must save the wide registers: XCR0 bits 1,2 (SSE, AVX) and 5,6,7 (opmask, ZMM). */
     uint64_t xcr0 = osxsave ? xgetbv0() : 0;
     int ymm_ok = (xcr0 & 0x6) == 0x6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
-    int avx2 = 0, avx512f = 0, avx512ifma = 0;
+    int avx2 = 0, avx512f = 0, avx512bw = 0, avx512ifma = 0;
     if (__get_cpuid_max(0, 0) >= 7) {
         __cpuid_count(7, 0, a, b, cx, d);
         avx2 = (b >> 5) & 1;
         avx512f = (b >> 16) & 1;
         avx512ifma = (b >> 21) & 1;
+        avx512bw = (b >> 30) & 1;
     }
     c.fma = fma && avx && ymm_ok;
     c.avx2 = avx2 && avx && ymm_ok;
     c.avx512f = avx512f && zmm_ok;
     c.avx512ifma = avx512ifma && zmm_ok;
+    c.avx512bw = avx512bw && zmm_ok;
     c.f16c = f16c && avx && ymm_ok;
     if (sse2) strcat(c.names, "sse2,");
     if (avx && ymm_ok) strcat(c.names, "avx,");
@@ -57,6 +59,7 @@ static cpu_info detect(void)
     if (c.fma) strcat(c.names, "fma,");
     if (c.f16c) strcat(c.names, "f16c,");
     if (c.avx512f) strcat(c.names, "avx512f,");
+    if (c.avx512bw) strcat(c.names, "avx512bw,");
     if (c.avx512ifma) strcat(c.names, "avx512ifma,");
     size_t len = strlen(c.names);
     if (len) c.names[len - 1] = '\0';
@@ -106,7 +109,9 @@ int tka_simd_supported(tka_simd which)
     case TKA_SIMD_SCALAR: return 1;
     /* F16C for the float16 loads: every CPU with AVX2 we know of has it, but ask */
     case TKA_SIMD_AVX2: return c->avx2 && c->fma && c->f16c;
-    case TKA_SIMD_AVX512: return c->avx512f && c->avx2 && c->fma && c->f16c;
+    /* AVX-512BW for the search's 512-bit integer code products (every AVX-512 CPU but the
+     * first Xeon Phi has it) */
+    case TKA_SIMD_AVX512: return c->avx512f && c->avx512bw && c->avx2 && c->fma && c->f16c;
     case TKA_SIMD_NEON: return 1; /* compiled only for aarch64, where it is baseline */
     default: return 0;
     }

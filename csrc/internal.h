@@ -194,6 +194,7 @@ extern const tka_search_kernels tka_search_kernels_scalar;
 extern const tka_kernels tka_kernels_avx2;
 extern const tka_kernels tka_kernels_avx512;
 extern const tka_search_kernels tka_search_kernels_avx2;
+extern const tka_search_kernels tka_search_kernels_avx512;
 #endif
 #ifdef TKA_HAVE_NEON
 extern const tka_kernels tka_kernels_neon;

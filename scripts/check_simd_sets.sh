@@ -50,7 +50,7 @@ build() {
     for f in "$repo"/csrc/cpu/*.c; do
         case "$f" in
             *_avx2.c) [ "$x86" = 1 ] && files+=("$f:-mavx2 -mfma -mf16c") ;;
-            *_avx512.c) [ "$x86" = 1 ] && files+=("$f:-mavx512f -mavx2 -mfma -mf16c") ;;
+            *_avx512.c) [ "$x86" = 1 ] && files+=("$f:-mavx512f -mavx512bw -mavx2 -mfma -mf16c") ;;
             *) files+=("$f:") ;;
         esac
     done

@@ -133,4 +133,4 @@ static void f16_to_f32_avx512(const uint16_t *src, int64_t n, float *dst)
 
 /* No AVX-512 search kernels: the AVX2 ones run on every CPU that has AVX-512F, AVX2 and
  * FMA, which selecting this set requires (dispatch.c). */
-const tka_kernels tka_kernels_avx512 = TKA_TABLE(avx512, TKA_SIMD_AVX512, &tka_search_kernels_avx2);
+const tka_kernels tka_kernels_avx512 = TKA_TABLE(avx512, TKA_SIMD_AVX512, &tka_search_kernels_avx512);

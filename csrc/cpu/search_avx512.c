@@ -1,0 +1,77 @@
+/*
+ * search_avx512.c - the certified search's kernels for the AVX-512 set: the int8 code dot
+ * products in 512-bit registers (AVX-512BW vpmaddwd), the rest from the AVX2 set.
+ * Compiled with -mavx512f -mavx512bw -mavx2 -mfma -mf16c; reached only through the AVX-512
+ * kernel table after the dispatcher has seen AVX-512F and AVX-512BW.
+ */
+#include <immintrin.h>
+
+#include "../internal.h"
+#include "../search.h"
+
+static void dot_f32(const double *q, const float *k, int64_t d, int64_t m, double *out)
+{
+    tka_search_kernels_avx2.dot_f32(q, k, d, m, out);
+}
+
+static void dot_f64(const double *q, const double *k, int64_t d, int64_t m, double *out)
+{
+    tka_search_kernels_avx2.dot_f64(q, k, d, m, out);
+}
+
+static void dot_f16(const double *q, const uint16_t *k, int64_t d, int64_t m, double *out)
+{
+    tka_search_kernels_avx2.dot_f16(q, k, d, m, out);
+}
+
+/*
+ * sum_j y[j] z[j] for m keys: vpmaddwd multiplies 32 int16 pairs and adds neighbours into
+ * 16 int32 lanes. Every product is below 2^15 * 127 and the caller keeps d max|y| 127 below
+ * 2^31, so each lane's partial sums and the final sum are exact in int32, and the result is
+ * the AVX2 kernel's (integer addition in any order). Four keys per step when d is a
+ * multiple of 32; the rest by the AVX2 kernel.
+ */
+static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out)
+{
+    int64_t i = 0;
+    if ((d & 31) == 0) {
+        for (; i + 4 <= m; i += 4, z += 4 * d) {
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t j = 0; j < d; j += 32) {
+                const __m512i yv = _mm512_loadu_si512((const void *)(y + j));
+                a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(yv, _mm512_cvtepi8_epi16(
+                         _mm256_loadu_si256((const __m256i *)(z + j)))));
+                a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(yv, _mm512_cvtepi8_epi16(
+                         _mm256_loadu_si256((const __m256i *)(z + d + j)))));
+                a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(yv, _mm512_cvtepi8_epi16(
+                         _mm256_loadu_si256((const __m256i *)(z + 2 * d + j)))));
+                a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(yv, _mm512_cvtepi8_epi16(
+                         _mm256_loadu_si256((const __m256i *)(z + 3 * d + j)))));
+            }
+            /* the four sums reduced together: halves, then two rounds of pairwise adds */
+            const __m256i y0 = _mm256_add_epi32(_mm512_castsi512_si256(a0),
+                                                _mm512_extracti64x4_epi64(a0, 1));
+            const __m256i y1 = _mm256_add_epi32(_mm512_castsi512_si256(a1),
+                                                _mm512_extracti64x4_epi64(a1, 1));
+            const __m256i y2 = _mm256_add_epi32(_mm512_castsi512_si256(a2),
+                                                _mm512_extracti64x4_epi64(a2, 1));
+            const __m256i y3 = _mm256_add_epi32(_mm512_castsi512_si256(a3),
+                                                _mm512_extracti64x4_epi64(a3, 1));
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(y0, y1),
+                                                _mm256_hadd_epi32(y2, y3));
+            _mm_storeu_si128((__m128i *)(out + i),
+                             _mm_add_epi32(_mm256_castsi256_si128(h),
+                                           _mm256_extracti128_si256(h, 1)));
+        }
+    }
+    if (i < m) tka_search_kernels_avx2.dot_i8(y, z, d, m - i, out + i);
+}
+
+static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_t m,
+                         const tka_proxy_consts *c)
+{
+    tka_search_kernels_avx2.proxy_levels(dl, sc, perr, m, c);
+}
+
+const tka_search_kernels tka_search_kernels_avx512 = {dot_f32, dot_f64, dot_f16, dot_i8,
+                                                      proxy_levels};

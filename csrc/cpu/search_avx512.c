@@ -67,10 +67,35 @@ static void dot_i8(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int3
     if (i < m) tka_search_kernels_avx2.dot_i8(y, z, d, m - i, out + i);
 }
 
+/* The AVX2 kernel's operations, eight keys per step: the same bounds and levels, bit for
+ * bit (each lane's arithmetic is the scalar formula's, in its order). */
 static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_t m,
                          const tka_proxy_consts *c)
 {
-    tka_search_kernels_avx2.proxy_levels(dl, sc, perr, m, c);
+    const __m512d bq = _mm512_set1_pd(c->bq), sl = _mm512_set1_pd(c->slack_code),
+                  qn2 = _mm512_set1_pd(c->qn2), ubb = _mm512_set1_pd(c->ubb),
+                  ref = _mm512_set1_pd(c->ref), pad = _mm512_set1_pd(0x1p-1060 + c->eta),
+                  rel = _mm512_set1_pd(0x1p-50), mg = _mm512_set1_pd(c->margin),
+                  r9 = _mm512_set1_pd(1e-9), inv = _mm512_set1_pd(1.0 / TKA_LEVEL_W),
+                  zero = _mm512_setzero_pd(), top = _mm512_set1_pd((double)(TKA_NLEVELS - 1));
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+        __m512d s = _mm512_cvtps_pd(_mm256_loadu_ps(sc + i));
+        __m512d dt = _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(dl + i)));
+        __m512d e = _mm512_cvtps_pd(_mm256_loadu_ps(perr + i));
+        __m512d p = _mm512_mul_pd(s, _mm512_mul_pd(bq, dt));
+        p = _mm512_add_pd(p, _mm512_mul_pd(s, sl));
+        p = _mm512_add_pd(p, _mm512_mul_pd(qn2, e));
+        __m512d ap = _mm512_abs_pd(p);
+        p = _mm512_add_pd(p, _mm512_add_pd(_mm512_mul_pd(rel, ap), pad));
+        p = _mm512_min_pd(p, ubb); /* NaN -> ubb (vminpd returns its second operand) */
+        ap = _mm512_abs_pd(p);
+        __m512d gap = _mm512_sub_pd(_mm512_sub_pd(ref, p), mg);
+        gap = _mm512_mul_pd(_mm512_sub_pd(gap, _mm512_mul_pd(r9, ap)), inv);
+        gap = _mm512_min_pd(_mm512_max_pd(gap, zero), top);
+        _mm256_storeu_si256((__m256i *)(dl + i), _mm512_cvttpd_epi32(gap));
+    }
+    if (i < m) tka_search_kernels_avx2.proxy_levels(dl + i, sc + i, perr + i, m - i, c);
 }
 
 const tka_search_kernels tka_search_kernels_avx512 = {dot_f32, dot_f64, dot_f16, dot_i8,

@@ -158,4 +158,4 @@ void tka_vexp(const double *x, int64_t n, double *out)
     if (n > 0) tka_kernels_active()->exp_shift[TKA_F64](x, n, 0.0, out);
 }
 
-const double *tka_exp2_table(void) { return tka_exp2_64; }
+const double *tka_exp2_table(void) { return tka_exp2_32; }

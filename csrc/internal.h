@@ -221,8 +221,8 @@ static inline double tka_exp_up(double x)
     return x < -700.0 ? TKA_EXP_M700_UP : exp(x) * (1.0 + 0x1p-50);
 }
 
-/** 2^(j/64), j = 0..63, rounded to nearest (csrc/cpu/exp_table.c): the vector exp's table. */
-extern const double tka_exp2_64[64];
+/** 2^(j/32), j = 0..31, rounded to nearest (csrc/cpu/exp_table.c): the vector exp's table. */
+extern const double tka_exp2_32[32];
 
 /* ------------------------------------------------------------------ threads */
 

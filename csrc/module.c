@@ -503,12 +503,12 @@ static PyObject *py_vexp(PyObject *self, PyObject *args)
     return (PyObject *)out;
 }
 
-/* exp2_table(): the 64 values 2^(j/64) the vector exp scales by. */
+/* exp2_table(): the 32 values 2^(j/32) the vector exp scales by. */
 static PyObject *py_exp2_table(PyObject *self, PyObject *noargs)
 {
-    npy_intp n = 64;
+    npy_intp n = 32;
     PyObject *out = PyArray_SimpleNew(1, &n, NPY_FLOAT64);
-    if (out) memcpy(PyArray_DATA((PyArrayObject *)out), tka_exp2_table(), 64 * sizeof(double));
+    if (out) memcpy(PyArray_DATA((PyArrayObject *)out), tka_exp2_table(), 32 * sizeof(double));
     return out;
 }
 
@@ -527,7 +527,7 @@ static PyMethodDef methods[] = {
     {"fit_gaussian", py_fit_gaussian, METH_VARARGS, "fit_gaussian(logits) -> (mu, sigma)"},
     {"gauss", py_gauss, METH_VARARGS, "gauss(op, a[, b[, c]]): elementwise Gaussian functions"},
     {"vexp", py_vexp, METH_VARARGS, "vexp(x): e^x by the active kernel set (for tests)"},
-    {"exp2_table", py_exp2_table, METH_NOARGS, "exp2_table(): 2^(j/64), j < 64"},
+    {"exp2_table", py_exp2_table, METH_NOARGS, "exp2_table(): 2^(j/32), j < 32"},
     {"simd_info", py_simd_info, METH_NOARGS, "compiled/supported/active SIMD paths"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(name)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},

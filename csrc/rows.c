@@ -335,10 +335,98 @@ tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *lo
     return TKA_OK;
 }
 
-static tka_status tail_row(void *c, const tka_row *w, int64_t r, tka_arena *s)
+static tka_status keps_pass_row(const tka_row *w, tka_arena *s, double lo, double hi, double ref,
+                                double *vals, double *ms, int64_t cap, tka_keps_pass_out *b);
+
+/*
+ * tka_row_log_tau of a row not checked yet, in one pass over it where it can: the reference
+ * of the masses is the largest sampled logit instead of the row maximum, and k_eps's pass
+ * (which validates the row and finds its maximum as it goes) counts above the bracket, sums
+ * the masses above and below it and gathers the band with its masses. Returns with *done = 0
+ * (nothing written) when the row needs the checked path: NaN or +inf anywhere, a maximum more
+ * than 600 above the reference (the sums of e^(x - ref) then stay finite whenever this path is
+ * used), the rank outside the bracket, heavy ties, or a tail whose largest logit is -inf or
+ * more than 600 below the maximum (its terms relative to ref are then normal numbers, and
+ * the terms flushed below ref - 708 are each under e^-708 of the maximum's, as in
+ * head_tail_ratio). The ratio head/tail does not depend on the reference.
+ */
+static tka_status tail_row_raw(const tka_row *w, int64_t k, tka_arena *s, double *lr, int *done)
+{
+    const int64_t n = w->n;
+    *done = 0;
+    const int64_t ns = sample_size(n, k);
+    double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
+    if (!smp) return TKA_ERR_NOMEM;
+    row_sample(w, ns, smp);
+    double ref = -INFINITY;
+    for (int64_t j = 0; j < ns; j++) {
+        if (!(smp[j] < INFINITY)) return TKA_OK;  /* NaN or +inf: the checked path says which */
+        ref = smp[j] > ref ? smp[j] : ref;
+    }
+    if (ref == -INFINITY) return TKA_OK;
+    /* the bracket of rank_select_in */
+    double r_exp = (double)k * (double)ns / (double)n;
+    double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
+    int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
+    double hi = INFINITY, lo = -INFINITY;
+    if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
+    if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+    if (!(lo < hi)) return TKA_OK;  /* ties across the bracket */
+    int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
+    int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
+    double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+    double *ms = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+    double *sel = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+    if (!vals || !ms || !sel) return TKA_ERR_NOMEM;
+    tka_keps_pass_out b;
+    tka_status st = keps_pass_row(w, s, lo, hi, ref, vals, ms, cap, &b);
+    if (st != TKA_OK) return st;
+    if (b.bad || !(b.max - ref <= 600.0)) return TKA_OK;
+    if (!(b.n_above < k && k <= b.n_above + b.n_band && b.n_band <= cap)) return TKA_OK;
+    memcpy(sel, vals, (size_t)b.n_band * sizeof(double));  /* the selection reorders its copy */
+    rank_info ri;
+    st = rank_from_band(w, s, sel, b.n_band, k - b.n_above - 1, b.n_above, k, &ri);
+    if (st != TKA_OK) return st;
+    if (ri.t == -INFINITY || !(ri.next >= b.max - 600.0)) return TKA_OK;
+    double head = b.mass_above, tail = b.mass_below;
+    for (int64_t i = 0; i < b.n_band; i++) {
+        if (vals[i] > ri.t) head += ms[i];
+        else if (vals[i] < ri.t) tail += ms[i];
+    }
+    /* logits equal to t: the first k - n_gt are kept, the rest discarded */
+    const double et = exp(ri.t - ref);
+    if (k > ri.n_gt) head += (double)(k - ri.n_gt) * et;
+    if (ri.n_gt + ri.n_eq > k) tail += (double)(ri.n_gt + ri.n_eq - k) * et;
+    *lr = log(head) - log(tail);
+    *done = 1;
+    return TKA_OK;
+}
+
+/* A row of tka_tail_mass, not yet checked (the driver skips the scan, as for k_eps): long
+ * rows with 0 < k < n try the one-pass path; every other row is checked here first. */
+static tka_status tail_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
 {
     tail_ctx *cx = c;
-    return tka_row_log_tau(w, cx->k[r], s, cx->log_tau + r, cx->kl ? cx->kl + r : NULL);
+    const int64_t k = cx->k[r];
+    double *kl = cx->kl ? cx->kl + r : NULL;
+    const size_t mark = tka_arena_mark(s);
+    tka_status st;
+    if (wr->n > TKA_CHUNK && k > 0 && k < wr->n) {
+        double lr;
+        int done;
+        st = tail_row_raw(wr, k, s, &lr, &done);
+        tka_arena_release(s, mark);
+        if (st != TKA_OK) return st;
+        if (done) {
+            cx->log_tau[r] = -softplus(lr);
+            if (kl) *kl = softplus(-lr);
+            return TKA_OK;
+        }
+    }
+    tka_row w = *wr;
+    if ((st = tka_row_check(&w, s)) == TKA_OK) st = tka_row_log_tau(&w, k, s, cx->log_tau + r, kl);
+    tka_arena_release(s, mark);
+    return st;
 }
 
 /* ---------------------------------------------------------------------- k_eps */
@@ -1238,7 +1326,7 @@ tka_status tka_tail_mass(const tka_rows *x, const int64_t *k, double *log_tau, d
                          tka_error *err)
 {
     tail_ctx c = {k, log_tau, kl};
-    return drive(x, tail_row, &c, 3.0, err);
+    return drive_rows(x, tail_row, &c, 3.0, 1, err);
 }
 
 tka_status tka_k_eps(const tka_rows *x, const double *eps, int64_t *k_out, double *tau_out,

@@ -87,7 +87,7 @@ tka_simd tka_simd_active(void);
 /** e^x[i] for i < n by the active kernel set's vector exp, the one every sum of
  *  exponentials uses (error bound in csrc/cpu/kernels.inc); for the accuracy tests. */
 void tka_vexp(const double *x, int64_t n, double *out);
-/** The 64 values 2^(j/64), rounded to nearest, that the vector exp scales by. */
+/** The 32 values 2^(j/32), rounded to nearest, that the vector exp scales by. */
 const double *tka_exp2_table(void);
 /** Name of a kernel set ("scalar", "avx2", "avx512", "neon"; "unknown" out of range). */
 const char *tka_simd_name(tka_simd which);

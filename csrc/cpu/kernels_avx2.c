@@ -45,14 +45,14 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     VD lo = _mm256_permute2f128_pd(s01, s23, 0x20), hi = _mm256_permute2f128_pd(s01, s23, 0x31);
     _mm256_storeu_pd(out, _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale)));
 }
-/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
+/* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
 static inline VD vd_exp2_tab(VD t)
 {
     const __m256i magic = _mm256_castpd_si256(_mm256_set1_pd(6755399441055744.0));
     __m256i m = _mm256_sub_epi64(_mm256_castpd_si256(t), magic);
-    __m256i j = _mm256_and_si256(m, _mm256_set1_epi64x(63));
-    __m256i e = _mm256_slli_epi64(_mm256_andnot_si256(_mm256_set1_epi64x(63), m), 46);
-    __m256i v = _mm256_castpd_si256(_mm256_i64gather_pd(tka_exp2_64, j, 8));
+    __m256i j = _mm256_and_si256(m, _mm256_set1_epi64x(31));
+    __m256i e = _mm256_slli_epi64(_mm256_andnot_si256(_mm256_set1_epi64x(31), m), 47);
+    __m256i v = _mm256_castpd_si256(_mm256_i64gather_pd(tka_exp2_32, j, 8));
     return _mm256_castsi256_pd(_mm256_add_epi64(v, e));
 }
 /* Lane permutations that move the selected doubles (pairs of 32-bit words) to the front:

@@ -41,22 +41,29 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     out[2] = scale * _mm512_reduce_add_pd(a2);
     out[3] = scale * _mm512_reduce_add_pd(a3);
 }
-/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
+/* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp). The 32
+ * entries are four registers: two two-register permutes (index bits 0-3) and a blend on
+ * bit 4, instead of a gather (slow on some cores). */
 static inline VD vd_exp2_tab(VD t)
 {
     const __m512i magic = _mm512_castpd_si512(_mm512_set1_pd(6755399441055744.0));
     __m512i m = _mm512_sub_epi64(_mm512_castpd_si512(t), magic);
-    __m512i j = _mm512_and_si512(m, _mm512_set1_epi64(63));
-    __m512i e = _mm512_slli_epi64(_mm512_andnot_si512(_mm512_set1_epi64(63), m), 46);
-    __m512i v = _mm512_castpd_si512(_mm512_i64gather_pd(j, tka_exp2_64, 8));
-    return _mm512_castsi512_pd(_mm512_add_epi64(v, e));
+    __m512i e = _mm512_slli_epi64(_mm512_andnot_si512(_mm512_set1_epi64(31), m), 47);
+    const __m512d t0 = _mm512_loadu_pd(tka_exp2_32), t1 = _mm512_loadu_pd(tka_exp2_32 + 8);
+    const __m512d t2 = _mm512_loadu_pd(tka_exp2_32 + 16), t3 = _mm512_loadu_pd(tka_exp2_32 + 24);
+    const __mmask8 b4 = _mm512_test_epi64_mask(m, _mm512_set1_epi64(16));
+    __m512d v = _mm512_mask_blend_pd(b4, _mm512_permutex2var_pd(t0, m, t1),
+                                     _mm512_permutex2var_pd(t2, m, t3));
+    return _mm512_castsi512_pd(_mm512_add_epi64(_mm512_castpd_si512(v), e));
 }
 static inline int vd_compress(double *dst, int64_t *idst, VM m, VD v, int64_t base)
 {
-    _mm512_mask_compressstoreu_pd(dst, m, v);
+    /* compress in a register, then a full store (VW slots, as the AVX2 set writes): a
+     * compressing store to memory is microcoded and slow on some cores (AMD Zen 4) */
+    _mm512_storeu_pd(dst, _mm512_maskz_compress_pd(m, v));
     if (idst) {
         __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(base), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-        _mm512_mask_compressstoreu_epi64(idst, m, pos);
+        _mm512_storeu_si512(idst, _mm512_maskz_compress_epi64(m, pos));
     }
     return __builtin_popcount((unsigned)m);
 }

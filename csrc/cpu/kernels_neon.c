@@ -59,15 +59,15 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     vst1q_f64(out, vmulq_f64(vpaddq_f64(a0, a1), s));
     vst1q_f64(out + 2, vmulq_f64(vpaddq_f64(a2, a3), s));
 }
-/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp): two
- * table loads (NEON has no gather), then (m >> 6) added to the exponent field */
+/* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp): two
+ * table loads (NEON has no gather), then (m >> 5) added to the exponent field */
 static inline VD vd_exp2_tab(VD t)
 {
     const int64x2_t magic = vreinterpretq_s64_f64(vdupq_n_f64(6755399441055744.0));
     const uint64x2_t m = vreinterpretq_u64_s64(vsubq_s64(vreinterpretq_s64_f64(t), magic));
-    float64x2_t v = vdupq_n_f64(tka_exp2_64[vgetq_lane_u64(m, 0) & 63]);
-    v = vsetq_lane_f64(tka_exp2_64[vgetq_lane_u64(m, 1) & 63], v, 1);
-    const uint64x2_t e = vshlq_n_u64(vbicq_u64(m, vdupq_n_u64(63)), 46);
+    float64x2_t v = vdupq_n_f64(tka_exp2_32[vgetq_lane_u64(m, 0) & 31]);
+    v = vsetq_lane_f64(tka_exp2_32[vgetq_lane_u64(m, 1) & 31], v, 1);
+    const uint64x2_t e = vshlq_n_u64(vbicq_u64(m, vdupq_n_u64(31)), 47);
     return vreinterpretq_f64_u64(vaddq_u64(vreinterpretq_u64_f64(v), e));
 }
 /* Store the lanes of v selected by m contiguously at dst (writing VW slots), and their

@@ -17,7 +17,7 @@ static inline VD vd_add(VD a, VD b) { return a + b; }
 static inline VD vd_sub(VD a, VD b) { return a - b; }
 static inline VD vd_mul(VD a, VD b) { return a * b; }
 /* No fused multiply-add here: a software fma() would be slow, and the two-part split of
- * ln(2)/64 keeps the range reduction exact without it (see vd_exp). */
+ * ln(2)/32 keeps the range reduction exact without it (see vd_exp). */
 static inline VD vd_fma(VD a, VD b, VD c) { return a * b + c; }
 static inline VD vd_max(VD a, VD b) { return a > b ? a : b; }
 static inline VD vd_min(VD a, VD b) { return a < b ? a : b; }
@@ -41,8 +41,8 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     out[2] = scale * a2;
     out[3] = scale * a3;
 }
-/* 2^(m >> 6) * tka_exp2_64[m & 63] for t = y + TKA_MAGIC, m = round(y) (see vd_exp): the
- * table value's exponent field is raised by m >> 6 (an arithmetic shift, as the integer
+/* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp): the
+ * table value's exponent field is raised by m >> 5 (an arithmetic shift, as the integer
  * arithmetic on the bits below). */
 static inline VD vd_exp2_tab(VD t)
 {
@@ -51,9 +51,9 @@ static inline VD vd_exp2_tab(VD t)
     memcpy(&bits, &t, 8);
     memcpy(&magic, &mg, 8);
     uint64_t m = bits - magic;
-    double v = tka_exp2_64[m & 63];
+    double v = tka_exp2_32[m & 31];
     memcpy(&tb, &v, 8);
-    tb += (m & ~(uint64_t)63) << 46;  /* (m >> 6) << 52, modulo 2^64 */
+    tb += (m & ~(uint64_t)31) << 47;  /* (m >> 5) << 52, modulo 2^64 */
     memcpy(&v, &tb, 8);
     return v;
 }

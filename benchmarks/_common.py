@@ -92,15 +92,32 @@ def time_call(fn, repeats=5, min_time=0.2, max_repeats=50, warmup=1):
     return min(times), statistics.median(times)
 
 
+def settle(max_wait=0.3, poll=0.01):
+    """Wait (at most ``max_wait`` s) until no thread of this process burns CPU.
+
+    A BLAS library's worker threads keep spinning for up to ~0.1 s after a matrix product
+    returns (OpenBLAS on this kind of machine); a competitor timed in that window shares
+    the cores with them. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        c0 = time.process_time()
+        time.sleep(poll)
+        if time.process_time() - c0 < 0.2 * poll:
+            break
+    return time.perf_counter() - t0
+
+
 def time_calls(fns, repeats=5, min_time=0.2, max_repeats=50, budget=10.0, warm=None):
     """Best and median seconds per call for several competitors, timed in turns.
 
-    The calls are interleaved (one of each per round), so a change in machine load
-    during the measurement affects every competitor alike. ``warm`` gives each one's
-    untimed first call time when the caller has already made it (else a warm-up call is
-    made here). Each gets at least ``repeats`` timed calls, fewer when a call is so slow
-    that they would exceed ``budget`` seconds (never fewer than one), and more, up to
-    ``max_repeats``, until ``min_time`` seconds of its calls were timed.
+    The competitors take turns (rounds of a few consecutive calls of each), so a change in
+    machine load during the measurement affects every competitor alike; before each turn
+    the process settles (see ``settle``), so no competitor's leftover spinning threads
+    (a BLAS pool's) take cores from the next. ``warm`` gives each one's untimed first call
+    time when the caller has already made it (else a warm-up call is made here). Each gets
+    at least ``repeats`` timed calls, fewer when a call is so slow that they would exceed
+    ``budget`` seconds (never fewer than one), and more, up to ``max_repeats``, until
+    ``min_time`` seconds of its calls were timed.
 
     Returns a list of (best, median) per function (None for a None entry).
     """
@@ -110,6 +127,7 @@ def time_calls(fns, repeats=5, min_time=0.2, max_repeats=50, budget=10.0, warm=N
     warm = list(warm)
     for i in live:
         if warm[i] is None:
+            settle()
             t0 = time.perf_counter()
             fns[i]()
             warm[i] = time.perf_counter() - t0
@@ -120,9 +138,16 @@ def time_calls(fns, repeats=5, min_time=0.2, max_repeats=50, budget=10.0, warm=N
         n, spent = len(times[i]), sum(times[i])
         return n < want[i] or (spent < min_time and n < max_repeats and want[i] == repeats)
 
+    # calls per turn: about a third of the wanted calls, and short turns for fast calls
+    per_turn = {i: max(1, min(want[i] // 3, int(0.05 / max(warm[i], 1e-9)))) for i in live}
     while any(needs(i) for i in live):
         for i in live:
-            if needs(i):
+            if not needs(i):
+                continue
+            settle()
+            for _ in range(per_turn[i]):
+                if not needs(i):
+                    break
                 t0 = time.perf_counter()
                 fns[i]()
                 times[i].append(time.perf_counter() - t0)

@@ -1179,6 +1179,8 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 /* a group of two or more queries over at most this many keys is scored in full at once:
  * a pass costs about what the sample and the bookkeeping of the levels would */
 #define GROUP_SMALL_N 1024
+/* full scoring sums V for the rows of a group in one pass up to this many keys */
+#define GROUP_PV_MAX_N 65536
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */
@@ -1588,8 +1590,12 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
                               int dense_out, const double *kv, double mx, tka_arena *s);
 
+/* With w4 (this row's slot of a group's interleaved weights, stride 4, zeroed), a row
+ * keeping many keys only writes its weights there and its normaliser to *z4: the group's
+ * caller sums V for all its rows in one pass (the pv kernel: the same terms in position
+ * order, so the same output as full_output's position-order walk). */
 static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
-                              double *sc, tka_arena *s)
+                              double *sc, tka_arena *s, double *w4, double *z4)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
@@ -1618,6 +1624,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     /* many kept rows of a V larger than the cache: read them in position order */
     const int dense_out = cx->out_v && k > n / 8
                           && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
+    const int deferred = cx->out_v && w4 && k > n / 8;
     tka_search_row *out = &cx->rows[r];
     out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     if (!out->idx) return TKA_ERR_NOMEM;
@@ -1628,8 +1635,17 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     const double t1 = note_kept(cx, w, k, t0);
     /* the output sums the kept rows in storage order (or position order), so it does not
      * depend on whether the kept set is reported */
-    if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK)
+    if (deferred) {
+        double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        if (!wk) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        K->exp_shift[TKA_F64](kv, k, tw.max, wk);
+        for (int64_t t = 0; t < k; t++) w4[4 * out->idx[t]] = wk[t];
+        double z = 0.0;  /* in position order, as the walk of full_output sums it */
+        for (int64_t i = 0; i < n; i++) z += w4[4 * i];
+        *z4 = z;
+    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
+    }
     if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
     if (!a->unordered) {  /* reported by decreasing score */
         tka_pairs_sort_desc(kv, keep, k);
@@ -1653,6 +1669,9 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
     double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
     if (!wk) return TKA_ERR_NOMEM;
     K->exp_shift[TKA_F64](kv, k, mx, wk);
+    /* prefetching the rows ahead pays only when the head's V is not in the cache already */
+    const int64_t vbytes = dv * (int64_t)esize(a->vdtype);
+    const int64_t ahead = (double)n * (double)vrow > 1048576.0 ? PREFETCH : k;
     memset(o, 0, (size_t)dv * sizeof(double));
     double z = 0.0;
     if (dense_out) {
@@ -1669,10 +1688,9 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
             c += wd[i] >= 0.0;
         }
         for (int64_t t = 0; t < c; t++) {
-            if (t + PREFETCH < c) {
-                const char *pv = vh + (size_t)pos[t + PREFETCH] * vrow;
-                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
-                    __builtin_prefetch(pv + off);
+            if (t + ahead < c) {
+                const char *pv = vh + (size_t)pos[t + ahead] * vrow;
+                for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(pv + off);
             }
             const double wt = wd[pos[t]];
             z += wt;
@@ -1680,10 +1698,9 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
         }
     } else {
         for (int64_t t = 0; t < k; t++) {
-            if (t + PREFETCH < k) {
-                const char *pv = vh + (size_t)out->idx[t + PREFETCH] * vrow;
-                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
-                    __builtin_prefetch(pv + off);
+            if (t + ahead < k) {
+                const char *pv = vh + (size_t)out->idx[t + ahead] * vrow;
+                for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(pv + off);
             }
             z += wk[t];
             K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, wk[t], o);
@@ -1710,10 +1727,10 @@ static double f32_eta(const srow *w, const row_bufs *rb, double maxabs, double s
 }
 
 static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
-                           double *sc, tka_arena *s)
+                           double *sc, tka_arena *s, double *w4, double *z4)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = full_row_in(cx, r, w, ck, sc, s);
+    tka_status st = full_row_in(cx, r, w, ck, sc, s, w4, z4);
     tka_arena_release(s, mark);
     if (st != TKA_RETRY) return st;
     /* the certificate of every scored key by finalize, which adds keys past k_eps' until
@@ -1754,7 +1771,15 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     double *q = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(double));
     float *qf = tka_arena_alloc(s, (size_t)(GROUP * dpad) * sizeof(float));
     double *sc = tka_arena_alloc(s, (size_t)((m > 1 ? GROUP : 1) * n) * sizeof(double));
-    if (!q || !qf || !sc) {
+    /* the rows keeping many keys sum V together in one pass (see full_row_in), for a V of
+     * moderate length (the weights take 32 bytes per key) */
+    double *w4 = NULL, *acc4 = NULL, z4[GROUP] = {0.0};
+    if (cx->out_v && n <= GROUP_PV_MAX_N) {
+        w4 = tka_arena_alloc(s, (size_t)(GROUP * n) * sizeof(double));
+        acc4 = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
+        if (w4) memset(w4, 0, (size_t)(GROUP * n) * sizeof(double));
+    }
+    if (!q || !qf || !sc || (cx->out_v && n <= GROUP_PV_MAX_N && (!w4 || !acc4))) {
         tka_arena_release(s, mark);
         return TKA_ERR_NOMEM;
     }
@@ -1824,11 +1849,33 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         w.sb[TKA_STAGE_RERANK] += pass_bytes;
         w.blocks = sd->nb;
         w.distinct = n;
-        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s);
+        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s, w4 ? w4 + i : NULL, &z4[i]);
         if (st != TKA_OK) break;
         if (timing) w.wall += t_pass + (stage_now() - tr);
         row_stats(cx, r, &w);
         cx->rows[r].full_scoring = 1;
+    }
+    int64_t deferred = 0;
+    for (int64_t i = 0; i < m; i++) deferred += z4[i] > 0.0;  /* a kept maximum weighs 1 */
+    if (st == TKA_OK && deferred > 0) {
+        const double t1 = timing ? stage_now() : 0.0;
+        const int64_t dv = a->dv;
+        const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
+        K->pv[a->vdtype](vh, n, a->v_row_stride, w4, (int)m, dv, acc4, dv);
+        for (int64_t i = 0; i < m; i++) {
+            if (!(z4[i] > 0.0)) continue;
+            double *o = cx->out_v + (size_t)(rows[i] * dv);
+            for (int64_t j = 0; j < dv; j++) o[j] = acc4[i * dv + j] / z4[i];
+        }
+        if (timing) {
+            const double share = (stage_now() - t1) / (double)deferred;
+            for (int64_t i = 0; i < m; i++)
+                if (z4[i] > 0.0) {  /* every row of V, read once for the deferred rows */
+                    cx->rows[rows[i]].stage_s[TKA_STAGE_OUTPUT] += share;
+                    cx->rows[rows[i]].stage_bytes[TKA_STAGE_OUTPUT] =
+                        (double)n * (double)dv * (double)esize(a->vdtype) / (double)deferred;
+                }
+        }
     }
     tka_arena_release(s, mark);
     return st;

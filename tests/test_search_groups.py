@@ -216,7 +216,8 @@ def test_same_results_for_any_thread_count_with_switching_groups():
 def test_stage_profile():
     """The private profile gives the search's results with per-stage seconds and bytes that
     add up: codes = proxies read x (d + 8); a switching group's full pass (n d itemsize)
-    shared out over its rows; kept positions 8 bytes each; V rows of the kept keys."""
+    shared out over its rows; kept positions 8 bytes each; V rows of the kept keys (or all
+    of V shared by the rows of a fully scored group that keep many keys)."""
     rng = np.random.default_rng(13)
     n, d = 8192, 32
     K, _ = stream_keys(rng, n, d, clusters=64, noise=0.2)
@@ -235,7 +236,11 @@ def test_stage_profile():
     np.testing.assert_array_equal(info.full_scoring, [False] * 4 + [True] * 3)
     np.testing.assert_array_equal(nby[:, 0], info.proxies_read * (d + 8))
     np.testing.assert_array_equal(nby[:, 3], 8.0 * info.k)
-    np.testing.assert_array_equal(nby[:, 4], 4.0 * 6 * info.k)
+    # V: the kept rows of a streaming row; the rows of the switching group keep many keys
+    # and read all of V once between them
+    np.testing.assert_array_equal(nby[:4, 4], 4.0 * 6 * info.k[:4])
+    assert np.all(info.k[4:] > n // 8)
+    np.testing.assert_allclose(nby[4:, 4], 4.0 * 6 * n / 3)
     stream = ~info.full_scoring
     np.testing.assert_array_equal(nby[stream, 2], 4.0 * d * info.keys_scored[stream])
     # the group of rows 4-6: its first row scored one sampled key, then the shared pass

@@ -520,6 +520,17 @@ static inline double to_m_units(const srow *w, double u)
 /* Account a row's kept set: the positions it reports (bytes), and with the stage timers
  * the certificate's time since t0 and the value rows the output will read. Returns the
  * time the certificate stage ended (0 without timers). */
+/* Storage for a row's k kept positions: the row's own (cx->rows[r].idx, freed by the
+ * caller) when the kept set is reported, else scratch in s, which lives while the row is
+ * finished (no allocation the size of every kept set per call). NULL when out of memory. */
+static int64_t *kept_positions(const search_ctx *cx, tka_search_row *out, int64_t k,
+                               tka_arena *s)
+{
+    const size_t bytes = (size_t)(k > 0 ? k : 1) * sizeof(int64_t);
+    if (cx->a->unordered) return tka_arena_alloc(s, bytes);
+    return out->idx = malloc(bytes);
+}
+
 static double note_kept(const search_ctx *cx, srow *w, int64_t k, double t0)
 {
     w->bytes += 8.0 * (double)k;
@@ -593,13 +604,13 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
         tka_pairs_sort_desc_radix(w->sv, w->si, k, tv, tx);
     }
     tka_search_row *out = &cx->rows[r];
-    out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-    if (!out->idx) {
+    int64_t *oi = kept_positions(cx, out, k, s);
+    if (!oi) {
         *st = TKA_ERR_NOMEM;
         return 1;
     }
     const int64_t *perm = ix->perm + (size_t)((r / a->L) * ix->cap);
-    for (int64_t t = 0; t < k; t++) out->idx[t] = perm[w->si[t]];
+    for (int64_t t = 0; t < k; t++) oi[t] = perm[w->si[t]];
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     const double t1 = note_kept(cx, w, k, t0);
@@ -616,7 +627,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
         }
         K->exp_shift[TKA_F64](w->sv, k, m, p);
         for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0: -1 marks "not kept" */
-        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = p[t];
+        for (int64_t t = 0; t < k; t++) wd[oi[t]] = p[t];
         memset(o, 0, (size_t)dv * sizeof(double));
         const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
         const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
@@ -636,12 +647,12 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
             double p = exp(w->sv[t] - m);
             z += p;
             if (t + PREFETCH < k) { /* kept keys are scattered over V */
-                const int64_t rp = h * a->v_head_stride + out->idx[t + PREFETCH] * a->v_row_stride;
+                const int64_t rp = h * a->v_head_stride + oi[t + PREFETCH] * a->v_row_stride;
                 const char *pv = (const char *)a->v + (size_t)rp * esize(a->vdtype);
                 for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
                     __builtin_prefetch(pv + off);
             }
-            const int64_t row = h * a->v_head_stride + out->idx[t] * a->v_row_stride;
+            const int64_t row = h * a->v_head_stride + oi[t] * a->v_row_stride;
             const void *v = (const char *)a->v + (size_t)row * esize(a->vdtype);
             K->axpy[a->vdtype](v, dv, p, o);
         }
@@ -1588,7 +1599,8 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
  * of V in position order when they are many (a stream), else in kept order.
  */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
-                              int dense_out, const double *kv, double mx, tka_arena *s);
+                              const int64_t *oi, int dense_out, const double *kv, double mx,
+                              tka_arena *s);
 
 /* With w4 (this row's slot of a group's interleaved weights, stride 4, zeroed), a row
  * keeping many keys only writes its weights there and its normaliser to *z4: the group's
@@ -1626,10 +1638,10 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
                           && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
     const int deferred = cx->out_v && w4 && k > n / 8;
     tka_search_row *out = &cx->rows[r];
-    out->idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-    if (!out->idx) return TKA_ERR_NOMEM;
+    int64_t *oi = kept_positions(cx, out, k, s);
+    if (!oi) return TKA_ERR_NOMEM;
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
-    for (int64_t t = 0; t < k; t++) out->idx[t] = perm[keep[t]];
+    for (int64_t t = 0; t < k; t++) oi[t] = perm[keep[t]];
     out->k = k;
     out->tv_bound = bound;
     const double t1 = note_kept(cx, w, k, t0);
@@ -1639,11 +1651,11 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
         if (!wk) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         K->exp_shift[TKA_F64](kv, k, tw.max, wk);
-        for (int64_t t = 0; t < k; t++) w4[4 * out->idx[t]] = wk[t];
+        for (int64_t t = 0; t < k; t++) w4[4 * oi[t]] = wk[t];
         double z = 0.0;  /* in position order, as the walk of full_output sums it */
         for (int64_t i = 0; i < n; i++) z += w4[4 * i];
         *z4 = z;
-    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, dense_out, kv, tw.max, s)) != TKA_OK) {
+    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, tw.max, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
     }
     if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
@@ -1654,14 +1666,14 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     return TKA_OK;
 }
 
-/* The output of row r from its kept keys (original positions in cx->rows[r].idx, scores
- * in kv, the row's largest score mx). */
+/* The output of row r from its kept keys (original positions in oi, scores in kv, the
+ * row's largest score mx). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
-                              int dense_out, const double *kv, double mx, tka_arena *s)
+                              const int64_t *oi, int dense_out, const double *kv, double mx,
+                              tka_arena *s)
 {
     const tka_search_args *a = cx->a;
     const tka_kernels *K = cx->K;
-    const tka_search_row *out = &cx->rows[r];
     const int64_t dv = a->dv;
     double *o = cx->out_v + (size_t)(r * dv);
     const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
@@ -1681,7 +1693,7 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
         int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
         if (!wd || !pos) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0 */
-        for (int64_t t = 0; t < k; t++) wd[out->idx[t]] = wk[t];
+        for (int64_t t = 0; t < k; t++) wd[oi[t]] = wk[t];
         int64_t c = 0;
         for (int64_t i = 0; i < n; i++) {
             pos[c] = i;
@@ -1699,11 +1711,11 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
     } else {
         for (int64_t t = 0; t < k; t++) {
             if (t + ahead < k) {
-                const char *pv = vh + (size_t)out->idx[t + ahead] * vrow;
+                const char *pv = vh + (size_t)oi[t + ahead] * vrow;
                 for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(pv + off);
             }
             z += wk[t];
-            K->axpy[a->vdtype](vh + (size_t)out->idx[t] * vrow, dv, wk[t], o);
+            K->axpy[a->vdtype](vh + (size_t)oi[t] * vrow, dv, wk[t], o);
         }
     }
     for (int64_t j = 0; j < dv; j++) o[j] /= z;
@@ -1790,7 +1802,10 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
      * decreasing score as computed. float64 keys: the float64 scores of the search (dot4). */
     double qmax = 0.0;
     for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < d; j++) qmax = fmax(qmax, fabs(a->q[(size_t)(rows[i] * d + j)]));
+        for (int64_t j = 0; j < d; j++) {  /* a compare, not fmax (a call per value) */
+            const double v = fabs(a->q[(size_t)(rows[i] * d + j)]);
+            qmax = v > qmax ? v : qmax;
+        }
     const int f32 = ix->dtype != TKA_F64
                     && qmax * ix->maxabs[h] * (double)(d + 16) < 1e36 && qmax < 1e36;
     float *kc = NULL;  /* float16 keys: a chunk converted to float32 */

@@ -304,12 +304,17 @@ def _prepare_queries(q, index, name):
             or q.shape[-1] != index.d:
         raise ValueError(f"{name} must have shape {index.batch_shape + (index.d,)} or "
                          f"{index.batch_shape + ('L', index.d)} to match the index, got {q.shape}")
-    _check_finite(q, name)
+    # the rows' L1 norms (for the overflow check of _search_locked) in the same pass that
+    # finds NaN and inf: a non-finite norm means one of them, or an overflow of the sum
+    with np.errstate(over="ignore", invalid="ignore"):
+        qn1 = float(np.abs(q).sum(axis=-1, dtype=np.float64).max(initial=0.0))
+    if not np.isfinite(qn1):
+        _check_finite(q, name)
     single = q.ndim == bd + 1
     L = 1 if single else int(q.shape[-2])
     qshape = q.shape[:-1]
     Q = np.ascontiguousarray(q.reshape(index._heads, L, index.d), dtype=np.float64)
-    return Q, qshape, single, L
+    return Q, qshape, single, L, qn1
 
 
 def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, name,
@@ -318,7 +323,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
         raise TypeError(f"index must be a KeyIndex, got {type(index).__name__}")
     if method not in _METHODS:
         raise ValueError(f"method must be 'delta' or 'mc', got {method!r}")
-    Q, qshape, single, L = _prepare_queries(q, index, name)
+    Q, qshape, single, L, qn1 = _prepare_queries(q, index, name)
     if L == 0 or index._heads == 0:
         raise ValueError(f"{name} has no query (an empty axis)")
     e = np.asarray(eps, dtype=np.float64) if not isinstance(eps, np.ndarray) else eps
@@ -355,7 +360,7 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
     with index._lock.shared():
         n = index.n
         res = _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples,
-                             use_proxy, unordered, stages)
+                             use_proxy, unordered, stages, qn1)
     idx, k, tv, ks, bsc, pr, by, mcf, out, fsc, stg = res
     kmax = idx.shape[-1]
     shp = lambda a: a.reshape(qshape)  # noqa: E731
@@ -374,13 +379,15 @@ def _run(q, index, eps, V, method, delta, seed, scale, mc_samples, use_proxy, na
 
 
 def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_proxy,
-                   unordered=False, stages=False):
+                   unordered=False, stages=False, qn1=None):
     """The part of a search that reads the index; the caller holds its lock shared.
-    ``unordered``: the kept sets may come in any order (only the output is wanted)."""
+    ``unordered``: the kept sets may come in any order (only the output is wanted).
+    ``qn1``: the largest L1 norm of a query row, if the caller has it."""
     # every bound stays finite when |scale q|_1 max|k| is well inside the float64 range
     with np.errstate(over="ignore", invalid="ignore"):
-        qn1 = scale * np.abs(Q).sum(axis=-1).max()
-        big = qn1 * float(index._maxabs.max()) * (index.d + 8)
+        if qn1 is None:
+            qn1 = np.abs(Q).sum(axis=-1).max()
+        big = scale * qn1 * float(index._maxabs.max()) * (index.d + 8)
     if not big < 1e300:
         raise ValueError("logits would overflow float64: scale * |q|_1 * max|k| too large")
     Vc = None

@@ -1603,9 +1603,11 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
                               tka_arena *s);
 
 /* With w4 (this row's slot of a group's interleaved weights, stride 4, zeroed), a row
- * keeping many keys only writes its weights there and its normaliser to *z4: the group's
- * caller sums V for all its rows in one pass (the pv kernel: the same terms in position
- * order, so the same output as full_output's position-order walk). */
+ * keeping more than half of the keys only writes its weights there and its normaliser to
+ * *z4: the group's caller sums V for all its rows in one pass (the pv kernel: the same
+ * terms in position order, so the same output as full_output's position-order walk).
+ * Sparser rows walk their kept keys alone: the pass tests every weight, and with many
+ * zeros those tests cost more than the reads they save. */
 static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
                               double *sc, tka_arena *s, double *w4, double *z4)
 {
@@ -1636,7 +1638,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     /* many kept rows of a V larger than the cache: read them in position order */
     const int dense_out = cx->out_v && k > n / 8
                           && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
-    const int deferred = cx->out_v && w4 && k > n / 8;
+    const int deferred = cx->out_v && w4 && k > n / 2;
     tka_search_row *out = &cx->rows[r];
     int64_t *oi = kept_positions(cx, out, k, s);
     if (!oi) return TKA_ERR_NOMEM;

@@ -50,6 +50,10 @@ static int64_t elem_size(tka_dtype dt) { return dt == TKA_F32 ? 4 : dt == TKA_F1
 /* Padded query length: a multiple of 16 values (every vector width of either type). */
 static int64_t qpad(int64_t d) { return (d + 15) / 16 * 16; }
 
+/* Top-k attention with eps sums V for the rows of a group that keep most keys in one pass
+ * up to this many keys (the shared weights take 32 bytes per key) */
+#define SHARE_V_MAX_N 65536
+
 /* Score rows r0 .. r0+m-1 (one problem) into sc (m rows of n) and check each like a row
  * of logits; stops at the first bad row (*bad = its offset in the group). q has room for
  * GROUP zero-padded queries of dpad = qpad(d) values, float64 or (float32 problems) float. */
@@ -317,9 +321,14 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
     return st;
 }
 
-/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. */
+/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. With w4
+ * (the row's slot in its group's interleaved weights, stride 4, zeroed), a row keeping
+ * more than half of the keys only places its weights there and its normaliser in *z4: the
+ * group sums V for such rows in one pass of the pv kernel (the same terms in the same
+ * position order as the axpy walk, so the same output) instead of one float64 axpy per
+ * kept key. */
 static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                           tka_arena *s)
+                           tka_arena *s, double *w4, double *z4)
 {
     const tka_attn *a = c->a;
     const tka_row w = *wp;
@@ -336,13 +345,21 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
     c->K->exp_shift[TKA_F64](v, k, w.max, wk);
     double z = 0.0;
-    memset(acc, 0, (size_t)a->dv * sizeof(double));
-    for (int64_t i = 0; i < k; i++) {
-        if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
-        z += wk[i];
-        c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
+    if (w4 && k > w.n / 2) {  /* keep is in position order here (the eps path's gather) */
+        for (int64_t i = 0; i < k; i++) {
+            w4[4 * keep[i]] = wk[i];
+            if (wk[i] != 0.0) z += wk[i];
+        }
+        *z4 = z;
+    } else {
+        memset(acc, 0, (size_t)a->dv * sizeof(double));
+        for (int64_t i = 0; i < k; i++) {
+            if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
+            z += wk[i];
+            c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
+        }
+        store_out(c, r, acc, z);
     }
-    store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
     if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
@@ -406,7 +423,12 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
     double *acc = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
     double *wt = c->mode == TKA_ATTN_DENSE ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : sc;
-    if (!q || !sc || !acc || !wt) {
+    /* Top-k rows keeping most keys share a V pass (see topk_row), for moderate n */
+    const int share_v = c->mode == TKA_ATTN_TOPK && !c->k && a->n <= SHARE_V_MAX_N;
+    double *w4 = share_v ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : NULL;
+    double *acc4 = share_v ? tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double)) : NULL;
+    if (w4) memset(w4, 0, (size_t)(GROUP * a->n) * sizeof(double));
+    if (!q || !sc || !acc || !wt || (share_v && (!w4 || !acc4))) {
         tka_arena_release(s, mark);
         *bad = g0;
         note_bad_query(c, (g0 / per) * L + (g0 % per) * GROUP);
@@ -419,13 +441,23 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         int off = 0;
         tka_status st = score_group(c, r0, m, s, q, sc, w, &off);
         if (st == TKA_OK && c->mode == TKA_ATTN_DENSE) dense_group(c, r0, m, w, sc, wt, acc);
+        double z4[GROUP] = {0.0};
         for (int i = 0; st == TKA_OK && c->mode != TKA_ATTN_DENSE && i < m; i++) {
             /* the row's scope: what the row function allocates lives until it returns */
             const size_t row_mark = tka_arena_mark(s);
             off = i;
-            st = c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s)
+            st = c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s, w4 ? w4 + i : NULL, &z4[i])
                                           : row_error(c, r0 + i, &w[i], acc, s);
             tka_arena_release(s, row_mark);
+        }
+        int shared = 0;
+        for (int i = 0; i < m; i++) shared |= z4[i] > 0.0;  /* a kept maximum weighs 1 */
+        if (st == TKA_OK && shared) {
+            const int64_t b = r0 / L, ld = a->v_ld / elem_size(a->dtype);
+            c->K->pv[a->dtype](v_row(a, b, 0), a->n, ld, w4, m, a->dv, acc4, a->dv);
+            for (int i = 0; i < m; i++)
+                if (z4[i] > 0.0) store_out(c, r0 + i, acc4 + (size_t)i * a->dv, z4[i]);
+            memset(w4, 0, (size_t)(GROUP * a->n) * sizeof(double));
         }
         if (st != TKA_OK) {
             tka_arena_release(s, mark);

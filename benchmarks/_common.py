@@ -113,7 +113,7 @@ def time_calls(fns, repeats=5, min_time=0.2, max_repeats=50, budget=10.0, warm=N
     The competitors take turns (rounds of a few consecutive calls of each), so a change in
     machine load during the measurement affects every competitor alike; before each turn
     the process settles (see ``settle``), so no competitor's leftover spinning threads
-    (a BLAS pool's) take cores from the next. ``warm`` gives each one's untimed first call
+    (a BLAS pool's) take cores from the next, and a fast call is made once untimed. ``warm`` gives each one's untimed first call
     time when the caller has already made it (else a warm-up call is made here). Each gets
     at least ``repeats`` timed calls, fewer when a call is so slow that they would exceed
     ``budget`` seconds (never fewer than one), and more, up to ``max_repeats``, until
@@ -138,13 +138,17 @@ def time_calls(fns, repeats=5, min_time=0.2, max_repeats=50, budget=10.0, warm=N
         n, spent = len(times[i]), sum(times[i])
         return n < want[i] or (spent < min_time and n < max_repeats and want[i] == repeats)
 
-    # calls per turn: about a third of the wanted calls, and short turns for fast calls
-    per_turn = {i: max(1, min(want[i] // 3, int(0.05 / max(warm[i], 1e-9)))) for i in live}
+    # calls per turn: a third of the wanted calls (three turns or more each); a turn starts
+    # with an untimed call when calls are fast (the first call after the pause pays for
+    # waking threads and caches), so the pause itself is never timed
+    per_turn = {i: max(1, -(-want[i] // 3)) for i in live}
     while any(needs(i) for i in live):
         for i in live:
             if not needs(i):
                 continue
             settle()
+            if warm[i] < 0.05:
+                fns[i]()
             for _ in range(per_turn[i]):
                 if not needs(i):
                     break

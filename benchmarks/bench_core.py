@@ -16,7 +16,8 @@ checked against the NumPy one before timing (k_eps identical, tau and the curve 
 1e-9 relative); a disagreement prints a line starting with ``!!! MISMATCH``.
 
 Times are the best of several calls after a warm-up (the checked call); the three
-competitors are called in turns, so a change of machine load hits them alike. topkattn
+competitors are called in turns, so a change of machine load hits them alike, each turn after
+a pause in which no thread of the process burns CPU (see ``_common.settle``). topkattn
 uses its default thread count (all CPUs) unless ``--threads``; NumPy runs on one thread;
 torch uses its own intra-op thread count (printed). GB/s is the logits read once (rows * n * itemsize)
 over topkattn's time; "% bw" compares it with the all-thread read bandwidth, measured
@@ -297,7 +298,8 @@ def main(argv=None):
         "",  # bandwidth, filled in at the end
         f"logits N(0, {SIGMA:g}^2), eps = {EPS:g} for k_eps, k = max(1, n/100) for tail_mass; "
         f"times: best of {repeats} or more calls after a warm-up, competitors called in "
-        f"turns (fewer calls, at least 1, when {repeats} would exceed {budget:g} s); "
+        f"turns, each turn after a pause for spinning threads to stop (fewer calls, at least "
+        f"1, when {repeats} would exceed {budget:g} s); "
         f"* = input fits in L3 ({l3 >> 20} MiB): cache-resident",
     ]
 

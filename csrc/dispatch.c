@@ -22,7 +22,7 @@ static uint64_t xgetbv0(void)
 #endif
 
 typedef struct {
-    int avx2, fma, avx512f, avx512bw, avx512ifma, f16c;
+    int avx2, fma, avx512f, avx512bw, avx512ifma, avx512vnni, f16c;
     char names[128];
 } cpu_info;
 
@@ -39,19 +39,21 @@ static cpu_info detect(void)
     /* The OS must save the wide registers: XCR0 bits 1,2 (SSE, AVX) and 5,6,7 (opmask, ZMM). */
     uint64_t xcr0 = osxsave ? xgetbv0() : 0;
     int ymm_ok = (xcr0 & 0x6) == 0x6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
-    int avx2 = 0, avx512f = 0, avx512bw = 0, avx512ifma = 0;
+    int avx2 = 0, avx512f = 0, avx512bw = 0, avx512ifma = 0, avx512vnni = 0;
     if (__get_cpuid_max(0, 0) >= 7) {
         __cpuid_count(7, 0, a, b, cx, d);
         avx2 = (b >> 5) & 1;
         avx512f = (b >> 16) & 1;
         avx512ifma = (b >> 21) & 1;
         avx512bw = (b >> 30) & 1;
+        avx512vnni = (cx >> 11) & 1;
     }
     c.fma = fma && avx && ymm_ok;
     c.avx2 = avx2 && avx && ymm_ok;
     c.avx512f = avx512f && zmm_ok;
     c.avx512ifma = avx512ifma && zmm_ok;
     c.avx512bw = avx512bw && zmm_ok;
+    c.avx512vnni = avx512vnni && zmm_ok;
     c.f16c = f16c && avx && ymm_ok;
     if (sse2) strcat(c.names, "sse2,");
     if (avx && ymm_ok) strcat(c.names, "avx,");
@@ -61,6 +63,7 @@ static cpu_info detect(void)
     if (c.avx512f) strcat(c.names, "avx512f,");
     if (c.avx512bw) strcat(c.names, "avx512bw,");
     if (c.avx512ifma) strcat(c.names, "avx512ifma,");
+    if (c.avx512vnni) strcat(c.names, "avx512vnni,");
     size_t len = strlen(c.names);
     if (len) c.names[len - 1] = '\0';
 #elif defined(TKA_HAVE_NEON)
@@ -152,6 +155,14 @@ const char *tka_simd_name(tka_simd which)
 }
 
 const char *tka_cpu_features(void) { return cpu()->names; }
+
+/* AVX512-VNNI inside the AVX-512 set (its int8 code products; the same exact sums without
+ * it): on where the CPU has it, unless switched off (the tests run both ways). */
+static _Atomic int g_vnni_off;
+
+int tka_avx512vnni(void) { return cpu()->avx512vnni && !g_vnni_off; }
+
+void tka_avx512vnni_disable(int off) { g_vnni_off = off != 0; }
 
 void tka_vexp(const double *x, int64_t n, double *out)
 {

@@ -195,6 +195,10 @@ extern const tka_kernels tka_kernels_avx2;
 extern const tka_kernels tka_kernels_avx512;
 extern const tka_search_kernels tka_search_kernels_avx2;
 extern const tka_search_kernels tka_search_kernels_avx512;
+/** Whether the AVX-512 set's int8 code products use AVX512-VNNI (vpdpwssd): the CPU has it
+ *  and it was not switched off by tka_avx512vnni_disable (tests). */
+int tka_avx512vnni(void);
+void tka_avx512vnni_disable(int off);
 #endif
 #ifdef TKA_HAVE_NEON
 extern const tka_kernels tka_kernels_neon;

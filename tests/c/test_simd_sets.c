@@ -409,6 +409,31 @@ static void compare_ref(const row_res *o, const ref_t *R, const char *what)
 
 /* ------------------------------------------------------------------ kernel level */
 
+/* The int8 code products of the search: exact int32 sums, so every set (and the AVX-512 set
+ * with and without VNNI) must give the scalar kernel's result exactly. */
+static void check_dot_i8(const tka_kernels *K)
+{
+    const int64_t ds[] = {8, 16, 24, 32, 48, 64, 96, 128, 160, 256};
+    enum { MMAX = 37 };
+    for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+        const int64_t d = ds[di];
+        int16_t *y = malloc((size_t)d * sizeof *y);
+        int8_t *z = malloc((size_t)(MMAX * d));
+        for (int64_t j = 0; j < d; j++) y[j] = (int16_t)((int64_t)(rnd_u64() % 65535) - 32767);
+        for (int64_t j = 0; j < MMAX * d; j++) z[j] = (int8_t)((int64_t)(rnd_u64() % 255) - 127);
+        for (int64_t m = 1; m <= MMAX; m += (m < 13 ? 1 : 12)) {
+            int32_t got[MMAX], want[MMAX];
+            tka_kernels_scalar.search->dot_i8(y, z, d, m, want);
+            K->search->dot_i8(y, z, d, m, got);
+            for (int64_t i = 0; i < m; i++)
+                CHECK(got[i] == want[i], "dot_i8 d %lld m %lld key %lld: %d vs scalar %d",
+                      (long long)d, (long long)m, (long long)i, got[i], want[i]);
+        }
+        free(y);
+        free(z);
+    }
+}
+
 static void check_f16_conversion(const tka_kernels *K)
 {
     static uint16_t all[65536 + 7];
@@ -901,6 +926,14 @@ int main(int argc, char **argv)
         long rows = 0, kernel_rows = 0;
         g_attn_rows = g_search_rows = g_search_k_differ = 0;
         check_f16_conversion(K);
+        check_dot_i8(K);
+#ifdef TKA_HAVE_X86
+        if (set == TKA_SIMD_AVX512) {  /* also without VNNI, where the CPU has it */
+            tka_avx512vnni_disable(1);
+            check_dot_i8(K);
+            tka_avx512vnni_disable(0);
+        }
+#endif
         for (int kind = 0; kind < K_KINDS; kind++) {
             for (int li = 0; li < nlen; li++) {
                 const int64_t n = lengths[li];

@@ -156,6 +156,22 @@ typedef struct {
     int64_t n_eq;    /* logits == t */
 } rank_info;
 
+/* The bracket [lo, hi] around the k-th largest of n logits from an evenly spaced sample of
+ * ns of them (reordered): about three standard errors of the sample's rank either side.
+ * Returns how many logits the bracket is expected to hold. */
+static int64_t rank_bracket(double *smp, int64_t ns, int64_t n, int64_t k, double *lo,
+                            double *hi)
+{
+    double r_exp = (double)k * (double)ns / (double)n;
+    double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
+    int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
+    *hi = INFINITY;
+    *lo = -INFINITY;
+    if (rb < ns) { tka_values_nth_desc(smp, ns, rb); *lo = smp[rb]; }
+    if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); *hi = smp[ra]; }
+    return (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
+}
+
 /* Finish from a gathered set holding the k-th largest at position j (0-based). */
 static tka_status rank_from_band(const tka_row *w, tka_arena *s, double *vals, int64_t nb,
                                  int64_t j, int64_t n_above, int64_t k, rank_info *ri)
@@ -216,13 +232,8 @@ static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank
         double *smp = tka_arena_alloc(s, (size_t)ns * sizeof(double));
         if (!smp) return TKA_ERR_NOMEM;
         row_sample(w, ns, smp);
-        double r_exp = (double)k * (double)ns / (double)n;
-        double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
-        int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
-        double hi = INFINITY, lo = -INFINITY;
-        if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
-        if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
-        int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
+        double lo, hi;
+        const int64_t expect = rank_bracket(smp, ns, n, k, &lo, &hi);
         int64_t cap = lo == hi ? 0 : (4 * expect + 256 < n ? 4 * expect + 256 : n);
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
         if (!vals) return TKA_ERR_NOMEM;
@@ -364,15 +375,9 @@ static tka_status tail_row_raw(const tka_row *w, int64_t k, tka_arena *s, double
         ref = smp[j] > ref ? smp[j] : ref;
     }
     if (ref == -INFINITY) return TKA_OK;
-    /* the bracket of rank_select_in */
-    double r_exp = (double)k * (double)ns / (double)n;
-    double delta = 3.0 * sqrt(r_exp * (1.0 - r_exp / (double)ns) + 1.0) + 2.0;
-    int64_t ra = (int64_t)floor(r_exp - delta) - 1, rb = (int64_t)ceil(r_exp + delta);
-    double hi = INFINITY, lo = -INFINITY;
-    if (rb < ns) { tka_values_nth_desc(smp, ns, rb); lo = smp[rb]; }
-    if (ra >= 0) { tka_values_nth_desc(smp, rb < ns ? rb : ns, ra); hi = smp[ra]; }
+    double lo, hi;  /* the bracket of rank_select_in */
+    const int64_t expect = rank_bracket(smp, ns, n, k, &lo, &hi);
     if (!(lo < hi)) return TKA_OK;  /* ties across the bracket */
-    int64_t expect = (int64_t)((double)(rb - ra + 1) * (double)n / (double)ns);
     int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
     double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
     double *ms = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));

@@ -321,21 +321,105 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
     return st;
 }
 
-/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. With w4
- * (the row's slot in its group's interleaved weights, stride 4, zeroed), a row keeping
- * more than half of the keys only places its weights there and its normaliser in *z4: the
- * group sums V for such rows in one pass of the pv kernel (the same terms in the same
- * position order as the axpy walk, so the same output) instead of one float64 axpy per
- * kept key. */
+/* Where a row of a group that shares the V pass puts its weights: slot `slot` of the
+ * group's buffer (float32 problems: row slot of n floats; others: interleaved, w[4*j + slot]). */
+typedef struct {
+    void *w;
+    int slot;
+} share_slot;
+
+/*
+ * A k_eps row keeping more than half of its keys, into the group's shared V pass: its
+ * weights e^{s - max} for the kept keys (those above t, the k-th largest score, and the
+ * lowest positions of those equal to it) and 0 for the others, written for every key in
+ * one vector pass, so neither the kept positions nor their scores are gathered. Float32
+ * problems round the weights to float32 and sum the rounded ones (as dense attention does),
+ * so the output is the exact weighted mean of the values with those weights. Returns
+ * TKA_RETRY when t is not the k-th largest score (the caller then takes the gathering path).
+ */
+static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, double t, tka_arena *s,
+                            const share_slot *sl, double *z, int64_t *keep)
+{
+    const int64_t n = w->n;
+    const double *sc = w->p;
+    double *e = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    if (!e) return TKA_ERR_NOMEM;
+    int64_t ge, gt;
+    if (!(t > -INFINITY)) return TKA_RETRY;
+    c->K->exp_keep[TKA_F64](sc, n, w->max, t, e, &ge, &gt);
+    if (gt > k || ge < k) return TKA_RETRY;
+    /* the ge - k highest positions scoring exactly t are dropped */
+    for (int64_t j = n - 1, x = ge - k; x > 0; j--)
+        if (sc[j] == t) { e[j] = 0.0; x--; }
+    if (c->a->dtype == TKA_F32) {
+        *z = round_sum(e, n, (float *)sl->w + (size_t)sl->slot * n);
+    } else {
+        double *w4 = (double *)sl->w + sl->slot;
+        for (int64_t j = 0; j < n; j++) w4[4 * j] = e[j];
+        *z = sum4(e, n);
+    }
+    if (keep) {  /* the kept positions, in position order */
+        int64_t q = 0, x = k - gt;
+        for (int64_t j = 0; j < n; j++)
+            if (sc[j] > t || (sc[j] == t && x > 0 && x--)) keep[q++] = j;
+    }
+    return TKA_OK;
+}
+
+/* The reported indices of a kept set (positions keep[0..k)): by decreasing score, ties by
+ * lower position. */
+static tka_status report_indices(const attn_ctx *c, int64_t r, const double *sc, const int64_t *keep,
+                                 int64_t k, tka_arena *s)
+{
+    double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!v || !idx) {
+        free(idx);
+        return TKA_ERR_NOMEM;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        idx[i] = keep[i];
+        v[i] = sc[keep[i]];
+    }
+    tka_pairs_sort_desc(v, idx, k);
+    c->idx_out[r] = idx;
+    return TKA_OK;
+}
+
+/* One Top-k attention row: its kept set, the weighted sum of its V rows, its info. With sl
+ * (the group shares V passes), a k_eps row keeping more than half of the keys only places
+ * its weights in its slot and its normaliser in *z (share_row; *shared set to 1): the group
+ * sums V for such rows in one pass instead of one float64 axpy per kept key. */
 static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, double *acc,
-                           tka_arena *s, double *w4, double *z4)
+                           tka_arena *s, const share_slot *sl, double *z_sh, int *shared)
 {
     const tka_attn *a = c->a;
     const tka_row w = *wp;
     tka_status st;
     int64_t k, *keep;
     double tau;
-    if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) return st;
+    *shared = 0;
+    if (sl && !c->k) {
+        double t = 0.0;
+        if ((st = tka_row_keps(&w, c->eps[r], s, &k, &tau, &t)) != TKA_OK) return st;
+        if (k > w.n / 2) {
+            keep = c->idx_out ? tka_arena_alloc(s, (size_t)k * sizeof(int64_t)) : NULL;
+            if (c->idx_out && !keep) return TKA_ERR_NOMEM;
+            st = share_row(c, &w, k, t, s, sl, z_sh, keep);
+            if (st == TKA_OK) {
+                *shared = 1;
+                if (c->k_out) c->k_out[r] = k;
+                if (c->tau_out) c->tau_out[r] = tau;
+                return keep ? report_indices(c, r, w.p, keep, k, s) : TKA_OK;
+            }
+            if (st != TKA_RETRY) return st;
+        }
+        keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+        if (!keep) return TKA_ERR_NOMEM;
+        if ((st = tka_row_topk_above(&w, k, t, s, keep)) != TKA_OK) return st;
+    } else if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) {
+        return st;
+    }
     const double *sc = w.p;
     const int64_t b = r / a->L;
     /* the kept scores and their weights e^{s - max} (the vector exp of dense attention) */
@@ -344,32 +428,23 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     if (!v || !wk) return TKA_ERR_NOMEM;
     for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
     c->K->exp_shift[TKA_F64](v, k, w.max, wk);
+    /* the kept keys of weight > 0 (those below e^-708 of the maximum add nothing), in the
+     * kept order */
+    int64_t *ip = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+    if (!ip) return TKA_ERR_NOMEM;
     double z = 0.0;
-    if (w4 && k > w.n / 2) {  /* keep is in position order here (the eps path's gather) */
-        for (int64_t i = 0; i < k; i++) {
-            w4[4 * keep[i]] = wk[i];
-            if (wk[i] != 0.0) z += wk[i];
-        }
-        *z4 = z;
-    } else {
-        memset(acc, 0, (size_t)a->dv * sizeof(double));
-        for (int64_t i = 0; i < k; i++) {
-            if (wk[i] == 0.0) continue;  /* below e^-708 of the maximum */
-            z += wk[i];
-            c->K->axpy[a->dtype](v_row(a, b, keep[i]), a->dv, wk[i], acc);
-        }
-        store_out(c, r, acc, z);
+    int64_t q = 0;
+    for (int64_t i = 0; i < k; i++) {
+        if (wk[i] == 0.0) continue;
+        z += wk[i];
+        wk[q] = wk[i];
+        ip[q++] = keep[i];
     }
+    c->K->pv_idx[a->dtype](v_row(a, b, 0), a->v_ld / elem_size(a->dtype), ip, wk, q, a->dv, acc);
+    store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;
-    if (c->idx_out) {  /* reported by decreasing score, ties by lower position */
-        int64_t *idx = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        if (!idx) return TKA_ERR_NOMEM;
-        for (int64_t i = 0; i < k; i++) idx[i] = keep[i];
-        tka_pairs_sort_desc(v, idx, k);
-        c->idx_out[r] = idx;
-    }
-    return TKA_OK;
+    return c->idx_out ? report_indices(c, r, sc, keep, k, s) : TKA_OK;
 }
 
 /* The exact output error of row r's kept set (docs/design.md §6). */
@@ -423,17 +498,18 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
     double *sc = tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double));
     double *acc = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
     double *wt = c->mode == TKA_ATTN_DENSE ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : sc;
-    /* Top-k rows keeping most keys share a V pass (see topk_row), for moderate n */
+    /* Top-k rows keeping most keys share a V pass (see topk_row), for moderate n: their
+     * weights (GROUP rows of n, float32 or interleaved float64) and sums */
     const int share_v = c->mode == TKA_ATTN_TOPK && !c->k && a->n <= SHARE_V_MAX_N;
     double *w4 = share_v ? tka_arena_alloc(s, (size_t)(GROUP * a->n) * sizeof(double)) : NULL;
     double *acc4 = share_v ? tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double)) : NULL;
-    if (w4) memset(w4, 0, (size_t)(GROUP * a->n) * sizeof(double));
     if (!q || !sc || !acc || !wt || (share_v && (!w4 || !acc4))) {
         tka_arena_release(s, mark);
         *bad = g0;
         note_bad_query(c, (g0 / per) * L + (g0 % per) * GROUP);
         return TKA_ERR_NOMEM;
     }
+    if (w4) memset(w4, 0, (size_t)(GROUP * a->n) * sizeof(double));  /* slots never written */
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP;
         const int m = (int)(L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP);
@@ -441,23 +517,31 @@ static tka_status attn_groups(void *ctx, int64_t g0, int64_t g1, tka_arena *s, i
         int off = 0;
         tka_status st = score_group(c, r0, m, s, q, sc, w, &off);
         if (st == TKA_OK && c->mode == TKA_ATTN_DENSE) dense_group(c, r0, m, w, sc, wt, acc);
-        double z4[GROUP] = {0.0};
+        double z4[GROUP];
+        int64_t row4[GROUP];
+        int ns = 0;  /* rows in the shared pass, in row order */
         for (int i = 0; st == TKA_OK && c->mode != TKA_ATTN_DENSE && i < m; i++) {
             /* the row's scope: what the row function allocates lives until it returns */
             const size_t row_mark = tka_arena_mark(s);
             off = i;
-            st = c->mode == TKA_ATTN_TOPK ? topk_row(c, r0 + i, &w[i], acc, s, w4 ? w4 + i : NULL, &z4[i])
-                                          : row_error(c, r0 + i, &w[i], acc, s);
+            if (c->mode == TKA_ATTN_TOPK) {
+                const share_slot sl = {w4, ns};
+                int shared;
+                st = topk_row(c, r0 + i, &w[i], acc, s, w4 ? &sl : NULL, &z4[ns], &shared);
+                if (shared) row4[ns++] = r0 + i;
+            } else {
+                st = row_error(c, r0 + i, &w[i], acc, s);
+            }
             tka_arena_release(s, row_mark);
         }
-        int shared = 0;
-        for (int i = 0; i < m; i++) shared |= z4[i] > 0.0;  /* a kept maximum weighs 1 */
-        if (st == TKA_OK && shared) {
+        if (st == TKA_OK && ns > 0) {
             const int64_t b = r0 / L, ld = a->v_ld / elem_size(a->dtype);
-            c->K->pv[a->dtype](v_row(a, b, 0), a->n, ld, w4, m, a->dv, acc4, a->dv);
-            for (int i = 0; i < m; i++)
-                if (z4[i] > 0.0) store_out(c, r0 + i, acc4 + (size_t)i * a->dv, z4[i]);
-            memset(w4, 0, (size_t)(GROUP * a->n) * sizeof(double));
+            if (a->dtype == TKA_F32)
+                c->K->spv((const float *)v_row(a, b, 0), a->n, ld, (const float *)w4, a->n, ns, a->dv,
+                          acc4, a->dv);
+            else
+                c->K->pv[a->dtype](v_row(a, b, 0), a->n, ld, w4, ns, a->dv, acc4, a->dv);
+            for (int i = 0; i < ns; i++) store_out(c, row4[i], acc4 + (size_t)i * a->dv, z4[i]);
         }
         if (st != TKA_OK) {
             tka_arena_release(s, mark);

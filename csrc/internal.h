@@ -132,6 +132,10 @@ typedef struct {
     double (*max_below[2])(const void *x, int64_t n, double t);
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
+    /** out[i] = e^{x[i] - ref} where x[i] >= t, else 0 (t > -inf); *n_ge, *n_gt count the
+     *  x >= t and the x > t. */
+    void (*exp_keep[2])(const void *x, int64_t n, double ref, double t, double *out,
+                        int64_t *n_ge, int64_t *n_gt);
     /**
      * k_eps's pass: every e^{x - ref} once; sums over the row, above hi (and counts) and
      * below lo; checks the row (max, bad: NaN or +inf); gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at
@@ -160,6 +164,10 @@ typedef struct {
                     int64_t d, double scale, double *out, int64_t os);
     /** acc[j] += w * v[j], j < d, in float64. */
     void (*axpy[3])(const void *v, int64_t d, double w, double *acc);
+    /** acc[j] = sum over t < k of w[t] v_{idx[t]}[j], j < dv (row i at v + i*ld elements):
+     *  the same float64 sums as zeroing acc and calling axpy for t = 0, 1, ..., k-1. */
+    void (*pv_idx[3])(const void *v, int64_t ld, const int64_t *idx, const double *w, int64_t k,
+                      int64_t dv, double *acc);
     /** Weighted sums of n value rows (row i at v + i*ld elements, dv used) for m <= 4 rows
      *  of weights w[4*i + r] (interleaved, weights >= 0): acc[r*as + j] = sum over keys i
      *  with w[4*i + r] != 0 of w[4*i + r] v_i[j], in key order, float64, each term exactly

@@ -415,6 +415,10 @@ typedef struct {
 #define NLEVELS TKA_NLEVELS
 /* keys ahead whose rows are prefetched while scoring a level */
 #define PREFETCH 6
+
+static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
+                              const int64_t *oi, int dense_out, const double *kv, double mx,
+                              tka_arena *s);
 /* levels linked ahead of the level being scored; keys further down are only counted */
 #define LINK_W 128
 
@@ -614,49 +618,12 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->k = k;
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     const double t1 = note_kept(cx, w, k, t0);
-    if (dense_out) {
-        /* many kept keys: sum the V rows in their stored order (a stream the prefetcher
-         * follows), with the weights by the vector exp, placed at the keys' positions */
-        const int64_t h = r / a->L, dv = a->dv, n = w->n;
-        double *o = cx->out_v + (size_t)(r * dv);
-        double *p = tka_arena_alloc(s, (size_t)k * sizeof(double));
-        double *wd = tka_arena_alloc(s, (size_t)n * sizeof(double));
-        if (!p || !wd) {  /* the caller frees out->idx */
-            *st = TKA_ERR_NOMEM;
+    if (cx->out_v) {
+        tka_status so = full_output(cx, r, r / a->L, w->n, k, oi, dense_out, w->sv, m, s);
+        if (so != TKA_OK) {  /* the caller frees out->idx */
+            *st = so;
             return 1;
         }
-        K->exp_shift[TKA_F64](w->sv, k, m, p);
-        for (int64_t i = 0; i < n; i++) wd[i] = -1.0;  /* weights are >= 0: -1 marks "not kept" */
-        for (int64_t t = 0; t < k; t++) wd[oi[t]] = p[t];
-        memset(o, 0, (size_t)dv * sizeof(double));
-        const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-        const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
-        double z = 0.0;  /* in position order too: the output does not depend on the kept order */
-        for (int64_t i = 0; i < n; i++)
-            if (wd[i] >= 0.0) {
-                z += wd[i];
-                K->axpy[a->vdtype](vh + (size_t)i * vrow, dv, wd[i], o);
-            }
-        for (int64_t j = 0; j < dv; j++) o[j] /= z;
-    } else if (cx->out_v) {
-        const int64_t h = r / a->L, dv = a->dv;
-        double *o = cx->out_v + (size_t)(r * dv);
-        memset(o, 0, (size_t)dv * sizeof(double));
-        double z = 0.0;
-        for (int64_t t = 0; t < k; t++) {
-            double p = exp(w->sv[t] - m);
-            z += p;
-            if (t + PREFETCH < k) { /* kept keys are scattered over V */
-                const int64_t rp = h * a->v_head_stride + oi[t + PREFETCH] * a->v_row_stride;
-                const char *pv = (const char *)a->v + (size_t)rp * esize(a->vdtype);
-                for (int64_t off = 0; off < dv * (int64_t)esize(a->vdtype); off += 64)
-                    __builtin_prefetch(pv + off);
-            }
-            const int64_t row = h * a->v_head_stride + oi[t] * a->v_row_stride;
-            const void *v = (const char *)a->v + (size_t)row * esize(a->vdtype);
-            K->axpy[a->vdtype](v, dv, p, o);
-        }
-        for (int64_t j = 0; j < dv; j++) o[j] /= z;
     }
     if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
     return 1;
@@ -1679,14 +1646,10 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
     const int64_t dv = a->dv;
     double *o = cx->out_v + (size_t)(r * dv);
     const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-    const size_t vrow = (size_t)a->v_row_stride * esize(a->vdtype);
     double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
     if (!wk) return TKA_ERR_NOMEM;
     K->exp_shift[TKA_F64](kv, k, mx, wk);
-    /* prefetching the rows ahead pays only when the head's V is not in the cache already */
-    const int64_t vbytes = dv * (int64_t)esize(a->vdtype);
-    const int64_t ahead = (double)n * (double)vrow > 1048576.0 ? PREFETCH : k;
-    memset(o, 0, (size_t)dv * sizeof(double));
+    /* V's rows summed by pv_idx: partial sums in registers, the rows ahead prefetched */
     double z = 0.0;
     if (dense_out) {
         /* weights placed at the keys' positions, the kept positions gathered in increasing
@@ -1701,24 +1664,16 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
             pos[c] = i;
             c += wd[i] >= 0.0;
         }
+        double *wt = tka_arena_alloc(s, (size_t)(c > 0 ? c : 1) * sizeof(double));
+        if (!wt) return TKA_ERR_NOMEM;
         for (int64_t t = 0; t < c; t++) {
-            if (t + ahead < c) {
-                const char *pv = vh + (size_t)pos[t + ahead] * vrow;
-                for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(pv + off);
-            }
-            const double wt = wd[pos[t]];
-            z += wt;
-            K->axpy[a->vdtype](vh + (size_t)pos[t] * vrow, dv, wt, o);
+            wt[t] = wd[pos[t]];
+            z += wt[t];
         }
+        K->pv_idx[a->vdtype](vh, a->v_row_stride, pos, wt, c, dv, o);
     } else {
-        for (int64_t t = 0; t < k; t++) {
-            if (t + ahead < k) {
-                const char *pv = vh + (size_t)oi[t + ahead] * vrow;
-                for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(pv + off);
-            }
-            z += wk[t];
-            K->axpy[a->vdtype](vh + (size_t)oi[t] * vrow, dv, wk[t], o);
-        }
+        for (int64_t t = 0; t < k; t++) z += wk[t];
+        K->pv_idx[a->vdtype](vh, a->v_row_stride, oi, wk, k, dv, o);
     }
     for (int64_t j = 0; j < dv; j++) o[j] /= z;
     return TKA_OK;

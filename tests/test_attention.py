@@ -162,6 +162,34 @@ def test_ties_keep_lower_positions(simd_path):
     assert info.k[0] == 150 and (info.indices[0] == np.arange(150)).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_eps_rows_keeping_most_keys_with_ties(dtype, simd_path, rng):
+    # flat rows whose scores (exact multiples of 1/8 in every dtype) tie at the k-th largest:
+    # k_eps > n/2, the rows of a group that share one value pass
+    n, d, L, eps = 301, 4, 9, 0.05
+    K = rng.integers(-2, 3, size=(n, d)).astype(dtype)
+    K[-1] = -2  # the lowest score of every row, at the last position: always dropped
+    Q = (rng.integers(1, 3, size=(L, d)) * 0.25).astype(dtype)
+    V = rng.standard_normal((n, 5)).astype(dtype)
+    out, info = topkattn.topk_attention(Q, K, V, eps=eps, return_info=True)
+    K64, Q64, V64 = (x.astype(np.float64) for x in (K, Q, V))
+    exp_out, exp_k, exp_tau = ref.topk_attention(Q64, K64, V64, eps=eps)
+    np.testing.assert_array_equal(info.k, exp_k)
+    assert (info.k > n // 2).all() and (info.k < n).all()
+    assert_rel(info.tau, exp_tau, rtol=1e-9, atol=1e-300, what="tau")
+    tol = {np.float64: 1e-12, np.float32: 1e-6, np.float16: 2e-3}[dtype]
+    np.testing.assert_allclose(out.astype(np.float64), exp_out, rtol=0, atol=tol)
+    s = ref.scores(Q64, K64)
+    for r in range(L):
+        # decreasing score, ties by lower position
+        order = np.lexsort((np.arange(n), -s[r]))
+        np.testing.assert_array_equal(info.indices[r][:info.k[r]], order[:info.k[r]])
+    # a dropped key's value row is never read: not even inf reaches the output
+    V_inf = V.copy()
+    V_inf[-1] = np.inf
+    np.testing.assert_array_equal(topkattn.topk_attention(Q, K, V_inf, eps=eps), out)
+
+
 def test_masked_keys(simd_path, rng):
     Q, K, V = _qkv(rng, (2,), 6, (2,), 200, 8, 3)
     mask = np.zeros((2, 6, 200))

@@ -87,6 +87,12 @@ static inline VS vs_zero(void) { return _mm256_setzero_ps(); }
 static inline VS vs_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline VS vs_fma(VS a, VS b, VS c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VS vs_set1(float a) { return _mm256_set1_ps(a); }
+/* c + a x where a != 0, else c unchanged (no branch) */
+static inline VS vs_fma_nz(float a, VS x, VS c)
+{
+    const VS va = _mm256_set1_ps(a);
+    return _mm256_blendv_ps(c, _mm256_fmadd_ps(va, x, c), _mm256_cmp_ps(va, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+}
 static inline void vs_store(float *p, VS v) { _mm256_storeu_ps(p, v); }
 /* out[i] = scale * (sum of the lanes of a_i): for every slot, lanes (0+1)+(2+3) and
  * (4+5)+(6+7) in float32, then those two in float64 */

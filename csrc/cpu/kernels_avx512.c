@@ -75,6 +75,11 @@ static inline VS vs_zero(void) { return _mm512_setzero_ps(); }
 static inline VS vs_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline VS vs_fma(VS a, VS b, VS c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VS vs_set1(float a) { return _mm512_set1_ps(a); }
+/* c + a x where a != 0, else c unchanged (no branch) */
+static inline VS vs_fma_nz(float a, VS x, VS c)
+{
+    return _mm512_mask3_fmadd_ps(_mm512_set1_ps(a), x, c, (__mmask16)-(int)(a != 0.0f));
+}
 static inline void vs_store(float *p, VS v) { _mm512_storeu_ps(p, v); }
 /* lanes j + (j+8) of a 16-lane vector */
 static inline __m256 vs_fold(VS a)

@@ -434,6 +434,47 @@ static void check_dot_i8(const tka_kernels *K)
     }
 }
 
+/* pv_idx against zeroing the accumulator and one axpy per key, in the same set: the same
+ * float64 sums bit for bit, for every value dtype and widths around each vector block. */
+static void check_pv_idx(const tka_kernels *K)
+{
+    const int64_t dvs[] = {1, 3, 4, 7, 8, 15, 16, 31, 33, 64, 65, 100, 128, 130};
+    enum { NR = 40, KMAX = 23, LD = 131 };
+    double *x = malloc((size_t)(NR * LD) * sizeof(double));
+    float *xf = malloc((size_t)(NR * LD) * sizeof(float));
+    uint16_t *xh = malloc((size_t)(NR * LD) * sizeof(uint16_t));
+    for (int64_t i = 0; i < NR * LD; i++) {
+        x[i] = rnd_norm();
+        xf[i] = (float)x[i];
+        xh[i] = tka_double_to_half(x[i]);
+    }
+    const void *src[3] = {xf, x, xh};  /* indexed by tka_dtype */
+    int64_t idx[KMAX];
+    double w[KMAX], got[LD], want[LD];
+    for (size_t di = 0; di < sizeof dvs / sizeof dvs[0]; di++) {
+        const int64_t dv = dvs[di];
+        for (int64_t k = 0; k <= KMAX; k += (k < 3 ? 1 : 10)) {
+            for (int64_t t = 0; t < k; t++) {
+                idx[t] = (int64_t)(rnd_u64() % NR);
+                w[t] = rnd_unif();
+            }
+            for (int dt = 0; dt < 3; dt++) {
+                const size_t es = dt == TKA_F32 ? 4 : dt == TKA_F64 ? 8 : 2;
+                memset(want, 0, sizeof want);
+                for (int64_t t = 0; t < k; t++)
+                    K->axpy[dt]((const char *)src[dt] + (size_t)(idx[t] * LD) * es, dv, w[t], want);
+                K->pv_idx[dt](src[dt], LD, idx, w, k, dv, got);
+                for (int64_t j = 0; j < dv; j++)
+                    CHECK(same_bits(got[j], want[j]), "pv_idx dtype %d dv %lld k %lld col %lld: %.17g vs axpy %.17g",
+                          dt, (long long)dv, (long long)k, (long long)j, got[j], want[j]);
+            }
+        }
+    }
+    free(x);
+    free(xf);
+    free(xh);
+}
+
 static void check_f16_conversion(const tka_kernels *K)
 {
     static uint16_t all[65536 + 7];
@@ -927,6 +968,7 @@ int main(int argc, char **argv)
         g_attn_rows = g_search_rows = g_search_k_differ = 0;
         check_f16_conversion(K);
         check_dot_i8(K);
+        check_pv_idx(K);
 #ifdef TKA_HAVE_X86
         if (set == TKA_SIMD_AVX512) {  /* also without VNNI, where the CPU has it */
             tka_avx512vnni_disable(1);

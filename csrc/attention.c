@@ -222,7 +222,8 @@ static void dense_group(const attn_ctx *c, int64_t r0, int m, const tka_row *w, 
  * so that about 2(k+1) scores are expected above it. TKA_RETRY, and the general
  * path, when fewer than k + 1 candidates come out (L was too high), too many (too low), or
  * the largest dropped score is more than 600 below the maximum (its weight could underflow
- * there; the general path keeps the tail's relative accuracy at any depth).
+ * there; the general path keeps the tail's relative accuracy at any depth). With tau NULL
+ * (not wanted) no weight is computed: the band pass only compares and gathers.
  */
 #define TKA_KFIX_SAMPLE 64
 static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, tka_arena *s,
@@ -240,7 +241,9 @@ static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, t
          * masked keys only has no maximum: then the sample decides) */
         lo = INFINITY;
         for (int64_t j = 0; j <= k && lo > -INFINITY; j++) {
-            const int64_t a0 = j * n / (k + 1), a1 = (j + 1) * n / (k + 1);
+            /* slice boundaries on multiples of 8 (no partial vector but the row's last; every
+             * slice keeps >= 1 score since n / (k + 1) >= 4S / 32 = 8) */
+            const int64_t a0 = j * n / (k + 1) / 8 * 8, a1 = j == k ? n : (j + 1) * n / (k + 1) / 8 * 8;
             const double mx = c->K->max_below[TKA_F64](sc + a0, a1 - a0, INFINITY);
             lo = mx < lo ? mx : lo;
         }
@@ -264,8 +267,10 @@ static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, t
     double *tmp = tka_arena_alloc(s, (size_t)cap * sizeof(double));
     int64_t *idx = tka_arena_alloc(s, (size_t)cap * sizeof(int64_t));
     if (!vals || !tmp || !idx) return TKA_ERR_NOMEM;
+    /* the masses (the exp of every score) only where tau is wanted */
+    const int mass = tau != NULL;
     tka_band_out bo;
-    c->K->band[TKA_F64](sc, n, lo, INFINITY, w->max, 1, vals, idx, cap, &bo);
+    c->K->band[TKA_F64](sc, n, lo, INFINITY, w->max, mass, vals, idx, cap, &bo);
     const int64_t nc = bo.n_band;
     if (nc > cap || nc < k + 1) return TKA_RETRY;
     /* the k-th and (k+1)-th largest candidates */
@@ -274,8 +279,9 @@ static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, t
     const double next = tmp[k];
     double t = tmp[0];
     for (int64_t i = 1; i < k; i++) t = tmp[i] < t ? tmp[i] : t;
-    if (!(next >= w->max - 600.0)) return TKA_RETRY;
-    c->K->exp_shift[TKA_F64](vals, nc, w->max, tmp);
+    if (mass && !(next >= w->max - 600.0)) return TKA_RETRY;
+    if (mass) c->K->exp_shift[TKA_F64](vals, nc, w->max, tmp);
+    else memset(tmp, 0, (size_t)nc * sizeof(double));
     int64_t above = 0;
     for (int64_t i = 0; i < nc; i++) above += vals[i] > t;
     int64_t ties = k - above, q = 0;
@@ -289,21 +295,21 @@ static tka_status keep_fixed_k(const attn_ctx *c, const tka_row *w, int64_t k, t
             dropped += tmp[i];
         }
     }
-    *tau = dropped / (kept + dropped);
+    if (tau) *tau = dropped / (kept + dropped);
     return q == k ? TKA_OK : TKA_ERR_INTERNAL;
 }
 
-/* The kept set of a scored row: its size, discarded mass and positions; *keep is allocated
- * in s, in the row's scope. */
+/* The kept set of a scored row: its size, discarded mass (tau may be NULL: not wanted) and
+ * positions; *keep is allocated in s, in the row's scope. */
 static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_arena *s,
                            int64_t *k_out, double *tau, int64_t **keep)
 {
     int64_t k;
-    double t = 0.0, lt;
+    double t = 0.0, lt = 0.0, tl;
     tka_status st;
     if (c->k) {
         k = c->k[r] < w->n_live ? c->k[r] : w->n_live;
-    } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau, &t)) != TKA_OK) {
+    } else if ((st = tka_row_keps(w, c->eps[r], s, &k, tau ? tau : &tl, &t)) != TKA_OK) {
         return st;
     }
     *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
@@ -316,8 +322,8 @@ static tka_status keep_set(const attn_ctx *c, const tka_row *w, int64_t r, tka_a
         tka_arena_release(s, mark);
         if (st != TKA_RETRY) return st;
     }
-    st = tka_row_topk_set(w, k, s, *keep, &lt);
-    *tau = exp(lt);
+    st = tka_row_topk_set(w, k, s, *keep, tau ? &lt : NULL);
+    if (tau) *tau = exp(lt);
     return st;
 }
 
@@ -362,6 +368,28 @@ static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, doub
         int64_t q = 0, x = k - gt;
         for (int64_t j = 0; j < n; j++)
             if (sc[j] > t || (sc[j] == t && x > 0 && x--)) keep[q++] = j;
+    }
+    return TKA_OK;
+}
+
+/* The kept positions of a k_eps row (t = its k-th largest score), in position order: the
+ * scores >= t gathered in one pass, all above t and the lowest positions of those equal
+ * to it kept. */
+static tka_status keep_above(const attn_ctx *c, const tka_row *w, int64_t k, double t, tka_arena *s,
+                             int64_t *keep)
+{
+    const int64_t n = w->n;
+    double *vals = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(int64_t));
+    if (!vals || !idx) return TKA_ERR_NOMEM;
+    const int64_t ge = t > -INFINITY ? c->K->gather_ge[TKA_F64](w->p, n, t, vals, idx) : 0;
+    int64_t gt = 0;
+    for (int64_t i = 0; i < ge; i++) gt += vals[i] > t;
+    if (gt > k || ge < k) return tka_row_topk_above(w, k, t, s, keep);  /* t is not the k-th */
+    int64_t q = 0, x = k - gt;
+    for (int64_t i = 0; i < ge; i++) {
+        keep[q] = idx[i];
+        q += vals[i] > t || (x > 0 && x--);
     }
     return TKA_OK;
 }
@@ -416,8 +444,8 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
         }
         keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
         if (!keep) return TKA_ERR_NOMEM;
-        if ((st = tka_row_topk_above(&w, k, t, s, keep)) != TKA_OK) return st;
-    } else if ((st = keep_set(c, &w, r, s, &k, &tau, &keep)) != TKA_OK) {
+        if ((st = keep_above(c, &w, k, t, s, keep)) != TKA_OK) return st;
+    } else if ((st = keep_set(c, &w, r, s, &k, c->tau_out ? &tau : NULL, &keep)) != TKA_OK) {
         return st;
     }
     const double *sc = w.p;

@@ -136,6 +136,9 @@ typedef struct {
      *  x >= t and the x > t. */
     void (*exp_keep[2])(const void *x, int64_t n, double ref, double t, double *out,
                         int64_t *n_ge, int64_t *n_gt);
+    /** The x[i] >= t as float64 with their positions, in order, into vals, idx (room for
+     *  n + 16); returns how many. */
+    int64_t (*gather_ge[2])(const void *x, int64_t n, double t, double *vals, int64_t *idx);
     /**
      * k_eps's pass: every e^{x - ref} once; sums over the row, above hi (and counts) and
      * below lo; checks the row (max, bad: NaN or +inf); gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at

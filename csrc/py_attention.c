@@ -91,7 +91,7 @@ static PyArrayObject *index_matrix(int64_t **lists, const int64_t *kk, int64_t r
     return idx;
 }
 
-/* Top-k mode: (out, k, tau, idx or None). */
+/* Top-k mode: (out, k, tau, idx), k, tau and idx None without want_info. */
 static PyObject *run_topk(const tka_attn *a, const query_rows_t *qr, int t, PyArrayObject *kv,
                           PyArrayObject *ev, int want_info)
 {
@@ -100,9 +100,11 @@ static PyObject *run_topk(const tka_attn *a, const query_rows_t *qr, int t, PyAr
     PyArrayObject *out = NULL, *kout = NULL, *tau = NULL, *idx = NULL;
     int64_t **lists = NULL;
     PyObject *res = NULL;
+    /* k and tau only where the caller wants them (tau without info costs every weight of a
+     * fixed-k row) */
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, shape2, t)) ||
-        !(kout = (PyArrayObject *)PyArray_SimpleNew(1, shape1, NPY_INT64)) ||
-        !(tau = (PyArrayObject *)PyArray_SimpleNew(1, shape1, NPY_FLOAT64)))
+        (want_info && !(kout = (PyArrayObject *)PyArray_SimpleNew(1, shape1, NPY_INT64))) ||
+        (want_info && !(tau = (PyArrayObject *)PyArray_SimpleNew(1, shape1, NPY_FLOAT64))))
         goto done;
     if (want_info && !(lists = calloc((size_t)(rows > 0 ? rows : 1), sizeof(int64_t *)))) {
         PyErr_NoMemory();
@@ -112,14 +114,16 @@ static PyObject *run_topk(const tka_attn *a, const query_rows_t *qr, int t, PyAr
     tka_status st;
     Py_BEGIN_ALLOW_THREADS
     st = tka_topk_attention(a, kv ? PyArray_DATA(kv) : NULL, ev ? PyArray_DATA(ev) : NULL,
-                            PyArray_DATA(out), PyArray_DATA(kout), PyArray_DATA(tau), lists, &err);
+                            PyArray_DATA(out), kout ? PyArray_DATA(kout) : NULL,
+                            tau ? PyArray_DATA(tau) : NULL, lists, &err);
     Py_END_ALLOW_THREADS
     if (st != TKA_OK) {
         tka_py_raise(st, &qr->where, err.row, err.what);
         goto done;
     }
     if (lists && !(idx = index_matrix(lists, PyArray_DATA(kout), rows))) goto done;
-    res = Py_BuildValue("OOOO", out, kout, tau, idx ? (PyObject *)idx : Py_None);
+    res = Py_BuildValue("OOOO", out, kout ? (PyObject *)kout : Py_None,
+                        tau ? (PyObject *)tau : Py_None, idx ? (PyObject *)idx : Py_None);
 done:
     if (lists) {
         for (int64_t r = 0; r < rows; r++) tka_free(lists[r]);
@@ -171,7 +175,8 @@ static PyObject *run_dense_or_error(const tka_attn *a, const query_rows_t *qr, i
  *            (mask, m_off, m_sl, m_sn) or None, batch_shape, L, n, d, dv, scale, k_or_None,
  *            eps_or_None, want_info)
  * MODE_DENSE: out (batch*L, dv)
- * MODE_TOPK: (out, k, tau, idx (batch*L, kmax) padded with -1, or None)
+ * MODE_TOPK: (out, k, tau, idx (batch*L, kmax) padded with -1); without want_info
+ *            (out, None, None, None)
  * MODE_ROW_ERROR: (err_sq, tau) (V unused)
  */
 static PyObject *py_attention(PyObject *self, PyObject *args)

@@ -1401,10 +1401,18 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
     for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
     for (int64_t b = 0; b < nb; b += stride) stream_block(cx, w, h, rb, b, cnt, cnt2);
     if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
-    for (int64_t b = 0; b < nb; b++) {
-        if (!rb->done[b]) continue;
-        const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
-        for (int64_t i = i0; i < i1; i++) if (rb->lev[i] < rb->lev[top]) top = i;
+    /* the first key (by position) of the lowest level read, if below top's: found from the
+     * blocks' lowest levels, then in the first block holding it */
+    int32_t mn = rb->lev[top];
+    int64_t bm = -1;
+    for (int64_t b = 0; b < nb; b++)
+        if (rb->done[b] && rb->bmin[b] < mn) {
+            mn = rb->bmin[b];
+            bm = b;
+        }
+    if (bm >= 0) {
+        const int64_t i0 = bm * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
+        for (top = i0; top < i1 && rb->lev[top] != mn; top++) {}
     }
     return top;
 }

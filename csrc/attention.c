@@ -372,28 +372,6 @@ static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, doub
     return TKA_OK;
 }
 
-/* The kept positions of a k_eps row (t = its k-th largest score), in position order: the
- * scores >= t gathered in one pass, all above t and the lowest positions of those equal
- * to it kept. */
-static tka_status keep_above(const attn_ctx *c, const tka_row *w, int64_t k, double t, tka_arena *s,
-                             int64_t *keep)
-{
-    const int64_t n = w->n;
-    double *vals = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
-    int64_t *idx = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(int64_t));
-    if (!vals || !idx) return TKA_ERR_NOMEM;
-    const int64_t ge = t > -INFINITY ? c->K->gather_ge[TKA_F64](w->p, n, t, vals, idx) : 0;
-    int64_t gt = 0;
-    for (int64_t i = 0; i < ge; i++) gt += vals[i] > t;
-    if (gt > k || ge < k) return tka_row_topk_above(w, k, t, s, keep);  /* t is not the k-th */
-    int64_t q = 0, x = k - gt;
-    for (int64_t i = 0; i < ge; i++) {
-        keep[q] = idx[i];
-        q += vals[i] > t || (x > 0 && x--);
-    }
-    return TKA_OK;
-}
-
 /* The reported indices of a kept set (positions keep[0..k)): by decreasing score, ties by
  * lower position. */
 static tka_status report_indices(const attn_ctx *c, int64_t r, const double *sc, const int64_t *keep,
@@ -444,7 +422,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
         }
         keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
         if (!keep) return TKA_ERR_NOMEM;
-        if ((st = keep_above(c, &w, k, t, s, keep)) != TKA_OK) return st;
+        if ((st = tka_row_topk_above(&w, k, t, s, keep)) != TKA_OK) return st;
     } else if ((st = keep_set(c, &w, r, s, &k, c->tau_out ? &tau : NULL, &keep)) != TKA_OK) {
         return st;
     }

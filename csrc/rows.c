@@ -968,10 +968,36 @@ static tka_status gather_top(const tka_row *w, int64_t k, double t, int64_t cap,
     return st;
 }
 
+/* gather_top for a row of at most TKA_CHUNK logits: one branch-free gather of x >= t. */
+static tka_status gather_ge_in(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
+{
+    const int64_t n = w->n;
+    double *vals = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
+    int64_t *idx = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(int64_t));
+    if (!vals || !idx) return TKA_ERR_NOMEM;
+    const int64_t ge = w->K->gather_ge[w->dt](w->p, n, t, vals, idx);
+    int64_t gt = 0;
+    for (int64_t i = 0; i < ge; i++) gt += vals[i] > t;
+    if (gt > k || ge < k) return TKA_RETRY;  /* t is not the k-th largest */
+    int64_t q = 0, x = k - gt;
+    for (int64_t i = 0; i < ge; i++) {
+        out[q] = idx[i];
+        q += vals[i] > t || (x > 0 && x--);
+    }
+    return TKA_OK;
+}
+
 tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
 {
     if (k <= 0) return TKA_OK;
-    tka_status st = gather_top(w, k, t, w->n, s, out);
+    tka_status st;
+    if (w->n <= TKA_CHUNK && t > -INFINITY) {
+        const size_t mark = tka_arena_mark(s);
+        st = gather_ge_in(w, k, t, s, out);
+        tka_arena_release(s, mark);
+    } else {
+        st = gather_top(w, k, t, w->n, s, out);
+    }
     return st == TKA_RETRY ? tka_row_topk_set(w, k, s, out, NULL) : st;
 }
 

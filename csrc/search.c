@@ -1659,6 +1659,11 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
     K->exp_shift[TKA_F64](kv, k, mx, wk);
     /* V's rows summed by pv_idx: partial sums in registers, the rows ahead prefetched */
     double z = 0.0;
+    if (dense_out) {  /* kept positions already increasing (keys stored in position order) */
+        int64_t t = 1;
+        while (t < k && oi[t] > oi[t - 1]) t++;
+        dense_out = t < k;
+    }
     if (dense_out) {
         /* weights placed at the keys' positions, the kept positions gathered in increasing
          * order without a branch per key, V read in that order (a stream with gaps) */
@@ -1751,6 +1756,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     /* the rows keeping many keys sum V together in one pass (see full_row_in), for a V of
      * moderate length (the weights take 32 bytes per key) */
     double *w4 = NULL, *acc4 = NULL, z4[GROUP] = {0.0};
+    int64_t drow[GROUP], nd = 0;  /* the rows whose output the group's pass sums */
     if (cx->out_v && n <= GROUP_PV_MAX_N) {
         w4 = tka_arena_alloc(s, (size_t)(GROUP * n) * sizeof(double));
         acc4 = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
@@ -1829,32 +1835,32 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         w.sb[TKA_STAGE_RERANK] += pass_bytes;
         w.blocks = sd->nb;
         w.distinct = n;
-        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s, w4 ? w4 + i : NULL, &z4[i]);
+        /* a row that defers its output takes the next free slot of w4 (the pass then
+         * sums only those rows) */
+        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s, w4 ? w4 + nd : NULL, &z4[nd]);
         if (st != TKA_OK) break;
+        if (z4[nd] > 0.0) drow[nd++] = rows[i];  /* a kept maximum weighs 1 */
         if (timing) w.wall += t_pass + (stage_now() - tr);
         row_stats(cx, r, &w);
         cx->rows[r].full_scoring = 1;
     }
-    int64_t deferred = 0;
-    for (int64_t i = 0; i < m; i++) deferred += z4[i] > 0.0;  /* a kept maximum weighs 1 */
+    const int64_t deferred = nd;
     if (st == TKA_OK && deferred > 0) {
         const double t1 = timing ? stage_now() : 0.0;
         const int64_t dv = a->dv;
         const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-        K->pv[a->vdtype](vh, n, a->v_row_stride, w4, (int)m, dv, acc4, dv);
-        for (int64_t i = 0; i < m; i++) {
-            if (!(z4[i] > 0.0)) continue;
-            double *o = cx->out_v + (size_t)(rows[i] * dv);
+        K->pv[a->vdtype](vh, n, a->v_row_stride, w4, (int)deferred, dv, acc4, dv);
+        for (int64_t i = 0; i < deferred; i++) {
+            double *o = cx->out_v + (size_t)(drow[i] * dv);
             for (int64_t j = 0; j < dv; j++) o[j] = acc4[i * dv + j] / z4[i];
         }
         if (timing) {
             const double share = (stage_now() - t1) / (double)deferred;
-            for (int64_t i = 0; i < m; i++)
-                if (z4[i] > 0.0) {  /* every row of V, read once for the deferred rows */
-                    cx->rows[rows[i]].stage_s[TKA_STAGE_OUTPUT] += share;
-                    cx->rows[rows[i]].stage_bytes[TKA_STAGE_OUTPUT] =
-                        (double)n * (double)dv * (double)esize(a->vdtype) / (double)deferred;
-                }
+            for (int64_t i = 0; i < deferred; i++) {  /* every row of V, read once for them */
+                cx->rows[drow[i]].stage_s[TKA_STAGE_OUTPUT] += share;
+                cx->rows[drow[i]].stage_bytes[TKA_STAGE_OUTPUT] =
+                    (double)n * (double)dv * (double)esize(a->vdtype) / (double)deferred;
+            }
         }
     }
     tka_arena_release(s, mark);

@@ -439,7 +439,7 @@ static void check_dot_i8(const tka_kernels *K)
 static void check_pv_idx(const tka_kernels *K)
 {
     const int64_t dvs[] = {1, 3, 4, 7, 8, 15, 16, 31, 33, 64, 65, 100, 128, 130};
-    enum { NR = 40, KMAX = 23, LD = 131 };
+    enum { NR = 40, KMAX = 71, LD = 131 };  /* k past two chunks of keys */
     double *x = malloc((size_t)(NR * LD) * sizeof(double));
     float *xf = malloc((size_t)(NR * LD) * sizeof(float));
     uint16_t *xh = malloc((size_t)(NR * LD) * sizeof(uint16_t));
@@ -453,7 +453,7 @@ static void check_pv_idx(const tka_kernels *K)
     double w[KMAX], got[LD], want[LD];
     for (size_t di = 0; di < sizeof dvs / sizeof dvs[0]; di++) {
         const int64_t dv = dvs[di];
-        for (int64_t k = 0; k <= KMAX; k += (k < 3 ? 1 : 10)) {
+        for (int64_t k = 0; k <= KMAX; k += (k < 3 ? 1 : k < 30 ? 10 : 4)) {
             for (int64_t t = 0; t < k; t++) {
                 idx[t] = (int64_t)(rnd_u64() % NR);
                 w[t] = rnd_unif();

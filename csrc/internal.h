@@ -320,6 +320,9 @@ tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *
                             double *log_tau);
 /** tka_row_topk_set when the k-th largest logit t is known (one gathering pass). */
 tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out);
+/** tka_row_topk_above, and the kept logits (float64) into kv[0..k), in the order of out. */
+tka_status tka_row_topk_above_v(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out,
+                                double *kv);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). Each

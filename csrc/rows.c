@@ -968,8 +968,10 @@ static tka_status gather_top(const tka_row *w, int64_t k, double t, int64_t cap,
     return st;
 }
 
-/* gather_top for a row of at most TKA_CHUNK logits: one branch-free gather of x >= t. */
-static tka_status gather_ge_in(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
+/* gather_top for a row of at most TKA_CHUNK logits: one branch-free gather of x >= t; with
+ * kv, also the kept logits (float64), in the same order. */
+static tka_status gather_ge_in(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out,
+                               double *kv)
 {
     const int64_t n = w->n;
     double *vals = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
@@ -979,26 +981,44 @@ static tka_status gather_ge_in(const tka_row *w, int64_t k, double t, tka_arena 
     int64_t gt = 0;
     for (int64_t i = 0; i < ge; i++) gt += vals[i] > t;
     if (gt > k || ge < k) return TKA_RETRY;  /* t is not the k-th largest */
-    int64_t q = 0, x = k - gt;
+    if (ge == k) {  /* no tie at t to break: every gathered logit is kept */
+        memcpy(out, idx, (size_t)k * sizeof(int64_t));
+        if (kv) memcpy(kv, vals, (size_t)k * sizeof(double));
+        return TKA_OK;
+    }
+    int64_t q = 0, x = k - gt;  /* x: ties at t still to keep, the lowest positions first */
     for (int64_t i = 0; i < ge; i++) {
+        const int64_t above = vals[i] > t, take = above | (x > 0);
         out[q] = idx[i];
-        q += vals[i] > t || (x > 0 && x--);
+        if (kv) kv[q] = vals[i];
+        q += take;
+        x -= take & !above;
     }
     return TKA_OK;
 }
 
 tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out)
 {
+    return tka_row_topk_above_v(w, k, t, s, out, NULL);
+}
+
+tka_status tka_row_topk_above_v(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out,
+                                double *kv)
+{
     if (k <= 0) return TKA_OK;
     tka_status st;
     if (w->n <= TKA_CHUNK && t > -INFINITY) {
         const size_t mark = tka_arena_mark(s);
-        st = gather_ge_in(w, k, t, s, out);
+        st = gather_ge_in(w, k, t, s, out, kv);
         tka_arena_release(s, mark);
+        if (st != TKA_RETRY) return st;
     } else {
         st = gather_top(w, k, t, w->n, s, out);
     }
-    return st == TKA_RETRY ? tka_row_topk_set(w, k, s, out, NULL) : st;
+    if (st == TKA_RETRY) st = tka_row_topk_set(w, k, s, out, NULL);
+    if (st == TKA_OK && kv)
+        for (int64_t i = 0; i < k; i++) kv[i] = elem(w, out[i]);
+    return st;
 }
 
 tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,

@@ -1584,7 +1584,7 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
  * Sparser rows walk their kept keys alone: the pass tests every weight, and with many
  * zeros those tests cost more than the reads they save. */
 static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
-                              double *sc, tka_arena *s, double *w4, double *z4)
+                              double *sc, tka_arena *s, double *w4, double *z4, int fw)
 {
     const tka_key_index *ix = cx->ix;
     const tka_search_args *a = cx->a;
@@ -1603,13 +1603,12 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
     if (!keep || !kv) return TKA_ERR_NOMEM;
-    if ((st = tka_row_topk_above(&tw, k, thr, s, keep)) != TKA_OK) return st;
+    if ((st = tka_row_topk_above_v(&tw, k, thr, s, keep, kv)) != TKA_OK) return st;
     /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
     double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
                                             INFINITY);
     if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
                                                   certifies by the search's own finalize */
-    for (int64_t t = 0; t < k; t++) kv[t] = sc[keep[t]];
     /* many kept rows of a V larger than the cache: read them in position order */
     const int dense_out = cx->out_v && k > n / 8
                           && (double)n * (double)a->dv * (double)esize(a->vdtype) > 262144.0;
@@ -1628,9 +1627,25 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
         if (!wk) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         K->exp_shift[TKA_F64](kv, k, tw.max, wk);
-        for (int64_t t = 0; t < k; t++) w4[4 * oi[t]] = wk[t];
         double z = 0.0;  /* in position order, as the walk of full_output sums it */
-        for (int64_t i = 0; i < n; i++) z += w4[4 * i];
+        if (fw) {  /* float32 weights, a row of n (see fallback_rows) */
+            float *wf = (float *)w4;
+            memset(wf, 0, (size_t)n * sizeof(float));
+            for (int64_t t = 0; t < k; t++) wf[oi[t]] = (float)wk[t];
+            double z1 = 0.0, z2 = 0.0, z3 = 0.0;  /* four chains (j mod 4), not one */
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                z += (double)wf[i];
+                z1 += (double)wf[i + 1];
+                z2 += (double)wf[i + 2];
+                z3 += (double)wf[i + 3];
+            }
+            for (; i < n; i++) z += (double)wf[i];
+            z = (z + z1) + (z2 + z3);
+        } else {
+            for (int64_t t = 0; t < k; t++) w4[4 * oi[t]] = wk[t];
+            for (int64_t i = 0; i < n; i++) z += w4[4 * i];
+        }
         *z4 = z;
     } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, tw.max, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
@@ -1709,10 +1724,10 @@ static double f32_eta(const srow *w, const row_bufs *rb, double maxabs, double s
 }
 
 static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
-                           double *sc, tka_arena *s, double *w4, double *z4)
+                           double *sc, tka_arena *s, double *w4, double *z4, int fw)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = full_row_in(cx, r, w, ck, sc, s, w4, z4);
+    tka_status st = full_row_in(cx, r, w, ck, sc, s, w4, z4, fw);
     tka_arena_release(s, mark);
     if (st != TKA_RETRY) return st;
     /* the certificate of every scored key by finalize, which adds keys past k_eps' until
@@ -1809,6 +1824,9 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     if (!f32 && m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
     else if (!f32) K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
     const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
+    /* float32 keys scored as topk_attention scores them and a float32 V: the deferred rows'
+     * output as topk_attention sums it too (float32 weights, float32 blocks of 64 keys) */
+    const int fw = w4 && f32 && a->vdtype == TKA_F32;
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
     search_dims sd_q = *sd;
@@ -1837,7 +1855,8 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         w.distinct = n;
         /* a row that defers its output takes the next free slot of w4 (the pass then
          * sums only those rows) */
-        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s, w4 ? w4 + nd : NULL, &z4[nd]);
+        double *slot = !w4 ? NULL : fw ? (double *)((float *)w4 + (size_t)nd * n) : w4 + nd;
+        st = full_row(cx, r, &w, &ck, sc + (size_t)(i * n), s, slot, &z4[nd], fw);
         if (st != TKA_OK) break;
         if (z4[nd] > 0.0) drow[nd++] = rows[i];  /* a kept maximum weighs 1 */
         if (timing) w.wall += t_pass + (stage_now() - tr);
@@ -1849,7 +1868,11 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         const double t1 = timing ? stage_now() : 0.0;
         const int64_t dv = a->dv;
         const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-        K->pv[a->vdtype](vh, n, a->v_row_stride, w4, (int)deferred, dv, acc4, dv);
+        if (fw)
+            K->spv((const float *)vh, n, a->v_row_stride, (const float *)w4, n, (int)deferred, dv,
+                   acc4, dv);
+        else
+            K->pv[a->vdtype](vh, n, a->v_row_stride, w4, (int)deferred, dv, acc4, dv);
         for (int64_t i = 0; i < deferred; i++) {
             double *o = cx->out_v + (size_t)(drow[i] * dv);
             for (int64_t j = 0; j < dv; j++) o[j] = acc4[i * dv + j] / z4[i];

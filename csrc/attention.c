@@ -338,7 +338,8 @@ typedef struct {
  * A k_eps row keeping more than half of its keys, into the group's shared V pass: its
  * weights e^{s - max} for the kept keys (those above t, the k-th largest score, and the
  * lowest positions of those equal to it) and 0 for the others, written for every key in
- * one vector pass, so neither the kept positions nor their scores are gathered. Float32
+ * one vector pass, so neither the kept positions nor their scores are gathered (unless
+ * keep asks for the positions, to report them). Float32
  * problems round the weights to float32 and sum the rounded ones (as dense attention does),
  * so the output is the exact weighted mean of the values with those weights. Returns
  * TKA_RETRY when t is not the k-th largest score (the caller then takes the gathering path).
@@ -364,12 +365,8 @@ static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, doub
         for (int64_t j = 0; j < n; j++) w4[4 * j] = e[j];
         *z = sum4(e, n);
     }
-    if (keep) {  /* the kept positions, in position order */
-        int64_t q = 0, x = k - gt;
-        for (int64_t j = 0; j < n; j++)
-            if (sc[j] > t || (sc[j] == t && x > 0 && x--)) keep[q++] = j;
-    }
-    return TKA_OK;
+    /* the kept positions, only to report them: the same set by the gathering path */
+    return keep ? tka_row_topk_above(w, k, t, s, keep) : TKA_OK;
 }
 
 /* The reported indices of a kept set (positions keep[0..k)): by decreasing score, ties by

@@ -443,7 +443,26 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
         wk[q] = wk[i];
         ip[q++] = keep[i];
     }
-    c->K->pv_idx[a->dtype](v_row(a, b, 0), a->v_ld / elem_size(a->dtype), ip, wk, q, a->dv, acc);
+    const int64_t ld = a->v_ld / elem_size(a->dtype);
+    if (a->dtype == TKA_F32) {
+        /* float32 problems: the weights rounded to float32 (those that round to 0 dropped, so
+         * a non-finite value row behind them is never multiplied), z their sum, V summed in
+         * float32 blocks of kept keys, as dense attention sums its rows */
+        float *wf = tka_arena_alloc(s, (size_t)(q > 0 ? q : 1) * sizeof(float));
+        if (!wf) return TKA_ERR_NOMEM;
+        int64_t q32 = 0;
+        z = 0.0;
+        for (int64_t i = 0; i < q; i++) {
+            const float f = (float)wk[i];
+            if (f == 0.0f) continue;
+            z += f;
+            wf[q32] = f;
+            ip[q32++] = ip[i];
+        }
+        c->K->spv_idx((const float *)v_row(a, b, 0), ld, ip, wf, q32, a->dv, acc);
+    } else {
+        c->K->pv_idx[a->dtype](v_row(a, b, 0), ld, ip, wk, q, a->dv, acc);
+    }
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;

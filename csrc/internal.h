@@ -191,6 +191,11 @@ typedef struct {
      *  float64 acc (kernels.inc). */
     void (*spv)(const float *v, int64_t n, int64_t ld, const float *w, int64_t ws, int m,
                 int64_t dv, double *acc, int64_t as);
+    /** spv for the kept rows idx[0..k) of one Top-k row, float32 weights w[0..k) > 0 in
+     *  the same order: float32 fused multiply-adds within blocks of 64 kept keys, each block's
+     *  sum added to the float64 acc[0..dv) (zeroed first) (kernels.inc). */
+    void (*spv_idx)(const float *v, int64_t ld, const int64_t *idx, const float *w, int64_t k,
+                    int64_t dv, double *acc);
     /** dst[i] = src[i] for n float16 values (bits) into float32: exact. */
     void (*f16_to_f32)(const uint16_t *src, int64_t n, float *dst);
     /** The search's dot-product and proxy kernels for this instruction set. */
@@ -378,7 +383,8 @@ int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64
 /**
  * Weighted selection from the bottom: v[0..c) values with masses w[0..c) (permuted in
  * place). Drops the smallest values one by one, in increasing order, while the dropped
- * mass stays <= budget; returns how many were dropped and their mass. Expected O(c).
+ * mass stays <= budget; returns how many were dropped (d) and their mass. On return the
+ * dropped pairs are v[0..d) and the kept ones v[d..c). Expected O(c).
  */
 int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget,
                                 double *dropped_mass);

@@ -510,11 +510,12 @@ static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
  * round's lt_sums for the pivots p (the caller needed the total first).
  *
  * Returns how many are dropped and their mass in *dm. With t, also the smallest value not
- * dropped (+inf if all were); tcopy then holds c values of scratch.
+ * dropped (+inf if all were): tka_weights_drop_bottom leaves the dropped values in front of
+ * the kept ones, so it is the smallest of the rest.
  */
 static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, int64_t c,
                            double *v, double *m, double budget, double *p, const double *mass0,
-                           double *dm, double *t, double *tcopy)
+                           double *dm, double *t)
 {
     double acc = 0.0, hi = INFINITY;
     int64_t nd = 0;
@@ -547,16 +548,12 @@ static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, 
         int64_t below;
         c = K->range_gather[dt](src, m, c, -INFINITY, INFINITY, v, m, &below);
     }
-    if (t) memcpy(tcopy, v, (size_t)c * sizeof(double));
     double dlast;
     const int64_t d = tka_weights_drop_bottom(v, m, c, budget - acc, &dlast);
     if (t) {
-        if (d < c) {
-            tka_values_nth_desc(tcopy, c, c - d - 1);
-            *t = tcopy[c - d - 1];
-        } else {
-            *t = hi;
-        }
+        double lo_kept = hi;
+        for (int64_t i = d; i < c; i++) lo_kept = v[i] < lo_kept ? v[i] : lo_kept;
+        *t = lo_kept;
     }
     *dm = acc + dlast;
     return nd + d;
@@ -780,11 +777,9 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             while (drop > 0 && b.mass_below + (double)drop * mv > bar_exact) drop--;
             dm = (double)drop * mv;
         } else {
-            double p[TKA_LT_N], *copy = NULL;
-            if (t_out && !(copy = tka_arena_alloc(s, (size_t)b.n_band * sizeof(double))))
-                return TKA_ERR_NOMEM;
+            double p[TKA_LT_N];
             drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, bar_exact - b.mass_below,
-                               p, NULL, &dm, t_out ? &t : NULL, copy);
+                               p, NULL, &dm, t_out ? &t : NULL);
         }
         if (drop >= b.n_band) continue;
         *k_out = b.n_above + b.n_band - drop;
@@ -831,14 +826,12 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (eps >= EPS_LINEAR_MIN) {
         /* every weight (one vector exp pass), their total with the first round's sums below
          * pivots drawn from the row, then the selection from the bottom by rounds */
-        double p[TKA_LT_N], z, mass0[TKA_LT_N], *copy = NULL, t = 0.0;
+        double p[TKA_LT_N], z, mass0[TKA_LT_N], t = 0.0;
         if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
         else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
         w->K->lt_sums[w->dt](w->p, NULL, n, w->max, p, mass0, &z, m);
-        if (t_out && !(copy = tka_arena_alloc(s, (size_t)n * sizeof(double))))
-            return TKA_ERR_NOMEM;
         k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, eps * z, p, mass0, &tau,
-                            t_out ? &t : NULL, copy);
+                            t_out ? &t : NULL);
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
         if (t_out) *t_out = t;
     } else {

@@ -308,6 +308,33 @@ def test_float32_dense_output_no_worse_than_numpy_float32(n, simd_path, rng):
             assert e_ours <= e_plain
 
 
+@pytest.mark.parametrize("sel", [{"k": 10}, {"k": 200}, {"eps": 1e-3}])
+def test_float32_topk_output_no_worse_than_numpy_float32(sel, simd_path, rng):
+    # float32 Top-k attention sums its kept value rows as dense attention does (float32
+    # blocks of 64 kept keys, docs/design.md §3): against the float64 reference with the same
+    # kept set, its error is that of a NumPy float32 Top-k pipeline (softmax over the kept
+    # float32 scores, weights @ kept rows in float32) within a factor 2, on values with a
+    # large common part (1e3 + noise)
+    n = 3000
+    for spread in (0.5, 3.0):
+        Q = (spread * rng.standard_normal((4, 8, 32))).astype(np.float32)
+        K = rng.standard_normal((4, n, 32)).astype(np.float32)
+        V = (1e3 + rng.standard_normal((4, n, 16))).astype(np.float32)
+        out, info = topkattn.topk_attention(Q, K, V, return_info=True, **sel)
+        expected, exp_k, _ = ref.topk_attention(Q, K, V, **sel)
+        np.testing.assert_array_equal(info.k, exp_k)
+        s32 = (Q @ np.swapaxes(K, -1, -2)) * np.float32(1 / math.sqrt(32))
+        plain = np.empty_like(out)
+        for h in range(4):
+            for l in range(8):
+                keep = info.indices[h, l, :info.k[h, l]]
+                p = np.exp(s32[h, l, keep] - s32[h, l, keep].max())
+                plain[h, l] = (p / p.sum()) @ V[h, keep]
+        ulp = np.spacing(np.float32(1e3))
+        e_ours, e_plain = np.abs(out - expected).max(), np.abs(plain - expected).max()
+        assert e_ours <= 2 * e_plain + ulp, (sel, spread, e_ours, e_plain)
+
+
 def test_float32_rows_independent_of_their_group(rng):
     # a query row's float32 result is the same bit for bit alone, in any group of four and
     # at any position of its batch (decode and prefill share the score kernel's arithmetic)

@@ -475,6 +475,37 @@ static void check_pv_idx(const tka_kernels *K)
     free(xh);
 }
 
+/* spv_idx against spv over the kept rows gathered into a contiguous block, in the same set:
+ * the same blocks of 64 keys and the same float32 sums, bit for bit (k across two blocks). */
+static void check_spv_idx(const tka_kernels *K)
+{
+    const int64_t dvs[] = {1, 3, 8, 15, 16, 17, 31, 32, 33, 64, 65, 100, 128, 130};
+    enum { NR = 40, KMAX = 140, LD = 131 };
+    float *x = malloc((size_t)(NR * LD) * sizeof(float));
+    float *g = malloc((size_t)(KMAX * LD) * sizeof(float));
+    for (int64_t i = 0; i < NR * LD; i++) x[i] = (float)rnd_norm();
+    int64_t idx[KMAX];
+    float w[KMAX];
+    double got[LD], want[LD];
+    for (size_t di = 0; di < sizeof dvs / sizeof dvs[0]; di++) {
+        const int64_t dv = dvs[di];
+        for (int64_t k = 0; k <= KMAX; k += (k < 3 ? 1 : k < 60 ? 13 : 7)) {
+            for (int64_t t = 0; t < k; t++) {
+                idx[t] = (int64_t)(rnd_u64() % NR);
+                w[t] = (float)(rnd_unif() + 0x1p-20);
+                memcpy(g + t * LD, x + idx[t] * LD, (size_t)dv * sizeof(float));
+            }
+            K->spv(g, k, LD, w, k, 1, dv, want, dv);
+            K->spv_idx(x, LD, idx, w, k, dv, got);
+            for (int64_t j = 0; j < dv; j++)
+                CHECK(same_bits(got[j], want[j]), "spv_idx dv %lld k %lld col %lld: %.17g vs spv %.17g",
+                      (long long)dv, (long long)k, (long long)j, got[j], want[j]);
+        }
+    }
+    free(x);
+    free(g);
+}
+
 static void check_f16_conversion(const tka_kernels *K)
 {
     static uint16_t all[65536 + 7];
@@ -969,6 +1000,7 @@ int main(int argc, char **argv)
         check_f16_conversion(K);
         check_dot_i8(K);
         check_pv_idx(K);
+        check_spv_idx(K);
 #ifdef TKA_HAVE_X86
         if (set == TKA_SIMD_AVX512) {  /* also without VNNI, where the CPU has it */
             tka_avx512vnni_disable(1);

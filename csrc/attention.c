@@ -401,10 +401,11 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     tka_status st;
     int64_t k, *keep;
     double tau;
+    const double *e = NULL;  /* every weight e^{s - max}, where the selection computed them */
     *shared = 0;
     if (sl && !c->k) {
         double t = 0.0;
-        if ((st = tka_row_keps(&w, c->eps[r], s, &k, &tau, &t)) != TKA_OK) return st;
+        if ((st = tka_row_keps_e(&w, c->eps[r], s, &k, &tau, &t, &e)) != TKA_OK) return st;
         if (k > w.n / 2) {
             keep = c->idx_out ? tka_arena_alloc(s, (size_t)k * sizeof(int64_t)) : NULL;
             if (c->idx_out && !keep) return TKA_ERR_NOMEM;
@@ -425,12 +426,16 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     }
     const double *sc = w.p;
     const int64_t b = r / a->L;
-    /* the kept scores and their weights e^{s - max} (the vector exp of dense attention) */
-    double *v = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    /* the kept weights e^{s - max}: the selection's, or the kept scores' by the same vector
+     * exp (the one dense attention uses) */
     double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    if (!v || !wk) return TKA_ERR_NOMEM;
-    for (int64_t i = 0; i < k; i++) v[i] = sc[keep[i]];
-    c->K->exp_shift[TKA_F64](v, k, w.max, wk);
+    if (!wk) return TKA_ERR_NOMEM;
+    if (e) {
+        for (int64_t i = 0; i < k; i++) wk[i] = e[keep[i]];
+    } else {
+        for (int64_t i = 0; i < k; i++) wk[i] = sc[keep[i]];
+        c->K->exp_shift[TKA_F64](wk, k, w.max, wk);
+    }
     /* the kept keys of weight > 0 (those below e^-708 of the maximum add nothing), in the
      * kept order */
     int64_t *ip = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));

@@ -514,8 +514,8 @@ static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
  * the kept ones, so it is the smallest of the rest.
  */
 static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, int64_t c,
-                           double *v, double *m, double budget, double *p, const double *mass0,
-                           double *dm, double *t)
+                           double *v, double *m, double *mo, double budget, double *p,
+                           const double *mass0, double *dm, double *t)
 {
     double acc = 0.0, hi = INFINITY;
     int64_t nd = 0;
@@ -533,7 +533,8 @@ static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, 
         const double lo = j >= 0 ? p[j] : -INFINITY;
         const double up = j + 1 < TKA_LT_N ? p[j + 1] : INFINITY;
         int64_t below;
-        const int64_t c2 = K->range_gather[dt](src, m, c, lo, up, v, m, &below);
+        const int64_t c2 = K->range_gather[dt](src, m, c, lo, up, v, mo, &below);
+        m = mo;
         if (j >= 0) {
             acc += mass[j];
             nd += below;
@@ -546,7 +547,8 @@ static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, 
     }
     if (src != v) {
         int64_t below;
-        c = K->range_gather[dt](src, m, c, -INFINITY, INFINITY, v, m, &below);
+        c = K->range_gather[dt](src, m, c, -INFINITY, INFINITY, v, mo, &below);
+        m = mo;
     }
     double dlast;
     const int64_t d = tka_weights_drop_bottom(v, m, c, budget - acc, &dlast);
@@ -778,7 +780,7 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             dm = (double)drop * mv;
         } else {
             double p[TKA_LT_N];
-            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, bar_exact - b.mass_below,
+            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, m, bar_exact - b.mass_below,
                                p, NULL, &dm, t_out ? &t : NULL);
         }
         if (drop >= b.n_band) continue;
@@ -799,9 +801,10 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
     return keps_band_ref(w, eps, s, k_out, tau_out, t_out, done, 0);
 }
 
-/* tka_row_keps, allocating in the caller's scope. */
+/* tka_row_keps, allocating in the caller's scope. With e (n + 1 slots), the whole-row path
+ * leaves every weight e^{x_i - max} in e[0..n) and sets *have_e. */
 static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
-                         double *tau_out, double *t_out, int band)
+                         double *tau_out, double *t_out, int band, double *e, int *have_e)
 {
     const int64_t n = w->n;
     int64_t k;
@@ -820,8 +823,9 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
 
     /* exact path over the whole row */
     double *vals = tka_arena_alloc(s, (size_t)n * sizeof(double));
-    double *m = tka_arena_alloc(s, (size_t)(n + 1) * sizeof(double));
-    if (!vals || !m) return TKA_ERR_NOMEM;
+    double *m = e ? e : tka_arena_alloc(s, (size_t)(n + 1) * sizeof(double));
+    double *mo = e ? tka_arena_alloc(s, (size_t)n * sizeof(double)) : m;  /* the rounds' masses */
+    if (!vals || !m || !mo) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
         /* every weight (one vector exp pass), their total with the first round's sums below
@@ -830,8 +834,9 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
         if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
         else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
         w->K->lt_sums[w->dt](w->p, NULL, n, w->max, p, mass0, &z, m);
-        k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, eps * z, p, mass0, &tau,
+        k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, mo, eps * z, p, mass0, &tau,
                             t_out ? &t : NULL);
+        if (have_e) *have_e = e != NULL;
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
         if (t_out) *t_out = t;
     } else {
@@ -849,8 +854,21 @@ tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_o
                         double *tau_out, double *t_out)
 {
     const size_t mark = tka_arena_mark(s);
-    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1, NULL, NULL);
     tka_arena_release(s, mark);
+    return st;
+}
+
+tka_status tka_row_keps_e(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
+                          double *tau_out, double *t_out, const double **e_out)
+{
+    double *e = tka_arena_alloc(s, (size_t)(w->n + 1) * sizeof(double));
+    if (!e) return TKA_ERR_NOMEM;
+    int have = 0;
+    const size_t mark = tka_arena_mark(s);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1, e, &have);
+    tka_arena_release(s, mark);
+    *e_out = have ? e : NULL;
     return st;
 }
 
@@ -877,7 +895,7 @@ static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
     tka_row w = *wr;
     if ((st = tka_row_check(&w, s)) != TKA_OK) return st;
     /* a row whose brackets all missed goes to the whole-row selection directly */
-    st = keps_in(&w, eps, s, cx->k + r, &tau, NULL, done == 0);
+    st = keps_in(&w, eps, s, cx->k + r, &tau, NULL, done == 0, NULL, NULL);
     tka_arena_release(s, mark);
     if (st == TKA_OK && cx->tau) cx->tau[r] = tau;
     return st;

@@ -26,7 +26,7 @@
 /* Rows up to this length find k_eps from all their weights at once (one vector exp pass,
  * then the weighted selection of the exact path) instead of through the sampled bracket,
  * whose fixed costs dominate on short rows. The k is the same either way. */
-#define KEPS_DIRECT_MAX 1024
+#define KEPS_DIRECT_MAX 4096
 #define NS_FACTOR 2.0
 
 

@@ -436,38 +436,39 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
         for (int64_t i = 0; i < k; i++) wk[i] = sc[keep[i]];
         c->K->exp_shift[TKA_F64](wk, k, w.max, wk);
     }
-    /* the kept keys of weight > 0 (those below e^-708 of the maximum add nothing), in the
-     * kept order */
+    /* the kept keys of weight > 0, in the kept order: those below e^-708 of the maximum add
+     * nothing, and a float32 problem's weights are rounded to float32 (as dense attention's
+     * are) with those that round to 0 dropped, so a non-finite value row behind them is never
+     * multiplied. No branch per key; z, the sum of the (rounded) weights, in four chains. */
+    const int f32 = a->dtype == TKA_F32;
     int64_t *ip = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-    if (!ip) return TKA_ERR_NOMEM;
-    double z = 0.0;
-    int64_t q = 0;
-    for (int64_t i = 0; i < k; i++) {
-        if (wk[i] == 0.0) continue;
-        z += wk[i];
-        wk[q] = wk[i];
-        ip[q++] = keep[i];
+    float *wf = f32 ? tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(float)) : NULL;
+    if (!ip || (f32 && !wf)) return TKA_ERR_NOMEM;
+    double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
+    int64_t q = 0, i = 0;
+#define TKA_KEEP_TERM(j, zs)                                      \
+    do {                                                          \
+        const double x_ = wk[j];                                  \
+        const float f_ = (float)x_;                               \
+        const double y_ = f32 ? (double)f_ : x_;                  \
+        ip[q] = keep[j];                                          \
+        wk[q] = x_;                                               \
+        if (f32) wf[q] = f_;                                      \
+        zs += y_;                                                 \
+        q += y_ != 0.0;                                           \
+    } while (0)
+    for (; i + 4 <= k; i += 4) {
+        TKA_KEEP_TERM(i, z0);
+        TKA_KEEP_TERM(i + 1, z1);
+        TKA_KEEP_TERM(i + 2, z2);
+        TKA_KEEP_TERM(i + 3, z3);
     }
+    for (; i < k; i++) TKA_KEEP_TERM(i, z0);
+#undef TKA_KEEP_TERM
+    const double z = (z0 + z1) + (z2 + z3);
     const int64_t ld = a->v_ld / elem_size(a->dtype);
-    if (a->dtype == TKA_F32) {
-        /* float32 problems: the weights rounded to float32 (those that round to 0 dropped, so
-         * a non-finite value row behind them is never multiplied), z their sum, V summed in
-         * float32 blocks of kept keys, as dense attention sums its rows */
-        float *wf = tka_arena_alloc(s, (size_t)(q > 0 ? q : 1) * sizeof(float));
-        if (!wf) return TKA_ERR_NOMEM;
-        int64_t q32 = 0;
-        z = 0.0;
-        for (int64_t i = 0; i < q; i++) {
-            const float f = (float)wk[i];
-            if (f == 0.0f) continue;
-            z += f;
-            wf[q32] = f;
-            ip[q32++] = ip[i];
-        }
-        c->K->spv_idx((const float *)v_row(a, b, 0), ld, ip, wf, q32, a->dv, acc);
-    } else {
-        c->K->pv_idx[a->dtype](v_row(a, b, 0), ld, ip, wk, q, a->dv, acc);
-    }
+    if (f32) c->K->spv_idx((const float *)v_row(a, b, 0), ld, ip, wf, q, a->dv, acc);
+    else c->K->pv_idx[a->dtype](v_row(a, b, 0), ld, ip, wk, q, a->dv, acc);
     store_out(c, r, acc, z);
     if (c->k_out) c->k_out[r] = k;
     if (c->tau_out) c->tau_out[r] = tau;

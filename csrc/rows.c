@@ -481,22 +481,36 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
 #define LEVELS_FINAL 24
 
 /* TKA_LT_N pivots taken from v[0..c) (float32 or float64) at evenly spaced positions, in
- * increasing order (a sorting network: no branches). */
+ * increasing order: a five-comparator sorting network on locals (minimum and maximum
+ * instructions, no branch to mispredict; the values are never NaN here). */
+#define TKA_SORT2(x, y)                         \
+    do {                                        \
+        const double lo_ = x < y ? x : y;       \
+        const double hi_ = x < y ? y : x;       \
+        x = lo_;                                \
+        y = hi_;                                \
+    } while (0)
 static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
 {
+    double q[TKA_LT_N];
     const double step = (double)c / (double)TKA_LT_N;
     for (int j = 0; j < TKA_LT_N; j++) {
         int64_t pos = (int64_t)(((double)j + 0.5) * step);
         pos = pos < c ? pos : c - 1;
-        p[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
+        q[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
     }
-    for (int a = 0; a < TKA_LT_N; a++)
-        for (int b = a & 1; b + 1 < TKA_LT_N; b += 2) {  /* odd-even transposition */
-            const double x = p[b], y = p[b + 1];
-            p[b] = x < y ? x : y;
-            p[b + 1] = x < y ? y : x;
-        }
+    double a = q[0], b = q[1], x = q[2], y = q[3];
+    TKA_SORT2(a, b);
+    TKA_SORT2(x, y);
+    TKA_SORT2(a, x);
+    TKA_SORT2(b, y);
+    TKA_SORT2(b, x);
+    p[0] = a;
+    p[1] = b;
+    p[2] = x;
+    p[3] = y;
 }
+#undef TKA_SORT2
 
 /*
  * tka_weights_drop_bottom by rounds of vector passes: drop the smallest values, in

@@ -31,6 +31,8 @@ static inline VM vm_or(VM a, VM b) { return (VM)(a | b); }
 static inline unsigned vm_bits(VM a) { return (unsigned)a; }
 static inline VM vm_firstn(int k) { return (VM)((1u << k) - 1u); }
 static inline VD vd_maskz(VM m, VD v) { return _mm512_maskz_mov_pd(m, v); }
+#define TKA_HAVE_VD_ADD_MASKED 1
+static inline VD vd_add_masked(VD a, VM m, VD b) { return _mm512_mask_add_pd(a, m, a, b); }
 static inline VD vd_blend(VM m, VD a, VD b) { return _mm512_mask_blend_pd(m, b, a); }
 static inline void vd_store(double *p, VD v) { _mm512_storeu_pd(p, v); }
 /* out[i] = scale * (sum of the lanes of a_i), i < 4 */

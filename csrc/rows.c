@@ -876,6 +876,8 @@ tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k_o
 tka_status tka_row_keps_e(const tka_row *w, double eps, tka_arena *s, int64_t *k_out,
                           double *tau_out, double *t_out, const double **e_out)
 {
+    *e_out = NULL;
+    if (w->n > KEPS_DIRECT_MAX) return tka_row_keps(w, eps, s, k_out, tau_out, t_out);
     double *e = tka_arena_alloc(s, (size_t)(w->n + 1) * sizeof(double));
     if (!e) return TKA_ERR_NOMEM;
     int have = 0;

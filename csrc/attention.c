@@ -339,13 +339,14 @@ typedef struct {
  * weights e^{s - max} for the kept keys (those above t, the k-th largest score, and the
  * lowest positions of those equal to it) and 0 for the others, written for every key in
  * one vector pass, so neither the kept positions nor their scores are gathered (unless
- * keep asks for the positions, to report them). Float32
- * problems round the weights to float32 and sum the rounded ones (as dense attention does),
+ * keep asks for the positions, to report them); ew, when given, holds every weight from
+ * the selection's exp pass (no exp then). Float32 problems round the weights to float32 and sum the rounded ones (as dense attention does),
  * so the output is the exact weighted mean of the values with those weights. Returns
  * TKA_RETRY when t is not the k-th largest score (the caller then takes the gathering path).
  */
-static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, double t, tka_arena *s,
-                            const share_slot *sl, double *z, int64_t *keep)
+static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, double t,
+                            const double *ew, tka_arena *s, const share_slot *sl, double *z,
+                            int64_t *keep)
 {
     const int64_t n = w->n;
     const double *sc = w->p;
@@ -353,7 +354,7 @@ static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, doub
     if (!e) return TKA_ERR_NOMEM;
     int64_t ge, gt;
     if (!(t > -INFINITY)) return TKA_RETRY;
-    c->K->exp_keep[TKA_F64](sc, n, w->max, t, e, &ge, &gt);
+    c->K->exp_keep[TKA_F64](sc, n, w->max, t, e, &ge, &gt, ew);
     if (gt > k || ge < k) return TKA_RETRY;
     /* the ge - k highest positions scoring exactly t are dropped */
     for (int64_t j = n - 1, x = ge - k; x > 0; j--)
@@ -409,7 +410,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
         if (k > w.n / 2) {
             keep = c->idx_out ? tka_arena_alloc(s, (size_t)k * sizeof(int64_t)) : NULL;
             if (c->idx_out && !keep) return TKA_ERR_NOMEM;
-            st = share_row(c, &w, k, t, s, sl, z_sh, keep);
+            st = share_row(c, &w, k, t, e, s, sl, z_sh, keep);
             if (st == TKA_OK) {
                 *shared = 1;
                 if (c->k_out) c->k_out[r] = k;

@@ -133,9 +133,10 @@ typedef struct {
     /** out[i] = e^{x[i] - ref}. */
     void (*exp_shift[2])(const void *x, int64_t n, double ref, double *out);
     /** out[i] = e^{x[i] - ref} where x[i] >= t, else 0 (t > -inf); *n_ge, *n_gt count the
-     *  x >= t and the x > t. */
+     *  x >= t and the x > t. With m, the weights are m[i] (= e^{x[i] - ref} by the same
+     *  vector exp, computed before), not computed again. */
     void (*exp_keep[2])(const void *x, int64_t n, double ref, double t, double *out,
-                        int64_t *n_ge, int64_t *n_gt);
+                        int64_t *n_ge, int64_t *n_gt, const double *m);
     /** The x[i] >= t as float64 with their positions, in order, into vals, idx (room for
      *  n + 16); returns how many. */
     int64_t (*gather_ge[2])(const void *x, int64_t n, double t, double *vals, int64_t *idx);

@@ -417,8 +417,8 @@ typedef struct {
 #define PREFETCH 6
 
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
-                              const int64_t *oi, int dense_out, const double *kv, double mx,
-                              tka_arena *s);
+                              const int64_t *oi, int dense_out, const double *kv,
+                              const double *wk_in, double mx, tka_arena *s);
 /* levels linked ahead of the level being scored; keys further down are only counted */
 #define LINK_W 128
 
@@ -619,7 +619,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     const double t1 = note_kept(cx, w, k, t0);
     if (cx->out_v) {
-        tka_status so = full_output(cx, r, r / a->L, w->n, k, oi, dense_out, w->sv, m, s);
+        tka_status so = full_output(cx, r, r / a->L, w->n, k, oi, dense_out, w->sv, NULL, m, s);
         if (so != TKA_OK) {  /* the caller frees out->idx */
             *st = so;
             return 1;
@@ -1574,8 +1574,8 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
  * of V in position order when they are many (a stream), else in kept order.
  */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
-                              const int64_t *oi, int dense_out, const double *kv, double mx,
-                              tka_arena *s);
+                              const int64_t *oi, int dense_out, const double *kv,
+                              const double *wk_in, double mx, tka_arena *s);
 
 /* With w4 (this row's slot of a group's interleaved weights, stride 4, zeroed), a row
  * keeping more than half of the keys only writes its weights there and its normaliser to
@@ -1599,11 +1599,16 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     const double eps_k = ck->eps * (1.0 - 1e-7) / (rel * grow);
     int64_t k;
     double tau, thr;
-    if ((st = tka_row_keps(&tw, eps_k, s, &k, &tau, &thr)) != TKA_OK) return st;
+    const double *e = NULL;  /* every weight e^{s - max}, where the selection computed them */
+    if ((st = tka_row_keps_e(&tw, eps_k, s, &k, &tau, &thr, &e)) != TKA_OK) return st;
     int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    if (!keep || !kv) return TKA_ERR_NOMEM;
+    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+    if (!keep || !kv || !wk) return TKA_ERR_NOMEM;
     if ((st = tka_row_topk_above_v(&tw, k, thr, s, keep, kv)) != TKA_OK) return st;
+    /* the kept weights: the selection's (the same vector exp of the same scores), or now */
+    if (e) for (int64_t t = 0; t < k; t++) wk[t] = e[keep[t]];
+    else K->exp_shift[TKA_F64](kv, k, tw.max, wk);
     /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
     double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
                                             INFINITY);
@@ -1626,9 +1631,6 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     /* the output sums the kept rows in storage order (or position order), so it does not
      * depend on whether the kept set is reported */
     if (deferred) {
-        double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-        if (!wk) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
-        K->exp_shift[TKA_F64](kv, k, tw.max, wk);
         double z = 0.0;  /* in position order, as the walk of full_output sums it */
         if (fw) {  /* float32 weights, a row of n (see fallback_rows) */
             float *wf = (float *)w4;
@@ -1649,7 +1651,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
             for (int64_t i = 0; i < n; i++) z += w4[4 * i];
         }
         *z4 = z;
-    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, tw.max, s)) != TKA_OK) {
+    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, wk, tw.max, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
     }
     if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
@@ -1661,19 +1663,22 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
 }
 
 /* The output of row r from its kept keys (original positions in oi, scores in kv, the
- * row's largest score mx). */
+ * row's largest score mx; their weights e^{kv - mx} in wk_in when the caller has them). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
-                              const int64_t *oi, int dense_out, const double *kv, double mx,
-                              tka_arena *s)
+                              const int64_t *oi, int dense_out, const double *kv,
+                              const double *wk_in, double mx, tka_arena *s)
 {
     const tka_search_args *a = cx->a;
     const tka_kernels *K = cx->K;
     const int64_t dv = a->dv;
     double *o = cx->out_v + (size_t)(r * dv);
     const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    if (!wk) return TKA_ERR_NOMEM;
-    K->exp_shift[TKA_F64](kv, k, mx, wk);
+    double *wk = (double *)wk_in;
+    if (!wk) {
+        if (!(wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double))))
+            return TKA_ERR_NOMEM;
+        K->exp_shift[TKA_F64](kv, k, mx, wk);
+    }
     /* V's rows summed by pv_idx: partial sums in registers, the rows ahead prefetched */
     double z = 0.0;
     if (dense_out) {  /* kept positions already increasing (keys stored in position order) */

@@ -475,6 +475,41 @@ static void check_pv_idx(const tka_kernels *K)
     free(xh);
 }
 
+/* exp_keep with the weights given (m from exp_shift) against exp_keep computing them, in
+ * the same set: the same outputs bit for bit and the same counts, ties at t included, for
+ * float32 and float64 rows and every length around the vector widths. */
+static void check_exp_keep(const tka_kernels *K)
+{
+    enum { NMAX = 140 };
+    double x[NMAX], m[NMAX], a[NMAX], b[NMAX];
+    float xf[NMAX];
+    for (int64_t n = 1; n <= NMAX; n += (n < 40 ? 1 : 17)) {
+        for (int64_t i = 0; i < n; i++) {
+            x[i] = (double)(rnd_u64() % 9) * 0.5 - 2.0;  /* many ties */
+            xf[i] = (float)x[i];
+        }
+        const double ref = 2.0, t = x[n / 2];
+        const void *src[2] = {xf, x};  /* indexed by tka_dtype */
+        for (int dt = 0; dt < 2; dt++) {
+            int64_t ge1, gt1, ge2, gt2, ge = 0, gt = 0;
+            K->exp_shift[dt](src[dt], n, ref, m);
+            K->exp_keep[dt](src[dt], n, ref, t, a, &ge1, &gt1, NULL);
+            K->exp_keep[dt](src[dt], n, ref, t, b, &ge2, &gt2, m);
+            for (int64_t i = 0; i < n; i++) {
+                ge += x[i] >= t;
+                gt += x[i] > t;
+                CHECK(same_bits(a[i], b[i]) && same_bits(a[i], x[i] >= t ? m[i] : 0.0),
+                      "exp_keep dtype %d n %lld i %lld: %.17g / %.17g (weight %.17g)", dt,
+                      (long long)n, (long long)i, a[i], b[i], m[i]);
+            }
+            CHECK(ge1 == ge && ge2 == ge && gt1 == gt && gt2 == gt,
+                  "exp_keep dtype %d n %lld counts %lld/%lld %lld/%lld, want %lld/%lld", dt,
+                  (long long)n, (long long)ge1, (long long)gt1, (long long)ge2, (long long)gt2,
+                  (long long)ge, (long long)gt);
+        }
+    }
+}
+
 /* spv_idx against spv over the kept rows gathered into a contiguous block, in the same set:
  * the same blocks of 64 keys and the same float32 sums, bit for bit (k across two blocks). */
 static void check_spv_idx(const tka_kernels *K)
@@ -1001,6 +1036,7 @@ int main(int argc, char **argv)
         check_dot_i8(K);
         check_pv_idx(K);
         check_spv_idx(K);
+        check_exp_keep(K);
 #ifdef TKA_HAVE_X86
         if (set == TKA_SIMD_AVX512) {  /* also without VNNI, where the CPU has it */
             tka_avx512vnni_disable(1);

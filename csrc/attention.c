@@ -340,8 +340,9 @@ typedef struct {
  * lowest positions of those equal to it) and 0 for the others, written for every key in
  * one vector pass, so neither the kept positions nor their scores are gathered (unless
  * keep asks for the positions, to report them); ew, when given, holds every weight from
- * the selection's exp pass (no exp then). Float32 problems round the weights to float32 and sum the rounded ones (as dense attention does),
- * so the output is the exact weighted mean of the values with those weights. Returns
+ * the selection's exp pass (no exp then). Float32 problems round the weights to float32
+ * and sum the rounded ones (as dense attention does), so the output is the exact weighted
+ * mean of the values with those weights. Returns
  * TKA_RETRY when t is not the k-th largest score (the caller then takes the gathering path).
  */
 static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, double t,

@@ -481,34 +481,48 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
 #define LEVELS_FINAL 24
 
 /* TKA_LT_N pivots taken from v[0..c) (float32 or float64) at evenly spaced positions, in
- * increasing order: a five-comparator sorting network on locals (minimum and maximum
- * instructions, no branch to mispredict; the values are never NaN here). */
+ * increasing order: a five-comparator sorting network on integer keys that order as the
+ * values do (the sign bit flips the others; the values are never NaN here), so the
+ * compiler's conditional moves replace branches that would mispredict on random data. */
+static inline int64_t order_key(double x)
+{
+    int64_t b;
+    memcpy(&b, &x, sizeof b);
+    return b ^ (int64_t)((uint64_t)(b >> 63) >> 1);
+}
+static inline double key_value(int64_t k)
+{
+    const int64_t b = k ^ (int64_t)((uint64_t)(k >> 63) >> 1);
+    double x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
 #define TKA_SORT2(x, y)                         \
     do {                                        \
-        const double lo_ = x < y ? x : y;       \
-        const double hi_ = x < y ? y : x;       \
+        const int64_t lo_ = x < y ? x : y;      \
+        const int64_t hi_ = x < y ? y : x;      \
         x = lo_;                                \
         y = hi_;                                \
     } while (0)
 static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
 {
-    double q[TKA_LT_N];
+    int64_t q[TKA_LT_N];
     const double step = (double)c / (double)TKA_LT_N;
     for (int j = 0; j < TKA_LT_N; j++) {
         int64_t pos = (int64_t)(((double)j + 0.5) * step);
         pos = pos < c ? pos : c - 1;
-        q[j] = dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos];
+        q[j] = order_key(dt == TKA_F32 ? (double)((const float *)v)[pos] : ((const double *)v)[pos]);
     }
-    double a = q[0], b = q[1], x = q[2], y = q[3];
+    int64_t a = q[0], b = q[1], x = q[2], y = q[3];
     TKA_SORT2(a, b);
     TKA_SORT2(x, y);
     TKA_SORT2(a, x);
     TKA_SORT2(b, y);
     TKA_SORT2(b, x);
-    p[0] = a;
-    p[1] = b;
-    p[2] = x;
-    p[3] = y;
+    p[0] = key_value(a);
+    p[1] = key_value(b);
+    p[2] = key_value(x);
+    p[3] = key_value(y);
 }
 #undef TKA_SORT2
 

@@ -1603,12 +1603,13 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     if ((st = tka_row_keps_e(&tw, eps_k, s, &k, &tau, &thr, &e)) != TKA_OK) return st;
     int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
     double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    if (!keep || !kv || !wk) return TKA_ERR_NOMEM;
+    double *wk = cx->out_v ? tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double)) : NULL;
+    if (!keep || !kv || (cx->out_v && !wk)) return TKA_ERR_NOMEM;
     if ((st = tka_row_topk_above_v(&tw, k, thr, s, keep, kv)) != TKA_OK) return st;
-    /* the kept weights: the selection's (the same vector exp of the same scores), or now */
-    if (e) for (int64_t t = 0; t < k; t++) wk[t] = e[keep[t]];
-    else K->exp_shift[TKA_F64](kv, k, tw.max, wk);
+    /* the kept weights, for the output only: the selection's (the same vector exp of the
+     * same scores), or computed now */
+    if (wk && e) for (int64_t t = 0; t < k; t++) wk[t] = e[keep[t]];
+    else if (wk) K->exp_shift[TKA_F64](kv, k, tw.max, wk);
     /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
     double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
                                             INFINITY);

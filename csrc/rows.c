@@ -532,7 +532,8 @@ static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
  * with masses m[0..c); in each round TKA_LT_N pivots drawn from it split it, one pass sums
  * the mass below every pivot, everything below the highest pivot that still fits is
  * dropped, and only the values between that pivot and the next one are gathered (into
- * v[], m[] as float64; src may be v) for the next round. About 1/(TKA_LT_N + 1) of the set
+ * v[] as float64, their masses into mo[]; src may be v, mo may be m, and m[] is left as it
+ * was when it is not) for the next round. About 1/(TKA_LT_N + 1) of the set
  * remains after each round; a set of at most LEVELS_FINAL values, or one a round cannot shrink
  * (its values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
  * round's lt_sums for the pivots p (the caller needed the total first).

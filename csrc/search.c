@@ -1674,11 +1674,12 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
     const int64_t dv = a->dv;
     double *o = cx->out_v + (size_t)(r * dv);
     const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-    double *wk = (double *)wk_in;
+    const double *wk = wk_in;
     if (!wk) {
-        if (!(wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double))))
-            return TKA_ERR_NOMEM;
-        K->exp_shift[TKA_F64](kv, k, mx, wk);
+        double *ws = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        if (!ws) return TKA_ERR_NOMEM;
+        K->exp_shift[TKA_F64](kv, k, mx, ws);
+        wk = ws;
     }
     /* V's rows summed by pv_idx: partial sums in registers, the rows ahead prefetched */
     double z = 0.0;

@@ -418,7 +418,7 @@ typedef struct {
 
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
                               const int64_t *oi, int dense_out, const double *kv,
-                              const double *wk_in, double mx, tka_arena *s);
+                              const double *wk_in, double mx, int fw, tka_arena *s);
 /* levels linked ahead of the level being scored; keys further down are only counted */
 #define LINK_W 128
 
@@ -619,7 +619,7 @@ static int finalize_in(const search_ctx *cx, srow *w, int64_t r, double u_ref, d
     out->tv_bound = bound > 1.0 ? 1.0 : bound;
     const double t1 = note_kept(cx, w, k, t0);
     if (cx->out_v) {
-        tka_status so = full_output(cx, r, r / a->L, w->n, k, oi, dense_out, w->sv, NULL, m, s);
+        tka_status so = full_output(cx, r, r / a->L, w->n, k, oi, dense_out, w->sv, NULL, m, 0, s);
         if (so != TKA_OK) {  /* the caller frees out->idx */
             *st = so;
             return 1;
@@ -1348,9 +1348,14 @@ static int64_t stream_level_of(const srow *w, double p)
                              (the pass reads every key: its cost is shared out) */
 #define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
 #define STREAM_MARGIN 1.0 /* stream only when it is predicted to cost this share or less */
+/* the quick look (a quarter of the sample) switches a group when streaming is predicted
+ * to cost more than this share of the pass: its estimate is rougher, so the margin is
+ * wider, and a group it switches skips three quarters of the sample (gauss keys, d = 64:
+ * the sample took 8-10% of a switching group's time) */
+#define STREAM_MARGIN_QUICK 1.5
 
 static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
-                         int64_t t_read, int64_t share)
+                         int64_t t_read, int64_t share, double margin)
 {
     if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
     if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
@@ -1363,7 +1368,7 @@ static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double be
     const double stream = COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
                         + COST_ROW * (double)n;
     const double full = (pass + COST_SELECT) * (double)n;
-    return stream > STREAM_MARGIN * full;
+    return stream > margin * full;
 }
 
 /* Pending blocks (not done) whose block level is <= t get their proxies read: their keys
@@ -1462,7 +1467,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
         const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-        if (below > STREAM_FULL * (double)n) {
+        if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK)) {
             md->s0 = s1;
             md->gap = gap1;
             md->t_expand = t1 + STREAM_AHEAD;
@@ -1495,7 +1500,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     md->s0 = s0;
     md->gap = gap;
     md->t_expand = t + STREAM_AHEAD;
-    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share)) {
+    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN)) {
         *fallback = 1;
         return;
     }
@@ -1575,14 +1580,14 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
  */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
                               const int64_t *oi, int dense_out, const double *kv,
-                              const double *wk_in, double mx, tka_arena *s);
+                              const double *wk_in, double mx, int fw, tka_arena *s);
 
-/* With w4 (this row's slot of a group's interleaved weights, stride 4, zeroed), a row
- * keeping more than half of the keys only writes its weights there and its normaliser to
- * *z4: the group's caller sums V for all its rows in one pass (the pv kernel: the same
- * terms in position order, so the same output as full_output's position-order walk).
- * Sparser rows walk their kept keys alone: the pass tests every weight, and with many
- * zeros those tests cost more than the reads they save. */
+/* With w4 (this row's slot of a group's weights: float64 interleaved with stride 4, or
+ * with fw a float32 row of n), a row keeping more than half of the keys only writes every
+ * key's weight there (0 for the dropped ones) and its normaliser to *z4: the group's
+ * caller sums V for all its rows in one pass, in position order. Sparser rows walk their
+ * kept keys alone: the pass tests every weight, and with many zeros those tests cost more
+ * than the reads they save. */
 static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const chk_t *ck,
                               double *sc, tka_arena *s, double *w4, double *z4, int fw)
 {
@@ -1601,58 +1606,94 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     double tau, thr;
     const double *e = NULL;  /* every weight e^{s - max}, where the selection computed them */
     if ((st = tka_row_keps_e(&tw, eps_k, s, &k, &tau, &thr, &e)) != TKA_OK) return st;
-    int64_t *keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-    double *kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    double *wk = cx->out_v ? tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double)) : NULL;
-    if (!keep || !kv || (cx->out_v && !wk)) return TKA_ERR_NOMEM;
-    if ((st = tka_row_topk_above_v(&tw, k, thr, s, keep, kv)) != TKA_OK) return st;
-    /* the kept weights, for the output only: the selection's (the same vector exp of the
-     * same scores), or computed now */
-    if (wk && e) for (int64_t t = 0; t < k; t++) wk[t] = e[keep[t]];
-    else if (wk) K->exp_shift[TKA_F64](kv, k, tw.max, wk);
     /* a tail term below e^-708 of the largest is flushed to 0: 2^-1021 covers it */
     double bound = k >= n ? 0.0 : nextafter(tau * rel * grow + (double)(n - k) * 0x1p-1021,
                                             INFINITY);
     if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
                                                   certifies by the search's own finalize */
+    const int report = !a->unordered;
+    /* A row keeping more than half of the keys writes every key's weight (0 for the dropped
+     * ones) in storage order, as topk_attention's such rows do in position order: no
+     * gathering of the kept keys unless they are reported. The ties at thr beyond k that
+     * are dropped are those of the highest storage indices, so the set is the one that
+     * tka_row_topk_above_v gathers (ties by lower index). */
+    int deferred = cx->out_v && w4 && k > n / 2 && thr > -INFINITY;
+    double *ew = NULL;
+    if (deferred) {
+        ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        if (!ew) return TKA_ERR_NOMEM;
+        int64_t ge, gt;
+        K->exp_keep[TKA_F64](sc, n, tw.max, thr, ew, &ge, &gt, e);
+        deferred = gt <= k && ge >= k;  /* otherwise the kept keys are gathered */
+        for (int64_t j = n - 1, x = ge - k; deferred && x > 0; j--)
+            if (sc[j] == thr) {
+                ew[j] = 0.0;
+                x--;
+            }
+    }
+    int64_t *keep = NULL;
+    double *kv = NULL, *wk = NULL;
+    if (!deferred || report) {
+        keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+        kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
+        wk = cx->out_v && !deferred ? tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double))
+                                    : NULL;
+        if (!keep || !kv || (cx->out_v && !deferred && !wk)) return TKA_ERR_NOMEM;
+        if ((st = tka_row_topk_above_v(&tw, k, thr, s, keep, kv)) != TKA_OK) return st;
+        /* the kept weights, for the output only: the selection's (the same vector exp of
+         * the same scores), or computed now */
+        if (wk && e) for (int64_t t = 0; t < k; t++) wk[t] = e[keep[t]];
+        else if (wk) K->exp_shift[TKA_F64](kv, k, tw.max, wk);
+    }
     /* the kept rows of V are read in storage order, which is the same whether the kept set
      * is reported or not (the sort for the report comes after): pv_idx prefetches the
      * scattered rows ahead, which measured as fast as putting them back in position order
      * first (n = 65536) or faster (n = 1M: 0.82x -> 0.92x of topk_attention, d = 64) */
     const int dense_out = 0;
-    const int deferred = cx->out_v && w4 && k > n / 2;
     tka_search_row *out = &cx->rows[r];
-    int64_t *oi = kept_positions(cx, out, k, s);
-    if (!oi) return TKA_ERR_NOMEM;
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
-    for (int64_t t = 0; t < k; t++) oi[t] = perm[keep[t]];
+    int64_t *oi = NULL;
+    if (keep) {
+        if (!(oi = kept_positions(cx, out, k, s))) return TKA_ERR_NOMEM;
+        for (int64_t t = 0; t < k; t++) oi[t] = perm[keep[t]];
+    }
     out->k = k;
     out->tv_bound = bound;
     const double t1 = note_kept(cx, w, k, t0);
-    /* the output sums the kept rows in storage order (or position order), so it does not
-     * depend on whether the kept set is reported */
+    /* the output sums the kept rows in storage order (or, deferred, V in position order),
+     * so it does not depend on whether the kept set is reported */
     if (deferred) {
-        double z = 0.0;  /* in position order, as the walk of full_output sums it */
+        /* every weight to its key's position (perm maps the n storage slots one to one onto
+         * the positions, so every position is written); z in storage order, four chains */
+        double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
+        int64_t i = 0;
         if (fw) {  /* float32 weights, a row of n (see fallback_rows) */
             float *wf = (float *)w4;
-            memset(wf, 0, (size_t)n * sizeof(float));
-            for (int64_t t = 0; t < k; t++) wf[oi[t]] = (float)wk[t];
-            double z1 = 0.0, z2 = 0.0, z3 = 0.0;  /* four chains (j mod 4), not one */
-            int64_t i = 0;
+#define TKA_DEFER_TERM(j, zs)              \
+    do {                                   \
+        const float f_ = (float)ew[j];     \
+        wf[perm[j]] = f_;                  \
+        zs += (double)f_;                  \
+    } while (0)
             for (; i + 4 <= n; i += 4) {
-                z += (double)wf[i];
-                z1 += (double)wf[i + 1];
-                z2 += (double)wf[i + 2];
-                z3 += (double)wf[i + 3];
+                TKA_DEFER_TERM(i, z0);
+                TKA_DEFER_TERM(i + 1, z1);
+                TKA_DEFER_TERM(i + 2, z2);
+                TKA_DEFER_TERM(i + 3, z3);
             }
-            for (; i < n; i++) z += (double)wf[i];
-            z = (z + z1) + (z2 + z3);
+            for (; i < n; i++) TKA_DEFER_TERM(i, z0);
+#undef TKA_DEFER_TERM
         } else {
-            for (int64_t t = 0; t < k; t++) w4[4 * oi[t]] = wk[t];
-            for (int64_t i = 0; i < n; i++) z += w4[4 * i];
+            for (; i + 4 <= n; i += 4) {
+                w4[4 * perm[i]] = ew[i], z0 += ew[i];
+                w4[4 * perm[i + 1]] = ew[i + 1], z1 += ew[i + 1];
+                w4[4 * perm[i + 2]] = ew[i + 2], z2 += ew[i + 2];
+                w4[4 * perm[i + 3]] = ew[i + 3], z3 += ew[i + 3];
+            }
+            for (; i < n; i++) w4[4 * perm[i]] = ew[i], z0 += ew[i];
         }
-        *z4 = z;
-    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, wk, tw.max, s)) != TKA_OK) {
+        *z4 = (z0 + z1) + (z2 + z3);
+    } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, wk, tw.max, fw, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
     }
     if (w->timing) w->st[TKA_STAGE_OUTPUT] += stage_now() - t1;
@@ -1667,7 +1708,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
  * row's largest score mx; their weights e^{kv - mx} in wk_in when the caller has them). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
                               const int64_t *oi, int dense_out, const double *kv,
-                              const double *wk_in, double mx, tka_arena *s)
+                              const double *wk_in, double mx, int fw, tka_arena *s)
 {
     const tka_search_args *a = cx->a;
     const tka_kernels *K = cx->K;
@@ -1712,6 +1753,24 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
                 z += wt[c++];
             }
         K->pv_idx[a->vdtype](vh, a->v_row_stride, pos, wt, c, dv, o);
+    } else if (fw) {
+        /* as topk_attention sums a float32 problem's kept rows (docs/design.md §3): the
+         * weights rounded to float32, those that round to 0 dropped with their value row,
+         * float32 blocks of 64 kept keys (in the storage order given) */
+        int64_t *ip = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+        float *wf = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(float));
+        if (!ip || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        double z1 = 0.0;
+        int64_t c = 0;
+        for (int64_t t = 0; t < k; t++) {
+            const float f = (float)wk[t];
+            ip[c] = oi[t];
+            wf[c] = f;
+            if (t & 1) z1 += (double)f; else z += (double)f;
+            c += f != 0.0f;
+        }
+        z += z1;
+        K->spv_idx((const float *)vh, a->v_row_stride, ip, wf, c, dv, o);
     } else {
         for (int64_t t = 0; t < k; t++) z += wk[t];
         K->pv_idx[a->vdtype](vh, a->v_row_stride, oi, wk, k, dv, o);
@@ -1837,9 +1896,10 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     if (!f32 && m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
     else if (!f32) K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
     const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
-    /* float32 keys scored as topk_attention scores them and a float32 V: the deferred rows'
-     * output as topk_attention sums it too (float32 weights, float32 blocks of 64 keys) */
-    const int fw = w4 && f32 && a->vdtype == TKA_F32;
+    /* float32 keys scored as topk_attention scores them and a float32 V: the rows' output
+     * as topk_attention sums it too (float32 weights, float32 blocks of 64 keys), the
+     * deferred rows' in the group's pass over V, the others' over their kept rows */
+    const int fw = f32 && a->vdtype == TKA_F32;
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
     search_dims sd_q = *sd;

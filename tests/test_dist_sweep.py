@@ -217,6 +217,7 @@ def _cli_env(gate):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     env[_sweepstore._GATE_ENV] = f"{gate}:2"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung run's stacks on SIGABRT
     return env
 
 
@@ -239,7 +240,13 @@ def test_cli_interrupted_then_resumed(sig, reference, tmp_path, capsys):
         else:
             pytest.fail(f"the sweep did not stop at the gate: {proc.communicate()}")
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # the interrupted sweep did not exit: its threads' stacks (faulthandler) say where
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"the sweep did not exit within 60 s of {sig!r}:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()

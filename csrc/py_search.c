@@ -8,6 +8,7 @@
 #include "pyutil.h"
 #include "search.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -229,7 +230,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     if (parse_index(t, &ix, &o, 0) < 0) return NULL;
     PyArrayObject *q, *e, *v = NULL;
     npy_intp sq[3] = {ix.heads, -1, ix.d};
-    if (get_arr(qo, "Q", NPY_FLOAT64, 3, sq, 0, &q) < 0) return NULL;
+    /* float32 queries are read as they are (converted exactly per value) */
+    const int q32 = PyArray_Check(qo) && PyArray_TYPE((PyArrayObject *)qo) == NPY_FLOAT32;
+    if (get_arr(qo, "Q", q32 ? NPY_FLOAT32 : NPY_FLOAT64, 3, sq, 0, &q) < 0) return NULL;
     if (!q) return PyErr_Format(PyExc_ValueError, "Q missing");
     const npy_intp L = PyArray_DIM(q, 1), rows = ix.heads * L;
     npy_intp se[1] = {rows};
@@ -250,7 +253,8 @@ static PyObject *py_search(PyObject *self, PyObject *args)
 
     tka_search_args sa;
     memset(&sa, 0, sizeof sa);
-    sa.q = PyArray_DATA(q);
+    if (q32) sa.q32 = PyArray_DATA(q);
+    else sa.q = PyArray_DATA(q);
     sa.L = L;
     sa.scale = scale;
     sa.eps = PyArray_DATA(e);
@@ -346,7 +350,48 @@ done:
     return res;
 }
 
+/* search_qnorm(Q): the largest L1 norm of the rows of a C-contiguous float32 or float64
+ * array (last axis), summed in float64; inf or NaN when a value is not finite (or a sum
+ * overflows). One pass, no temporary array. */
+static PyObject *py_search_qnorm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O", &o)) return NULL;
+    if (!PyArray_Check(o)) return PyErr_Format(PyExc_TypeError, "Q must be a NumPy array");
+    PyArrayObject *a = (PyArrayObject *)o;
+    const int t = PyArray_TYPE(a);
+    if ((t != NPY_FLOAT32 && t != NPY_FLOAT64) || PyArray_NDIM(a) < 1
+        || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISNOTSWAPPED(a))
+        return PyErr_Format(PyExc_ValueError, "Q must be a C-contiguous float32 or float64 array");
+    if (tka_py_require_aligned(a, "Q") < 0) return NULL;
+    const npy_intp d = PyArray_DIM(a, PyArray_NDIM(a) - 1), total = PyArray_SIZE(a);
+    const npy_intp rows = d > 0 ? total / d : 0;
+    double best = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp r = 0; r < rows; r++) {
+        double s0 = 0.0, s1 = 0.0;
+        npy_intp j = 0;
+        if (t == NPY_FLOAT32) {
+            const float *x = (const float *)PyArray_DATA(a) + r * d;
+            for (; j + 2 <= d; j += 2) s0 += fabs((double)x[j]), s1 += fabs((double)x[j + 1]);
+            for (; j < d; j++) s0 += fabs((double)x[j]);
+        } else {
+            const double *x = (const double *)PyArray_DATA(a) + r * d;
+            for (; j + 2 <= d; j += 2) s0 += fabs(x[j]), s1 += fabs(x[j + 1]);
+            for (; j < d; j++) s0 += fabs(x[j]);
+        }
+        const double s = s0 + s1;
+        if (!(s <= best)) best = s;  /* NaN sticks: nothing compares above it */
+        if (isnan(best)) break;
+    }
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(best);
+}
+
 PyMethodDef tka_search_methods[] = {
+    {"search_qnorm", py_search_qnorm, METH_VARARGS,
+     "search_qnorm(Q) -> float: the largest L1 norm of Q's rows (inf or NaN: a value not finite)."},
     {"index_order", py_index_order, METH_VARARGS,
      "index_order(keys, block_size[, in_place]) -> perm: block-tightening order of each head's\n"
      "keys (with in_place, the rows of keys are left in that order)."},

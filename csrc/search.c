@@ -943,6 +943,13 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
  * r = q' - b y is exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's
  * codes: the slack of the code bound.
  */
+/* Query value i (row-major over the heads * L rows) as float64: float32 queries convert
+ * exactly. */
+static inline double qval(const tka_search_args *a, size_t i)
+{
+    return a->q32 ? (double)a->q32[i] : a->q[i];
+}
+
 static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
                           chk_t *ck, row_bufs *rb)
 {
@@ -950,10 +957,9 @@ static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd
     const tka_search_args *a = cx->a;
     const int64_t d = sd->d, h = r / a->L;
     double *qs = rb->qs;
-    const double *q = a->q + (size_t)(r * d);
     double qn1 = 0.0, qq = 0.0, qmax = 0.0;
     for (int64_t j = 0; j < d; j++) {
-        qs[j] = a->scale * q[j];
+        qs[j] = a->scale * qval(a, (size_t)(r * d + j));
         qn1 += fabs(qs[j]);
         qq += qs[j] * qs[j];
         if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
@@ -1861,7 +1867,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     double qmax = 0.0;
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < d; j++) {  /* a compare, not fmax (a call per value) */
-            const double v = fabs(a->q[(size_t)(rows[i] * d + j)]);
+            const double v = fabs(qval(a, (size_t)(rows[i] * d + j)));
             qmax = v > qmax ? v : qmax;
         }
     const int f32 = ix->dtype != TKA_F64
@@ -1876,7 +1882,7 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     memset(qf, 0, (size_t)(GROUP * dpad) * sizeof(float));
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < d; j++) {
-            const double x = a->q[(size_t)(rows[i] * d + j)];
+            const double x = qval(a, (size_t)(rows[i] * d + j));
             q[i * dpad + j] = a->scale * x;  /* exactly as prepare_query scales it */
             qf[i * dpad + j] = (float)x;
         }

@@ -74,9 +74,11 @@ enum { TKA_STAGE_CODES, TKA_STAGE_SELECT, TKA_STAGE_RERANK, TKA_STAGE_CERT, TKA_
 /** Methods. */
 enum { TKA_SEARCH_DELTA = 0, TKA_SEARCH_MC = 1 };
 
-/** Search parameters; queries are rows of a (heads x L) x d float64 contiguous array. */
+/** Search parameters; queries are rows of a (heads x L) x d float64 (or float32) contiguous
+ *  array. */
 typedef struct {
     const double *q;         /**< heads * L rows of d values, unscaled */
+    const float *q32;        /**< or, when not NULL, the same rows as float32 (q unused) */
     int64_t L;               /**< queries per head */
     double scale;            /**< logits are scale * q.k */
     const double *eps;       /**< heads * L targets in (0, 1) */

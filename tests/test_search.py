@@ -253,6 +253,31 @@ def test_float32_attention_output_dtype():
     assert out.shape == (2, 3) and out.dtype == np.float32
 
 
+@pytest.mark.parametrize("n", [300, 5000])
+def test_float32_queries_search_as_their_float64_values(n):
+    # float32 queries reach the core as they are: every result equals that of the same
+    # values passed as float64 (the core converts each value exactly)
+    rng = np.random.default_rng(21)
+    K = rng.standard_normal((2, n, 16)).astype(np.float32)
+    V = rng.standard_normal((2, n, 5)).astype(np.float32)
+    Q = (3.0 * rng.standard_normal((2, 6, 16))).astype(np.float32)
+    index = KeyIndex(K)
+    a = certified_search(Q, index, 1e-2, V=V)
+    b = certified_search(Q.astype(np.float64), index, 1e-2, V=V)
+    for f in ("indices", "k", "tv_bound", "keys_scored", "bytes_read", "full_scoring"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    assert a.output.dtype == np.float32 and b.output.dtype == np.float64
+    np.testing.assert_array_equal(a.output, b.output.astype(np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        Qb = Q.copy()
+        Qb[1, 3, 7] = bad
+        with pytest.raises(ValueError, match="Q contains NaN or inf"):
+            certified_attention(Qb, index, V, 1e-2)
+    # rows whose L1 norm overflows float32 but not float64 are fine
+    big = np.full((2, 1, 16), 3e38, np.float32)
+    assert np.isfinite(certified_search(big, KeyIndex(np.full((2, 8, 16), 1e-300)), 0.5).tv_bound).all()
+
+
 # ------------------------------------------------------------------ MC-Search
 
 def test_mc_failure_rate_within_delta():

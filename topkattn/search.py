@@ -304,16 +304,18 @@ def _prepare_queries(q, index, name):
             or q.shape[-1] != index.d:
         raise ValueError(f"{name} must have shape {index.batch_shape + (index.d,)} or "
                          f"{index.batch_shape + ('L', index.d)} to match the index, got {q.shape}")
-    # the rows' L1 norms (for the overflow check of _search_locked) in the same pass that
-    # finds NaN and inf: a non-finite norm means one of them, or an overflow of the sum
-    with np.errstate(over="ignore", invalid="ignore"):
-        qn1 = float(np.abs(q).sum(axis=-1, dtype=np.float64).max(initial=0.0))
-    if not np.isfinite(qn1):
-        _check_finite(q, name)
     single = q.ndim == bd + 1
     L = 1 if single else int(q.shape[-2])
     qshape = q.shape[:-1]
-    Q = np.ascontiguousarray(q.reshape(index._heads, L, index.d), dtype=np.float64)
+    # float32 queries go to the core as they are (it converts each value exactly), the
+    # others as float64 (float16 converts exactly too)
+    Q = np.ascontiguousarray(q.reshape(index._heads, L, index.d),
+                             dtype=np.float32 if q.dtype == np.float32 else np.float64)
+    # the rows' largest L1 norm (for the overflow check of _search_locked) in one pass that
+    # also finds NaN and inf: a non-finite norm means one of them, or an overflow of the sum
+    qn1 = _core.search_qnorm(Q)
+    if not np.isfinite(qn1):
+        _check_finite(q, name)
     return Q, qshape, single, L, qn1
 
 

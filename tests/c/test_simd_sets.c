@@ -413,21 +413,32 @@ static void compare_ref(const row_res *o, const ref_t *R, const char *what)
  * with and without VNNI) must give the scalar kernel's result exactly. */
 static void check_dot_i8(const tka_kernels *K)
 {
-    const int64_t ds[] = {8, 16, 24, 32, 48, 64, 96, 128, 160, 256};
+    const int64_t ds[] = {8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256};
     enum { MMAX = 37 };
     for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
         const int64_t d = ds[di];
         int16_t *y = malloc((size_t)d * sizeof *y);
         int8_t *z = malloc((size_t)(MMAX * d));
-        for (int64_t j = 0; j < d; j++) y[j] = (int16_t)((int64_t)(rnd_u64() % 65535) - 32767);
-        for (int64_t j = 0; j < MMAX * d; j++) z[j] = (int8_t)((int64_t)(rnd_u64() % 255) - 127);
+        for (int trial = 0; trial < 3; trial++) {
+        if (trial == 0) {  /* random */
+            for (int64_t j = 0; j < d; j++) y[j] = (int16_t)((int64_t)(rnd_u64() % 65535) - 32767);
+            for (int64_t j = 0; j < MMAX * d; j++) z[j] = (int8_t)((int64_t)(rnd_u64() % 255) - 127);
+        } else {  /* the extremes: |y| = 32767 (and byte halves 0x7f/0x80, 0xff/0x01), |z| = 127 */
+            const int16_t ys[] = {32767, -32767, 255, -256, 256, -1, 1, 0};
+            for (int64_t j = 0; j < d; j++)
+                y[j] = trial == 1 ? (int16_t)(j & 1 ? -32767 : 32767) : ys[rnd_u64() % 8];
+            for (int64_t j = 0; j < MMAX * d; j++)
+                z[j] = trial == 1 ? (int8_t)((j / d) & 1 ? -127 : 127)
+                                  : (int8_t)(rnd_u64() & 1 ? 127 : -127);
+        }
         for (int64_t m = 1; m <= MMAX; m += (m < 13 ? 1 : 12)) {
             int32_t got[MMAX], want[MMAX];
             tka_kernels_scalar.search->dot_i8(y, z, d, m, want);
             K->search->dot_i8(y, z, d, m, got);
             for (int64_t i = 0; i < m; i++)
-                CHECK(got[i] == want[i], "dot_i8 d %lld m %lld key %lld: %d vs scalar %d",
-                      (long long)d, (long long)m, (long long)i, got[i], want[i]);
+                CHECK(got[i] == want[i], "dot_i8 d %lld m %lld key %lld trial %d: %d vs scalar %d",
+                      (long long)d, (long long)m, (long long)i, trial, got[i], want[i]);
+        }
         }
         free(y);
         free(z);

@@ -1853,7 +1853,6 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
     if (cx->out_v && n <= GROUP_PV_MAX_N) {
         w4 = tka_arena_alloc(s, (size_t)(GROUP * n) * sizeof(double));
         acc4 = tka_arena_alloc(s, (size_t)(GROUP * (a->dv > 0 ? a->dv : 1)) * sizeof(double));
-        if (w4) memset(w4, 0, (size_t)(GROUP * n) * sizeof(double));
     }
     if (!q || !qf || !sc || (cx->out_v && n <= GROUP_PV_MAX_N && (!w4 || !acc4))) {
         tka_arena_release(s, mark);
@@ -1906,6 +1905,9 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
      * as topk_attention sums it too (float32 weights, float32 blocks of 64 keys), the
      * deferred rows' in the group's pass over V, the others' over their kept rows */
     const int fw = f32 && a->vdtype == TKA_F32;
+    /* float64 weights interleaved by four: zeroed for the pv kernel's lanes of unused slots;
+     * float32 rows need nothing (a row that takes a slot writes every key's weight) */
+    if (w4 && !fw) memset(w4, 0, (size_t)(GROUP * n) * sizeof(double));
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
     tka_status st = TKA_OK;
     search_dims sd_q = *sd;

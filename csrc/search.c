@@ -1830,6 +1830,65 @@ static tka_status full_row(const search_ctx *cx, int64_t r, srow *w, const chk_t
     return st;
 }
 
+/* The full pass's scores of m <= GROUP queries over the keys [c0, c1) of one head, into
+ * sc + i n + c0 (see fallback_rows). A key's score does not depend on the range it is
+ * computed in when ranges start at multiples of F16_CHUNK (the kernels score each key
+ * alone; float16 keys are converted by chunks of F16_CHUNK from the range's start). */
+typedef struct {
+    const tka_kernels *K;
+    const char *keys;
+    tka_dtype dt;
+    int64_t n, d, m, dpad;
+    int f32;
+    double scale;
+    const double *q;
+    const float *qf;
+    double *sc;
+} score_job;
+
+/* keys per chunk of a parallel full pass (a multiple of F16_CHUNK) */
+#define SCORE_CHUNK 65536
+
+static tka_status score_range(const score_job *j, int64_t c0, int64_t c1, float *kc)
+{
+    const tka_kernels *K = j->K;
+    const int64_t d = j->d, n = j->n;
+    if (!j->f32) {
+        const char *x = j->keys + (size_t)(c0 * d) * esize(j->dt);
+        if (j->m == 1) K->dot[j->dt](x, c1 - c0, d, j->q, d, 1.0, j->sc + c0);
+        else K->dot4[j->dt](x, c1 - c0, d, j->q, j->dpad, d, 1.0, j->sc + c0, n);
+        return TKA_OK;
+    }
+    const int64_t step = j->dt == TKA_F16 ? F16_CHUNK : c1 - c0;
+    for (int64_t u0 = c0; u0 < c1; u0 += step) {
+        const int64_t u1 = u0 + step < c1 ? u0 + step : c1;
+        const float *x = (const float *)j->keys + u0 * d;
+        if (j->dt == TKA_F16) {
+            K->f16_to_f32((const uint16_t *)j->keys + u0 * d, (u1 - u0) * d, kc);
+            x = kc;
+        }
+        if (j->m == 1) K->sdot(x, u1 - u0, d, j->qf, d, j->scale, j->sc + u0);
+        else K->sdot4(x, u1 - u0, d, j->qf, j->dpad, d, j->scale, j->sc + u0, n);
+    }
+    return TKA_OK;
+}
+
+static tka_status score_chunks(void *c, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
+{
+    const score_job *j = c;
+    float *kc = NULL;
+    if (j->f32 && j->dt == TKA_F16
+        && !(kc = tka_arena_alloc(s, (size_t)(F16_CHUNK * j->d) * sizeof(float)))) {
+        *err_row = u0;
+        return TKA_ERR_NOMEM;
+    }
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t c0 = u * SCORE_CHUNK, c1 = c0 + SCORE_CHUNK < j->n ? c0 + SCORE_CHUNK : j->n;
+        score_range(j, c0, c1, kc);
+    }
+    return TKA_OK;
+}
+
 /* Full scoring of the m rows rows[0..m) (one head) in one pass over the keys. first[i]:
  * the working state of row rows[i] when it decided to switch (its sample's reads and time
  * count for it), or NULL when it did not sample. buf: a row buffer free for use. */
@@ -1886,20 +1945,24 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
             qf[i * dpad + j] = (float)x;
         }
     const size_t es = esize(ix->dtype);
-    const char *keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * es;
     const double t0 = timing ? stage_now() : 0.0;
-    for (int64_t c0 = 0; f32 && c0 < n; c0 += ix->dtype == TKA_F16 ? F16_CHUNK : n) {
-        const int64_t c1 = ix->dtype == TKA_F16 && c0 + F16_CHUNK < n ? c0 + F16_CHUNK : n;
-        const float *x = (const float *)keys + c0 * d;
-        if (kc) {
-            K->f16_to_f32((const uint16_t *)keys + c0 * d, (c1 - c0) * d, kc);
-            x = kc;
-        }
-        if (m == 1) K->sdot(x, c1 - c0, d, qf, d, a->scale, sc + c0);
-        else K->sdot4(x, c1 - c0, d, qf, dpad, d, a->scale, sc + c0, n);
+    score_job sj = {K, (const char *)ix->keys + (size_t)(h * ix->cap * d) * es, ix->dtype,
+                    n, d, m, dpad, f32, a->scale, q, qf, sc};
+    tka_status st = TKA_OK;
+    if (n >= 2 * SCORE_CHUNK && !tka_threads_in_worker()) {
+        /* a group alone on a long row (the search runs on the calling thread, see
+         * tka_search): its pass over the keys by chunks on every thread */
+        int64_t bad;
+        st = tka_rows_run_parallel((n + SCORE_CHUNK - 1) / SCORE_CHUNK,
+                                   (double)n * (double)d * (double)m * 0.25, score_chunks, &sj,
+                                   &bad);
+    } else {
+        st = score_range(&sj, 0, n, kc);
     }
-    if (!f32 && m == 1) K->dot[ix->dtype](keys, n, d, q, d, 1.0, sc);
-    else if (!f32) K->dot4[ix->dtype](keys, n, d, q, dpad, d, 1.0, sc, n);
+    if (st != TKA_OK) {
+        tka_arena_release(s, mark);
+        return st;
+    }
     const double t_pass = timing ? (stage_now() - t0) / (double)m : 0.0;
     /* float32 keys scored as topk_attention scores them and a float32 V: the rows' output
      * as topk_attention sums it too (float32 weights, float32 blocks of 64 keys), the
@@ -1909,7 +1972,6 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
      * float32 rows need nothing (a row that takes a slot writes every key's weight) */
     if (w4 && !fw) memset(w4, 0, (size_t)(GROUP * n) * sizeof(double));
     const double pass_bytes = (double)n * (double)d * (double)es / (double)m;
-    tka_status st = TKA_OK;
     search_dims sd_q = *sd;
     sd_q.proxy = 0;  /* the query's scaling, norms and eta; no proxy codes */
     for (int64_t i = 0; i < m && st == TKA_OK; i++) {
@@ -2154,8 +2216,14 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     tka_status st;
     if (args->use_proxy && ix->pz && args->method == TKA_SEARCH_DELTA) {
         /* the streaming search, by groups of queries of one head */
-        const int64_t per = (args->L + GROUP - 1) / GROUP;
-        st = tka_rows_run_parallel(ix->heads * per, work, search_groups, &cx, &err->row);
+        const int64_t per = (args->L + GROUP - 1) / GROUP, groups = ix->heads * per;
+        /* fewer groups than threads over long rows: the groups run on the calling thread,
+         * so that a full pass (score_chunks) and the k_eps selection of its rows (the
+         * chunked row kernels) use every thread; the results are the same either way */
+        if (groups < tka_num_threads() && ix->n >= 2 * SCORE_CHUNK && !tka_threads_in_worker())
+            st = tka_rows_run_serial(groups, search_groups, &cx, &err->row);
+        else
+            st = tka_rows_run_parallel(groups, work, search_groups, &cx, &err->row);
         if (st != TKA_OK && err->row >= 0) /* the failing group's first row */
             err->row = (err->row / per) * args->L + (err->row % per) * GROUP;
     } else {

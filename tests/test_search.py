@@ -344,6 +344,33 @@ def test_same_results_for_any_thread_count(method):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_one_group_over_a_long_row_is_the_same_for_any_thread_count(dtype):
+    # fewer groups than threads over more than 2 * 65536 keys: the groups run on the calling
+    # thread and a full pass splits its keys over the threads (by chunks whose scores do
+    # not depend on the split); the results equal those of one thread, and are sound
+    rng = np.random.default_rng(41)
+    n, d = 140_001, 8
+    K = rng.standard_normal((1, n, d)).astype(dtype)
+    V = rng.standard_normal((1, n, 3)).astype(np.float32)
+    Q = 2.0 * rng.standard_normal((1, 3, d))
+    index = KeyIndex(K)
+    try:
+        topkattn.set_num_threads(1)
+        one = certified_search(Q, index, 1e-2, V=V)
+        topkattn.set_num_threads(2)
+        two = certified_search(Q, index, 1e-2, V=V)
+    finally:
+        topkattn.set_num_threads(0)
+    assert one.full_scoring.all()  # Gaussian keys: every key scored in one pass
+    for x, y in zip(_fields(one), _fields(two)):
+        np.testing.assert_array_equal(x, y)
+    scale = 1.0 / np.sqrt(d)
+    for i in range(3):
+        check_row(one.indices[0, i], int(one.k[0, i]), float(one.tv_bound[0, i]),
+                  int(one.keys_scored[0, i]), Q[0, i], K[0], scale, 1e-2)
+
+
 def test_every_simd_path_is_sound_and_agrees(simd_path):
     rng = np.random.default_rng(37)
     K = clustered(rng, 3000, 24).astype(np.float32)

@@ -1710,6 +1710,52 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     return TKA_OK;
 }
 
+/* Kept sets of more than SPV_CHUNK keys (float32 weights) are summed by chunks of that
+ * many kept keys (a multiple of the 64-key blocks of spv_idx), each chunk into its own
+ * float64 sums, which are then added in chunk order: the same association on any thread
+ * count; the chunks run on every thread when the caller is not a worker itself (a group
+ * alone on a long row, see tka_search). */
+#define SPV_CHUNK 16384
+typedef struct {
+    const tka_kernels *K;
+    const float *v;
+    int64_t ld, k, dv;
+    const int64_t *idx;
+    const float *w;
+    double *part;  /* chunk u's sums at part + u * dv */
+} kept_job;
+
+static tka_status kept_chunks(void *c, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
+{
+    const kept_job *j = c;
+    (void)s;
+    (void)err_row;
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t t0 = u * SPV_CHUNK, t1 = t0 + SPV_CHUNK < j->k ? t0 + SPV_CHUNK : j->k;
+        j->K->spv_idx(j->v, j->ld, j->idx + t0, j->w + t0, t1 - t0, j->dv, j->part + u * j->dv);
+    }
+    return TKA_OK;
+}
+
+static tka_status kept_sums_chunked(const tka_kernels *K, const float *v, int64_t ld,
+                                    const int64_t *idx, const float *w, int64_t k, int64_t dv,
+                                    double *o, tka_arena *s)
+{
+    const int64_t nch = (k + SPV_CHUNK - 1) / SPV_CHUNK;
+    double *part = tka_arena_alloc(s, (size_t)(nch * (dv > 0 ? dv : 1)) * sizeof(double));
+    if (!part) return TKA_ERR_NOMEM;
+    kept_job j = {K, v, ld, k, dv, idx, w, part};
+    int64_t bad;
+    tka_status st = tka_threads_in_worker()
+                        ? kept_chunks(&j, 0, nch, s, &bad)
+                        : tka_rows_run_parallel(nch, (double)k * (double)dv, kept_chunks, &j, &bad);
+    if (st != TKA_OK) return st;
+    for (int64_t t = 0; t < dv; t++) o[t] = part[t];
+    for (int64_t u = 1; u < nch; u++)
+        for (int64_t t = 0; t < dv; t++) o[t] += part[u * dv + t];
+    return TKA_OK;
+}
+
 /* The output of row r from its kept keys (original positions in oi, scores in kv, the
  * row's largest score mx; their weights e^{kv - mx} in wk_in when the caller has them). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
@@ -1776,7 +1822,13 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
             c += f != 0.0f;
         }
         z += z1;
-        K->spv_idx((const float *)vh, a->v_row_stride, ip, wf, c, dv, o);
+        if (c > SPV_CHUNK) {
+            tka_status st = kept_sums_chunked(K, (const float *)vh, a->v_row_stride, ip, wf, c,
+                                              dv, o, s);
+            if (st != TKA_OK) return st;  /* the caller frees out->idx */
+        } else {
+            K->spv_idx((const float *)vh, a->v_row_stride, ip, wf, c, dv, o);
+        }
     } else {
         for (int64_t t = 0; t < k; t++) z += wk[t];
         K->pv_idx[a->vdtype](vh, a->v_row_stride, oi, wk, k, dv, o);

@@ -1974,12 +1974,31 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
      * float32 lanes, the scale applied in float64 (when nothing can overflow float32); the
      * certificate then allows for that accumulation (f32_eta), and the kept keys come by
      * decreasing score as computed. float64 keys: the float64 scores of the search (dot4). */
+    /* the queries: scaled in float64 (exactly as prepare_query scales them), as float32,
+     * and their largest magnitude (a compare, not fmax: a call per value) */
     double qmax = 0.0;
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < d; j++) {  /* a compare, not fmax (a call per value) */
-            const double v = fabs(qval(a, (size_t)(rows[i] * d + j)));
-            qmax = v > qmax ? v : qmax;
+    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    memset(qf, 0, (size_t)(GROUP * dpad) * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        double *qi = q + i * dpad;
+        float *fi = qf + i * dpad;
+        if (a->q32) {
+            const float *x = a->q32 + (size_t)(rows[i] * d);
+            for (int64_t j = 0; j < d; j++) {
+                const double v = (double)x[j];
+                qi[j] = a->scale * v;
+                fi[j] = x[j];
+                qmax = fabs(v) > qmax ? fabs(v) : qmax;
+            }
+        } else {
+            const double *x = a->q + (size_t)(rows[i] * d);
+            for (int64_t j = 0; j < d; j++) {
+                qi[j] = a->scale * x[j];
+                fi[j] = (float)x[j];
+                qmax = fabs(x[j]) > qmax ? fabs(x[j]) : qmax;
+            }
         }
+    }
     const int f32 = ix->dtype != TKA_F64
                     && qmax * ix->maxabs[h] * (double)(d + 16) < 1e36 && qmax < 1e36;
     float *kc = NULL;  /* float16 keys: a chunk converted to float32 */
@@ -1988,14 +2007,6 @@ static tka_status fallback_rows(const search_ctx *cx, const int64_t *rows, int64
         tka_arena_release(s, mark);
         return TKA_ERR_NOMEM;
     }
-    memset(q, 0, (size_t)(GROUP * dpad) * sizeof(double));
-    memset(qf, 0, (size_t)(GROUP * dpad) * sizeof(float));
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < d; j++) {
-            const double x = qval(a, (size_t)(rows[i] * d + j));
-            q[i * dpad + j] = a->scale * x;  /* exactly as prepare_query scales it */
-            qf[i * dpad + j] = (float)x;
-        }
     const size_t es = esize(ix->dtype);
     const double t0 = timing ? stage_now() : 0.0;
     score_job sj = {K, (const char *)ix->keys + (size_t)(h * ix->cap * d) * es, ix->dtype,

@@ -1350,9 +1350,11 @@ static int64_t stream_level_of(const srow *w, double p)
 #define COST_CODE 6.5     /* a proxy read: int8 dot product, level, count */
 #define COST_SCORE 45.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
 #define COST_ROW 1.0      /* per key, the streaming row's cuts and bookkeeping */
-#define COST_PASS4 6.4    /* a key of the full pass, per query, when four queries share it
-                             (the pass reads every key: its cost is shared out) */
-#define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
+#define COST_PASS4 5.5    /* a key of the full pass, per query, when four queries share it
+                             (the pass reads every key: its cost is shared out); measured
+                             5.5-6.4 at n = 65536 */
+#define COST_SELECT 2.5   /* a key of the k_eps selection, certificate and output of a fully
+                             scored row that keeps few keys (measured 1.2-2.5) */
 #define STREAM_MARGIN 1.0 /* stream only when it is predicted to cost this share or less */
 /* the quick look (a quarter of the sample) switches a group when streaming is predicted
  * to cost more than this share of the pass: its estimate is rougher, so the margin is
@@ -1360,21 +1362,38 @@ static int64_t stream_level_of(const srow *w, double p)
  * the sample took 8-10% of a switching group's time) */
 #define STREAM_MARGIN_QUICK 1.5
 
-static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
-                         int64_t t_read, int64_t share, double margin)
+/* The predicted cost in nanoseconds of streaming row w on from its sample (`below` keys
+ * predicted to be candidates, the proxies of the pending blocks up to level t_read), and
+ * in *pass the cost of one full pass over the keys (whatever the number of queries sharing
+ * it, up to GROUP) and in *select a fully scored row's own part (selection, certificate,
+ * output). */
+static void full_costs(int64_t d, int64_t n, double *pass, double *select)
 {
-    if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
-    if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
+    *pass = COST_PASS4 * ((double)d + 100.0) / 164.0 * (double)GROUP * (double)n;
+    *select = COST_SELECT * (double)n;
+}
+
+static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double below,
+                          int64_t t_read, double *pass, double *select)
+{
     double reads = (double)w->proxies;
     for (int64_t b = 0; b < w->nb; b++)
         if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
             reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
     const double dd = (double)w->d;
-    const double pass = COST_PASS4 * (dd + 100.0) / 164.0 * (double)GROUP / (double)share;
-    const double stream = COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
-                        + COST_ROW * (double)n;
-    const double full = (pass + COST_SELECT) * (double)n;
-    return stream > margin * full;
+    full_costs(w->d, n, pass, select);
+    return COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
+           + COST_ROW * (double)n;
+}
+
+static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
+                         int64_t t_read, int64_t share, double margin, double *cost)
+{
+    double pass, select;
+    *cost = stream_cost(w, rb, n, below, t_read, &pass, &select);
+    if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
+    if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
+    return *cost > margin * (pass / (double)share + select);
 }
 
 /* Pending blocks (not done) whose block level is <= t get their proxies read: their keys
@@ -1433,16 +1452,18 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
 typedef struct {
     double s0, gap;
     int64_t t_expand;
+    double cost; /* the predicted cost of streaming on (ns, see stream_cost) */
 } stream_mid;
 
-/* Streaming search of row r (see above), up to the first expansion: block bounds, the
- * sample and the decision. When the sample shows that the row would score more than `full`
- * of the keys, *fallback = 1 (nothing certified: the caller scores the row in full). */
-static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
-                         const chk_t *ck, row_bufs *rb, int64_t share, int *fallback,
-                         stream_mid *md)
+/* Streaming search of row r (see above), its first look: block bounds and, for a row whose
+ * pass would be shared (share >= 2) over enough blocks, a quarter of the sample. Returns 1
+ * when that look predicts that full scoring costs less (md->cost: the look's estimate of
+ * streaming on; -1 when there was no look). */
+static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                       const chk_t *ck, row_bufs *rb, int64_t share, stream_mid *md)
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
+    md->cost = -1.0;
     {
         const double by = stream_block_bounds(cx, w, h, rb);  /* selection stage */
         w->bytes += by;
@@ -1473,14 +1494,24 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
         const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-        if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK)) {
-            md->s0 = s1;
-            md->gap = gap1;
-            md->t_expand = t1 + STREAM_AHEAD;
-            *fallback = 1;
-            return;
-        }
+        if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
+                          &md->cost))
+            return 1;
     }
+    return 0;
+}
+
+/* The rest of row r's sample after stream_look and the decision, up to the first expansion.
+ * When the sample shows that full scoring costs less, *fallback = 1 (nothing certified: the
+ * caller scores the row in full). */
+static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
+                         const chk_t *ck, row_bufs *rb, int64_t share, int *fallback,
+                         stream_mid *md)
+{
+    const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
+    int32_t *lev = rb->lev;
+    int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
+    const double ref = w->ref;
     const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
     int64_t n2 = 0, ns = 0;
     for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
@@ -1506,7 +1537,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     md->s0 = s0;
     md->gap = gap;
     md->t_expand = t + STREAM_AHEAD;
-    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN)) {
+    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN, &md->cost)) {
         *fallback = 1;
         return;
     }
@@ -2154,8 +2185,8 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
                 carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
                 w[0].timing = timing;
                 prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
-                int fb = 0;
-                stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0]);
+                int fb = stream_look(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &md[0]);
+                if (!fb) stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0]);
                 if (fb) {  /* this row and the rest of the group: one full pass */
                     if (timing) w[0].wall = stage_now() - t_row0;
                     for (int64_t u = i; u < m; u++) {
@@ -2173,23 +2204,30 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             if (st != TKA_OK) *err_row = g;
             continue;
         }
-        /* every row of the group in its own buffer: the first row's sample decides for the
-         * group when it asks for full scoring; otherwise each row decides on its own, the
-         * rows that switch share one full pass and the streaming rows one first expansion */
+        /* every row of the group in its own buffer: each row's first look (a quarter of
+         * its sample) first, and the group switches as a whole when one of them asks for
+         * full scoring; otherwise each row reads the rest of its sample and decides on its
+         * own, and then the group's choice below may switch more of them. The rows that
+         * switch share one full pass and the streaming rows one first expansion. */
         srow *ws[GROUP];
         row_bufs *rbs[GROUP];
         const stream_mid *mds[GROUP];
-        int64_t ks = 0, sr[GROUP];
+        int64_t ks = 0, sr[GROUP], looked = 0;
         int all = m >= 2 && n <= GROUP_SMALL_N;
-        for (int64_t i = 0; i < m && !all; i++) {
+        for (int64_t i = 0; i < m && !all; i++, looked++) {
             const double t_row0 = timing ? stage_now() : 0.0;
             carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i], 1);
             w[i].timing = timing;
             prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
+            all = stream_look(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], m, &md[i]);
+            if (timing) w[i].wall = stage_now() - t_row0;
+        }
+        for (int64_t i = 0; i < m && !all; i++) {
+            const double t_row0 = timing ? stage_now() : 0.0;
             int fb = 0;
             stream_begin(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], i == 0 ? m : 1, &fb, &md[i]);
-            if (timing) w[i].wall = stage_now() - t_row0;
-            if (fb && i == 0) {
+            if (timing) w[i].wall += stage_now() - t_row0;
+            if (fb && i == 0) {  /* the first row's sample decides for the group */
                 all = 1;
                 break;
             }
@@ -2204,16 +2242,47 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             }
         }
         if (all) {
-            const int sampled = !(m >= 2 && n <= GROUP_SMALL_N);
-            for (int64_t u = 0; u < m; u++) {
+            for (int64_t u = 0; u < m; u++) {  /* the rows that looked: their sample's cost */
                 fbr[u] = r0 + u;
-                fbs[u] = u == 0 && sampled ? &w[0] : NULL;
+                fbs[u] = u < looked ? &w[u] : NULL;
             }
             st = fallback_rows(cx, fbr, m, &sd, bufs, fbs, s);
             if (st != TKA_OK) *err_row = g;
             continue;
         }
-        expand_group(cx, h, ks, ws, rbs, mds);
+        /* The group's choice, once every row has its sample: a row joins a full pass when
+         * streaming it is predicted to cost more than its share of a pass of four queries
+         * plus its own selection (the first row's own test); such rows switch when some
+         * row switched anyway, or when together they would save more than a whole pass
+         * (clustered keys, d = 64: one row of a group predicted to score 47% of its keys
+         * one by one streamed at 4x a shared pass's share). */
+        if (ks > 0 && m >= 2) {
+            double pass, select, gain = 0.0;
+            full_costs(ix->d, n, &pass, &select);
+            const double join = select + pass / (double)GROUP;
+            for (int64_t u = 0; u < ks; u++)
+                if (mds[u]->cost > join) gain += mds[u]->cost - select;
+            if (gain > 0.0 && (nfb > 0 || gain > STREAM_MARGIN * pass)) {
+                int64_t kk = 0;
+                nfb = 0;
+                for (int64_t i = 0, u = 0; i < m; i++) {
+                    const int streams = u < ks && sr[u] == i;
+                    const int stays = streams && mds[u]->cost <= join;
+                    u += streams;
+                    if (stays) {
+                        ws[kk] = &w[i];
+                        rbs[kk] = &rb[i];
+                        mds[kk] = &md[i];
+                        sr[kk++] = i;
+                    } else {
+                        fbr[nfb] = r0 + i;
+                        fbs[nfb++] = &w[i];
+                    }
+                }
+                ks = kk;
+            }
+        }
+        if (ks > 0) expand_group(cx, h, ks, ws, rbs, mds);
         for (int64_t u = 0; u < ks && st == TKA_OK; u++) {
             const int64_t i = sr[u];
             const double t1 = timing ? stage_now() : 0.0;

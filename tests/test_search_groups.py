@@ -162,6 +162,34 @@ def _row(info, h):
     return r
 
 
+def test_any_row_of_a_group_over_many_keys_can_switch_the_group_at_its_first_look():
+    """Over 32768 keys or more every row of a group first looks at a quarter of its sample;
+    one flat row among peaked ones switches its whole group before any row reads the rest
+    of its sample (one pass for the four queries), a group of peaked rows streams, and
+    every row's certificate holds against float64."""
+    rng = np.random.default_rng(21)
+    n, d = 32768, 64
+    K, _ = stream_keys(rng, n, d, clusters=64, noise=0.2)
+    K = K.astype(np.float32)
+    V = rng.standard_normal((n, 3))
+    peaked = np.stack([3.0 * np.sqrt(d) * K[i] / np.linalg.norm(K[i])
+                       for i in (11, 5000, 20000, 31000)])
+    flat = 0.05 * rng.standard_normal(d)
+    index = KeyIndex(K)
+    eps = 1e-2
+    Q = np.stack([peaked[0], peaked[1], flat, peaked[2]] + list(peaked))
+    out, info = certified_attention(Q, index, V, eps, return_info=True)
+    np.testing.assert_array_equal(info.full_scoring, [True] * 4 + [False] * 4)
+    assert np.all(info.keys_scored[:4] == n) and np.all(info.keys_scored[4:] < n // 8)
+    # the rows before the flat one read a quarter of their sample (1/32 of the blocks with
+    # the highest bounds and every 32nd block: at most 2/32 of the proxies), the row after
+    # it none: the look of the flat row decided
+    assert np.all(info.proxies_read[:2] > 0) and np.all(info.proxies_read[:2] <= n // 16)
+    assert info.proxies_read[3] == 0
+    check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d),
+                         diam=2.0 * np.linalg.norm(V, axis=1).max())
+
+
 def test_two_threads_on_one_index_give_the_serial_results():
     """Searches (streaming and switching groups) from two Python threads at once on one
     index give what they give one after the other."""

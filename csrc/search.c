@@ -943,13 +943,6 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
  * r = q' - b y is exact (Sterbenz), and |r.z| <= |r| |z| <= |r| 127 sqrt(d) for any key's
  * codes: the slack of the code bound.
  */
-/* Query value i (row-major over the heads * L rows) as float64: float32 queries convert
- * exactly. */
-static inline double qval(const tka_search_args *a, size_t i)
-{
-    return a->q32 ? (double)a->q32[i] : a->q[i];
-}
-
 static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
                           chk_t *ck, row_bufs *rb)
 {
@@ -957,15 +950,35 @@ static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd
     const tka_search_args *a = cx->a;
     const int64_t d = sd->d, h = r / a->L;
     double *qs = rb->qs;
-    double qn1 = 0.0, qq = 0.0, qmax = 0.0;
-    for (int64_t j = 0; j < d; j++) {
-        qs[j] = a->scale * qval(a, (size_t)(r * d + j));
-        qn1 += fabs(qs[j]);
-        qq += qs[j] * qs[j];
-        if (fabs(qs[j]) > qmax) qmax = fabs(qs[j]);
+    /* the norms in two chains each (the loop is bound by the additions' latency); the
+     * padding (d + 4) 2^-52 covers the rounding of a sum of d nonnegative terms in any
+     * order */
+    double qn1a = 0.0, qn1b = 0.0, qqa = 0.0, qqb = 0.0, qmax = 0.0;
+    if (a->q32) {
+        const float *x = a->q32 + (size_t)(r * d);
+        for (int64_t j = 0; j < d; j++) qs[j] = a->scale * (double)x[j];
+    } else {
+        const double *x = a->q + (size_t)(r * d);
+        for (int64_t j = 0; j < d; j++) qs[j] = a->scale * x[j];
     }
-    rb->qn2 = sqrt(qq) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
-    rb->qn1 = qn1 * (1.0 + (double)(d + 4) * 0x1p-52);
+    int64_t j = 0;
+    for (; j + 2 <= d; j += 2) {
+        const double u = fabs(qs[j]), v = fabs(qs[j + 1]);
+        qn1a += u;
+        qn1b += v;
+        qqa += u * u;
+        qqb += v * v;
+        qmax = u > qmax ? u : qmax;
+        qmax = v > qmax ? v : qmax;
+    }
+    if (j < d) {
+        const double u = fabs(qs[j]);
+        qn1a += u;
+        qqa += u * u;
+        qmax = u > qmax ? u : qmax;
+    }
+    rb->qn2 = sqrt(qqa + qqb) * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1000;
+    rb->qn1 = (qn1a + qn1b) * (1.0 + (double)(d + 4) * 0x1p-52);
     w->es = esize(ix->dtype);
     w->keys = (const char *)ix->keys + (size_t)(h * ix->cap * d) * w->es;
     w->qs = qs;
@@ -1350,11 +1363,9 @@ static int64_t stream_level_of(const srow *w, double p)
 #define COST_CODE 6.5     /* a proxy read: int8 dot product, level, count */
 #define COST_SCORE 45.0   /* a candidate scored exactly (scattered rows, bookkeeping) */
 #define COST_ROW 1.0      /* per key, the streaming row's cuts and bookkeeping */
-#define COST_PASS4 5.5    /* a key of the full pass, per query, when four queries share it
-                             (the pass reads every key: its cost is shared out); measured
-                             5.5-6.4 at n = 65536 */
-#define COST_SELECT 2.5   /* a key of the k_eps selection, certificate and output of a fully
-                             scored row that keeps few keys (measured 1.2-2.5) */
+#define COST_PASS4 6.4    /* a key of the full pass, per query, when four queries share it
+                             (the pass reads every key: its cost is shared out) */
+#define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
 #define STREAM_MARGIN 1.0 /* stream only when it is predicted to cost this share or less */
 /* the quick look (a quarter of the sample) switches a group when streaming is predicted
  * to cost more than this share of the pass: its estimate is rougher, so the margin is

@@ -1464,6 +1464,7 @@ typedef struct {
     double s0, gap;
     int64_t t_expand;
     double cost; /* the predicted cost of streaming on (ns, see stream_cost) */
+    int64_t t_first; /* the first cut of stream_finish when already known (else -1) */
 } stream_mid;
 
 /* Streaming search of row r (see above), its first look: block bounds and, for a row whose
@@ -1475,6 +1476,7 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
     md->cost = -1.0;
+    md->t_first = -1;
     {
         const double by = stream_block_bounds(cx, w, h, rb);  /* selection stage */
         w->bytes += by;
@@ -1561,6 +1563,13 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     }
 }
 
+/* The first cut of stream_finish, from the level counts after the first expansion. */
+static int64_t stream_first_cut(const search_ctx *cx, const srow *w, const chk_t *ck,
+                                const stream_mid *md)
+{
+    return stream_cut(cx, w->lcnt, NULL, 0.0, -1, exp(md->s0 - w->ref), md->gap, ck->eps);
+}
+
 /* The rest of the streaming search of row r, once the pending blocks up to md->t_expand
  * have been expanded: cut, expand, score, certify, until certified. */
 static tka_status stream_finish(const search_ctx *cx, int64_t r, srow *w, chk_t *ck,
@@ -1569,7 +1578,7 @@ static tka_status stream_finish(const search_ctx *cx, int64_t r, srow *w, chk_t 
     const int64_t h = r / cx->a->L;
     int64_t *cnt = w->lcnt;
     tka_status st = TKA_OK;
-    int64_t t = stream_cut(cx, cnt, NULL, 0.0, -1, exp(md->s0 - w->ref), md->gap, ck->eps);
+    int64_t t = md->t_first >= 0 ? md->t_first : stream_first_cut(cx, w, ck, md);
     const double gap = md->gap;
     for (;;) {
         stream_expand(cx, w, h, rb, cnt, t);
@@ -2293,7 +2302,29 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
                 ks = kk;
             }
         }
-        if (ks > 0) expand_group(cx, h, ks, ws, rbs, mds);
+        if (ks > 0) {
+            expand_group(cx, h, ks, ws, rbs, mds);
+            /* each row's first cut in stream_finish usually lies below the sample's estimate
+             * (the blocks not yet read count on their block bound's level): those blocks
+             * too are read in one pass for every row that needs them, and stream_finish
+             * starts from that cut (as a row alone, which reads them there, does) */
+            int more = 0;
+            for (int64_t u = 0; u < ks; u++) {
+                const int64_t i = sr[u];
+                md[i].t_first = stream_first_cut(cx, &w[i], &ck[i], &md[i]);
+                more |= md[i].t_first > md[i].t_expand;
+            }
+            if (more) {
+                stream_mid md2[GROUP];
+                const stream_mid *mds2[GROUP];
+                for (int64_t u = 0; u < ks; u++) {
+                    md2[u] = md[sr[u]];
+                    md2[u].t_expand = md2[u].t_first;
+                    mds2[u] = &md2[u];
+                }
+                expand_group(cx, h, ks, ws, rbs, mds2);
+            }
+        }
         for (int64_t u = 0; u < ks && st == TKA_OK; u++) {
             const int64_t i = sr[u];
             const double t1 = timing ? stage_now() : 0.0;

@@ -188,6 +188,15 @@ def test_any_row_of_a_group_over_many_keys_can_switch_the_group_at_its_first_loo
     assert info.proxies_read[3] == 0
     check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d),
                          diam=2.0 * np.linalg.norm(V, axis=1).max())
+    # the streaming group reads its rows' expansions in shared passes over the blocks; each
+    # row reads, scores and keeps what it does alone
+    for l in range(4, 8):
+        one = certified_search(Q[l], index, eps)
+        k = int(one.k)
+        assert info.k[l] == k and info.tv_bound[l] == one.tv_bound
+        np.testing.assert_array_equal(np.sort(info.indices[l, :k]), np.sort(one.indices))
+        assert info.keys_scored[l] == one.keys_scored
+        assert info.proxies_read[l] == one.proxies_read
 
 
 def test_two_threads_on_one_index_give_the_serial_results():

@@ -1428,8 +1428,8 @@ static void stream_expand(const search_ctx *cx, srow *w, int64_t h, const row_bu
  * (the bulk, counted also in cnt2, to be scaled up). Returns the sampled key with the
  * lowest level.
  */
-static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
-                             int64_t *cnt, int64_t *cnt2, int64_t stride)
+/* The sample's blocks with the highest bounds: the first of w->bord (returns how many). */
+static int64_t sample_pick(srow *w, int64_t stride)
 {
     const int64_t nb = w->nb, ntop = (nb + stride - 1) / stride;
     for (int64_t b = 0; b < nb; b++) {
@@ -1437,16 +1437,17 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
         w->bord[b] = b;
     }
     if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);
-    int64_t top = w->bord[0] * w->bs;
-    const double t0 = w->timing ? stage_now() : 0.0;
-    for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
-    for (int64_t b = 0; b < nb; b += stride) stream_block(cx, w, h, rb, b, cnt, cnt2);
-    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
-    /* the first key (by position) of the lowest level read, if below top's: found from the
-     * blocks' lowest levels, then in the first block holding it */
+    return ntop;
+}
+
+/* After the sample's blocks are read: the first key (by position) of the lowest level
+ * read, if below that of the first key of the highest-bound block: found from the blocks'
+ * lowest levels, then in the first block holding it. */
+static int64_t sample_lowest(const srow *w, const row_bufs *rb, int64_t top)
+{
     int32_t mn = rb->lev[top];
     int64_t bm = -1;
-    for (int64_t b = 0; b < nb; b++)
+    for (int64_t b = 0; b < w->nb; b++)
         if (rb->done[b] && rb->bmin[b] < mn) {
             mn = rb->bmin[b];
             bm = b;
@@ -1456,6 +1457,51 @@ static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row
         for (top = i0; top < i1 && rb->lev[top] != mn; top++) {}
     }
     return top;
+}
+
+static int64_t stream_sample(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                             int64_t *cnt, int64_t *cnt2, int64_t stride)
+{
+    const int64_t nb = w->nb, ntop = sample_pick(w, stride);
+    const int64_t top = w->bord[0] * w->bs;
+    const double t0 = w->timing ? stage_now() : 0.0;
+    for (int64_t u = 0; u < ntop; u++) stream_block(cx, w, h, rb, w->bord[u], cnt, NULL);
+    for (int64_t b = 0; b < nb; b += stride) stream_block(cx, w, h, rb, b, cnt, cnt2);
+    if (w->timing) w->st[TKA_STAGE_CODES] += stage_now() - t0;
+    return sample_lowest(w, rb, top);
+}
+
+/* The samples (STREAM_SAMPLE) of k rows of a group in one pass over the blocks, each
+ * block's codes in cache for every row that reads it: the same blocks and counts as
+ * stream_sample for each row (a block both among a row's highest and a strided one
+ * counts as one of the highest, as there). mark: k nb bytes of scratch. Returns each
+ * row's key of the lowest level in top[]. */
+static void sample_group(const search_ctx *cx, int64_t h, int64_t k, srow *const *w,
+                         row_bufs *const *rb, unsigned char *mark, int64_t *top)
+{
+    const double t0 = w[0]->timing ? stage_now() : 0.0;
+    const int64_t nb = w[0]->nb;
+    memset(mark, 0, (size_t)(k * nb));
+    for (int64_t g = 0; g < k; g++) {
+        const int64_t ntop = sample_pick(w[g], STREAM_SAMPLE);
+        for (int64_t u = 0; u < ntop; u++) mark[g * nb + w[g]->bord[u]] = 1;
+        top[g] = w[g]->bord[0] * w[g]->bs;
+    }
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t g = 0; g < k; g++) {
+            if (mark[g * nb + b])
+                stream_block(cx, w[g], h, rb[g], b, w[g]->lcnt, NULL);
+            else if (b % STREAM_SAMPLE == 0)
+                stream_block(cx, w[g], h, rb[g], b, w[g]->lcnt, w[g]->lhead);
+        }
+    for (int64_t g = 0; g < k; g++) top[g] = sample_lowest(w[g], rb[g], top[g]);
+    if (w[0]->timing) {
+        const double share = (stage_now() - t0) / (double)k;
+        for (int64_t g = 0; g < k; g++) {
+            w[g]->st[TKA_STAGE_CODES] += share;
+            w[g]->wall += share;
+        }
+    }
 }
 
 /* What the first part of the streaming search hands to the rest: the first exact score,
@@ -1519,13 +1565,15 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
  * caller scores the row in full). */
 static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
                          const chk_t *ck, row_bufs *rb, int64_t share, int *fallback,
-                         stream_mid *md)
+                         stream_mid *md, int64_t sampled_top)
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
     int32_t *lev = rb->lev;
     int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
     const double ref = w->ref;
-    const int64_t top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
+    /* sampled_top >= 0: the sample was read by sample_group */
+    const int64_t top = sampled_top >= 0 ? sampled_top
+                                         : stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
     int64_t n2 = 0, ns = 0;
     for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
     double s0;
@@ -2187,7 +2235,11 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
     const size_t rbytes = (row_bytes(&sd) + 63) / 64 * 64;
     const int64_t nbuf = L > 1 && (size_t)GROUP * rbytes <= GROUP_BUF_MAX ? GROUP : 1;
     char *bufs = tka_arena_alloc(s, (size_t)nbuf * rbytes);  /* for every group of the range */
-    if (!bufs) return TKA_ERR_NOMEM;
+    unsigned char *smark = tka_arena_alloc(s, (size_t)(GROUP * sd.nb));  /* sample_group's */
+    if (!bufs || !smark) {
+        tka_arena_release(s, mark);
+        return TKA_ERR_NOMEM;
+    }
     tka_status st = TKA_OK;
     for (int64_t g = g0; g < g1 && st == TKA_OK; g++) {
         const int64_t r0 = (g / per) * L + (g % per) * GROUP, h = r0 / L;
@@ -2206,7 +2258,7 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
                 w[0].timing = timing;
                 prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
                 int fb = stream_look(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &md[0]);
-                if (!fb) stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0]);
+                if (!fb) stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0], -1);
                 if (fb) {  /* this row and the rest of the group: one full pass */
                     if (timing) w[0].wall = stage_now() - t_row0;
                     for (int64_t u = i; u < m; u++) {
@@ -2242,10 +2294,21 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             all = stream_look(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], m, &md[i]);
             if (timing) w[i].wall = stage_now() - t_row0;
         }
+        int64_t stop[GROUP];
         for (int64_t i = 0; i < m && !all; i++) {
+            if (i == 1) {  /* the first row streams: the other rows' samples in one pass */
+                srow *wg[GROUP];
+                row_bufs *rg[GROUP];
+                for (int64_t g = 1; g < m; g++) {
+                    wg[g - 1] = &w[g];
+                    rg[g - 1] = &rb[g];
+                }
+                sample_group(cx, h, m - 1, wg, rg, smark, stop + 1);
+            }
             const double t_row0 = timing ? stage_now() : 0.0;
             int fb = 0;
-            stream_begin(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], i == 0 ? m : 1, &fb, &md[i]);
+            stream_begin(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], i == 0 ? m : 1, &fb, &md[i],
+                         i == 0 ? -1 : stop[i]);
             if (timing) w[i].wall += stage_now() - t_row0;
             if (fb && i == 0) {  /* the first row's sample decides for the group */
                 all = 1;

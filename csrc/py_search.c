@@ -39,6 +39,34 @@ static int get_arr(PyObject *o, const char *name, int type, int ndim, const npy_
     return 0;
 }
 
+/* V as (heads, n, -1) of its own float dtype, its rows anywhere in memory: adjacent values
+ * within a row, non-negative head and row strides in whole elements (a slice of a longer
+ * cache is read in place). Returns -1 with an exception set, or 1 for a dtype that is not
+ * a float (no exception). */
+static int get_v(PyObject *o, npy_intp heads, npy_intp n, PyArrayObject **out)
+{
+    *out = NULL;
+    if (!PyArray_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "V must be a NumPy array");
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (tka_py_dtype(PyArray_TYPE(a)) < 0) return 1;
+    const npy_intp it = PyArray_ITEMSIZE(a);
+    int bad = PyArray_NDIM(a) != 3 || !PyArray_ISNOTSWAPPED(a);
+    bad = bad || PyArray_DIM(a, 0) != heads || PyArray_DIM(a, 1) != n
+          || (PyArray_DIM(a, 2) > 1 && PyArray_STRIDE(a, 2) != it);
+    for (int i = 0; i < 2 && !bad; i++)  /* the stride of an axis of length 1 is never used */
+        bad = PyArray_DIM(a, i) > 1 && (PyArray_STRIDE(a, i) < 0 || PyArray_STRIDE(a, i) % it);
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "V has the wrong shape or layout");
+        return -1;
+    }
+    if (tka_py_require_aligned(a, "V") < 0) return -1;
+    *out = a;
+    return 0;
+}
+
 /* Fill a tka_key_index from the tuple (keys, perm, n, block_size, summary, lo, hi, ctr,
  * rad, pz, pscale, perr, maxabs). Borrowed references only. */
 static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int writable)
@@ -239,12 +267,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
     if (get_arr(eo, "eps", NPY_FLOAT64, 1, se, 0, &e) < 0) return NULL;
     if (!e) return PyErr_Format(PyExc_ValueError, "eps missing");
     if (vo != Py_None) {
-        if (!PyArray_Check(vo)) return PyErr_Format(PyExc_TypeError, "V must be a NumPy array");
-        int vt = PyArray_TYPE((PyArrayObject *)vo);
-        npy_intp sv[3] = {ix.heads, ix.n, -1};
-        if (tka_py_dtype(vt) < 0 || get_arr(vo, "V", vt, 3, sv, 0, &v) < 0)
-            return PyErr_Occurred() ? NULL
-                                    : PyErr_Format(PyExc_TypeError, "V must be float32, float64 or float16");
+        const int gv = get_v(vo, ix.heads, ix.n, &v);
+        if (gv < 0) return NULL;
+        if (gv > 0) return PyErr_Format(PyExc_TypeError, "V must be float32, float64 or float16");
     }
     if (method != TKA_SEARCH_DELTA && method != TKA_SEARCH_MC)
         return PyErr_Format(PyExc_ValueError, "unknown method");
@@ -271,8 +296,9 @@ static PyObject *py_search(PyObject *self, PyObject *args)
         sa.vdtype = (tka_dtype)tka_py_dtype(PyArray_TYPE(v));
         dv = PyArray_DIM(v, 2);
         sa.dv = dv;
-        sa.v_head_stride = ix.n * dv;
-        sa.v_row_stride = dv;
+        /* in elements; 0 for an axis of length 1 (its stride is never used) */
+        sa.v_head_stride = ix.heads > 1 ? PyArray_STRIDE(v, 0) / PyArray_ITEMSIZE(v) : 0;
+        sa.v_row_stride = ix.n > 1 ? PyArray_STRIDE(v, 1) / PyArray_ITEMSIZE(v) : 0;
     }
     PyObject *res = NULL;
     tka_search_row *out = PyMem_Calloc((size_t)(rows > 0 ? rows : 1), sizeof(tka_search_row));

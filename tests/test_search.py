@@ -472,6 +472,45 @@ def test_non_contiguous_inputs():
     np.testing.assert_array_equal(out, out2)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_values_are_read_where_they_lie(dtype, monkeypatch):
+    """V as views of a longer cache (heads apart, rows wider than d_v, broadcast heads, rows
+    reversed): the same output as a contiguous copy, and the views with adjacent values in
+    each row are not copied."""
+    rng = np.random.default_rng(54)
+    H, n, d, dv, cap = 3, 700, 16, 8, 900
+    K = rng.standard_normal((H, n, d))
+    K[:, :40] *= 3.0                                  # a few heavy keys: most stream
+    Q = rng.standard_normal((H, 5, d))
+    big = rng.standard_normal((H, cap, 2 * dv)).astype(dtype)
+    index = KeyIndex(K)
+    views = {"heads apart": (big[:, :n, :dv], True),
+             "every other value": (big[:, :n, ::2], False),
+             "one row broadcast per head": (np.broadcast_to(big[:1, :n, :dv], (H, n, dv)),
+                                            True),
+             "reversed rows": (big[:, n - 1::-1, :dv], False)}
+    copies = []
+    real = np.ascontiguousarray
+    monkeypatch.setattr(np, "ascontiguousarray",
+                        lambda a, *args, **kw: copies.append(a.shape) or real(a, *args, **kw))
+    for name, (V, in_place) in views.items():
+        copies.clear()
+        out, info = certified_attention(Q, index, V, 1e-2, return_info=True)
+        copied = [c for c in copies if c == V.shape]
+        assert (not copied) == in_place, name
+        want = certified_attention(Q, index, real(V), 1e-2)
+        np.testing.assert_array_equal(out, want, err_msg=name)
+        # and the output is the kept set's softmax over those values (float64 reference)
+        for h in range(H):
+            for r in range(Q.shape[1]):
+                kept = info.indices[h, r][info.indices[h, r] >= 0]
+                s = (K[h, kept] @ Q[h, r]) / np.sqrt(d)
+                p = np.exp(s - s.max())
+                ref = (p / p.sum()) @ V[h, kept].astype(np.float64)
+                np.testing.assert_allclose(out[h, r], ref, rtol=2e-3 if dtype == np.float16
+                                           else 1e-5, atol=1e-5, err_msg=name)
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_bad_input_messages():

@@ -397,8 +397,15 @@ def _search_locked(Q, index, V, e, method, delta, seed, scale, mc_samples, use_p
         want = index.batch_shape + (index.n,)
         if V.ndim != len(want) + 1 or V.shape[:-1] != want:
             raise ValueError(f"V must have shape {want + ('d_v',)}, got {V.shape}")
-        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output
-        Vc = np.ascontiguousarray(V.reshape(index._heads, index.n, V.shape[-1]))
+        # V is not scanned for NaN/inf (a full pass per call): they propagate to the output.
+        # Its rows are read where they lie: a view with adjacent values in each row (a
+        # slice of a longer cache, heads apart) is not copied
+        Vc = V.reshape(index._heads, index.n, V.shape[-1])
+        it = Vc.itemsize
+        if (Vc.shape[-1] > 1 and Vc.strides[-1] != it) or not Vc.flags.aligned \
+                or not all(st >= 0 and st % it == 0 for st, m in zip(Vc.strides[:2], Vc.shape)
+                           if m > 1):
+            Vc = np.ascontiguousarray(Vc)
     eflat = np.ascontiguousarray(e, dtype=np.float64).reshape(-1)
     return _core.search(
         index._tuple(), Q, scale, eflat, _METHODS[method], float(delta or 0.0),

@@ -5,6 +5,8 @@ import copy
 import inspect
 import os
 
+import types
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
 import numpy as np
@@ -116,12 +118,18 @@ def test_every_row_is_certified_against_float64(model, monkeypatch):
     real_attention, real_decode = certified.certified_attention, certified.decode
 
     def spy_attention(Q, index, V, eps, **kw):
+        # one call per batch item: every key/value head's query group against its index
         out, info = real_attention(Q, index, V, eps, **kw)
-        keys = np.empty((index.n, index.d), dtype=np.float64)
-        keys[index._perm[0, :index.n] if index._perm.ndim == 2 else index._perm[:index.n]] = \
-            index._keys.reshape(-1, index._cap, index.d)[0, :index.n]
-        seen[-1]["rows"].append((np.array(Q, np.float64), keys, np.array(V, np.float64),
-                                 out.copy(), info, kw["scale"]))
+        H = index._keys.shape[0]
+        assert Q.shape[0] == V.shape[0] == H and index.batch_shape == (H,)
+        for h in range(H):
+            keys = np.empty((index.n, index.d), dtype=np.float64)
+            keys[index._perm[h, :index.n]] = index._keys[h, :index.n]
+            head = types.SimpleNamespace(indices=info.indices[h], k=info.k[h],
+                                         tv_bound=info.tv_bound[h])
+            seen[-1]["rows"].append((np.array(Q[h], np.float64), keys,
+                                     np.array(V[h], np.float64), out[h].copy(), head,
+                                     kw["scale"]))
         return out, info
 
     def spy_decode(layer, q, k, v, mask, scaling, eps, want):
@@ -176,13 +184,14 @@ def test_index_is_built_once_and_grows_by_one_key_per_step(model):
     with hf.use_topk_attention(model, eps=1e-2, selector="certified", record=True) as rec:
         _generate(model, ids, steps=steps)
         states = [getattr(m, "_topkattn_state").certified for m in hf.attention_layers(model)]
-        sizes = [[ix.n for per_b in st.indexes for ix in per_b] for st in states]
+        sizes = [[(ix.batch_shape, ix.n) for ix in st.indexes] for st in states]
     for layer in _layers(model):
         assert rec.index_builds[layer] == 1             # built at the first decode step
         assert rec.index_appends[layer] == steps - 2    # then one append per step
         # decode step t (from 1) sees 100 + t keys
         assert [int(n[0, 0, 0]) for n in rec.n[layer][1:]] == list(range(101, 100 + steps))
-        assert sizes[layer] == [100 + steps - 1] * 4    # 2 sequences x 2 key/value heads
+        # one index per sequence, over its 2 key/value heads
+        assert sizes[layer] == [((2,), 100 + steps - 1)] * 2
 
 
 def test_a_new_generate_call_gives_a_fresh_models_result(model):
@@ -413,11 +422,11 @@ def test_other_decoder_layouts(arch):
     with hf.use_topk_attention(m, eps=1e-4, prefill="dense", selector="certified",
                                record=True) as rec:
         cert = _generate(m, ids, steps=5)
-        shapes = [[len(per_b) for per_b in getattr(a, "_topkattn_state").certified.indexes]
+        shapes = [[ix.batch_shape for ix in getattr(a, "_topkattn_state").certified.indexes]
                   for a in hf.attention_layers(m)]
     assert torch.equal(cert, exact)
     hkv = 1 if arch == "qwen2" else 4
-    assert shapes == [[hkv, hkv]] * 2              # one index per sequence and kv head
+    assert shapes == [[(hkv,), (hkv,)]] * 2        # one index per sequence over its kv heads
     for layer in rec.layers:
         assert rec.index_builds[layer] == 1 and rec.index_appends[layer] == 3
         for ks, n in zip(rec.keys_scored[layer], rec.n[layer]):
@@ -425,9 +434,9 @@ def test_other_decoder_layouts(arch):
 
 
 def test_a_failed_step_leaves_no_half_updated_index(model):
-    # a non-finite key of the second key/value head is refused by its index after the
-    # first head's index took the new key; retried on the same cache object, the layer
-    # must rebuild rather than append onto the half-updated indexes again
+    # a non-finite key of the second key/value head: the step's keys are refused (by the
+    # sequence's index, for every head); retried on the same cache object, the layer
+    # must rebuild rather than trust indexes the failed step may have touched
     a = _prompt(seed=13, length=70)
     cache, tok = _prefill(model, a)
     fresh = copy.deepcopy(cache)

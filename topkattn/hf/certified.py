@@ -126,8 +126,10 @@ def cache_pre_hook(layer_state):
 
 
 class CertifiedLayer:
-    """One hooked layer's key indexes: ``indexes[b][h]`` for batch item b and key/value
-    head h, covering the keys ``lo[b] .. hi[b] - 1`` of the cache.
+    """One hooked layer's key indexes: ``indexes[b]`` for batch item b, a
+    :class:`~topkattn.KeyIndex` with one index per key/value head (batch shape ``(Hkv,)``),
+    covering the keys ``lo[b] .. hi[b] - 1`` of the cache. One search call then runs the
+    query groups of every head, in parallel on the library's threads.
 
     Attributes
     ----------
@@ -176,17 +178,15 @@ class CertifiedLayer:
         try:
             if cont:
                 for b in range(B):
-                    for h, index in enumerate(self.indexes[b]):
-                        index.append(K[b, h, self.hi[b]:hi[b]])
+                    self.indexes[b].append(K[b, :, self.hi[b]:hi[b]])
                 self.appends += 1
             else:
                 self.indexes = None
                 bs = self.session.block_size
-                indexes = [[KeyIndex(K[b, h, lo[b]:hi[b]], block_size=bs, reorder=REORDER)
-                            for h in range(K.shape[1])] for b in range(B)]
-                for per_b in indexes:       # room for the decode steps: appends stay O(1)
-                    for index in per_b:
-                        index.reserve(index.n + max(RESERVE, index.n // 4))
+                indexes = [KeyIndex(K[b, :, lo[b]:hi[b]], block_size=bs, reorder=REORDER)
+                           for b in range(B)]
+                for index in indexes:       # room for the decode steps: appends stay O(1)
+                    index.reserve(index.n + max(RESERVE, index.n // 4))
                 self.indexes = indexes
                 self.builds += 1
             self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
@@ -224,18 +224,18 @@ def decode(layer, q, k, v, mask, scaling, eps, want):
                  (("k", np.int64), ("keys_scored", np.int64), ("bytes_read", np.float64),
                   ("tv_bound", np.float64))}
         stats["indices"] = [[None] * Hkv for _ in range(B)]
-    for b in range(B):
-        for h in range(Hkv):
-            res = certified_attention(Q[b, h], layer.indexes[b][h], V[b, h, lo[b]:hi[b]], eps,
-                                      scale=scaling, return_info=want)
-            if want:
-                o, info = res
-                for f in ("k", "keys_scored", "bytes_read", "tv_bound"):
-                    stats[f][b, h] = getattr(info, f)
-                stats["indices"][b][h] = info.indices
-            else:
-                o = res
-            out[b, h] = o
+    for b in range(B):  # every head's query group in one call
+        res = certified_attention(Q[b], layer.indexes[b], V[b, :, lo[b]:hi[b]], eps,
+                                  scale=scaling, return_info=want)
+        if want:
+            o, info = res
+            for f in ("k", "keys_scored", "bytes_read", "tv_bound"):
+                stats[f][b] = getattr(info, f)
+            for h in range(Hkv):
+                stats["indices"][b][h] = info.indices[h]
+        else:
+            o = res
+        out[b] = o
     res_t = torch.from_numpy(out.reshape(B, Hq, L, dv).transpose(0, 2, 1, 3).copy()).to(q.dtype)
     if want:
         for f in ("k", "keys_scored", "bytes_read", "tv_bound"):

@@ -879,6 +879,8 @@ typedef struct {
     int32_t *bmin;                     /* streaming: lowest level of a block's unscored keys,
                                           for the blocks whose levels are known (nb) */
     uint8_t *done;                     /* streaming: blocks whose levels are known (nb) */
+    int pre;                           /* streaming: every key's level computed already (by
+                                          levels_group), blocks only counted when read */
     double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
 } row_bufs;
 
@@ -933,6 +935,7 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
     uint8_t *p1 = (uint8_t *)(rb->yq + d);
     if (sd->mc) { w->mark = p1; memset(w->mark, 0, (size_t)n); p1 += n; }
     rb->done = p1;
+    rb->pre = 0;
     w->n = n; w->d = d; w->bs = bs; w->nb = nb;
 }
 
@@ -1169,6 +1172,9 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define SCORE_AHEAD 8
 /* more candidates than this share of the keys: score them all */
 #define STREAM_FULL 0.5
+/* a group whose every row is predicted to read the proxies of more than this share of the
+ * keys computes them all in one shared pass (levels_group) */
+#define STREAM_DENSE 0.5
 /* queries of one head searched together (see search_groups) */
 #define GROUP 4
 /* keys of float16 converted at a time for the float32 kernels of a full pass */
@@ -1178,6 +1184,20 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define GROUP_SMALL_N 1024
 /* full scoring sums V for the rows of a group in one pass up to this many keys */
 #define GROUP_PV_MAX_N 65536
+
+/* The levels of keys i0 .. i1-1 (block b) of row w into rb->lev: int8 code dot products,
+ * then their bounds' levels (ko: the head's first key). */
+static void block_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
+                         int64_t b, int64_t i0, int64_t i1)
+{
+    const tka_key_index *ix = cx->ix;
+    const tka_proxy_consts pc = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b],
+                                 w->ref, 1e-9 * (1.0 + fabs(w->ref))};
+    cx->kern->dot_i8(rb->yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0,
+                     rb->lev + i0);
+    cx->kern->proxy_levels(rb->lev + i0, ix->pscale + ko + (size_t)i0,
+                           ix->perr + ko + (size_t)i0, i1 - i0, &pc);
+}
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
  * it is done already (done[b]); marks it done. Returns the number of keys read. */
@@ -1189,13 +1209,12 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
     const tka_key_index *ix = cx->ix;
     const size_t ko = (size_t)(h * ix->cap);
     const int64_t i0 = b * w->bs, i1 = i0 + w->bs < w->n ? i0 + w->bs : w->n;
-    const tka_proxy_consts pc = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b],
-                                 w->ref, 1e-9 * (1.0 + fabs(w->ref))};
     int32_t *lev = rb->lev;
-    cx->kern->dot_i8(rb->yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0,
-                     lev + i0);
-    cx->kern->proxy_levels(lev + i0, ix->pscale + ko + (size_t)i0, ix->perr + ko + (size_t)i0,
-                           i1 - i0, &pc);
+    if (!rb->pre) {
+        block_levels(cx, w, rb, ko, b, i0, i1);
+        w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
+        if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
+    }
     int32_t lo = NLEVELS;
     for (int64_t i = i0; i < i1; i++) {
         cnt[lev[i]]++;
@@ -1206,9 +1225,41 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
         for (int64_t i = i0; i < i1; i++) cnt2[lev[i]]++;
     w->proxies += i1 - i0;
     w->blocks++;
-    w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
-    if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
     return i1 - i0;
+}
+
+/*
+ * Every key's level for the k rows of a group, in one pass over the blocks (each block's
+ * codes read from memory once, in cache for the other rows), for groups whose every row
+ * is predicted to read most proxies anyway (stream_look: blocks in key order at decode
+ * have bounds too loose to skip any). The levels are those stream_block computes (they
+ * depend only on the row's query, block bounds and reference), so the search then goes
+ * on exactly as it would, each block only counted when it reads it: the same results as
+ * a row alone. The bytes read count here.
+ */
+static void levels_group(const search_ctx *cx, int64_t h, int64_t k, srow *const *w,
+                         row_bufs *const *rb)
+{
+    const double t0 = w[0]->timing ? stage_now() : 0.0;
+    const size_t ko = (size_t)(h * cx->ix->cap);
+    const int64_t nb = w[0]->nb, bs = w[0]->bs, n = w[0]->n;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+        for (int64_t g = 0; g < k; g++) {
+            if (rb[g]->done[b]) continue;
+            block_levels(cx, w[g], rb[g], ko, b, i0, i1);
+            w[g]->bytes += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
+            if (w[g]->timing) w[g]->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
+        }
+    }
+    for (int64_t g = 0; g < k; g++) rb[g]->pre = 1;
+    if (w[0]->timing) {
+        const double share = (stage_now() - t0) / (double)k;
+        for (int64_t g = 0; g < k; g++) {
+            w[g]->st[TKA_STAGE_CODES] += share;
+            w[g]->wall += share;
+        }
+    }
 }
 
 /* sum over levels b > t of cnt[b] lw[b] (units e^{ref}), rounded up */
@@ -1384,13 +1435,21 @@ static void full_costs(int64_t d, int64_t n, double *pass, double *select)
     *select = COST_SELECT * (double)n;
 }
 
-static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double below,
-                          int64_t t_read, double *pass, double *select)
+/* The proxies row w is predicted to read: those read so far and those of every pending
+ * block whose bound reaches level t_read. */
+static double stream_reads(const srow *w, const row_bufs *rb, int64_t n, int64_t t_read)
 {
     double reads = (double)w->proxies;
     for (int64_t b = 0; b < w->nb; b++)
         if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
             reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
+    return reads;
+}
+
+static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double below,
+                          int64_t t_read, double *pass, double *select)
+{
+    const double reads = stream_reads(w, rb, n, t_read);
     const double dd = (double)w->d;
     full_costs(w->d, n, pass, select);
     return COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
@@ -1510,6 +1569,7 @@ typedef struct {
     double s0, gap;
     int64_t t_expand;
     double cost; /* the predicted cost of streaming on (ns, see stream_cost) */
+    double reads; /* the proxies the first look predicts the row to read (-1: no look) */
     int64_t t_first; /* the first cut of stream_finish when already known (else -1) */
 } stream_mid;
 
@@ -1522,6 +1582,7 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
 {
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
     md->cost = -1.0;
+    md->reads = -1.0;
     md->t_first = -1;
     {
         const double by = stream_block_bounds(cx, w, h, rb);  /* selection stage */
@@ -1556,6 +1617,7 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
                           &md->cost))
             return 1;
+        md->reads = stream_reads(w, rb, n, t1 + STREAM_AHEAD);
     }
     return 0;
 }
@@ -1754,7 +1816,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
      * is reported or not (the sort for the report comes after): pv_idx prefetches the
      * scattered rows ahead, which measured as fast as putting them back in position order
      * first (n = 65536) or faster (n = 1M: 0.82x -> 0.92x of topk_attention, d = 64) */
-    const int dense_out = 0;
+    const int dense_out = k > n / 8;
     tka_search_row *out = &cx->rows[r];
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
     int64_t *oi = NULL;
@@ -1855,6 +1917,16 @@ static tka_status kept_sums_chunked(const tka_kernels *K, const float *v, int64_
     return TKA_OK;
 }
 
+/* The float32 kept rows' sums: one spv_idx call, or by chunks when there are many */
+static tka_status kept_sums_f32(const tka_kernels *K, const float *v, int64_t ld,
+                                const int64_t *idx, const float *w, int64_t k, int64_t dv,
+                                double *o, tka_arena *s)
+{
+    if (k > SPV_CHUNK) return kept_sums_chunked(K, v, ld, idx, w, k, dv, o, s);
+    K->spv_idx(v, ld, idx, w, k, dv, o);
+    return TKA_OK;
+}
+
 /* The output of row r from its kept keys (original positions in oi, scores in kv, the
  * row's largest score mx; their weights e^{kv - mx} in wk_in when the caller has them). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
@@ -1880,7 +1952,40 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
         while (t < k && oi[t] > oi[t - 1]) t++;
         dense_out = t < k;
     }
-    if (dense_out) {
+    if (dense_out && fw) {
+        /* as below, in position order: every weight rounded to float32 at its key's
+         * position (0 elsewhere, an array of n floats, 4 bytes a key, mostly in cache
+         * while it is written), then read back in position order keeping the weights
+         * that are not 0; V read in that order (a stream with gaps), z in four chains by
+         * position */
+        float *wd = tka_arena_alloc(s, (size_t)n * sizeof(float));
+        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
+        float *wf = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(float));
+        if (!wd || !pos || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        memset(wd, 0, (size_t)n * sizeof(float));
+        for (int64_t t = 0; t < k; t++) wd[oi[t]] = (float)wk[t];
+        double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
+        int64_t c = 0, i = 0;
+#define TKA_POS_TERM(j, zs)             \
+    do {                                \
+        const float f_ = wd[j];         \
+        pos[c] = (j);                   \
+        wf[c] = f_;                     \
+        zs += (double)f_;               \
+        c += f_ != 0.0f;                \
+    } while (0)
+        for (; i + 4 <= n; i += 4) {
+            TKA_POS_TERM(i, z0);
+            TKA_POS_TERM(i + 1, z1);
+            TKA_POS_TERM(i + 2, z2);
+            TKA_POS_TERM(i + 3, z3);
+        }
+        for (; i < n; i++) TKA_POS_TERM(i, z0);
+#undef TKA_POS_TERM
+        z = (z0 + z1) + (z2 + z3);
+        tka_status st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, pos, wf, c, dv, o, s);
+        if (st != TKA_OK) return st;  /* the caller frees out->idx */
+    } else if (dense_out) {
         /* weights placed at the keys' positions (read back only where marked), the kept
          * positions marked in a bitmap and read back in increasing order, V read in that
          * order (a stream with gaps); z in the same order */
@@ -1921,13 +2026,8 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
             c += f != 0.0f;
         }
         z += z1;
-        if (c > SPV_CHUNK) {
-            tka_status st = kept_sums_chunked(K, (const float *)vh, a->v_row_stride, ip, wf, c,
-                                              dv, o, s);
-            if (st != TKA_OK) return st;  /* the caller frees out->idx */
-        } else {
-            K->spv_idx((const float *)vh, a->v_row_stride, ip, wf, c, dv, o);
-        }
+        tka_status st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, ip, wf, c, dv, o, s);
+        if (st != TKA_OK) return st;  /* the caller frees out->idx */
     } else {
         for (int64_t t = 0; t < k; t++) z += wk[t];
         K->pv_idx[a->vdtype](vh, a->v_row_stride, oi, wk, k, dv, o);
@@ -2293,6 +2393,20 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
             all = stream_look(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], m, &md[i]);
             if (timing) w[i].wall = stage_now() - t_row0;
+        }
+        /* every row's look predicts it to read most proxies (blocks too loose to skip
+         * many, as at decode where they are in key order): the group computes every
+         * key's level in one pass over the codes first (levels_group: same results) */
+        int dense = !all && m >= 2;
+        for (int64_t i = 0; i < m && dense; i++) dense = md[i].reads >= STREAM_DENSE * (double)n;
+        if (dense) {
+            srow *wg[GROUP];
+            row_bufs *rg[GROUP];
+            for (int64_t g = 0; g < m; g++) {
+                wg[g] = &w[g];
+                rg[g] = &rb[g];
+            }
+            levels_group(cx, h, m, wg, rg);
         }
         int64_t stop[GROUP];
         for (int64_t i = 0; i < m && !all; i++) {

@@ -199,6 +199,38 @@ def test_any_row_of_a_group_over_many_keys_can_switch_the_group_at_its_first_loo
         assert info.proxies_read[l] == one.proxies_read
 
 
+def test_a_group_whose_rows_read_most_proxies_computes_them_in_one_pass():
+    """Keys in arrival order (no reordering, as the decode indexes keep them): the blocks'
+    bounds skip few keys, every row's first look predicts it to read most proxies, and the
+    group computes every key's level in one pass over the codes (its bytes count for every
+    row) before searching on: each row then gives exactly what it gives alone (kept set,
+    certificate, keys scored, proxies used), and every certificate holds against float64."""
+    rng = np.random.default_rng(22)
+    n, d = 32768, 64
+    K, _ = stream_keys(rng, n, d, clusters=64, noise=0.2)
+    K = K.astype(np.float32)
+    V = rng.standard_normal((n, 3))
+    index = KeyIndex(K, reorder=False)
+    Q = np.stack([4.0 * np.sqrt(d) * K[i] / np.linalg.norm(K[i])
+                  for i in (11, 5000, 20000, 31000)])
+    eps = 1e-2
+    out, info = certified_attention(Q, index, V, eps, return_info=True)
+    assert not info.full_scoring.any()
+    assert np.all(info.bytes_read >= n * (d + 8))      # every proxy, in the shared pass
+    assert info.proxies_read.min() < 0.9 * n           # more than the search then used
+    check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d),
+                         diam=2.0 * np.linalg.norm(V, axis=1).max())
+    for l in range(4):
+        one = certified_search(Q[l], index, eps)
+        k = int(one.k)
+        assert info.k[l] == k and info.tv_bound[l] == one.tv_bound
+        np.testing.assert_array_equal(np.sort(info.indices[l, :k]), np.sort(one.indices))
+        assert info.keys_scored[l] == one.keys_scored
+        assert info.proxies_read[l] == one.proxies_read
+        if one.proxies_read < 0.9 * n:                 # alone: only the proxies it used
+            assert one.bytes_read < n * (d + 8)
+
+
 def test_two_threads_on_one_index_give_the_serial_results():
     """Searches (streaming and switching groups) from two Python threads at once on one
     index give what they give one after the other."""

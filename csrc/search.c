@@ -1185,18 +1185,25 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 /* full scoring sums V for the rows of a group in one pass up to this many keys */
 #define GROUP_PV_MAX_N 65536
 
-/* The levels of keys i0 .. i1-1 (block b) of row w into rb->lev: int8 code dot products,
- * then their bounds' levels (ko: the head's first key). */
-static void block_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
-                         int64_t b, int64_t i0, int64_t i1)
+/* The levels of keys i0 .. i1-1 (block b) of row w from their code dot products, in place
+ * in rb->lev (ko: the head's first key). */
+static void row_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
+                       int64_t b, int64_t i0, int64_t i1)
 {
     const tka_key_index *ix = cx->ix;
     const tka_proxy_consts pc = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b],
                                  w->ref, 1e-9 * (1.0 + fabs(w->ref))};
-    cx->kern->dot_i8(rb->yq, ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0,
-                     rb->lev + i0);
     cx->kern->proxy_levels(rb->lev + i0, ix->pscale + ko + (size_t)i0,
                            ix->perr + ko + (size_t)i0, i1 - i0, &pc);
+}
+
+/* The same with the int8 code dot products first: the whole of a block's proxies. */
+static void block_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
+                         int64_t b, int64_t i0, int64_t i1)
+{
+    cx->kern->dot_i8(rb->yq, cx->ix->pz + (ko + (size_t)i0) * (size_t)w->d, w->d, i1 - i0,
+                     rb->lev + i0);
+    row_levels(cx, w, rb, ko, b, i0, i1);
 }
 
 /* Levels (in lev) and counts (cnt, and cnt2 when not NULL) of the keys of block b, unless
@@ -1243,11 +1250,25 @@ static void levels_group(const search_ctx *cx, int64_t h, int64_t k, srow *const
     const double t0 = w[0]->timing ? stage_now() : 0.0;
     const size_t ko = (size_t)(h * cx->ix->cap);
     const int64_t nb = w[0]->nb, bs = w[0]->bs, n = w[0]->n;
+    const tka_key_index *ix = cx->ix;
+    const int16_t *y4[GROUP];
+    for (int64_t g = 0; g < k; g++) y4[g] = rb[g]->yq;
     for (int64_t b = 0; b < nb; b++) {
         const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
+        int all4 = k == 4;  /* four rows need the block: one dot4_i8 pass */
+        for (int64_t g = 0; g < k && all4; g++) all4 = !rb[g]->done[b];
+        if (all4) {
+            int32_t *o4[4] = {rb[0]->lev + i0, rb[1]->lev + i0, rb[2]->lev + i0,
+                              rb[3]->lev + i0};
+            cx->kern->dot4_i8(y4, ix->pz + (ko + (size_t)i0) * (size_t)w[0]->d, w[0]->d,
+                              i1 - i0, o4);
+        }
         for (int64_t g = 0; g < k; g++) {
             if (rb[g]->done[b]) continue;
-            block_levels(cx, w[g], rb[g], ko, b, i0, i1);
+            if (all4)
+                row_levels(cx, w[g], rb[g], ko, b, i0, i1);
+            else
+                block_levels(cx, w[g], rb[g], ko, b, i0, i1);
             w[g]->bytes += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
             if (w[g]->timing) w[g]->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
         }

@@ -151,6 +151,10 @@ struct tka_search_kernels {
     /** sum_j y[j] * z[j] exactly in int32 (int16 query codes, int8 key codes; the caller
      *  keeps d * max|y| * 127 below 2^31), for m keys (rows of stride d). */
     void (*dot_i8)(const int16_t *y, const int8_t *z, int64_t d, int64_t m, int32_t *out);
+    /** dot_i8 for four queries at once (y[r] into out[r], r < 4), each key's codes read
+     *  once for the four: the same exact sums. */
+    void (*dot4_i8)(const int16_t *const *y, const int8_t *z, int64_t d, int64_t m,
+                    int32_t *const *out);
     /**
      * Levels of m keys from their code dot products (in place in dl): bound
      * p = sc (bq dot + slack_code) + qn2 perr, padded (2^-50 |p| + eta), capped by ubb;

@@ -89,8 +89,15 @@ static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_
     tka_search_kernels_scalar.proxy_levels(dl, sc, perr, m, c);
 }
 
+/* four queries: one dot_i8 pass each */
+static void dot4_i8(const int16_t *const *y, const int8_t *z, int64_t d, int64_t m,
+                    int32_t *const *out)
+{
+    for (int r = 0; r < 4; r++) dot_i8(y[r], z, d, m, out[r]);
+}
+
 const tka_search_kernels tka_search_kernels_neon = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                    proxy_levels};
+                                                    dot4_i8, proxy_levels};
 
 #else
 typedef int tka_search_neon_not_built; /* ISO C wants a declaration in every file */

@@ -445,6 +445,44 @@ static void check_dot_i8(const tka_kernels *K)
     }
 }
 
+/* The four-query code products: each query's sums exactly the scalar dot_i8's, in every
+ * set, for widths on and off the vector blocks and key counts around the four-key steps
+ * (the four queries differ, so a mixed-up query or output row shows). */
+static void check_dot4_i8(const tka_kernels *K)
+{
+    const int64_t ds[] = {8, 24, 32, 64, 96, 128, 160, 256};
+    enum { MMAX = 23 };
+    for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+        const int64_t d = ds[di];
+        int16_t *y = malloc((size_t)(4 * d) * sizeof *y);
+        int8_t *z = malloc((size_t)(MMAX * d));
+        for (int trial = 0; trial < 2; trial++) {
+            for (int64_t j = 0; j < 4 * d; j++)
+                y[j] = trial == 0 ? (int16_t)((int64_t)(rnd_u64() % 65535) - 32767)
+                                  : (int16_t)(rnd_u64() & 1 ? 32767 : -32767);
+            for (int64_t j = 0; j < MMAX * d; j++)
+                z[j] = trial == 0 ? (int8_t)((int64_t)(rnd_u64() % 255) - 127)
+                                  : (int8_t)(rnd_u64() & 1 ? 127 : -127);
+            const int16_t *yr[4] = {y, y + d, y + 2 * d, y + 3 * d};
+            for (int64_t m = 1; m <= MMAX; m++) {
+                int32_t got[4][MMAX], want[MMAX];
+                int32_t *o[4] = {got[0], got[1], got[2], got[3]};
+                K->search->dot4_i8(yr, z, d, m, o);
+                for (int r = 0; r < 4; r++) {
+                    tka_kernels_scalar.search->dot_i8(yr[r], z, d, m, want);
+                    for (int64_t i = 0; i < m; i++)
+                        CHECK(got[r][i] == want[i],
+                              "dot4_i8 d %lld m %lld query %d key %lld trial %d: %d vs scalar %d",
+                              (long long)d, (long long)m, r, (long long)i, trial, got[r][i],
+                              want[i]);
+                }
+            }
+        }
+        free(y);
+        free(z);
+    }
+}
+
 /* pv_idx against zeroing the accumulator and one axpy per key, in the same set: the same
  * float64 sums bit for bit, for every value dtype and widths around each vector block. */
 static void check_pv_idx(const tka_kernels *K)
@@ -1045,6 +1083,7 @@ int main(int argc, char **argv)
         g_attn_rows = g_search_rows = g_search_k_differ = 0;
         check_f16_conversion(K);
         check_dot_i8(K);
+        check_dot4_i8(K);
         check_pv_idx(K);
         check_spv_idx(K);
         check_exp_keep(K);
@@ -1052,6 +1091,7 @@ int main(int argc, char **argv)
         if (set == TKA_SIMD_AVX512) {  /* also without VNNI, where the CPU has it */
             tka_avx512vnni_disable(1);
             check_dot_i8(K);
+            check_dot4_i8(K);
             tka_avx512vnni_disable(0);
         }
 #endif

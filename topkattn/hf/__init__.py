@@ -17,8 +17,8 @@ CPU, inference mode. Entry points:
   at every decode step of ``model.generate`` (dense or Top-k prefill, optional sink and
   recent keys); it can record k, tau, the visible keys and the entropy per row. With
   ``selector="certified"`` the decode steps of a decoder run certified search
-  (:func:`topkattn.certified_attention`) on a key index per layer and key/value head that
-  grows with the KV cache.
+  (:func:`topkattn.certified_attention`) on a key index per layer, batch item and key/value
+  head that grows with the KV cache.
 * :func:`evaluate` compares a model with and without Top-k attention.
 
 How the attention is replaced. On transformers versions whose BERT dispatches its

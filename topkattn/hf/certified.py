@@ -1,10 +1,12 @@
 """The certified selector: decode steps through certified search on a growing key index.
 
 With ``use_topk_attention(model, eps=..., selector="certified")`` every hooked layer of a
-decoder-only model keeps one :class:`~topkattn.KeyIndex` per batch item and key/value head
-(the query heads of a group share it). A decode step (query length L = 1) appends the new
-key to each index and runs :func:`topkattn.certified_attention` on it, so only part of the
-KV cache is scored and every row carries a certificate ``TV(P, P_hat) <= tv_bound <= eps``
+decoder-only model keeps one :class:`~topkattn.KeyIndex` per batch item, with an index per
+key/value head (its batch axis; the query heads of a group share it). A decode step (query
+length L = 1) appends the new keys to it and runs :func:`topkattn.certified_attention` on
+it once for all heads (their query groups in parallel on the library's threads), so only
+part of the KV cache is scored and every row carries a certificate
+``TV(P, P_hat) <= tv_bound <= eps``
 (docs/design.md §4). Calls with L > 1 (a prefill) follow the ``prefill`` option.
 
 When the index is trusted. A layer's index stays valid while the calls continue the same

@@ -104,10 +104,11 @@ def use_topk_attention(model, eps=None, k=None, ratio=None, layers=None, record=
 
         ``selector="certified"`` (decoder-only models, ``eps`` only) runs every decode step
         (query length L = 1) through certified search (docs/design.md §4): each hooked
-        layer keeps one :class:`topkattn.KeyIndex` per batch item and key/value head (the
-        query heads of a group share it), built from the KV cache at the first decode step
-        of a sequence and appended with each new key after that, and every row runs
-        :func:`topkattn.certified_attention` on it: only part of the cache is scored and
+        layer keeps one :class:`topkattn.KeyIndex` per batch item with an index per
+        key/value head (the query heads of a group share it), built from the KV cache at the
+        first decode step of a sequence and appended with each new key after that, and
+        every row runs :func:`topkattn.certified_attention` on it (one call for all heads):
+        only part of the cache is scored and
         the row's kept set carries a certificate ``TV(P, P_hat) <= tv_bound <= eps``.
         Calls with L > 1 (the prefill) follow ``prefill``. The index is rebuilt whenever
         the call does not continue the indexed sequence (another cache object, a batch size

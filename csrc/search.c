@@ -1223,7 +1223,19 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
         if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
     }
     int32_t lo = NLEVELS;
-    for (int64_t i = i0; i < i1; i++) {
+    int64_t i = i0;
+    for (; i + 2 <= i1; i += 2) {  /* neighbours on one level: one increment (no chain) */
+        const int32_t a = lev[i], c = lev[i + 1];
+        if (a == c) {
+            cnt[a] += 2;
+        } else {
+            cnt[a]++;
+            cnt[c]++;
+        }
+        lo = a < lo ? a : lo;
+        lo = c < lo ? c : lo;
+    }
+    for (; i < i1; i++) {
         cnt[lev[i]]++;
         if (lev[i] < lo) lo = lev[i];
     }

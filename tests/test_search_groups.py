@@ -162,6 +162,18 @@ def _row(info, h):
     return r
 
 
+def check_as_alone(info, l, q, index, eps):
+    """Row l of a group's result is exactly the row's search alone (kept set, certificate,
+    keys scored, proxies used); returns the row's own result."""
+    one = certified_search(q, index, eps)
+    k = int(one.k)
+    assert info.k[l] == k and info.tv_bound[l] == one.tv_bound
+    np.testing.assert_array_equal(np.sort(info.indices[l, :k]), np.sort(one.indices))
+    assert info.keys_scored[l] == one.keys_scored
+    assert info.proxies_read[l] == one.proxies_read
+    return one
+
+
 def test_any_row_of_a_group_over_many_keys_can_switch_the_group_at_its_first_look():
     """Over 32768 keys or more every row of a group first looks at a quarter of its sample;
     one flat row among peaked ones switches its whole group before any row reads the rest
@@ -191,12 +203,7 @@ def test_any_row_of_a_group_over_many_keys_can_switch_the_group_at_its_first_loo
     # the streaming group reads its rows' expansions in shared passes over the blocks; each
     # row reads, scores and keeps what it does alone
     for l in range(4, 8):
-        one = certified_search(Q[l], index, eps)
-        k = int(one.k)
-        assert info.k[l] == k and info.tv_bound[l] == one.tv_bound
-        np.testing.assert_array_equal(np.sort(info.indices[l, :k]), np.sort(one.indices))
-        assert info.keys_scored[l] == one.keys_scored
-        assert info.proxies_read[l] == one.proxies_read
+        check_as_alone(info, l, Q[l], index, eps)
 
 
 def test_a_group_whose_rows_read_most_proxies_computes_them_in_one_pass():
@@ -221,12 +228,7 @@ def test_a_group_whose_rows_read_most_proxies_computes_them_in_one_pass():
     check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d),
                          diam=2.0 * np.linalg.norm(V, axis=1).max())
     for l in range(4):
-        one = certified_search(Q[l], index, eps)
-        k = int(one.k)
-        assert info.k[l] == k and info.tv_bound[l] == one.tv_bound
-        np.testing.assert_array_equal(np.sort(info.indices[l, :k]), np.sort(one.indices))
-        assert info.keys_scored[l] == one.keys_scored
-        assert info.proxies_read[l] == one.proxies_read
+        one = check_as_alone(info, l, Q[l], index, eps)
         if one.proxies_read < 0.9 * n:                 # alone: only the proxies it used
             assert one.bytes_read < n * (d + 8)
 

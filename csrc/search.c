@@ -1480,20 +1480,24 @@ static double stream_reads(const srow *w, const row_bufs *rb, int64_t n, int64_t
 }
 
 static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double below,
-                          int64_t t_read, double *pass, double *select)
+                          int64_t t_read, double *pass, double *select, double *reads_out)
 {
     const double reads = stream_reads(w, rb, n, t_read);
+    if (reads_out) *reads_out = reads;
     const double dd = (double)w->d;
     full_costs(w->d, n, pass, select);
     return COST_CODE * (dd + 200.0) / 264.0 * reads + COST_SCORE * below
            + COST_ROW * (double)n;
 }
 
+/* Whether row w switches to full scoring (see above); *cost its predicted streaming cost,
+ * and *reads (when not NULL) the proxies it would read. */
 static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
-                         int64_t t_read, int64_t share, double margin, double *cost)
+                         int64_t t_read, int64_t share, double margin, double *cost,
+                         double *reads)
 {
     double pass, select;
-    *cost = stream_cost(w, rb, n, below, t_read, &pass, &select);
+    *cost = stream_cost(w, rb, n, below, t_read, &pass, &select, reads);
     if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
     if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
     return *cost > margin * (pass / (double)share + select);
@@ -1648,9 +1652,8 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
         if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
-                          &md->cost))
+                          &md->cost, &md->reads))
             return 1;
-        md->reads = stream_reads(w, rb, n, t1 + STREAM_AHEAD);
     }
     return 0;
 }
@@ -1693,7 +1696,8 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     md->s0 = s0;
     md->gap = gap;
     md->t_expand = t + STREAM_AHEAD;
-    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN, &md->cost)) {
+    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN, &md->cost,
+                      NULL)) {
         *fallback = 1;
         return;
     }

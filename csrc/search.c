@@ -1852,8 +1852,12 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     /* the kept rows of V are read in storage order, which is the same whether the kept set
      * is reported or not (the sort for the report comes after): pv_idx prefetches the
      * scattered rows ahead, which measured as fast as putting them back in position order
-     * first (n = 65536) or faster (n = 1M: 0.82x -> 0.92x of topk_attention, d = 64) */
-    const int dense_out = k > n / 8;
+     * first (n = 65536) or faster (n = 1M: 0.82x -> 0.92x of topk_attention, d = 64, float64
+     * weights). Float32 rows over more keys than the group's V pass takes, keeping more than
+     * n/8 of them, read V in position order (full_output: its kernel then took
+     * topk_attention's time, n = 262144, d = 64; at n = 512 placing the weights cost more
+     * than it saved). */
+    const int dense_out = fw && n > GROUP_PV_MAX_N && k > n / 8;
     tka_search_row *out = &cx->rows[r];
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
     int64_t *oi = NULL;

@@ -79,6 +79,27 @@ def test_full_scoring_is_sound_with_the_kept_set_of_topk_attention(simd_path, dt
         assert np.all(lo <= info.k) and np.all(info.k <= hi + 1)
 
 
+def test_full_scoring_over_many_keys_sums_float32_values_in_position_order():
+    """Float32 keys and values over more than 65536 keys, rows scored in full keeping from
+    an eighth to most of the keys: their kept value rows are summed in position order (the
+    weights placed at the keys' positions first); each output is the kept set's softmax
+    (float64 reference, float32 accuracy), as topk_attention's for the same eps."""
+    rng = np.random.default_rng(23)
+    n, d = 70000, 16
+    K = rng.standard_normal((n, d)).astype(np.float32)
+    V = rng.standard_normal((n, 3)).astype(np.float32)
+    Q = (np.array([0.5, 2.5, 3.5, 4.5])[:, None] * rng.standard_normal((4, d))).astype(np.float32)
+    index = KeyIndex(K)
+    eps = 1e-2
+    out, info = certified_attention(Q, index, V, eps, return_info=True)
+    assert info.full_scoring.all()
+    assert np.sum(info.k > n // 8) >= 2 and info.k.min() < n // 8 and info.k.max() > n // 2
+    check_attention_rows(Q, K, V, out, info, eps, 1 / np.sqrt(d),
+                         diam=2.0 * np.linalg.norm(V, axis=1).max())
+    ref = topkattn.topk_attention(Q, K, V, eps=eps)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)  # kept sets within a few keys
+
+
 def test_the_decision_goes_both_ways_and_is_made_per_group():
     """Clustered keys: peaked queries stream (few keys scored), flat ones switch. When the
     first row of a group asks for full scoring, the whole group switches (one decision for

@@ -434,6 +434,35 @@ def test_reserve_keeps_appends_in_place_and_results_unchanged():
             roomy.reserve(bad)
 
 
+@pytest.mark.parametrize("reorder", [True, False])
+def test_capacity_at_construction_is_reserve_without_the_copy(reorder):
+    """KeyIndex(K, capacity=c) gives the index of KeyIndex(K).reserve(c): the same room,
+    the same searches before and after appends up to c, which never reallocate."""
+    rng = np.random.default_rng(44)
+    K = clustered(rng, 2 * 600, 8).reshape(2, 600, 8).astype(np.float32)
+    plain = KeyIndex(K[:, :200], block_size=32, reorder=reorder).reserve(500)
+    built = KeyIndex(K[:, :200], block_size=32, reorder=reorder, capacity=500)
+    assert built.capacity == 500 and built.n == 200 and built.nbytes == plain.nbytes
+    np.testing.assert_array_equal(built._perm, plain._perm)
+    np.testing.assert_array_equal(built._keys, plain._keys)
+    Q = 2 * rng.standard_normal((2, 4, 8))
+    for x, y in zip(_fields(certified_search(Q, plain, 1e-3)),
+                    _fields(certified_search(Q, built, 1e-3))):
+        np.testing.assert_array_equal(x, y)
+    keys = built._keys
+    for a in range(200, 500, 60):
+        plain.append(K[:, a:a + 60])
+        built.append(K[:, a:a + 60])
+    assert built._keys is keys and built.capacity == 500   # no reallocation
+    for x, y in zip(_fields(certified_search(Q, plain, 1e-3)),
+                    _fields(certified_search(Q, built, 1e-3))):
+        np.testing.assert_array_equal(x, y)
+    assert KeyIndex(K[:, :200], capacity=10).capacity == 200   # at least n
+    for bad in (-1, 2.5, True, "9"):
+        with pytest.raises(ValueError, match="capacity must be an integer >= 0"):
+            KeyIndex(K[:, :200], capacity=bad)
+
+
 def test_append_after_reordering_is_sound():
     rng = np.random.default_rng(43)
     K = clustered(rng, 1500, 8)

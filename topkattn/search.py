@@ -77,6 +77,12 @@ class _RWLock:
                 self._cond.notify_all()
 
 
+def _check_capacity(capacity):
+    if (not isinstance(capacity, numbers.Integral) or isinstance(capacity, bool)
+            or capacity < 0):
+        raise ValueError(f"capacity must be an integer >= 0, got {capacity!r}")
+
+
 class KeyIndex:
     """Block summaries and per-key proxies of a key set, for certified search.
 
@@ -127,6 +133,9 @@ class KeyIndex:
         Per-key proxies, or none (block summaries only, as in the original method).
     reorder : bool
         Cluster the initial keys into tight blocks.
+    capacity : int, optional
+        Keys to allocate room for (at least n): appends up to that many never reallocate,
+        as after :meth:`reserve`, without building the index in a smaller buffer first.
 
     Attributes
     ----------
@@ -142,7 +151,8 @@ class KeyIndex:
     """
 
     @dispatch("K", name="KeyIndex")
-    def __init__(self, K, block_size=64, summary="auto", proxy="int8", reorder=True):
+    def __init__(self, K, block_size=64, summary="auto", proxy="int8", reorder=True,
+                 capacity=None):
         K = _float_array(K, "K")
         if K.ndim < 2:
             raise ValueError(f"K must have shape (..., n, d), got shape {K.shape}")
@@ -157,6 +167,8 @@ class KeyIndex:
             raise ValueError(f"summary must be one of {sorted(_SUMMARIES)}, got {summary!r}")
         if proxy not in ("int8", None):
             raise ValueError(f"proxy must be 'int8' or None, got {proxy!r}")
+        if capacity is not None:
+            _check_capacity(capacity)
         _check_finite(K, "K")
         self.batch_shape = K.shape[:-2]
         self.d = int(K.shape[-1])
@@ -168,13 +180,19 @@ class KeyIndex:
         n = int(K.shape[-2])
         self._lock = _RWLock()
         self.n = 0
-        self._alloc(n)  # capacity n: self._keys is (heads, n, d), C-contiguous
-        self._keys[...] = K.reshape(self._heads, n, self.d)
+        cap = max(n, int(capacity or 0))
+        self._alloc(cap)  # self._keys is (heads, cap, d), C-contiguous
         if reorder and n > self.block_size:
-            # the index's own copy of the keys is put in block order in place
-            self._perm[...] = _core.index_order(self._keys, self.block_size, True)
+            # the index's own copy of the keys is put in block order in place (in a
+            # contiguous buffer of n keys a head when there is room beyond them)
+            keys = self._keys if cap == n else np.empty((self._heads, n, self.d), self.dtype)
+            keys[...] = K.reshape(self._heads, n, self.d)
+            self._perm[:, :n] = _core.index_order(keys, self.block_size, True)
+            if cap > n:
+                self._keys[:, :n] = keys
         else:
-            self._perm[...] = np.arange(n, dtype=np.int64)
+            self._keys[:, :n] = K.reshape(self._heads, n, self.d)
+            self._perm[:, :n] = np.arange(n, dtype=np.int64)
         self.n = n
         _core.index_fill(self._tuple(), 0)
 
@@ -278,9 +296,7 @@ class KeyIndex:
         KeyIndex
             self
         """
-        if (not isinstance(capacity, numbers.Integral) or isinstance(capacity, bool)
-                or capacity < 0):
-            raise ValueError(f"capacity must be an integer >= 0, got {capacity!r}")
+        _check_capacity(capacity)
         with self._lock.exclusive():
             if capacity > self._cap:
                 self._alloc(int(capacity))

@@ -185,10 +185,10 @@ class CertifiedLayer:
             else:
                 self.indexes = None
                 bs = self.session.block_size
-                indexes = [KeyIndex(K[b, :, lo[b]:hi[b]], block_size=bs, reorder=REORDER)
-                           for b in range(B)]
-                for index in indexes:       # room for the decode steps: appends stay O(1)
-                    index.reserve(index.n + max(RESERVE, index.n // 4))
+                # room for the decode steps (appends stay O(1)), allocated at the build
+                indexes = [KeyIndex(K[b, :, lo[b]:hi[b]], block_size=bs, reorder=REORDER,
+                                    capacity=int(n + max(RESERVE, n // 4)))
+                           for b, n in enumerate(np.asarray(hi) - np.asarray(lo))]
                 self.indexes = indexes
                 self.builds += 1
             self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)

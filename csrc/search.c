@@ -1197,6 +1197,14 @@ static void row_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, 
                            ix->perr + ko + (size_t)i0, i1 - i0, &pc);
 }
 
+/* The bytes of m keys' proxies (codes, scale, error bound), read by row w. */
+static void code_bytes(srow *w, int64_t m)
+{
+    const double by = (double)m * ((double)w->d + 8.0);
+    w->bytes += by;
+    if (w->timing) w->sb[TKA_STAGE_CODES] += by;
+}
+
 /* The same with the int8 code dot products first: the whole of a block's proxies. */
 static void block_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
                          int64_t b, int64_t i0, int64_t i1)
@@ -1219,8 +1227,7 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
     int32_t *lev = rb->lev;
     if (!rb->pre) {
         block_levels(cx, w, rb, ko, b, i0, i1);
-        w->bytes += (double)(i1 - i0) * ((double)w->d + 8.0);
-        if (w->timing) w->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w->d + 8.0);
+        code_bytes(w, i1 - i0);
     }
     int32_t lo = NLEVELS;
     int64_t i = i0;
@@ -1281,8 +1288,7 @@ static void levels_group(const search_ctx *cx, int64_t h, int64_t k, srow *const
                 row_levels(cx, w[g], rb[g], ko, b, i0, i1);
             else
                 block_levels(cx, w[g], rb[g], ko, b, i0, i1);
-            w[g]->bytes += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
-            if (w[g]->timing) w[g]->sb[TKA_STAGE_CODES] += (double)(i1 - i0) * ((double)w[g]->d + 8.0);
+            code_bytes(w[g], i1 - i0);
         }
     }
     for (int64_t g = 0; g < k; g++) rb[g]->pre = 1;

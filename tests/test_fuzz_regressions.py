@@ -373,3 +373,24 @@ def test_core_index_order_without_keys_or_dimensions():
     assert _core.index_order(np.zeros((3, 0, 2)), 4).shape == (3, 0)
     np.testing.assert_array_equal(_core.index_order(np.zeros((2, 3, 2)), 4),
                                   np.tile(np.arange(3), (2, 1)))
+
+
+@pytest.mark.parametrize("d", [8, 128])
+@pytest.mark.parametrize("L", [1, 4])
+def test_float32_scores_over_keys_with_negative_or_zero_row_strides(L, d, rng):
+    # found by fuzz_attention: the float32 scoring loops formed the address of the keys a
+    # few steps ahead (to prefetch them) from the row stride before checking that the keys
+    # are contiguous; with a negative stride that pointer arithmetic overflowed (UBSan,
+    # kernels.inc, clang's build; gcc's sanitized build had dropped the unused address).
+    # The offsets are now formed only for contiguous keys. Keys read backwards or all one
+    # row give the results of a copy.
+    Q = rng.standard_normal((2, L, d)).astype(np.float32)
+    K = rng.standard_normal((2, 40, d)).astype(np.float32)
+    V = rng.standard_normal((2, 40, 3)).astype(np.float32)
+    one = np.broadcast_to(K[:, :1], K.shape)
+    for keys in (K[:, ::-1], one):
+        assert keys.strides[1] <= 0
+        copy = np.ascontiguousarray(keys)
+        np.testing.assert_array_equal(topkattn.attention(Q, keys, V), topkattn.attention(Q, copy, V))
+        np.testing.assert_array_equal(topkattn.topk_attention(Q, keys, V, k=5),
+                                      topkattn.topk_attention(Q, copy, V, k=5))

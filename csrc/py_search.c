@@ -143,14 +143,25 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
     }
     if (pz != Py_None) {
         PyArrayObject *b, *c;
-        if (get_arr(pz, "pz", NPY_INT8, 3, s_keys, writable, &a) < 0 ||
+        /* int8 codes (H, cap, d), or 4-bit ones two per byte (H, cap, ceil(d / 2)), whose
+         * bound needs the blocks' centroids */
+        const int four = PyArray_Check(pz) && PyArray_TYPE((PyArrayObject *)pz) == NPY_UINT8;
+        npy_intp s_codes[3] = {H, cap, four ? (d + 1) / 2 : d};
+        if (four && !(summary & TKA_SUM_BALL)) {
+            PyErr_SetString(PyExc_ValueError, "4-bit proxies need the ball summary");
+            return -1;
+        }
+        if (get_arr(pz, "pz", four ? NPY_UINT8 : NPY_INT8, 3, s_codes, writable, &a) < 0 ||
             get_arr(pscale, "pscale", NPY_FLOAT32, 2, s_hc, writable, &b) < 0 ||
             get_arr(perr, "perr", NPY_FLOAT32, 2, s_hc, writable, &c) < 0) return -1;
         if (!a || !b || !c) {
             PyErr_SetString(PyExc_ValueError, "index proxies incomplete");
             return -1;
         }
-        ix->pz = o->pz = PyArray_DATA(a);
+        if (four)
+            ix->pz4 = o->pz4 = PyArray_DATA(a);
+        else
+            ix->pz = o->pz = PyArray_DATA(a);
         ix->pscale = o->pscale = PyArray_DATA(b);
         ix->perr = o->perr = PyArray_DATA(c);
     }

@@ -263,6 +263,53 @@ typedef struct {
     double *unit_max;                 /* per unit: the largest |key| of its new keys */
 } fill_ctx;
 
+/*
+ * 4-bit proxies of the keys [i0, i1) of one block, against the block's stored centroid
+ * ctr: one step s per block, 3 / 7.4 of the root mean square of k_ij - ctr_j over the
+ * block (the largest deviation over 7.4 made the steps so coarse that on clustered keys,
+ * d = 128, the rows scored up to 1.7x the keys of the int8 proxies; clamping the few
+ * deviations past 3 rms only enlarges those keys' e_i), codes
+ * z_ij = round((k_ij - ctr_j) / s) clamped to [-8, 7], stored as z + 8 (two per byte, the
+ * layout of tka_search_kernels.dot_u4), and e_i >= ||k_i - ctr - s z_i||. The residual is
+ * computed as (k - ctr) - s z (s z exact), each subtraction rounded: the computed vector is
+ * within 2^-52 (||k - ctr|| + ||r||) of the real one, so e_i adds 2^-50 ||k - ctr|| and the
+ * padding of the sum of squares, rounded up.
+ */
+static void fill_codes4(const tka_key_index *ix, const tka_key_index_out *o, const char *kb,
+                        int64_t h, int64_t i0, int64_t i1, const float *ctr, double pad)
+{
+    const int64_t d = ix->d, hb = (d + 1) / 2;
+    double mdev = 0.0, msq = 0.0;
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t j = 0; j < d; j++) {
+            const double e = fabs(key_at(kb, ix->dtype, i * d + j) - (double)ctr[j]);
+            if (e > mdev) mdev = e;
+            msq += e * e;
+        }
+    const double rms = sqrt(msq / (double)((i1 - i0) * d));
+    float st = f32_up(3.0 * rms / 7.4);
+    if (!(mdev > 1e-30 && mdev < 1e37 && st > 1e-30f)) st = 0.0f;
+    for (int64_t i = i0; i < i1; i++) {
+        const size_t ko = (size_t)(h * ix->cap + i);
+        uint8_t *z = o->pz4 + ko * (size_t)hb;
+        memset(z, 0, (size_t)hb);
+        double ss = 0.0, sd = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            const double x = key_at(kb, ix->dtype, i * d + j) - (double)ctr[j];
+            double t = st > 0.0f ? nearbyint(x / (double)st) : 0.0;
+            if (t > 7.0) t = 7.0;
+            if (t < -8.0) t = -8.0;
+            const uint8_t u = (uint8_t)(t + 8.0);
+            z[j < hb ? j : j - hb] |= (uint8_t)(j < hb ? u : u << 4);
+            const double e = x - (double)st * t;
+            ss += e * e;
+            sd += x * x;
+        }
+        o->pscale[ko] = st;
+        o->perr[ko] = f32_up(nextafter((sqrt(ss) + 0x1p-50 * sqrt(sd)) * pad, INFINITY));
+    }
+}
+
 static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
 {
     fill_ctx *cx = c;
@@ -322,6 +369,7 @@ static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int6
                 }
                 /* radius of the stored (rounded) centroid, rounded up */
                 o->rad[h * ix->cap_blocks + b] = nextafter(sqrt(r) * pad, INFINITY);
+                if (o->pz4) fill_codes4(ix, o, kb, h, i0, i1, ctr, pad);
             }
         }
         if (o->pz) {
@@ -874,7 +922,8 @@ typedef struct {
     double *qs, *tmpd;                 /* scaled query (d); exact scores of a block (bs) */
     int64_t *defer, *lv;               /* deferred blocks (nb); keys of a level (n) */
     int32_t *tmp;                      /* proxy levels of a block (bs) */
-    int16_t *yq;                       /* proxy query codes (d) */
+    int16_t *yq;                       /* proxy query codes (d); with 4-bit proxies, the
+                                          int8 codes of dot_u4 (2 ceil(d / 2) bytes) */
     int32_t *lev;                      /* streaming: level of every key, -1 once scored (n) */
     int32_t *bmin;                     /* streaming: lowest level of a block's unscored keys,
                                           for the blocks whose levels are known (nb) */
@@ -882,6 +931,7 @@ typedef struct {
     int pre;                           /* streaming: every key's level computed already (by
                                           levels_group), blocks only counted when read */
     double bq, slack_code, qn1, qn2;   /* proxy code scale and slack; |q'|_1, |q'|_2 bounds */
+    int32_t bias4;                     /* 4-bit proxies: 8 sum_j y_j (dot_u4's bias) */
 } row_bufs;
 
 /* Shape of one search: what the per-row arrays are sized by. */
@@ -940,6 +990,40 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
 }
 
 /*
+ * The query codes of 4-bit proxies: y = round(q' / b) in int8, b a power of two with
+ * max|q'| / b <= 127, laid out for dot_u4 (dimension j < ceil(d / 2) pairs with the low
+ * nibble of byte j, the others with the high nibble of byte j - ceil(d / 2); a padding
+ * dimension has code 0). r = q' - b y is exact, and the codes z = nibble - 8 lie in [-8, 7],
+ * so r.z <= sum_j max(7 r_j, -8 r_j) (the slack, rounded up), and y.z = dot_u4's sum less
+ * 8 sum_j y_j (the bias), exactly.
+ */
+static void query_codes4(const double *qs, int64_t d, double qmax, row_bufs *rb)
+{
+    const int64_t hb = (d + 1) / 2;
+    int8_t *y = (int8_t *)rb->yq;
+    double bq = 1.0, sl = 0.0;
+    if (qmax > 0.0) {
+        int e2;
+        frexp(qmax / 127.0, &e2);
+        bq = ldexp(1.0, e2);
+    }
+    int32_t ysum = 0;
+    for (int64_t j = 0; j < d; j++) {
+        double t = nearbyint(qs[j] / bq);
+        if (t > 127.0) t = 127.0;
+        if (t < -127.0) t = -127.0;
+        y[j] = (int8_t)t;
+        ysum += (int32_t)t;
+        const double rj = qs[j] - bq * t;
+        sl += rj > 0.0 ? 7.0 * rj : -8.0 * rj;
+    }
+    if (d < 2 * hb) y[d] = 0;
+    rb->bq = bq;
+    rb->bias4 = 8 * ysum;
+    rb->slack_code = sl * (1.0 + (double)(d + 4) * 0x1p-52) + 0x1p-1060;
+}
+
+/*
  * The scaled query q' = scale * q of row r, its norms, the rounding allowance eta and the
  * targets; with proxies, the int16 query codes y = round(q' / b), b a power of two with
  * max|q'| / b <= ymax (so that d ymax 127 < 2^31: the int32 dot products are exact).
@@ -989,6 +1073,11 @@ static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd
     ck->eps = a->eps[r];
     ck->eps_in = ck->eps * exp(-4.0 * w->eta) * (1.0 - 1e-6);
     double bq = 1.0, rr = 0.0;
+    rb->bias4 = 0;
+    if (sd->proxy && ix->pz4) {
+        query_codes4(qs, d, qmax, rb);
+        return;
+    }
     if (sd->proxy) {
         double ymax = floor(2147483647.0 / (127.0 * (double)d)) - 1.0;
         if (ymax > 32767.0) ymax = 32767.0;
@@ -1191,6 +1280,18 @@ static void row_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, 
                        int64_t b, int64_t i0, int64_t i1)
 {
     const tka_key_index *ix = cx->ix;
+    if (ix->pz4) {
+        /* the 4-bit bound is q'.ctr + s (b y.z + slack) + |q'| e: the levels kernel computes
+         * the part after q'.ctr against a reference and cap shifted by a >= q'.ctr (the
+         * block's ball bound less its radius term, padded as that bound is); the margin
+         * covers the rounding of the two shifts */
+        const double a = w->ub[b] - rb->qn2 * ix->rad[(int64_t)ko / ix->cap * ix->cap_blocks + b];
+        const tka_proxy_consts p4 = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b] - a,
+                                     w->ref - a, 1e-9 * (1.0 + fabs(w->ref) + fabs(a))};
+        cx->kern->proxy_levels(rb->lev + i0, ix->pscale + ko + (size_t)i0,
+                               ix->perr + ko + (size_t)i0, i1 - i0, &p4);
+        return;
+    }
     const tka_proxy_consts pc = {rb->bq, rb->slack_code, rb->qn2, w->eta, w->ub[b],
                                  w->ref, 1e-9 * (1.0 + fabs(w->ref))};
     cx->kern->proxy_levels(rb->lev + i0, ix->pscale + ko + (size_t)i0,
@@ -1198,9 +1299,9 @@ static void row_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, 
 }
 
 /* The bytes of m keys' proxies (codes, scale, error bound), read by row w. */
-static void code_bytes(srow *w, int64_t m)
+static void code_bytes(const search_ctx *cx, srow *w, int64_t m)
 {
-    const double by = (double)m * ((double)w->d + 8.0);
+    const double by = (double)m * ((double)(cx->ix->pz4 ? (w->d + 1) / 2 : w->d) + 8.0);
     w->bytes += by;
     if (w->timing) w->sb[TKA_STAGE_CODES] += by;
 }
@@ -1217,9 +1318,21 @@ static void code_bytes(srow *w, int64_t m)
 static void block_levels(const search_ctx *cx, const srow *w, const row_bufs *rb, size_t ko,
                          int64_t b, int64_t i0, int64_t i1, int64_t next)
 {
+    const int64_t m = i1 - i0;
+    if (cx->ix->pz4) {
+        const size_t hb = (size_t)(w->d + 1) / 2;
+        const uint8_t *z = cx->ix->pz4 + (ko + (size_t)i0) * hb;
+        if (next >= 0) {  /* the next block's codes: a block of 4-bit codes is 1-4 KiB */
+            const int64_t j0 = next * w->bs, mj = j0 + w->bs < w->n ? w->bs : w->n - j0;
+            const char *pn = (const char *)(cx->ix->pz4 + (ko + (size_t)j0) * hb);
+            for (size_t off = 0; off < (size_t)mj * hb; off += 64) __builtin_prefetch(pn + off);
+        }
+        cx->kern->dot_u4((const int8_t *)rb->yq, z, (int64_t)hb, m, rb->bias4, rb->lev + i0);
+        row_levels(cx, w, rb, ko, b, i0, i1);
+        return;
+    }
     const size_t d = (size_t)w->d;
     const int8_t *z = cx->ix->pz + (ko + (size_t)i0) * d;
-    const int64_t m = i1 - i0;
     if (next < 0) {
         cx->kern->dot_i8(rb->yq, z, w->d, m, rb->lev + i0);
     } else {
@@ -1251,7 +1364,7 @@ static int64_t stream_block(const search_ctx *cx, srow *w, int64_t h, const row_
     int32_t *lev = rb->lev;
     if (!rb->pre) {
         block_levels(cx, w, rb, ko, b, i0, i1, next);
-        code_bytes(w, i1 - i0);
+        code_bytes(cx, w, i1 - i0);
     }
     int32_t lo = NLEVELS;
     int64_t i = i0;
@@ -1298,7 +1411,7 @@ static void levels_group(const search_ctx *cx, int64_t h, int64_t k, srow *const
     for (int64_t g = 0; g < k; g++) y4[g] = rb[g]->yq;
     for (int64_t b = 0; b < nb; b++) {
         const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-        int all4 = k == 4;  /* four rows need the block: one dot4_i8 pass */
+        int all4 = k == 4 && ix->pz;  /* four rows need the block: one dot4_i8 pass */
         for (int64_t g = 0; g < k && all4; g++) all4 = !rb[g]->done[b];
         if (all4) {
             int32_t *o4[4] = {rb[0]->lev + i0, rb[1]->lev + i0, rb[2]->lev + i0,
@@ -1312,7 +1425,7 @@ static void levels_group(const search_ctx *cx, int64_t h, int64_t k, srow *const
                 row_levels(cx, w[g], rb[g], ko, b, i0, i1);
             else
                 block_levels(cx, w[g], rb[g], ko, b, i0, i1, -1);
-            code_bytes(w[g], i1 - i0);
+            code_bytes(cx, w[g], i1 - i0);
         }
     }
     for (int64_t g = 0; g < k; g++) rb[g]->pre = 1;
@@ -2664,7 +2777,7 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
     tka_status st;
-    if (args->use_proxy && ix->pz && args->method == TKA_SEARCH_DELTA) {
+    if (args->use_proxy && (ix->pz || ix->pz4) && args->method == TKA_SEARCH_DELTA) {
         /* the streaming search, by groups of queries of one head */
         const int64_t per = (args->L + GROUP - 1) / GROUP, groups = ix->heads * per;
         /* fewer groups than threads over long rows: the groups run on the calling thread,

@@ -30,9 +30,12 @@ typedef struct {
     const float *lo, *hi;    /**< heads x cap_blocks x d, rounded outward (MINMAX) */
     const float *ctr;        /**< heads x cap_blocks x d centroids (BALL) */
     const double *rad;       /**< heads x cap_blocks, >= max ||k - ctr|| (BALL) */
-    const int8_t *pz;        /**< heads x cap x d int8 codes, or NULL (no proxies) */
-    const float *pscale;     /**< heads x cap: k ~ pscale * pz */
-    const float *perr;       /**< heads x cap: >= ||k - pscale * pz|| */
+    const int8_t *pz;        /**< heads x cap x d int8 codes, or NULL (no int8 proxies) */
+    const uint8_t *pz4;      /**< heads x cap x ceil(d/2) 4-bit codes (two per byte, see
+                                  tka_search_kernels.dot_u4), or NULL (no 4-bit proxies):
+                                  k ~ ctr + pscale * (code - 8), ctr the key's block's */
+    const float *pscale;     /**< heads x cap: k ~ pscale * pz (int8), the block's step (4-bit) */
+    const float *perr;       /**< heads x cap: >= the norm of k minus its proxy */
     const double *maxabs;    /**< heads: >= max |k_ij| over the head's keys */
 } tka_key_index;
 
@@ -41,6 +44,7 @@ typedef struct {
     float *lo, *hi, *ctr;
     double *rad;
     int8_t *pz;
+    uint8_t *pz4;
     float *pscale, *perr;
     double *maxabs;
 } tka_key_index_out;
@@ -155,6 +159,12 @@ struct tka_search_kernels {
      *  once for the four: the same exact sums. */
     void (*dot4_i8)(const int16_t *const *y, const int8_t *z, int64_t d, int64_t m,
                     int32_t *const *out);
+    /** 4-bit codes: m keys of hb bytes each (rows of stride hb), byte t holding the code of
+     *  dimension t in its low nibble and that of dimension hb + t in its high one; y holds
+     *  2 hb int8 query codes in that order (|y| <= 127). out[i] = sum_t y[t] lo(z_it) +
+     *  y[hb + t] hi(z_it) - bias, exact in int32 (|sum| <= 2 hb 15 127). */
+    void (*dot_u4)(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int32_t bias,
+                   int32_t *out);
     /**
      * Levels of m keys from their code dot products (in place in dl): bound
      * p = sc (bq dot + slack_code) + qn2 perr, padded (2^-50 |p| + eta), capped by ubb;

@@ -96,8 +96,8 @@ def corrupt(fdp, t):
 
 def streaming(fdp):
     """The streaming Δk-Search (csrc/search.c, search_stream): it serves every "delta"
-    search of an index with int8 proxies and use_proxy=True. Its branches want many blocks
-    (the sample: the top 1/8 of the blocks by bound and every 8th block; blocks far below
+    search of an index with proxies (int8 or 4-bit) and use_proxy=True. Its branches want
+    many blocks (the sample: the top 1/8 of the blocks by bound and every 8th block; blocks far below
     the level cut that are never read; the switch to scoring every key when the sample says
     most keys are candidates) and peaked queries (few candidates, several rounds of the
     cut). Keys: up to 1,500 per head in clusters, blocks of 1 to 64 keys (or one block past
@@ -119,7 +119,8 @@ def streaming(fdp):
         [n, n + 1, 2 ** 40, 2 ** 63 - 1][fdp.ConsumeIntInRange(0, 3)]
     with accepted():
         index = tk.KeyIndex(K, block_size=bs, summary=["auto", "minmax", "ball"][
-            fdp.ConsumeIntInRange(0, 2)], proxy="int8", reorder=fdp.ConsumeIntInRange(0, 3) > 0)
+            fdp.ConsumeIntInRange(0, 2)], proxy=["int8", "int4"][fdp.ConsumeIntInRange(0, 1)],
+            reorder=fdp.ConsumeIntInRange(0, 3) > 0)
         if fdp.ConsumeIntInRange(0, 3) == 0:  # appended keys: blocks of the unordered tail
             extra = fdp.ConsumeIntInRange(1, 300)
             index.append(rng.standard_normal((H, extra, d)) * spread
@@ -159,7 +160,7 @@ def one(data):
         index = tk.KeyIndex(K, block_size=fdp.ConsumeIntInRange(0, 70) if fdp.ConsumeIntInRange(
                                 0, 7) else common.int_param(fdp),
                             summary=["auto", "minmax", "ball", "x"][fdp.ConsumeIntInRange(0, 3)],
-                            proxy=["int8", None][fdp.ConsumeIntInRange(0, 1)],
+                            proxy=["int8", None, "int4"][fdp.ConsumeIntInRange(0, 2)],
                             reorder=fdp.ConsumeBool())
         if fdp.ConsumeBool():
             index.append(keys(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else

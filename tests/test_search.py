@@ -14,6 +14,9 @@ from topkattn import search as tks
 from topkattn.search import KeyIndex, certified_attention, certified_search
 
 SUMMARIES = ("minmax", "ball", "auto")
+PROXIES = ("int8", "int4", None)
+#: (summary, proxy) pairs an index can have: 4-bit proxies are coded against the centroids
+SUMMARY_PROXY = [(s, p) for s in SUMMARIES for p in PROXIES if not (p == "int4" and s == "minmax")]
 
 
 # ------------------------------------------------------------------ references
@@ -73,7 +76,7 @@ def clustered(rng, n, d, clusters=8, noise=0.3):
 
 @settings(max_examples=150)
 @given(n=st.integers(1, 300), d=st.integers(1, 17), bs=st.integers(1, 70),
-       summary=st.sampled_from(SUMMARIES), proxy=st.sampled_from(["int8", None]),
+       summary=st.sampled_from(SUMMARIES), proxy=st.sampled_from(PROXIES),
        dtype=st.sampled_from([np.float32, np.float64, np.float16]),
        spread=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
        eps=st.sampled_from([0.5, 1e-1, 1e-2, 1e-4, 1e-9]), kind=st.sampled_from(["gauss", "clustered"]),
@@ -82,6 +85,8 @@ def test_certificate_bounds_true_tv(n, d, bs, summary, proxy, dtype, spread, eps
     rng = np.random.default_rng(seed)
     K = (rng.standard_normal((n, d)) if kind == "gauss" else clustered(rng, n, d)).astype(dtype)
     q = (spread * rng.standard_normal(d)).astype(dtype)
+    if proxy == "int4" and summary == "minmax":
+        summary = "ball"
     index = KeyIndex(K, block_size=bs, summary=summary, proxy=proxy, reorder=reorder)
     res = certified_search(q, index, eps)
     check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
@@ -89,8 +94,7 @@ def test_certificate_bounds_true_tv(n, d, bs, summary, proxy, dtype, spread, eps
     assert res.confidence == 1.0 and not res.certified_mc
 
 
-@pytest.mark.parametrize("proxy", ["int8", None])
-@pytest.mark.parametrize("summary", SUMMARIES)
+@pytest.mark.parametrize("summary,proxy", SUMMARY_PROXY)
 def test_all_keys_equal(summary, proxy):
     K = np.tile(np.linspace(-1, 1, 8), (200, 1))
     q = np.arange(8.0)
@@ -102,8 +106,7 @@ def test_all_keys_equal(summary, proxy):
                   1 / np.sqrt(8), eps)
 
 
-@pytest.mark.parametrize("proxy", ["int8", None])
-@pytest.mark.parametrize("summary", SUMMARIES)
+@pytest.mark.parametrize("summary,proxy", SUMMARY_PROXY)
 def test_hidden_outlier(summary, proxy):
     """One key aligned with q and huge, in a block of otherwise tiny keys that point away:
     it holds almost all the mass and must be found and kept."""
@@ -121,7 +124,7 @@ def test_hidden_outlier(summary, proxy):
                   1 / np.sqrt(d), eps)
 
 
-@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("proxy", PROXIES)
 @pytest.mark.parametrize("key_scale,q_scale", [(1e-150, 1e150), (1e-20, 1.0), (1e20, 1e-20),
                                                (1e120, 1e-120), (1.0, 1e-30)])
 def test_tiny_and_huge_norms(key_scale, q_scale, proxy):
@@ -134,7 +137,7 @@ def test_tiny_and_huge_norms(key_scale, q_scale, proxy):
                   1 / np.sqrt(12), eps)
 
 
-@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("proxy", PROXIES)
 def test_extreme_logits_against_mpmath(proxy):
     """Logits spread over thousands: tails far below float64's range, checked with mpmath."""
     rng = np.random.default_rng(7)
@@ -146,7 +149,7 @@ def test_extreme_logits_against_mpmath(proxy):
                   1 / np.sqrt(6), eps, exact_mp=True)
 
 
-@pytest.mark.parametrize("proxy", ["int8", None])
+@pytest.mark.parametrize("proxy", PROXIES)
 def test_eps_to_zero_scores_everything(proxy):
     rng = np.random.default_rng(11)
     K = rng.standard_normal((700, 10))
@@ -159,7 +162,7 @@ def test_keys_scored_never_exceeds_n_and_kept_within_scored():
     rng = np.random.default_rng(12)
     K = rng.standard_normal((3, 257, 9))
     Q = 5 * rng.standard_normal((3, 20, 9))
-    for proxy in ("int8", None):
+    for proxy in PROXIES:
         for method, delta in (("delta", None), ("mc", 0.1)):
             res = certified_search(Q, KeyIndex(K, block_size=16, proxy=proxy), 1e-2,
                                    method=method, delta=delta, mc_samples=8)
@@ -180,6 +183,75 @@ def test_structure_pays_on_clustered_keys():
     k_eps = int(topkattn.k_eps(s, 1e-2))
     assert k_eps <= proxies.keys_scored < blocks.keys_scored < n
     assert proxies.keys_scored <= 2 * k_eps + 64
+
+
+def _int4_codes(index):
+    """The 4-bit codes of every stored key as integers in [-8, 7], shape (heads, n, d)."""
+    d, hb = index.d, (index.d + 1) // 2
+    z = index._pz[:, :index.n].astype(np.int64)
+    both = np.concatenate([z & 15, z >> 4], axis=-1)  # dimension t, then hb + t
+    return both[..., :d] - 8, hb
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("d", [1, 7, 32, 33, 128])
+def test_int4_proxies_bound_every_key(d, dtype):
+    """Each stored key lies within its error bound of centroid + step * code (the bound the
+    search adds to q.c + s q.z), computed here in float64 from the stored arrays; outliers
+    (clamped codes) and appended keys included."""
+    rng = np.random.default_rng(d)
+    K = clustered(rng, 2 * 600, d).reshape(2, 600, d)
+    K[:, 5] *= 40.0  # deviations far past the step's range: clamped codes
+    index = KeyIndex(K[:, :500].astype(dtype), block_size=24, proxy="int4")
+    index.append(K[:, 500:].astype(dtype))
+    z, hb = _int4_codes(index)
+    assert index._pz.shape[-1] == hb and index._pz.dtype == np.uint8
+    keys = index._keys[:, :index.n].astype(np.float64)
+    blocks = np.arange(index.n) // index.block_size
+    ctr = index._ctr[:, blocks].astype(np.float64)
+    rec = ctr + index._pscale[:, :index.n, None].astype(np.float64) * z
+    err = np.linalg.norm(keys - rec, axis=-1)
+    assert np.all(err <= index._perr[:, :index.n])
+    if d > 1:  # a real code, not every key on its centroid
+        assert np.mean(np.abs(z)) > 1.0
+    if d % 2:  # the padding nibble of odd d is zero
+        assert np.all(index._pz[:, :index.n, -1] >> 4 == 0)
+
+
+def test_int4_proxies_prune_clustered_keys_with_half_the_code_bytes():
+    rng = np.random.default_rng(13)
+    n, d = 8192, 64
+    K = clustered(rng, n, d, clusters=32, noise=0.2)
+    q = 1.5 * K[123]
+    s = ref_logits(q, K, 1 / 8)
+    k_eps = int(topkattn.k_eps(s, 1e-2))
+    i8 = certified_search(q, KeyIndex(K), 1e-2)
+    i4 = certified_search(q, KeyIndex(K, proxy="int4"), 1e-2)
+    blocks = certified_search(q, KeyIndex(K, proxy=None), 1e-2)
+    for res in (i8, i4):
+        check_row(res.indices, int(res.k), float(res.tv_bound), int(res.keys_scored), q, K,
+                  1 / 8, 1e-2)
+        assert not res.full_scoring
+    assert k_eps <= i4.keys_scored <= 2 * k_eps + 64 and i4.keys_scored < blocks.keys_scored
+    # the code bytes of a proxy: d / 2 + 8 against d + 8
+    codes4 = i4.bytes_read - blocks_and_keys_bytes(i4, n, d)
+    codes8 = i8.bytes_read - blocks_and_keys_bytes(i8, n, d)
+    assert codes4 == i4.proxies_read * (d // 2 + 8) and codes8 == i8.proxies_read * (d + 8)
+
+
+def blocks_and_keys_bytes(res, n, d):
+    """Bytes of a streaming row other than its proxies: the centroids and radii of every
+    block (blocks of 64), the exact keys it scored (float64) and the kept positions."""
+    return (n // 64) * (4 * d + 8) + int(res.keys_scored) * 8 * d + int(res.k) * 8
+
+
+def test_int4_proxies_need_the_centroids():
+    K = np.ones((100, 4))
+    with pytest.raises(ValueError, match="summary"):
+        KeyIndex(K, summary="minmax", proxy="int4")
+    with pytest.raises(ValueError, match="proxy"):
+        KeyIndex(K, proxy="int2")
+    assert KeyIndex(K, proxy="int4").nbytes == KeyIndex(K).nbytes - 100 * 2
 
 
 # ------------------------------------------------------------------ batches, output
@@ -391,17 +463,21 @@ def test_every_simd_path_is_sound_and_agrees(simd_path):
         assert abs(int(res.keys_scored[i]) - int(base.keys_scored[i])) <= 8
 
 
-@pytest.mark.parametrize("summary", SUMMARIES)
+@pytest.mark.parametrize("summary,proxy", SUMMARY_PROXY)
 @pytest.mark.parametrize("n0", [64, 100, 1])
-def test_append_equals_building_at_once(summary, n0):
+def test_append_equals_building_at_once(summary, proxy, n0):
     rng = np.random.default_rng(41)
     K = clustered(rng, 2 * 700, 8).reshape(2, 700, 8).astype(np.float32)
-    grown = KeyIndex(K[:, :n0], block_size=32, summary=summary, reorder=False)
+    grown = KeyIndex(K[:, :n0], block_size=32, summary=summary, proxy=proxy, reorder=False)
     for a, b in ((n0, 300), (300, 301), (301, 700)):
         if b > a:
             grown.append(K[:, a:b])
-    whole = KeyIndex(K, block_size=32, summary=summary, reorder=False)
+    whole = KeyIndex(K, block_size=32, summary=summary, proxy=proxy, reorder=False)
     assert grown.n == whole.n == 700 and grown.nbytes == whole.nbytes
+    if proxy:  # a block that grew has its proxies recomputed (4-bit: against its new centroid)
+        for name in ("_pz", "_pscale", "_perr"):
+            np.testing.assert_array_equal(getattr(grown, name)[:, :700],
+                                          getattr(whole, name)[:, :700])
     Q = 2 * rng.standard_normal((2, 4, 8))
     for x, y in zip(_fields(certified_search(Q, grown, 1e-3)),
                     _fields(certified_search(Q, whole, 1e-3))):

@@ -100,7 +100,12 @@ class KeyIndex:
       ``z_i`` and a float32 scale ``a_i``, plus ``e_i >= |k_i - a_i z_i|``, so that
       ``q.k_i <= a_i q.z_i + |q| e_i`` (d + 8 bytes per key instead of 4d). The search
       expands a block by reading its proxies and scores exactly only the keys whose proxy
-      bound is the largest outstanding one.
+      bound is the largest outstanding one. With ``proxy="int4"`` each key is stored
+      against its block's centroid ``c``: ``k_i ~ c + s z_i`` with codes ``z_i`` in
+      ``[-8, 7]`` (two per byte) and one step ``s`` per block, so that
+      ``q.k_i <= q.c + s q.z_i + |q| e_i`` (d/2 + 8 bytes per key): half the bytes of the
+      int8 codes, for bounds that stay tight where blocks are (clustered keys). Only the
+      default search (``method="delta"``) reads them; MC-Search uses the block summaries.
     * **Order**: with ``reorder=True`` the keys given at construction are reordered so
       that blocks are tight: recursive bisection at the median of the projection on each
       node's leading principal direction (power iteration on up to 256 keys of the node),
@@ -129,8 +134,9 @@ class KeyIndex:
         Keys per block (>= 1).
     summary : {"auto", "minmax", "ball"}
         Block summary kind.
-    proxy : {"int8", None}
+    proxy : {"int8", "int4", None}
         Per-key proxies, or none (block summaries only, as in the original method).
+        ``"int4"`` needs the ball summary (``"auto"`` or ``"ball"``).
     reorder : bool
         Cluster the initial keys into tight blocks.
     capacity : int, optional
@@ -165,8 +171,11 @@ class KeyIndex:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if summary not in _SUMMARIES:
             raise ValueError(f"summary must be one of {sorted(_SUMMARIES)}, got {summary!r}")
-        if proxy not in ("int8", None):
-            raise ValueError(f"proxy must be 'int8' or None, got {proxy!r}")
+        if proxy not in ("int8", "int4", None):
+            raise ValueError(f"proxy must be 'int8', 'int4' or None, got {proxy!r}")
+        if proxy == "int4" and not _SUMMARIES[summary] & _core.SUMMARY_BALL:
+            raise ValueError("proxy='int4' codes keys against their block's centroid: "
+                             f"summary must be 'auto' or 'ball', got {summary!r}")
         if capacity is not None:
             _check_capacity(capacity)
         _check_finite(K, "K")
@@ -223,7 +232,11 @@ class KeyIndex:
         if kinds & _core.SUMMARY_BALL:
             grow("_ctr", (H, cb, d), np.float32)
             grow("_rad", (H, cb), np.float64)
-        if self.proxy:
+        if self.proxy == "int4":
+            grow("_pz", (H, cap, (d + 1) // 2), np.uint8)
+            grow("_pscale", (H, cap), np.float32)
+            grow("_perr", (H, cap), np.float32)
+        elif self.proxy:
             grow("_pz", (H, cap, d), np.int8)
             grow("_pscale", (H, cap), np.float32)
             grow("_perr", (H, cap), np.float32)
@@ -245,7 +258,7 @@ class KeyIndex:
         total += H * nb * ((8 * d if kinds & _core.SUMMARY_MINMAX else 0)
                            + (4 * d + 8 if kinds & _core.SUMMARY_BALL else 0))
         if self.proxy:
-            total += H * n * (d + 8)
+            total += H * n * ((d + 1) // 2 if self.proxy == "int4" else d) + H * n * 8
         return int(total)
 
     @dispatch("new_keys")

@@ -207,5 +207,52 @@ static void dot4_i8(const int16_t *const *y, const int8_t *z, int64_t d, int64_t
     for (int r = 0; r < 4 && i < m; r++) dot_i8(y[r], z, d, m - i, out[r] + i);
 }
 
+/* The 4-bit codes of 32 bytes (64 dimensions) against their query codes: vpmaddubsw
+ * multiplies the unsigned codes (0..15) by the signed query codes (|y| <= 127) and adds
+ * neighbours (at most 2 15 127 = 3810: no saturation), the two nibbles' sums are added in
+ * int16 (at most 7620) and vpmaddwd widens neighbours to int32: exact. */
+static inline __m256i u4_step(__m256i acc, __m256i x, __m256i yl, __m256i yh)
+{
+    const __m256i mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i lo = _mm256_and_si256(x, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, yl), _mm256_maddubs_epi16(hi, yh));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+}
+
+static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int32_t bias,
+                   int32_t *out)
+{
+    int64_t i = 0;
+    const int64_t h32 = hb & ~(int64_t)31;
+    if (h32 == hb) {  /* four keys at a time, reduced together */
+        for (; i + 4 <= m; i += 4, z += 4 * hb) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t t = 0; t < hb; t += 32) {
+                const __m256i yl = _mm256_loadu_si256((const __m256i *)(y + t));
+                const __m256i yh = _mm256_loadu_si256((const __m256i *)(y + hb + t));
+                a0 = u4_step(a0, _mm256_loadu_si256((const __m256i *)(z + t)), yl, yh);
+                a1 = u4_step(a1, _mm256_loadu_si256((const __m256i *)(z + hb + t)), yl, yh);
+                a2 = u4_step(a2, _mm256_loadu_si256((const __m256i *)(z + 2 * hb + t)), yl, yh);
+                a3 = u4_step(a3, _mm256_loadu_si256((const __m256i *)(z + 3 * hb + t)), yl, yh);
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            _mm_storeu_si128((__m128i *)(out + i), _mm_sub_epi32(s, _mm_set1_epi32(bias)));
+        }
+    }
+    for (; i < m; i++, z += hb) {
+        __m256i a0 = _mm256_setzero_si256();
+        for (int64_t t = 0; t < h32; t += 32)
+            a0 = u4_step(a0, _mm256_loadu_si256((const __m256i *)(z + t)),
+                         _mm256_loadu_si256((const __m256i *)(y + t)),
+                         _mm256_loadu_si256((const __m256i *)(y + hb + t)));
+        int32_t s = hsum_epi32(a0);
+        for (int64_t t = h32; t < hb; t++)
+            s += (int32_t)y[t] * (int32_t)(z[t] & 15) + (int32_t)y[hb + t] * (int32_t)(z[t] >> 4);
+        out[i] = s - bias;
+    }
+}
+
 const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                    dot4_i8, proxy_levels};
+                                                    dot4_i8, dot_u4, proxy_levels};

@@ -180,5 +180,12 @@ static void proxy_levels(int32_t *dl, const float *sc, const float *perr, int64_
     if (i < m) tka_search_kernels_avx2.proxy_levels(dl + i, sc + i, perr + i, m - i, c);
 }
 
+/* 4-bit codes: the AVX2 version */
+static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int32_t bias,
+                   int32_t *out)
+{
+    tka_search_kernels_avx2.dot_u4(y, z, hb, m, bias, out);
+}
+
 const tka_search_kernels tka_search_kernels_avx512 = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                      dot4_i8, proxy_levels};
+                                                      dot4_i8, dot_u4, proxy_levels};

@@ -96,8 +96,15 @@ static void dot4_i8(const int16_t *const *y, const int8_t *z, int64_t d, int64_t
     for (int r = 0; r < 4; r++) dot_i8(y[r], z, d, m, out[r]);
 }
 
+/* 4-bit codes: the scalar version (no NEON version yet) */
+static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int32_t bias,
+                   int32_t *out)
+{
+    tka_search_kernels_scalar.dot_u4(y, z, hb, m, bias, out);
+}
+
 const tka_search_kernels tka_search_kernels_neon = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                    dot4_i8, proxy_levels};
+                                                    dot4_i8, dot_u4, proxy_levels};
 
 #else
 typedef int tka_search_neon_not_built; /* ISO C wants a declaration in every file */

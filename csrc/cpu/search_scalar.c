@@ -87,5 +87,16 @@ static void dot4_i8(const int16_t *const *y, const int8_t *z, int64_t d, int64_t
     for (int r = 0; r < 4; r++) dot_i8(y[r], z, d, m, out[r]);
 }
 
+static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int32_t bias,
+                   int32_t *out)
+{
+    for (int64_t i = 0; i < m; i++, z += hb) {
+        int32_t a = 0;
+        for (int64_t t = 0; t < hb; t++)
+            a += (int32_t)y[t] * (int32_t)(z[t] & 15) + (int32_t)y[hb + t] * (int32_t)(z[t] >> 4);
+        out[i] = a - bias;
+    }
+}
+
 const tka_search_kernels tka_search_kernels_scalar = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                      dot4_i8, proxy_levels};
+                                                      dot4_i8, dot_u4, proxy_levels};

@@ -445,6 +445,46 @@ static void check_dot_i8(const tka_kernels *K)
     }
 }
 
+/* The 4-bit code products: exact int32 sums, so every set must give the scalar kernel's
+ * result exactly, with the scalar one checked against a direct sum over dimensions. */
+static void check_dot_u4(const tka_kernels *K)
+{
+    const int64_t hbs[] = {1, 3, 8, 16, 24, 31, 32, 33, 48, 64, 65, 96, 128};
+    enum { MMAX = 37 };
+    for (size_t hi = 0; hi < sizeof hbs / sizeof hbs[0]; hi++) {
+        const int64_t hb = hbs[hi];
+        int8_t *y = malloc((size_t)(2 * hb));
+        uint8_t *z = malloc((size_t)(MMAX * hb));
+        for (int trial = 0; trial < 3; trial++) {
+            for (int64_t j = 0; j < 2 * hb; j++)
+                y[j] = trial == 0 ? (int8_t)((int64_t)(rnd_u64() % 255) - 127)
+                                  : (int8_t)(trial == 1 ? (j & 1 ? -127 : 127)
+                                                        : (rnd_u64() & 1 ? 127 : -127));
+            for (int64_t j = 0; j < MMAX * hb; j++)
+                z[j] = trial == 0 ? (uint8_t)(rnd_u64() & 255)
+                                  : (uint8_t)(trial == 1 ? 0xff : 0xf0);
+            const int32_t bias = (int32_t)(rnd_u64() % 2001) - 1000;
+            for (int64_t m = 1; m <= MMAX; m += (m < 13 ? 1 : 12)) {
+                int32_t got[MMAX], want[MMAX];
+                tka_kernels_scalar.search->dot_u4(y, z, hb, m, bias, want);
+                K->search->dot_u4(y, z, hb, m, bias, got);
+                for (int64_t i = 0; i < m; i++) {
+                    int64_t direct = -bias;
+                    for (int64_t t = 0; t < hb; t++)
+                        direct += (int64_t)y[t] * (z[i * hb + t] & 15)
+                                + (int64_t)y[hb + t] * (z[i * hb + t] >> 4);
+                    CHECK(want[i] == direct, "scalar dot_u4 hb %lld key %lld: %d vs %lld",
+                          (long long)hb, (long long)i, want[i], (long long)direct);
+                    CHECK(got[i] == want[i],
+                          "dot_u4 hb %lld m %lld key %lld trial %d: %d vs scalar %d", (long long)hb, (long long)m, (long long)i, trial, got[i], want[i]);
+                }
+            }
+        }
+        free(y);
+        free(z);
+    }
+}
+
 /* The four-query code products: each query's sums exactly the scalar dot_i8's, in every
  * set, for widths on and off the vector blocks and key counts around the four-key steps
  * (the four queries differ, so a mixed-up query or output row shows). */
@@ -982,7 +1022,7 @@ static void check_attention(const attn_data *A, tka_simd set)
 
 static long g_search_rows, g_search_k_differ;
 
-static void check_search(tka_simd set, int64_t n, int64_t d, tka_dtype dt, int64_t bs)
+static void check_search(tka_simd set, int64_t n, int64_t d, tka_dtype dt, int64_t bs, int four)
 {
     const int64_t H = 1, cb = (n + bs - 1) / bs, L = 6;
     const size_t es = dt == TKA_F64 ? 8 : dt == TKA_F32 ? 4 : 2;
@@ -996,10 +1036,16 @@ static void check_search(tka_simd set, int64_t n, int64_t d, tka_dtype dt, int64
           *ctr = malloc((size_t)(cb * d) * 4), *pscale = malloc((size_t)n * 4),
           *perr = malloc((size_t)n * 4);
     double *rad = malloc((size_t)cb * 8), maxabs = 0.0;
-    int8_t *pz = malloc((size_t)(n * d));
-    tka_key_index ix = {H, n, n, d, bs, cb, dt, keys, perm, TKA_SUM_MINMAX | TKA_SUM_BALL,
-                        lo, hi, ctr, rad, pz, pscale, perr, &maxabs};
-    tka_key_index_out o = {lo, hi, ctr, rad, pz, pscale, perr, &maxabs};
+    /* int8 proxies, or 4-bit ones (four) */
+    int8_t *pz = four ? NULL : malloc((size_t)(n * d));
+    uint8_t *pz4 = four ? malloc((size_t)(n * ((d + 1) / 2))) : NULL;
+    tka_key_index ix = {.heads = H, .n = n, .cap = n, .d = d, .block_size = bs,
+                        .cap_blocks = cb, .dtype = dt, .keys = keys, .perm = perm,
+                        .summary = TKA_SUM_MINMAX | TKA_SUM_BALL, .lo = lo, .hi = hi,
+                        .ctr = ctr, .rad = rad, .pz = pz, .pz4 = pz4, .pscale = pscale,
+                        .perr = perr, .maxabs = &maxabs};
+    tka_key_index_out o = {.lo = lo, .hi = hi, .ctr = ctr, .rad = rad, .pz = pz, .pz4 = pz4,
+                           .pscale = pscale, .perr = perr, .maxabs = &maxabs};
     tka_error err;
     CHECK(tka_index_fill(&ix, &o, 0, &err) == TKA_OK, "index_fill");
     double *q = malloc((size_t)(L * d) * 8), eps[6] = {1e-9, 1e-6, 1e-3, 0.05, 0.3, 0.01};
@@ -1058,6 +1104,7 @@ static void check_search(tka_simd set, int64_t n, int64_t d, tka_dtype dt, int64
     free(perr);
     free(rad);
     free(pz);
+    free(pz4);
     free(q);
 }
 
@@ -1084,6 +1131,7 @@ int main(int argc, char **argv)
         check_f16_conversion(K);
         check_dot_i8(K);
         check_dot4_i8(K);
+        check_dot_u4(K);
         check_pv_idx(K);
         check_spv_idx(K);
         check_exp_keep(K);
@@ -1167,9 +1215,11 @@ int main(int argc, char **argv)
         for (int t = 0; t < 3; t++) {
             /* groups of queries over at most 1024 keys are scored in full at once; over
              * more, each group streams or switches on its sample */
-            check_search((tka_simd)set, 700, 16, sdts[t], 32);
-            check_search((tka_simd)set, quick ? 900 : 5000, 37, sdts[t], 64);
-            check_search((tka_simd)set, 2100, 24, sdts[t], 32);
+            check_search((tka_simd)set, 700, 16, sdts[t], 32, 0);
+            check_search((tka_simd)set, quick ? 900 : 5000, 37, sdts[t], 64, 0);
+            check_search((tka_simd)set, 2100, 24, sdts[t], 32, 0);
+            check_search((tka_simd)set, quick ? 900 : 5000, 37, sdts[t], 64, 1);
+            check_search((tka_simd)set, 2100, 128, sdts[t], 32, 1);
         }
         printf("set %-7s rows %ld (x %d eps, %d k: k_eps/top-k/tail/5 certificates)"
                ", kernel rows %ld, attention rows %ld, search rows %ld (kept sets differing "

@@ -265,31 +265,31 @@ typedef struct {
 
 /*
  * 4-bit proxies of the keys [i0, i1) of one block, against the block's stored centroid
- * ctr: one step s per block, 3 / 7.4 of the root mean square of k_ij - ctr_j over the
- * block (the largest deviation over 7.4 made the steps so coarse that on clustered keys,
- * d = 128, the rows scored up to 1.7x the keys of the int8 proxies; clamping the few
- * deviations past 3 rms only enlarges those keys' e_i), codes
- * z_ij = round((k_ij - ctr_j) / s) clamped to [-8, 7], stored as z + 8 (two per byte, the
- * layout of tka_search_kernels.dot_u4), and e_i >= ||k_i - ctr - s z_i||. The residual is
- * computed as (k - ctr) - s z (s z exact), each subtraction rounded: the computed vector is
- * within 2^-52 (||k - ctr|| + ||r||) of the real one, so e_i adds 2^-50 ||k - ctr|| and the
- * padding of the sum of squares, rounded up.
+ * ctr: a step s_i per key, 2.5 / 7.4 of the root mean square of k_ij - ctr_j over its d
+ * dimensions, rounded up to float32 (steps from the largest deviation over 7.4 were so
+ * coarse that on clustered keys, d = 128, rows scored up to 2.6x the keys the int8 proxies
+ * let them score; one step per block, from its deviations' root mean square, up to 1.4x;
+ * these steps, the same keys within 3%), codes z_ij = round((k_ij - ctr_j) / s_i) clamped
+ * to [-8, 7] (a clamped deviation only enlarges e_i), stored as z + 8 (two per byte, the
+ * layout of tka_search_kernels.dot_u4), and e_i >= ||k_i - ctr - s_i z_i||. The residual
+ * is computed as (k - ctr) - s z (s z exact), each subtraction rounded: the computed vector
+ * is within 2^-52 (||k - ctr|| + ||r||) of the real one, so e_i adds 2^-50 ||k - ctr|| and
+ * the padding of the sum of squares, rounded up. A key on its centroid (or with deviations
+ * out of float32's range) gets the step 0: every code 0, e_i its whole deviation.
  */
 static void fill_codes4(const tka_key_index *ix, const tka_key_index_out *o, const char *kb,
                         int64_t h, int64_t i0, int64_t i1, const float *ctr, double pad)
 {
     const int64_t d = ix->d, hb = (d + 1) / 2;
-    double mdev = 0.0, msq = 0.0;
-    for (int64_t i = i0; i < i1; i++)
+    for (int64_t i = i0; i < i1; i++) {
+        double mdev = 0.0, msq = 0.0;
         for (int64_t j = 0; j < d; j++) {
             const double e = fabs(key_at(kb, ix->dtype, i * d + j) - (double)ctr[j]);
             if (e > mdev) mdev = e;
             msq += e * e;
         }
-    const double rms = sqrt(msq / (double)((i1 - i0) * d));
-    float st = f32_up(3.0 * rms / 7.4);
-    if (!(mdev > 1e-30 && mdev < 1e37 && st > 1e-30f)) st = 0.0f;
-    for (int64_t i = i0; i < i1; i++) {
+        float st = f32_up(2.5 * sqrt(msq / (double)d) / 7.4);
+        if (!(mdev > 1e-30 && mdev < 1e37 && st > 1e-30f)) st = 0.0f;
         const size_t ko = (size_t)(h * ix->cap + i);
         uint8_t *z = o->pz4 + ko * (size_t)hb;
         memset(z, 0, (size_t)hb);

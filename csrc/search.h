@@ -34,7 +34,7 @@ typedef struct {
     const uint8_t *pz4;      /**< heads x cap x ceil(d/2) 4-bit codes (two per byte, see
                                   tka_search_kernels.dot_u4), or NULL (no 4-bit proxies):
                                   k ~ ctr + pscale * (code - 8), ctr the key's block's */
-    const float *pscale;     /**< heads x cap: k ~ pscale * pz (int8), the block's step (4-bit) */
+    const float *pscale;     /**< heads x cap: k ~ pscale * pz (int8), the key's step (4-bit) */
     const float *perr;       /**< heads x cap: >= the norm of k minus its proxy */
     const double *maxabs;    /**< heads: >= max |k_ij| over the head's keys */
 } tka_key_index;

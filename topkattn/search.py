@@ -101,9 +101,9 @@ class KeyIndex:
       ``q.k_i <= a_i q.z_i + |q| e_i`` (d + 8 bytes per key instead of 4d). The search
       expands a block by reading its proxies and scores exactly only the keys whose proxy
       bound is the largest outstanding one. With ``proxy="int4"`` each key is stored
-      against its block's centroid ``c``: ``k_i ~ c + s z_i`` with codes ``z_i`` in
-      ``[-8, 7]`` (two per byte) and one step ``s`` per block, so that
-      ``q.k_i <= q.c + s q.z_i + |q| e_i`` (d/2 + 8 bytes per key): half the bytes of the
+      against its block's centroid ``c``: ``k_i ~ c + s_i z_i`` with codes ``z_i`` in
+      ``[-8, 7]`` (two per byte) and a step ``s_i``, so that
+      ``q.k_i <= q.c + s_i q.z_i + |q| e_i`` (d/2 + 8 bytes per key): half the bytes of the
       int8 codes, for bounds that stay tight where blocks are (clustered keys). Only the
       default search (``method="delta"``) reads them; MC-Search uses the block summaries.
     * **Order**: with ``reorder=True`` the keys given at construction are reordered so

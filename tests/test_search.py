@@ -245,6 +245,27 @@ def blocks_and_keys_bytes(res, n, d):
     return (n // 64) * (4 * d + 8) + int(res.keys_scored) * 8 * d + int(res.k) * 8
 
 
+def test_int4_groups_stream_on_clustered_keys():
+    """Four peaked queries over 65536 clustered keys (d = 128, the benchmark's layout: runs
+    of 32-256 keys near one of 128 centres): with 4-bit proxies the group streams (the first
+    look used to rank its sample by the bound and switch it to full scoring), scores few
+    keys, and every certificate holds."""
+    rng = np.random.default_rng(0)
+    n, d = 65536, 128
+    cent = rng.standard_normal((n // 512, d)).astype(np.float32)
+    lens = rng.integers(32, 257, size=n // 32 + 1)
+    labels = np.repeat(rng.integers(0, len(cent), size=lens.size), lens)[:n]
+    K = cent[labels] + 0.35 * rng.standard_normal((n, d), dtype=np.float32)
+    Q = 1.5 * (cent[labels[rng.integers(0, n, 8)]]
+               + 0.35 * rng.standard_normal((8, d), dtype=np.float32))[:4]
+    res = certified_search(Q, KeyIndex(K, proxy="int4"), 1e-2)
+    assert not res.full_scoring.any()
+    assert np.all(res.keys_scored < n // 20) and np.all(res.proxies_read < n)
+    for i in range(4):
+        check_row(res.indices[i], int(res.k[i]), float(res.tv_bound[i]),
+                  int(res.keys_scored[i]), Q[i], K, 1 / np.sqrt(d), 1e-2)
+
+
 def test_int4_proxies_need_the_centroids():
     K = np.ones((100, 4))
     with pytest.raises(ValueError, match="summary"):

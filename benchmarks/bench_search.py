@@ -19,8 +19,9 @@ queries per head (d = 64, float32) and reports, totalled over the queries:
   ``K @ q`` + ``k_eps`` (logits and kept-set size only, no output); ``speedup`` is
   topk_attention over ours.
 
-Index kinds: ``minmax``, ``ball``, ``auto`` (block summaries only, the paper's method) and
-``auto+int8`` (the default KeyIndex: block summaries plus per-key int8 proxies).
+Index kinds: ``minmax``, ``ball``, ``auto`` (block summaries only, the paper's method),
+``auto+int8`` (the default KeyIndex: block summaries plus per-key int8 proxies) and
+``auto+int4`` (4-bit proxies coded against the block centroids; only with ``--kinds``).
 
 Data (logits ``q.k / sqrt(d)``):
 
@@ -43,6 +44,7 @@ load is not controlled: run it on a quiet machine).
     python benchmarks/bench_search.py --markdown # tables for a README
     python benchmarks/bench_search.py --target --d 128   # eps = 1e-2 only, n up to 1M
     python benchmarks/bench_search.py --target --stages  # and a table of the search's stages
+    python benchmarks/bench_search.py --target --d 128 --kinds auto+int8,auto+int4
 
 ``--stages`` adds a table per row of the main one: microseconds per query in each stage of
 the search (the int8 codes pass, the selection: block bounds, sample, cuts and
@@ -71,7 +73,8 @@ except ImportError:  # run from a source checkout with the extension built in pl
 
 D = 64
 KINDS = {"minmax": dict(summary="minmax", proxy=None), "ball": dict(summary="ball", proxy=None),
-         "auto": dict(summary="auto", proxy=None), "auto+int8": dict(summary="auto", proxy="int8")}
+         "auto": dict(summary="auto", proxy=None), "auto+int8": dict(summary="auto", proxy="int8"),
+         "auto+int4": dict(summary="auto", proxy="int4")}
 
 
 # ------------------------------------------------------------------ data
@@ -195,6 +198,9 @@ def main(argv=None):
     ap.add_argument("--stages", action="store_true",
                     help="also a table of per-stage times and bytes (timers in the C core)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per competitor")
+    ap.add_argument("--kinds", default=None,
+                    help="comma-separated index kinds to run instead of the mode's "
+                         f"(of {', '.join(KINDS)}), e.g. auto+int8,auto+int4")
     args = ap.parse_args(argv)
     global D
     D = args.d
@@ -208,7 +214,7 @@ def main(argv=None):
         sizes = {"gauss": (512, 8192, 65536), "clustered": (512, 8192, 65536),
                  "sinks": (8192, 65536)}
         eps_list = (1e-1, 1e-2, 1e-3)
-        kinds = tuple(KINDS)
+        kinds = ("minmax", "ball", "auto", "auto+int8")
         L, repeats = 16, 3
         big = {("clustered", 1 << 20): ("auto", "auto+int8")}
     if args.target:
@@ -219,6 +225,12 @@ def main(argv=None):
         big = {("clustered", 1 << 20): ("auto+int8",)}
     if args.repeats:
         repeats = args.repeats
+    if args.kinds:
+        kinds = tuple(args.kinds.split(","))
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            ap.error(f"unknown index kind(s) {bad}; choose from {list(KINDS)}")
+        big = {case: kinds for case in big}
 
     print("machine:", _common.machine_line())
     print(f"topkattn {topkattn.__version__}, SIMD {topkattn.get_simd()}, "
@@ -227,7 +239,7 @@ def main(argv=None):
     headers = ["data", "n", "index", "eps", "scored/n", "k_eps/n", "kept/k_eps", "n/scored",
                "n/k_eps", "bytes", "full", "ms/q ours", "ms/q topk_attn", "ms/q numpy",
                "speedup"]
-    stage_headers = ["data", "n", "eps", "full"] + [
+    stage_headers = ["data", "n", "index", "eps", "full"] + [
         f"{name} µs (bytes)" for name in ("codes", "selection", "rerank", "certificate",
                                           "output")] + ["sum µs", "ms/q ours"]
     rows, builds, stage_rows = [], [], []
@@ -257,7 +269,7 @@ def main(argv=None):
                     sec, nby = stage_profile(Q, index, V, eps, repeats)
                     d = K.shape[-1]
                     stage_rows.append(
-                        [name + nq_note, str(n), f"{eps:g}", f"{r['full']:.2f}"]
+                        [name + nq_note, str(n), kind, f"{eps:g}", f"{r['full']:.2f}"]
                         + [f"{1e6 * t:.0f} ({b / (n * d * 4):.3f})" for t, b in zip(sec, nby)]
                         + [f"{1e6 * sec.sum():.0f}", _common.fmt_ms(r["t_ours"])])
                 sys.stdout.write(".")

@@ -1683,11 +1683,13 @@ static int64_t sample_pick(const search_ctx *cx, srow *w, const row_bufs *rb, in
                            int64_t stride)
 {
     const int64_t nb = w->nb, ntop = (nb + stride - 1) / stride;
-    /* with 4-bit proxies, by the bound less SAMPLE_RAD_SHARE of its radius term */
-    const double *rad = cx->ix->rad + h * cx->ix->cap_blocks;
-    const double lam = cx->ix->pz4 ? SAMPLE_RAD_SHARE * rb->qn2 : 0.0;
+    /* with 4-bit proxies (whose index has the radii), by the bound less SAMPLE_RAD_SHARE
+     * of its radius term; the radii are not addressed otherwise (an index of min/max
+     * summaries has none) */
+    const double *rad = cx->ix->pz4 ? cx->ix->rad + h * cx->ix->cap_blocks : NULL;
+    const double lam = SAMPLE_RAD_SHARE * rb->qn2;
     for (int64_t b = 0; b < nb; b++) {
-        w->bsuf[b] = lam > 0.0 ? w->ub[b] - lam * rad[b] : w->ub[b];
+        w->bsuf[b] = rad ? w->ub[b] - lam * rad[b] : w->ub[b];
         w->bord[b] = b;
     }
     if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);

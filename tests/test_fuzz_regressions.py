@@ -394,3 +394,24 @@ def test_float32_scores_over_keys_with_negative_or_zero_row_strides(L, d, rng):
         np.testing.assert_array_equal(topkattn.attention(Q, keys, V), topkattn.attention(Q, copy, V))
         np.testing.assert_array_equal(topkattn.topk_attention(Q, keys, V, k=5),
                                       topkattn.topk_attention(Q, copy, V, k=5))
+
+
+@pytest.mark.parametrize("summary", ["minmax", "ball", "auto"])
+def test_streaming_search_over_min_max_summaries(summary, rng):
+    # found by fuzz_search: the streaming search's sample formed the address of the head's
+    # block radii (used only with 4-bit proxies) for every index; an index of min/max
+    # summaries has none, and NULL plus an offset is undefined (UBSan, clang's build). The
+    # address is formed only with 4-bit proxies. The streaming search over each summary
+    # kind (int8 proxies, the sample's blocks, several heads) certifies against float64.
+    cent = rng.standard_normal((6, 9))
+    K = cent[rng.integers(0, 6, (2, 3000))] + 0.2 * rng.standard_normal((2, 3000, 9))
+    Q = 3.0 * K[:, rng.integers(0, 3000, 5)]
+    index = topkattn.KeyIndex(K, block_size=16, summary=summary)
+    res = topkattn.certified_search(Q, index, 1e-3)
+    assert res.proxies_read.sum() > 0
+    for h in range(2):
+        s = (Q[h] @ K[h].T) / 3.0
+        for i in range(5):
+            kept = res.indices[h, i, :res.k[h, i]]
+            p = np.exp(s[i] - s[i].max())
+            assert 1.0 - p[kept].sum() / p.sum() <= res.tv_bound[h, i] <= 1e-3

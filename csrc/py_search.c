@@ -151,6 +151,12 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
             PyErr_SetString(PyExc_ValueError, "4-bit proxies need the ball summary");
             return -1;
         }
+        /* the 4-bit sums (at most 2 ceil(d / 2) 15 127, less a bias of at most 8 127 d) stay
+         * exact in int32 */
+        if (four && d > TKA_INT4_MAX_D) {
+            PyErr_SetString(PyExc_ValueError, "4-bit proxies take at most 2^19 dimensions");
+            return -1;
+        }
         if (get_arr(pz, "pz", four ? NPY_UINT8 : NPY_INT8, 3, s_codes, writable, &a) < 0 ||
             get_arr(pscale, "pscale", NPY_FLOAT32, 2, s_hc, writable, &b) < 0 ||
             get_arr(perr, "perr", NPY_FLOAT32, 2, s_hc, writable, &c) < 0) return -1;

@@ -137,6 +137,9 @@ typedef struct {
     double margin;      /**< rounding margin of the level computation */
 } tka_proxy_consts;
 
+/** Most dimensions of keys with 4-bit proxies: their sums stay exact in int32. */
+#define TKA_INT4_MAX_D (1 << 19)
+
 /** Number of proxy levels. */
 #define TKA_NLEVELS 1024
 /** Width of a proxy level, in logits. */

@@ -273,6 +273,8 @@ def test_int4_proxies_need_the_centroids():
     with pytest.raises(ValueError, match="proxy"):
         KeyIndex(K, proxy="int2")
     assert KeyIndex(K, proxy="int4").nbytes == KeyIndex(K).nbytes - 100 * 2
+    with pytest.raises(ValueError, match="dimensions"):
+        KeyIndex(np.ones((1, (1 << 19) + 1), np.float32), proxy="int4")
 
 
 # ------------------------------------------------------------------ batches, output

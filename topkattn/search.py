@@ -25,6 +25,8 @@ __all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"
 _SUMMARIES = {"minmax": _core.SUMMARY_MINMAX, "ball": _core.SUMMARY_BALL,
               "auto": _core.SUMMARY_MINMAX | _core.SUMMARY_BALL}
 _METHODS = {"delta": _core.METHOD_DELTA, "mc": _core.METHOD_MC}
+#: Most key dimensions of proxy="int4" (its int32 sums stay exact; csrc/search.h)
+_INT4_MAX_D = 1 << 19
 
 
 def _check_finite(x, name):
@@ -136,7 +138,7 @@ class KeyIndex:
         Block summary kind.
     proxy : {"int8", "int4", None}
         Per-key proxies, or none (block summaries only, as in the original method).
-        ``"int4"`` needs the ball summary (``"auto"`` or ``"ball"``).
+        ``"int4"`` needs the ball summary (``"auto"`` or ``"ball"``) and d <= 2^19.
     reorder : bool
         Cluster the initial keys into tight blocks.
     capacity : int, optional
@@ -173,6 +175,9 @@ class KeyIndex:
             raise ValueError(f"summary must be one of {sorted(_SUMMARIES)}, got {summary!r}")
         if proxy not in ("int8", "int4", None):
             raise ValueError(f"proxy must be 'int8', 'int4' or None, got {proxy!r}")
+        if proxy == "int4" and K.shape[-1] > _INT4_MAX_D:
+            raise ValueError(f"proxy='int4' takes keys of at most {_INT4_MAX_D} dimensions "
+                             f"(its integer sums must stay exact), got d = {K.shape[-1]}")
         if proxy == "int4" and not _SUMMARIES[summary] & _core.SUMMARY_BALL:
             raise ValueError("proxy='int4' codes keys against their block's centroid: "
                              f"summary must be 'auto' or 'ball', got {summary!r}")

@@ -25,8 +25,6 @@ __all__ = ["KeyIndex", "SearchResult", "certified_search", "certified_attention"
 _SUMMARIES = {"minmax": _core.SUMMARY_MINMAX, "ball": _core.SUMMARY_BALL,
               "auto": _core.SUMMARY_MINMAX | _core.SUMMARY_BALL}
 _METHODS = {"delta": _core.METHOD_DELTA, "mc": _core.METHOD_MC}
-#: Most key dimensions of proxy="int4" (its int32 sums stay exact; csrc/search.h)
-_INT4_MAX_D = 1 << 19
 
 
 def _check_finite(x, name):
@@ -175,8 +173,8 @@ class KeyIndex:
             raise ValueError(f"summary must be one of {sorted(_SUMMARIES)}, got {summary!r}")
         if proxy not in ("int8", "int4", None):
             raise ValueError(f"proxy must be 'int8', 'int4' or None, got {proxy!r}")
-        if proxy == "int4" and K.shape[-1] > _INT4_MAX_D:
-            raise ValueError(f"proxy='int4' takes keys of at most {_INT4_MAX_D} dimensions "
+        if proxy == "int4" and K.shape[-1] > _core.INT4_MAX_D:
+            raise ValueError(f"proxy='int4' takes keys of at most {_core.INT4_MAX_D} dimensions "
                              f"(its integer sums must stay exact), got d = {K.shape[-1]}")
         if proxy == "int4" and not _SUMMARIES[summary] & _core.SUMMARY_BALL:
             raise ValueError("proxy='int4' codes keys against their block's centroid: "
@@ -237,12 +235,9 @@ class KeyIndex:
         if kinds & _core.SUMMARY_BALL:
             grow("_ctr", (H, cb, d), np.float32)
             grow("_rad", (H, cb), np.float64)
-        if self.proxy == "int4":
-            grow("_pz", (H, cap, (d + 1) // 2), np.uint8)
-            grow("_pscale", (H, cap), np.float32)
-            grow("_perr", (H, cap), np.float32)
-        elif self.proxy:
-            grow("_pz", (H, cap, d), np.int8)
+        if self.proxy:  # 4-bit codes two per byte, or int8 codes
+            four = self.proxy == "int4"
+            grow("_pz", (H, cap, (d + 1) // 2 if four else d), np.uint8 if four else np.int8)
             grow("_pscale", (H, cap), np.float32)
             grow("_perr", (H, cap), np.float32)
         self._cap = cap

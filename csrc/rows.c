@@ -862,7 +862,10 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
         double p[TKA_LT_N], z, mass0[TKA_LT_N], t = 0.0;
         if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
         else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
-        w->K->lt_sums[w->dt](w->p, NULL, n, w->max, p, mass0, &z, m);
+        /* the exp pass on its own, then the sums over the stored weights: fused, the
+         * exp's constants and the four thresholds do not fit in AVX2's sixteen registers */
+        w->K->exp_shift[w->dt](w->p, n, w->max, m);
+        w->K->lt_sums[w->dt](w->p, m, n, 0.0, p, mass0, &z, NULL);
         k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, mo, eps * z, p, mass0, &tau,
                             t_out ? &t : NULL);
         if (have_e) *have_e = e != NULL;

@@ -388,6 +388,43 @@ def test_long_rows_match_reference(rng):
     np.testing.assert_allclose(out_k, ref.topk_attention(Q, K, V, k=700)[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [4097, 8192, 65536])
+@pytest.mark.parametrize("kind", ["gauss", "ties", "masked", "far-max"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eps_rows_between_the_whole_row_and_chunk_limits(n, kind, dtype, rng):
+    # rows of 4097 .. 65536 keys take the whole-row k_eps selection inside attention (its
+    # weights are reused for the output), where k_eps alone takes the band path: the same
+    # kept sets, tails and outputs as the float64 reference, with ties broken by position
+    d = 8
+    Q = (3.0 * rng.standard_normal((4, d))).astype(dtype)
+    K = rng.standard_normal((n, d)).astype(dtype)
+    V = rng.standard_normal((n, 3)).astype(dtype)
+    mask = None
+    if kind == "ties":  # scores on a few levels, exact in every dtype
+        K = rng.integers(-2, 3, size=(n, d)).astype(dtype)
+        Q = (rng.integers(1, 3, size=(4, d)) * 0.5).astype(dtype)
+    elif kind == "masked":
+        mask = np.where(rng.random((4, n)) < 0.4, -np.inf, 0.0)
+    elif kind == "far-max":  # one key far above the rest, where a sample would not look
+        K[n // 2 + 1] = 40.0 * Q[0] / np.linalg.norm(Q[0])
+    for eps in (0.5, 1e-2, 1e-9):
+        out, info = topkattn.topk_attention(Q, K, V, eps=eps, mask=mask, return_info=True)
+        K64, Q64, V64 = (x.astype(np.float64) for x in (K, Q, V))
+        exp_out, exp_k, exp_tau = ref.topk_attention(Q64, K64, V64, eps=eps, mask=mask)
+        np.testing.assert_array_equal(info.k, exp_k, err_msg=f"eps={eps}")
+        assert (info.tau <= eps).all()
+        # float32 problems are scored in float32 (the reference upcasts first)
+        rtol = 1e-9 if dtype == np.float64 else 1e-5
+        assert_rel(info.tau, exp_tau, rtol=rtol, atol=1e-300, what=f"tau eps={eps}")
+        tol = 1e-12 if dtype == np.float64 else 2e-6
+        np.testing.assert_allclose(out.astype(np.float64), exp_out, rtol=0, atol=tol)
+        s = ref.scores(Q64, K64) + (0.0 if mask is None else mask)
+        for r in range(Q.shape[0]):
+            order = np.lexsort((np.arange(n), -s[r]))  # decreasing score, ties by position
+            np.testing.assert_array_equal(np.sort(info.indices[r][:info.k[r]]),
+                                          np.sort(order[:info.k[r]]), err_msg=f"eps={eps}")
+
+
 def test_strided_views_and_inputs_unchanged(rng):
     Q, K, V = _qkv(rng, (3,), 8, (3,), 100, 12, 6)
     Qv, Kv, Vv = Q[:, ::-2, :], np.asfortranarray(K)[:, ::2], V[:, ::2, ::-1]

@@ -317,10 +317,9 @@ tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *lo
  *  the k-th largest logit (the threshold of the kept set). */
 tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                         double *t);
-/** tka_row_keps, and, on rows of up to 65536 logits (which take the whole-row selection
- *  here, whatever their length), every weight e^{x_i - max} it computed in *e (n values,
- *  in the caller's scope of s; NULL on longer rows and where the selection did not compute
- *  them). */
+/** tka_row_keps, and, on rows short enough for the whole-row selection (up to 4096
+ *  logits, or TKA_CHUNK with the AVX2 kernels: rows.c, keps_direct_max), every weight e^{x_i - max} it computed in *e (n values, in the caller's scope
+ *  of s; NULL on longer rows and where the selection did not compute them). */
 tka_status tka_row_keps_e(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                           double *t, const double **e);
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower

@@ -24,16 +24,20 @@
 /* Rows up to this length are solved by the exact (sorting) path directly. */
 #define SMALL_ROW 128
 /* Rows up to this length find k_eps from all their weights at once (one vector exp pass,
- * then the weighted selection of the exact path) instead of through the sampled bracket,
- * whose fixed costs dominate on short rows. The k is the same either way. */
-#define KEPS_DIRECT_MAX 4096
-/* Callers that use every weight afterwards (attention rows, the certified search's fully
- * scored rows: tka_row_keps_e) take the whole-row selection up to this length: its exp
- * pass gives them the weights, where the band path's pass (exp, sums and band gathered
- * together) costs more than an exp pass and they would compute the kept weights again
- * (Top-k prefill rows of 8192 keys on an AVX2 host: 0.85-0.88x the speed of dense
- * attention on the band path, 1.04-1.05x on the whole-row path). */
-#define KEPS_E_MAX 65536
+ * then the weighted selection by rounds) instead of through the sampled bracket and the
+ * band pass; the k is the same either way. Which is faster depends on the kernel set, as
+ * measured: with AVX2 the band pass (exp, sums and band gathered in one loop) costs more per
+ * logit than the exp pass and the first round's sums on their own, so there only rows long
+ * enough to be split into chunks across threads take it (float32 k_eps on an AVX2 host:
+ * 16 x 65536 1.61 -> 1.36 ms, 128 x 8192 1.81 -> 1.39 ms with the limit raised from 4096;
+ * Top-k prefill rows of 8192 keys, which also reuse the weights for their output,
+ * 0.85-0.88x -> 1.04-1.05x the speed of dense attention). The scalar set is 1.5-1.7x slower
+ * that way (its rounds' four-threshold sums cost more than its band pass), and AVX-512 and
+ * NEON were not measured: they keep 4096. */
+static int64_t keps_direct_max(const tka_kernels *K)
+{
+    return K->id == TKA_SIMD_AVX2 ? TKA_CHUNK : 4096;
+}
 #define NS_FACTOR 2.0
 
 
@@ -846,7 +850,7 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     int64_t k;
     double tau = 0.0;
 
-    if (band && n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
+    if (band && n > keps_direct_max(w->K) && eps >= EPS_LINEAR_MIN) {
         int done = 0;
         tka_status st = keps_band(w, eps, s, &k, &tau, t_out, &done);
         if (st != TKA_OK) return st;
@@ -902,12 +906,12 @@ tka_status tka_row_keps_e(const tka_row *w, double eps, tka_arena *s, int64_t *k
                           double *tau_out, double *t_out, const double **e_out)
 {
     *e_out = NULL;
-    if (w->n > KEPS_E_MAX) return tka_row_keps(w, eps, s, k_out, tau_out, t_out);
+    if (w->n > keps_direct_max(w->K)) return tka_row_keps(w, eps, s, k_out, tau_out, t_out);
     double *e = tka_arena_alloc(s, (size_t)(w->n + 1) * sizeof(double));
     if (!e) return TKA_ERR_NOMEM;
     int have = 0;
     const size_t mark = tka_arena_mark(s);
-    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 0, e, &have);
+    tka_status st = keps_in(w, eps, s, k_out, tau_out, t_out, 1, e, &have);
     tka_arena_release(s, mark);
     *e_out = have ? e : NULL;
     return st;
@@ -924,7 +928,7 @@ static tka_status keps_row(void *c, const tka_row *wr, int64_t r, tka_arena *s)
     tka_status st;
     int done = 0;
     const size_t mark = tka_arena_mark(s);
-    if (wr->n > KEPS_DIRECT_MAX && eps >= EPS_LINEAR_MIN) {
+    if (wr->n > keps_direct_max(wr->K) && eps >= EPS_LINEAR_MIN) {
         st = keps_band_ref(wr, eps, s, cx->k + r, &tau, NULL, &done, 1);
         tka_arena_release(s, mark);
         if (st != TKA_OK) return st;

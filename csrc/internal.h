@@ -394,9 +394,6 @@ int64_t tka_pairs_first(const double *v, const int64_t *idx, int64_t from, int64
  */
 int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget,
                                 double *dropped_mass);
-/** tka_weights_drop_bottom with a bucketing pass in front, for large sets (same result). */
-int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget,
-                                     double *dropped_mass);
 /**
  * A contiguous row (float32 if is_f32, else float64) sorted in decreasing order into
  * out[0..n) as float64: LSD radix sort on 32- or 64-bit keys from TKA_RADIX_MIN elements

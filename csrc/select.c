@@ -398,59 +398,6 @@ int64_t tka_weights_drop_bottom(double *v, double *w, int64_t c, double budget, 
     return ndrop;
 }
 
-/*
- * The same selection for large sets: one pass buckets the values (equal width between
- * their min and max) with the mass of each bucket; buckets are dropped whole from the
- * bottom while they fit, and only the bucket where the budget runs out goes through
- * tka_weights_drop_bottom. Equal values share a bucket, so the order of dropping is unchanged.
- */
-#define DROP_BUCKETS 256
-
-int64_t tka_weights_drop_bottom_fast(double *v, double *w, int64_t c, double budget, double *dropped_mass)
-{
-    if (c <= 64) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
-    const int nbk = c / 4 < DROP_BUCKETS ? (int)(c / 4) : DROP_BUCKETS;  /* ~4 per bucket or more */
-    double lo = v[0], hi = v[0];
-    for (int64_t i = 1; i < c; i++) {
-        lo = v[i] < lo ? v[i] : lo;
-        hi = v[i] > hi ? v[i] : hi;
-    }
-    /* the bucket scale must be finite: a spread in the subnormal range would make it
-     * infinite, and (v - lo) * scale NaN (an out-of-range bucket) */
-    const double scale = (double)nbk / (hi - lo);
-    if (!(hi > lo) || !(hi - lo < INFINITY) || !(scale < INFINITY))
-        return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
-    int64_t cnt[DROP_BUCKETS];
-    double mass[DROP_BUCKETS];
-    memset(cnt, 0, (size_t)nbk * sizeof cnt[0]);
-    memset(mass, 0, (size_t)nbk * sizeof mass[0]);
-    /* (v - lo) * scale is in [0, nbk] and the top value maps to nbk: clamp it */
-    double acc = 0.0;
-    int64_t ndrop = 0;
-    for (int64_t i = 0; i < c; i++) {
-        int b = (int)((v[i] - lo) * scale);
-        b = b < nbk ? b : nbk - 1;
-        cnt[b]++;
-        mass[b] += w[i];
-    }
-    int bc = 0;
-    while (bc < nbk && acc + mass[bc] <= budget) { acc += mass[bc]; ndrop += cnt[bc]; bc++; }
-    if (bc == nbk) { *dropped_mass = acc; return ndrop; }
-    if (cnt[bc] > c / 2) return tka_weights_drop_bottom(v, w, c, budget, dropped_mass);
-    /* compact the crossing bucket to the front (in place: the write index never passes the
-     * read index) and finish there; the same expression gives the same bucket */
-    int64_t j = 0;
-    for (int64_t i = 0; i < c; i++) {
-        int b = (int)((v[i] - lo) * scale);
-        b = b < nbk ? b : nbk - 1;
-        if (b == bc) { v[j] = v[i]; w[j] = w[i]; j++; }
-    }
-    double dm;
-    ndrop += tka_weights_drop_bottom(v, w, j, budget - acc, &dm);
-    *dropped_mass = acc + dm;
-    return ndrop;
-}
-
 /* ---- LSD radix sorts, decreasing */
 
 /* Order-preserving maps to unsigned keys, inverted so that ascending keys are decreasing

@@ -147,11 +147,10 @@ typedef struct {
      */
     void (*keps_pass[2])(const void *x, int64_t n, double lo, double hi, double ref,
                          double *vals, double *ms, int64_t cap, tka_keps_pass_out *out);
-    /** For the TKA_LT_N thresholds t[j]: the sum of the masses of v[i] < t[j] (a higher
-     *  threshold never gets a smaller sum); *total = sum of all masses. The masses are m[i],
-     *  or with mout, e^{v[i] - ref}, computed and stored into mout[i]. */
-    void (*lt_sums[2])(const void *v, const double *m, int64_t n, double ref, const double *t,
-                       double *mass, double *total, double *mout);
+    /** For the TKA_LT_N thresholds t[j]: the sum of the masses m[i] of v[i] < t[j] (a
+     *  higher threshold never gets a smaller sum); *total = sum of all masses. */
+    void (*lt_sums[2])(const void *v, const double *m, int64_t n, const double *t,
+                       double *mass, double *total);
     /** Gather lo <= v[i] < hi (as float64) with m[i] into ov[], om[] in order (capacity n;
      *  in place allowed for float64 v); returns the count, and in *below the count of
      *  v[i] < lo. */
@@ -318,8 +317,9 @@ tka_status tka_row_log_tau(const tka_row *w, int64_t k, tka_arena *s, double *lo
 tka_status tka_row_keps(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                         double *t);
 /** tka_row_keps, and, on rows short enough for the whole-row selection (up to 4096
- *  logits, or TKA_CHUNK with the AVX2 kernels: rows.c, keps_direct_max), every weight e^{x_i - max} it computed in *e (n values, in the caller's scope
- *  of s; NULL on longer rows and where the selection did not compute them). */
+ *  logits, or TKA_CHUNK with the AVX2 kernels: rows.c, keps_direct_max), every weight
+ *  e^{x_i - max} it computed in *e (n values, in the caller's scope of s; NULL on longer
+ *  rows and where the selection did not compute them). */
 tka_status tka_row_keps_e(const tka_row *w, double eps, tka_arena *s, int64_t *k, double *tau,
                           double *t, const double **e);
 /** Positions of the k largest logits of a checked row, by decreasing value, ties by lower

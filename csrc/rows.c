@@ -566,7 +566,7 @@ static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, 
             mass0 = NULL;
         } else {
             levels_pivots(dt, src, c, p);
-            K->lt_sums[dt](src, m, c, 0.0, p, mass, &total, NULL);
+            K->lt_sums[dt](src, m, c, p, mass, &total);
         }
         int j = -1;  /* the highest pivot whose mass below, added, still fits */
         while (j + 1 < TKA_LT_N && acc + mass[j + 1] <= budget) j++;
@@ -868,15 +868,14 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (!vals || !m || !mo) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        /* every weight (one vector exp pass), their total with the first round's sums below
-         * pivots drawn from the row, then the selection from the bottom by rounds */
+        /* every weight (one vector exp pass), then their total with the first round's sums
+         * below pivots drawn from the row (a second pass, over the stored weights), then
+         * the selection from the bottom by rounds */
         double p[TKA_LT_N], z, mass0[TKA_LT_N], t = 0.0;
         if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
         else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
-        /* the exp pass on its own, then the sums over the stored weights: fused, the
-         * exp's constants and the four thresholds do not fit in AVX2's sixteen registers */
         w->K->exp_shift[w->dt](w->p, n, w->max, m);
-        w->K->lt_sums[w->dt](w->p, m, n, 0.0, p, mass0, &z, NULL);
+        w->K->lt_sums[w->dt](w->p, m, n, p, mass0, &z);
         k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, mo, eps * z, p, mass0, &tau,
                             t_out ? &t : NULL);
         if (have_e) *have_e = e != NULL;

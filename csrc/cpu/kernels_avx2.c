@@ -45,6 +45,26 @@ static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *ou
     VD lo = _mm256_permute2f128_pd(s01, s23, 0x20), hi = _mm256_permute2f128_pd(s01, s23, 0x31);
     _mm256_storeu_pd(out, _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale)));
 }
+/* vd_hsum4 of two keys' accumulators (a_m: key 0, b_m: key 1, query m) stored as pairs:
+ * out[m*os] = key 0's, out[m*os + 1] = key 1's, straight from the registers */
+static inline void vd_hsum4_pairs(VD a0, VD a1, VD a2, VD a3, VD b0, VD b1, VD b2, VD b3,
+                                  double scale, double *out, int64_t os)
+{
+    const VD sc = _mm256_set1_pd(scale);
+    VD s01 = _mm256_hadd_pd(a0, a1), s23 = _mm256_hadd_pd(a2, a3);
+    const VD s0 = _mm256_mul_pd(_mm256_add_pd(_mm256_permute2f128_pd(s01, s23, 0x20),
+                                              _mm256_permute2f128_pd(s01, s23, 0x31)), sc);
+    s01 = _mm256_hadd_pd(b0, b1);
+    s23 = _mm256_hadd_pd(b2, b3);
+    const VD s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_permute2f128_pd(s01, s23, 0x20),
+                                              _mm256_permute2f128_pd(s01, s23, 0x31)), sc);
+    const VD lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
+    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
+    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
+    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
+    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
+}
+#define VD_HAVE_HSUM4_PAIRS
 /* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
 static inline VD vd_exp2_tab(VD t)
 {
@@ -94,21 +114,43 @@ static inline VS vs_fma_nz(float a, VS x, VS c)
     return _mm256_blendv_ps(c, _mm256_fmadd_ps(va, x, c), _mm256_cmp_ps(va, _mm256_setzero_ps(), _CMP_NEQ_OQ));
 }
 static inline void vs_store(float *p, VS v) { _mm256_storeu_ps(p, v); }
-/* out[i] = scale * (sum of the lanes of a_i): for every slot, lanes (0+1)+(2+3) and
- * (4+5)+(6+7) in float32, then those two in float64 */
-static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
-                            double scale, double *out)
+/* scale * (sum of the lanes of a_i) for the eight slots, into s0 (slots 0-3) and s1 (4-7):
+ * for every slot, lanes (0+1)+(2+3) and (4+5)+(6+7) in float32, then those two in float64 */
+static inline void vs_hsum8_pd(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                               double scale, VD *s0, VD *s1)
 {
     const VS g0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     const VS g1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
     const VD sc = _mm256_set1_pd(scale);
-    const VD s0 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
-                                _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1)));
-    const VD s1 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
-                                _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1)));
-    _mm256_storeu_pd(out, _mm256_mul_pd(s0, sc));
-    _mm256_storeu_pd(out + 4, _mm256_mul_pd(s1, sc));
+    *s0 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
+                                      _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1))), sc);
+    *s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
+                                      _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1))), sc);
 }
+/* out[i] = scale * (sum of the lanes of a_i) */
+static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                            double scale, double *out)
+{
+    VD s0, s1;
+    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
+    _mm256_storeu_pd(out, s0);
+    _mm256_storeu_pd(out + 4, s1);
+}
+/* The same sums stored as pairs: out[m*os] = slot m, out[m*os + 1] = slot 4 + m (m < 4):
+ * straight from the registers (stored to a buffer and read back one by one, the reads wait
+ * on the wide stores) */
+static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                                  double scale, double *out, int64_t os)
+{
+    VD s0, s1;
+    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
+    const VD lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
+    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
+    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
+    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
+    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
+}
+#define VS_HAVE_HSUM8_PAIRS
 
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }

@@ -89,23 +89,45 @@ static inline __m256 vs_fold(VS a)
     return _mm256_add_ps(_mm512_castps512_ps256(a),
                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
-/* out[i] = scale * (sum of the lanes of a_i): for every slot, lane j + lane j+8, then as the
- * AVX2 set sums its eight lanes (the last addition in float64) */
-static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
-                            double scale, double *out)
+/* scale * (sum of the lanes of a_i) for the eight slots, into s0 (slots 0-3) and s1 (4-7):
+ * for every slot, lane j + lane j+8, then as the AVX2 set sums its eight lanes (the last
+ * addition in float64) */
+static inline void vs_hsum8_pd(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                               double scale, __m256d *s0, __m256d *s1)
 {
     const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(vs_fold(a0), vs_fold(a1)),
                                      _mm256_hadd_ps(vs_fold(a2), vs_fold(a3)));
     const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(vs_fold(a4), vs_fold(a5)),
                                      _mm256_hadd_ps(vs_fold(a6), vs_fold(a7)));
     const __m256d sc = _mm256_set1_pd(scale);
-    const __m256d s0 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
-                                     _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1)));
-    const __m256d s1 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
-                                     _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1)));
-    _mm256_storeu_pd(out, _mm256_mul_pd(s0, sc));
-    _mm256_storeu_pd(out + 4, _mm256_mul_pd(s1, sc));
+    *s0 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g0)),
+                                      _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1))), sc);
+    *s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
+                                      _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1))), sc);
 }
+/* out[i] = scale * (sum of the lanes of a_i) */
+static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                            double scale, double *out)
+{
+    __m256d s0, s1;
+    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
+    _mm256_storeu_pd(out, s0);
+    _mm256_storeu_pd(out + 4, s1);
+}
+/* The same sums stored as pairs: out[m*os] = slot m, out[m*os + 1] = slot 4 + m (m < 4),
+ * straight from the registers */
+static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+                                  double scale, double *out, int64_t os)
+{
+    __m256d s0, s1;
+    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
+    const __m256d lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
+    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
+    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
+    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
+    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
+}
+#define VS_HAVE_HSUM8_PAIRS
 
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }

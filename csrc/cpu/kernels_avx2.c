@@ -113,7 +113,6 @@ static inline VS vs_fma_nz(float a, VS x, VS c)
     const VS va = _mm256_set1_ps(a);
     return _mm256_blendv_ps(c, _mm256_fmadd_ps(va, x, c), _mm256_cmp_ps(va, _mm256_setzero_ps(), _CMP_NEQ_OQ));
 }
-static inline void vs_store(float *p, VS v) { _mm256_storeu_ps(p, v); }
 /* scale * (sum of the lanes of a_i) for the eight slots, into s0 (slots 0-3) and s1 (4-7):
  * for every slot, lanes (0+1)+(2+3) and (4+5)+(6+7) in float32, then those two in float64 */
 static inline void vs_hsum8_pd(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
@@ -151,6 +150,15 @@ static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a
     _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
 }
 #define VS_HAVE_HSUM8_PAIRS
+/* o[l] += (double)c[l] for the eight lanes, converted in registers (a buffer read back
+ * lane by lane waits on its wide store) */
+static inline void vs_flush(double *o, VS c)
+{
+    _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), _mm256_cvtps_pd(_mm256_castps256_ps128(c))));
+    _mm256_storeu_pd(o + 4, _mm256_add_pd(_mm256_loadu_pd(o + 4),
+                                          _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
+}
+#define VS_HAVE_FLUSH
 
 static inline VD vload_f32_avx2(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline VD vload_f64_avx2(const double *p) { return _mm256_loadu_pd(p); }

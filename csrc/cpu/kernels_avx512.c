@@ -82,7 +82,6 @@ static inline VS vs_fma_nz(float a, VS x, VS c)
 {
     return _mm512_mask3_fmadd_ps(_mm512_set1_ps(a), x, c, (__mmask16)-(int)(a != 0.0f));
 }
-static inline void vs_store(float *p, VS v) { _mm512_storeu_ps(p, v); }
 /* lanes j + (j+8) of a 16-lane vector */
 static inline __m256 vs_fold(VS a)
 {
@@ -128,6 +127,15 @@ static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a
     _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
 }
 #define VS_HAVE_HSUM8_PAIRS
+/* o[l] += (double)c[l] for the sixteen lanes, converted in registers */
+static inline void vs_flush(double *o, VS c)
+{
+    _mm512_storeu_pd(o, _mm512_add_pd(_mm512_loadu_pd(o), _mm512_cvtps_pd(_mm512_castps512_ps256(c))));
+    _mm512_storeu_pd(o + 8, _mm512_add_pd(_mm512_loadu_pd(o + 8),
+                                          _mm512_cvtps_pd(_mm256_castpd_ps(
+                                              _mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)))));
+}
+#define VS_HAVE_FLUSH
 
 static inline VD vload_f32_avx512(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline VD vload_f64_avx512(const double *p) { return _mm512_loadu_pd(p); }

@@ -2175,29 +2175,23 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
          * that are not 0; V read in that order (a stream with gaps), z in four chains by
          * position */
         float *wd = tka_arena_alloc(s, (size_t)n * sizeof(float));
-        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(int64_t));
+        /* gather_ge writes whole vectors: room for k + 8 (the weights not 0 are at most k) */
+        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(int64_t));
+        double *wv = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(double));
         float *wf = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(float));
-        if (!wd || !pos || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        if (!wd || !pos || !wv || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         memset(wd, 0, (size_t)n * sizeof(float));
         for (int64_t t = 0; t < k; t++) wd[oi[t]] = (float)wk[t];
-        double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
-        int64_t c = 0, i = 0;
-#define TKA_POS_TERM(j, zs)             \
-    do {                                \
-        const float f_ = wd[j];         \
-        pos[c] = (j);                   \
-        wf[c] = f_;                     \
-        zs += (double)f_;               \
-        c += f_ != 0.0f;                \
-    } while (0)
-        for (; i + 4 <= n; i += 4) {
-            TKA_POS_TERM(i, z0);
-            TKA_POS_TERM(i + 1, z1);
-            TKA_POS_TERM(i + 2, z2);
-            TKA_POS_TERM(i + 3, z3);
+        /* the weights that are not 0 with their positions, by the vector kernel (>= the
+         * smallest positive float); z in four chains by position, over those only (the
+         * zeros would add nothing) */
+        const int64_t c = K->gather_ge[TKA_F32](wd, n, 0x1p-149, wv, pos);
+        double zc[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t t = 0; t < c; t++) {
+            wf[t] = (float)wv[t];
+            zc[pos[t] & 3] += wv[t];
         }
-        for (; i < n; i++) TKA_POS_TERM(i, z0);
-#undef TKA_POS_TERM
+        const double z0 = zc[0], z1 = zc[1], z2 = zc[2], z3 = zc[3];
         z = (z0 + z1) + (z2 + z3);
         tka_status st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, pos, wf, c, dv, o, s);
         if (st != TKA_OK) return st;  /* the caller frees out->idx */

@@ -39,32 +39,16 @@ static inline VD vd_maskz(VM m, VD v) { return _mm256_and_pd(m, v); }
 static inline VD vd_blend(VM m, VD a, VD b) { return _mm256_blendv_pd(b, a, m); }
 static inline void vd_store(double *p, VD v) { _mm256_storeu_pd(p, v); }
 /* out[i] = scale * (sum of the lanes of a_i), i < 4 */
-static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *out)
+static inline VD vd_hsum4_pd(VD a0, VD a1, VD a2, VD a3, double scale)
 {
     VD s01 = _mm256_hadd_pd(a0, a1), s23 = _mm256_hadd_pd(a2, a3);
     VD lo = _mm256_permute2f128_pd(s01, s23, 0x20), hi = _mm256_permute2f128_pd(s01, s23, 0x31);
-    _mm256_storeu_pd(out, _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale)));
+    return _mm256_mul_pd(_mm256_add_pd(lo, hi), _mm256_set1_pd(scale));
 }
-/* vd_hsum4 of two keys' accumulators (a_m: key 0, b_m: key 1, query m) stored as pairs:
- * out[m*os] = key 0's, out[m*os + 1] = key 1's, straight from the registers */
-static inline void vd_hsum4_pairs(VD a0, VD a1, VD a2, VD a3, VD b0, VD b1, VD b2, VD b3,
-                                  double scale, double *out, int64_t os)
+static inline void vd_hsum4(VD a0, VD a1, VD a2, VD a3, double scale, double *out)
 {
-    const VD sc = _mm256_set1_pd(scale);
-    VD s01 = _mm256_hadd_pd(a0, a1), s23 = _mm256_hadd_pd(a2, a3);
-    const VD s0 = _mm256_mul_pd(_mm256_add_pd(_mm256_permute2f128_pd(s01, s23, 0x20),
-                                              _mm256_permute2f128_pd(s01, s23, 0x31)), sc);
-    s01 = _mm256_hadd_pd(b0, b1);
-    s23 = _mm256_hadd_pd(b2, b3);
-    const VD s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_permute2f128_pd(s01, s23, 0x20),
-                                              _mm256_permute2f128_pd(s01, s23, 0x31)), sc);
-    const VD lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
-    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
-    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
-    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
-    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
+    _mm256_storeu_pd(out, vd_hsum4_pd(a0, a1, a2, a3, scale));
 }
-#define VD_HAVE_HSUM4_PAIRS
 /* 2^(m >> 5) * tka_exp2_32[m & 31] for t = y + TKA_MAGIC, m = round(y) (see vd_exp) */
 static inline VD vd_exp2_tab(VD t)
 {
@@ -126,30 +110,16 @@ static inline void vs_hsum8_pd(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, 
     *s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
                                       _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1))), sc);
 }
-/* out[i] = scale * (sum of the lanes of a_i) */
-static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
-                            double scale, double *out)
-{
-    VD s0, s1;
-    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
-    _mm256_storeu_pd(out, s0);
-    _mm256_storeu_pd(out + 4, s1);
-}
-/* The same sums stored as pairs: out[m*os] = slot m, out[m*os + 1] = slot 4 + m (m < 4):
- * straight from the registers (stored to a buffer and read back one by one, the reads wait
- * on the wide stores) */
-static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
+#include "x86_hsum.h"
+/* vd_hsum4 of two keys' accumulators (a_m: key 0, b_m: key 1, query m) stored as pairs:
+ * out[m*os] = key 0's, out[m*os + 1] = key 1's, straight from the registers */
+static inline void vd_hsum4_pairs(VD a0, VD a1, VD a2, VD a3, VD b0, VD b1, VD b2, VD b3,
                                   double scale, double *out, int64_t os)
 {
-    VD s0, s1;
-    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
-    const VD lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
-    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
-    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
-    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
-    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
+    tka_store_pairs_pd(vd_hsum4_pd(a0, a1, a2, a3, scale), vd_hsum4_pd(b0, b1, b2, b3, scale), out,
+                       os);
 }
-#define VS_HAVE_HSUM8_PAIRS
+#define VD_HAVE_HSUM4_PAIRS
 /* o[l] += (double)c[l] for the eight lanes, converted in registers (a buffer read back
  * lane by lane waits on its wide store) */
 static inline void vs_flush(double *o, VS c)

@@ -104,29 +104,7 @@ static inline void vs_hsum8_pd(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, 
     *s1 = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(g1)),
                                       _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1))), sc);
 }
-/* out[i] = scale * (sum of the lanes of a_i) */
-static inline void vs_hsum8(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
-                            double scale, double *out)
-{
-    __m256d s0, s1;
-    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
-    _mm256_storeu_pd(out, s0);
-    _mm256_storeu_pd(out + 4, s1);
-}
-/* The same sums stored as pairs: out[m*os] = slot m, out[m*os + 1] = slot 4 + m (m < 4),
- * straight from the registers */
-static inline void vs_hsum8_pairs(VS a0, VS a1, VS a2, VS a3, VS a4, VS a5, VS a6, VS a7,
-                                  double scale, double *out, int64_t os)
-{
-    __m256d s0, s1;
-    vs_hsum8_pd(a0, a1, a2, a3, a4, a5, a6, a7, scale, &s0, &s1);
-    const __m256d lo = _mm256_unpacklo_pd(s0, s1), hi = _mm256_unpackhi_pd(s0, s1);
-    _mm_storeu_pd(out, _mm256_castpd256_pd128(lo));
-    _mm_storeu_pd(out + os, _mm256_castpd256_pd128(hi));
-    _mm_storeu_pd(out + 2 * os, _mm256_extractf128_pd(lo, 1));
-    _mm_storeu_pd(out + 3 * os, _mm256_extractf128_pd(hi, 1));
-}
-#define VS_HAVE_HSUM8_PAIRS
+#include "x86_hsum.h"
 /* o[l] += (double)c[l] for the sixteen lanes, converted in registers */
 static inline void vs_flush(double *o, VS c)
 {

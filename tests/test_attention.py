@@ -211,6 +211,29 @@ def test_masked_keys(simd_path, rng):
     np.testing.assert_allclose(out_e, exp_out, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("L, dv", [(1, 200), (5, 64), (1, 33), (6, 8)])
+def test_value_sums_of_wide_rows_with_zero_weights(dtype, L, dv, simd_path, rng):
+    # the one-row value sums (one query, or the rows past a group of four) take eight
+    # vectors of columns a step with plain FMAs in blocks without a zero weight and test
+    # every weight elsewhere: wide and narrow rows, blocks wholly, partly and not masked
+    Q, K, V = _qkv(rng, (2,), L, (2,), 3000, 16, dv, dtype=dtype)
+    mask = np.zeros((2, L, 3000))
+    mask[0, :, 500:1100] = -np.inf     # whole blocks of zero weights
+    mask[1, :, 1::7] = -np.inf         # a zero weight in every block
+    mask[1, 0, :2000] = -np.inf        # the rest of that row unmasked
+    for m in (None, mask):
+        out = topkattn.attention(Q, K, V, mask=m)
+        expected = ref.attention(Q.astype(np.float64), K.astype(np.float64),
+                                 V.astype(np.float64), mask=m)
+        if dtype == np.float16:  # a float16 output: the float64 sums rounded once
+            assert out.dtype == np.float16
+            np.testing.assert_allclose(out.astype(np.float64), expected, rtol=2.0**-11,
+                                       atol=2.0**-25)
+        else:
+            np.testing.assert_allclose(out, expected, rtol=0, atol=_tol(out, expected))
+
+
 def test_mask_broadcasts_as_key_padding(rng):
     # a (B, 1, 1, n) padding mask against (B, H, L, d) queries, like a transformer
     Q, K, V = _qkv(rng, (2, 3), 5, (2, 3), 11, 4, 4)

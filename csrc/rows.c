@@ -489,7 +489,7 @@ static void sample_sort_desc(double *a, int64_t n, double *tmp, int64_t *cnt)
 }
 
 /* Sets this small go straight to tka_weights_drop_bottom. */
-#define LEVELS_FINAL 24
+#define LEVELS_FINAL 8
 
 /* TKA_LT_N pivots taken from v[0..c) (float32 or float64) at evenly spaced positions, in
  * increasing order: a five-comparator sorting network on integer keys that order as the
@@ -549,15 +549,18 @@ static void levels_pivots(tka_dtype dt, const void *v, int64_t c, double *p)
  * (its values tie), is finished by tka_weights_drop_bottom. mass0, when given, holds the first
  * round's lt_sums for the pivots p (the caller needed the total first).
  *
- * Returns how many are dropped and their mass in *dm. With t, also the smallest value not
+ * acc is the mass dropped before (below the set): every round compares acc plus its sums
+ * with budget.
+ *
+ * Returns how many are dropped and, in *dm, acc plus their mass. With t, also the smallest value not
  * dropped (+inf if all were): tka_weights_drop_bottom leaves the dropped values in front of
  * the kept ones, so it is the smallest of the rest.
  */
 static int64_t drop_levels(const tka_kernels *K, tka_dtype dt, const void *src, int64_t c,
-                           double *v, double *m, double *mo, double budget, double *p,
+                           double *v, double *m, double *mo, double acc, double budget, double *p,
                            const double *mass0, double *dm, double *t)
 {
-    double acc = 0.0, hi = INFINITY;
+    double hi = INFINITY;
     int64_t nd = 0;
     double mass[TKA_LT_N], total;
     while (c > LEVELS_FINAL) {
@@ -820,7 +823,7 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             dm = (double)drop * mv;
         } else {
             double p[TKA_LT_N];
-            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, m, bar_exact - b.mass_below,
+            drop = drop_levels(w->K, TKA_F64, vals, b.n_band, vals, m, m, 0.0, bar_exact - b.mass_below,
                                p, NULL, &dm, t_out ? &t : NULL);
         }
         if (drop >= b.n_band) continue;
@@ -839,6 +842,103 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
                             double *tau_out, double *t_out, int *done)
 {
     return keps_band_ref(w, eps, s, k_out, tau_out, t_out, done, 0);
+}
+
+/*
+ * The bracket path of the whole-row selection (keps_in): on rows of BR_MIN_N to BR_MAX_N
+ * logits, one pass over a bracket [lo, up) guessed from a sample replaces the first round of
+ * drop_levels (its sums below the pivots, then its gathering) and, for Top-k attention, the
+ * pass that collects the kept positions. The guess is checked by the pass itself; a row whose
+ * crossing it missed goes on by the rounds as before.
+ */
+#define BR_MIN_N 256
+#define BR_MAX_N 4096
+#define BR_SAMPLE 32
+#define BR_BINS 64
+#define BR_STEP 0.5 /* logits per bin */
+
+/* The bracket's guess: the weights m[] of BR_SAMPLE logits at evenly spaced positions,
+ * binned by how far below the maximum they are (the last bin takes everything further
+ * down). Each sampled logit stands for n / BR_SAMPLE of the row, so scale times the sampled
+ * mass below a bin edge estimates the row's; for lo, that estimate plus scale times the
+ * edge's own weight (room for a block of logits the sample missed just below it) must stay
+ * under budget / 2: lo is the highest such edge. up is the lowest edge whose estimate
+ * reaches 2 budget (+inf if none). */
+static void bracket_guess(const tka_row *w, const double *m, double budget, double *lo,
+                          double *up)
+{
+    const int64_t n = w->n;
+    double bin[BR_BINS];
+    int64_t pos[BR_SAMPLE];
+    int at[BR_SAMPLE], top = 0;
+    const double mx = w->max;
+    for (int j = 0; j < BR_SAMPLE; j++) pos[j] = ((2 * j + 1) * n) / (2 * BR_SAMPLE);
+    if (w->dt == TKA_F32) {
+        const float *x = (const float *)w->p;
+        for (int j = 0; j < BR_SAMPLE; j++) {
+            const double d = (mx - (double)x[pos[j]]) * (1.0 / BR_STEP);  /* >= 0, or +inf */
+            at[j] = d < BR_BINS - 1 ? (int)d : BR_BINS - 1;
+        }
+    } else {
+        const double *x = (const double *)w->p;
+        for (int j = 0; j < BR_SAMPLE; j++) {
+            const double d = (mx - x[pos[j]]) * (1.0 / BR_STEP);
+            at[j] = d < BR_BINS - 1 ? (int)d : BR_BINS - 1;
+        }
+    }
+    for (int j = 0; j < BR_SAMPLE; j++) top = at[j] > top ? at[j] : top;
+    memset(bin, 0, (size_t)(top + 1) * sizeof(double));
+    for (int j = 0; j < BR_SAMPLE; j++) bin[at[j]] += m[pos[j]];
+    /* the walk up from the lowest bin: b_lo, b_up are bin edges (0: none found) */
+    const double scale = (double)n / BR_SAMPLE, half = 0.5 * budget, twice = 2.0 * budget;
+    const double grow = 1.6487212707001282; /* e^BR_STEP (only a guess depends on it) */
+    double cum = 0.0, room = scale * exp(-BR_STEP * top);  /* scale * the edge's weight */
+    int b = top, b_lo = 0, b_up = 0;
+    for (; b >= 1; b--, room *= grow) {
+        cum += bin[b] * scale;
+        if (cum + room <= half) b_lo = b;
+        else if (cum >= twice) {
+            b_up = b;
+            break;
+        }
+    }
+    *lo = b_lo ? mx - b_lo * BR_STEP : -INFINITY;
+    *up = b_up ? mx - b_up * BR_STEP : INFINITY;
+}
+
+/*
+ * keps_in's bracket path on a checked row with its weights m[] (= e^{x - max}) and budget
+ * (eps times their total): everything below lo is dropped when its mass fits the budget,
+ * the bracket is finished by drop_levels, and everything from up on is kept. *done = 0
+ * (nothing else written) when the bracket does not hold the crossing.
+ */
+static tka_status keps_bracket(const tka_row *w, const double *m, double budget, tka_arena *s,
+                               double *v, int64_t *k_out, double *dm_out, double *t_out,
+                               int *done)
+{
+    const int64_t n = w->n;
+    *done = 0;
+    double lo, up;
+    bracket_guess(w, m, budget, &lo, &up);
+    if (!(lo < up)) return TKA_OK;
+    const size_t cap = (size_t)(n + 16);
+    double *bv = tka_arena_alloc(s, cap * sizeof(double));
+    double *bm = tka_arena_alloc(s, cap * sizeof(double));
+    double *mo = tka_arena_alloc(s, cap * sizeof(double));  /* the rounds' masses */
+    if (!bv || !bm || !mo) return TKA_ERR_NOMEM;
+    int64_t nlo;
+    double mb, in;
+    const int64_t nb = w->K->bracket[w->dt](w->p, m, n, lo, up, bv, bm, &nlo, &mb, &in);
+    /* the crossing is below lo, at or above up, or there is no bracket */
+    if (!(mb <= budget && mb + in > budget) || nb == 0) return TKA_OK;
+    double p[TKA_LT_N], dm, t;
+    const int64_t d = drop_levels(w->K, TKA_F64, bv, nb, v, bm, mo, mb, budget, p, NULL, &dm, &t);
+    if (d >= nb) return TKA_OK;  /* its sums let the whole bracket go: decided by the rounds */
+    *done = 1;
+    *k_out = n - nlo - d;
+    *dm_out = dm;
+    *t_out = t;
+    return TKA_OK;
 }
 
 /* tka_row_keps, allocating in the caller's scope. With e (n + 1 slots), the whole-row path
@@ -872,12 +972,21 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
          * below pivots drawn from the row (a second pass, over the stored weights), then
          * the selection from the bottom by rounds */
         double p[TKA_LT_N], z, mass0[TKA_LT_N], t = 0.0;
-        if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
-        else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
-        w->K->exp_shift[w->dt](w->p, n, w->max, m);
-        w->K->lt_sums[w->dt](w->p, m, n, p, mass0, &z);
-        k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, mo, eps * z, p, mass0, &tau,
-                            t_out ? &t : NULL);
+        int done = 0;
+        if (n >= BR_MIN_N && n <= BR_MAX_N) {
+            z = w->K->exp_total[w->dt](w->p, n, w->max, m);
+            st = keps_bracket(w, m, eps * z, s, vals, &k, &tau, &t, &done);
+            if (st != TKA_OK) return st;
+        } else {
+            w->K->exp_shift[w->dt](w->p, n, w->max, m);
+        }
+        if (!done) {
+            if (n > LEVELS_FINAL) levels_pivots(w->dt, w->p, n, p);
+            else for (int j = 0; j < TKA_LT_N; j++) p[j] = INFINITY;
+            w->K->lt_sums[w->dt](w->p, m, n, p, mass0, &z);
+            k = n - drop_levels(w->K, w->dt, w->p, n, vals, m, mo, 0.0, eps * z, p, mass0, &tau,
+                                t_out ? &t : NULL);
+        }
         if (have_e) *have_e = e != NULL;
         tau = fmin(tau / z, eps);  /* the decision was tail <= eps z; its quotient may round up */
         if (t_out) *t_out = t;

@@ -2,7 +2,9 @@
 and, at the edges, against mpmath.
 
 Rows of at most 4096 keys (65536 with the AVX2 kernels, where that is faster) take the
-whole-row path (every weight, then the selection from the bottom by rounds of pivots);
+whole-row path (every weight, then the selection from the bottom by rounds of pivots; rows
+of 256 to 4096 first try one pass over a bracket guessed from a sample, which the pass
+itself checks);
 longer rows the band path, whose single pass also
 validates the row (NaN, +inf) and finds its maximum, with the sample's maximum as the
 reference of the masses; rows longer than 65536 run that pass in chunks. The rows below aim at what
@@ -81,6 +83,45 @@ def test_k_eps_every_path_against_reference(kind, dtype, simd_path):
             continue
         for eps in EPS:
             _check_against_reference(x, eps, f"{kind} n={n} {np.dtype(dtype).name} eps={eps!r}")
+
+
+def _sampled(n):
+    """The positions the whole-row path's bracket guess samples (rows.c, BR_SAMPLE = 32)."""
+    return ((2 * np.arange(32) + 1) * n) // 64
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("n", (256, 300, 512, 1000, 4096))
+def test_k_eps_when_the_bracket_guess_misses(n, dtype):
+    """Rows whose sampled logits lie about the rest, so that the guessed bracket misses the
+    crossing on either side (the rounds must take over), or holds it only by a little."""
+    rng = np.random.default_rng(n)
+    at = _sampled(n)
+    rows = []
+    # the sample sees only a far tail while many keys sit just below the guessed lower
+    # edge: the mass below it passes the budget
+    x = np.full(n, -11.0)
+    x[at] = -40.0
+    x[rng.integers(n)] = 0.0
+    rows.append(x)
+    # the sample sees only heavy keys, the rest are light: the crossing is above the guessed
+    # upper edge
+    x = np.full(n, -40.0) + rng.random(n)
+    x[at] = -2.0 + 0.1 * rng.random(32)
+    x[0] = 0.0
+    rows.append(x)
+    # the sample's weights mislead by a factor near the guess's margins
+    for f in (1.5, 2.0, 3.0):
+        x = 2.0 * rng.standard_normal(n)
+        x[at] += np.log(f)
+        rows.append(x)
+    # ties exactly at sampled values and bin edges of half a logit below the maximum
+    x = 0.5 * rng.integers(-20, 1, n).astype(np.float64)
+    x[at] = 0.5 * rng.integers(-20, 1, 32)
+    rows.append(x)
+    x = np.stack(rows).astype(dtype)
+    for eps in (1e-9, 1e-6, 1e-3, 1e-2, 0.1, 0.5):
+        _check_against_reference(x, eps, f"n={n} {np.dtype(dtype).name} eps={eps!r}")
 
 
 @pytest.mark.parametrize("n", (1500, 5000))

@@ -402,7 +402,7 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     const tka_row w = *wp;
     tka_status st;
     int64_t k, *keep;
-    double tau;
+    double tau, *wk = NULL;
     const double *e = NULL;  /* every weight e^{s - max}, where the selection computed them */
     *shared = 0;
     if (sl && !c->k) {
@@ -420,9 +420,19 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
             }
             if (st != TKA_RETRY) return st;
         }
-        keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        if (!keep) return TKA_ERR_NOMEM;
-        if ((st = tka_row_topk_above(&w, k, t, s, keep)) != TKA_OK) return st;
+        if (e && k > 0 && t > -INFINITY) {
+            /* the kept positions with their weights in one pass, when no tie at t is to be
+             * broken (else as tka_row_topk_above) */
+            keep = tka_arena_alloc(s, (size_t)(w.n + 16) * sizeof(int64_t));
+            wk = tka_arena_alloc(s, (size_t)(w.n + 16) * sizeof(double));
+            if (!keep || !wk) return TKA_ERR_NOMEM;
+            if (c->K->gather_ge_w[w.dt](w.p, e, w.n, t, keep, wk) != k) wk = NULL;
+        }
+        if (!wk) {
+            keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
+            if (!keep) return TKA_ERR_NOMEM;
+            if ((st = tka_row_topk_above(&w, k, t, s, keep)) != TKA_OK) return st;
+        }
     } else if ((st = keep_set(c, &w, r, s, &k, c->tau_out ? &tau : NULL, &keep)) != TKA_OK) {
         return st;
     }
@@ -430,9 +440,11 @@ static tka_status topk_row(const attn_ctx *c, int64_t r, const tka_row *wp, doub
     const int64_t b = r / a->L;
     /* the kept weights e^{s - max}: the selection's, or the kept scores' by the same vector
      * exp (the one dense attention uses) */
-    double *wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
-    if (!wk) return TKA_ERR_NOMEM;
-    if (e) {
+    if (wk) {
+        /* gathered with the positions */
+    } else if (!(wk = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double)))) {
+        return TKA_ERR_NOMEM;
+    } else if (e) {
         for (int64_t i = 0; i < k; i++) wk[i] = e[keep[i]];
     } else {
         for (int64_t i = 0; i < k; i++) wk[i] = sc[keep[i]];

@@ -140,6 +140,10 @@ typedef struct {
     /** The x[i] >= t as float64 with their positions, in order, into vals, idx (room for
      *  n + 16); returns how many. */
     int64_t (*gather_ge[2])(const void *x, int64_t n, double t, double *vals, int64_t *idx);
+    /** The positions of the x[i] >= t in order into idx and their m[i] into w (room for
+     *  n + 16 each). Returns how many. */
+    int64_t (*gather_ge_w[2])(const void *x, const double *m, int64_t n, double t, int64_t *idx,
+                              double *w);
     /**
      * k_eps's pass: every e^{x - ref} once; sums over the row, above hi (and counts) and
      * below lo; checks the row (max, bad: NaN or +inf); gathers x in [lo, hi] as float64 into vals[] and e^{x - ref} into ms[], at

@@ -163,11 +163,12 @@ typedef struct {
     /** out[i] = e^{x[i] - ref}; returns their sum (the same value as lt_sums' total). */
     double (*exp_total[2])(const void *x, int64_t n, double ref, double *out);
     /** One pass over a bracket [lo, up): sums m[i] over x[i] < lo (*mass_below, counted in
-     *  *n_below) and over the bracket (*mass_in); gathers lo <= x[i] < up in order into bv[]
-     *  (as float64) and m[i] into bm[] (room for n + 16 each). Returns the count gathered. */
+     *  *n_below), over the bracket (*mass_in) and over x[i] >= up (*mass_above); gathers
+     *  lo <= x[i] < up in order into bv[] (as float64) and m[i] into bm[] (room for n + 16
+     *  each). Returns the count gathered. */
     int64_t (*bracket[2])(const void *x, const double *m, int64_t n, double lo, double up,
                           double *bv, double *bm, int64_t *n_below, double *mass_below,
-                          double *mass_in);
+                          double *mass_in, double *mass_above);
     /* The attention kernels below also take float16 operands ([TKA_F16]); the row
      * kernels above never see float16 (rows are converted to float32 first). */
     /** out[i] = scale * q . x_i for n rows x_i = x + i*ld elements (d used); q is float64,

@@ -23,6 +23,9 @@
 
 /* Rows up to this length are solved by the exact (sorting) path directly. */
 #define SMALL_ROW 128
+/* Rows up to this length find tail masses from all their weights at once (one vector exp
+ * pass, then the bracket's pass over the stored weights: rank_select_weights). */
+#define WHOLE_TAIL_MAX 4096
 /* Rows up to this length find k_eps from all their weights at once (one vector exp pass,
  * then the weighted selection by rounds) instead of through the sampled bracket and the
  * band pass; the k is the same either way. Which is faster depends on the kernel set, as
@@ -234,6 +237,61 @@ static tka_status band_split_mass(const tka_row *w, tka_arena *s, const double *
 }
 
 static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
+                                 band_mass *bm);
+
+/*
+ * rank_select_in with the masses, for rows of SMALL_ROW to WHOLE_TAIL_MAX logits: every
+ * weight in one vector pass (cheaper there than the band pass computing them as it goes),
+ * then the sampled bracket's one pass over the stored weights (the sums below, inside and
+ * above it, and the bracket gathered with its weights), and the selection within. A rank
+ * outside the bracket goes to rank_select_in.
+ */
+static tka_status rank_select_weights(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
+                                      band_mass *bm)
+{
+    const int64_t n = w->n, ns = sample_size(n, k);
+    double *m = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
+    double *bv = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
+    double *bw = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));
+    double *smp = tka_arena_alloc(s, (size_t)(n + 16) * sizeof(double));  /* then the copy */
+    if (!m || !bv || !bw || !smp) return TKA_ERR_NOMEM;
+    row_sample(w, ns, smp);
+    double lo, hi;
+    rank_bracket(smp, ns, n, k, &lo, &hi);
+    const double up = hi < INFINITY ? nextafter(hi, INFINITY) : INFINITY;
+    w->K->exp_total[w->dt](w->p, n, w->max, m);
+    int64_t nlo;
+    double below, in, above;
+    const int64_t nb =
+        w->K->bracket[w->dt](w->p, m, n, lo, up, bv, bw, &nlo, &below, &in, &above);
+    const int64_t n_above = n - nb - nlo;
+    if (!(n_above < k && k <= n_above + nb)) return rank_select_in(w, k, s, ri, bm);
+    memcpy(smp, bv, (size_t)nb * sizeof(double));  /* the selection reorders its copy */
+    tka_status st = rank_from_band(w, s, smp, nb, k - n_above - 1, n_above, k, ri);
+    if (st != TKA_OK) return st;
+    /* the bracket's split at t: no branch (the sides are random), two chains per side */
+    const double t = ri->t;
+    double a1 = 0.0, b1 = 0.0;
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        above += (double)(bv[i] > t) * bw[i];
+        below += (double)(bv[i] < t) * bw[i];
+        a1 += (double)(bv[i + 1] > t) * bw[i + 1];
+        b1 += (double)(bv[i + 1] < t) * bw[i + 1];
+    }
+    if (i < nb) {
+        above += (double)(bv[i] > t) * bw[i];
+        below += (double)(bv[i] < t) * bw[i];
+    }
+    above += a1;
+    below += b1;
+    bm->have = 1;
+    bm->above = above;
+    bm->below = below;
+    return TKA_OK;
+}
+
+static tka_status rank_select_in(const tka_row *w, int64_t k, tka_arena *s, rank_info *ri,
                                  band_mass *bm)
 {
     if (bm) bm->have = 0;
@@ -320,7 +378,9 @@ static tka_status head_tail_ratio(const tka_row *w, int64_t k, tka_arena *s, ran
 {
     const size_t mark = tka_arena_mark(s);
     band_mass bm;
-    tka_status st = rank_select_in(w, k, s, ri, &bm);
+    tka_status st = w->n > SMALL_ROW && w->n <= WHOLE_TAIL_MAX
+                        ? rank_select_weights(w, k, s, ri, &bm)
+                        : rank_select_in(w, k, s, ri, &bm);
     tka_arena_release(s, mark);
     if (st != TKA_OK) return st;
     if (!bm.have || !(ri->next >= w->max - 600.0)) return ratio_from_rank(w, k, s, ri, lr, head);
@@ -927,8 +987,8 @@ static tka_status keps_bracket(const tka_row *w, const double *m, double budget,
     double *mo = tka_arena_alloc(s, cap * sizeof(double));  /* the rounds' masses */
     if (!bv || !bm || !mo) return TKA_ERR_NOMEM;
     int64_t nlo;
-    double mb, in;
-    const int64_t nb = w->K->bracket[w->dt](w->p, m, n, lo, up, bv, bm, &nlo, &mb, &in);
+    double mb, in, ma;
+    const int64_t nb = w->K->bracket[w->dt](w->p, m, n, lo, up, bv, bm, &nlo, &mb, &in, &ma);
     /* the crossing is below lo, at or above up, or there is no bracket */
     if (!(mb <= budget && mb + in > budget) || nb == 0) return TKA_OK;
     double p[TKA_LT_N], dm, t;

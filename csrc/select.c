@@ -116,10 +116,14 @@ static int64_t part_ge(double *a, int64_t n, double p)
     return j;
 }
 
+/* nth's sets this small are finished by the insertion sort: its branches mispredict, so the
+ * branch-free partitions below go further down than the sort's */
+#define NTH_SMALL 8
+
 void tka_values_nth_desc(double *a, int64_t n, int64_t k)
 {
     int depth = 2 * log2_floor(n) + 4;
-    while (n > SMALL) {
+    while (n > NTH_SMALL) {
         if (depth-- == 0) { heapsort_desc(a, n); return; }
         /* three-way split around a pivot that is one of the elements: a[0..gt) > p,
          * a[gt..eq) == p (at least one), a[eq..n) < p, so every step makes progress */

@@ -1,7 +1,8 @@
 """tail_mass on rows longer than a chunk (65536 logits): one validating pass with the largest
 sampled logit as the masses' reference, or, when that pass cannot decide, the checked path.
 Every way out of the one-pass path against the float64 reference (and mpmath where the tail
-is deep), plus errors, masks and thread-count independence."""
+is deep), plus errors, masks and thread-count independence; and short rows (129 to 4096
+logits) whose sampled bracket misses the k-th largest."""
 import mpmath
 import numpy as np
 import pytest
@@ -114,3 +115,25 @@ def test_same_result_for_any_thread_count(rng):
         topkattn.set_num_threads(before)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(topkattn.log_tail_mass(x[1], ks[1]), one[1])
+
+
+def _sample_positions(n, k):
+    """The positions the bracket of a row of n logits samples for the k-th largest (rows.c:
+    sample_size and row_sample)."""
+    kk = min(k, n - k) + 1
+    ns = int(min(max(2.0 * np.cbrt(kk * n), 64.0), 8192.0, n // 4))
+    return np.minimum(((np.arange(ns) + 0.5) * n / ns).astype(np.int64), n - 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [200, 512, 1000, 4096])
+def test_short_rows_whose_sample_misleads_the_bracket(n, dtype, rng):
+    """Rows of 129 to 4096 logits take every weight first, then one pass over a bracket from
+    the evenly spaced sample. Where the sampled logits are all high (or all low) and the rest
+    the other way, the k-th largest lies outside the bracket and the band path decides."""
+    for k in (3, n // 8, n // 2, n - 5):
+        at = _sample_positions(n, k)
+        for high in (True, False):
+            x = rng.standard_normal(n)
+            x[at] += 12.0 if high else -12.0
+            _check(x.astype(dtype), [k], f"n={n} k={k} sample {'high' if high else 'low'}")

@@ -907,9 +907,8 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
 /*
  * The bracket path of the whole-row selection (keps_in): on rows of BR_MIN_N to BR_MAX_N
  * logits, one pass over a bracket [lo, up) guessed from a sample replaces the first round of
- * drop_levels (its sums below the pivots, then its gathering) and, for Top-k attention, the
- * pass that collects the kept positions. The guess is checked by the pass itself; a row whose
- * crossing it missed goes on by the rounds as before.
+ * drop_levels (its sums below the pivots, then its gathering). The guess is checked by the
+ * pass itself; a row whose crossing it missed goes on by the rounds as before.
  */
 #define BR_MIN_N 256
 #define BR_MAX_N 4096
@@ -1028,9 +1027,10 @@ static tka_status keps_in(const tka_row *w, double eps, tka_arena *s, int64_t *k
     if (!vals || !m || !mo) return TKA_ERR_NOMEM;
     tka_status st = TKA_OK;
     if (eps >= EPS_LINEAR_MIN) {
-        /* every weight (one vector exp pass), then their total with the first round's sums
-         * below pivots drawn from the row (a second pass, over the stored weights), then
-         * the selection from the bottom by rounds */
+        /* every weight (one vector exp pass; on rows of BR_MIN_N to BR_MAX_N it also sums
+         * their total and the bracket path tries first), then the total with the first
+         * round's sums below pivots drawn from the row (a second pass, over the stored
+         * weights), then the selection from the bottom by rounds */
         double p[TKA_LT_N], z, mass0[TKA_LT_N], t = 0.0;
         int done = 0;
         if (n >= BR_MIN_N && n <= BR_MAX_N) {

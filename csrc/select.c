@@ -1,7 +1,7 @@
 /*
  * select.c - sorting and selection on small float64 arrays (candidate sets, sorted rows).
- * Introsort-style: median-of-three quicksort, insertion sort below 24 elements, heapsort
- * when recursion gets deep, so the worst case stays O(n log n).
+ * Introsort-style: median-of-three quicksort, insertion sort below 24 elements (the nth
+ * selection: 8), heapsort when recursion gets deep, so the worst case stays O(n log n).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -116,8 +116,8 @@ static int64_t part_ge(double *a, int64_t n, double p)
     return j;
 }
 
-/* nth's sets this small are finished by the insertion sort: its branches mispredict, so the
- * branch-free partitions below go further down than the sort's */
+/* nth's sets this small are finished by the insertion sort: its branches mispredict, so
+ * nth's branch-free partitions (part_gt, part_ge) go further down than the sort's */
 #define NTH_SMALL 8
 
 void tka_values_nth_desc(double *a, int64_t n, int64_t k)

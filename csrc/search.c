@@ -477,7 +477,9 @@ typedef struct {
     size_t es;
     const double *qs;      /* scaled query */
     double eta;            /* rounding allowance on every logit */
-    double ref;            /* largest block bound: unit of the bound masses */
+    double ref;            /* reference of the levels (stream_ref): unit of the bound masses */
+    double sprobe;         /* the exact logit stream_ref chose it by (-inf if none) */
+    double umax;           /* the largest block bound */
     /* blocks by decreasing bound */
     double *ub;
     int64_t *bord;
@@ -1785,6 +1787,74 @@ typedef struct {
     int64_t t_first; /* the first cut of stream_finish when already known (else -1) */
 } stream_mid;
 
+/*
+ * The reference of the levels, normally the largest block bound u_max: levels cover the
+ * (NLEVELS - 1) LEVEL_W = 127.9 logits below it, and the keys below that range count on
+ * its last level. When the block bounds are loose by more than that (a query of large
+ * norm: the radius term |q'| r of keys in arrival order reached 210 logits with logits of
+ * standard deviation 15), every key landed on the last level, whose mass then stood for
+ * all of them: every key became a candidate and the row was scored in full. Then the
+ * reference is lowered to s + H, s the exact logit of a key of the block with the highest
+ * lower bound q'.c - |q'| r (every key of that block is at least that, so s is too),
+ * H = 127.9 - log(8 n / eps) - 8 (at least 32): the level range reaches e^-8 eps / (8 n) of
+ * e^s <= Z below s (the first cuts' estimates of Z take e^s into account), so keys on the
+ * last level carry a negligible share of the budget.
+ * Bounds above the reference are on level 0, and level 0 is never left unscored: every
+ * cut is >= 0 and blocks and keys on levels <= the cut are read and scored before a
+ * certificate is tested, so the certificate still counts only true bounds (docs/design.md
+ * §4). Without centroid + radius summaries the reference stays u_max.
+ */
+static double stream_headroom(int64_t n, double eps)
+{
+    return fmax(32.0, (double)(NLEVELS - 1) * LEVEL_W - log(8.0 * (double)n / eps) - 8.0);
+}
+
+static double stream_ref(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                         double umax, double eps)
+{
+    const tka_key_index *ix = cx->ix;
+    w->sprobe = -INFINITY;
+    if (!(ix->summary & TKA_SUM_BALL) || !(umax < INFINITY)) return umax;
+    const double H = stream_headroom(w->n, eps);
+    const double *rad = ix->rad + h * ix->cap_blocks;
+    int64_t bl = -1;
+    double lo = -INFINITY;
+    for (int64_t b = 0; b < w->nb; b++) {
+        const double v = w->ub[b] - 2.0 * rb->qn2 * rad[b];
+        if (v > lo) {
+            lo = v;
+            bl = b;
+        }
+    }
+    if (bl < 0 || !(umax - lo > H)) return umax;  /* the range covers every key's logit */
+    double s;
+    score(cx, w, bl * w->bs, 1, &s);
+    if (!(s > -INFINITY)) return umax;
+    w->sprobe = s;  /* Z >= e^s: the first cuts estimate Z with it too */
+    return umax > s + H ? s + H : umax;
+}
+
+/* After a sample whose best key's exact logit s lies more than 8 above the probe of
+ * stream_ref (the probe's block held no key near the top: keys in arrival order, logits of
+ * standard deviation 40 put 3142 keys above the probe's reference on level 0, every one of
+ * them scored for a row whose k_eps was 1): the reference moves up to s + H and the row
+ * forgets what it read (returns 1; the caller reads its sample again, at most REREF_MAX
+ * times). The sample's best key is one of those on its lowest level; when that is level 0,
+ * any key above the reference, so each move raises the reference by more than H. */
+#define REREF_MAX 6
+static int stream_reref(srow *w, const row_bufs *rb, double s, double eps)
+{
+    /* (not once levels_group computed every level against the reference) */
+    if (rb->pre || !(w->sprobe > -INFINITY) || !(s > w->sprobe + 8.0)) return 0;
+    const double ref = fmin(w->umax, s + stream_headroom(w->n, eps));
+    if (!(ref > w->ref)) return 0;
+    w->ref = ref;
+    w->sprobe = s;
+    for (int64_t b = 0; b < NLEVELS; b++) w->lcnt[b] = w->lhead[b] = 0;
+    for (int64_t b = 0; b < w->nb; b++) rb->done[b] = 0;
+    return 1;
+}
+
 /* Streaming search of row r (see above), its first look: block bounds and, for a row whose
  * pass would be shared (share >= 2) over enough blocks, a quarter of the sample. Returns 1
  * when that look predicts that full scoring costs less (md->cost: the look's estimate of
@@ -1801,9 +1871,11 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         w->bytes += by;
         if (w->timing) w->sb[TKA_STAGE_SELECT] += by;
     }
-    double ref = -INFINITY;
-    for (int64_t b = 0; b < nb; b++) if (w->ub[b] > ref) ref = w->ub[b];
-    w->ref = ref;
+    double umax = -INFINITY;
+    for (int64_t b = 0; b < nb; b++) if (w->ub[b] > umax) umax = w->ub[b];
+    w->umax = umax;
+    w->ref = stream_ref(cx, w, h, rb, umax, ck->eps);
+    double ref = w->ref;
     w->m = -INFINITY;
     w->unscored = n;
     w->j = nb;
@@ -1816,14 +1888,20 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         /* a first look at a quarter of the sample: a group where most keys would be
          * candidates switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
          * blocks are among the every STREAM_SAMPLE-th ones: nothing is read twice) */
-        const int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
-        int64_t n2 = 0, ns = 0;
-        for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
+        int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
         double s1;
         score(cx, w, top1, 1, &s1);
+        for (int u = 0; u < REREF_MAX && stream_reref(w, rb, s1, ck->eps); u++) {
+            ref = w->ref;  /* the look again, from s1 */
+            top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
+            score(cx, w, top1, 1, &s1);
+        }
+        int64_t n2 = 0, ns = 0;
+        for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
         const double gap1 = fmax(0.0, (ref - (double)lev[top1] * LEVEL_W) - s1);
         const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
-        const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, exp(s1 - ref), gap1, ck->eps);
+        const double z1 = exp(fmax(s1, w->sprobe) - ref);
+        const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, z1, gap1, ck->eps);
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
         if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
@@ -1843,18 +1921,22 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     const int64_t h = r / cx->a->L, n = sd->n, nb = sd->nb;
     int32_t *lev = rb->lev;
     int64_t *cnt = w->lcnt, *cnt2 = w->lhead;
-    const double ref = w->ref;
     /* sampled_top >= 0: the sample was read by sample_group */
-    const int64_t top = sampled_top >= 0 ? sampled_top
-                                         : stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
-    int64_t n2 = 0, ns = 0;
-    for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
+    int64_t top = sampled_top >= 0 ? sampled_top
+                                   : stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);
     double s0;
     {
         const double t0 = w->timing ? stage_now() : 0.0;
         score(cx, w, top, 1, &s0);
+        for (int u = 0; u < REREF_MAX && stream_reref(w, rb, s0, ck->eps); u++) {
+            top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);  /* again, from s0 */
+            score(cx, w, top, 1, &s0);
+        }
         if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
     }
+    const double ref = w->ref;
+    int64_t n2 = 0, ns = 0;
+    for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
     const double gap = fmax(0.0, (ref - (double)lev[top] * LEVEL_W) - s0);
     cnt[lev[top]]--;
     cnt2[lev[top]] -= cnt2[lev[top]] > 0; /* only an estimate */
@@ -1864,7 +1946,8 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     w->unscored--;
     /* the bulk sample stands for the unsampled keys too */
     const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
-    int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, exp(s0 - ref), gap, ck->eps);
+    const double z0 = exp(fmax(s0, w->sprobe) - ref);
+    int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, z0, gap, ck->eps);
     double below = 0.0;
     for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
     *fallback = 0;
@@ -1889,7 +1972,8 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
 static int64_t stream_first_cut(const search_ctx *cx, const srow *w, const chk_t *ck,
                                 const stream_mid *md)
 {
-    return stream_cut(cx, w->lcnt, NULL, 0.0, -1, exp(md->s0 - w->ref), md->gap, ck->eps);
+    return stream_cut(cx, w->lcnt, NULL, 0.0, -1, exp(fmax(md->s0, w->sprobe) - w->ref),
+                      md->gap, ck->eps);
 }
 
 /* The rest of the streaming search of row r, once the pending blocks up to md->t_expand

@@ -1102,8 +1102,12 @@ static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd
                    * 127.0 * sqrt((double)d) * (1.0 + 0x1p-40);
 }
 
+static double stream_ref(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                         double umax, double eps);
+
 /* Block bounds of row r's head in visiting order (decreasing), their suffix masses in units
- * of e^{ref} (ref = the largest), and the starting state of the search. */
+ * of e^{ref} (ref = the largest, or with proxies stream_ref's), and the starting state of
+ * the search. */
 static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd, srow *w,
                          chk_t *ck, const row_bufs *rb)
 {
@@ -1112,11 +1116,17 @@ static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd,
     block_bounds(cx, w, r / cx->a->L, rb->qn1, rb->qn2);
     w->bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
                                       + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
+    double umax = -INFINITY;
+    for (int64_t b = 0; b < nb; b++) umax = w->ub[b] > umax ? w->ub[b] : umax;
+    w->umax = umax;
+    /* with proxies, the levels' reference as the streaming search chooses it (its probe,
+     * without the samples that move it: score_level then scores level 0 whole first) */
+    const double ref = sd->proxy ? stream_ref(cx, w, r / cx->a->L, rb, umax, ck->eps) : umax;
     for (int64_t b = 0; b < nb; b++) w->bord[b] = b;
     memcpy(w->bsuf, w->ub, (size_t)nb * sizeof(double));
     tka_pairs_sort_desc(w->bsuf, w->bord, nb);
     memcpy(w->ub, w->bsuf, (size_t)nb * sizeof(double)); /* ub now in visiting order */
-    w->ref = w->ub[0];
+    w->ref = ref;
     w->bsuf[nb] = 0.0;
     for (int64_t t = nb - 1; t >= 0; t--) {
         int64_t i0 = w->bord[t] * bs, sz = i0 + bs < n ? bs : n - i0;
@@ -1175,10 +1185,14 @@ static int score_level(const search_ctx *cx, int64_t r, int64_t t, srow *w, chk_
     int64_t *lv = rb->lv, nl = 0;
     for (int64_t e = w->lhead[t]; e >= 0; e = w->lnext[e]) lv[nl++] = w->ekey[e];
     w->lhead[t] = -1;
+    /* below a reference lowered by stream_ref, level 0 also holds keys whose bounds exceed
+     * its mass e^{ref}: no certificate (nor MC checkpoint) until every one is scored */
+    const int whole = t == 0 && w->ref < w->umax;
     for (int64_t u = 0;; u++) {
         /* the running sum drifts by at most one rounding of pool_max per update */
         double pool = w->pool + (double)(w->pool_ops + 4) * 0x1p-52 * w->pool_max;
-        if (try_certify(cx, w, r, ck, pool, lv + u, nl - u, t, s, st)) return 1;
+        if ((!whole || u >= nl) && try_certify(cx, w, r, ck, pool, lv + u, nl - u, t, s, st))
+            return 1;
         if (u >= nl) break;
         if (u + PREFETCH < nl) {
             const char *pk = w->keys + (size_t)(lv[u + PREFETCH] * d) * w->es;
@@ -1794,8 +1808,9 @@ typedef struct {
  * norm: the radius term |q'| r of keys in arrival order reached 210 logits with logits of
  * standard deviation 15), every key landed on the last level, whose mass then stood for
  * all of them: every key became a candidate and the row was scored in full. Then the
- * reference is lowered to s + H, s the exact logit of a key of the block with the highest
- * lower bound q'.c - |q'| r (every key of that block is at least that, so s is too),
+ * reference is lowered to s + H, s the largest exact logit of the block with the highest
+ * lower bound q'.c - |q'| r (a probe: its keys are not counted as scored unless the search
+ * scores them; every key of that block is at least that lower bound, so s is too),
  * H = 127.9 - log(8 n / eps) - 8 (at least 32): the level range reaches e^-8 eps / (8 n) of
  * e^s <= Z below s (the first cuts' estimates of Z take e^s into account), so keys on the
  * last level carry a negligible share of the budget.
@@ -1827,8 +1842,10 @@ static double stream_ref(const search_ctx *cx, srow *w, int64_t h, const row_buf
         }
     }
     if (bl < 0 || !(umax - lo > H)) return umax;  /* the range covers every key's logit */
-    double s;
-    score(cx, w, bl * w->bs, 1, &s);
+    const int64_t i0 = bl * w->bs, m = i0 + w->bs < w->n ? w->bs : w->n - i0;
+    score(cx, w, i0, m, rb->tmpd);
+    double s = -INFINITY;
+    for (int64_t i = 0; i < m; i++) s = rb->tmpd[i] > s ? rb->tmpd[i] : s;
     if (!(s > -INFINITY)) return umax;
     w->sprobe = s;  /* Z >= e^s: the first cuts estimate Z with it too */
     return umax > s + H ? s + H : umax;

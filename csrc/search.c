@@ -1872,6 +1872,20 @@ static int stream_reref(srow *w, const row_bufs *rb, double s, double eps)
     return 1;
 }
 
+/* The exact logit *s of the sample's key `top` (stream_sample's); while stream_reref moves
+ * the reference from it, the sample (every stride-th block and the highest ones) is read
+ * again. Returns the key. */
+static int64_t sample_scored(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
+                             int64_t stride, int64_t top, double eps, double *s)
+{
+    score(cx, w, top, 1, s);
+    for (int u = 0; u < REREF_MAX && stream_reref(w, rb, *s, eps); u++) {
+        top = stream_sample(cx, w, h, rb, w->lcnt, w->lhead, stride);
+        score(cx, w, top, 1, s);
+    }
+    return top;
+}
+
 /* Streaming search of row r (see above), its first look: block bounds and, for a row whose
  * pass would be shared (share >= 2) over enough blocks, a quarter of the sample. Returns 1
  * when that look predicts that full scoring costs less (md->cost: the look's estimate of
@@ -1892,7 +1906,6 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
     for (int64_t b = 0; b < nb; b++) if (w->ub[b] > umax) umax = w->ub[b];
     w->umax = umax;
     w->ref = stream_ref(cx, w, h, rb, umax, ck->eps);
-    double ref = w->ref;
     w->m = -INFINITY;
     w->unscored = n;
     w->j = nb;
@@ -1905,14 +1918,10 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         /* a first look at a quarter of the sample: a group where most keys would be
          * candidates switches without reading the rest (the every STREAM_SAMPLE_QUICK-th
          * blocks are among the every STREAM_SAMPLE-th ones: nothing is read twice) */
-        int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
         double s1;
-        score(cx, w, top1, 1, &s1);
-        for (int u = 0; u < REREF_MAX && stream_reref(w, rb, s1, ck->eps); u++) {
-            ref = w->ref;  /* the look again, from s1 */
-            top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
-            score(cx, w, top1, 1, &s1);
-        }
+        int64_t top1 = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE_QUICK);
+        top1 = sample_scored(cx, w, h, rb, STREAM_SAMPLE_QUICK, top1, ck->eps, &s1);
+        const double ref = w->ref;  /* (which sample_scored may have moved) */
         int64_t n2 = 0, ns = 0;
         for (int64_t b = 0; b < NLEVELS; b++) n2 += cnt2[b], ns += cnt[b];
         const double gap1 = fmax(0.0, (ref - (double)lev[top1] * LEVEL_W) - s1);
@@ -1944,11 +1953,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     double s0;
     {
         const double t0 = w->timing ? stage_now() : 0.0;
-        score(cx, w, top, 1, &s0);
-        for (int u = 0; u < REREF_MAX && stream_reref(w, rb, s0, ck->eps); u++) {
-            top = stream_sample(cx, w, h, rb, cnt, cnt2, STREAM_SAMPLE);  /* again, from s0 */
-            score(cx, w, top, 1, &s0);
-        }
+        top = sample_scored(cx, w, h, rb, STREAM_SAMPLE, top, ck->eps, &s0);
         if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
     }
     const double ref = w->ref;

@@ -89,7 +89,11 @@ class SearchResult:
         ``method="mc"`` it holds with probability >= ``confidence`` on every row where
         ``certified_mc`` is true, and always elsewhere.
     keys_scored : int64 array (...)
-        Distinct keys whose exact logit was computed (<= n).
+        Distinct keys whose exact logit the search computed (<= n). Not counted: the
+        probes that only steer it (a row's first look at its best sampled key, and for
+        queries whose block bounds are looser than the levels cover, the keys of one block
+        that place the levels' reference: docs/design.md §4), unless the search scores
+        those keys again; their bytes are in ``bytes_read``.
     blocks_scored : int64 array (...)
         Blocks whose keys (proxies, or exact keys without proxies) were read.
     proxies_read : int64 array (...)

@@ -911,7 +911,8 @@ static tka_status keps_band(const tka_row *w, double eps, tka_arena *s, int64_t 
  * pass itself; a row whose crossing it missed goes on by the rounds as before.
  */
 #define BR_MIN_N 256
-#define BR_MAX_N 4096
+#define BR_MAX_N 65536 /* rows this long reach the whole-row path only with the AVX2 kernels
+                          (keps_direct_max); docs/design.md §2 has what it measured */
 #define BR_SAMPLE 32
 #define BR_BINS 64
 #define BR_STEP 0.5 /* logits per bin */

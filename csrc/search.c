@@ -1103,7 +1103,7 @@ static void prepare_query(const search_ctx *cx, int64_t r, const search_dims *sd
 }
 
 static double stream_ref(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
-                         double umax, double eps);
+                         double eps, int probe);
 
 /* Block bounds of row r's head in visiting order (decreasing), their suffix masses in units
  * of e^{ref} (ref = the largest, or with proxies stream_ref's), and the starting state of
@@ -1116,12 +1116,9 @@ static void order_blocks(const search_ctx *cx, int64_t r, const search_dims *sd,
     block_bounds(cx, w, r / cx->a->L, rb->qn1, rb->qn2);
     w->bytes += (double)nb * (double)(((ix->summary & TKA_SUM_MINMAX) ? 8 * d : 0)
                                       + ((ix->summary & TKA_SUM_BALL) ? 4 * d + 8 : 0));
-    double umax = -INFINITY;
-    for (int64_t b = 0; b < nb; b++) umax = w->ub[b] > umax ? w->ub[b] : umax;
-    w->umax = umax;
     /* with proxies, the levels' reference as the streaming search chooses it (its probe,
      * without the samples that move it: score_level then scores level 0 whole first) */
-    const double ref = sd->proxy ? stream_ref(cx, w, r / cx->a->L, rb, umax, ck->eps) : umax;
+    const double ref = stream_ref(cx, w, r / cx->a->L, rb, ck->eps, sd->proxy);
     for (int64_t b = 0; b < nb; b++) w->bord[b] = b;
     memcpy(w->bsuf, w->ub, (size_t)nb * sizeof(double));
     tka_pairs_sort_desc(w->bsuf, w->bord, nb);
@@ -1817,7 +1814,8 @@ typedef struct {
  * Bounds above the reference are on level 0, and level 0 is never left unscored: every
  * cut is >= 0 and blocks and keys on levels <= the cut are read and scored before a
  * certificate is tested, so the certificate still counts only true bounds (docs/design.md
- * §4). Without centroid + radius summaries the reference stays u_max.
+ * §4). Without centroid + radius summaries (or without probe) the reference stays u_max;
+ * w->umax is set either way.
  */
 static double stream_headroom(int64_t n, double eps)
 {
@@ -1825,11 +1823,14 @@ static double stream_headroom(int64_t n, double eps)
 }
 
 static double stream_ref(const search_ctx *cx, srow *w, int64_t h, const row_bufs *rb,
-                         double umax, double eps)
+                         double eps, int probe)
 {
     const tka_key_index *ix = cx->ix;
+    double umax = -INFINITY;  /* w->ub in block order */
+    for (int64_t b = 0; b < w->nb; b++) umax = w->ub[b] > umax ? w->ub[b] : umax;
+    w->umax = umax;
     w->sprobe = -INFINITY;
-    if (!(ix->summary & TKA_SUM_BALL) || !(umax < INFINITY)) return umax;
+    if (!probe || !(ix->summary & TKA_SUM_BALL) || !(umax < INFINITY)) return umax;
     const double H = stream_headroom(w->n, eps);
     const double *rad = ix->rad + h * ix->cap_blocks;
     int64_t bl = -1;
@@ -1902,10 +1903,7 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         w->bytes += by;
         if (w->timing) w->sb[TKA_STAGE_SELECT] += by;
     }
-    double umax = -INFINITY;
-    for (int64_t b = 0; b < nb; b++) if (w->ub[b] > umax) umax = w->ub[b];
-    w->umax = umax;
-    w->ref = stream_ref(cx, w, h, rb, umax, ck->eps);
+    w->ref = stream_ref(cx, w, h, rb, ck->eps, 1);
     w->m = -INFINITY;
     w->unscored = n;
     w->j = nb;

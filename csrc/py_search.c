@@ -68,16 +68,16 @@ static int get_v(PyObject *o, npy_intp heads, npy_intp n, PyArrayObject **out)
 }
 
 /* Fill a tka_key_index from the tuple (keys, perm, n, block_size, summary, lo, hi, ctr,
- * rad, pz, pscale, perr, maxabs). Borrowed references only. */
+ * rad, pz, pscale, perr, maxabs[, mom]). Borrowed references only. */
 static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int writable)
 {
-    PyObject *keys, *perm, *lo, *hi, *ctr, *rad, *pz, *pscale, *perr, *maxabs;
+    PyObject *keys, *perm, *lo, *hi, *ctr, *rad, *pz, *pscale, *perr, *maxabs, *mom = Py_None;
     long long n, bs;
     int summary;
     memset(ix, 0, sizeof *ix);
     memset(o, 0, sizeof *o);
-    if (!PyArg_ParseTuple(t, "OOLLiOOOOOOOO", &keys, &perm, &n, &bs, &summary, &lo, &hi, &ctr,
-                          &rad, &pz, &pscale, &perr, &maxabs))
+    if (!PyArg_ParseTuple(t, "OOLLiOOOOOOOO|O", &keys, &perm, &n, &bs, &summary, &lo, &hi,
+                          &ctr, &rad, &pz, &pscale, &perr, &maxabs, &mom))
         return -1;
     if (!PyArray_Check(keys) || PyArray_NDIM((PyArrayObject *)keys) != 3) {
         PyErr_SetString(PyExc_ValueError, "index keys must be a (heads, cap, d) array");
@@ -136,6 +136,11 @@ static int parse_index(PyObject *t, tka_key_index *ix, tka_key_index_out *o, int
         cap_blocks = PyArray_DIM(a, 1);
         ix->ctr = o->ctr = PyArray_DATA(a);
         ix->rad = o->rad = PyArray_DATA(b);
+        if (mom != Py_None) {  /* the blocks' second moments (optional) */
+            npy_intp s_mom[3] = {H, cap_blocks, 2};
+            if (get_arr(mom, "mom", NPY_FLOAT64, 3, s_mom, writable, &a) < 0) return -1;
+            ix->mom = o->mom = PyArray_DATA(a);
+        }
     }
     if (cap_blocks < cb) {
         PyErr_SetString(PyExc_ValueError, "index block arrays are too short");

@@ -199,10 +199,10 @@ static tka_status order_ranges(void *ctx, int64_t r0, int64_t r1, tka_arena *s, 
     return TKA_OK;
 }
 
-tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d, int64_t bs,
-                           int64_t *perm)
+/* The tree over the n rows at keys (their positions in perm move with them). */
+static tka_status order_tree(void *keys, tka_dtype dt, int64_t n, int64_t d, int64_t bs,
+                             int64_t *perm)
 {
-    for (int64_t i = 0; i < n; i++) perm[i] = i;
     if (n <= bs) return TKA_OK;
     order_ctx c = {.keys = keys, .perm = perm, .dt = dt, .d = d, .bs = bs,
                    .K = tka_kernels_active()};
@@ -249,6 +249,156 @@ tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d, int64
     return st;
 }
 
+/*
+ * Repair passes. The median splits cut through groups of similar keys (clusters) at every
+ * level of the tree, and each cut leaves the pieces on either side in blocks shared with
+ * other groups: on clustered keys (segments of 32-256 keys near 512 centres, n = 262144,
+ * d = 128) a third of the blocks had radii about three times the typical one, and these
+ * blocks, whose bounds no summary can make tight, were most of what a row's search read.
+ * So the blocks whose radius exceeds REPAIR_LOOSE times the median are gathered at the end
+ * (whole blocks swapped) and ordered again by the tree among themselves: pieces of one
+ * group that the first tree left in different branches meet again. Up to REPAIR_PASSES
+ * passes, while each pass leaves at most REPAIR_GAIN of the previous pass's loose blocks
+ * (that data: 34% -> 19% -> 13% -> 10% of the blocks). Keys without such groups have
+ * few loose blocks: little to redo. Only the full blocks take part (the last one, partial,
+ * stays last); the result depends only on the keys (not on the thread count).
+ */
+#define REPAIR_PASSES 3
+#define REPAIR_LOOSE 1.5
+#define REPAIR_GAIN 0.8
+enum { REPAIR_UNIT = 64 };  /* blocks per unit of the radius pass */
+
+typedef struct {
+    const char *keys;
+    tka_dtype dt;
+    int64_t d, bs, nb;
+    double *rad2;  /* per block: the largest squared distance of a key to the block's mean */
+} radius_ctx;
+
+/* a row of keys (any dtype) as float64, by the axpy kernel (1 * x + 0: exact) */
+static inline void row_f64(const tka_kernels *K, const char *keys, tka_dtype dt, int64_t i,
+                           int64_t d, double *out)
+{
+    memset(out, 0, (size_t)d * sizeof(double));
+    K->axpy[dt](keys + (size_t)(i * d) * esize(dt), d, 1.0, out);
+}
+
+/* sum_j (a_j - b_j)^2 in four chains */
+static inline double sqdist(const double *a, const double *b, int64_t d)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= d; j += 4) {
+        const double e0 = a[j] - b[j], e1 = a[j + 1] - b[j + 1];
+        const double e2 = a[j + 2] - b[j + 2], e3 = a[j + 3] - b[j + 3];
+        s0 += e0 * e0;
+        s1 += e1 * e1;
+        s2 += e2 * e2;
+        s3 += e3 * e3;
+    }
+    for (; j < d; j++) s0 += (a[j] - b[j]) * (a[j] - b[j]);
+    return (s0 + s1) + (s2 + s3);
+}
+
+static tka_status block_radii(void *ctx, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
+{
+    const radius_ctx *c = ctx;
+    const int64_t d = c->d, bs = c->bs;
+    const tka_kernels *K = tka_kernels_active();
+    const size_t mark = tka_arena_mark(s);
+    double *mu = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    double *row = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    if (!mu || !row) {
+        tka_arena_release(s, mark);
+        *err_row = u0;
+        return TKA_ERR_NOMEM;
+    }
+    for (int64_t b = u0 * REPAIR_UNIT; b < u1 * REPAIR_UNIT && b < c->nb; b++) {
+        const int64_t i0 = b * bs;
+        memset(mu, 0, (size_t)d * sizeof(double));
+        for (int64_t i = i0; i < i0 + bs; i++)
+            K->axpy[c->dt](c->keys + (size_t)(i * d) * esize(c->dt), d, 1.0, mu);
+        for (int64_t j = 0; j < d; j++) mu[j] /= (double)bs;
+        double r = 0.0;
+        for (int64_t i = i0; i < i0 + bs; i++) {
+            row_f64(K, c->keys, c->dt, i, d, row);
+            const double q = sqdist(row, mu, d);
+            r = q > r ? q : r;
+        }
+        c->rad2[b] = isfinite(r) ? r : 0.0;
+    }
+    tka_arena_release(s, mark);
+    return TKA_OK;
+}
+
+/* Swap blocks a and b (bs rows each, and their positions); tmp: bs rows. */
+static void swap_blocks(char *keys, int64_t *perm, size_t rb, int64_t bs, int64_t a, int64_t b,
+                        char *tmp, int64_t *ptmp)
+{
+    const size_t len = (size_t)bs * rb;
+    memcpy(tmp, keys + (size_t)a * len, len);
+    memcpy(keys + (size_t)a * len, keys + (size_t)b * len, len);
+    memcpy(keys + (size_t)b * len, tmp, len);
+    memcpy(ptmp, perm + a * bs, (size_t)bs * sizeof(int64_t));
+    memcpy(perm + a * bs, perm + b * bs, (size_t)bs * sizeof(int64_t));
+    memcpy(perm + b * bs, ptmp, (size_t)bs * sizeof(int64_t));
+}
+
+static tka_status order_repair(void *keys, tka_dtype dt, int64_t n, int64_t d, int64_t bs,
+                               int64_t *perm)
+{
+    const int64_t nb = n / bs;
+    if (nb < 8) return TKA_OK;
+    const size_t rb = (size_t)d * esize(dt);
+    double *rad2 = malloc((size_t)nb * 2 * sizeof(double));
+    char *tmp = malloc((size_t)bs * rb);
+    int64_t *ptmp = malloc((size_t)bs * sizeof(int64_t));
+    tka_status st = rad2 && tmp && ptmp ? TKA_OK : TKA_ERR_NOMEM;
+    int64_t prev = nb;
+    for (int pass = 0; pass < REPAIR_PASSES && st == TKA_OK; pass++) {
+        radius_ctx rc = {keys, dt, d, bs, nb, rad2};
+        int64_t bad = -1;
+        st = tka_rows_run_parallel((nb + REPAIR_UNIT - 1) / REPAIR_UNIT, (double)n * (double)d * 3.0,
+                                   block_radii, &rc, &bad);
+        if (st != TKA_OK) break;
+        double *srt = rad2 + nb;
+        memcpy(srt, rad2, (size_t)nb * sizeof(double));
+        tka_values_nth_desc(srt, nb, nb / 2);
+        const double lim = REPAIR_LOOSE * REPAIR_LOOSE * srt[nb / 2];  /* squared radii */
+        if (!(lim > 0.0)) break;
+        /* the loose blocks to the end, in one sweep from both sides */
+        int64_t lo = 0, hi = nb - 1, loose = 0;
+        for (int64_t b = 0; b < nb; b++) loose += rad2[b] > lim;
+        if (loose < 2 || (double)loose > REPAIR_GAIN * (double)prev) break;
+        for (;;) {
+            while (lo < nb && !(rad2[lo] > lim)) lo++;
+            while (hi >= 0 && rad2[hi] > lim) hi--;
+            if (lo >= hi) break;
+            swap_blocks(keys, perm, rb, bs, lo, hi, tmp, ptmp);
+            const double t = rad2[lo];
+            rad2[lo] = rad2[hi];
+            rad2[hi] = t;
+        }
+        const int64_t first = nb - loose;
+        st = order_tree((char *)keys + (size_t)(first * bs) * rb, dt, loose * bs, d, bs,
+                        perm + first * bs);
+        prev = loose;
+    }
+    free(rad2);
+    free(tmp);
+    free(ptmp);
+    return st;
+}
+
+tka_status tka_index_order(void *keys, tka_dtype dt, int64_t n, int64_t d, int64_t bs,
+                           int64_t *perm)
+{
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    tka_status st = order_tree(keys, dt, n, d, bs, perm);
+    if (st == TKA_OK) st = order_repair(keys, dt, n, d, bs, perm);
+    return st;
+}
+
 /* ================================================================== filling */
 
 /* The work is cut into units of up to FILL_BLOCKS blocks of one head, so that one large head
@@ -261,6 +411,7 @@ typedef struct {
     int64_t k0;
     int64_t b_first, units_per_head;  /* first block to recompute; units of each head */
     double *unit_max;                 /* per unit: the largest |key| of its new keys */
+    const tka_kernels *K;             /* for the blocks' second moments */
 } fill_ctx;
 
 /*
@@ -310,15 +461,195 @@ static void fill_codes4(const tka_key_index *ix, const tka_key_index_out *o, con
     }
 }
 
+/*
+ * The second moments of one block (keys [i0, i1), m of them, centroid ctr as stored) for
+ * the streaming search's block mass bound (docs/design.md §4): with e_i = k_i - ctr (real
+ * numbers), out[0] >= lambda_max(G), G = (e_i . e_j) the m x m Gram matrix (whose nonzero
+ * eigenvalues are those of sum_i e_i e_i^T), and out[1] >= ||sum_i e_i||. Both are +inf
+ * when not computed (blocks of more than MOM_MAX_BS keys, non-finite or huge deviations).
+ *
+ * How lambda_max is bounded, and why every term is an upper bound:
+ * - e'_i = 2^p e_i, p chosen so that max |e'_ij| lies in [1, 2) (exact scaling), rounded
+ *   to float32 rows x_i: ||x_i - e'_i|| <= u ||e'_i|| + 2^-149 sqrt(d), u = 2^-23 (the
+ *   rounding of k - ctr in float64 included).
+ * - Ghat_ij: x_i . x_j by the sdot kernels (float32 fused multiply-adds in lanes, lanes
+ *   summed): within gamma |x_i| |x_j| (+ d 2^-149 for underflowed products),
+ *   gamma = (d + 8) 2^-23, about twice the accumulation's gamma_d. Only the upper triangle
+ *   is used (Ghat symmetric), so Ghat = G' + D, ||D||_F <= (gamma + 3u) sum_i |x_i|^2 (1 + 3u)
+ *   + m d 2^-140 (G' the Gram matrix of e').
+ * - Weyl: lambda_max(G') <= lambda_max(Ghat) + ||D||_2, and for a real symmetric matrix
+ *   lambda_max(Ghat)^4 <= sum_k lambda_k^4 = ||Ghat^2||_F^2.
+ * - Hhat = Ghat Ghat in float64 (the dot kernels): ||Hhat - Ghat^2||_F <= gm ||Ghat||_F^2,
+ *   gm = (m + 8) 2^-52; the Frobenius norms are sums of squares in float64 (relative error
+ *   below (m^2 + 8) 2^-52, padded by a factor 1 + 2^-30 each).
+ * - Also lambda_max(G') <= tr G' = sum_i |e'_i|^2 <= sum_i |x_i|^2 (1 + 3u) (+ the underflow
+ *   term): the smaller of the two bounds is kept, and scaled back by 2^-2p.
+ * ||sum_i e_i||: the float64 sum of the m deviations per dimension is within
+ * (m + 2) 2^-52 sum_i |e_ij| of the real one; summed over j in norm, that is at most
+ * (m + 2) 2^-52 sum_i |e_i| <= (m + 2) 2^-52 sqrt(m sum_i |e_i|^2).
+ * sc: scratch of mom_scratch_bytes(d).
+ */
+#define MOM_MAX_BS 256
+static size_t mom_scratch_bytes(int64_t d)
+{
+    const size_t dp = (size_t)(d + 15) / 16 * 16, mp = MOM_MAX_BS + 8;
+    const size_t g = MOM_MAX_BS * (mp > dp ? mp : dp);  /* G, or the deviations before it */
+    return MOM_MAX_BS * dp * sizeof(float) + (g + 4 * MOM_MAX_BS + 2 * dp) * sizeof(double) + 128;
+}
+
+static void block_moments(const tka_kernels *K, const tka_key_index *ix, const char *kb,
+                          int64_t i0, int64_t i1, const float *ctr, void *sc, double *out)
+{
+    const int64_t d = ix->d, m = i1 - i0;
+    out[0] = out[1] = INFINITY;
+    if (m < 1 || m > MOM_MAX_BS) return;
+    const int64_t dp = (d + 15) / 16 * 16, mp = (m + 7) / 8 * 8;
+    float *x = sc;
+    double *G = (double *)((char *)sc + (size_t)(MOM_MAX_BS * dp) * sizeof(float));
+    const int64_t gmax = MOM_MAX_BS * (MOM_MAX_BS + 8 > dp ? MOM_MAX_BS + 8 : dp);
+    double *H4 = G + gmax, *ssum = H4 + 4 * MOM_MAX_BS;
+    memset(ssum + dp, 0, (size_t)d * sizeof(double));
+    /* the deviations (float64, rows of dp in G's room until G is computed), their largest
+     * magnitude, their sum per dimension, their squared norms */
+    double *ev = G;
+    double emax = 0.0, tr = 0.0, en1 = 0.0;
+    memset(ssum, 0, (size_t)d * sizeof(double));
+    for (int64_t i = 0; i < m; i++) {
+        double *e = ev + i * dp;
+        row_f64(K, kb, ix->dtype, i0 + i, d, e);
+        for (int64_t j = 0; j < d; j++) {
+            e[j] -= (double)ctr[j];
+            ssum[j] += e[j];
+        }
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;  /* the largest |e_ij|, four chains */
+        int64_t j = 0;
+        for (; j + 4 <= d; j += 4) {  /* (a NaN makes tr NaN below) */
+            const double v0 = fabs(e[j]), v1 = fabs(e[j + 1]);
+            const double v2 = fabs(e[j + 2]), v3 = fabs(e[j + 3]);
+            a0 = v0 > a0 ? v0 : a0;
+            a1 = v1 > a1 ? v1 : a1;
+            a2 = v2 > a2 ? v2 : a2;
+            a3 = v3 > a3 ? v3 : a3;
+        }
+        for (; j < d; j++) a0 = fabs(e[j]) > a0 ? fabs(e[j]) : a0;
+        a0 = a1 > a0 ? a1 : a0;
+        a2 = a3 > a2 ? a3 : a2;
+        a0 = a2 > a0 ? a2 : a0;
+        emax = a0 > emax ? a0 : emax;
+        const double q = sqdist(e, ssum + dp, d);  /* (ssum + dp: d zeros) */
+        tr += q;
+        en1 += sqrt(q);
+    }
+    if (!(emax < 1e300) || !(tr < INFINITY)) return;
+    const double g52 = 0x1p-52;
+    double sn = 0.0;
+    for (int64_t j = 0; j < d; j++) sn += ssum[j] * ssum[j];
+    out[1] = nextafter((sqrt(sn) * (1.0 + (double)(d + 4) * g52)
+                        + (double)(m + 2) * g52 * en1 * (1.0 + (double)(d + 4) * g52))
+                       * (1.0 + 0x1p-40), INFINITY);
+    if (emax == 0.0) {  /* every key on its centroid */
+        out[0] = 0.0;
+        return;
+    }
+    int p2;
+    frexp(emax, &p2);  /* emax = f 2^p2, f in [0.5, 1): 2^(1 - p2) emax in [1, 2) */
+    const int p = 1 - p2;
+    memset(x, 0, (size_t)(m * dp) * sizeof(float));
+    const double sc2 = ldexp(1.0, p);  /* (products below 2^-1022 underflow: far below the
+                                          2^-149 allowed per element) */
+    double tx = 0.0;  /* sum_i |x_i|^2 */
+    for (int64_t i = 0; i < m; i++) {
+        double t0 = 0.0, t1 = 0.0;
+        int64_t j = 0;
+        for (; j < d; j++) x[i * dp + j] = (float)(ev[i * dp + j] * sc2);
+        for (j = 0; j + 2 <= d; j += 2) {
+            t0 += (double)x[i * dp + j] * (double)x[i * dp + j];
+            t1 += (double)x[i * dp + j + 1] * (double)x[i * dp + j + 1];
+        }
+        if (j < d) t0 += (double)x[i * dp + j] * (double)x[i * dp + j];
+        tx += t0 + t1;
+    }
+    tx *= 1.0 + (double)(m * d + 8) * g52;
+    /* Ghat, row by row (four rows per call), only i <= j kept and mirrored */
+    memset(G, 0, (size_t)(m * mp) * sizeof(double));
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) K->sdot4(x, m, dp, x + i * dp, dp, d, 1.0, G + i * mp, mp);
+    for (; i < m; i++) K->sdot(x, m, dp, x + i * dp, d, 1.0, G + i * mp);
+    double gf = 0.0;  /* ||Ghat||_F^2 */
+    for (int64_t a = 0; a < m; a++)
+        for (int64_t b = a; b < m; b++) {
+            const double v = G[a * mp + b];
+            G[b * mp + a] = v;
+            gf += (a == b ? 1.0 : 2.0) * v * v;
+        }
+    gf *= 1.0 + 0x1p-30;
+    /* ||Ghat^2||_F^2 from Hhat = Ghat Ghat, four rows at a time */
+    double hf = 0.0;
+    for (i = 0; i < m; i += 4) {
+        const int64_t r = m - i < 4 ? m - i : 4;
+        if (r == 4) {
+            K->dot4[TKA_F64](G, m, mp, G + i * mp, mp, m, 1.0, H4, MOM_MAX_BS);
+        } else {
+            for (int64_t t = 0; t < r; t++)
+                K->dot[TKA_F64](G, m, mp, G + (i + t) * mp, m, 1.0, H4 + t * MOM_MAX_BS);
+        }
+        for (int64_t t = 0; t < r; t++)
+            for (int64_t b = 0; b < m; b++) hf += H4[t * MOM_MAX_BS + b] * H4[t * MOM_MAX_BS + b];
+    }
+    hf *= 1.0 + 0x1p-30;
+    const double u = 0x1p-23, gam = (double)(d + 8) * 0x1p-23;
+    const double under = (double)m * (double)d * 0x1p-140;
+    const double dnorm = (gam + 3.0 * u) * tx * (1.0 + 3.0 * u) + under;
+    const double g2 = sqrt(sqrt(hf) * (1.0 + 0x1p-30) + (double)(m + 8) * g52 * gf)
+                      * (1.0 + 0x1p-30);
+    double lam = g2 + dnorm;
+    const double trb = tx * (1.0 + 3.0 * u) + under;
+    if (trb < lam) lam = trb;
+    out[0] = nextafter(ldexp(lam * (1.0 + 0x1p-30), -2 * p), INFINITY);
+}
+
+/* The largest |x_j| of d float64 values, four chains (a NaN is skipped, as by a > m). */
+static inline double absmax(const double *x, int64_t d)
+{
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= d; j += 4) {
+        const double v0 = fabs(x[j]), v1 = fabs(x[j + 1]), v2 = fabs(x[j + 2]), v3 = fabs(x[j + 3]);
+        a0 = v0 > a0 ? v0 : a0;
+        a1 = v1 > a1 ? v1 : a1;
+        a2 = v2 > a2 ? v2 : a2;
+        a3 = v3 > a3 ? v3 : a3;
+    }
+    for (; j < d; j++) a0 = fabs(x[j]) > a0 ? fabs(x[j]) : a0;
+    a0 = a1 > a0 ? a1 : a0;
+    a2 = a3 > a2 ? a3 : a2;
+    return a2 > a0 ? a2 : a0;
+}
+
+/* x rounded to an integer, ties to even (as nearbyint in the default rounding mode), for
+ * |x| < 2^51 */
+static inline double round_ne(double x)
+{
+    const double big = copysign(0x1.8p52, x);
+    return (x + big) - big;
+}
+
 static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
 {
     fill_ctx *cx = c;
     const tka_key_index *ix = cx->ix;
     const tka_key_index_out *o = cx->o;
+    const tka_kernels *K = cx->K;
     const int64_t d = ix->d, bs = ix->block_size, n = ix->n;
     const size_t mark = tka_arena_mark(s);
-    double *acc = tka_arena_alloc(s, (size_t)d * sizeof(double));
-    if (!acc) {
+    double *acc = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    double *row = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    double *lo = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    double *hi = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    double *ct = tka_arena_alloc(s, (size_t)(d + 8) * sizeof(double));
+    void *msc = o->mom ? tka_arena_alloc(s, mom_scratch_bytes(d)) : NULL;
+    if (!acc || !row || !lo || !hi || !ct || (o->mom && !msc)) {
+        tka_arena_release(s, mark);
         *err_row = u0;
         return TKA_ERR_NOMEM;
     }
@@ -331,44 +662,55 @@ static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int6
         const int64_t k_hi = bu_end * bs < n ? bu_end * bs : n;
         const char *kb = (const char *)ix->keys + (size_t)(h * ix->cap * d) * esize(ix->dtype);
         double mx = 0.0;
-        for (int64_t i = k_lo * d; i < k_hi * d; i++) {
-            double a = fabs(key_at(kb, ix->dtype, i));
+        for (int64_t i = k_lo; i < k_hi; i++) {
+            row_f64(K, kb, ix->dtype, i, d, row);
+            const double a = absmax(row, d);
             if (a > mx) mx = a;
         }
         cx->unit_max[un] = mx;
         for (int64_t b = bu; b < bu_end && b * bs < n; b++) {
             const int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
             const size_t bo = (size_t)(h * ix->cap_blocks + b) * (size_t)d;
-            if (ix->summary & TKA_SUM_MINMAX) {
-                float *lo = o->lo + bo, *hi = o->hi + bo;
+            /* one pass: the block's per-dimension extremes and sums */
+            for (int64_t j = 0; j < d; j++) {
+                lo[j] = INFINITY;
+                hi[j] = -INFINITY;
+            }
+            memset(acc, 0, (size_t)d * sizeof(double));
+            for (int64_t i = i0; i < i1; i++) {
+                row_f64(K, kb, ix->dtype, i, d, row);
                 for (int64_t j = 0; j < d; j++) {
-                    double l = INFINITY, u = -INFINITY;
-                    for (int64_t i = i0; i < i1; i++) {
-                        double x = key_at(kb, ix->dtype, i * d + j);
-                        if (x < l) l = x;
-                        if (x > u) u = x;
-                    }
-                    lo[j] = f32_down(l);
-                    hi[j] = f32_up(u);
+                    lo[j] = row[j] < lo[j] ? row[j] : lo[j];
+                    hi[j] = row[j] > hi[j] ? row[j] : hi[j];
+                }
+                K->axpy[TKA_F64](row, d, 1.0, acc);  /* acc += row (1 * x exact) */
+            }
+            if (ix->summary & TKA_SUM_MINMAX) {
+                float *lo32 = o->lo + bo, *hi32 = o->hi + bo;
+                for (int64_t j = 0; j < d; j++) {
+                    lo32[j] = f32_down(lo[j]);
+                    hi32[j] = f32_up(hi[j]);
                 }
             }
             if (ix->summary & TKA_SUM_BALL) {
                 float *ctr = o->ctr + bo;
-                memset(acc, 0, (size_t)d * sizeof(double));
-                for (int64_t i = i0; i < i1; i++)
-                    for (int64_t j = 0; j < d; j++) acc[j] += key_at(kb, ix->dtype, i * d + j);
-                for (int64_t j = 0; j < d; j++) ctr[j] = (float)(acc[j] / (double)(i1 - i0));
+                for (int64_t j = 0; j < d; j++) {
+                    ctr[j] = (float)(acc[j] / (double)(i1 - i0));
+                    ct[j] = (double)ctr[j];
+                }
                 double r = 0.0;
                 for (int64_t i = i0; i < i1; i++) {
-                    double ss = 0.0;
-                    for (int64_t j = 0; j < d; j++) {
-                        double e = key_at(kb, ix->dtype, i * d + j) - (double)ctr[j];
-                        ss += e * e;
-                    }
+                    row_f64(K, kb, ix->dtype, i, d, row);
+                    const double ss = sqdist(row, ct, d);
                     if (ss > r) r = ss;
+                    else if (ss != ss) r = INFINITY;
                 }
-                /* radius of the stored (rounded) centroid, rounded up */
+                /* radius of the stored (rounded) centroid, rounded up (the padding covers
+                 * the rounding of the sum of squares in any order) */
                 o->rad[h * ix->cap_blocks + b] = nextafter(sqrt(r) * pad, INFINITY);
+                if (o->mom)
+                    block_moments(K, ix, kb, i0, i1, ctr, msc,
+                                  o->mom + 2 * (h * ix->cap_blocks + b));
                 if (o->pz4) fill_codes4(ix, o, kb, h, i0, i1, ctr, pad);
             }
         }
@@ -376,26 +718,38 @@ static tka_status fill_units(void *c, int64_t u0, int64_t u1, tka_arena *s, int6
             for (int64_t i = k_lo; i < k_hi; i++) {
                 const size_t ko = (size_t)(h * ix->cap + i);
                 int8_t *z = o->pz + ko * (size_t)d;
-                double m = 0.0;
-                for (int64_t j = 0; j < d; j++) {
-                    double a = fabs(key_at(kb, ix->dtype, i * d + j));
-                    if (a > m) m = a;
-                }
+                row_f64(K, kb, ix->dtype, i, d, row);
+                const double m = absmax(row, d);
                 /* the scale must be a normal float32 with k / scale within [-127, 127] */
                 float sc = f32_up(m / 127.0);
                 if (!(m > 1e-30 && m < 1e37)) sc = 0.0f;
-                double ss = 0.0;
-                for (int64_t j = 0; j < d; j++) {
-                    double x = key_at(kb, ix->dtype, i * d + j);
-                    double t = sc > 0.0f ? nearbyint(x / (double)sc) : 0.0;
-                    if (t > 127.0) t = 127.0;
-                    if (t < -127.0) t = -127.0;
-                    z[j] = (int8_t)t;
-                    double e = x - (double)sc * t; /* sc * t is exact in float64 */
-                    ss += e * e;
+                const double scd = (double)sc;
+                /* the codes (in acc), then the residual k - sc t (sc t exact in float64) */
+                if (sc > 0.0f) {
+                    for (int64_t j = 0; j < d; j++) {
+                        double t = round_ne(row[j] / scd);
+                        t = t > 127.0 ? 127.0 : t;
+                        acc[j] = t < -127.0 ? -127.0 : t;
+                    }
+                } else {
+                    memset(acc, 0, (size_t)d * sizeof(double));
+                }
+                double s0 = 0.0, s1 = 0.0;
+                int64_t j = 0;
+                for (; j + 2 <= d; j += 2) {
+                    z[j] = (int8_t)acc[j];
+                    z[j + 1] = (int8_t)acc[j + 1];
+                    const double e0 = row[j] - scd * acc[j], e1 = row[j + 1] - scd * acc[j + 1];
+                    s0 += e0 * e0;
+                    s1 += e1 * e1;
+                }
+                if (j < d) {
+                    z[j] = (int8_t)acc[j];
+                    const double e0 = row[j] - scd * acc[j];
+                    s0 += e0 * e0;
                 }
                 o->pscale[ko] = sc;
-                o->perr[ko] = f32_up(nextafter(sqrt(ss) * pad, INFINITY));
+                o->perr[ko] = f32_up(nextafter(sqrt(s0 + s1) * pad, INFINITY));
             }
         }
     }
@@ -414,7 +768,7 @@ tka_status tka_index_fill(const tka_key_index *ix, const tka_key_index_out *out,
     const int64_t units = ix->heads * per;
     double *unit_max = malloc((size_t)units * sizeof(double));
     if (!unit_max) return TKA_ERR_NOMEM;
-    fill_ctx cx = {ix, out, k0, b_first, per, unit_max};
+    fill_ctx cx = {ix, out, k0, b_first, per, unit_max, tka_kernels_active()};
     double work = (double)ix->heads * (double)(ix->n - k0) * (double)ix->d * 4.0;
     int64_t bad = -1;
     tka_status st = tka_rows_run_parallel(units, work, fill_units, &cx, &bad);
@@ -482,6 +836,10 @@ typedef struct {
     double umax;           /* the largest block bound */
     /* blocks by decreasing bound */
     double *ub;
+    double *um;            /* streaming, with the blocks' moments: per block a bound whose e^um
+                              times the block's size bounds its keys' mass (else NULL) */
+    double *um_buf;        /* storage for um */
+    double zbudget;        /* with um: the unscored mass the sample's cut leaves (units e^ref) */
     int64_t *bord;
     double *bsuf;          /* bsuf[j] >= sum_{t >= j} |B_t| e^{ub_t - ref} */
     int64_t j;             /* next unexpanded block */
@@ -946,7 +1304,7 @@ typedef struct {
 static size_t row_bytes(const search_dims *sd)
 {
     const size_t n = (size_t)sd->n, nb = (size_t)sd->nb, d = (size_t)sd->d, bs = (size_t)sd->bs;
-    size_t n8 = d + nb * 3 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
+    size_t n8 = d + nb * 4 + 1 + n * 2 + bs + (sd->proxy ? 3 * n + nb + 2 * NLEVELS : 0)
               + (sd->mc && sd->proxy ? 2 * n : 0);
     return n8 * 8 + (bs + (sd->proxy ? n + nb : 0)) * sizeof(int32_t) + d * sizeof(int16_t)
          + (sd->mc ? n : 0) + (sd->proxy ? nb : 0) + 64;
@@ -962,6 +1320,7 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
     double *p8 = (double *)buf;
     rb->qs = p8; p8 += d;
     w->ub = p8; p8 += nb;
+    double *um = p8; p8 += nb;
     w->bsuf = p8; p8 += nb + 1;
     w->sv = p8; p8 += n;
     rb->tmpd = p8; p8 += bs;
@@ -989,6 +1348,7 @@ static void carve_row(char *buf, const search_dims *sd, srow *w, chk_t *ck, row_
     rb->done = p1;
     rb->pre = 0;
     w->n = n; w->d = d; w->bs = bs; w->nb = nb;
+    w->um_buf = um;
 }
 
 /*
@@ -1270,6 +1630,16 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 #define STREAM_SAMPLE_QUICK 32
 /* blocks whose bound's level is within this many levels of the first cut are read at once */
 #define STREAM_AHEAD 16
+/* With block mass bounds (srow.um), the pending blocks whose mass level lies within
+ * STREAM_MASS_AHEAD levels of the cut are read before the cut's keys are scored, in bands
+ * of STREAM_MASS_BAND levels from the highest, the cut taken again after each band. A
+ * block's mass level is that of the mean of its 64 keys' masses, and reading it (about the
+ * cost of scoring 10 keys) usually removes most of that mass; taken like a key's level
+ * instead, a row whose distant blocks held much of the bound kept its cut below them, and
+ * scored every key above it (clustered keys, n = 2^20, d = 128: 48493 keys scored against
+ * k_eps = 684; with the bands 692). */
+#define STREAM_MASS_AHEAD 16
+#define STREAM_MASS_BAND 8
 /* candidate keys whose rows are prefetched ahead of the run being scored */
 #define SCORE_AHEAD 8
 /* more candidates than this share of the keys: score them all */
@@ -1465,8 +1835,9 @@ static double stream_mass_above(const search_ctx *cx, const int64_t *cnt, int64_
  * e^{-gap} (the typical distance between a bound and the logit). A heuristic only: the
  * certificate is checked on the exact sums afterwards.
  */
-static int64_t stream_cut(const search_ctx *cx, const int64_t *cnt, const int64_t *cnt2,
-                          double x2, int64_t t0, double zk, double gap, double eps)
+static int64_t stream_cut_z(const search_ctx *cx, const int64_t *cnt, const int64_t *cnt2,
+                            double x2, int64_t t0, double zk, double gap, double eps,
+                            double *z_out)
 {
     double above[NLEVELS + 1], c[NLEVELS];
     above[NLEVELS] = 0.0;
@@ -1476,11 +1847,20 @@ static int64_t stream_cut(const search_ctx *cx, const int64_t *cnt, const int64_
     }
     const double shrink = exp(-gap);
     double z = zk;
-    for (int64_t t = t0 + 1; t < NLEVELS; t++) {
+    int64_t t = t0 + 1;
+    for (; t < NLEVELS; t++) {
         z += c[t] * cx->lw[t] * shrink;
-        if (above[t + 1] <= STREAM_U_SHARE * eps * z) return t;
+        if (above[t + 1] <= STREAM_U_SHARE * eps * z) break;
     }
-    return NLEVELS - 1;
+    if (z_out) *z_out = z;
+    return t < NLEVELS ? t : NLEVELS - 1;
+}
+
+/* The same, without the estimate of Z. */
+static int64_t stream_cut(const search_ctx *cx, const int64_t *cnt, const int64_t *cnt2,
+                          double x2, int64_t t0, double zk, double gap, double eps)
+{
+    return stream_cut_z(cx, cnt, cnt2, x2, t0, zk, gap, eps, NULL);
 }
 
 /* Score the unscored keys on levels <= t of the blocks whose levels are known (in storage
@@ -1551,6 +1931,68 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
     if (w->timing) w->st[TKA_STAGE_RERANK] += stage_now() - t0;
 }
 
+
+/*
+ * The block mass bound (docs/design.md §4 "Block masses"): a block of m keys k_i = c + e_i
+ * whose real logits are q'.c + x_i, x_i = q'.e_i, with
+ *   x_i <= R = |q'| rad,  sum_i x_i = q'.sum_i e_i <= |q'| mom[1],
+ *   sum_i x_i^2 = q'^T (sum_i e_i e_i^T) q' <= mom[0] |q'|^2 = V.
+ * Since phi(x) = (e^x - 1 - x) / x^2 increases on the whole line, e^x <= 1 + x + phi(R) x^2
+ * for every x <= R, and so sum_i e^{x_i} <= m + |q'| mom[1] + phi(R) V: for the computed
+ * logits (within eta of the real ones, which `base` includes with q'.c and its rounding),
+ * sum_i e^{s_i} <= m e^{um}, um = base + log(1 + (|q'| mom[1] + phi(R) V) / m). This is a
+ * bound on the block's total mass, not on each key (one key may lie above um): the levels
+ * count it as m keys on um's level, which the certificate needs (sums only), and its keys
+ * are read as soon as that level is. No larger than ub, the per-key bound (also a bound on
+ * the mass per key). R, V, |q'| are upper bounds; e^R and the logarithm are taken from
+ * above (exp_up, log_up), the other roundings padded by factors 1 + 2^-40.
+ */
+/* Upper bounds on e^R (R >= 1) and log(S) (S >= 1) without libm, for the block mass bounds
+ * (a call per block and row): e^R = 2^t, t = R log2(e) taken a little up, 2^t <= 2^k 2^{(j+1)/32}
+ * (k = floor(t), j = floor(32 (t - k)); the table's values are within half an ulp, hence the
+ * factor 1 + 2^-50): at most 2.2% above. log(S), S = M 2^e (M in [0.5, 1)): log is concave,
+ * so log M <= log(3/4) + (M - 3/4) / (3/4) (its tangent at 3/4): at most 0.07 above. */
+static inline double exp_up(double R)
+{
+    const double t = R * 1.4426950408889634 * (1.0 + 0x1p-50);
+    const double k = floor(t);  /* 0 <= k < 1010 (R < 700) */
+    const int j = (int)((t - k) * 32.0);
+    const double p = j + 1 < 32 ? tka_exp2_32[j + 1] : 2.0;
+    const uint64_t e2 = (uint64_t)(1023 + (int64_t)k) << 52;  /* 2^k */
+    double s2;
+    memcpy(&s2, &e2, sizeof s2);
+    return p * (1.0 + 0x1p-50) * s2;
+}
+
+/* (S >= 1 and finite) */
+static inline double log_up(double S)
+{
+    uint64_t b;
+    memcpy(&b, &S, sizeof b);
+    const int64_t e = (int64_t)((b >> 52) & 0x7ff) - 1022;  /* S = M 2^e, M in [0.5, 1) */
+    const uint64_t mb = (b & 0x000fffffffffffffull) | 0x3fe0000000000000ull;
+    double M;
+    memcpy(&M, &mb, sizeof M);
+    const double l = (double)e * 0.69314718055994531 - 0.28768207245178090
+                   + (M - 0.75) * 1.3333333333333333;
+    return l + 0x1p-40 * (1.0 + fabs(l));
+}
+
+static inline double block_mass_bound(double base, double R, double q2, double qn2,
+                                      const double *mom, double inv_m, double ub)
+{
+    if (!(mom[0] < INFINITY) || !(mom[1] < INFINITY) || !(R < 700.0)) return ub;
+    /* phi(R) <= phi(1) = e - 2 below R = 1 (phi increases) */
+    const double phi = R >= 1.0 ? (exp_up(R) - 1.0 - R) / (R * R) * (1.0 + 0x1p-40)
+                                : 0.71828182845904524 * (1.0 + 0x1p-40);
+    const double extra = (qn2 * mom[1] + phi * (mom[0] * q2)) * (1.0 + 0x1p-40);
+    const double S = (1.0 + extra * inv_m) * (1.0 + 0x1p-50);  /* (inv_m: 1/m rounded) */
+    if (!(S < 0x1p1000)) return ub;
+    const double l = log_up(S);
+    const double um = (base + l) + 0x1p-40 * (fabs(base) + fabs(l));
+    return um < ub ? um : ub;
+}
+
 /*
  * Block bounds for the streaming search, into w->ub (block order); returns the summary bytes
  * read. With centroid + radius summaries only those are used (one dot product per block,
@@ -1570,11 +2012,25 @@ static double stream_block_bounds(const search_ctx *cx, srow *w, int64_t h, cons
     const double cab = g * rb->qn1 * ix->maxabs[h] * (1.0 + 0x1p-20);
     cx->kern->dot_f32(w->qs, ix->ctr + (size_t)(h * ix->cap_blocks) * (size_t)d, d, nb, w->ub);
     const double *rad = ix->rad + h * ix->cap_blocks;
-    for (int64_t b = 0; b < nb; b++) {
-        const double rr = rb->qn2 * rad[b];
-        w->ub[b] += rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta;
+    w->um = ix->mom ? w->um_buf : NULL;
+    if (w->um) {
+        const double *mom = ix->mom + 2 * h * ix->cap_blocks;
+        const double q2 = rb->qn2 * rb->qn2 * (1.0 + 0x1p-50), inv_bs = 1.0 / (double)w->bs;
+        for (int64_t b = 0; b < nb; b++) {
+            const double rr = rb->qn2 * rad[b], dot = w->ub[b];
+            const double base = dot + cab + 0x1p-1060 * (double)d + w->eta;
+            w->ub[b] = dot + (rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta);
+            const double inv = b + 1 < nb ? inv_bs : 1.0 / (double)(w->n - b * w->bs);
+            w->um[b] = block_mass_bound(base, rr * (1.0 + g), q2, rb->qn2, mom + 2 * b, inv,
+                                        w->ub[b]);
+        }
+    } else {
+        for (int64_t b = 0; b < nb; b++) {
+            const double rr = rb->qn2 * rad[b];
+            w->ub[b] += rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta;
+        }
     }
-    return (double)nb * (4.0 * (double)d + 8.0);
+    return (double)nb * (4.0 * (double)d + 8.0 + (ix->mom ? 16.0 : 0.0));
 }
 
 /* The level of bound p (the proxy_levels kernels' rounding, for a whole block's keys). */
@@ -1625,20 +2081,42 @@ static void full_costs(int64_t d, int64_t n, double *pass, double *select)
 }
 
 /* The proxies row w is predicted to read: those read so far and those of every pending
- * block whose bound reaches level t_read. */
-static double stream_reads(const srow *w, const row_bufs *rb, int64_t n, int64_t t_read)
+ * block whose bound reaches level t_read. With block mass bounds, also the blocks whose
+ * masses the cut cannot leave unread: from the highest mass level down, every pending block
+ * until the masses of the blocks below fit in w->zbudget (the sample's estimate of the
+ * share of eps Z left to the unscored keys); a row whose bulk of distant blocks has more
+ * mass bound than that reads them all (clustered keys, n = 2^20, d = 128: predicted
+ * 275200 proxies from the levels, 981376 read). */
+static double stream_reads(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,
+                           int64_t t_read)
 {
     double reads = (double)w->proxies;
+    int64_t need = -1;  /* blocks on mass levels <= need are read */
+    if (w->um) {
+        double lv[NLEVELS];  /* pending block keys per mass level */
+        memset(lv, 0, sizeof lv);
+        for (int64_t b = 0; b < w->nb; b++)
+            if (!rb->done[b])
+                lv[stream_level_of(w, w->um[b])] +=
+                    (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
+        double below = 0.0;
+        for (need = NLEVELS - 1; need >= 0; need--) {
+            below += lv[need] * cx->lw[need];
+            if (below > w->zbudget) break;
+        }
+    }
     for (int64_t b = 0; b < w->nb; b++)
-        if (!rb->done[b] && stream_level_of(w, w->ub[b]) <= t_read)
+        if (!rb->done[b] && (stream_level_of(w, w->ub[b]) <= t_read
+                             || (w->um && stream_level_of(w, w->um[b]) <= need)))
             reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
     return reads;
 }
 
-static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double below,
+static double stream_cost(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,
+                          double below,
                           int64_t t_read, double *pass, double *select, double *reads_out)
 {
-    const double reads = stream_reads(w, rb, n, t_read);
+    const double reads = stream_reads(cx, w, rb, n, t_read);
     if (reads_out) *reads_out = reads;
     const double dd = (double)w->d;
     full_costs(w->d, n, pass, select);
@@ -1648,12 +2126,13 @@ static double stream_cost(const srow *w, const row_bufs *rb, int64_t n, double b
 
 /* Whether row w switches to full scoring (see above); *cost its predicted streaming cost,
  * and *reads (when not NULL) the proxies it would read. */
-static int stream_switch(const srow *w, const row_bufs *rb, int64_t n, double below,
+static int stream_switch(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,
+                         double below,
                          int64_t t_read, int64_t share, double margin, double *cost,
                          double *reads)
 {
     double pass, select;
-    *cost = stream_cost(w, rb, n, below, t_read, &pass, &select, reads);
+    *cost = stream_cost(cx, w, rb, n, below, t_read, &pass, &select, reads);
     if (below > STREAM_FULL * (double)n) return 1;  /* most keys would be scored anyway */
     if (share < 2) return 0;  /* a pass for one query: the streaming search's own ground */
     return *cost > margin * (pass / (double)share + select);
@@ -1925,10 +2404,11 @@ static int stream_look(const search_ctx *cx, int64_t r, const search_dims *sd, s
         const double gap1 = fmax(0.0, (ref - (double)lev[top1] * LEVEL_W) - s1);
         const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
         const double z1 = exp(fmax(s1, w->sprobe) - ref);
-        const int64_t t1 = stream_cut(cx, cnt, cnt2, x2, -1, z1, gap1, ck->eps);
+        const int64_t t1 = stream_cut_z(cx, cnt, cnt2, x2, -1, z1, gap1, ck->eps, &w->zbudget);
+        w->zbudget *= STREAM_U_SHARE * ck->eps;
         double below = 0.0;
         for (int64_t b = 0; b <= t1; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
-        if (stream_switch(w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
+        if (stream_switch(cx, w, rb, n, below, t1 + STREAM_AHEAD, share, STREAM_MARGIN_QUICK,
                           &md->cost, &md->reads))
             return 1;
     }
@@ -1967,14 +2447,15 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     /* the bulk sample stands for the unsampled keys too */
     const double x2 = n2 > 0 ? (double)(n - ns) / (double)n2 : 0.0;
     const double z0 = exp(fmax(s0, w->sprobe) - ref);
-    int64_t t = stream_cut(cx, cnt, cnt2, x2, -1, z0, gap, ck->eps);
+    int64_t t = stream_cut_z(cx, cnt, cnt2, x2, -1, z0, gap, ck->eps, &w->zbudget);
+    w->zbudget *= STREAM_U_SHARE * ck->eps;
     double below = 0.0;
     for (int64_t b = 0; b <= t; b++) below += (double)cnt[b] + x2 * (double)cnt2[b];
     *fallback = 0;
     md->s0 = s0;
     md->gap = gap;
     md->t_expand = t + STREAM_AHEAD;
-    if (stream_switch(w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN, &md->cost,
+    if (stream_switch(cx, w, rb, n, below, t + STREAM_AHEAD, share, STREAM_MARGIN, &md->cost,
                       NULL)) {
         *fallback = 1;
         return;
@@ -1983,7 +2464,7 @@ static void stream_begin(const search_ctx *cx, int64_t r, const search_dims *sd,
     for (int64_t b = 0; b < nb; b++) {
         if (rb->done[b]) continue;
         const int64_t i0 = b * sd->bs, sz = i0 + sd->bs < n ? sd->bs : n - i0;
-        w->bord[b] = stream_level_of(w, w->ub[b]);
+        w->bord[b] = stream_level_of(w, w->um ? w->um[b] : w->ub[b]);
         cnt[w->bord[b]] += sz;
     }
 }
@@ -2004,11 +2485,32 @@ static tka_status stream_finish(const search_ctx *cx, int64_t r, srow *w, chk_t 
     const int64_t h = r / cx->a->L;
     int64_t *cnt = w->lcnt;
     tka_status st = TKA_OK;
-    int64_t t = md->t_first >= 0 ? md->t_first : stream_first_cut(cx, w, ck, md);
+    int64_t t = md->t_first;
+    if (t < 0) {  /* a row alone: the blocks up to its first cut, as expand_group reads them */
+        t = stream_first_cut(cx, w, ck, md);
+        stream_expand(cx, w, h, rb, cnt, t);
+    }
+    int64_t t_done = -1;  /* the last cut scored */
     const double gap = md->gap;
     for (;;) {
+        if (w->um) {
+            /* blocks counted by their mass bound: those within STREAM_MASS_AHEAD levels of
+             * the cut are read first, band by band from the highest, and the cut is taken
+             * again from the refined counts each time (the reads usually move it up) */
+            for (int it = 0; it < 64; it++) {
+                int64_t lo = NLEVELS;
+                for (int64_t b = 0; b < w->nb; b++)
+                    if (!rb->done[b] && w->bord[b] < lo) lo = w->bord[b];
+                if (lo > t + STREAM_MASS_AHEAD) break;
+                stream_expand(cx, w, h, rb, cnt, lo + STREAM_MASS_BAND);
+                double zk = w->fm > 0.0 && isfinite(w->fm) ? w->zs / w->fm : 0.0;
+                if (t_done < 0) zk = fmax(zk, exp(fmax(md->s0, w->sprobe) - w->ref));
+                t = stream_cut(cx, cnt, NULL, 0.0, t_done, zk, gap, ck->eps);
+            }
+        }
         stream_expand(cx, w, h, rb, cnt, t);
         stream_score(cx, w, rb, cnt, t);
+        t_done = t;
         const double u = w->unscored ? stream_mass_above(cx, cnt, -1) : 0.0;
         if (w->unscored == 0 || ck->eps_in * w->zs >= (1.0 - ck->eps_in) * to_m_units(w, u)) {
             if (finalize(cx, w, r, u, ck->eps, s, &st)) return st;
@@ -2675,6 +3177,31 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
         int64_t fbr[GROUP], nfb = 0;
         const srow *fbs[GROUP];
         if (nbuf == 1) {  /* one row at a time */
+            /* every row's first look before any row streams: when one of them asks for full
+             * scoring the group switches as a whole, as it does with a buffer per row (a
+             * row that streamed on its own look before a flat row switched the others cost
+             * more than joining their pass: clustered keys, n = 2^20, d = 128, one thread,
+             * 144 against 117-125 ms for four queries). The rows then look again in turn. */
+            int64_t sw = -1;
+            srow lk[GROUP];  /* the looks' counts (bytes, proxies, timers) */
+            for (int64_t i = 0; i < m && m >= 2 && sw < 0; i++) {
+                const double t_row0 = timing ? stage_now() : 0.0;
+                carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
+                w[0].timing = timing;
+                prepare_query(cx, r0 + i, &sd, &w[0], &ck[0], &rb[0]);
+                if (stream_look(cx, r0 + i, &sd, &w[0], &ck[0], &rb[0], m, &md[0])) sw = i;
+                if (timing) w[0].wall = stage_now() - t_row0;
+                lk[i] = w[0];
+            }
+            if (sw >= 0) {
+                for (int64_t u = 0; u < m; u++) {
+                    fbr[u] = r0 + u;
+                    fbs[u] = u <= sw ? &lk[u] : NULL;
+                }
+                st = fallback_rows(cx, fbr, m, &sd, bufs, fbs, s);
+                if (st != TKA_OK) *err_row = g;
+                continue;
+            }
             for (int64_t i = 0; i < m && st == TKA_OK; i++) {
                 const int64_t r = r0 + i;
                 const double t_row0 = timing ? stage_now() : 0.0;

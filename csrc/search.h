@@ -30,6 +30,10 @@ typedef struct {
     const float *lo, *hi;    /**< heads x cap_blocks x d, rounded outward (MINMAX) */
     const float *ctr;        /**< heads x cap_blocks x d centroids (BALL) */
     const double *rad;       /**< heads x cap_blocks, >= max ||k - ctr|| (BALL) */
+    const double *mom;       /**< heads x cap_blocks x 2, or NULL: with e_i = k_i - ctr over
+                                  a block's keys, mom[0] >= the largest eigenvalue of
+                                  sum_i e_i e_i^T and mom[1] >= ||sum_i e_i|| (BALL; +inf
+                                  where not computed) */
     const int8_t *pz;        /**< heads x cap x d int8 codes, or NULL (no int8 proxies) */
     const uint8_t *pz4;      /**< heads x cap x ceil(d/2) 4-bit codes (two per byte, see
                                   tka_search_kernels.dot_u4), or NULL (no 4-bit proxies):
@@ -42,7 +46,7 @@ typedef struct {
 /** Writable view of the same arrays, for building. */
 typedef struct {
     float *lo, *hi, *ctr;
-    double *rad;
+    double *rad, *mom;
     int8_t *pz;
     uint8_t *pz4;
     float *pscale, *perr;

@@ -240,9 +240,10 @@ def test_int4_proxies_prune_clustered_keys_with_half_the_code_bytes():
 
 
 def blocks_and_keys_bytes(res, n, d):
-    """Bytes of a streaming row other than its proxies: the centroids and radii of every
-    block (blocks of 64), the exact keys it scored (float64) and the kept positions."""
-    return (n // 64) * (4 * d + 8) + int(res.keys_scored) * 8 * d + int(res.k) * 8
+    """Bytes of a streaming row other than its proxies: the centroids, radii and second
+    moments of every block (blocks of 64), the exact keys it scored (float64) and the kept
+    positions."""
+    return (n // 64) * (4 * d + 24) + int(res.keys_scored) * 8 * d + int(res.k) * 8
 
 
 def test_int4_groups_stream_on_clustered_keys():
@@ -926,3 +927,98 @@ def test_index_build_is_the_same_for_any_thread_count():
             np.testing.assert_array_equal(x, y)
     ix_keys, ix_perm = built[0][0], built[0][1]
     np.testing.assert_array_equal(ix_keys[0], K[0][ix_perm[0]])
+
+
+# ------------------------------------------------------------------ block masses
+
+def _segments(rng, n, d, centres, noise=0.35):
+    """Keys in runs of 32-256 positions, each run near one of `centres` random centres (the
+    layout of a long cache; the benchmark's clustered keys)."""
+    cent = rng.standard_normal((centres, d))
+    lens = rng.integers(32, 257, size=n // 32 + 1)
+    labels = np.repeat(rng.integers(0, centres, size=lens.size), lens)[:n]
+    return cent[labels] + noise * rng.standard_normal((n, d))
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1.0), (np.float32, 1e-30),
+                                         (np.float32, 1e30), (np.float64, 1.0),
+                                         (np.float64, 1e-30), (np.float64, 1e30),
+                                         (np.float16, 1.0)])
+@pytest.mark.parametrize("bs", [16, 64, 200])
+def test_block_moments_bound_each_block(dtype, scale, bs):
+    """_mom[h, b] holds upper bounds on the largest eigenvalue of sum_i e_i e_i^T and on
+    ||sum_i e_i||, e_i = k_i - ctr over the block's stored keys (float64 reference), also for
+    blocks rebuilt by append; the eigenvalue bound stays within 2.5x (the trace would be
+    16x off here)."""
+    rng = np.random.default_rng(21)
+    K = (scale * _segments(rng, 3000, 64, 12)).astype(dtype)
+    ix = KeyIndex(K[:2500], block_size=bs)
+    ix.append(K[2500:])
+    keys = np.asarray(ix._keys)[0, :ix.n].astype(np.float64)
+    ratios = []
+    for b in range(-(-ix.n // bs)):
+        e = (keys[b * bs:(b + 1) * bs] - np.asarray(ix._ctr)[0, b].astype(np.float64)) / scale
+        lam = np.linalg.eigvalsh(e @ e.T)[-1] * (1 + 1e-12)  # in units of scale^2
+        lam_b, s_b = ix._mom[0, b] / (scale * scale, scale)
+        assert lam_b >= lam, (b, lam_b, lam)
+        assert s_b >= np.linalg.norm(e.sum(0)) * (1 - 1e-12), b
+        ratios.append(lam_b / lam)
+    assert max(ratios) < 2.5
+
+
+def test_block_moments_of_equal_keys_and_of_large_blocks():
+    K = np.ones((300, 8), np.float32)
+    ix = KeyIndex(K, block_size=64)
+    np.testing.assert_array_equal(ix._mom[0, :5, 0], 0.0)  # every key on its centroid
+    big = KeyIndex(np.random.default_rng(2).standard_normal((3000, 8)), block_size=1000)
+    assert np.isinf(big._mom[0, :3]).all()  # not computed past 256 keys a block: not used
+
+
+@pytest.mark.parametrize("method", ["delta", "mc"])
+@pytest.mark.parametrize("outliers", [0.0, 3.0, 8.0])
+def test_block_mass_bounds_keep_certificates_sound(method, outliers):
+    """Clustered keys (where the blocks' mass bounds decide what is read), with a key every
+    97 positions pushed far off its cluster (a block whose mass sits in one key); queries of
+    several norms near a key, or near an outlier: every certificate >= the true TV."""
+    rng = np.random.default_rng(int(outliers * 10) + (method == "mc"))
+    n, d = 20000, 64
+    K = _segments(rng, n, d, 40)
+    K[::97] += outliers * rng.standard_normal((len(K[::97]), d))
+    for scale in (0.5, 1.5, 3.0):
+        Q = scale * K[np.r_[rng.integers(0, n, 3), 97 * rng.integers(0, n // 97, 1)]]
+        index = KeyIndex(K.astype(np.float32))
+        res = certified_search(Q.astype(np.float32), index, 1e-2, method=method,
+                               delta=1e-9 if method == "mc" else None)
+        for l in range(len(Q)):
+            check_row(res.indices[l], int(res.k[l]), float(res.tv_bound[l]),
+                      int(res.keys_scored[l]), Q[l].astype(np.float32), K.astype(np.float32),
+                      1 / np.sqrt(d), 1e-2)
+
+
+def test_block_mass_bounds_read_less_and_score_near_k_eps():
+    """Clustered keys, d = 128 (the benchmark's layout): streaming rows score at most
+    1.5 k_eps + 64 keys and read the proxies of at most a third of the keys."""
+    rng = np.random.default_rng(4)
+    n, d = 65536, 128
+    K = _segments(rng, n, d, n // 512).astype(np.float32)
+    Q = (1.5 * (K[rng.integers(0, n, 8)] + 0.35 * rng.standard_normal((8, d)))).astype(np.float32)
+    res = certified_search(Q, KeyIndex(K), 1e-2)
+    keps = topkattn.k_eps(Q.astype(np.float64) @ K.T.astype(np.float64) / np.sqrt(d), 1e-2)
+    assert not res.full_scoring.any()
+    assert (res.keys_scored <= 1.5 * keps + 64).all(), (res.keys_scored, keps)
+    assert res.proxies_read.mean() <= n / 3, res.proxies_read
+
+
+def test_index_order_repairs_loose_blocks():
+    """Runs of keys near shared centres: after the repair passes at most 12% of the blocks
+    have a radius above 1.5x the median (16-29% with the median splits alone)."""
+    from topkattn import _core
+    for n, d, centres in ((16384, 32, 32), (32768, 64, 64), (20000, 16, 40)):
+        rng = np.random.default_rng(3)
+        K = _segments(rng, n, d, centres).astype(np.float32)[None]
+        perm = _core.index_order(K, 64)
+        np.testing.assert_array_equal(np.sort(perm[0]), np.arange(n))
+        W = K[0][perm[0]].astype(np.float64)
+        B = W[:n // 64 * 64].reshape(n // 64, 64, d)
+        r = np.linalg.norm(B - B.mean(1, keepdims=True), axis=2).max(1)
+        assert np.mean(r > 1.5 * np.median(r)) <= 0.12, (n, d)

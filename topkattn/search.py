@@ -235,6 +235,7 @@ class KeyIndex:
         if kinds & _core.SUMMARY_BALL:
             grow("_ctr", (H, cb, d), np.float32)
             grow("_rad", (H, cb), np.float64)
+            grow("_mom", (H, cb, 2), np.float64)
         if self.proxy:  # 4-bit codes two per byte, or int8 codes
             four = self.proxy == "int4"
             grow("_pz", (H, cap, (d + 1) // 2 if four else d), np.uint8 if four else np.int8)
@@ -246,7 +247,7 @@ class KeyIndex:
         g = lambda name: getattr(self, name, None)  # noqa: E731
         return (self._keys, self._perm, self.n, self.block_size, _SUMMARIES[self.summary],
                 g("_lo"), g("_hi"), g("_ctr"), g("_rad"), g("_pz"), g("_pscale"), g("_perr"),
-                self._maxabs)
+                self._maxabs, g("_mom"))
 
     @property
     def nbytes(self):
@@ -256,7 +257,7 @@ class KeyIndex:
         kinds = _SUMMARIES[self.summary]
         total = H * n * (d * self.dtype.itemsize + 8) + H * 8
         total += H * nb * ((8 * d if kinds & _core.SUMMARY_MINMAX else 0)
-                           + (4 * d + 8 if kinds & _core.SUMMARY_BALL else 0))
+                           + (4 * d + 24 if kinds & _core.SUMMARY_BALL else 0))
         if self.proxy:
             total += H * n * ((d + 1) // 2 if self.proxy == "int4" else d) + H * n * 8
         return int(total)

@@ -300,6 +300,24 @@ static inline double sqdist(const double *a, const double *b, int64_t d)
     return (s0 + s1) + (s2 + s3);
 }
 
+/* The largest |x_j| of d float64 values, four chains (a NaN is skipped, as by a > m). */
+static inline double absmax(const double *x, int64_t d)
+{
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    int64_t j = 0;
+    for (; j + 4 <= d; j += 4) {
+        const double v0 = fabs(x[j]), v1 = fabs(x[j + 1]), v2 = fabs(x[j + 2]), v3 = fabs(x[j + 3]);
+        a0 = v0 > a0 ? v0 : a0;
+        a1 = v1 > a1 ? v1 : a1;
+        a2 = v2 > a2 ? v2 : a2;
+        a3 = v3 > a3 ? v3 : a3;
+    }
+    for (; j < d; j++) a0 = fabs(x[j]) > a0 ? fabs(x[j]) : a0;
+    a0 = a1 > a0 ? a1 : a0;
+    a2 = a3 > a2 ? a3 : a2;
+    return a2 > a0 ? a2 : a0;
+}
+
 static tka_status block_radii(void *ctx, int64_t u0, int64_t u1, tka_arena *s, int64_t *err_row)
 {
     const radius_ctx *c = ctx;
@@ -521,21 +539,8 @@ static void block_moments(const tka_kernels *K, const tka_key_index *ix, const c
             e[j] -= (double)ctr[j];
             ssum[j] += e[j];
         }
-        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;  /* the largest |e_ij|, four chains */
-        int64_t j = 0;
-        for (; j + 4 <= d; j += 4) {  /* (a NaN makes tr NaN below) */
-            const double v0 = fabs(e[j]), v1 = fabs(e[j + 1]);
-            const double v2 = fabs(e[j + 2]), v3 = fabs(e[j + 3]);
-            a0 = v0 > a0 ? v0 : a0;
-            a1 = v1 > a1 ? v1 : a1;
-            a2 = v2 > a2 ? v2 : a2;
-            a3 = v3 > a3 ? v3 : a3;
-        }
-        for (; j < d; j++) a0 = fabs(e[j]) > a0 ? fabs(e[j]) : a0;
-        a0 = a1 > a0 ? a1 : a0;
-        a2 = a3 > a2 ? a3 : a2;
-        a0 = a2 > a0 ? a2 : a0;
-        emax = a0 > emax ? a0 : emax;
+        const double a = absmax(e, d);  /* (a NaN makes tr NaN below) */
+        emax = a > emax ? a : emax;
         const double q = sqdist(e, ssum + dp, d);  /* (ssum + dp: d zeros) */
         tr += q;
         en1 += sqrt(q);
@@ -606,24 +611,6 @@ static void block_moments(const tka_kernels *K, const tka_key_index *ix, const c
     const double trb = tx * (1.0 + 3.0 * u) + under;
     if (trb < lam) lam = trb;
     out[0] = nextafter(ldexp(lam * (1.0 + 0x1p-30), -2 * p), INFINITY);
-}
-
-/* The largest |x_j| of d float64 values, four chains (a NaN is skipped, as by a > m). */
-static inline double absmax(const double *x, int64_t d)
-{
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
-    int64_t j = 0;
-    for (; j + 4 <= d; j += 4) {
-        const double v0 = fabs(x[j]), v1 = fabs(x[j + 1]), v2 = fabs(x[j + 2]), v3 = fabs(x[j + 3]);
-        a0 = v0 > a0 ? v0 : a0;
-        a1 = v1 > a1 ? v1 : a1;
-        a2 = v2 > a2 ? v2 : a2;
-        a3 = v3 > a3 ? v3 : a3;
-    }
-    for (; j < d; j++) a0 = fabs(x[j]) > a0 ? fabs(x[j]) : a0;
-    a0 = a1 > a0 ? a1 : a0;
-    a2 = a3 > a2 ? a3 : a2;
-    return a2 > a0 ? a2 : a0;
 }
 
 /* x rounded to an integer, ties to even (as nearbyint in the default rounding mode), for

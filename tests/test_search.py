@@ -1022,3 +1022,36 @@ def test_index_order_repairs_loose_blocks():
         B = W[:n // 64 * 64].reshape(n // 64, 64, d)
         r = np.linalg.norm(B - B.mean(1, keepdims=True), axis=2).max(1)
         assert np.mean(r > 1.5 * np.median(r)) <= 0.12, (n, d)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_float32_rows_scored_in_full_sum_their_kept_values(ties):
+    """Rows that switch to full scoring and keep between 1/8 and 1/2 of the keys (float32
+    keys and values: their kept rows and weights gathered in one pass, or, with ties at
+    the threshold, by the general path): the output is the kept set's softmax-weighted mean
+    of V (float64 reference), the same with and without the report, and the certificate
+    bounds the true TV."""
+    rng = np.random.default_rng(71)
+    H, n, d, dv = 2, 6000, 32, 24
+    K = rng.standard_normal((H, n, d), dtype=np.float32)
+    if ties:
+        K[:, 1::2] = K[:, ::2]  # every score appears twice: ties at any threshold
+    V = rng.standard_normal((H, n, dv), dtype=np.float32)
+    Q = (3.0 * rng.standard_normal((H, 6, d))).astype(np.float32)
+    index = KeyIndex(K)
+    eps = 1e-2
+    out, info = certified_attention(Q, index, V, eps, return_info=True)
+    assert info.full_scoring.all()
+    kfrac = info.k / n
+    assert np.any((kfrac > 1 / 8) & (kfrac <= 1 / 2)), kfrac
+    np.testing.assert_array_equal(out, certified_attention(Q, index, V, eps))
+    scale = 1.0 / np.sqrt(d)
+    for h in range(H):
+        for r in range(Q.shape[1]):
+            kept = info.indices[h, r][info.indices[h, r] >= 0]
+            assert kept.size == info.k[h, r]
+            s = ref_logits(Q[h, r], K[h], scale)
+            assert true_tv(s, kept) <= info.tv_bound[h, r] <= eps
+            w = np.exp(s[kept] - s[kept].max())
+            want = (w / w.sum()) @ V[h, kept].astype(np.float64)
+            np.testing.assert_allclose(out[h, r], want, rtol=1e-5, atol=1e-6)

@@ -827,6 +827,8 @@ typedef struct {
                               times the block's size bounds its keys' mass (else NULL) */
     double *um_buf;        /* storage for um */
     double zbudget;        /* with um: the unscored mass the sample's cut leaves (units e^ref) */
+    const double *cdot;    /* q'.c of every block's centroid (block_dots), or NULL */
+    int64_t cshare;        /* rows that shared the pass of cdot (its bytes are split) */
     int64_t *bord;
     double *bsuf;          /* bsuf[j] >= sum_{t >= j} |B_t| e^{ub_t - ref} */
     int64_t j;             /* next unexpanded block */
@@ -1638,9 +1640,12 @@ static inline int64_t sample_stride(int64_t nb)
  * cost of scoring 10 keys) usually removes most of that mass; taken like a key's level
  * instead, a row whose distant blocks held much of the bound kept its cut below them, and
  * scored every key above it (clustered keys, n = 2^20, d = 128: 48493 keys scored against
- * k_eps = 684; with the bands 692). */
+ * k_eps = 684; with the bands 692). Bands of half a logit (4 levels) move the cut up
+ * sooner than bands of one (8): the rows of clustered keys (d = 128) that read the most
+ * proxies read 19-24% fewer (n = 262144: 110 to 89 thousand, 72 to 56; n = 2^20: 822 to 721
+ * thousand) for the same keys scored; bands of 2 levels scored more keys (d = 64). */
 #define STREAM_MASS_AHEAD 16
-#define STREAM_MASS_BAND 8
+#define STREAM_MASS_BAND 4
 /* candidate keys whose rows are prefetched ahead of the run being scored */
 #define SCORE_AHEAD 8
 /* more candidates than this share of the keys: score them all */
@@ -2011,7 +2016,9 @@ static double stream_block_bounds(const search_ctx *cx, srow *w, int64_t h, cons
     }
     const double g = (double)(d + 4) * 0x1p-52;
     const double cab = g * rb->qn1 * ix->maxabs[h] * (1.0 + 0x1p-20);
-    cx->kern->dot_f32(w->qs, ix->ctr + (size_t)(h * ix->cap_blocks) * (size_t)d, d, nb, w->ub);
+    const int64_t share = w->cdot ? w->cshare : 1;
+    if (w->cdot) memcpy(w->ub, w->cdot, (size_t)nb * sizeof(double));
+    else cx->kern->dot_f32(w->qs, ix->ctr + (size_t)(h * ix->cap_blocks) * (size_t)d, d, nb, w->ub);
     const double *rad = ix->rad + h * ix->cap_blocks;
     w->um = ix->mom ? w->um_buf : NULL;
     if (w->um) {
@@ -2031,7 +2038,39 @@ static double stream_block_bounds(const search_ctx *cx, srow *w, int64_t h, cons
             w->ub[b] += rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta;
         }
     }
-    return (double)nb * (4.0 * (double)d + 8.0 + (ix->mom ? 16.0 : 0.0));
+    return (double)nb * (4.0 * (double)d / (double)share + 8.0 + (ix->mom ? 16.0 : 0.0));
+}
+
+/*
+ * The centroid products q'.c of every block for the m <= GROUP rows w (prepared queries)
+ * in one pass over the centroids (the dot4 kernel: four queries per key vector, float64
+ * sums), into cd (GROUP * nb doubles; q4: GROUP * dpad, dpad = d rounded up to 16), and
+ * w[g]->cdot set. A query's products are the same in any slot and whatever the others
+ * are (each has its own sums; unused slots are zeros), so a row gets the same bounds alone
+ * and in a group. The centroids of a long key set come from memory or L3 (2 MB at
+ * 262144 keys, d = 128): one centroid product per block and row took 12-13% of a
+ * clustered search's time there; the pass is shared by the group's rows. Any order of
+ * the float64 sums is within stream_block_bounds' allowance.
+ */
+static void block_dots(const search_ctx *cx, int64_t h, int64_t m, srow *const *w,
+                       const row_bufs *const *rb, double *q4, double *cd)
+{
+    const tka_key_index *ix = cx->ix;
+    const int64_t d = ix->d, nb = w[0]->nb, dpad = (d + 15) / 16 * 16;
+    if (!(ix->summary & TKA_SUM_BALL)) return;
+    const double t0 = w[0]->timing ? stage_now() : 0.0;
+    memset(q4, 0, (size_t)(GROUP * dpad) * sizeof(double));
+    for (int64_t g = 0; g < m; g++) memcpy(q4 + g * dpad, rb[g]->qs, (size_t)d * sizeof(double));
+    cx->K->dot4[TKA_F32](ix->ctr + (size_t)(h * ix->cap_blocks) * (size_t)d, nb, d, q4, dpad, d,
+                         1.0, cd, nb);
+    for (int64_t g = 0; g < m; g++) {
+        w[g]->cdot = cd + g * nb;
+        w[g]->cshare = m;
+    }
+    if (w[0]->timing) {  /* (the selection stage: the row's time less the others) */
+        const double share = (stage_now() - t0) / (double)m;
+        for (int64_t g = 0; g < m; g++) w[g]->wall += share;
+    }
 }
 
 /* The level of bound p (the proxy_levels kernels' rounding, for a whole block's keys). */
@@ -3205,7 +3244,10 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
     const int64_t nbuf = L > 1 && (size_t)GROUP * rbytes <= GROUP_BUF_MAX ? GROUP : 1;
     char *bufs = tka_arena_alloc(s, (size_t)nbuf * rbytes);  /* for every group of the range */
     unsigned char *smark = tka_arena_alloc(s, (size_t)(GROUP * sd.nb));  /* sample_group's */
-    if (!bufs || !smark) {
+    /* block_dots' queries and products */
+    double *q4 = tka_arena_alloc(s, (size_t)(GROUP * ((ix->d + 15) / 16 * 16)) * sizeof(double));
+    double *cd = tka_arena_alloc(s, (size_t)(GROUP * sd.nb) * sizeof(double));
+    if (!bufs || !smark || !q4 || !cd) {
         tka_arena_release(s, mark);
         return TKA_ERR_NOMEM;
     }
@@ -3227,11 +3269,14 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
              * 144 against 117-125 ms for four queries). The rows then look again in turn. */
             int64_t sw = -1;
             srow lk[GROUP];  /* the looks' counts (bytes, proxies, timers) */
+            srow *const ws0[1] = {&w[0]};
+            const row_bufs *const rbs0[1] = {&rb[0]};
             for (int64_t i = 0; i < m && m >= 2 && sw < 0; i++) {
                 const double t_row0 = timing ? stage_now() : 0.0;
                 carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
                 w[0].timing = timing;
                 prepare_query(cx, r0 + i, &sd, &w[0], &ck[0], &rb[0]);
+                block_dots(cx, h, 1, ws0, rbs0, q4, cd);
                 if (stream_look(cx, r0 + i, &sd, &w[0], &ck[0], &rb[0], m, &md[0])) sw = i;
                 if (timing) w[0].wall = stage_now() - t_row0;
                 lk[i] = w[0];
@@ -3251,6 +3296,7 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
                 carve_row(bufs, &sd, &w[0], &ck[0], &rb[0], 1);
                 w[0].timing = timing;
                 prepare_query(cx, r, &sd, &w[0], &ck[0], &rb[0]);
+                block_dots(cx, h, 1, ws0, rbs0, q4, cd);
                 int fb = stream_look(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &md[0]);
                 if (!fb) stream_begin(cx, r, &sd, &w[0], &ck[0], &rb[0], m - i, &fb, &md[0], -1);
                 if (fb) {  /* this row and the rest of the group: one full pass */
@@ -3280,13 +3326,24 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
         const stream_mid *mds[GROUP];
         int64_t ks = 0, sr[GROUP], looked = 0;
         int all = m >= 2 && n <= GROUP_SMALL_N;
+        if (!all) {  /* every row's query, then the group's centroid products */
+            srow *wq[GROUP];
+            const row_bufs *rq[GROUP];
+            for (int64_t i = 0; i < m; i++) {
+                const double t_row0 = timing ? stage_now() : 0.0;
+                carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i], 1);
+                w[i].timing = timing;
+                prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
+                if (timing) w[i].wall = stage_now() - t_row0;
+                wq[i] = &w[i];
+                rq[i] = &rb[i];
+            }
+            block_dots(cx, h, m, wq, rq, q4, cd);
+        }
         for (int64_t i = 0; i < m && !all; i++, looked++) {
             const double t_row0 = timing ? stage_now() : 0.0;
-            carve_row(bufs + (size_t)i * rbytes, &sd, &w[i], &ck[i], &rb[i], 1);
-            w[i].timing = timing;
-            prepare_query(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i]);
             all = stream_look(cx, r0 + i, &sd, &w[i], &ck[i], &rb[i], m, &md[i]);
-            if (timing) w[i].wall = stage_now() - t_row0;
+            if (timing) w[i].wall += stage_now() - t_row0;
         }
         /* every row's look predicts it to read most proxies (blocks too loose to skip
          * many, as at decode where they are in key order): the group computes every

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "search.h"
 
 #ifdef TKA_HAVE_X86
 #include <cpuid.h>
@@ -170,3 +171,9 @@ void tka_vexp(const double *x, int64_t n, double *out)
 }
 
 const double *tka_exp2_table(void) { return tka_exp2_32; }
+
+void tka_mass_bounds(double *ub, const double *rad, const double *mom, int64_t m,
+                     const tka_mass_consts *c, double *um)
+{
+    if (m > 0) tka_kernels_active()->search->mass_bounds(ub, rad, mom, m, c, um);
+}

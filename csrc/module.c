@@ -503,6 +503,43 @@ static PyObject *py_vexp(PyObject *self, PyObject *args)
     return (PyObject *)out;
 }
 
+/* mass_bounds(ub, rad, mom, qn2, g, cab, c1060, eta, inv_m): the block bounds of the
+ * streaming search (per-key ub and block mass um, float64 arrays of m blocks; mom of shape
+ * (m, 2)) by the active kernel set, for the tests. Returns (ub, um). */
+static PyObject *py_mass_bounds(PyObject *self, PyObject *args)
+{
+    PyObject *ob, *orad, *omom;
+    tka_mass_consts c;
+    if (!PyArg_ParseTuple(args, "OOOdddddd", &ob, &orad, &omom, &c.qn2, &c.g, &c.cab, &c.c1060,
+                          &c.eta, &c.inv_m))
+        return NULL;
+    c.q2 = c.qn2 * c.qn2 * (1.0 + 0x1p-50);
+    PyArrayObject *ub = (PyArrayObject *)PyArray_FROMANY(ob, NPY_FLOAT64, 1, 1,
+                                                          NPY_ARRAY_CARRAY | NPY_ARRAY_ENSURECOPY);
+    PyArrayObject *rad = (PyArrayObject *)PyArray_FROMANY(orad, NPY_FLOAT64, 1, 1, NPY_ARRAY_CARRAY);
+    PyArrayObject *mom = (PyArrayObject *)PyArray_FROMANY(omom, NPY_FLOAT64, 2, 2, NPY_ARRAY_CARRAY);
+    PyArrayObject *um = NULL;
+    PyObject *res = NULL;
+    if (!ub || !rad || !mom) goto done;
+    const npy_intp m = PyArray_DIM(ub, 0);
+    if (PyArray_DIM(rad, 0) != m || PyArray_DIM(mom, 0) != m || PyArray_DIM(mom, 1) != 2) {
+        PyErr_SetString(PyExc_ValueError, "mass_bounds: rad must have shape (m,), mom (m, 2)");
+        goto done;
+    }
+    if (!(um = (PyArrayObject *)PyArray_SimpleNew(1, &m, NPY_FLOAT64))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    tka_mass_bounds((double *)PyArray_DATA(ub), (const double *)PyArray_DATA(rad),
+                    (const double *)PyArray_DATA(mom), (int64_t)m, &c, (double *)PyArray_DATA(um));
+    Py_END_ALLOW_THREADS
+    res = Py_BuildValue("OO", ub, um);
+done:
+    Py_XDECREF(ub);
+    Py_XDECREF(rad);
+    Py_XDECREF(mom);
+    Py_XDECREF(um);
+    return res;
+}
+
 /* exp2_table(): the 32 values 2^(j/32) the vector exp scales by. */
 static PyObject *py_exp2_table(PyObject *self, PyObject *noargs)
 {
@@ -528,6 +565,8 @@ static PyMethodDef methods[] = {
     {"gauss", py_gauss, METH_VARARGS, "gauss(op, a[, b[, c]]): elementwise Gaussian functions"},
     {"vexp", py_vexp, METH_VARARGS, "vexp(x): e^x by the active kernel set (for tests)"},
     {"exp2_table", py_exp2_table, METH_NOARGS, "exp2_table(): 2^(j/32), j < 32"},
+    {"mass_bounds", py_mass_bounds, METH_VARARGS,
+     "mass_bounds(ub, rad, mom, qn2, g, cab, c1060, eta, inv_m) -> (ub, um) (for tests)"},
     {"simd_info", py_simd_info, METH_NOARGS, "compiled/supported/active SIMD paths"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(name)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},

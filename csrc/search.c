@@ -1939,67 +1939,6 @@ static void stream_score(const search_ctx *cx, srow *w, const row_bufs *rb, int6
 
 
 /*
- * The block mass bound (docs/design.md §4 "Block masses"): a block of m keys k_i = c + e_i
- * whose real logits are q'.c + x_i, x_i = q'.e_i, with
- *   x_i <= R = |q'| rad,  sum_i x_i = q'.sum_i e_i <= |q'| mom[1],
- *   sum_i x_i^2 = q'^T (sum_i e_i e_i^T) q' <= mom[0] |q'|^2 = V.
- * Since phi(x) = (e^x - 1 - x) / x^2 increases on the whole line, e^x <= 1 + x + phi(R) x^2
- * for every x <= R, and so sum_i e^{x_i} <= m + |q'| mom[1] + phi(R) V: for the computed
- * logits (within eta of the real ones, which `base` includes with q'.c and its rounding),
- * sum_i e^{s_i} <= m e^{um}, um = base + log(1 + (|q'| mom[1] + phi(R) V) / m). This is a
- * bound on the block's total mass, not on each key (one key may lie above um): the levels
- * count it as m keys on um's level, which the certificate needs (sums only), and its keys
- * are read as soon as that level is. No larger than ub, the per-key bound (also a bound on
- * the mass per key). R, V, |q'| are upper bounds; e^R and the logarithm are taken from
- * above (exp_up, log_up), the other roundings padded by factors 1 + 2^-40.
- */
-/* Upper bounds on e^R (R >= 1) and log(S) (S >= 1) without libm, for the block mass bounds
- * (a call per block and row): e^R = 2^t, t = R log2(e) taken a little up, 2^t <= 2^k 2^{(j+1)/32}
- * (k = floor(t), j = floor(32 (t - k)); the table's values are within half an ulp, hence the
- * factor 1 + 2^-50): at most 2.2% above. log(S), S = M 2^e (M in [0.5, 1)): log is concave,
- * so log M <= log(3/4) + (M - 3/4) / (3/4) (its tangent at 3/4): at most 0.07 above. */
-static inline double exp_up(double R)
-{
-    const double t = R * 1.4426950408889634 * (1.0 + 0x1p-50);
-    const double k = floor(t);  /* 0 <= k < 1010 (R < 700) */
-    const int j = (int)((t - k) * 32.0);
-    const double p = j + 1 < 32 ? tka_exp2_32[j + 1] : 2.0;
-    const uint64_t e2 = (uint64_t)(1023 + (int64_t)k) << 52;  /* 2^k */
-    double s2;
-    memcpy(&s2, &e2, sizeof s2);
-    return p * (1.0 + 0x1p-50) * s2;
-}
-
-/* (S >= 1 and finite) */
-static inline double log_up(double S)
-{
-    uint64_t b;
-    memcpy(&b, &S, sizeof b);
-    const int64_t e = (int64_t)((b >> 52) & 0x7ff) - 1022;  /* S = M 2^e, M in [0.5, 1) */
-    const uint64_t mb = (b & 0x000fffffffffffffull) | 0x3fe0000000000000ull;
-    double M;
-    memcpy(&M, &mb, sizeof M);
-    const double l = (double)e * 0.69314718055994531 - 0.28768207245178090
-                   + (M - 0.75) * 1.3333333333333333;
-    return l + 0x1p-40 * (1.0 + fabs(l));
-}
-
-static inline double block_mass_bound(double base, double R, double q2, double qn2,
-                                      const double *mom, double inv_m, double ub)
-{
-    if (!(mom[0] < INFINITY) || !(mom[1] < INFINITY) || !(R < 700.0)) return ub;
-    /* phi(R) <= phi(1) = e - 2 below R = 1 (phi increases) */
-    const double phi = R >= 1.0 ? (exp_up(R) - 1.0 - R) / (R * R) * (1.0 + 0x1p-40)
-                                : 0.71828182845904524 * (1.0 + 0x1p-40);
-    const double extra = (qn2 * mom[1] + phi * (mom[0] * q2)) * (1.0 + 0x1p-40);
-    const double S = (1.0 + extra * inv_m) * (1.0 + 0x1p-50);  /* (inv_m: 1/m rounded) */
-    if (!(S < 0x1p1000)) return ub;
-    const double l = log_up(S);
-    const double um = (base + l) + 0x1p-40 * (fabs(base) + fabs(l));
-    return um < ub ? um : ub;
-}
-
-/*
  * Block bounds for the streaming search, into w->ub (block order); returns the summary bytes
  * read. With centroid + radius summaries only those are used (one dot product per block,
  * through the dot_f32 kernel): q'.k <= q'.c + |q'| rad. The kernel's sum is within
@@ -2022,16 +1961,15 @@ static double stream_block_bounds(const search_ctx *cx, srow *w, int64_t h, cons
     const double *rad = ix->rad + h * ix->cap_blocks;
     w->um = ix->mom ? w->um_buf : NULL;
     if (w->um) {
+        /* the block mass bounds (csrc/cpu/search_scalar.c), the last block (maybe partial)
+         * with its own size */
         const double *mom = ix->mom + 2 * h * ix->cap_blocks;
-        const double q2 = rb->qn2 * rb->qn2 * (1.0 + 0x1p-50), inv_bs = 1.0 / (double)w->bs;
-        for (int64_t b = 0; b < nb; b++) {
-            const double rr = rb->qn2 * rad[b], dot = w->ub[b];
-            const double base = dot + cab + 0x1p-1060 * (double)d + w->eta;
-            w->ub[b] = dot + (rr + g * rr + cab + 0x1p-1060 * (double)d + w->eta);
-            const double inv = b + 1 < nb ? inv_bs : 1.0 / (double)(w->n - b * w->bs);
-            w->um[b] = block_mass_bound(base, rr * (1.0 + g), q2, rb->qn2, mom + 2 * b, inv,
-                                        w->ub[b]);
-        }
+        tka_mass_consts mc = {rb->qn2, rb->qn2 * rb->qn2 * (1.0 + 0x1p-50), g, cab,
+                              0x1p-1060 * (double)d, w->eta, 1.0 / (double)w->bs};
+        cx->kern->mass_bounds(w->ub, rad, mom, nb - 1, &mc, w->um);
+        mc.inv_m = 1.0 / (double)(w->n - (nb - 1) * w->bs);
+        cx->kern->mass_bounds(w->ub + nb - 1, rad + nb - 1, mom + 2 * (nb - 1), 1, &mc,
+                              w->um + nb - 1);
     } else {
         for (int64_t b = 0; b < nb; b++) {
             const double rr = rb->qn2 * rad[b];

@@ -141,6 +141,18 @@ typedef struct {
     double margin;      /**< rounding margin of the level computation */
 } tka_proxy_consts;
 
+/** Per-row constants of the block bounds (mass_bounds): q'.k <= dot + rr (1 + g) + cab +
+ *  c1060 + eta for a key of a block with centroid product dot, rr = qn2 rad. */
+typedef struct {
+    double qn2;    /**< bound on |q'|_2 */
+    double q2;     /**< bound on |q'|_2^2 */
+    double g;      /**< relative rounding of the centroid product and of rr */
+    double cab;    /**< absolute rounding allowance of the centroid product */
+    double c1060;  /**< 2^-1060 d: underflow allowance */
+    double eta;    /**< the row's rounding allowance on every logit */
+    double inv_m;  /**< 1 / (keys of a block), rounded */
+} tka_mass_consts;
+
 /** Most dimensions of keys with 4-bit proxies: their sums stay exact in int32. */
 #define TKA_INT4_MAX_D (1 << 19)
 
@@ -179,6 +191,19 @@ struct tka_search_kernels {
      */
     void (*proxy_levels)(int32_t *dl, const float *sc, const float *perr, int64_t m,
                          const tka_proxy_consts *c);
+    /**
+     * Bounds of m blocks of 1/inv_m keys each (search.c, "block mass bound"): in place,
+     * ub[b] = the per-key bound from the centroid product ub[b] (as given) and radius rad[b];
+     * um[b] = the block's mass bound from its moments mom[2b], mom[2b + 1] (ub[b] where they
+     * are not finite). Every kernel set computes the scalar set's operations in its order,
+     * without fused multiply-adds: the same bounds, bit for bit.
+     */
+    void (*mass_bounds)(double *ub, const double *rad, const double *mom, int64_t m,
+                        const tka_mass_consts *c, double *um);
 };
+
+/** The active kernel set's mass_bounds (for the tests, through _core.mass_bounds). */
+void tka_mass_bounds(double *ub, const double *rad, const double *mom, int64_t m,
+                     const tka_mass_consts *c, double *um);
 
 #endif /* TOPKATTN_SEARCH_H */

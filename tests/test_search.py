@@ -1055,3 +1055,52 @@ def test_float32_rows_scored_in_full_sum_their_kept_values(ties):
             w = np.exp(s[kept] - s[kept].max())
             want = (w / w.sum()) @ V[h, kept].astype(np.float64)
             np.testing.assert_allclose(out[h, r], want, rtol=1e-5, atol=1e-6)
+
+
+def _mass_bound_ref(dot, rad, mom, qn2, g, cab, c1060, eta, inv_m):
+    """The block mass bound of docs/design.md §4 in mpmath: base + log(1 + (|q'| sigma +
+    phi(R) lambda |q'|^2) / m) with exact e^R and log (not above ub = the per-key bound)."""
+    mpmath.mp.prec = 80
+    rr = qn2 * rad
+    R = mpmath.mpf(rr) * (1 + mpmath.mpf(g))
+    base = mpmath.mpf(dot) + cab + c1060 + eta
+    ub = mpmath.mpf(dot) + rr * (1 + mpmath.mpf(g)) + cab + c1060 + eta
+    phi = (mpmath.exp(R) - 1 - R) / R**2 if R >= 1 else mpmath.e - 2
+    S = 1 + (qn2 * mpmath.mpf(mom[1]) + phi * mom[0] * mpmath.mpf(qn2) ** 2) * inv_m
+    return min(base + mpmath.log(S), ub)
+
+
+def test_block_mass_bounds_kernels(simd_path):
+    """The kernel of the block bounds (per-key ub and block mass um) of every kernel set:
+    the scalar set's values bit for bit, um <= ub, and um never below the bound computed
+    exactly (mpmath) and at most 0.1 above it; blocks whose moments are not finite or whose
+    radius term reaches 700 keep ub."""
+    rng = np.random.default_rng(72)
+    m = 1203
+    dot = rng.uniform(-60.0, 60.0, m)
+    rad = rng.uniform(0.0, 12.0, m) * np.where(rng.random(m) < 0.05, 100.0, 1.0)
+    rad[:40] = rng.uniform(0.15, 0.6, 40)                 # R < 1 (over log_up's 0.07)
+    # moments a block of 64 keys within the radius can have (lambda <= 64 r^2, sigma <= 64 r)
+    mom = np.stack([rng.uniform(0.0, 0.3, m) * 64 * rad**2, rng.uniform(0.0, 0.2, m) * 64 * rad],
+                   axis=1)
+    mom[50:60, 0] = np.inf
+    mom[60:70, 1] = np.inf
+    rad[70:75] = 699.9 / 1.7                               # R just under 700
+    rad[75:80] = 700.1 / 1.7                               # and just over
+    args = (1.7, 2.0**-45, 1e-9, 1e-300, 1e-7, 1.0 / 64)
+    ub, um = tks._core.mass_bounds(dot, rad, mom, *args)
+    topkattn.set_simd("scalar")
+    ub0, um0 = tks._core.mass_bounds(dot, rad, mom, *args)
+    np.testing.assert_array_equal(ub, ub0)
+    np.testing.assert_array_equal(um, um0)
+    assert np.all(um <= ub)
+    keeps = ~np.isfinite(mom).all(1) | (1.7 * rad * (1 + 2.0**-45) >= 700.0)
+    np.testing.assert_array_equal(um[keeps], ub[keeps])
+    assert np.all(um[:40] < ub[:40])                      # (small radii: a real bound)
+    assert np.mean(um[~keeps] < ub[~keeps]) > 0.5
+    for b in list(range(0, 80)) + list(rng.choice(np.arange(80, m), 150, replace=False)):
+        if keeps[b]:
+            continue
+        ref = _mass_bound_ref(dot[b], rad[b], mom[b], *args)
+        assert um[b] >= ref, (b, um[b], float(ref))
+        assert um[b] <= ref + 0.1, (b, um[b], float(ref))

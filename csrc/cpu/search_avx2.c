@@ -254,5 +254,89 @@ static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int
     }
 }
 
+/*
+ * The block bounds of search_scalar.c's mass_bounds, four blocks at a time: the same
+ * operations in the same order (no fused multiply-adds: -ffp-contract=off), e^R's table
+ * value gathered, floor by roundpd, the exponents moved through the bits as there, so the
+ * same bounds bit for bit. Lanes whose moments are not finite, or R >= 700, or whose S
+ * reaches 2^1000, keep ub (their other values are computed from R = 1 and dropped).
+ */
+static void mass_bounds(double *ub, const double *rad, const double *mom, int64_t m,
+                        const tka_mass_consts *c, double *um)
+{
+    const __m256d qn2 = _mm256_set1_pd(c->qn2), q2 = _mm256_set1_pd(c->q2),
+                  g = _mm256_set1_pd(c->g), cab = _mm256_set1_pd(c->cab),
+                  c1060 = _mm256_set1_pd(c->c1060), eta = _mm256_set1_pd(c->eta),
+                  inv_m = _mm256_set1_pd(c->inv_m), g1 = _mm256_set1_pd(1.0 + c->g),
+                  one = _mm256_set1_pd(1.0), inf = _mm256_set1_pd(INFINITY),
+                  r700 = _mm256_set1_pd(700.0),
+                  log2e = _mm256_set1_pd(1.4426950408889634), up50 = _mm256_set1_pd(1.0 + 0x1p-50),
+                  up40 = _mm256_set1_pd(1.0 + 0x1p-40), p40 = _mm256_set1_pd(0x1p-40),
+                  two = _mm256_set1_pd(2.0), x32 = _mm256_set1_pd(32.0),
+                  phi1 = _mm256_set1_pd(0.71828182845904524 * (1.0 + 0x1p-40)),
+                  s1000 = _mm256_set1_pd(0x1p1000), ln2 = _mm256_set1_pd(0.69314718055994531),
+                  l34 = _mm256_set1_pd(0.28768207245178090), c75 = _mm256_set1_pd(0.75),
+                  c43 = _mm256_set1_pd(1.3333333333333333), e1022 = _mm256_set1_pd(1022.0),
+                  m52 = _mm256_set1_pd(0x1p52),
+                  absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    const __m256i mant = _mm256_set1_epi64x(0x000fffffffffffffll),
+                  half = _mm256_set1_epi64x(0x3fe0000000000000ll),
+                  e7ff = _mm256_set1_epi64x(0x7ff), magic = _mm256_set1_epi64x(0x4330000000000000ll),
+                  b1023 = _mm256_set1_epi64x(1023);
+    const __m128i i31 = _mm_set1_epi32(31);
+    int64_t b = 0;
+    for (; b + 4 <= m; b += 4) {
+        const __m256d dot = _mm256_loadu_pd(ub + b);
+        const __m256d rr = _mm256_mul_pd(qn2, _mm256_loadu_pd(rad + b));
+        const __m256d base = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(dot, cab), c1060), eta);
+        __m256d t = _mm256_add_pd(rr, _mm256_mul_pd(g, rr));
+        const __m256d u = _mm256_add_pd(dot, _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(t, cab), c1060), eta));
+        const __m256d R = _mm256_mul_pd(rr, g1);
+        /* the moments of blocks b..b+3: (mom0, mom1) pairs */
+        const __m256d ma = _mm256_loadu_pd(mom + 2 * b), mb = _mm256_loadu_pd(mom + 2 * b + 4);
+        const __m256d mo0 = _mm256_permute4x64_pd(_mm256_unpacklo_pd(ma, mb), 0xD8);
+        const __m256d mo1 = _mm256_permute4x64_pd(_mm256_unpackhi_pd(ma, mb), 0xD8);
+        __m256d ok = _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd(mo0, inf, _CMP_LT_OQ),
+                                                 _mm256_cmp_pd(mo1, inf, _CMP_LT_OQ)),
+                                   _mm256_cmp_pd(R, r700, _CMP_LT_OQ));
+        /* exp_up(R), on R = 1 in the lanes that keep ub */
+        const __m256d Rc = _mm256_blendv_pd(one, R, ok);
+        t = _mm256_mul_pd(_mm256_mul_pd(Rc, log2e), up50);
+        const __m256d k = _mm256_floor_pd(t);
+        const __m128i j = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(t, k), x32));
+        const __m128i jn = _mm_min_epi32(_mm_add_epi32(j, _mm_set1_epi32(1)), i31);
+        __m256d p = _mm256_i32gather_pd(tka_exp2_32, jn, 8);
+        const __m256d last = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_cmpeq_epi32(j, i31)));
+        p = _mm256_blendv_pd(p, two, last);
+        const __m256i kb = _mm256_slli_epi64(
+            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvttpd_epi32(k)), b1023), 52);
+        const __m256d ex = _mm256_mul_pd(_mm256_mul_pd(p, up50), _mm256_castsi256_pd(kb));
+        __m256d phi = _mm256_mul_pd(
+            _mm256_div_pd(_mm256_sub_pd(_mm256_sub_pd(ex, one), Rc), _mm256_mul_pd(Rc, Rc)), up40);
+        phi = _mm256_blendv_pd(phi1, phi, _mm256_cmp_pd(R, one, _CMP_GE_OQ));
+        const __m256d extra = _mm256_mul_pd(
+            _mm256_add_pd(_mm256_mul_pd(qn2, mo1), _mm256_mul_pd(phi, _mm256_mul_pd(mo0, q2))), up40);
+        const __m256d S = _mm256_mul_pd(_mm256_add_pd(one, _mm256_mul_pd(extra, inv_m)), up50);
+        ok = _mm256_and_pd(ok, _mm256_cmp_pd(S, s1000, _CMP_LT_OQ));
+        /* log_up(S) */
+        const __m256i sb = _mm256_castpd_si256(S);
+        const __m256d eb = _mm256_sub_pd(
+            _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi64(sb, 52), e7ff), magic)),
+            m52);
+        const __m256d M = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(sb, mant), half));
+        const __m256d e = _mm256_sub_pd(eb, e1022);
+        __m256d l = _mm256_add_pd(_mm256_sub_pd(_mm256_mul_pd(e, ln2), l34),
+                                  _mm256_mul_pd(_mm256_sub_pd(M, c75), c43));
+        l = _mm256_add_pd(l, _mm256_mul_pd(p40, _mm256_add_pd(one, _mm256_and_pd(l, absm))));
+        const __m256d v = _mm256_add_pd(
+            _mm256_add_pd(base, l),
+            _mm256_mul_pd(p40, _mm256_add_pd(_mm256_and_pd(base, absm), _mm256_and_pd(l, absm))));
+        const __m256d w = _mm256_blendv_pd(u, v, _mm256_cmp_pd(v, u, _CMP_LT_OQ));
+        _mm256_storeu_pd(ub + b, u);
+        _mm256_storeu_pd(um + b, _mm256_blendv_pd(u, w, ok));
+    }
+    if (b < m) tka_search_kernels_scalar.mass_bounds(ub + b, rad + b, mom + 2 * b, m - b, c, um + b);
+}
+
 const tka_search_kernels tka_search_kernels_avx2 = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                    dot4_i8, dot_u4, proxy_levels};
+                                                    dot4_i8, dot_u4, proxy_levels, mass_bounds};

@@ -187,5 +187,12 @@ static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int
     tka_search_kernels_avx2.dot_u4(y, z, hb, m, bias, out);
 }
 
+/* the block bounds: the AVX2 set's */
+static void mass_bounds(double *ub, const double *rad, const double *mom, int64_t m,
+                        const tka_mass_consts *c, double *um)
+{
+    tka_search_kernels_avx2.mass_bounds(ub, rad, mom, m, c, um);
+}
+
 const tka_search_kernels tka_search_kernels_avx512 = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                      dot4_i8, dot_u4, proxy_levels};
+                                                      dot4_i8, dot_u4, proxy_levels, mass_bounds};

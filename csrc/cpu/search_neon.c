@@ -103,8 +103,15 @@ static void dot_u4(const int8_t *y, const uint8_t *z, int64_t hb, int64_t m, int
     tka_search_kernels_scalar.dot_u4(y, z, hb, m, bias, out);
 }
 
+/* the block bounds: the scalar set's */
+static void mass_bounds(double *ub, const double *rad, const double *mom, int64_t m,
+                        const tka_mass_consts *c, double *um)
+{
+    tka_search_kernels_scalar.mass_bounds(ub, rad, mom, m, c, um);
+}
+
 const tka_search_kernels tka_search_kernels_neon = {dot_f32, dot_f64, dot_f16, dot_i8,
-                                                    dot4_i8, dot_u4, proxy_levels};
+                                                    dot4_i8, dot_u4, proxy_levels, mass_bounds};
 
 #else
 typedef int tka_search_neon_not_built; /* ISO C wants a declaration in every file */

@@ -387,9 +387,10 @@ void tka_values_nth_desc(double *a, int64_t n, int64_t k);
 /** Sort pairs in that order with scratch tv, tx of n entries each (LSD radix sort from 512
  *  pairs on, introsort below or when tv or tx is NULL). */
 void tka_pairs_sort_desc_radix(double *v, int64_t *idx, int64_t n, double *tv, int64_t *tx);
-/** Quickselect on pairs: afterwards pair k (0-based) is the k-th in that order, the ones
- *  before it come first. */
-void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k);
+/** Rearrange the pairs so that the first k are the k highest (by value, then lower index),
+ *  the highest of them first, the rest of those k in no particular order (for k much
+ *  smaller than n: the sample's blocks with the highest bounds). */
+void tka_pairs_top_desc(double *v, int64_t *idx, int64_t n, int64_t k);
 /**
  * Smallest k such that the first k pairs in that order have mass sum(w) >= target; those
  * k pairs (with their masses w) are moved to [0, k), in no particular order. Expected O(n);

@@ -2163,7 +2163,7 @@ static int64_t sample_pick(const search_ctx *cx, srow *w, const row_bufs *rb, in
         w->bsuf[b] = rad ? w->ub[b] - lam * rad[b] : w->ub[b];
         w->bord[b] = b;
     }
-    if (ntop < nb) tka_pairs_nth_desc(w->bsuf, w->bord, nb, ntop);
+    tka_pairs_top_desc(w->bsuf, w->bord, nb, ntop);
     return ntop;
 }
 

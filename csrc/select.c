@@ -215,7 +215,9 @@ void tka_pairs_sort_desc(double *v, int64_t *idx, int64_t n)
     if (n > 1) introsort_pairs(v, idx, n, 2 * log2_floor(n) + 4);
 }
 
-void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k)
+/* Quickselect on pairs: afterwards pair k (0-based) is the k-th in the order of `before`,
+ * the ones before it come first. */
+static void pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k)
 {
     int64_t lo = 0, hi = n - 1;
     while (hi > lo) {
@@ -232,6 +234,41 @@ void tka_pairs_nth_desc(double *v, int64_t *idx, int64_t n, int64_t k)
         else if (k >= i) lo = i;
         else return;
     }
+}
+
+/* sampled values that pick tka_pairs_top_desc's threshold */
+#define TOP_SAMPLE 256
+
+void tka_pairs_top_desc(double *v, int64_t *idx, int64_t n, int64_t k)
+{
+    if (k <= 0 || n <= 0) return;
+    if (k > n) k = n;
+    int64_t c = n;  /* the pairs that can be among the k highest: [0, c) */
+    if (n >= 8 * TOP_SAMPLE && k * 8 <= n) {
+        /* A threshold t from every (n / TOP_SAMPLE)-th value: its r-th highest, r about 1.5
+         * times the k highest's share of the sample. The pairs of value >= t are moved to
+         * the front in one pass (few of them: the branch is mostly not taken) and the
+         * quickselect runs on those only; when fewer than k reach t (an unlucky sample),
+         * on all. Every one of the k highest is >= t once k pairs are. */
+        double smp[TOP_SAMPLE];
+        const int64_t step = n / TOP_SAMPLE;
+        for (int64_t u = 0; u < TOP_SAMPLE; u++) smp[u] = v[u * step];
+        int64_t r = (k * TOP_SAMPLE * 3) / (2 * n) + 2;
+        if (r > TOP_SAMPLE - 1) r = TOP_SAMPLE - 1;
+        tka_values_nth_desc(smp, TOP_SAMPLE, r);
+        const double t = smp[r];
+        if (t == t) {  /* (not NaN) */
+            int64_t m = 0;
+            for (int64_t i = 0; i < n; i++)
+                if (v[i] >= t) swap2(v, idx, m++, i);
+            if (m >= k) c = m;
+        }
+    }
+    if (k < c) pairs_nth_desc(v, idx, c, k);
+    int64_t top = 0;
+    for (int64_t i = 1; i < k; i++)
+        if (before(v[i], idx[i], v[top], idx[top])) top = i;
+    swap2(v, idx, 0, top);
 }
 
 static inline void swap3(double *v, int64_t *x, double *w, int64_t i, int64_t j)

@@ -2065,29 +2065,43 @@ static void full_costs(int64_t d, int64_t n, double *pass, double *select)
  * share of eps Z left to the unscored keys); a row whose bulk of distant blocks has more
  * mass bound than that reads them all (clustered keys, n = 2^20, d = 128: predicted
  * 275200 proxies from the levels, 981376 read). */
+/* stream_level_of without branches (the same levels), for the passes over every block */
+static inline int32_t level_nb(double ref, double margin, double p)
+{
+    double gap = ((ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
+    gap = gap > 0.0 ? gap : 0.0;  /* (NaN: 0) */
+    gap = gap < (double)(NLEVELS - 1) ? gap : (double)(NLEVELS - 1);
+    return (int32_t)gap;
+}
+
 static double stream_reads(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,
                            int64_t t_read)
 {
-    double reads = (double)w->proxies;
-    int64_t need = -1;  /* blocks on mass levels <= need are read */
+    const int64_t nb = w->nb, bs = w->bs, last = n - (nb - 1) * bs;  /* (the last block's keys) */
+    const double ref = w->ref, margin = 1e-9 * (1.0 + fabs(ref));
+    int64_t keys = 0;
+    int32_t need = -1;  /* blocks on mass levels <= need are read */
     if (w->um) {
-        double lv[NLEVELS];  /* pending block keys per mass level */
+        int64_t lv[NLEVELS];  /* pending block keys per mass level */
         memset(lv, 0, sizeof lv);
-        for (int64_t b = 0; b < w->nb; b++)
-            if (!rb->done[b])
-                lv[stream_level_of(w, w->um[b])] +=
-                    (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
+        for (int64_t b = 0; b < nb; b++)
+            lv[level_nb(ref, margin, w->um[b])] += rb->done[b] ? 0 : b + 1 < nb ? bs : last;
         double below = 0.0;
         for (need = NLEVELS - 1; need >= 0; need--) {
-            below += lv[need] * cx->lw[need];
+            below += (double)lv[need] * cx->lw[need];
             if (below > w->zbudget) break;
         }
+        for (int64_t b = 0; b < nb; b++) {
+            const int rd = (level_nb(ref, margin, w->ub[b]) <= t_read)
+                           | (level_nb(ref, margin, w->um[b]) <= need);
+            keys += !rb->done[b] && rd ? (b + 1 < nb ? bs : last) : 0;
+        }
+    } else {
+        for (int64_t b = 0; b < nb; b++)
+            keys += !rb->done[b] && level_nb(ref, margin, w->ub[b]) <= t_read
+                        ? (b + 1 < nb ? bs : last) : 0;
     }
-    for (int64_t b = 0; b < w->nb; b++)
-        if (!rb->done[b] && (stream_level_of(w, w->ub[b]) <= t_read
-                             || (w->um && stream_level_of(w, w->um[b]) <= need)))
-            reads += (double)(b * w->bs + w->bs < n ? w->bs : n - b * w->bs);
-    return reads;
+    return (double)w->proxies + (double)keys;
 }
 
 static double stream_cost(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,

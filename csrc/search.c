@@ -2092,8 +2092,8 @@ static double stream_reads(const search_ctx *cx, const srow *w, const row_bufs *
             if (below > w->zbudget) break;
         }
         for (int64_t b = 0; b < nb; b++) {
-            const int rd = (level_nb(ref, margin, w->ub[b]) <= t_read)
-                           | (level_nb(ref, margin, w->um[b]) <= need);
+            const int rd = (int)(level_nb(ref, margin, w->ub[b]) <= t_read)
+                           | (int)(level_nb(ref, margin, w->um[b]) <= need);
             keys += !rb->done[b] && rd ? (b + 1 < nb ? bs : last) : 0;
         }
     } else {

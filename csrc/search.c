@@ -12,6 +12,7 @@
  * bounds the TV computed from any float64 evaluation of the logits.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -792,6 +793,10 @@ typedef struct {
     tka_search_row *rows;
     double *out_v;
     const double *lw;      /* lw[b] >= e^{-b LEVEL_W}: mass bound of a key on level b */
+    struct group_slot *slots; /* per group of the streaming search, when threads share its
+                                 rows (see group_slot), else NULL */
+    int64_t ngroups;
+    _Atomic int64_t started;  /* groups begun */
 } search_ctx;
 
 /*
@@ -1592,6 +1597,16 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 }
 
 /* ------------------------------------------------------------------ streaming search */
+
+static inline void cpu_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 
 /*
  * Streaming Δk-Search (proxies, deterministic method). One pass over the per-key int8
@@ -3187,6 +3202,78 @@ static void expand_group(const search_ctx *cx, int64_t h, int64_t k, srow *const
     }
 }
 
+/*
+ * The streaming rows of a group, once its shared part is done (looks, samples, the
+ * switch, the first expansions), are independent: each row's stream_finish reads the
+ * index and writes only its own buffers and results. A group publishes them in its slot,
+ * and any thread whose own groups are done takes rows from it while the group's thread
+ * takes them too, one at a time; the group's thread keeps the rows' buffers until every
+ * row it published is done. A row's results do not depend on the thread that finishes it.
+ * Two groups of four rows on two threads (clustered keys, n = 262144, d = 128): the group
+ * holding the rows that read the most proxies finished last, the other thread idle.
+ */
+enum { SLOT_IDLE = 0, SLOT_BUSY, SLOT_OPEN, SLOT_DONE };
+typedef struct group_slot {
+    _Atomic int state;
+    _Atomic int64_t next, done;
+    _Atomic int err;              /* the first failing row's status (TKA_OK: none) */
+    int64_t ks;
+    int64_t row[GROUP];
+    srow *w[GROUP];
+    chk_t *ck[GROUP];
+    row_bufs *rb[GROUP];
+    const stream_mid *md[GROUP];
+} group_slot;
+
+/* Finish the rows of slot sl not yet taken, one at a time (arena s: this thread's). */
+static void slot_run(const search_ctx *cx, group_slot *sl, tka_arena *s)
+{
+    int64_t u;
+    while ((u = atomic_fetch_add(&sl->next, 1)) < sl->ks) {
+        const size_t mk = tka_arena_mark(s);
+        srow *w = sl->w[u];
+        const double t1 = w->timing ? stage_now() : 0.0;
+        tka_status st = stream_finish(cx, sl->row[u], w, sl->ck[u], sl->rb[u], s, sl->md[u]);
+        if (w->timing) w->wall += stage_now() - t1;
+        if (st == TKA_OK) {
+            row_stats(cx, sl->row[u], w);
+        } else {
+            int ok = TKA_OK;
+            atomic_compare_exchange_strong(&sl->err, &ok, (int)st);
+        }
+        tka_arena_release(s, mk);
+        atomic_fetch_add_explicit(&sl->done, 1, memory_order_release);
+    }
+}
+
+/* A thread whose groups are done: while every group has begun, take rows from the groups
+ * that published some, waiting (spinning, up to SLOT_WAIT seconds) for those still in
+ * their shared part. While groups remain unbegun the thread returns instead (to begin
+ * one). */
+#define SLOT_WAIT 0.05
+static void slot_help(search_ctx *cx, tka_arena *s)
+{
+    double t0 = -1.0;
+    for (;;) {
+        if (atomic_load(&cx->started) < cx->ngroups) return;
+        int waiting = 0;
+        for (int64_t g = 0; g < cx->ngroups; g++) {
+            group_slot *sl = &cx->slots[g];
+            const int state = atomic_load_explicit(&sl->state, memory_order_acquire);
+            if (state == SLOT_BUSY) waiting = 1;
+            if (state == SLOT_OPEN && atomic_load(&sl->next) < sl->ks) {
+                slot_run(cx, sl, s);
+                t0 = -1.0;
+            }
+        }
+        if (!waiting) return;
+        const double t = stage_now();
+        if (t0 < 0.0) t0 = t;
+        else if (t - t0 > SLOT_WAIT) return;
+        for (int i = 0; i < 64; i++) cpu_pause();
+    }
+}
+
 /* Group buffers above this many bytes: the rows of a group run one after the other (no
  * shared expansion), each in the same buffer. */
 #define GROUP_BUF_MAX ((size_t)128 << 20)
@@ -3212,7 +3299,19 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
         return TKA_ERR_NOMEM;
     }
     tka_status st = TKA_OK;
+    group_slot *slot = NULL;  /* the group in progress, when rows are shared */
+#define SLOT_CLOSE()                                                               \
+    do {                                                                           \
+        if (slot) atomic_store_explicit(&slot->state, SLOT_DONE, memory_order_release); \
+        slot = NULL;                                                               \
+    } while (0)
     for (int64_t g = g0; g < g1 && st == TKA_OK; g++) {
+        SLOT_CLOSE();
+        if (cx->slots) {
+            slot = &cx->slots[g];
+            atomic_store(&slot->state, SLOT_BUSY);
+            atomic_fetch_add(&cx->started, 1);
+        }
         const int64_t r0 = (g / per) * L + (g % per) * GROUP, h = r0 / L;
         const int64_t m = L - (g % per) * GROUP < GROUP ? L - (g % per) * GROUP : GROUP;
         srow w[GROUP];
@@ -3413,18 +3512,34 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
                 expand_group(cx, h, ks, ws, rbs, mds2);
             }
         }
-        for (int64_t u = 0; u < ks && st == TKA_OK; u++) {
-            const int64_t i = sr[u];
-            const double t1 = timing ? stage_now() : 0.0;
-            st = stream_finish(cx, r0 + i, &w[i], &ck[i], &rb[i], s, &md[i]);
-            if (timing) w[i].wall += stage_now() - t1;
-            if (st == TKA_OK) row_stats(cx, r0 + i, &w[i]);
+        if (ks > 0) {  /* the streaming rows: published (see group_slot) */
+            group_slot local;
+            group_slot *sl = slot ? slot : &local;
+            sl->ks = ks;
+            for (int64_t u = 0; u < ks; u++) {
+                const int64_t i = sr[u];
+                sl->row[u] = r0 + i;
+                sl->w[u] = &w[i];
+                sl->ck[u] = &ck[i];
+                sl->rb[u] = &rb[i];
+                sl->md[u] = &md[i];
+            }
+            atomic_init(&sl->next, 0);
+            atomic_init(&sl->done, 0);
+            atomic_init(&sl->err, TKA_OK);
+            if (slot) atomic_store_explicit(&sl->state, SLOT_OPEN, memory_order_release);
+            slot_run(cx, sl, s);
+            while (atomic_load_explicit(&sl->done, memory_order_acquire) < ks) cpu_pause();
+            st = (tka_status)atomic_load(&sl->err);
         }
         /* the switching rows' buffers are no longer needed: the pass uses the first one's */
         if (st == TKA_OK && nfb)
             st = fallback_rows(cx, fbr, nfb, &sd, bufs + (size_t)(fbr[0] - r0) * rbytes, fbs, s);
         if (st != TKA_OK) *err_row = g;
     }
+    SLOT_CLOSE();
+#undef SLOT_CLOSE
+    if (st == TKA_OK && cx->slots) slot_help(cx, s);
     tka_arena_release(s, mark);
     return st;
 }
@@ -3471,7 +3586,7 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
     double lw[NLEVELS];
     for (int b = 0; b < NLEVELS; b++) lw[b] = tka_exp_up(-(double)b * LEVEL_W);
     const tka_kernels *K = tka_kernels_active();
-    search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw};
+    search_ctx cx = {ix, args, K, K->search, out_rows, out_v, lw, NULL, 0, 0};
     const int64_t rows = ix->heads * args->L;
     for (int64_t r = 0; r < rows; r++) memset(&out_rows[r], 0, sizeof out_rows[r]);
     double work = (double)rows * (double)ix->n * (double)ix->d * 0.25;
@@ -3484,8 +3599,19 @@ tka_status tka_search(const tka_key_index *ix, const tka_search_args *args,
          * chunked row kernels) use every thread; the results are the same either way */
         if (groups < tka_num_threads() && ix->n >= 2 * SCORE_CHUNK && !tka_threads_in_worker())
             st = tka_rows_run_serial(groups, search_groups, &cx, &err->row);
-        else
+        else if (tka_num_threads() > 1 && groups > 1 && !tka_threads_in_worker()) {
+            /* rows of a group may be finished by another thread (group_slot) */
+            cx.slots = calloc((size_t)groups, sizeof(group_slot));
+            cx.ngroups = groups;
+            if (!cx.slots) {
+                st = TKA_ERR_NOMEM;
+            } else {
+                st = tka_rows_run_parallel(groups, work, search_groups, &cx, &err->row);
+                free(cx.slots);
+            }
+        } else {
             st = tka_rows_run_parallel(groups, work, search_groups, &cx, &err->row);
+        }
         if (st != TKA_OK && err->row >= 0) /* the failing group's first row */
             err->row = (err->row / per) * args->L + (err->row % per) * GROUP;
     } else {

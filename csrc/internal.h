@@ -307,6 +307,15 @@ tka_status tka_rows_run_serial(int64_t rows, tka_row_fn fn, void *ctx, int64_t *
 
 /** Whether the calling thread is a worker of tka_rows_run_parallel (no nested threads). */
 int tka_threads_in_worker(void);
+/** A spin-wait's pause (x86 pause, arm64 yield). */
+static inline void tka_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 /* ------------------------------------------------------------ rows, selection */
 

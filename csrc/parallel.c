@@ -61,14 +61,6 @@ void tka_set_num_threads(int n)
     atomic_store(&g_threads, n > 0 ? (n > MAX_THREADS ? MAX_THREADS : n) : 0);
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 /* ------------------------------------------------------------ per-thread arenas */
 
@@ -130,7 +122,7 @@ typedef struct {
 
 static void record_error(job *j, int64_t bad, tka_status st)
 {
-    while (atomic_flag_test_and_set_explicit(&j->lock, memory_order_acquire)) cpu_relax();
+    while (atomic_flag_test_and_set_explicit(&j->lock, memory_order_acquire)) tka_cpu_relax();
     if (bad < atomic_load(&j->err_row)) {
         atomic_store(&j->err_row, bad);
         atomic_store(&j->err_code, st);
@@ -189,7 +181,7 @@ static void *worker_main(void *arg)
     for (;;) {
         unsigned long g = atomic_load_explicit(&g_pool.gen, memory_order_acquire);
         for (int i = 0; g == seen && i < SPIN_POLLS; i++) {
-            cpu_relax();
+            tka_cpu_relax();
             g = atomic_load_explicit(&g_pool.gen, memory_order_acquire);
         }
         pthread_mutex_lock(&g_pool.m);
@@ -265,7 +257,7 @@ static void pool_run(job *j, int nt)
     if (helpers > 0) {
         for (int i = 0; atomic_load_explicit(&g_pool.remaining, memory_order_acquire) > 0 &&
                         i < SPIN_POLLS; i++)
-            cpu_relax();
+            tka_cpu_relax();
         if (atomic_load(&g_pool.remaining) > 0) {
             pthread_mutex_lock(&g_pool.m);
             while (atomic_load(&g_pool.remaining) > 0) pthread_cond_wait(&g_pool.done, &g_pool.m);

@@ -1598,16 +1598,6 @@ static tka_status search_levels(const search_ctx *cx, int64_t r, const search_di
 
 /* ------------------------------------------------------------------ streaming search */
 
-static inline void cpu_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-
 /*
  * Streaming Δk-Search (proxies, deterministic method). One pass over the per-key int8
  * codes of every block, in storage order, gives each key a level (an upper bound on its
@@ -2034,13 +2024,19 @@ static void block_dots(const search_ctx *cx, int64_t h, int64_t m, srow *const *
     }
 }
 
+/* The level of bound p below ref (margin: 1e-9 (1 + |ref|)), without branches (NaN: level 0) */
+static inline int32_t level_nb(double ref, double margin, double p)
+{
+    double gap = ((ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
+    gap = gap > 0.0 ? gap : 0.0;  /* (NaN: 0) */
+    gap = gap < (double)(NLEVELS - 1) ? gap : (double)(NLEVELS - 1);
+    return (int32_t)gap;
+}
+
 /* The level of bound p (the proxy_levels kernels' rounding, for a whole block's keys). */
 static int64_t stream_level_of(const srow *w, double p)
 {
-    const double margin = 1e-9 * (1.0 + fabs(w->ref));
-    const double gap = ((w->ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
-    if (!(gap > 0.0)) return 0;
-    return gap >= (double)(NLEVELS - 1) ? NLEVELS - 1 : (int64_t)gap;
+    return level_nb(w->ref, 1e-9 * (1.0 + fabs(w->ref)), p);
 }
 
 /*
@@ -2088,14 +2084,6 @@ static void full_costs(int64_t d, int64_t n, double *pass, double *select)
  * share of eps Z left to the unscored keys); a row whose bulk of distant blocks has more
  * mass bound than that reads them all (clustered keys, n = 2^20, d = 128: predicted
  * 275200 proxies from the levels, 981376 read). */
-/* stream_level_of without branches (the same levels), for the passes over every block */
-static inline int32_t level_nb(double ref, double margin, double p)
-{
-    double gap = ((ref - p) - margin - 1e-9 * fabs(p)) * (1.0 / LEVEL_W);
-    gap = gap > 0.0 ? gap : 0.0;  /* (NaN: 0) */
-    gap = gap < (double)(NLEVELS - 1) ? gap : (double)(NLEVELS - 1);
-    return (int32_t)gap;
-}
 
 static double stream_reads(const search_ctx *cx, const srow *w, const row_bufs *rb, int64_t n,
                            int64_t t_read)
@@ -2582,9 +2570,9 @@ static void row_stats(const search_ctx *cx, int64_t r, const srow *w)
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
                               const int64_t *oi, int dense_out, const double *kv,
                               const double *wk_in, double mx, int fw, tka_arena *s);
-static tka_status kept_sums_f32(const tka_kernels *K, const float *v, int64_t ld,
-                                const int64_t *idx, const float *w, int64_t k, int64_t dv,
-                                double *o, tka_arena *s);
+static tka_status kept_f32(const tka_kernels *K, const float *v, int64_t ld, const int64_t *pos,
+                           const int64_t *perm, const double *wk, int64_t k, int64_t dv,
+                           int64_t *ip, double *o, double *z, tka_arena *s);
 
 /* With w4 (this row's slot of a group's weights: float64 interleaved with stride 4, or
  * with fw a float32 row of n), a row keeping more than half of the keys only writes every
@@ -2718,25 +2706,15 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         }
         *z4 = (z0 + z1) + (z2 + z3);
     } else if (gathered) {
-        /* as full_output sums a float32 row (the same association, so the same output),
-         * the positions looked up on the way */
+        /* as full_output sums a float32 row (the same sums, so the same output), the
+         * positions looked up on the way (in place in keep unless it is reported) */
         double *o = cx->out_v + (size_t)(r * a->dv);
         const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
-        float *wf = tka_arena_alloc(s, (size_t)k * sizeof(float));
         int64_t *ip = report ? tka_arena_alloc(s, (size_t)k * sizeof(int64_t)) : keep;
-        if (!wf || !ip) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
-        double z = 0.0, z1 = 0.0;
-        int64_t c = 0;
-        for (int64_t t = 0; t < k; t++) {  /* (in place when ip is keep: c <= t) */
-            const float f = (float)wk[t];
-            ip[c] = perm[keep[t]];
-            wf[c] = f;
-            if (t & 1) z1 += (double)f; else z += (double)f;
-            c += f != 0.0f;
-        }
-        z += z1;
-        if ((st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, ip, wf, c, a->dv, o, s))
-            != TKA_OK)
+        double z;
+        if (!ip) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        if ((st = kept_f32(K, (const float *)vh, a->v_row_stride, keep, perm, wk, k, a->dv, ip, o,
+                           &z, s)) != TKA_OK)
             return st;  /* the caller frees out->idx */
         for (int64_t j = 0; j < a->dv; j++) o[j] /= z;
     } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, wk, tw.max, fw, s)) != TKA_OK) {
@@ -2804,6 +2782,31 @@ static tka_status kept_sums_f32(const tka_kernels *K, const float *v, int64_t ld
     if (k > SPV_CHUNK) return kept_sums_chunked(K, v, ld, idx, w, k, dv, o, s);
     K->spv_idx(v, ld, idx, w, k, dv, o);
     return TKA_OK;
+}
+
+/* The float32 sums of a row's kept V rows as topk_attention sums a float32 problem's
+ * (docs/design.md §3): the weights wk rounded to float32, those that round to 0 dropped with
+ * their value row, float32 blocks of 64 kept keys in the order given; the kept key t's row
+ * is pos[t], or perm[pos[t]] with perm. o = the sums, *z = the rounded weights' sum (two
+ * chains). ip: room for k positions (may be pos itself when perm is given: written behind
+ * its reads). */
+static tka_status kept_f32(const tka_kernels *K, const float *v, int64_t ld, const int64_t *pos,
+                           const int64_t *perm, const double *wk, int64_t k, int64_t dv,
+                           int64_t *ip, double *o, double *z, tka_arena *s)
+{
+    float *wf = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(float));
+    if (!wf) return TKA_ERR_NOMEM;
+    double z0 = 0.0, z1 = 0.0;
+    int64_t c = 0;
+    for (int64_t t = 0; t < k; t++) {
+        const float f = (float)wk[t];
+        ip[c] = perm ? perm[pos[t]] : pos[t];
+        wf[c] = f;
+        if (t & 1) z1 += (double)f; else z0 += (double)f;
+        c += f != 0.0f;
+    }
+    *z = z0 + z1;
+    return kept_sums_f32(K, v, ld, ip, wf, c, dv, o, s);
 }
 
 /* The output of row r from its kept keys (original positions in oi, scores in kv, the
@@ -2882,24 +2885,11 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
                 z += wt[c++];
             }
         K->pv_idx[a->vdtype](vh, a->v_row_stride, pos, wt, c, dv, o);
-    } else if (fw) {
-        /* as topk_attention sums a float32 problem's kept rows (docs/design.md §3): the
-         * weights rounded to float32, those that round to 0 dropped with their value row,
-         * float32 blocks of 64 kept keys (in the storage order given) */
+    } else if (fw) {  /* (kept keys in the storage order given) */
         int64_t *ip = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
-        float *wf = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(float));
-        if (!ip || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
-        double z1 = 0.0;
-        int64_t c = 0;
-        for (int64_t t = 0; t < k; t++) {
-            const float f = (float)wk[t];
-            ip[c] = oi[t];
-            wf[c] = f;
-            if (t & 1) z1 += (double)f; else z += (double)f;
-            c += f != 0.0f;
-        }
-        z += z1;
-        tka_status st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, ip, wf, c, dv, o, s);
+        if (!ip) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        tka_status st = kept_f32(K, (const float *)vh, a->v_row_stride, oi, NULL, wk, k, dv, ip,
+                                 o, &z, s);
         if (st != TKA_OK) return st;  /* the caller frees out->idx */
     } else {
         for (int64_t t = 0; t < k; t++) z += wk[t];
@@ -3270,7 +3260,7 @@ static void slot_help(search_ctx *cx, tka_arena *s)
         const double t = stage_now();
         if (t0 < 0.0) t0 = t;
         else if (t - t0 > SLOT_WAIT) return;
-        for (int i = 0; i < 64; i++) cpu_pause();
+        for (int i = 0; i < 64; i++) tka_cpu_relax();
     }
 }
 
@@ -3529,7 +3519,7 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
             atomic_init(&sl->err, TKA_OK);
             if (slot) atomic_store_explicit(&sl->state, SLOT_OPEN, memory_order_release);
             slot_run(cx, sl, s);
-            while (atomic_load_explicit(&sl->done, memory_order_acquire) < ks) cpu_pause();
+            while (atomic_load_explicit(&sl->done, memory_order_acquire) < ks) tka_cpu_relax();
             st = (tka_status)atomic_load(&sl->err);
         }
         /* the switching rows' buffers are no longer needed: the pass uses the first one's */

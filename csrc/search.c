@@ -2573,6 +2573,9 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
 static tka_status kept_f32(const tka_kernels *K, const float *v, int64_t ld, const int64_t *pos,
                            const int64_t *perm, const double *wk, int64_t k, int64_t dv,
                            int64_t *ip, double *o, double *z, tka_arena *s);
+static tka_status placed_f32(const tka_kernels *K, const float *v, int64_t ld, const float *wd,
+                             int64_t n, int64_t k, int64_t dv, double *o, double *z,
+                             tka_arena *s);
 
 /* With w4 (this row's slot of a group's weights: float64 interleaved with stride 4, or
  * with fw a float32 row of n), a row keeping more than half of the keys only writes every
@@ -2626,6 +2629,30 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     int64_t *keep = NULL;
     double *kv = NULL, *wk = NULL;
     const int dense_out = fw && n > GROUP_PV_MAX_N && k > n / 8;  /* (see below) */
+    const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
+    /* Such a row whose kept set is not reported: every key's weight (0 for the dropped
+     * ones) by one vector pass in storage order, each then put at its key's position, so
+     * that no kept set is gathered and no position looked up a kept key at a time; the
+     * ties at thr beyond k dropped from the highest storage index, as
+     * tka_row_topk_above_v drops them. */
+    float *placed = NULL;
+    if (dense_out && !report && cx->out_v && k > 0 && thr > -INFINITY) {
+        double *ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        placed = tka_arena_alloc(s, (size_t)n * sizeof(float));
+        if (!ew || !placed) return TKA_ERR_NOMEM;
+        int64_t ge, gt;
+        K->exp_keep[TKA_F64](sc, n, tw.max, thr, ew, &ge, &gt, e);
+        if (gt <= k && ge >= k) {
+            for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ew[j];
+            for (int64_t j = n - 1, x = ge - k; x > 0; j--)
+                if (sc[j] == thr) {
+                    placed[perm[j]] = 0.0f;
+                    x--;
+                }
+        } else {
+            placed = NULL;
+        }
+    }
     /* A float32 row whose output is its own (not deferred, not by dense_out): the kept
      * keys (storage order) with their weights from the selection in one vector pass, as
      * topk_attention gathers them, when no tie at thr is to be broken; their scores only
@@ -2642,7 +2669,7 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
             for (int64_t t = 0; t < k; t++) kv[t] = sc[keep[t]];
         }
     }
-    if (!gathered && (!deferred || report)) {
+    if (!gathered && !placed && (!deferred || report)) {
         keep = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(int64_t));
         kv = tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double));
         wk = cx->out_v && !deferred ? tka_arena_alloc(s, (size_t)(k > 0 ? k : 1) * sizeof(double))
@@ -2663,7 +2690,6 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
      * topk_attention's time, n = 262144, d = 64; at n = 512 placing the weights cost more
      * than it saved). */
     tka_search_row *out = &cx->rows[r];
-    const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
     int64_t *oi = NULL;
     if (keep && (!gathered || report)) {  /* (out->idx for the report) */
         if (!(oi = kept_positions(cx, out, k, s))) return TKA_ERR_NOMEM;
@@ -2716,6 +2742,14 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
         if ((st = kept_f32(K, (const float *)vh, a->v_row_stride, keep, perm, wk, k, a->dv, ip, o,
                            &z, s)) != TKA_OK)
             return st;  /* the caller frees out->idx */
+        for (int64_t j = 0; j < a->dv; j++) o[j] /= z;
+    } else if (placed) {
+        double *o = cx->out_v + (size_t)(r * a->dv);
+        const char *vh = (const char *)a->v + (size_t)(h * a->v_head_stride) * esize(a->vdtype);
+        double z;
+        if ((st = placed_f32(K, (const float *)vh, a->v_row_stride, placed, n, k, a->dv, o, &z,
+                             s)) != TKA_OK)
+            return st;
         for (int64_t j = 0; j < a->dv; j++) o[j] /= z;
     } else if (cx->out_v && (st = full_output(cx, r, h, n, k, oi, dense_out, kv, wk, tw.max, fw, s)) != TKA_OK) {
         return st;  /* the caller frees out->idx */
@@ -2809,6 +2843,30 @@ static tka_status kept_f32(const tka_kernels *K, const float *v, int64_t ld, con
     return kept_sums_f32(K, v, ld, ip, wf, c, dv, o, s);
 }
 
+/* The float32 sums of a row whose weights (rounded to float32) sit at their keys'
+ * positions in wd (n floats, 0 for the keys not kept, at most k others): the weights that
+ * are not 0 read back in position order with their positions by the vector kernel
+ * (>= the smallest positive float), V read in that order (a stream with gaps), z in four
+ * chains by position over those only (the zeros would add nothing). */
+static tka_status placed_f32(const tka_kernels *K, const float *v, int64_t ld, const float *wd,
+                             int64_t n, int64_t k, int64_t dv, double *o, double *z,
+                             tka_arena *s)
+{
+    /* gather_ge writes whole vectors: room for k + 8 */
+    int64_t *pos = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(int64_t));
+    double *wv = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(double));
+    float *wf = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(float));
+    if (!pos || !wv || !wf) return TKA_ERR_NOMEM;
+    const int64_t c = K->gather_ge[TKA_F32](wd, n, 0x1p-149, wv, pos);
+    double zc[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t t = 0; t < c; t++) {
+        wf[t] = (float)wv[t];
+        zc[pos[t] & 3] += wv[t];
+    }
+    *z = (zc[0] + zc[1]) + (zc[2] + zc[3]);
+    return kept_sums_f32(K, v, ld, pos, wf, c, dv, o, s);
+}
+
 /* The output of row r from its kept keys (original positions in oi, scores in kv, the
  * row's largest score mx; their weights e^{kv - mx} in wk_in when the caller has them). */
 static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_t n, int64_t k,
@@ -2835,31 +2893,13 @@ static tka_status full_output(const search_ctx *cx, int64_t r, int64_t h, int64_
         dense_out = t < k;
     }
     if (dense_out && fw) {
-        /* as below, in position order: every weight rounded to float32 at its key's
-         * position (0 elsewhere, an array of n floats, 4 bytes a key, mostly in cache
-         * while it is written), then read back in position order keeping the weights
-         * that are not 0; V read in that order (a stream with gaps), z in four chains by
-         * position */
+        /* every weight rounded to float32 at its key's position (0 elsewhere, an array of
+         * n floats), then summed by placed_f32 */
         float *wd = tka_arena_alloc(s, (size_t)n * sizeof(float));
-        /* gather_ge writes whole vectors: room for k + 8 (the weights not 0 are at most k) */
-        int64_t *pos = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(int64_t));
-        double *wv = tka_arena_alloc(s, (size_t)(k + 8) * sizeof(double));
-        float *wf = tka_arena_alloc(s, (size_t)(k + 1) * sizeof(float));
-        if (!wd || !pos || !wv || !wf) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
+        if (!wd) return TKA_ERR_NOMEM;  /* the caller frees out->idx */
         memset(wd, 0, (size_t)n * sizeof(float));
         for (int64_t t = 0; t < k; t++) wd[oi[t]] = (float)wk[t];
-        /* the weights that are not 0 with their positions, by the vector kernel (>= the
-         * smallest positive float); z in four chains by position, over those only (the
-         * zeros would add nothing) */
-        const int64_t c = K->gather_ge[TKA_F32](wd, n, 0x1p-149, wv, pos);
-        double zc[4] = {0.0, 0.0, 0.0, 0.0};
-        for (int64_t t = 0; t < c; t++) {
-            wf[t] = (float)wv[t];
-            zc[pos[t] & 3] += wv[t];
-        }
-        const double z0 = zc[0], z1 = zc[1], z2 = zc[2], z3 = zc[3];
-        z = (z0 + z1) + (z2 + z3);
-        tka_status st = kept_sums_f32(K, (const float *)vh, a->v_row_stride, pos, wf, c, dv, o, s);
+        tka_status st = placed_f32(K, (const float *)vh, a->v_row_stride, wd, n, k, dv, o, &z, s);
         if (st != TKA_OK) return st;  /* the caller frees out->idx */
     } else if (dense_out) {
         /* weights placed at the keys' positions (read back only where marked), the kept

@@ -1024,15 +1024,17 @@ def test_index_order_repairs_loose_blocks():
         assert np.mean(r > 1.5 * np.median(r)) <= 0.12, (n, d)
 
 
+@pytest.mark.parametrize("n", [6000, 70000])
 @pytest.mark.parametrize("ties", [False, True])
-def test_float32_rows_scored_in_full_sum_their_kept_values(ties):
+def test_float32_rows_scored_in_full_sum_their_kept_values(ties, n):
     """Rows that switch to full scoring and keep between 1/8 and 1/2 of the keys (float32
     keys and values: their kept rows and weights gathered in one pass, or, with ties at
-    the threshold, by the general path): the output is the kept set's softmax-weighted mean
-    of V (float64 reference), the same with and without the report, and the certificate
-    bounds the true TV."""
+    the threshold, by the general path; over 65536 keys the weights placed at the keys'
+    positions, directly when the kept set is not reported): the output is the kept set's
+    softmax-weighted mean of V (float64 reference), the same with and without the report,
+    and the certificate bounds the true TV."""
     rng = np.random.default_rng(71)
-    H, n, d, dv = 2, 6000, 32, 24
+    H, d, dv = 2, 32, 24
     K = rng.standard_normal((H, n, d), dtype=np.float32)
     if ties:
         K[:, 1::2] = K[:, ::2]  # every score appears twice: ties at any threshold

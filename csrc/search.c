@@ -2577,6 +2577,29 @@ static tka_status placed_f32(const tka_kernels *K, const float *v, int64_t ld, c
                              int64_t n, int64_t k, int64_t dv, double *o, double *z,
                              tka_arena *s);
 
+/* Every key's weight e^{sc - mx} in storage order into *out (n doubles from s), 0 for the
+ * keys below thr and for the ties at thr beyond k, dropped from the highest storage index
+ * as tka_row_topk_above_v drops them (it keeps ties by lower index); e: the selection's
+ * weights, when it computed them. *out = NULL when the counts at thr do not allow k. */
+static tka_status every_weight(const tka_kernels *K, const double *sc, int64_t n, double mx,
+                               double thr, int64_t k, const double *e, tka_arena *s,
+                               double **out)
+{
+    *out = NULL;
+    double *ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
+    if (!ew) return TKA_ERR_NOMEM;
+    int64_t ge, gt;
+    K->exp_keep[TKA_F64](sc, n, mx, thr, ew, &ge, &gt, e);
+    if (gt > k || ge < k) return TKA_OK;
+    for (int64_t j = n - 1, x = ge - k; x > 0; j--)
+        if (sc[j] == thr) {
+            ew[j] = 0.0;
+            x--;
+        }
+    *out = ew;
+    return TKA_OK;
+}
+
 /* With w4 (this row's slot of a group's weights: float64 interleaved with stride 4, or
  * with fw a float32 row of n), a row keeping more than half of the keys only writes every
  * key's weight there (0 for the dropped ones) and its normaliser to *z4: the group's
@@ -2607,50 +2630,29 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
                                                   certifies by the search's own finalize */
     const int report = !a->unordered;
-    /* A row keeping more than half of the keys writes every key's weight (0 for the dropped
-     * ones) in storage order, as topk_attention's such rows do in position order: no
-     * gathering of the kept keys unless they are reported. The ties at thr beyond k that
-     * are dropped are those of the highest storage indices, so the set is the one that
-     * tka_row_topk_above_v gathers (ties by lower index). */
+    /* A row keeping more than half of the keys writes every key's weight (every_weight: 0
+     * for the dropped ones) in storage order, as topk_attention's such rows do in position
+     * order: no gathering of the kept keys unless they are reported. */
     int deferred = cx->out_v && w4 && k > n / 2 && thr > -INFINITY;
     double *ew = NULL;
     if (deferred) {
-        ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
-        if (!ew) return TKA_ERR_NOMEM;
-        int64_t ge, gt;
-        K->exp_keep[TKA_F64](sc, n, tw.max, thr, ew, &ge, &gt, e);
-        deferred = gt <= k && ge >= k;  /* otherwise the kept keys are gathered */
-        for (int64_t j = n - 1, x = ge - k; deferred && x > 0; j--)
-            if (sc[j] == thr) {
-                ew[j] = 0.0;
-                x--;
-            }
+        if ((st = every_weight(K, sc, n, tw.max, thr, k, e, s, &ew)) != TKA_OK) return st;
+        deferred = ew != NULL;  /* otherwise the kept keys are gathered */
     }
     int64_t *keep = NULL;
     double *kv = NULL, *wk = NULL;
     const int dense_out = fw && n > GROUP_PV_MAX_N && k > n / 8;  /* (see below) */
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
-    /* Such a row whose kept set is not reported: every key's weight (0 for the dropped
-     * ones) by one vector pass in storage order, each then put at its key's position, so
-     * that no kept set is gathered and no position looked up a kept key at a time; the
-     * ties at thr beyond k dropped from the highest storage index, as
-     * tka_row_topk_above_v drops them. */
+    /* Such a row whose kept set is not reported: every key's weight (every_weight), each
+     * put at its key's position, so that no kept set is gathered and no position looked
+     * up a kept key at a time. */
     float *placed = NULL;
     if (dense_out && !report && cx->out_v && k > 0 && thr > -INFINITY) {
-        double *ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
-        placed = tka_arena_alloc(s, (size_t)n * sizeof(float));
-        if (!ew || !placed) return TKA_ERR_NOMEM;
-        int64_t ge, gt;
-        K->exp_keep[TKA_F64](sc, n, tw.max, thr, ew, &ge, &gt, e);
-        if (gt <= k && ge >= k) {
-            for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ew[j];
-            for (int64_t j = n - 1, x = ge - k; x > 0; j--)
-                if (sc[j] == thr) {
-                    placed[perm[j]] = 0.0f;
-                    x--;
-                }
-        } else {
-            placed = NULL;
+        double *ev;
+        if ((st = every_weight(K, sc, n, tw.max, thr, k, e, s, &ev)) != TKA_OK) return st;
+        if (ev) {
+            if (!(placed = tka_arena_alloc(s, (size_t)n * sizeof(float)))) return TKA_ERR_NOMEM;
+            for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ev[j];
         }
     }
     /* A float32 row whose output is its own (not deferred, not by dense_out): the kept

@@ -2060,6 +2060,17 @@ static int64_t stream_level_of(const srow *w, double p)
                              (the pass reads every key: its cost is shared out) */
 #define COST_SELECT 4.0   /* a key of the k_eps selection and output of a fully scored row */
 #define STREAM_MARGIN 1.0 /* stream only when it is predicted to cost this share or less */
+/* A group (of two rows or more) switches as a whole, before the rest of any sample is
+ * read, when its rows' first looks predict their streaming to cost more than this share of
+ * one pass plus every row's selection together. Measured (clustered keys, d = 64 and 128,
+ * n = 65536 and 262144, 38 groups of four, one thread, each group timed streaming and in a
+ * full pass): the time of streaming over that of the pass came out at about 1.45 times
+ * the predicted ratio (0.56 at a predicted 0.43, 1.09 at 0.64, 1.39-1.56 at 0.96), even
+ * near 0.69;
+ * the groups at d = 128 predict 0.16-0.28 (they stream in a fifth to a third of the
+ * pass's time). Each row's own tests could not see it: at d = 64 the groups predicted at
+ * 0.7-1.0 streamed at 1.1-1.6 times a full pass's time (0.77-0.97x topk_attention). */
+#define STREAM_GROUP 0.7
 /* the quick look (a quarter of the sample) switches a group when streaming is predicted
  * to cost more than this share of the pass: its estimate is rougher, so the margin is
  * wider, and a group it switches skips three quarters of the sample (gauss keys, d = 64:
@@ -3441,6 +3452,16 @@ static tka_status search_groups(void *c, int64_t g0, int64_t g1, tka_arena *s, i
          * key's level in one pass over the codes first (levels_group: same results) */
         int dense = !all && m >= 2;
         for (int64_t i = 0; i < m && dense; i++) dense = md[i].reads >= STREAM_DENSE * (double)n;
+        if (!all && !dense && m >= 2) {
+            /* the looks together (each row's own test is in stream_look); not for a dense
+             * group, whose rows' predictions each count the pass over the codes that
+             * levels_group shares */
+            double pass, select, total = 0.0;
+            full_costs(ix->d, n, &pass, &select);
+            for (int64_t i = 0; i < m && total >= 0.0; i++)
+                total = md[i].cost >= 0.0 ? total + md[i].cost : -1.0;
+            all = total > STREAM_GROUP * (pass + (double)m * select);
+        }
         if (dense) {
             srow *wg[GROUP];
             row_bufs *rg[GROUP];

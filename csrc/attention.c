@@ -350,16 +350,10 @@ static tka_status share_row(const attn_ctx *c, const tka_row *w, int64_t k, doub
                             int64_t *keep)
 {
     const int64_t n = w->n;
-    const double *sc = w->p;
     double *e = tka_arena_alloc(s, (size_t)n * sizeof(double));
     if (!e) return TKA_ERR_NOMEM;
-    int64_t ge, gt;
-    if (!(t > -INFINITY)) return TKA_RETRY;
-    c->K->exp_keep[TKA_F64](sc, n, w->max, t, e, &ge, &gt, ew);
-    if (gt > k || ge < k) return TKA_RETRY;
-    /* the ge - k highest positions scoring exactly t are dropped */
-    for (int64_t j = n - 1, x = ge - k; x > 0; j--)
-        if (sc[j] == t) { e[j] = 0.0; x--; }
+    tka_status st = tka_row_keep_weights(w, k, t, ew, e);
+    if (st != TKA_OK) return st;
     if (c->a->dtype == TKA_F32) {
         *z = round_sum(e, n, (float *)sl->w + (size_t)sl->slot * n);
     } else {

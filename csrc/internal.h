@@ -356,6 +356,12 @@ tka_status tka_row_topk_above(const tka_row *w, int64_t k, double t, tka_arena *
 /** tka_row_topk_above, and the kept logits (float64) into kv[0..k), in the order of out. */
 tka_status tka_row_topk_above_v(const tka_row *w, int64_t k, double t, tka_arena *s, int64_t *out,
                                 double *kv);
+/** Every weight e^{x[i] - max} of a float64 row into e[0..n): 0 below t (the k-th largest,
+ *  > -inf) and for the ties at t beyond k, the highest positions of those dropped (the set
+ *  tka_row_topk_above keeps); ew: every weight from the selection's exp pass, or NULL.
+ *  TKA_RETRY when t is not the k-th largest value. */
+tka_status tka_row_keep_weights(const tka_row *w, int64_t k, double t, const double *ew,
+                                double *e);
 
 /* Whole-row kernel calls; rows longer than TKA_CHUNK run as chunks, possibly in parallel,
  * combined in chunk order so results never depend on the thread count (chunks.c). Each

@@ -1246,6 +1246,23 @@ tka_status tka_row_topk_above_v(const tka_row *w, int64_t k, double t, tka_arena
     return st;
 }
 
+tka_status tka_row_keep_weights(const tka_row *w, int64_t k, double t, const double *ew,
+                                double *e)
+{
+    const int64_t n = w->n;
+    const double *x = w->p;
+    int64_t ge, gt;
+    if (!(t > -INFINITY)) return TKA_RETRY;
+    w->K->exp_keep[TKA_F64](x, n, w->max, t, e, &ge, &gt, ew);
+    if (gt > k || ge < k) return TKA_RETRY;
+    for (int64_t j = n - 1, q = ge - k; q > 0; j--)
+        if (x[j] == t) {
+            e[j] = 0.0;
+            q--;
+        }
+    return TKA_OK;
+}
+
 tka_status tka_row_topk_set(const tka_row *w, int64_t k, tka_arena *s, int64_t *out,
                             double *log_tau)
 {

@@ -2588,29 +2588,6 @@ static tka_status placed_f32(const tka_kernels *K, const float *v, int64_t ld, c
                              int64_t n, int64_t k, int64_t dv, double *o, double *z,
                              tka_arena *s);
 
-/* Every key's weight e^{sc - mx} in storage order into *out (n doubles from s), 0 for the
- * keys below thr and for the ties at thr beyond k, dropped from the highest storage index
- * as tka_row_topk_above_v drops them (it keeps ties by lower index); e: the selection's
- * weights, when it computed them. *out = NULL when the counts at thr do not allow k. */
-static tka_status every_weight(const tka_kernels *K, const double *sc, int64_t n, double mx,
-                               double thr, int64_t k, const double *e, tka_arena *s,
-                               double **out)
-{
-    *out = NULL;
-    double *ew = tka_arena_alloc(s, (size_t)n * sizeof(double));
-    if (!ew) return TKA_ERR_NOMEM;
-    int64_t ge, gt;
-    K->exp_keep[TKA_F64](sc, n, mx, thr, ew, &ge, &gt, e);
-    if (gt > k || ge < k) return TKA_OK;
-    for (int64_t j = n - 1, x = ge - k; x > 0; j--)
-        if (sc[j] == thr) {
-            ew[j] = 0.0;
-            x--;
-        }
-    *out = ew;
-    return TKA_OK;
-}
-
 /* With w4 (this row's slot of a group's weights: float64 interleaved with stride 4, or
  * with fw a float32 row of n), a row keeping more than half of the keys only writes every
  * key's weight there (0 for the dropped ones) and its normaliser to *z4: the group's
@@ -2641,30 +2618,36 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
     if (!(bound <= ck->eps)) return TKA_RETRY; /* eps near the underflow range: the caller
                                                   certifies by the search's own finalize */
     const int report = !a->unordered;
-    /* A row keeping more than half of the keys writes every key's weight (every_weight: 0
-     * for the dropped ones) in storage order, as topk_attention's such rows do in position
-     * order: no gathering of the kept keys unless they are reported. */
+    /* A row keeping more than half of the keys writes every key's weight (0 for the
+     * dropped ones, tka_row_keep_weights) in storage order, as topk_attention's such rows
+     * do in position order: no gathering of the kept keys unless they are reported. */
     int deferred = cx->out_v && w4 && k > n / 2 && thr > -INFINITY;
     double *ew = NULL;
     if (deferred) {
-        if ((st = every_weight(K, sc, n, tw.max, thr, k, e, s, &ew)) != TKA_OK) return st;
-        deferred = ew != NULL;  /* otherwise the kept keys are gathered */
+        if (!(ew = tka_arena_alloc(s, (size_t)n * sizeof(double)))) return TKA_ERR_NOMEM;
+        st = tka_row_keep_weights(&tw, k, thr, e, ew);
+        if (st != TKA_OK && st != TKA_RETRY) return st;
+        deferred = st == TKA_OK;  /* otherwise the kept keys are gathered */
+        st = TKA_OK;
     }
     int64_t *keep = NULL;
     double *kv = NULL, *wk = NULL;
     const int dense_out = fw && n > GROUP_PV_MAX_N && k > n / 8;  /* (see below) */
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
-    /* Such a row whose kept set is not reported: every key's weight (every_weight), each
-     * put at its key's position, so that no kept set is gathered and no position looked
+    /* Such a row whose kept set is not reported: every key's weight (as above), each put
+     * at its key's position, so that no kept set is gathered and no position looked
      * up a kept key at a time. */
     float *placed = NULL;
     if (dense_out && !report && cx->out_v && k > 0 && thr > -INFINITY) {
-        double *ev;
-        if ((st = every_weight(K, sc, n, tw.max, thr, k, e, s, &ev)) != TKA_OK) return st;
-        if (ev) {
+        double *ev = tka_arena_alloc(s, (size_t)n * sizeof(double));
+        if (!ev) return TKA_ERR_NOMEM;
+        st = tka_row_keep_weights(&tw, k, thr, e, ev);
+        if (st != TKA_OK && st != TKA_RETRY) return st;
+        if (st == TKA_OK) {
             if (!(placed = tka_arena_alloc(s, (size_t)n * sizeof(float)))) return TKA_ERR_NOMEM;
             for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ev[j];
         }
+        st = TKA_OK;
     }
     /* A float32 row whose output is its own (not deferred, not by dense_out): the kept
      * keys (storage order) with their weights from the selection in one vector pass, as

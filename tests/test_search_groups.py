@@ -357,3 +357,27 @@ def test_small_key_sets_are_scored_in_full_without_a_sample():
     assert np.all(info.proxies_read[:4] == 0) and info.proxies_read[4] > 0
     assert info.keys_scored[4] < n
     check_attention_rows(Q, K, V, out, info, 1e-2, 1 / np.sqrt(d))
+
+
+def test_a_group_sharing_the_codes_pass_keeps_streaming():
+    """Keys in arrival order (as a KV cache grows: blocks too loose to skip any) and four
+    peaked queries: every row reads every proxy, in one pass over the codes shared by the
+    group, and scores a few keys. The group's switch on its rows' looks together must not
+    count that shared pass once per row (it did, and such groups went to full scoring)."""
+    rng = np.random.default_rng(3)
+    n, d = 40000, 64
+    K = rng.standard_normal((n, d)).astype(np.float32)
+    index = KeyIndex(K[:4096], reorder=False)
+    index.append(K[4096:])
+    targets = [123, 9000, 25000, 39000]
+    Q = np.stack([4.0 * np.sqrt(d) * K[i] / np.linalg.norm(K[i]) for i in targets])
+    Q = Q.astype(np.float32)
+    res = certified_search(Q, index, 1e-2)
+    assert not res.full_scoring.any()
+    assert np.all(res.proxies_read == n)
+    keps = topkattn.k_eps(Q.astype(np.float64) @ K.T.astype(np.float64) / np.sqrt(d), 1e-2)
+    assert np.all(res.keys_scored <= 2 * keps + 64), (res.keys_scored, keps)
+    for l, i in enumerate(targets):
+        check_row(res.indices[l], int(res.k[l]), float(res.tv_bound[l]),
+                  int(res.keys_scored[l]), Q[l], K, 1 / np.sqrt(d), 1e-2)
+        assert int(res.indices[l][0]) == i

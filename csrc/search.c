@@ -2066,10 +2066,10 @@ static int64_t stream_level_of(const srow *w, double p)
  * n = 65536 and 262144, 38 groups of four, one thread, each group timed streaming and in a
  * full pass): the time of streaming over that of the pass came out at about 1.45 times
  * the predicted ratio (0.56 at a predicted 0.43, 1.09 at 0.64, 1.39-1.56 at 0.96), even
- * near 0.69;
- * the groups at d = 128 predict 0.16-0.28 (they stream in a fifth to a third of the
- * pass's time). Each row's own tests could not see it: at d = 64 the groups predicted at
- * 0.7-1.0 streamed at 1.1-1.6 times a full pass's time (0.77-0.97x topk_attention). */
+ * near 0.69; the groups at d = 128 predict 0.16-0.28 (they stream in a fifth to a third
+ * of the pass's time). Each row's own tests could not see it: at d = 64 the groups
+ * predicted at 0.7-1.0 streamed at 1.1-1.6 times a full pass's time (0.77-0.97x
+ * topk_attention). Not for a group whose rows all read most proxies (see levels_group). */
 #define STREAM_GROUP 0.7
 /* the quick look (a quarter of the sample) switches a group when streaming is predicted
  * to cost more than this share of the pass: its estimate is rougher, so the margin is

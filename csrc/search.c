@@ -2622,32 +2622,27 @@ static tka_status full_row_in(const search_ctx *cx, int64_t r, srow *w, const ch
      * dropped ones, tka_row_keep_weights) in storage order, as topk_attention's such rows
      * do in position order: no gathering of the kept keys unless they are reported. */
     int deferred = cx->out_v && w4 && k > n / 2 && thr > -INFINITY;
-    double *ew = NULL;
-    if (deferred) {
-        if (!(ew = tka_arena_alloc(s, (size_t)n * sizeof(double)))) return TKA_ERR_NOMEM;
-        st = tka_row_keep_weights(&tw, k, thr, e, ew);
-        if (st != TKA_OK && st != TKA_RETRY) return st;
-        deferred = st == TKA_OK;  /* otherwise the kept keys are gathered */
-        st = TKA_OK;
-    }
     int64_t *keep = NULL;
     double *kv = NULL, *wk = NULL;
     const int dense_out = fw && n > GROUP_PV_MAX_N && k > n / 8;  /* (see below) */
     const int64_t *perm = ix->perm + (size_t)(h * ix->cap);
-    /* Such a row whose kept set is not reported: every key's weight (as above), each put
-     * at its key's position, so that no kept set is gathered and no position looked
-     * up a kept key at a time. */
-    float *placed = NULL;
-    if (dense_out && !report && cx->out_v && k > 0 && thr > -INFINITY) {
-        double *ev = tka_arena_alloc(s, (size_t)n * sizeof(double));
-        if (!ev) return TKA_ERR_NOMEM;
-        st = tka_row_keep_weights(&tw, k, thr, e, ev);
+    /* Such a row (dense_out) whose kept set is not reported: every key's weight too, each
+     * then put at its key's position, so that no kept set is gathered and no position
+     * looked up a kept key at a time. (n <= GROUP_PV_MAX_N for deferred rows: never both.) */
+    const int place = dense_out && !report && cx->out_v && k > 0 && thr > -INFINITY;
+    double *ew = NULL;
+    if (deferred || place) {
+        if (!(ew = tka_arena_alloc(s, (size_t)n * sizeof(double)))) return TKA_ERR_NOMEM;
+        st = tka_row_keep_weights(&tw, k, thr, e, ew);
         if (st != TKA_OK && st != TKA_RETRY) return st;
-        if (st == TKA_OK) {
-            if (!(placed = tka_arena_alloc(s, (size_t)n * sizeof(float)))) return TKA_ERR_NOMEM;
-            for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ev[j];
-        }
+        if (st == TKA_RETRY) ew = NULL;  /* then the kept keys are gathered */
+        deferred = deferred && ew;
         st = TKA_OK;
+    }
+    float *placed = NULL;
+    if (place && ew) {
+        if (!(placed = tka_arena_alloc(s, (size_t)n * sizeof(float)))) return TKA_ERR_NOMEM;
+        for (int64_t j = 0; j < n; j++) placed[perm[j]] = (float)ew[j];
     }
     /* A float32 row whose output is its own (not deferred, not by dense_out): the kept
      * keys (storage order) with their weights from the selection in one vector pass, as

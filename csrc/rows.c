@@ -774,11 +774,122 @@ static tka_status keps_pass_row(const tka_row *w, tka_arena *s, double lo, doubl
     return TKA_OK;
 }
 
+/* The sample of keps_band_ref: ns logits at evenly spaced positions, as float64, sorted
+ * decreasing into smp, with the sums of their masses e^(x - ref) from the bottom in
+ * suf[0..ns] and of the squared masses in suf2[0..ns] (suf[ns] = suf2[ns] = 0). On a row
+ * not scanned yet (raw) *ref becomes the sample's maximum, and 0 is returned when the
+ * sample holds NaN or +inf, or only -inf (the caller's checked path takes such a row). */
+static int band_sample(const tka_row *w, int64_t ns, int raw, double *smp, double *suf,
+                       double *suf2, int64_t *scnt, double *ref)
+{
+    const int64_t n = w->n;
+    const double step = (double)n / (double)ns;
+    if (w->dt == TKA_F32)
+        for (int64_t j = 0; j < ns; j++) smp[j] = ((const float *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+    else
+        for (int64_t j = 0; j < ns; j++) smp[j] = ((const double *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+    if (raw) {
+        double r = -INFINITY;
+        for (int64_t j = 0; j < ns; j++) {
+            if (!(smp[j] < INFINITY)) return 0;  /* NaN or +inf */
+            r = smp[j] > r ? smp[j] : r;
+        }
+        if (r == -INFINITY) return 0;
+        *ref = r;
+    }
+    sample_sort_desc(smp, ns, suf, scnt);
+    w->K->exp_shift[TKA_F64](smp, ns, *ref, suf);
+    suf[ns] = suf2[ns] = 0.0;
+    double run = 0.0, run2 = 0.0;  /* in registers: no store-to-load chain */
+    for (int64_t j = ns - 1; j >= 0; j--) {
+        const double m = suf[j];
+        run += m;
+        run2 += m * m;
+        suf[j] = run;
+        suf2[j] = run2;
+    }
+    return 1;
+}
+
+/* Three standard errors of the sample's estimate of the mass below its rank j */
+static double band_se(const double *suf2, int64_t ns, double scale, int64_t j)
+{
+    return 3.0 * scale * sqrt(suf2[j < ns ? j : ns]);
+}
+
+/* The bracket of sample ranks [*ra, *rb] around the sample's crossing of bar: the rank
+ * error of the crossing, narrowed (tight) to three standard errors of the estimated tail
+ * mass plus the allowance zse for the estimate of Z itself. */
+static void band_bracket(const double *suf, const double *suf2, int64_t ns, double scale,
+                         double bar, int tight, double zse, int64_t *ra, int64_t *rb)
+{
+    const int64_t jstar = sample_cut(suf, ns, scale, bar);
+    const double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
+    *ra = (int64_t)floor((double)jstar - delta) - 1;
+    *rb = (int64_t)ceil((double)jstar + delta);
+    if (tight) {
+        const double se = band_se(suf2, ns, scale, jstar);
+        const double up = bar + se + zse, down = bar - se - zse;
+        const int64_t a = sample_cut(suf, ns, scale, up) - 2;
+        const int64_t b = down > 0.0 ? sample_cut(suf, ns, scale, down) + 1 : *rb;
+        if (a > *ra) *ra = a;
+        if (b < *rb) *rb = b;
+    }
+}
+
+/* The exact mass sum e^(x - ref) of the logits above smax, the sample's largest, into *h,
+ * from one pass that only compares (the exponentials are taken of those logits alone);
+ * 0 when more than cap of them are found, or their mass is not finite (a raw row with
+ * +inf: the band pass sends it back). */
+static int head_mass(const tka_row *w, tka_arena *s, double smax, double ref, int64_t cap,
+                     double *h)
+{
+    const size_t mark = tka_arena_mark(s);
+    double *hv = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+    double *hm = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));
+    int ok = 0;
+    if (hv && hm) {
+        tka_band_out bo;
+        w->K->band[w->dt](w->p, w->n, nextafter(smax, INFINITY), INFINITY, ref, 0, hv, NULL,
+                          cap, &bo);
+        if (bo.n_band <= cap) {
+            w->K->exp_shift[TKA_F64](hv, bo.n_band, ref, hm);
+            double t = 0.0;
+            for (int64_t i = 0; i < bo.n_band; i++) t += hm[i];
+            *h = t;
+            ok = t < INFINITY;
+        }
+    }
+    tka_arena_release(s, mark);
+    return ok;
+}
+
+/* A sample whose estimate of Z has a standard error above HEAD_SE times the estimate, where
+ * that error widens the bracket more than the tail's own (peaked rows: the few logits
+ * above the sample's largest can hold most of the mass, and a bracket placed without them
+ * misses, costing a second pass over the row), takes the exact mass of those logits from a
+ * pass that only compares. One thread, float32 N(0, sd^2) rows, eps 1e-3 (docs/design.md
+ * §2): sd 5 and 10 at n = 10^6 3.4-3.5 -> 2.4-2.5 and 2.9 -> 1.9 ns a logit (the larger
+ * sample below included), sd 8 at n = 131072 3.3 -> 2.2. */
+#define HEAD_SE 0.5
+
+/* A first bracket expected to hold more than BAND_PAYS logits per extra sampled logit is
+ * drawn again from a sample BAND_GROW times larger (at most BAND_NS_MAX): the bracket
+ * narrows as the square root of the sample, and each logit of the band costs the pass a
+ * compressing store and the rounds after it a visit (about 8 ns a logit removed from the
+ * band, against about 10 ns a sampled logit: scattered reads, the sort, the exp). Measured
+ * on one thread, rows of 1.3e5-4e6 float32 N(0, sd^2) logits (docs/design.md §2). */
+#define BAND_PAYS 3.0
+#define BAND_GROW 4
+#define BAND_NS_MAX 16384
+
 /*
  * k_eps by one band pass: the sample gives the row's mass curve (sorted once, with
  * cumulative masses and squared masses from the bottom for the standard error), hence a
  * bracket [lo, hi] around the crossing; the band pass then sums the exact mass above hi
  * and below lo and gathers the logits between, so Z itself comes out of the same pass.
+ * Before it, a sample that leaves the bracket wide is drawn again larger (BAND_PAYS), and
+ * one that leaves Z uncertain gets the exact mass above its largest logit (HEAD_SE).
  * If the crossing is not inside the bracket (the estimate of Z missed a heavy head, say),
  * a second pass uses the now exact Z and the wide bracket; after that, the exact path.
  */
@@ -790,66 +901,59 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
     if (ns > 4096) ns = 4096;
     if (ns > n / 4) ns = n / 4;
     if (ns < 16) ns = 16;
-    double *smp = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(double));
-    int64_t *scnt = tka_arena_alloc(s, (size_t)(3 * ns + 2) * sizeof(int64_t));
+    int64_t ns_big = BAND_GROW * ns;
+    if (ns_big > BAND_NS_MAX) ns_big = BAND_NS_MAX;
+    if (ns_big > n / 4) ns_big = n / 4;
+    if (ns_big < ns) ns_big = ns;
+    double *smp = tka_arena_alloc(s, (size_t)(3 * ns_big + 2) * sizeof(double));
+    int64_t *scnt = tka_arena_alloc(s, (size_t)(3 * ns_big + 2) * sizeof(int64_t));
     if (!smp || !scnt) return TKA_ERR_NOMEM;
-    double *suf = smp + ns, *suf2 = suf + ns + 1;
-    {  /* ns logits at evenly spaced positions, as float64 */
-        const double step = (double)n / (double)ns;
-        if (w->dt == TKA_F32)
-            for (int64_t j = 0; j < ns; j++) smp[j] = ((const float *)w->p)[(int64_t)(((double)j + 0.5) * step)];
-        else
-            for (int64_t j = 0; j < ns; j++) smp[j] = ((const double *)w->p)[(int64_t)(((double)j + 0.5) * step)];
-    }
     /* the reference of every mass: the row maximum, or on a row not scanned yet (raw) the
      * sample's; the pass then checks the row and finds its maximum, and a row with NaN, +inf
      * or a maximum far above the sample's goes back to the caller's checked path */
     double ref = w->max;
-    if (raw) {
-        ref = -INFINITY;
-        for (int64_t j = 0; j < ns; j++) {
-            if (!(smp[j] < INFINITY)) return TKA_OK;  /* NaN or +inf */
-            ref = smp[j] > ref ? smp[j] : ref;
-        }
-        if (ref == -INFINITY) return TKA_OK;
-    }
-    sample_sort_desc(smp, ns, suf, scnt);
-    w->K->exp_shift[TKA_F64](smp, ns, ref, suf);
-    suf[ns] = suf2[ns] = 0.0;
-    double run = 0.0, run2 = 0.0;  /* in registers: no store-to-load chain */
-    for (int64_t j = ns - 1; j >= 0; j--) {
-        const double m = suf[j];
-        run += m;
-        run2 += m * m;
-        suf[j] = run;
-        suf2[j] = run2;
-    }
-    const double scale = (double)n / (double)ns;
+    double *suf = smp + ns, *suf2 = suf + ns + 1;
+    if (!band_sample(w, ns, raw, smp, suf, suf2, scnt, &ref)) return TKA_OK;
+    double scale = (double)n / (double)ns;
     /* the maximum has mass 1 and is rarely sampled: count it on top of the estimate */
     double z = 1.0 + scale * suf[0];
-
     /* standard error of the estimate of Z (the head is what the sample may miss) */
     double se_z = 3.0 * scale * sqrt(suf2[0]);
+    if (ns_big > ns) {
+        int64_t ra, rb;
+        band_bracket(suf, suf2, ns, scale, eps * z, 1, eps * se_z, &ra, &rb);
+        /* the logits the band would hold: the sample's ranks inside the bracket, scaled */
+        const double inside = (double)((rb < ns ? rb : ns) - (ra > 0 ? ra : 0)) * scale;
+        if (inside > BAND_PAYS * (double)(ns_big - ns)) {
+            ns = ns_big;
+            suf = smp + ns;
+            suf2 = suf + ns + 1;
+            if (!band_sample(w, ns, raw, smp, suf, suf2, scnt, &ref)) return TKA_OK;
+            scale = (double)n / (double)ns;
+            z = 1.0 + scale * suf[0];
+            se_z = 3.0 * scale * sqrt(suf2[0]);
+        }
+    }
+    if (se_z > HEAD_SE * z && eps * se_z > band_se(suf2, ns, scale, sample_cut(suf, ns, scale, eps * z))) {
+        double h;
+        /* with the head exact, the sample's largest logit stands for itself only (scaled
+         * like the others it counted its stratum's head a second time: estimates 0.9x to
+         * 0.5x the row's Z on peaked rows, against 1.0x in the median this way) */
+        if (head_mass(w, s, smp[0], ref, 4 * (int64_t)scale + 256, &h))
+            z = h + (suf[0] - suf[1]) + scale * suf[1];
+    }
     const size_t attempt_mark = tka_arena_mark(s);
     for (int attempt = 0; attempt < 3; attempt++) {
         tka_arena_release(s, attempt_mark);  /* an attempt's buffers last until the next */
         const double bar = eps * z;
-        int64_t jstar = sample_cut(suf, ns, scale, bar);
-        double delta = 3.0 * sqrt((double)jstar + 1.0) + 2.0;
-        int64_t ra = (int64_t)floor((double)jstar - delta) - 1, rb = (int64_t)ceil((double)jstar + delta);
-        if (attempt < 2) {
-            /* tight bracket: three standard errors of the estimated tail mass, and on the
-             * first attempt of the estimated Z; the last attempt is the wide bracket */
-            double se = 3.0 * scale * sqrt(suf2[jstar < ns ? jstar : ns]);
-            double up = bar + se + (attempt == 0 ? eps * se_z : 0.0);
-            double down = bar - se - (attempt == 0 ? eps * se_z : 0.0);
-            int64_t a = sample_cut(suf, ns, scale, up) - 2;
-            int64_t b = down > 0.0 ? sample_cut(suf, ns, scale, down) + 1 : rb;
-            if (a > ra) ra = a;
-            if (b < rb) rb = b;
-        }
+        /* tight on the first two attempts (on the first with Z's own error); the last
+         * attempt is the wide bracket */
+        int64_t ra, rb;
+        band_bracket(suf, suf2, ns, scale, bar, attempt < 2, attempt == 0 ? eps * se_z : 0.0,
+                     &ra, &rb);
         double hi = ra >= 0 ? smp[ra] : INFINITY, lo = rb < ns ? smp[rb] : -INFINITY;
-        int64_t expect = (int64_t)((double)(rb - ra + 1) * scale);
+        /* the band's expected count: the sample's ranks inside the bracket, scaled */
+        int64_t expect = (int64_t)((double)((rb < ns ? rb : ns) - (ra > 0 ? ra : 0) + 1) * scale);
         int64_t cap = 4 * expect + 256 < n ? 4 * expect + 256 : n;
         if (lo == hi) cap = 0;
         double *vals = tka_arena_alloc(s, (size_t)(cap + 1) * sizeof(double));

@@ -94,6 +94,44 @@ def _sampled(n):
     return ((2 * np.arange(32) + 1) * n) // 64
 
 
+def _band_sampled(n, grow=1):
+    """The positions the band path's sample reads (rows.c, keps_band_ref: 2 sqrt(n) logits,
+    at most 4096 and n / 4; with grow = 4 the larger sample, at most 16384)."""
+    ns = max(16, min(int(2.0 * np.sqrt(n)), 4096, n // 4))
+    if grow > 1:
+        ns = max(ns, min(grow * ns, 16384, n // 4))
+    return ((np.arange(ns) + 0.5) * (n / ns)).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("n", (65537, 200003, 1 << 20))
+def test_k_eps_long_rows_resampled_or_headed(n, dtype):
+    """Rows past the whole-row path, whose first sample leaves the bracket wide (drawn
+    again, larger), leaves Z uncertain (the exact mass above the sample's largest logit
+    first), or lies about the row on purpose."""
+    rng = np.random.default_rng(n)
+    rows = [2.0 * rng.standard_normal(n),             # a wide bracket: sampled again
+            8.0 * rng.standard_normal(n),             # a heavy head the sample misses
+            np.abs(3.0 * rng.standard_normal(n)) ** 1.5]
+    x = 5.0 * rng.standard_normal(n)                  # heavy head, masked keys
+    x[rng.random(n) < 0.3] = -np.inf
+    rows.append(x)
+    # both samples see only light, skewed logits while every other key is heavier: more
+    # keys above the sample's largest than the head's pass gathers
+    x = np.full(n, -11.0) + 0.01 * rng.random(n)
+    for grow in (1, 4):
+        at = _band_sampled(n, grow)
+        x[at] = -40.0 + 10.0 * rng.random(at.size) ** 8
+    rows.append(x)
+    # a few keys far above a sample that sees none of them
+    x = rng.standard_normal(n)
+    x[rng.integers(0, n, 5)] = 25.0
+    rows.append(x)
+    x = np.stack(rows).astype(dtype)
+    for eps in (1e-9, 1e-6, 1e-3, 1e-2, 0.1, 0.5):
+        _check_against_reference(x, eps, f"n={n} {np.dtype(dtype).name} eps={eps!r}")
+
+
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 @pytest.mark.parametrize("n", (256, 300, 512, 1000, 4096, 8191, 65536))
 def test_k_eps_when_the_bracket_guess_misses(n, dtype):

@@ -136,7 +136,7 @@ const tka_kernels *tka_kernels_active(void)
          * AVX-512 IFMA: the generations with it (Intel from Ice Lake, AMD from Zen 4) run
          * 512-bit code without the deep clock drop of the first AVX-512 parts, and on such
          * an AMD EPYC the AVX-512 set was measured 1.3-1.5x faster than AVX2 on k_eps and
-         * tail_mass and no slower on attention and search (README). Elsewhere AVX2;
+         * tail_mass and no slower on attention and search (README, Threads and SIMD). Elsewhere AVX2;
          * TOPKATTN_SIMD overrides. */
         if (tka_simd_supported(TKA_SIMD_NEON)) k = table(TKA_SIMD_NEON);
         else if (tka_simd_supported(TKA_SIMD_AVX512) && cpu()->avx512ifma) k = table(TKA_SIMD_AVX512);

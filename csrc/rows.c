@@ -784,10 +784,10 @@ static int band_sample(const tka_row *w, int64_t ns, int raw, double *smp, doubl
 {
     const int64_t n = w->n;
     const double step = (double)n / (double)ns;
-    if (w->dt == TKA_F32)
-        for (int64_t j = 0; j < ns; j++) smp[j] = ((const float *)w->p)[(int64_t)(((double)j + 0.5) * step)];
-    else
-        for (int64_t j = 0; j < ns; j++) smp[j] = ((const double *)w->p)[(int64_t)(((double)j + 0.5) * step)];
+    for (int64_t j = 0; j < ns; j++) {
+        const int64_t i = (int64_t)(((double)j + 0.5) * step);
+        smp[j] = w->dt == TKA_F32 ? (double)((const float *)w->p)[i] : ((const double *)w->p)[i];
+    }
     if (raw) {
         double r = -INFINITY;
         for (int64_t j = 0; j < ns; j++) {
@@ -934,11 +934,13 @@ static tka_status keps_band_ref(const tka_row *w, double eps, tka_arena *s, int6
             se_z = 3.0 * scale * sqrt(suf2[0]);
         }
     }
-    if (se_z > HEAD_SE * z && eps * se_z > band_se(suf2, ns, scale, sample_cut(suf, ns, scale, eps * z))) {
+    if (se_z > HEAD_SE * z
+        && eps * se_z > band_se(suf2, ns, scale, sample_cut(suf, ns, scale, eps * z))) {
         double h;
         /* with the head exact, the sample's largest logit stands for itself only (scaled
-         * like the others it counted its stratum's head a second time: estimates 0.9x to
-         * 0.5x the row's Z on peaked rows, against 1.0x in the median this way) */
+         * like the others, it counts its stratum's head a second time: on simulated peaked
+         * rows that estimate was above the row's Z in most rows, up to 3.6 times; this
+         * way its median is the row's Z) */
         if (head_mass(w, s, smp[0], ref, 4 * (int64_t)scale + 256, &h))
             z = h + (suf[0] - suf[1]) + scale * suf[1];
     }
